@@ -1,0 +1,372 @@
+//! Type-level parsing of a `--blockdev` / `blockdev-add` tree into a [`NodeSpec`]
+//! (QUORUM.md Q6): missing, ill-typed, unknown and out-of-enum options are rejected here, in
+//! QEMU's wording and in QEMU's member order, for the whole tree including inline children,
+//! before any semantic check or open runs.
+//!
+//! Values from the dotted syntax are strings and are converted ("keyval mode"); values from
+//! JSON must already have the right type.
+
+use serde_json::{Map, Value};
+
+use crate::drivers::quorum::ReadPattern;
+use crate::error::ConfigError;
+
+/// A reference to a child node: an existing node's name, or an inline definition.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ChildRef {
+    /// `file=f0`, `children.0=r0`.
+    Ref(String),
+    /// `file.driver=file,file.filename=a.raw`, or a JSON object.
+    Inline(Box<NodeSpec>),
+}
+
+/// A node definition after type-level checks.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeSpec {
+    /// `node-name`.
+    pub node_name: Option<String>,
+    /// `read-only`.
+    pub read_only: bool,
+    /// `auto-read-only`.
+    pub auto_read_only: bool,
+    /// `discard`: `unmap` (true) or `ignore` (false, QEMU's default).
+    pub discard_unmap: bool,
+    /// `cache.direct`; unset means inherited from the parent (QEMU), else off.
+    pub cache_direct: Option<bool>,
+    /// `cache.no-flush`; unset means inherited from the parent (QEMU), else off.
+    pub cache_no_flush: Option<bool>,
+    /// The driver and its own options.
+    pub driver: DriverSpec,
+}
+
+/// Driver-specific options.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DriverSpec {
+    /// `driver=file`.
+    File {
+        /// `filename`.
+        filename: String,
+    },
+    /// `driver=raw`.
+    Raw {
+        /// `file`.
+        file: ChildRef,
+        /// `offset`.
+        offset: u64,
+        /// `size`.
+        size: Option<u64>,
+    },
+    /// `driver=null-co`.
+    Null {
+        /// `size`.
+        size: u64,
+        /// `read-zeroes`.
+        read_zeroes: bool,
+        /// `latency-ns`.
+        latency_ns: u64,
+    },
+    /// `driver=quorum`.
+    Quorum {
+        /// `blkverify`.
+        blkverify: bool,
+        /// `children`.
+        children: Vec<ChildRef>,
+        /// `vote-threshold` (range-checked later, Q8).
+        vote_threshold: i64,
+        /// `rewrite-corrupted`.
+        rewrite_corrupted: bool,
+        /// `read-pattern`.
+        read_pattern: ReadPattern,
+    },
+}
+
+impl DriverSpec {
+    /// The `driver=` value.
+    pub fn name(&self) -> &'static str {
+        match self {
+            DriverSpec::File { .. } => "file",
+            DriverSpec::Raw { .. } => "raw",
+            DriverSpec::Null { .. } => "null-co",
+            DriverSpec::Quorum { .. } => "quorum",
+        }
+    }
+}
+
+/// Drivers ballot knows, for `Parameter 'driver' does not accept value '<x>'`.
+pub const DRIVERS: &[&str] = &["file", "raw", "null-co", "quorum"];
+
+/// One level of options being consumed.
+struct Opts {
+    map: Map<String, Value>,
+    prefix: String,
+    keyval: bool,
+}
+
+fn type_err(name: &str, expected: &str) -> ConfigError {
+    ConfigError::new(format!(
+        "Invalid parameter type for '{name}', expected: {expected}"
+    ))
+}
+
+fn parse_int(s: &str) -> Option<i64> {
+    let t = s.trim();
+    if let Some(hex) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        return i64::from_str_radix(hex, 16).ok();
+    }
+    t.parse::<i64>().ok()
+}
+
+impl Opts {
+    fn new(map: Map<String, Value>, prefix: String, keyval: bool) -> Opts {
+        Opts {
+            map,
+            prefix,
+            keyval,
+        }
+    }
+
+    fn full(&self, key: &str) -> String {
+        format!("{}{key}", self.prefix)
+    }
+
+    fn missing(&self, key: &str) -> ConfigError {
+        ConfigError::new(format!("Parameter '{}' is missing", self.full(key)))
+    }
+
+    fn string(&mut self, key: &str) -> Result<Option<String>, ConfigError> {
+        match self.map.remove(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(_) => Err(type_err(&self.full(key), "string")),
+        }
+    }
+
+    fn int(&mut self, key: &str) -> Result<Option<i64>, ConfigError> {
+        match self.map.remove(key) {
+            None => Ok(None),
+            Some(Value::String(s)) if self.keyval => parse_int(&s).map(Some).ok_or_else(|| {
+                ConfigError::new(format!("Parameter '{}' expects integer", self.full(key)))
+            }),
+            Some(Value::Number(n)) if !self.keyval => match n.as_i64() {
+                Some(v) => Ok(Some(v)),
+                None => Err(type_err(&self.full(key), "integer")),
+            },
+            Some(_) => Err(type_err(&self.full(key), "integer")),
+        }
+    }
+
+    fn uint(&mut self, key: &str) -> Result<Option<u64>, ConfigError> {
+        match self.int(key)? {
+            None => Ok(None),
+            Some(v) if v < 0 => Err(ConfigError::new(format!(
+                "Parameter '{}' expects a value >= 0",
+                self.full(key)
+            ))),
+            Some(v) => Ok(Some(v as u64)),
+        }
+    }
+
+    fn boolean(&mut self, key: &str) -> Result<Option<bool>, ConfigError> {
+        match self.map.remove(key) {
+            None => Ok(None),
+            Some(Value::String(s)) if self.keyval => match s.as_str() {
+                "on" | "yes" | "true" | "y" => Ok(Some(true)),
+                "off" | "no" | "false" | "n" => Ok(Some(false)),
+                _ => Err(ConfigError::new(format!(
+                    "Parameter '{}' expects 'on' or 'off'",
+                    self.full(key)
+                ))),
+            },
+            Some(Value::Bool(b)) if !self.keyval => Ok(Some(b)),
+            Some(_) => Err(type_err(&self.full(key), "boolean")),
+        }
+    }
+
+    fn enumeration<'v>(
+        &mut self,
+        key: &str,
+        values: &[&'v str],
+    ) -> Result<Option<&'v str>, ConfigError> {
+        match self.string(key)? {
+            None => Ok(None),
+            Some(s) => values
+                .iter()
+                .find(|v| **v == s)
+                .copied()
+                .map(Some)
+                .ok_or_else(|| {
+                    ConfigError::new(format!(
+                        "Parameter '{}' does not accept value '{s}'",
+                        self.full(key)
+                    ))
+                }),
+        }
+    }
+
+    fn object(&mut self, key: &str) -> Result<Option<Opts>, ConfigError> {
+        match self.map.remove(key) {
+            None => Ok(None),
+            Some(Value::Object(m)) => Ok(Some(Opts::new(
+                m,
+                format!("{}.", self.full(key)),
+                self.keyval,
+            ))),
+            Some(_) => Err(type_err(&self.full(key), "object")),
+        }
+    }
+
+    fn child_value(&self, name: String, v: Value) -> Result<ChildRef, ConfigError> {
+        match v {
+            Value::String(s) => Ok(ChildRef::Ref(s)),
+            Value::Object(m) => Ok(ChildRef::Inline(Box::new(parse_level(Opts::new(
+                m,
+                format!("{name}."),
+                self.keyval,
+            ))?))),
+            _ => Err(type_err(&name, "BlockdevRef")),
+        }
+    }
+
+    fn child(&mut self, key: &str) -> Result<Option<ChildRef>, ConfigError> {
+        match self.map.remove(key) {
+            None => Ok(None),
+            Some(v) => self.child_value(self.full(key), v).map(Some),
+        }
+    }
+
+    fn child_list(&mut self, key: &str) -> Result<Option<Vec<ChildRef>>, ConfigError> {
+        match self.map.remove(key) {
+            None => Ok(None),
+            Some(Value::Array(items)) => items
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| self.child_value(format!("{}.{i}", self.full(key)), v))
+                .collect::<Result<Vec<_>, _>>()
+                .map(Some),
+            Some(_) => Err(type_err(&self.full(key), "array")),
+        }
+    }
+
+    /// Rejects whatever was not consumed: `Parameter '<key>' is unexpected`.
+    fn finish(self) -> Result<(), ConfigError> {
+        match self.map.into_iter().next() {
+            None => Ok(()),
+            Some((k, v)) => {
+                // Report the innermost unexpected key of a nested object.
+                let name = format!("{}{k}", self.prefix);
+                if let Value::Object(m) = v {
+                    if let Some((k2, _)) = m.into_iter().next() {
+                        return Err(ConfigError::new(format!(
+                            "Parameter '{name}.{k2}' is unexpected"
+                        )));
+                    }
+                }
+                Err(ConfigError::new(format!(
+                    "Parameter '{name}' is unexpected"
+                )))
+            }
+        }
+    }
+}
+
+/// Parses one `--blockdev` / `blockdev-add` definition.
+///
+/// `keyval` says the values come from the dotted syntax (strings to convert).
+///
+/// # Errors
+/// The first type-level error in QEMU's wording.
+pub fn parse_node(value: Value, keyval: bool) -> Result<NodeSpec, ConfigError> {
+    match value {
+        Value::Object(m) => parse_level(Opts::new(m, String::new(), keyval)),
+        _ => Err(ConfigError::new(
+            "Invalid parameter type for 'blockdev', expected: object",
+        )),
+    }
+}
+
+fn parse_level(mut o: Opts) -> Result<NodeSpec, ConfigError> {
+    // QEMU's member order: the base (driver, node-name, discard, cache, read-only,
+    // auto-read-only), then the driver's own members in schema order.
+    let driver = o.string("driver")?.ok_or_else(|| o.missing("driver"))?;
+    if !DRIVERS.contains(&driver.as_str()) {
+        return Err(ConfigError::new(format!(
+            "Parameter '{}' does not accept value '{driver}'",
+            o.full("driver")
+        )));
+    }
+    let node_name = o.string("node-name")?;
+    let discard_unmap = match o.enumeration("discard", &["ignore", "off", "unmap", "on"])? {
+        None | Some("ignore") | Some("off") => false,
+        Some(_) => true,
+    };
+    let mut cache = o.object("cache")?;
+    let (cache_direct, cache_no_flush) = match &mut cache {
+        Some(c) => (c.boolean("direct")?, c.boolean("no-flush")?),
+        None => (None, None),
+    };
+    if let Some(c) = cache {
+        c.finish()?;
+    }
+    let read_only = o.boolean("read-only")?.unwrap_or(false);
+    let auto_read_only = o.boolean("auto-read-only")?.unwrap_or(false);
+    let spec = match driver.as_str() {
+        "file" => {
+            let filename = o.string("filename")?.ok_or_else(|| o.missing("filename"))?;
+            // ballot has one I/O engine; QEMU's default is threads too.
+            if let Some(aio) = o.enumeration("aio", &["threads", "native", "io_uring"])? {
+                if aio != "threads" {
+                    return Err(ConfigError::new(format!(
+                        "Parameter '{}' value '{aio}' is not supported by ballot (use 'threads')",
+                        o.full("aio")
+                    )));
+                }
+            }
+            DriverSpec::File { filename }
+        }
+        "raw" => {
+            let file = o.child("file")?.ok_or_else(|| o.missing("file"))?;
+            let offset = o.uint("offset")?.unwrap_or(0);
+            let size = o.uint("size")?;
+            DriverSpec::Raw { file, offset, size }
+        }
+        "null-co" => DriverSpec::Null {
+            size: o
+                .uint("size")?
+                .unwrap_or(crate::drivers::null::NULL_SIZE_DEFAULT_BYTES),
+            latency_ns: o.uint("latency-ns")?.unwrap_or(0),
+            read_zeroes: o.boolean("read-zeroes")?.unwrap_or(true),
+        },
+        "quorum" => {
+            let blkverify = o.boolean("blkverify")?.unwrap_or(false);
+            let children = o
+                .child_list("children")?
+                .ok_or_else(|| o.missing("children"))?;
+            let vote_threshold = o
+                .int("vote-threshold")?
+                .ok_or_else(|| o.missing("vote-threshold"))?;
+            let rewrite_corrupted = o.boolean("rewrite-corrupted")?.unwrap_or(false);
+            let read_pattern = match o.enumeration("read-pattern", &["quorum", "fifo"])? {
+                Some("fifo") => ReadPattern::Fifo,
+                _ => ReadPattern::Quorum,
+            };
+            DriverSpec::Quorum {
+                blkverify,
+                children,
+                vote_threshold,
+                rewrite_corrupted,
+                read_pattern,
+            }
+        }
+        _ => unreachable!("checked against DRIVERS above"),
+    };
+    o.finish()?;
+    Ok(NodeSpec {
+        node_name,
+        read_only,
+        auto_read_only,
+        discard_unmap,
+        cache_direct,
+        cache_no_flush,
+        driver: spec,
+    })
+}

@@ -1,0 +1,440 @@
+//! `file`: a raw image file or block device (QEMU's file-posix, the parts ballot needs).
+//!
+//! Positioned I/O (`pread`/`pwrite`) runs on the blocking pool, never on the async worker
+//! threads. Flush is `fdatasync`; a FUA write is a write followed by `fdatasync`.
+//! `cache.direct=on` opens with `O_DIRECT`, probes the request alignment (512 or 4096) and
+//! bounces unaligned buffers. `cache.no-flush=on` makes flush a no-op (QEMU's meaning).
+//! `discard=unmap` punches holes, which read back as zeroes (the Q45 guarantee); with the
+//! default `discard=ignore` a discard does nothing, as in QEMU.
+//!
+//! Real files are not simulated: ballot-sim uses its own virtual disk (SIMULATION.md §3.4).
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+
+use crate::device::{check_request, Access, BlockDevice, BlockStatus, WriteFlags, ZeroFlags};
+use crate::error::{Error, ErrorKind, Result};
+
+/// Options of a `file` node.
+#[derive(Debug, Clone, Default)]
+pub struct FileOptions {
+    /// `filename`.
+    pub filename: String,
+    /// `read-only`.
+    pub read_only: bool,
+    /// `auto-read-only`: fall back to read-only when read-write is refused.
+    pub auto_read_only: bool,
+    /// `cache.direct`: `O_DIRECT`.
+    pub direct: bool,
+    /// `cache.no-flush`: flush does nothing.
+    pub no_flush: bool,
+    /// `discard=unmap`: discards punch holes.
+    pub discard_unmap: bool,
+}
+
+#[derive(Debug)]
+struct Inner {
+    file: File,
+    path: String,
+}
+
+/// An open image file.
+#[derive(Debug)]
+pub struct FileDevice {
+    inner: Arc<Inner>,
+    length: u64,
+    align: u32,
+    read_only: bool,
+    direct: bool,
+    no_flush: bool,
+    discard_unmap: bool,
+    regular: bool,
+}
+
+/// Largest request alignment that `cache.direct=on` may need.
+const DIRECT_ALIGN_BYTES_MAX: usize = 4096;
+
+impl FileDevice {
+    /// Opens `opts.filename`.
+    ///
+    /// # Errors
+    /// `Could not open '<filename>': <strerror>` in QEMU's wording, as an [`Error`] whose
+    /// context is that sentence without the strerror part.
+    pub fn open(opts: &FileOptions) -> Result<FileDevice> {
+        let mut read_only = opts.read_only;
+        let try_open = |ro: bool| {
+            let mut oo = OpenOptions::new();
+            oo.read(true).write(!ro);
+            if opts.direct {
+                oo.custom_flags(libc::O_DIRECT);
+            }
+            oo.open(&opts.filename)
+        };
+        let file = match try_open(read_only) {
+            Ok(f) => f,
+            Err(e)
+                if !read_only
+                    && opts.auto_read_only
+                    && matches!(
+                        e.raw_os_error(),
+                        Some(libc::EACCES | libc::EROFS | libc::EPERM)
+                    ) =>
+            {
+                read_only = true;
+                try_open(true).map_err(|e| open_error(&opts.filename, &e))?
+            }
+            Err(e) => return Err(open_error(&opts.filename, &e)),
+        };
+        let meta = file
+            .metadata()
+            .map_err(|e| open_error(&opts.filename, &e))?;
+        let regular = meta.file_type().is_file();
+        let length = if regular {
+            meta.len()
+        } else if meta.file_type().is_block_device() {
+            block_device_length(&file).map_err(|e| open_error(&opts.filename, &e))?
+        } else {
+            return Err(Error::new(
+                ErrorKind::Inval,
+                format!(
+                    "Could not open '{}': not a regular file or block device",
+                    opts.filename
+                ),
+            ));
+        };
+        let align = if opts.direct {
+            probe_direct_alignment(&file, length)
+        } else {
+            1
+        };
+        Ok(FileDevice {
+            inner: Arc::new(Inner {
+                file,
+                path: opts.filename.clone(),
+            }),
+            length,
+            align,
+            read_only,
+            direct: opts.direct,
+            no_flush: opts.no_flush,
+            discard_unmap: opts.discard_unmap && regular,
+            regular,
+        })
+    }
+
+    /// The file name this node was opened with.
+    pub fn path(&self) -> &str {
+        &self.inner.path
+    }
+
+    /// Whether the file was opened read-only (explicitly or by `auto-read-only`).
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn check_writable(&self, op: &str) -> Result<()> {
+        if self.read_only {
+            return Err(Error::new(
+                ErrorKind::Perm,
+                format!("{op} on read-only file '{}'", self.inner.path),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn blocking<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Inner) -> Result<T> + Send + 'static,
+    {
+        let inner = self.inner.clone();
+        match tokio::task::spawn_blocking(move || f(&inner)).await {
+            Ok(r) => r,
+            Err(e) => Err(Error::new(
+                ErrorKind::Io,
+                format!("file '{}': I/O task failed: {e}", self.inner.path),
+            )),
+        }
+    }
+}
+
+fn open_error(filename: &str, e: &std::io::Error) -> Error {
+    Error::from_io(e, format!("Could not open '{filename}'"))
+}
+
+fn block_device_length(file: &File) -> std::io::Result<u64> {
+    // BLKGETSIZE64 = _IOR(0x12, 114, size_t)
+    const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+    let mut size: u64 = 0;
+    // SAFETY: the fd is open for the call's duration and `size` is a valid u64 the ioctl
+    // writes into; BLKGETSIZE64 writes exactly 8 bytes.
+    let r = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut size as *mut u64) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(size)
+}
+
+/// An aligned, zeroed buffer of `len` bytes (`len` a multiple of the alignment), returned as
+/// the mutable slice and the frozen `Bytes` window onto the same memory.
+fn aligned_zeroed(len: usize, align: usize) -> (BytesMut, usize) {
+    let mut buf = BytesMut::zeroed(len + align);
+    let misalign = buf.as_ptr() as usize % align;
+    let start = if misalign == 0 { 0 } else { align - misalign };
+    let _ = buf.split_to(start);
+    buf.truncate(len);
+    (buf, start)
+}
+
+fn probe_direct_alignment(file: &File, length: u64) -> u32 {
+    // A 512-byte O_DIRECT read succeeds where the logical block size is 512; EINVAL means 4096.
+    if length < 512 {
+        return DIRECT_ALIGN_BYTES_MAX as u32;
+    }
+    let (mut buf, _) = aligned_zeroed(512, DIRECT_ALIGN_BYTES_MAX);
+    match file.read_at(&mut buf[..], 0) {
+        Ok(_) => 512,
+        Err(_) => DIRECT_ALIGN_BYTES_MAX as u32,
+    }
+}
+
+fn read_full(inner: &Inner, buf: &mut [u8], offset: u64) -> Result<()> {
+    let mut done = 0usize;
+    while done < buf.len() {
+        match inner.file.read_at(&mut buf[done..], offset + done as u64) {
+            // Past the end of a file that shrank underneath us: zeroes, as QEMU reads them.
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                return Err(Error::from_io(
+                    &e,
+                    format!(
+                        "read of file '{}' at offset {} length {}",
+                        inner.path,
+                        offset,
+                        buf.len()
+                    ),
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+fn write_full(inner: &Inner, data: &[u8], offset: u64) -> Result<()> {
+    inner.file.write_all_at(data, offset).map_err(|e| {
+        Error::from_io(
+            &e,
+            format!(
+                "write of file '{}' at offset {} length {}",
+                inner.path,
+                offset,
+                data.len()
+            ),
+        )
+    })
+}
+
+fn datasync(inner: &Inner) -> Result<()> {
+    inner
+        .file
+        .sync_data()
+        .map_err(|e| Error::from_io(&e, format!("flush of file '{}'", inner.path)))
+}
+
+fn fallocate(inner: &Inner, mode: libc::c_int, offset: u64, len: u64) -> std::io::Result<()> {
+    // SAFETY: plain syscall on an fd that stays open for the call; no memory is passed.
+    let r = unsafe {
+        libc::fallocate(
+            inner.file.as_raw_fd(),
+            mode,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+fn write_zero_buffers(inner: &Inner, offset: u64, len: u64, align: usize) -> Result<()> {
+    let chunk = len.min(1 << 20) as usize;
+    let (buf, _) = aligned_zeroed(chunk, align.max(1));
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(chunk as u64) as usize;
+        write_full(inner, &buf[..n], offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
+fn seek(inner: &Inner, offset: u64, whence: libc::c_int) -> std::io::Result<Option<u64>> {
+    // SAFETY: plain syscall on an fd that stays open for the call; no memory is passed.
+    let r = unsafe { libc::lseek(inner.file.as_raw_fd(), offset as libc::off_t, whence) };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENXIO) {
+            return Ok(None);
+        }
+        return Err(e);
+    }
+    Ok(Some(r as u64))
+}
+
+#[async_trait]
+impl BlockDevice for FileDevice {
+    fn driver(&self) -> &'static str {
+        "file"
+    }
+
+    fn length(&self) -> Result<u64> {
+        Ok(self.length)
+    }
+
+    fn request_alignment(&self) -> u32 {
+        self.align
+    }
+
+    async fn read(&self, offset: u64, len: usize) -> Result<Bytes> {
+        check_request(self.length, self.align, offset, len as u64, Access::Read)?;
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        let align = if self.direct { self.align as usize } else { 1 };
+        self.blocking(move |inner| {
+            let (mut buf, _) = aligned_zeroed(len, align);
+            read_full(inner, &mut buf[..], offset)?;
+            Ok(buf.freeze())
+        })
+        .await
+    }
+
+    async fn write(&self, offset: u64, data: Bytes, flags: WriteFlags) -> Result<()> {
+        self.check_writable("write")?;
+        check_request(
+            self.length,
+            self.align,
+            offset,
+            data.len() as u64,
+            Access::Write,
+        )?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        let align = self.align as usize;
+        let bounce = self.direct && data.as_ptr() as usize % align != 0;
+        let fua = flags.fua;
+        self.blocking(move |inner| {
+            if bounce {
+                let (mut buf, _) = aligned_zeroed(data.len(), align);
+                buf.copy_from_slice(&data);
+                write_full(inner, &buf, offset)?;
+            } else {
+                write_full(inner, &data, offset)?;
+            }
+            if fua {
+                datasync(inner)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn flush(&self) -> Result<()> {
+        if self.no_flush || self.read_only {
+            return Ok(());
+        }
+        self.blocking(datasync).await
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        self.check_writable("write-zeroes")?;
+        check_request(self.length, self.align, offset, len, Access::Write)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let regular = self.regular;
+        let punch = flags.may_unmap && self.discard_unmap;
+        let align = self.align as usize;
+        self.blocking(move |inner| {
+            let mode = if punch {
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+            } else {
+                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+            };
+            let fast = regular && fallocate(inner, mode, offset, len).is_ok();
+            if !fast {
+                write_zero_buffers(inner, offset, len, align)?;
+            }
+            if flags.fua {
+                datasync(inner)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        check_request(self.length, self.align, offset, len, Access::Read)?;
+        if !self.discard_unmap || len == 0 {
+            return Ok(());
+        }
+        self.check_writable("discard")?;
+        let align = self.align as usize;
+        self.blocking(move |inner| {
+            let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+            if fallocate(inner, mode, offset, len).is_err() {
+                // Keep the zeroing guarantee (Q45) where holes cannot be punched.
+                write_zero_buffers(inner, offset, len, align)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    fn discard_zeroes(&self) -> bool {
+        self.discard_unmap
+    }
+
+    async fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
+        check_request(self.length, self.align, offset, len, Access::Read)?;
+        if !self.regular || len == 0 {
+            return Ok(BlockStatus::data(len));
+        }
+        let align = u64::from(self.align);
+        self.blocking(move |inner| {
+            let ctx = |e: std::io::Error| {
+                Error::from_io(&e, format!("block status of file '{}'", inner.path))
+            };
+            let data_at = seek(inner, offset, libc::SEEK_DATA).map_err(ctx)?;
+            let status = match data_at {
+                // Hole up to the end of the file.
+                None => BlockStatus::zero(len),
+                Some(d) if d > offset => BlockStatus::zero((d - offset).min(len)),
+                Some(_) => {
+                    let hole = seek(inner, offset, libc::SEEK_HOLE)
+                        .map_err(ctx)?
+                        .unwrap_or(offset + len);
+                    BlockStatus::data((hole.max(offset + 1) - offset).min(len))
+                }
+            };
+            // Keep answers aligned to the request alignment; round a short run up (DATA is
+            // always a correct answer for the extra bytes).
+            let mut s = status;
+            if s.length % align != 0 {
+                s = BlockStatus::data((s.length.div_ceil(align) * align).min(len));
+            }
+            Ok(s)
+        })
+        .await
+    }
+}

@@ -1,0 +1,7 @@
+//! The block drivers, one file each, named after the `driver=` value.
+
+pub mod file;
+pub mod memory;
+pub mod null;
+pub mod quorum;
+pub mod raw;
