@@ -1,0 +1,939 @@
+//! Table-driven quorum tests: one row per line of QUORUM.md §15's outcome matrix and per
+//! D-rule, each asserting the exact result, the exact events (internal stream, in order) and
+//! the exact effect on the children. Rule ids are cited in every row.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ballot::drivers::quorum::{Quorum, QuorumOptions, ReadPattern};
+use ballot::events::{Event, EventBus, IoType, Stream};
+use ballot::host::{Captured, Host};
+use ballot::{BlockDevice, BlockStatus, ErrorKind, WriteFlags, ZeroFlags};
+use bytes::Bytes;
+use common::{Op, TestChild};
+
+const EIO: ErrorKind = ErrorKind::Io;
+const ENOSPC: ErrorKind = ErrorKind::NoSpc;
+
+/// A child of a row: its contents byte, or the error its reads / writes / flushes fail with.
+#[derive(Clone, Copy, Debug)]
+enum C {
+    /// Holds this byte everywhere; every operation succeeds.
+    D(u8),
+    /// Holds byte `.0`, and every read, write, flush and discard fails with `.1`.
+    E(u8, ErrorKind),
+    /// Holds byte `.0`; only reads fail, with `.1` (a latent sector error: rewrites land).
+    R(u8, ErrorKind),
+}
+
+struct Fixture {
+    q: Arc<Quorum>,
+    kids: Vec<Arc<TestChild>>,
+    internal: ballot::events::Recorder,
+    captured: Captured,
+}
+
+fn opts(t: usize, pattern: ReadPattern, rewrite: bool) -> QuorumOptions {
+    QuorumOptions {
+        node_name: "q0".into(),
+        threshold: t,
+        read_pattern: pattern,
+        rewrite_corrupted: rewrite,
+        blkverify: false,
+        read_only: false,
+        discard_unmap: true,
+    }
+}
+
+fn fixture_with(children: &[C], o: QuorumOptions, discard_zeroes: bool) -> Fixture {
+    let bus = EventBus::new();
+    let internal = bus.record(Stream::Internal);
+    let (host, captured) = Host::recording(bus);
+    let kids: Vec<Arc<TestChild>> = children
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let name = format!("c{i}");
+            let (fill, err, read_only_err) = match *c {
+                C::D(b) => (b, None, None),
+                C::E(b, k) => (b, Some(k), None),
+                C::R(b, k) => (b, None, Some(k)),
+            };
+            let k = if discard_zeroes {
+                TestChild::with_discard_zeroes(&name, fill)
+            } else {
+                TestChild::new(&name, fill)
+            };
+            if let Some(e) = read_only_err {
+                k.fail_reads(e);
+            }
+            if let Some(e) = err {
+                k.fail_reads(e);
+                k.fail_writes(e);
+                k.fail_flushes(e);
+            }
+            k
+        })
+        .collect();
+    let devs = kids
+        .iter()
+        .map(|k| (k.name.clone(), common::dev(k)))
+        .collect();
+    let q = Arc::new(Quorum::open(o, devs, host).expect("open"));
+    Fixture {
+        q,
+        kids,
+        internal,
+        captured,
+    }
+}
+
+fn fixture(children: &[C], t: usize, pattern: ReadPattern, rewrite: bool) -> Fixture {
+    fixture_with(children, opts(t, pattern, rewrite), false)
+}
+
+fn rb(io: IoType, error: Option<ErrorKind>, node: &str, sn: u64, sc: u64) -> Event {
+    Event::QuorumReportBad {
+        io,
+        error,
+        node_name: node.into(),
+        sector_num: sn,
+        sectors_count: sc,
+    }
+}
+
+fn fail(sn: u64, sc: u64) -> Event {
+    Event::QuorumFailure {
+        reference: "q0".into(),
+        sector_num: sn,
+        sectors_count: sc,
+    }
+}
+
+/// Expected read outcome: Ok(byte of every returned byte, index of the child whose buffer is
+/// returned) or Err(kind).
+type ReadExpect = Result<(u8, usize), ErrorKind>;
+
+struct ReadRow {
+    rule: &'static str,
+    children: &'static [C],
+    t: usize,
+    pattern: ReadPattern,
+    rewrite: bool,
+    expect: ReadExpect,
+    events: fn() -> Vec<Event>,
+    /// Children that must have been rewritten with the returned data (ascending).
+    rewritten: &'static [usize],
+    /// Children that must not have been read at all (fifo stops at the first success).
+    unread: &'static [usize],
+    /// Expected fatal line (blkverify, Q33).
+    fatal: Option<&'static str>,
+}
+
+// Reads are 8 KiB at offset 4096: sectors 8..24, so sector-num 8 and sectors-count 16.
+const OFF: u64 = 4096;
+const LEN: usize = 8192;
+
+fn read_rows() -> Vec<ReadRow> {
+    use ReadPattern::{Fifo, Quorum as Qp};
+    use C::{D, E, R};
+    vec![
+        ReadRow {
+            rule: "§15 row 1, Q21: all succeed and agree -> child 0's data, no events",
+            children: &[D(0xA), D(0xA), D(0xA)],
+            t: 2,
+            pattern: Qp,
+            rewrite: false,
+            expect: Ok((0xA, 0)),
+            events: Vec::new,
+            rewritten: &[],
+            unread: &[],
+            fatal: None,
+        },
+        ReadRow {
+            rule: "§15 row 2, Q19/Q21: one failed, the rest agree -> first successful child's data",
+            children: &[E(0xA, EIO), D(0xA), D(0xA)],
+            t: 2,
+            pattern: Qp,
+            rewrite: true,
+            expect: Ok((0xA, 1)),
+            events: || vec![rb(IoType::Read, Some(EIO), "c0", 8, 16)],
+            rewritten: &[],
+            unread: &[],
+            fatal: None,
+        },
+        ReadRow {
+            rule: "§15 row 3, Q25: one loser, no rewrite -> winner's data, RB(read) without error",
+            children: &[D(0xB), D(0xA), D(0xA)],
+            t: 2,
+            pattern: Qp,
+            rewrite: false,
+            expect: Ok((0xA, 1)),
+            events: || vec![rb(IoType::Read, None, "c0", 8, 16)],
+            rewritten: &[],
+            unread: &[],
+            fatal: None,
+        },
+        ReadRow {
+            rule: "§15 row 3, Q25-Q28: loser rewritten, failed child not rewritten (Q26), I/O events first (Q60)",
+            children: &[D(0xA), D(0xB), E(0xC, EIO), D(0xA), D(0xA)],
+            t: 3,
+            pattern: Qp,
+            rewrite: true,
+            expect: Ok((0xA, 0)),
+            events: || {
+                vec![
+                    rb(IoType::Read, Some(EIO), "c2", 8, 16),
+                    rb(IoType::Read, None, "c1", 8, 16),
+                ]
+            },
+            rewritten: &[1],
+            unread: &[],
+            fatal: None,
+        },
+        ReadRow {
+            rule: "§15 row 3, Q25: two losers with different data, mismatch events in ascending order",
+            children: &[D(0xC), D(0xA), D(0xB), D(0xA), D(0xA)],
+            t: 3,
+            pattern: Qp,
+            rewrite: true,
+            expect: Ok((0xA, 1)),
+            events: || {
+                vec![
+                    rb(IoType::Read, None, "c0", 8, 16),
+                    rb(IoType::Read, None, "c2", 8, 16),
+                ]
+            },
+            rewritten: &[0, 2],
+            unread: &[],
+            fatal: None,
+        },
+        ReadRow {
+            rule: "§15 row 4, Q24: top version below threshold -> EIO + FAILURE, no mismatch event, no rewrite",
+            children: &[D(0xA), D(0xA), D(0xB)],
+            t: 3,
+            pattern: Qp,
+            rewrite: true,
+            expect: Err(EIO),
+            events: || vec![fail(8, 16)],
+            rewritten: &[],
+            unread: &[],
+            fatal: None,
+        },
+        ReadRow {
+            rule: "§15 row 5, Q23/D1: tie A A B B with t=2 -> EIO + FAILURE (QEMU would return B)",
+            children: &[D(0xA), D(0xA), D(0xB), D(0xB)],
+            t: 2,
+            pattern: Qp,
+            rewrite: true,
+            expect: Err(EIO),
+            events: || vec![fail(8, 16)],
+            rewritten: &[],
+            unread: &[],
+            fatal: None,
+        },
+        ReadRow {
+            rule: "§15 row 5, Q23/D1: three-way tie with a failed child -> EIO, I/O event then FAILURE",
+            children: &[D(0xA), D(0xB), E(0, EIO), D(0xC)],
+            t: 1,
+            pattern: Qp,
+            rewrite: false,
+            expect: Err(EIO),
+            events: || vec![rb(IoType::Read, Some(EIO), "c2", 8, 16), fail(8, 16)],
+            rewritten: &[],
+            unread: &[],
+            fatal: None,
+        },
+        ReadRow {
+            rule: "§15 row 6, Q18/Q20: s < t -> error vote (EIO, ENOSPC -> ENOSPC) + FAILURE, no compare",
+            children: &[E(0, EIO), E(0, ENOSPC), D(0xA)],
+            t: 2,
+            pattern: Qp,
+            rewrite: true,
+            expect: Err(ENOSPC),
+            events: || {
+                vec![
+                    rb(IoType::Read, Some(EIO), "c0", 8, 16),
+                    rb(IoType::Read, Some(ENOSPC), "c1", 8, 16),
+                    fail(8, 16),
+                ]
+            },
+            rewritten: &[],
+            unread: &[],
+            fatal: None,
+        },
+        ReadRow {
+            rule: "§15 row 6, Q18: all failed -> error vote + FAILURE",
+            children: &[E(0, EIO), E(0, EIO), E(0, EIO)],
+            t: 1,
+            pattern: Qp,
+            rewrite: false,
+            expect: Err(EIO),
+            events: || {
+                vec![
+                    rb(IoType::Read, Some(EIO), "c0", 8, 16),
+                    rb(IoType::Read, Some(EIO), "c1", 8, 16),
+                    rb(IoType::Read, Some(EIO), "c2", 8, 16),
+                    fail(8, 16),
+                ]
+            },
+            rewritten: &[],
+            unread: &[],
+            fatal: None,
+        },
+        ReadRow {
+            rule: "§15 row 9, Q29: fifo, child 0 succeeds -> its data; later children not read",
+            children: &[D(0xA), D(0xB), D(0xC)],
+            t: 2,
+            pattern: Fifo,
+            rewrite: true,
+            expect: Ok((0xA, 0)),
+            events: Vec::new,
+            rewritten: &[],
+            unread: &[1, 2],
+            fatal: None,
+        },
+        ReadRow {
+            rule: "§15 row 10, Q30/Q31: fifo, child 0 fails -> child 1's data without any vote (t=3 unused)",
+            children: &[E(0xA, EIO), D(0xB), D(0xC)],
+            t: 3,
+            pattern: Fifo,
+            rewrite: false,
+            expect: Ok((0xB, 1)),
+            events: || vec![rb(IoType::Read, Some(EIO), "c0", 8, 16)],
+            rewritten: &[],
+            unread: &[2],
+            fatal: None,
+        },
+        ReadRow {
+            rule: "§15 row 10, Q32/D2: fifo, children 0 and 1 fail -> child 2's data, 0 and 1 rewritten",
+            children: &[R(0xA, EIO), R(0xA, ENOSPC), D(0xC)],
+            t: 1,
+            pattern: Fifo,
+            rewrite: true,
+            expect: Ok((0xC, 2)),
+            events: || {
+                vec![
+                    rb(IoType::Read, Some(EIO), "c0", 8, 16),
+                    rb(IoType::Read, Some(ENOSPC), "c1", 8, 16),
+                ]
+            },
+            rewritten: &[0, 1],
+            unread: &[],
+            fatal: None,
+        },
+        ReadRow {
+            rule: "§15 row 11, Q30: fifo, all fail -> last child's error, RB x N, no FAILURE",
+            children: &[E(0, EIO), E(0, EIO), E(0, ENOSPC)],
+            t: 1,
+            pattern: Fifo,
+            rewrite: true,
+            expect: Err(ENOSPC),
+            events: || {
+                vec![
+                    rb(IoType::Read, Some(EIO), "c0", 8, 16),
+                    rb(IoType::Read, Some(EIO), "c1", 8, 16),
+                    rb(IoType::Read, Some(ENOSPC), "c2", 8, 16),
+                ]
+            },
+            rewritten: &[],
+            unread: &[],
+            fatal: None,
+        },
+    ]
+}
+
+#[tokio::test]
+async fn read_outcome_matrix_rows() {
+    for row in read_rows() {
+        let f = fixture(row.children, row.t, row.pattern, row.rewrite);
+        let got = f.q.read(OFF, LEN).await;
+        match (&got, row.expect) {
+            (Ok(buf), Ok((byte, from))) => {
+                assert_eq!(buf.len(), LEN, "{}", row.rule);
+                assert!(buf.iter().all(|&b| b == byte), "{}: wrong data", row.rule);
+                // Q4: the returned buffer is the designated child's, not a copy.
+                assert_eq!(
+                    buf.as_ptr() as usize,
+                    f.kids[from].addr(OFF),
+                    "{}: returned buffer is not child {from}'s",
+                    row.rule
+                );
+            }
+            (Err(e), Err(kind)) => assert_eq!(e.kind(), kind, "{}", row.rule),
+            (got, want) => panic!("{}: got {got:?}, want {want:?}", row.rule),
+        }
+        assert_eq!(f.internal.events(), (row.events)(), "{}", row.rule);
+        for (i, k) in f.kids.iter().enumerate() {
+            let writes: Vec<Op> = k
+                .log()
+                .into_iter()
+                .filter(|o| matches!(o, Op::Write(..)))
+                .collect();
+            if row.rewritten.contains(&i) {
+                let byte = row.expect.unwrap().0;
+                // Q27: the whole request range, the winner's data, no FUA.
+                assert_eq!(writes.len(), 1, "{}: child {i} rewrites", row.rule);
+                assert!(
+                    matches!(writes[0], Op::Write(OFF, LEN, false, b, _) if b == byte),
+                    "{}: child {i} got {:?}",
+                    row.rule,
+                    writes[0]
+                );
+                assert!(
+                    k.contents(OFF, LEN).iter().all(|&b| b == byte),
+                    "{}: child {i} not repaired",
+                    row.rule
+                );
+            } else {
+                assert_eq!(
+                    writes,
+                    vec![],
+                    "{}: child {i} must not be rewritten",
+                    row.rule
+                );
+            }
+            if row.unread.contains(&i) {
+                assert_eq!(k.log(), vec![], "{}: child {i} must not be read", row.rule);
+            }
+        }
+        assert_eq!(
+            f.captured.fatals(),
+            row.fatal.map(|s| vec![s.to_string()]).unwrap_or_default(),
+            "{}",
+            row.rule
+        );
+    }
+}
+
+fn blkverify_fixture(children: &[C]) -> Fixture {
+    let mut o = opts(2, ReadPattern::Quorum, false);
+    o.blkverify = true;
+    fixture_with(children, o, false)
+}
+
+#[tokio::test]
+async fn q33_d6_blkverify_mismatch_prints_the_line_and_exits() {
+    // §15 row 7. Child 1 differs from byte 300 of the request on.
+    let f = blkverify_fixture(&[C::D(0xA), C::D(0xA)]);
+    f.kids[1].fill(OFF + 300, 10, 0xB);
+    let got = f.q.read(OFF, LEN).await;
+    assert_eq!(
+        f.captured.fatals(),
+        vec![format!(
+            "quorum: offset=4096 bytes=8192 contents mismatch at offset {}",
+            4096 + 300
+        )]
+    );
+    // The recording host does not exit; the read then fails rather than return either side.
+    assert_eq!(got.unwrap_err().kind(), EIO);
+    assert_eq!(f.internal.events(), vec![]);
+}
+
+#[tokio::test]
+async fn q33_blkverify_mismatch_line_for_a_10_mib_read_at_0() {
+    // QUORUM.md's own example.
+    let bus = EventBus::new();
+    let (host, captured) = Host::recording(bus);
+    let a = TestChild::sized("a", 1, 10 << 20);
+    let b = TestChild::sized("b", 2, 10 << 20);
+    let mut o = opts(2, ReadPattern::Quorum, false);
+    o.blkverify = true;
+    let q = Quorum::open(
+        o,
+        vec![("a".into(), common::dev(&a)), ("b".into(), common::dev(&b))],
+        host,
+    )
+    .unwrap();
+    let _ = q.read(0, 10 << 20).await;
+    assert_eq!(
+        captured.fatals(),
+        vec!["quorum: offset=0 bytes=10485760 contents mismatch at offset 0".to_string()]
+    );
+}
+
+#[tokio::test]
+async fn q34_blkverify_one_child_fails_gives_its_error_and_failure_no_exit() {
+    // §15 row 8.
+    let f = blkverify_fixture(&[C::D(0xA), C::E(0xA, ENOSPC)]);
+    let got = f.q.read(OFF, LEN).await;
+    assert_eq!(got.unwrap_err().kind(), ENOSPC);
+    assert_eq!(
+        f.internal.events(),
+        vec![rb(IoType::Read, Some(ENOSPC), "c1", 8, 16), fail(8, 16)]
+    );
+    assert_eq!(f.captured.fatals(), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn q35_blkverify_writes_and_flushes_vote_normally() {
+    let f = blkverify_fixture(&[C::D(0), C::D(0)]);
+    f.q.write(0, Bytes::from(vec![7u8; 512]), WriteFlags::NONE)
+        .await
+        .unwrap();
+    assert_eq!(f.q.read(0, 512).await.unwrap(), Bytes::from(vec![7u8; 512]));
+    f.kids[1].fail_writes(EIO);
+    let e =
+        f.q.write(0, Bytes::from(vec![8u8; 512]), WriteFlags::NONE)
+            .await
+            .unwrap_err();
+    assert_eq!(e.kind(), EIO);
+    f.q.flush().await.unwrap();
+}
+
+#[tokio::test]
+async fn q28_rewrite_failure_leaves_result_records_range_and_emits_nothing() {
+    // §15 "rewrite" row; Q49.
+    let f = fixture(
+        &[C::D(0xA), C::D(0xB), C::D(0xA)],
+        2,
+        ReadPattern::Quorum,
+        true,
+    );
+    f.kids[1].fail_writes(EIO);
+    let got = f.q.read(OFF, LEN).await.unwrap();
+    assert_eq!(got, Bytes::from(vec![0xAu8; LEN]));
+    assert_eq!(
+        f.internal.events(),
+        vec![rb(IoType::Read, None, "c1", 8, 16)]
+    );
+    let oos = f.q.out_of_sync().await;
+    assert_eq!(oos[1].ranges, vec![(0, 65536)]);
+    assert_eq!(oos[0].ranges, vec![]);
+    assert_eq!(oos[2].ranges, vec![]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn q28_read_completes_only_after_rewrites_finish() {
+    let f = fixture(
+        &[C::D(0xA), C::D(0xB), C::D(0xA)],
+        2,
+        ReadPattern::Quorum,
+        true,
+    );
+    let start = tokio::time::Instant::now();
+    // Reads are instant; child 1's write (the rewrite) takes 50 ms.
+    f.kids[1].set_delay(Duration::from_millis(50));
+    let got = f.q.read(OFF, LEN).await.unwrap();
+    // child 1's read also waits 50 ms, then the rewrite another 50 ms.
+    assert_eq!(start.elapsed(), Duration::from_millis(100));
+    assert_eq!(got[0], 0xA);
+    assert_eq!(f.kids[1].contents(OFF, LEN), vec![0xA; LEN]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn q16_q17_read_waits_for_every_child_and_reports_errors_as_they_complete() {
+    let f = fixture(
+        &[C::D(0xA), C::E(0xA, EIO), C::D(0xA)],
+        2,
+        ReadPattern::Quorum,
+        false,
+    );
+    f.kids[0].set_delay(Duration::from_millis(300));
+    f.kids[1].set_delay(Duration::from_millis(10));
+    let q = f.q.clone();
+    let start = tokio::time::Instant::now();
+    let h = tokio::spawn(async move { q.read(OFF, LEN).await });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    // Q17: child 1's event is out at 10 ms, long before the read ends.
+    assert_eq!(
+        f.internal.events(),
+        vec![rb(IoType::Read, Some(EIO), "c1", 8, 16)]
+    );
+    assert!(!h.is_finished());
+    let got = h.await.unwrap().unwrap();
+    // Q16: no early completion; the slowest child decides.
+    assert_eq!(start.elapsed(), Duration::from_millis(300));
+    assert_eq!(got[0], 0xA);
+}
+
+#[tokio::test]
+async fn q22_equal_digests_form_one_version() {
+    // Two children agree on B at a different offset layout: versions are by content only.
+    let f = fixture(
+        &[C::D(0xA), C::D(0xB), C::D(0xB), C::D(0xA), C::D(0xB)],
+        3,
+        ReadPattern::Quorum,
+        false,
+    );
+    let got = f.q.read(0, 512).await.unwrap();
+    assert_eq!(got, Bytes::from(vec![0xBu8; 512]));
+    assert_eq!(
+        got.as_ptr() as usize,
+        f.kids[1].addr(0),
+        "Q25: lowest-index member of the winner"
+    );
+    assert_eq!(
+        f.internal.events(),
+        vec![
+            rb(IoType::Read, None, "c0", 0, 1),
+            rb(IoType::Read, None, "c3", 0, 1)
+        ]
+    );
+}
+
+#[tokio::test]
+async fn q21_fast_path_compares_every_byte_not_a_prefix() {
+    // The children differ only in the last byte of a 1 MiB read.
+    let f = fixture(&[C::D(0), C::D(0), C::D(0)], 2, ReadPattern::Quorum, false);
+    f.kids[2].fill(LEN as u64 * 64 - 1, 1, 9);
+    let got = f.q.read(0, LEN * 64).await.unwrap();
+    assert!(got.iter().all(|&b| b == 0));
+    assert_eq!(
+        f.internal.events(),
+        vec![rb(IoType::Read, None, "c2", 0, 1024)]
+    );
+}
+
+// ---- writes, write-zeroes, FUA, flush (§15 rows 13-18) ----
+
+#[tokio::test]
+async fn q38_write_all_succeed_shares_one_buffer_and_emits_nothing() {
+    // §15 row 13; Q4, Q36.
+    let f = fixture(&[C::D(0), C::D(0), C::D(0)], 2, ReadPattern::Quorum, false);
+    let data = Bytes::from(vec![5u8; 4096]);
+    let addr = data.as_ptr() as usize;
+    f.q.write(4096, data, WriteFlags::NONE).await.unwrap();
+    for k in &f.kids {
+        assert_eq!(k.log(), vec![Op::Write(4096, 4096, false, 5, addr)]);
+        assert_eq!(k.contents(4096, 4096), vec![5u8; 4096]);
+    }
+    assert_eq!(f.internal.events(), vec![]);
+    assert!(f.q.out_of_sync().await.iter().all(|r| r.ranges.is_empty()));
+}
+
+#[tokio::test]
+async fn q38_q49_write_with_some_failures_succeeds_reports_and_records() {
+    // §15 row 14.
+    let f = fixture(
+        &[C::D(0), C::E(0, EIO), C::D(0)],
+        2,
+        ReadPattern::Quorum,
+        false,
+    );
+    f.q.write(
+        70_000 - 70_000 % 512,
+        Bytes::from(vec![5u8; 1024]),
+        WriteFlags::NONE,
+    )
+    .await
+    .unwrap();
+    // offset 69632 = sector 136, 2 sectors.
+    assert_eq!(
+        f.internal.events(),
+        vec![rb(IoType::Write, Some(EIO), "c1", 136, 2)]
+    );
+    let oos = f.q.out_of_sync().await;
+    assert_eq!(oos[1].ranges, vec![(65536, 65536)]);
+    assert_eq!(
+        oos[1].to_json(),
+        serde_json::json!({"child": "children.1", "node-name": "c1", "granularity": 65536,
+            "dirty-bytes": 65536, "ranges": [{"offset": 65536, "length": 65536}]})
+    );
+    assert_eq!(
+        oos[0].to_json(),
+        serde_json::json!({"child": "children.0", "node-name": "c0", "granularity": 65536,
+            "dirty-bytes": 0, "ranges": []})
+    );
+}
+
+#[tokio::test]
+async fn q39_write_below_threshold_fails_with_error_vote_and_no_rollback() {
+    // §15 row 15.
+    let f = fixture(
+        &[C::D(0), C::E(0, EIO), C::E(0, ENOSPC)],
+        2,
+        ReadPattern::Quorum,
+        false,
+    );
+    let e =
+        f.q.write(0, Bytes::from(vec![5u8; 512]), WriteFlags::NONE)
+            .await
+            .unwrap_err();
+    assert_eq!(e.kind(), ENOSPC);
+    assert_eq!(
+        f.internal.events(),
+        vec![
+            rb(IoType::Write, Some(EIO), "c1", 0, 1),
+            rb(IoType::Write, Some(ENOSPC), "c2", 0, 1),
+            fail(0, 1)
+        ]
+    );
+    // No rollback: child 0 keeps the new data.
+    assert_eq!(f.kids[0].contents(0, 512), vec![5u8; 512]);
+    let oos = f.q.out_of_sync().await;
+    assert_eq!(
+        (
+            oos[0].ranges.len(),
+            oos[1].ranges.len(),
+            oos[2].ranges.len()
+        ),
+        (0, 1, 1)
+    );
+}
+
+#[tokio::test]
+async fn q37_write_zeroes_reports_type_write_and_passes_flags_through() {
+    let f = fixture(
+        &[C::D(9), C::D(9), C::E(9, EIO)],
+        2,
+        ReadPattern::Quorum,
+        false,
+    );
+    let flags = ZeroFlags {
+        fua: true,
+        may_unmap: true,
+    };
+    f.q.write_zeroes(0, 8192, flags).await.unwrap();
+    assert_eq!(
+        f.internal.events(),
+        vec![rb(IoType::Write, Some(EIO), "c2", 0, 16)]
+    );
+    // Q36, Q40: the caller's flags, FUA included, reach every child.
+    assert_eq!(f.kids[0].log(), vec![Op::Zero(0, 8192, flags)]);
+    assert_eq!(f.kids[0].contents(0, 8192), vec![0u8; 8192]);
+    assert_eq!(f.q.out_of_sync().await[2].ranges, vec![(0, 65536)]);
+}
+
+#[tokio::test]
+async fn q40_fua_write_goes_without_fua_then_a_flush_vote_decides() {
+    // §15 row 16: write events, then flush events; the flush's result is the write's.
+    let f = fixture(
+        &[C::D(0), C::E(0, EIO), C::D(0)],
+        2,
+        ReadPattern::Quorum,
+        false,
+    );
+    f.kids[2].fail_flushes(ENOSPC);
+    let data = Bytes::from(vec![1u8; 512]);
+    let addr = data.as_ptr() as usize;
+    let e = f.q.write(0, data, WriteFlags::FUA).await.unwrap_err();
+    assert_eq!(e.kind(), ENOSPC);
+    assert_eq!(
+        f.kids[0].log(),
+        vec![Op::Write(0, 512, false, 1, addr), Op::Flush]
+    );
+    assert_eq!(
+        f.internal.events(),
+        vec![
+            rb(IoType::Write, Some(EIO), "c1", 0, 1),
+            rb(IoType::Flush, Some(EIO), "c1", 0, 0),
+            rb(IoType::Flush, Some(ENOSPC), "c2", 0, 0),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn q40_fua_write_whose_vote_fails_sends_no_flush() {
+    let f = fixture(
+        &[C::D(0), C::E(0, EIO), C::E(0, EIO)],
+        2,
+        ReadPattern::Quorum,
+        false,
+    );
+    let e =
+        f.q.write(0, Bytes::from(vec![1u8; 512]), WriteFlags::FUA)
+            .await
+            .unwrap_err();
+    assert_eq!(e.kind(), EIO);
+    assert!(!f.kids[0].log().contains(&Op::Flush));
+}
+
+#[tokio::test]
+async fn q41_flush_vote_sequential_with_zero_sectors_and_never_failure() {
+    // §15 rows 17 and 18.
+    let f = fixture(
+        &[C::E(0, EIO), C::D(0), C::D(0)],
+        2,
+        ReadPattern::Quorum,
+        false,
+    );
+    f.q.flush().await.unwrap();
+    assert_eq!(
+        f.internal.take(),
+        vec![rb(IoType::Flush, Some(EIO), "c0", 0, 0)]
+    );
+    f.kids[2].fail_flushes(ENOSPC);
+    let e = f.q.flush().await.unwrap_err();
+    // Q20 tie (1 EIO, 1 ENOSPC): the later first occurrence wins.
+    assert_eq!(e.kind(), ENOSPC);
+    assert_eq!(
+        f.internal.events(),
+        vec![
+            rb(IoType::Flush, Some(EIO), "c0", 0, 0),
+            rb(IoType::Flush, Some(ENOSPC), "c2", 0, 0)
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn q41_flush_goes_to_children_one_after_another_in_order() {
+    let f = fixture(&[C::D(0), C::D(0), C::D(0)], 2, ReadPattern::Quorum, false);
+    for k in &f.kids {
+        k.set_delay(Duration::from_millis(10));
+    }
+    let start = tokio::time::Instant::now();
+    f.q.flush().await.unwrap();
+    assert_eq!(start.elapsed(), Duration::from_millis(30));
+}
+
+// ---- discard (§15 rows 19-20, Q45-Q46, D3) ----
+
+#[tokio::test]
+async fn q46_d3_discard_is_a_noop_when_some_child_lacks_the_zero_guarantee() {
+    let f = fixture(&[C::D(1), C::D(1), C::D(1)], 2, ReadPattern::Quorum, false);
+    f.q.discard(0, 4096).await.unwrap();
+    for k in &f.kids {
+        assert_eq!(k.log(), vec![]);
+    }
+    assert!(!f.q.discard_zeroes());
+    assert_eq!(f.internal.events(), vec![]);
+}
+
+#[tokio::test]
+async fn q46_d3_discard_is_forwarded_and_voted_when_every_child_zeroes() {
+    let f = fixture_with(
+        &[C::D(1), C::D(1), C::E(1, EIO)],
+        opts(2, ReadPattern::Quorum, false),
+        true,
+    );
+    assert!(f.q.discard_zeroes());
+    f.q.discard(0, 4096).await.unwrap();
+    assert_eq!(f.kids[0].log(), vec![Op::Discard(0, 4096)]);
+    assert_eq!(
+        f.internal.take(),
+        vec![rb(IoType::Write, Some(EIO), "c2", 0, 8)]
+    );
+    assert_eq!(f.q.out_of_sync().await[2].ranges, vec![(0, 65536)]);
+    f.kids[1].fail_writes(EIO);
+    let e = f.q.discard(0, 4096).await.unwrap_err();
+    assert_eq!(e.kind(), EIO);
+    assert_eq!(
+        f.internal.events(),
+        vec![
+            rb(IoType::Write, Some(EIO), "c1", 0, 8),
+            rb(IoType::Write, Some(EIO), "c2", 0, 8),
+            fail(0, 8)
+        ]
+    );
+}
+
+#[tokio::test]
+async fn q46_discard_ignore_on_the_quorum_node_keeps_the_noop() {
+    // QEMU's generic `discard=ignore` (the default) drops discards at the node.
+    let mut o = opts(2, ReadPattern::Quorum, false);
+    o.discard_unmap = false;
+    let f = fixture_with(&[C::D(1), C::D(1)], o, true);
+    f.q.discard(0, 4096).await.unwrap();
+    assert_eq!(f.kids[0].log(), vec![]);
+    assert!(!f.q.discard_zeroes());
+}
+
+// ---- block status (§15 rows 21-22, Q43-Q44) ----
+
+#[tokio::test]
+async fn q44_block_status_zero_takes_min_length_data_takes_max_nonzero_length() {
+    let f = fixture(&[C::D(0), C::D(0), C::D(0)], 2, ReadPattern::Quorum, false);
+    f.kids[0].set_status(Ok(BlockStatus::zero(8192)));
+    f.kids[1].set_status(Ok(BlockStatus::zero(4096)));
+    f.kids[2].set_status(Ok(BlockStatus::zero(65536)));
+    assert_eq!(
+        f.q.block_status(0, 65536).await.unwrap(),
+        BlockStatus::zero(4096)
+    );
+    f.kids[1].set_status(Ok(BlockStatus::data(1024)));
+    f.kids[2].set_status(Ok(BlockStatus::data(2048)));
+    assert_eq!(
+        f.q.block_status(0, 65536).await.unwrap(),
+        BlockStatus::data(2048)
+    );
+    assert_eq!(f.internal.events(), vec![]);
+}
+
+#[tokio::test]
+async fn q43_block_status_child_error_gives_data_over_the_count_and_stops() {
+    let f = fixture(&[C::D(0), C::D(0), C::D(0)], 2, ReadPattern::Quorum, false);
+    f.kids[0].set_status(Ok(BlockStatus::zero(4096)));
+    f.kids[1].set_status(Err(EIO));
+    assert_eq!(
+        f.q.block_status(4096, 65536).await.unwrap(),
+        BlockStatus::data(65536)
+    );
+    assert_eq!(
+        f.internal.events(),
+        vec![rb(IoType::Read, Some(EIO), "c1", 8, 128)]
+    );
+    assert_eq!(f.kids[2].log(), vec![], "later children are not queried");
+}
+
+// ---- open, length, warning (§15 rows 23-24, Q14, Q15, Q42) ----
+
+#[test]
+fn q14_length_mismatch_fails_open_with_eio_text() {
+    let (host, _) = Host::recording(EventBus::new());
+    let a = TestChild::sized("a", 0, 1 << 20);
+    let b = TestChild::sized("b", 0, 2 << 20);
+    let e = Quorum::open(
+        opts(1, ReadPattern::Quorum, false),
+        vec![("a".into(), common::dev(&a)), ("b".into(), common::dev(&b))],
+        host,
+    )
+    .unwrap_err();
+    assert_eq!(
+        e.message(),
+        "Could not refresh total sector count: Input/output error"
+    );
+}
+
+#[test]
+fn q15_d1_weak_threshold_warns_once_and_opens() {
+    let f = fixture(
+        &[C::D(0), C::D(0), C::D(0), C::D(0)],
+        2,
+        ReadPattern::Quorum,
+        false,
+    );
+    assert_eq!(
+        f.captured.warnings(),
+        vec!["ballot: warning: quorum node 'q0': vote-threshold 2 with 4 children is not a strict majority; stale or tied reads are possible".to_string()]
+    );
+    let g = fixture(&[C::D(0), C::D(0), C::D(0)], 2, ReadPattern::Quorum, false);
+    assert_eq!(g.captured.warnings(), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn q42_length_is_the_common_child_length_and_requests_past_it_fail() {
+    let f = fixture(&[C::D(0), C::D(0)], 1, ReadPattern::Quorum, false);
+    assert_eq!(f.q.length().unwrap(), common::LEN);
+    assert_eq!(
+        f.q.read(common::LEN, 1).await.unwrap_err().kind(),
+        ErrorKind::Inval
+    );
+    let e =
+        f.q.write(
+            common::LEN - 1,
+            Bytes::from_static(&[1, 2]),
+            WriteFlags::NONE,
+        )
+        .await;
+    assert_eq!(e.unwrap_err().kind(), ErrorKind::NoSpc);
+    // Rejected before any child is touched.
+    assert_eq!(f.kids[0].log(), vec![]);
+}
+
+#[tokio::test]
+async fn read_only_quorum_refuses_writes_with_eperm_but_still_rewrites() {
+    let mut o = opts(2, ReadPattern::Quorum, true);
+    o.read_only = true;
+    let f = fixture_with(&[C::D(0xA), C::D(0xB), C::D(0xA)], o, false);
+    let e =
+        f.q.write(0, Bytes::from_static(&[1]), WriteFlags::NONE)
+            .await
+            .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Perm);
+    // Q28: rewrites happen even when read-only.
+    f.q.read(0, 512).await.unwrap();
+    assert_eq!(f.kids[1].contents(0, 512), vec![0xA; 512]);
+}
