@@ -83,6 +83,8 @@ impl BlockDevice for MemoryDevice {
     }
 
     async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        // Past the end is EINVAL for a discard (NBD.md N20), not write-zeroes' ENOSPC.
+        check_request(self.length, 1, offset, len, Access::Read)?;
         self.write_zeroes(offset, len, ZeroFlags::default()).await
     }
 
