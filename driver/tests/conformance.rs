@@ -420,14 +420,14 @@ async fn flush_and_fua_are_durable_through_raw_and_quorum() {
     // quorum: FUA becomes write + flush vote (Q40); flush reaches every child (Q41).
     let leaves: Vec<Arc<Volatile>> = (0..3).map(|_| Volatile::new(LEN as usize)).collect();
     let q = quorum(
-        leaves.iter().map(|l| -> Device { l.clone() }).collect(),
+        leaves.iter().map(common::dev).collect(),
         2,
         ReadPattern::Quorum,
     );
     durability("quorum", q, &leaves).await;
     let leaves: Vec<Arc<Volatile>> = (0..2).map(|_| Volatile::new(LEN as usize)).collect();
     let q = quorum(
-        leaves.iter().map(|l| -> Device { l.clone() }).collect(),
+        leaves.iter().map(common::dev).collect(),
         1,
         ReadPattern::Fifo,
     );
