@@ -153,6 +153,13 @@ impl FileDevice {
         F: FnOnce(&Inner) -> Result<T> + Send + 'static,
     {
         let inner = self.inner.clone();
+        // Real files are not simulated (SIMULATION.md §3.4) and madsim has no blocking pool:
+        // under the simulator the call runs inline.
+        #[cfg(madsim)]
+        {
+            f(&inner)
+        }
+        #[cfg(not(madsim))]
         match tokio::task::spawn_blocking(move || f(&inner)).await {
             Ok(r) => r,
             Err(e) => Err(Error::new(

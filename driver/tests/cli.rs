@@ -1,0 +1,73 @@
+//! The `ballot` binary: configuration errors print `ballot: <message>` and exit non-zero
+//! (ARCHITECTURE.md, QUORUM.md §3 "Presentation"); a good configuration opens and is listed.
+
+use std::process::Command;
+
+fn ballot(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_ballot"))
+        .args(args)
+        .output()
+        .expect("run ballot");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn startup_error_prints_ballot_prefix_and_exits_1() {
+    let (code, out, err) = ballot(&[
+        "check",
+        "--blockdev",
+        "driver=null-co,node-name=n0,size=1048576",
+        "--blockdev",
+        "driver=quorum,node-name=q0,vote-threshold=2,children.0=n0",
+    ]);
+    assert_eq!(code, 1);
+    assert_eq!(out, "");
+    assert_eq!(err, "ballot: threshold may not exceed children count\n");
+}
+
+#[test]
+fn weak_threshold_warns_on_stderr_and_the_graph_is_listed() {
+    let (code, out, err) = ballot(&[
+        "check",
+        "--blockdev",
+        "driver=null-co,node-name=n0,size=1048576",
+        "--blockdev=driver=null-co,node-name=n1,size=1048576",
+        "--blockdev",
+        r#"{"driver":"quorum","node-name":"q0","vote-threshold":1,"children":["n0","n1"]}"#,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        err,
+        "ballot: warning: quorum node 'q0': vote-threshold 1 with 2 children is not a strict majority; stale or tied reads are possible\n"
+    );
+    assert_eq!(
+        out,
+        "n0 driver=null-co length=1048576 align=1\n\
+         n1 driver=null-co length=1048576 align=1\n\
+         q0 driver=quorum length=1048576 align=1 children=[children.0=n0,children.1=n1]\n"
+    );
+}
+
+#[test]
+fn usage_errors_exit_2_and_name_the_problem() {
+    let (code, _, err) = ballot(&["check", "--blockdev"]);
+    assert_eq!(
+        (code, err.as_str()),
+        (2, "ballot: option '--blockdev' requires an argument\n")
+    );
+    let (code, _, err) = ballot(&["check", "--frobnicate"]);
+    assert_eq!(
+        (code, err.as_str()),
+        (2, "ballot: unknown option '--frobnicate'\n")
+    );
+    let (code, _, err) = ballot(&["launch"]);
+    assert_eq!(code, 2);
+    assert!(
+        err.starts_with("ballot: unknown command 'launch'\n"),
+        "{err}"
+    );
+}

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The project's test command (README.md, .ci/run): formatting, lints, every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "== rustfmt"
+cargo fmt --all --check
+
+echo "== clippy -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
+
+echo "== tests"
+if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run --workspace --no-fail-fast
+else
+    cargo test --workspace --no-fail-fast
+fi
+
+echo "== benchmark smoke run (quick; report to a scratch file)"
+BENCH_QUORUM_OUT="${TMPDIR:-/tmp}/bench-quorum-smoke.md" \
+    cargo bench -p ballot --bench quorum_read -- --quick >/dev/null
+echo "all checks passed"
