@@ -396,6 +396,21 @@ impl Graph {
         }
     }
 
+    /// `x-query-quorum-out-of-sync` (QUORUM.md Q51): one entry per child, in child order.
+    ///
+    /// # Errors
+    /// `Cannot find device='<n>' nor node-name='<n>'`; `Node '<n>' is not a quorum node`.
+    pub async fn query_out_of_sync(&self, node: &str) -> Result<Value, ConfigError> {
+        let n = self.nodes.get(node).ok_or_else(|| not_found(node))?;
+        let q = n
+            .quorum
+            .as_ref()
+            .ok_or_else(|| ConfigError::new(format!("Node '{node}' is not a quorum node")))?;
+        Ok(Value::Array(
+            q.out_of_sync().await.iter().map(|r| r.to_json()).collect(),
+        ))
+    }
+
     /// Marks `node` as used by a non-node parent (an export), so it cannot become a child.
     ///
     /// # Errors

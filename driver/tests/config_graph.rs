@@ -459,3 +459,24 @@ async fn q56_hot_remove_waits_for_requests_in_flight() {
     assert!(reader.is_finished());
     assert_eq!(reader.await.unwrap().unwrap().len(), 512);
 }
+
+#[tokio::test]
+async fn q51_query_out_of_sync_lists_children_in_order_and_names_bad_nodes() {
+    let im = Images::new();
+    let g = quorum_graph(&im, &[], 1).await;
+    assert_eq!(
+        g.query_out_of_sync("q0").await.unwrap(),
+        serde_json::json!([
+            {"child": "children.0", "node-name": "r0", "granularity": 65536, "dirty-bytes": 0, "ranges": []},
+            {"child": "children.1", "node-name": "r1", "granularity": 65536, "dirty-bytes": 0, "ranges": []},
+        ])
+    );
+    assert_eq!(
+        g.query_out_of_sync("zz").await.unwrap_err().message(),
+        "Cannot find device='zz' nor node-name='zz'"
+    );
+    assert_eq!(
+        g.query_out_of_sync("r0").await.unwrap_err().message(),
+        "Node 'r0' is not a quorum node"
+    );
+}

@@ -937,3 +937,25 @@ async fn read_only_quorum_refuses_writes_with_eperm_but_still_rewrites() {
     f.q.read(0, 512).await.unwrap();
     assert_eq!(f.kids[1].contents(0, 512), vec![0xA; 512]);
 }
+
+#[tokio::test]
+async fn q48_q50_record_changes_no_io_and_a_later_success_does_not_clear_it() {
+    let f = fixture(&[C::D(0), C::D(0), C::D(0)], 2, ReadPattern::Quorum, false);
+    f.kids[1].fail_writes(EIO);
+    f.q.write(0, Bytes::from(vec![5u8; 512]), WriteFlags::NONE)
+        .await
+        .unwrap();
+    f.kids[1].clear_log();
+    *f.kids[1].write_err.lock().unwrap() = None;
+    // Q50: a later successful write to the same range does not clear the record.
+    f.q.write(0, Bytes::from(vec![6u8; 512]), WriteFlags::NONE)
+        .await
+        .unwrap();
+    assert_eq!(f.q.out_of_sync().await[1].ranges, vec![(0, 65536)]);
+    // Q48: the out-of-sync child still takes part in reads and votes like any other.
+    f.internal.take();
+    let got = f.q.read(0, 512).await.unwrap();
+    assert_eq!(got, Bytes::from(vec![6u8; 512]));
+    assert_eq!(f.kids[1].log()[1], Op::Read(0, 512));
+    assert_eq!(f.internal.events(), vec![]);
+}
