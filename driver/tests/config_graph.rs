@@ -4,47 +4,31 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use ballot::events::EventBus;
 use ballot::graph::Graph;
 use ballot::host::{Captured, Host};
 use ballot::BlockDevice;
 
-/// A scratch directory with three 1 MiB images and one 2 MiB image; removed on drop.
+/// A scratch directory with three 1 MiB images and one 2 MiB image.
 struct Images {
-    dir: PathBuf,
+    dir: common::Scratch,
 }
 
 impl Images {
     fn new() -> Images {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "ballot-cfg-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = common::Scratch::new("cfg");
         for (name, len) in [
             ("a", 1 << 20),
             ("b", 1 << 20),
             ("c", 1 << 20),
             ("big", 2 << 20),
         ] {
-            let f = std::fs::File::create(dir.join(format!("{name}.raw"))).unwrap();
-            f.set_len(len).unwrap();
+            dir.image(&format!("{name}.raw"), len);
         }
         Images { dir }
     }
     fn path(&self, name: &str) -> String {
-        self.dir.join(format!("{name}.raw")).display().to_string()
-    }
-}
-
-impl Drop for Images {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
+        self.dir.0.join(format!("{name}.raw")).display().to_string()
     }
 }
 

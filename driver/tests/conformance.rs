@@ -5,8 +5,6 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use ballot::drivers::file::{FileDevice, FileOptions};
@@ -224,27 +222,13 @@ async fn durability(name: &str, dev: Device, leaves: &[Arc<Volatile>]) {
     );
 }
 
-struct TempDir(PathBuf);
+struct TempDir(common::Scratch);
 impl TempDir {
     fn new() -> TempDir {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "ballot-conf-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
+        TempDir(common::Scratch::new("conf"))
     }
     fn image(&self, name: &str, len: u64) -> String {
-        let p = self.0.join(name);
-        std::fs::File::create(&p).unwrap().set_len(len).unwrap();
-        p.display().to_string()
-    }
-}
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        self.0.image(name, len)
     }
 }
 

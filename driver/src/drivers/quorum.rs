@@ -410,6 +410,11 @@ impl Quorum {
             .mark(offset, len, self.length);
     }
 
+    /// Range and alignment check against the quorum's length, before any child is touched.
+    fn check(&self, offset: u64, len: u64, access: Access) -> Result<()> {
+        check_request(self.length, self.request_alignment(), offset, len, access)
+    }
+
     fn check_writable(&self, op: &str) -> Result<()> {
         if self.opts.read_only {
             return Err(Error::new(
@@ -668,13 +673,7 @@ impl BlockDevice for Quorum {
     }
 
     async fn read(&self, offset: u64, len: usize) -> Result<Bytes> {
-        check_request(
-            self.length,
-            self.request_alignment(),
-            offset,
-            len as u64,
-            Access::Read,
-        )?;
+        self.check(offset, len as u64, Access::Read)?;
         let st = self.children.read().await;
         match self.opts.read_pattern {
             ReadPattern::Quorum => self.read_quorum(&st, offset, len).await,
@@ -685,13 +684,7 @@ impl BlockDevice for Quorum {
     async fn write(&self, offset: u64, data: Bytes, flags: WriteFlags) -> Result<()> {
         self.check_writable("write")?;
         let len = data.len() as u64;
-        check_request(
-            self.length,
-            self.request_alignment(),
-            offset,
-            len,
-            Access::Write,
-        )?;
+        self.check(offset, len, Access::Write)?;
         let st = self.children.read().await;
         // Q40: children get the write without FUA; a successful vote is followed by a flush.
         self.write_vote(&st, offset, len, "write below threshold", |dev| {
@@ -711,13 +704,7 @@ impl BlockDevice for Quorum {
 
     async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
         self.check_writable("write-zeroes")?;
-        check_request(
-            self.length,
-            self.request_alignment(),
-            offset,
-            len,
-            Access::Write,
-        )?;
+        self.check(offset, len, Access::Write)?;
         let flags = ZeroFlags {
             may_unmap: flags.may_unmap && self.opts.discard_unmap,
             ..flags
@@ -735,13 +722,7 @@ impl BlockDevice for Quorum {
     }
 
     async fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        check_request(
-            self.length,
-            self.request_alignment(),
-            offset,
-            len,
-            Access::Read,
-        )?;
+        self.check(offset, len, Access::Read)?;
         let st = self.children.read().await;
         // Q45, Q46, D3: forward only when every child guarantees zeroes afterwards.
         if !(self.opts.discard_unmap && st.discard_zeroes) || len == 0 {
@@ -764,13 +745,7 @@ impl BlockDevice for Quorum {
     }
 
     async fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
-        check_request(
-            self.length,
-            self.request_alignment(),
-            offset,
-            len,
-            Access::Read,
-        )?;
+        self.check(offset, len, Access::Read)?;
         if len == 0 {
             return Ok(BlockStatus::data(0));
         }
