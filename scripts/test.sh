@@ -16,6 +16,11 @@ else
     cargo test --workspace --no-fail-fast
 fi
 
+echo "== the driver under madsim: clippy and a seeded smoke run (cargo sim, own target dir)"
+cargo clippy -p ballot-sim --release --target-dir target-sim \
+    --config "build.rustflags=['--cfg','madsim']" -- -D warnings
+cargo sim smoke 1
+
 echo "== benchmark smoke run (quick; report to a scratch file)"
 BENCH_QUORUM_OUT="${TMPDIR:-/tmp}/bench-quorum-smoke.md" \
     cargo bench -p ballot --bench quorum_read -- --quick >/dev/null
