@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ballot::drivers::memory::MemoryDevice;
-use ballot::drivers::quorum::{Quorum, QuorumOptions, ReadPattern};
+use ballot::drivers::quorum::{Quorum, QuorumOptions};
 use ballot::events::EventBus;
 use ballot::host::Host;
 use ballot::join::{join_all_with, BoxFuture};
@@ -40,15 +40,7 @@ fn children(differ: bool) -> Vec<Arc<MemoryDevice>> {
 fn quorum(kids: &[Arc<MemoryDevice>], events: EventBus) -> Quorum {
     let (host, _) = Host::recording(events);
     Quorum::open(
-        QuorumOptions {
-            node_name: "q0".into(),
-            threshold: 2,
-            read_pattern: ReadPattern::Quorum,
-            rewrite_corrupted: false,
-            blkverify: false,
-            read_only: false,
-            discard_unmap: false,
-        },
+        QuorumOptions::new("q0", 2),
         kids.iter()
             .enumerate()
             .map(|(i, k)| (format!("c{i}"), k.clone() as Device))

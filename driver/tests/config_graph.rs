@@ -405,7 +405,7 @@ async fn q45_zero_guarantee_is_recomputed_on_hot_add_and_remove() {
 
 #[tokio::test(start_paused = true)]
 async fn q56_hot_remove_waits_for_requests_in_flight() {
-    use ballot::drivers::quorum::{Quorum, QuorumOptions, ReadPattern};
+    use ballot::drivers::quorum::{Quorum, QuorumOptions};
     use std::sync::Arc;
     use std::time::Duration;
     let (host, _) = Host::recording(EventBus::new());
@@ -415,15 +415,7 @@ async fn q56_hot_remove_waits_for_requests_in_flight() {
     kids[0].set_delay(Duration::from_millis(100));
     let q = Arc::new(
         Quorum::open(
-            QuorumOptions {
-                node_name: "q0".into(),
-                threshold: 1,
-                read_pattern: ReadPattern::Quorum,
-                rewrite_corrupted: false,
-                blkverify: false,
-                read_only: false,
-                discard_unmap: false,
-            },
+            QuorumOptions::new("q0", 1),
             kids.iter()
                 .map(|k| (k.name.clone(), common::dev(k)))
                 .collect(),

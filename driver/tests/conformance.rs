@@ -254,13 +254,10 @@ fn quorum(children: Vec<Device>, t: usize, pattern: ReadPattern) -> Device {
     Arc::new(
         Quorum::open(
             QuorumOptions {
-                node_name: "q0".into(),
-                threshold: t,
                 read_pattern: pattern,
                 rewrite_corrupted: true,
-                blkverify: false,
-                read_only: false,
                 discard_unmap: true,
+                ..QuorumOptions::new("q0", t)
             },
             kids,
             host,

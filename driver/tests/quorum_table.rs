@@ -37,13 +37,10 @@ struct Fixture {
 
 fn opts(t: usize, pattern: ReadPattern, rewrite: bool) -> QuorumOptions {
     QuorumOptions {
-        node_name: "q0".into(),
-        threshold: t,
         read_pattern: pattern,
         rewrite_corrupted: rewrite,
-        blkverify: false,
-        read_only: false,
         discard_unmap: true,
+        ..QuorumOptions::new("q0", t)
     }
 }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ballot::drivers::memory::MemoryDevice;
-use ballot::drivers::quorum::{Quorum, QuorumOptions, ReadPattern};
+use ballot::drivers::quorum::{Quorum, QuorumOptions};
 use ballot::events::{EventBus, Stream};
 use ballot::host::Host;
 use ballot::{BlockDevice, Device, WriteFlags};
@@ -25,13 +25,8 @@ pub fn run(seed: u64) -> i32 {
             .collect();
         let q = Quorum::open(
             QuorumOptions {
-                node_name: "q0".into(),
-                threshold: 2,
-                read_pattern: ReadPattern::Quorum,
                 rewrite_corrupted: true,
-                blkverify: false,
-                read_only: false,
-                discard_unmap: false,
+                ..QuorumOptions::new("q0", 2)
             },
             kids.iter()
                 .enumerate()

@@ -187,15 +187,14 @@ fn block_device_length(file: &File) -> std::io::Result<u64> {
     Ok(size)
 }
 
-/// An aligned, zeroed buffer of `len` bytes (`len` a multiple of the alignment), returned as
-/// the mutable slice and the frozen `Bytes` window onto the same memory.
-fn aligned_zeroed(len: usize, align: usize) -> (BytesMut, usize) {
+/// A zeroed buffer of `len` bytes whose start is aligned to `align` bytes (for O_DIRECT).
+fn aligned_zeroed(len: usize, align: usize) -> BytesMut {
     let mut buf = BytesMut::zeroed(len + align);
     let misalign = buf.as_ptr() as usize % align;
     let start = if misalign == 0 { 0 } else { align - misalign };
     let _ = buf.split_to(start);
     buf.truncate(len);
-    (buf, start)
+    buf
 }
 
 fn probe_direct_alignment(file: &File, length: u64) -> u32 {
@@ -203,7 +202,7 @@ fn probe_direct_alignment(file: &File, length: u64) -> u32 {
     if length < 512 {
         return DIRECT_ALIGN_BYTES_MAX as u32;
     }
-    let (mut buf, _) = aligned_zeroed(512, DIRECT_ALIGN_BYTES_MAX);
+    let mut buf = aligned_zeroed(512, DIRECT_ALIGN_BYTES_MAX);
     match file.read_at(&mut buf[..], 0) {
         Ok(_) => 512,
         Err(_) => DIRECT_ALIGN_BYTES_MAX as u32,
@@ -274,7 +273,7 @@ fn fallocate(inner: &Inner, mode: libc::c_int, offset: u64, len: u64) -> std::io
 
 fn write_zero_buffers(inner: &Inner, offset: u64, len: u64, align: usize) -> Result<()> {
     let chunk = len.min(1 << 20) as usize;
-    let (buf, _) = aligned_zeroed(chunk, align.max(1));
+    let buf = aligned_zeroed(chunk, align.max(1));
     let mut done = 0u64;
     while done < len {
         let n = (len - done).min(chunk as u64) as usize;
@@ -318,7 +317,7 @@ impl BlockDevice for FileDevice {
         }
         let align = if self.direct { self.align as usize } else { 1 };
         self.blocking(move |inner| {
-            let (mut buf, _) = aligned_zeroed(len, align);
+            let mut buf = aligned_zeroed(len, align);
             read_full(inner, &mut buf[..], offset)?;
             Ok(buf.freeze())
         })
@@ -342,7 +341,7 @@ impl BlockDevice for FileDevice {
         let fua = flags.fua;
         self.blocking(move |inner| {
             if bounce {
-                let (mut buf, _) = aligned_zeroed(data.len(), align);
+                let mut buf = aligned_zeroed(data.len(), align);
                 buf.copy_from_slice(&data);
                 write_full(inner, &buf, offset)?;
             } else {

@@ -43,7 +43,7 @@ impl ReadPattern {
     }
 }
 
-/// The validated options of a quorum node (§2).
+/// The options of a quorum node (§2).
 #[derive(Debug, Clone)]
 pub struct QuorumOptions {
     /// `node-name`, used as `reference` in `QUORUM_FAILURE`.
@@ -60,6 +60,23 @@ pub struct QuorumOptions {
     pub read_only: bool,
     /// `discard=unmap`: discards may be forwarded (Q46); with `ignore` they do nothing.
     pub discard_unmap: bool,
+}
+
+impl QuorumOptions {
+    /// Node `node_name` with `vote-threshold` t and §2's defaults for everything else:
+    /// `read-pattern=quorum`, `rewrite-corrupted=off`, `blkverify=off`, writable, and QEMU's
+    /// default `discard=ignore`.
+    pub fn new(node_name: impl Into<String>, threshold: usize) -> QuorumOptions {
+        QuorumOptions {
+            node_name: node_name.into(),
+            threshold,
+            read_pattern: ReadPattern::Quorum,
+            rewrite_corrupted: false,
+            blkverify: false,
+            read_only: false,
+            discard_unmap: false,
+        }
+    }
 }
 
 /// Out-of-sync granularity (Q47).
@@ -145,10 +162,6 @@ impl OutOfSync {
         }
         self.ranges.insert(start, end);
     }
-
-    fn dirty_bytes(&self) -> u64 {
-        self.ranges.iter().map(|(s, e)| e - s).sum()
-    }
 }
 
 #[derive(Debug)]
@@ -181,9 +194,14 @@ pub struct OutOfSyncReport {
 }
 
 impl OutOfSyncReport {
+    /// Total bytes of the ranges (Q51's `dirty-bytes`).
+    pub fn dirty_bytes(&self) -> u64 {
+        self.ranges.iter().map(|r| r.1).sum()
+    }
+
     /// The QMP form of Q51.
     pub fn to_json(&self) -> Value {
-        let dirty: u64 = self.ranges.iter().map(|r| r.1).sum();
+        let dirty = self.dirty_bytes();
         json!({
             "child": self.child,
             "node-name": self.node_name,
@@ -206,10 +224,11 @@ pub struct Quorum {
 
 impl Quorum {
     /// Opens a quorum over already-opened `children` (node-name, device), in child order.
-    /// The caller has run [`validate`] (Q7–Q12) and opened the children (Q13).
+    /// The graph runs [`validate`] (Q7–Q12) before opening the children (Q13); `open` checks it
+    /// again so that a direct caller cannot build a quorum that breaks Q7–Q12.
     ///
     /// # Errors
-    /// Q14's `Could not refresh total sector count: <strerror>`.
+    /// Q7–Q12's messages, then Q14's `Could not refresh total sector count: <strerror>`.
     pub fn open(
         opts: QuorumOptions,
         children: Vec<(String, Device)>,
@@ -296,10 +315,6 @@ impl Quorum {
             .iter()
             .map(|c| {
                 let oos = c.out_of_sync.lock().unwrap_or_else(|p| p.into_inner());
-                debug_assert_eq!(
-                    oos.dirty_bytes(),
-                    oos.ranges.iter().map(|(s, e)| e - s).sum::<u64>()
-                );
                 OutOfSyncReport {
                     child: c.name.clone(),
                     node_name: c.node_name.clone(),
@@ -812,7 +827,10 @@ mod tests {
         o.mark(65536, 1, 1 << 20);
         assert_eq!(o.ranges.iter().collect::<Vec<_>>(), vec![(&0, &131072)]);
         o.mark(300_000, 10, 1 << 20);
-        assert_eq!(o.dirty_bytes(), 131072 + 65536);
+        assert_eq!(
+            o.ranges.iter().map(|(s, e)| e - s).sum::<u64>(),
+            131072 + 65536
+        );
         // Clipped to a disk length that is not a multiple of 64 KiB.
         let mut c = OutOfSync::default();
         c.mark(70_000, 512, 70_144);
