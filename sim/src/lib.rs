@@ -1,0 +1,23 @@
+//! ballot-sim: the deterministic simulator of SIMULATION.md.
+//!
+//! The pure parts — sector codec ([`sector`]), seeded streams ([`rng`]), parameters
+//! ([`params`]), the scenario parser ([`scenario`]), the oracle ([`oracle`]) and the virtual
+//! disk ([`vdisk`]) — compile in both builds and are unit-tested by plain `cargo test`. The
+//! runtime ([`world`]), the command line ([`cli`]) and sweeps ([`sweep`]) need madsim: build
+//! them with `cargo sim ...` (`--cfg madsim`, own target directory, W1).
+
+pub mod oracle;
+pub mod params;
+pub mod rng;
+pub mod scenario;
+pub mod sector;
+pub mod trace;
+pub mod units;
+pub mod vdisk;
+
+#[cfg(madsim)]
+pub mod cli;
+#[cfg(madsim)]
+pub mod sweep;
+#[cfg(madsim)]
+pub mod world;

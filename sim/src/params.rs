@@ -1,0 +1,519 @@
+//! Run parameters: every one a function of the seed unless pinned (SIMULATION.md S1–S4).
+//!
+//! Each parameter draws from its own stream (`config/<key>`), so pinning one — by a scenario
+//! file or `--set key=value` — leaves every other parameter of that seed unchanged (W3, S3).
+//! [`Params::to_toml`] prints the whole set as a scenario that reproduces the run (S4).
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
+
+use toml::Value as Tv;
+
+use crate::rng::Rng;
+use crate::units::{fmt_size, fmt_time, parse_range, parse_size, parse_time_ns};
+use crate::vdisk::{Budget, FaultRates, Latency};
+
+/// Fault families this simulator injects for the quorum topology with local children.
+pub const FAMILIES: [&str; 12] = [
+    "F1", "F2", "F3", "F4", "F5", "F6", "F7", "F8", "F9", "F10", "F11", "F16",
+];
+
+/// Operation mix weights.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mix {
+    /// Reads.
+    pub read: u64,
+    /// Writes.
+    pub write: u64,
+    /// Write-zeroes.
+    pub write_zeroes: u64,
+    /// Trims.
+    pub trim: u64,
+    /// Flushes.
+    pub flush: u64,
+}
+
+/// Every parameter of one run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Params {
+    /// The seed.
+    pub seed: u64,
+    /// Budget mode (B2 / B6).
+    pub budget: Budget,
+    /// Children N.
+    pub children: usize,
+    /// vote-threshold t.
+    pub threshold: usize,
+    /// fifo (true) or quorum read pattern.
+    pub fifo: bool,
+    /// rewrite-corrupted.
+    pub rewrite: bool,
+    /// The quorum's discard=unmap.
+    pub discard_unmap: bool,
+    /// Whether the vdisks' discard zeroes (Q45).
+    pub discard_zeroes: bool,
+    /// Disk size in bytes.
+    pub disk_size: u64,
+    /// Initial image: write 0's pattern (true) or zeros.
+    pub initial_pattern: bool,
+    /// Guest ops in the safety phase.
+    pub ops: u64,
+    /// Op mix.
+    pub mix: Mix,
+    /// Op size range in bytes (log-uniform between).
+    pub size: (u64, u64),
+    /// Queue depth.
+    pub queue_depth: usize,
+    /// Byte region random ops fall in.
+    pub region: (u64, u64),
+    /// Fraction of ops aimed at a hot spot (1/16 of the region).
+    pub hot: f64,
+    /// Probability that a write carries FUA.
+    pub fua: f64,
+    /// Random faults on.
+    pub random_faults: bool,
+    /// Families the swarm enabled.
+    pub families: Vec<String>,
+    /// Rates of the vdisk families.
+    pub rates: FaultRates,
+    /// F16: crashes per virtual second.
+    pub crash_rate: f64,
+    /// F16: restart delay range, ns.
+    pub restart_ns: (u64, u64),
+    /// Base latency of every disk.
+    pub latency: Latency,
+    /// F10: the gray disk and its factor.
+    pub gray: Option<(usize, u64)>,
+    /// Liveness phase on.
+    pub liveness: bool,
+    /// Liveness deadline per op, ns (I14).
+    pub deadline_ns: u64,
+    /// Virtual-time limit of the safety phase, ns (W5).
+    pub time_limit_ns: u64,
+}
+
+/// Pinned values by dotted key, with a record of which were used.
+pub struct Pins<'a> {
+    map: &'a BTreeMap<String, Tv>,
+    used: RefCell<BTreeSet<String>>,
+    seed: u64,
+}
+
+impl<'a> Pins<'a> {
+    /// Wraps `map` for the run with `seed`.
+    pub fn new(map: &'a BTreeMap<String, Tv>, seed: u64) -> Pins<'a> {
+        Pins {
+            map,
+            used: RefCell::new(BTreeSet::new()),
+            seed,
+        }
+    }
+
+    fn get(&self, key: &str) -> Option<&'a Tv> {
+        let v = self.map.get(key);
+        if v.is_some() {
+            self.used.borrow_mut().insert(key.to_string());
+        }
+        v
+    }
+
+    fn rng(&self, key: &str) -> Rng {
+        Rng::stream(self.seed, &format!("config/{key}"))
+    }
+
+    fn int(&self, key: &str, lo: u64, hi: u64, draw: impl FnOnce(&mut Rng) -> u64) -> Result<u64, String> {
+        match self.get(key) {
+            Some(Tv::Integer(i)) if *i >= lo as i64 && *i <= hi as i64 => Ok(*i as u64),
+            Some(Tv::Integer(i)) => Err(format!("key '{key}': {i} is out of range {lo}..={hi}")),
+            Some(other) => Err(format!("key '{key}': expected an integer, got {}", other.type_str())),
+            None => Ok(draw(&mut self.rng(key))),
+        }
+    }
+
+    fn float(&self, key: &str, lo: f64, hi: f64, draw: impl FnOnce(&mut Rng) -> f64) -> Result<f64, String> {
+        let x = match self.get(key) {
+            Some(Tv::Float(f)) => *f,
+            Some(Tv::Integer(i)) => *i as f64,
+            Some(other) => return Err(format!("key '{key}': expected a number, got {}", other.type_str())),
+            None => return Ok(draw(&mut self.rng(key))),
+        };
+        if !(lo..=hi).contains(&x) {
+            return Err(format!("key '{key}': {x} is out of range {lo}..={hi}"));
+        }
+        Ok(x)
+    }
+
+    fn boolean(&self, key: &str, p: f64) -> Result<bool, String> {
+        match self.get(key) {
+            Some(Tv::Boolean(b)) => Ok(*b),
+            Some(other) => Err(format!("key '{key}': expected true or false, got {}", other.type_str())),
+            None => Ok(self.rng(key).chance(p)),
+        }
+    }
+
+    fn choice(&self, key: &str, options: &[&'static str], weights: &[u64]) -> Result<&'static str, String> {
+        match self.get(key) {
+            Some(Tv::String(s)) => options
+                .iter()
+                .find(|o| **o == s)
+                .copied()
+                .ok_or_else(|| format!("key '{key}': '{s}' is not one of {}", options.join(", "))),
+            Some(other) => Err(format!("key '{key}': expected a string, got {}", other.type_str())),
+            None => Ok(options[self.rng(key).weighted(weights)]),
+        }
+    }
+
+    fn size(&self, key: &str, draw: impl FnOnce(&mut Rng) -> u64) -> Result<u64, String> {
+        match self.get(key) {
+            Some(Tv::Integer(i)) if *i >= 0 => Ok(*i as u64),
+            Some(Tv::String(s)) => parse_size(s).map_err(|e| format!("key '{key}': {e}")),
+            Some(other) => Err(format!("key '{key}': expected a size, got {}", other.type_str())),
+            None => Ok(draw(&mut self.rng(key))),
+        }
+    }
+
+    fn time(&self, key: &str, draw: impl FnOnce(&mut Rng) -> u64) -> Result<u64, String> {
+        match self.get(key) {
+            Some(Tv::String(s)) => parse_time_ns(s).map_err(|e| format!("key '{key}': {e}")),
+            Some(other) => Err(format!("key '{key}': expected a time such as \"200ms\", got {}", other.type_str())),
+            None => Ok(draw(&mut self.rng(key))),
+        }
+    }
+
+    /// A range of sizes (`"4k..64k"`) or of times; `parse` turns one bound into a number.
+    fn pair(
+        &self,
+        key: &str,
+        parse: fn(&str) -> Result<u64, String>,
+        draw: impl FnOnce(&mut Rng) -> (u64, u64),
+    ) -> Result<(u64, u64), String> {
+        match self.get(key) {
+            Some(Tv::String(s)) => {
+                let (a, b) = s
+                    .split_once("..")
+                    .ok_or_else(|| format!("key '{key}': '{s}' is not a range a..b"))?;
+                let (a, b) = (
+                    parse(a).map_err(|e| format!("key '{key}': {e}"))?,
+                    parse(b).map_err(|e| format!("key '{key}': {e}"))?,
+                );
+                if a > b {
+                    return Err(format!("key '{key}': range '{s}' is reversed"));
+                }
+                Ok((a, b))
+            }
+            Some(other) => Err(format!("key '{key}': expected a range string \"a..b\", got {}", other.type_str())),
+            None => Ok(draw(&mut self.rng(key))),
+        }
+    }
+
+    /// Pinned keys no parameter read: unknown keys (C2).
+    pub fn unused(&self) -> Vec<String> {
+        let used = self.used.borrow();
+        self.map.keys().filter(|k| !used.contains(*k)).cloned().collect()
+    }
+}
+
+impl Params {
+    /// Derives every parameter from `seed`, taking pinned ones from `pins` (dotted keys).
+    ///
+    /// # Errors
+    /// A message naming the key, for a pinned value of the wrong type or out of range, an
+    /// unknown key, or a topology this simulator does not model yet.
+    pub fn derive(seed: u64, pins: &BTreeMap<String, Tv>) -> Result<Params, String> {
+        let p = Pins::new(pins, seed);
+        let kind = p.choice("topology.kind", &["quorum", "colo"], &[1, 0])?;
+        if kind == "colo" {
+            return Err("key 'topology.kind': \"colo\" is not simulated yet (the COLO topology comes with the replication driver)".into());
+        }
+        let transport = p.choice("topology.transport", &["local", "nbd"], &[1, 0])?;
+        if transport == "nbd" {
+            return Err("key 'topology.transport': \"nbd\" is not simulated yet (it comes with the NBD server and client)".into());
+        }
+        let path = p.choice("topology.guest_path", &["direct", "nbd"], &[1, 0])?;
+        if path == "nbd" {
+            return Err("key 'topology.guest_path': \"nbd\" is not simulated yet (it comes with the NBD server)".into());
+        }
+        let budget = match p.choice("budget", &["safety", "beyond"], &[4, 1])? {
+            "beyond" => Budget::Beyond,
+            _ => Budget::Safety,
+        };
+        let children = p.int("topology.children", 1, 7, |r| 1 + r.weighted(&[1, 2, 4, 2, 2, 1, 1]) as u64)? as usize;
+        let threshold = p.int("topology.vote_threshold", 1, children as u64, |r| {
+            let n = children as u64;
+            if r.chance(0.65) {
+                r.range(n / 2 + 1, n)
+            } else {
+                r.range(1, n)
+            }
+        })? as usize;
+        if threshold > children {
+            return Err(format!(
+                "key 'topology.vote_threshold': {threshold} exceeds topology.children = {children}"
+            ));
+        }
+        let fifo = p.choice("topology.read_pattern", &["quorum", "fifo"], &[4, 1])? == "fifo";
+        let rewrite = p.boolean("topology.rewrite_corrupted", 0.5)?;
+        let discard_unmap = p.boolean("topology.discard_unmap", 0.5)?;
+        let discard_zeroes = p.boolean("topology.discard_zeroes", 0.7)?;
+        let disk_size = p.size("topology.disk_size", |r| {
+            [1u64, 2, 4, 8, 16, 32, 64][r.weighted(&[3, 3, 3, 2, 1, 1, 1])] << 20
+        })?;
+        if disk_size < 64 * 1024 || disk_size % 4096 != 0 || disk_size > 1 << 30 {
+            return Err(format!(
+                "key 'topology.disk_size': {disk_size} must be a multiple of 4k between 64k and 1G"
+            ));
+        }
+        let initial_pattern = p.choice("topology.initial", &["pattern", "zero"], &[7, 3])? == "pattern";
+        let ops = p.int("workload.ops", 0, 10_000_000, |r| r.range(2000, 3000))?;
+        let mix = Mix {
+            read: p.int("workload.mix.read", 0, 1000, |r| r.range(30, 60))?,
+            write: p.int("workload.mix.write", 0, 1000, |r| r.range(20, 50))?,
+            write_zeroes: p.int("workload.mix.write_zeroes", 0, 1000, |r| r.range(0, 10))?,
+            trim: p.int("workload.mix.trim", 0, 1000, |r| r.range(0, 10))?,
+            flush: p.int("workload.mix.flush", 0, 1000, |r| r.range(1, 10))?,
+        };
+        if mix.read + mix.write + mix.write_zeroes + mix.trim + mix.flush == 0 && ops > 0 {
+            return Err("key 'workload.mix': every weight is 0".into());
+        }
+        let size = p.pair("workload.size", parse_size, |r| {
+            (512, [4096u64, 16384, 65536, 262_144, 1 << 20][r.weighted(&[2, 3, 3, 2, 1])])
+        })?;
+        if size.0 == 0 || size.0 % 512 != 0 || size.1 % 512 != 0 || size.1 > disk_size {
+            return Err(format!(
+                "key 'workload.size': {}..{} must be whole sectors, at least 512 and at most the disk size",
+                size.0, size.1
+            ));
+        }
+        let queue_depth = p.int("workload.queue_depth", 1, 64, |r| {
+            [1u64, 2, 4, 8, 16, 32][r.weighted(&[2, 2, 3, 3, 2, 1])]
+        })? as usize;
+        let region = match p.get("workload.region") {
+            Some(Tv::String(s)) => parse_range(s).map_err(|e| format!("key 'workload.region': {e}"))?,
+            Some(other) => return Err(format!("key 'workload.region': expected a range string, got {}", other.type_str())),
+            None => (0, disk_size),
+        };
+        if region.1 > disk_size || region.1 - region.0 < size.1 {
+            return Err(format!(
+                "key 'workload.region': {}..{} must lie inside the disk and hold the largest op",
+                region.0, region.1
+            ));
+        }
+        let hot = p.float("workload.hot", 0.0, 1.0, |r| if r.chance(0.5) { r.uniform(0.0, 0.9) } else { 0.0 })?;
+        let fua = p.float("workload.fua", 0.0, 1.0, |r| r.uniform(0.0, 0.2))?;
+        let random_faults = p.boolean("faults.random", 1.0)?;
+        let families: Vec<String> = match p.get("faults.families") {
+            Some(Tv::Array(a)) => {
+                let mut out = Vec::new();
+                for x in a {
+                    match x {
+                        Tv::String(s) if FAMILIES.contains(&s.as_str()) => out.push(s.clone()),
+                        Tv::String(s) => {
+                            return Err(format!(
+                                "key 'faults.families': '{s}' is not a fault this topology injects ({})",
+                                FAMILIES.join(", ")
+                            ))
+                        }
+                        other => return Err(format!("key 'faults.families': expected strings, got {}", other.type_str())),
+                    }
+                }
+                out
+            }
+            Some(other) => return Err(format!("key 'faults.families': expected an array, got {}", other.type_str())),
+            None => {
+                // S2: each family with probability 1/2.
+                let mut r = p.rng("faults.families");
+                FAMILIES.iter().filter(|_| r.chance(0.5)).map(|s| s.to_string()).collect()
+            }
+        };
+        let on = |f: &str| random_faults && families.iter().any(|x| x == f);
+        let rate = |key: &str, hi: f64| -> Result<f64, String> {
+            p.float(&format!("faults.rates.{key}"), 0.0, 1.0, |r| r.uniform(0.0, hi))
+        };
+        // Rates are drawn whether or not the family is on, so enabling one keeps the others.
+        let r1 = rate("F1", 0.10)?;
+        let r2 = rate("F2", 0.05)?;
+        let r3 = rate("F3", 0.10)?;
+        let r4 = rate("F4", 0.05)?;
+        let r5 = rate("F5", 0.10)?;
+        let r6 = rate("F6", 0.01)?;
+        let r7 = rate("F7", 0.01)?;
+        let r8 = p.float("faults.rates.F8", 0.0, 1.0, |r| r.uniform(0.0, 0.5))?;
+        let r9 = p.float("faults.rates.F9", 0.0, 1.0, |r| r.uniform(0.8, 1.0))?;
+        let rates = FaultRates {
+            f1: on("F1").then_some(r1),
+            f2: on("F2").then_some(r2),
+            f3: on("F3").then_some(r3),
+            f4: on("F4").then_some(r4),
+            f5: on("F5").then_some(r5),
+            f6: on("F6").then_some(r6),
+            f7: on("F7").then_some(r7),
+            f8: families.iter().any(|x| x == "F8").then_some(r8),
+            f9: families.iter().any(|x| x == "F9").then_some(r9),
+        };
+        let crash = p.float("faults.crash_rate", 0.0, 10.0, |r| r.uniform(0.005, 0.05))?;
+        let crash_rate = if on("F16") { crash } else { 0.0 };
+        let restart_ns = p.pair("faults.restart", parse_time_ns, |r| {
+            let hi = r.range(0, 10_000) * 1_000_000;
+            (0, hi)
+        })?;
+        let read_min = p.time("disk.read_min", |r| r.range(10, 200) * 1000)?;
+        let read_mean = p.time("disk.read_mean", |r| read_min + r.range(100, 2000) * 1000)?;
+        let write_min = p.time("disk.write_min", |r| r.range(20, 500) * 1000)?;
+        let write_mean = p.time("disk.write_mean", |r| write_min + r.range(200, 5000) * 1000)?;
+        let slow = on("F10");
+        let stall_p = p.float("disk.stall", 0.0, 1.0, |r| r.uniform(0.0, 0.01))?;
+        let stall_ns = p.pair("disk.stall_time", parse_time_ns, |_| (1_000_000_000, 5_000_000_000))?;
+        let gray_disk = p.int("disk.gray", 0, children as u64 - 1, |r| r.below(children as u64))? as usize;
+        let gray_factor = p.int("disk.gray_factor", 1, 1000, |r| r.range(10, 100))?;
+        let slow_read = p.time("disk.slow_read_mean", |r| r.range(1, 100) * 1_000_000)?;
+        let slow_write = p.time("disk.slow_write_mean", |r| r.range(1, 1000) * 1_000_000)?;
+        let latency = Latency {
+            read_min_ns: read_min,
+            read_mean_ns: if slow { read_mean.max(slow_read) } else { read_mean.max(read_min) },
+            write_min_ns: write_min,
+            write_mean_ns: if slow { write_mean.max(slow_write) } else { write_mean.max(write_min) },
+            stall_p: if slow { stall_p } else { 0.0 },
+            stall_ns,
+            factor: 1,
+        };
+        let liveness = p.boolean("phases.liveness", if budget == Budget::Beyond { 0.0 } else { 1.0 })?;
+        let deadline_ns = p.time("phases.deadline", |_| 600_000_000_000)?;
+        let time_limit_ns = p.time("phases.time_limit", |_| 36_000_000_000_000)?;
+        let unknown = p.unused();
+        if let Some(k) = unknown.first() {
+            return Err(format!("unknown key '{k}'"));
+        }
+        Ok(Params {
+            seed,
+            budget,
+            children,
+            threshold,
+            fifo,
+            rewrite,
+            discard_unmap,
+            discard_zeroes,
+            disk_size,
+            initial_pattern,
+            ops,
+            mix,
+            size,
+            queue_depth,
+            region,
+            hot,
+            fua,
+            random_faults,
+            families,
+            rates,
+            crash_rate,
+            restart_ns,
+            latency,
+            gray: slow.then_some((gray_disk, gray_factor)),
+            liveness,
+            deadline_ns,
+            time_limit_ns,
+        })
+    }
+
+    /// Whether 2t > N (I3 applies).
+    pub fn majority(&self) -> bool {
+        2 * self.threshold > self.children
+    }
+
+    /// Whether family `f` is enabled for random injection.
+    pub fn family_on(&self, f: &str) -> bool {
+        self.random_faults && self.families.iter().any(|x| x == f)
+    }
+
+    /// The parameter block as TOML: a scenario that reproduces this run (S4).
+    pub fn to_toml(&self, name: &str) -> String {
+        let r = |x: Option<f64>| x.map(|v| format!("{v:.6}")).unwrap_or_else(|| "0.0".into());
+        let rate_or = |x: Option<f64>, d: f64| format!("{:.6}", x.unwrap_or(d));
+        let fams: Vec<String> = self.families.iter().map(|f| format!("\"{f}\"")).collect();
+        let mut s = String::new();
+        s += &format!("name = \"{name}\"\nseed = {}\nbudget = \"{}\"\n", self.seed, self.budget.as_str());
+        s += &format!(
+            "topology = {{ kind = \"quorum\", transport = \"local\", guest_path = \"direct\", children = {}, vote_threshold = {}, read_pattern = \"{}\", rewrite_corrupted = {}, discard_unmap = {}, discard_zeroes = {}, disk_size = \"{}\", initial = \"{}\" }}\n",
+            self.children,
+            self.threshold,
+            if self.fifo { "fifo" } else { "quorum" },
+            self.rewrite,
+            self.discard_unmap,
+            self.discard_zeroes,
+            fmt_size(self.disk_size),
+            if self.initial_pattern { "pattern" } else { "zero" }
+        );
+        s += &format!(
+            "workload = {{ ops = {}, mix = {{ read = {}, write = {}, write_zeroes = {}, trim = {}, flush = {} }}, size = \"{}..{}\", queue_depth = {}, region = \"{}..{}\", hot = {:.6}, fua = {:.6} }}\n",
+            self.ops,
+            self.mix.read,
+            self.mix.write,
+            self.mix.write_zeroes,
+            self.mix.trim,
+            self.mix.flush,
+            fmt_size(self.size.0),
+            fmt_size(self.size.1),
+            self.queue_depth,
+            self.region.0,
+            self.region.1,
+            self.hot,
+            self.fua
+        );
+        s += &format!(
+            "faults = {{ random = {}, families = [{}], crash_rate = {:.6}, restart = \"{}..{}\", rates = {{ F1 = {}, F2 = {}, F3 = {}, F4 = {}, F5 = {}, F6 = {}, F7 = {}, F8 = {}, F9 = {} }} }}\n",
+            self.random_faults,
+            fams.join(", "),
+            self.crash_rate,
+            fmt_time(self.restart_ns.0),
+            fmt_time(self.restart_ns.1),
+            r(self.rates.f1),
+            r(self.rates.f2),
+            r(self.rates.f3),
+            r(self.rates.f4),
+            r(self.rates.f5),
+            r(self.rates.f6),
+            r(self.rates.f7),
+            rate_or(self.rates.f8, 1.0),
+            rate_or(self.rates.f9, 0.0)
+        );
+        s += &format!(
+            "disk = {{ read_min = \"{}\", read_mean = \"{}\", write_min = \"{}\", write_mean = \"{}\", stall = {:.6}, stall_time = \"{}..{}\"{} }}\n",
+            fmt_time(self.latency.read_min_ns),
+            fmt_time(self.latency.read_mean_ns),
+            fmt_time(self.latency.write_min_ns),
+            fmt_time(self.latency.write_mean_ns),
+            self.latency.stall_p,
+            fmt_time(self.latency.stall_ns.0),
+            fmt_time(self.latency.stall_ns.1),
+            match self.gray {
+                Some((d, f)) => format!(", gray = {d}, gray_factor = {f}"),
+                None => String::new(),
+            }
+        );
+        s += &format!(
+            "phases = {{ liveness = {}, deadline = \"{}\", time_limit = \"{}\" }}\n",
+            self.liveness,
+            fmt_time(self.deadline_ns),
+            fmt_time(self.time_limit_ns)
+        );
+        s
+    }
+
+    /// The 16-hex-digit configuration id printed in the header (U6).
+    pub fn config_id(&self) -> String {
+        let body = self.to_toml("");
+        format!("{:016x}", crate::sector::digest(body.as_bytes()))
+    }
+}
+
+/// Flattens a TOML table into dotted keys, leaving arrays as values.
+pub fn flatten(prefix: &str, t: &toml::Table, out: &mut BTreeMap<String, Tv>) {
+    for (k, v) in t {
+        let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+        match v {
+            Tv::Table(inner) => flatten(&key, inner, out),
+            other => {
+                out.insert(key, other.clone());
+            }
+        }
+    }
+}

@@ -1,0 +1,575 @@
+//! Scenario files (SIMULATION.md §9): one TOML file pins part of a run and states what must
+//! happen. This is the one parser for them (STYLE.md habit 4): unknown keys and values are
+//! errors naming the key and the file (C2).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use toml::Value as Tv;
+
+use crate::oracle::OpKind;
+use crate::params::{flatten, Params};
+use crate::units::{parse_range, parse_time_ns};
+
+/// A scripted guest op (C4).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Step {
+    /// Step id, referenced by expectations.
+    pub id: String,
+    /// Op kind.
+    pub op: OpKind,
+    /// Byte range (flush: ignored).
+    pub range: (u64, u64),
+    /// FUA.
+    pub fua: bool,
+}
+
+/// When a scripted fault fires (C3).
+#[derive(Debug, Clone, PartialEq)]
+pub enum When {
+    /// At a virtual time, ns.
+    At(u64),
+    /// After this many completed guest ops.
+    AtOp(u64),
+}
+
+/// A scripted fault.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FaultSpec {
+    /// Family id.
+    pub id: String,
+    /// Child index (`cN`), or None for the host (`qhost`).
+    pub target: Option<usize>,
+    /// Byte range.
+    pub range: Option<(u64, u64)>,
+    /// When it fires.
+    pub when: When,
+    /// When a lasting fault ends (F10): ns or op count.
+    pub until: Option<When>,
+    /// Requests it hits.
+    pub count: u64,
+    /// F5 `applied`, F10 `factor`.
+    pub params: BTreeMap<String, Tv>,
+}
+
+/// An expectation (C5).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Expect {
+    /// A step's result: "ok" or an errno name.
+    Result {
+        /// Step id.
+        step: String,
+        /// Expected result.
+        result: String,
+    },
+    /// Events on the internal (or QMP) stream.
+    Event {
+        /// Event name.
+        event: String,
+        /// Child node-names (empty: any).
+        nodes: Vec<String>,
+        /// `type` (read, write, flush).
+        io: Option<String>,
+        /// Presence of `error`.
+        error: Option<bool>,
+        /// Exact count, or min/max.
+        count: Option<u64>,
+        /// Minimum count.
+        min: Option<u64>,
+        /// Maximum count.
+        max: Option<u64>,
+        /// QMP stream instead of internal.
+        qmp: bool,
+    },
+    /// A range of a child (or the guest view) equals a step's data, "initial" or "zero".
+    Contents {
+        /// Child index, or None for the guest view.
+        child: Option<usize>,
+        /// Byte range.
+        range: (u64, u64),
+        /// Step id, "initial" or "zero".
+        equals: String,
+    },
+    /// A fault family was injected at least `min` times.
+    Injected {
+        /// Family.
+        fault: String,
+        /// Minimum count.
+        min: u64,
+    },
+    /// A recovery path was reached at least `min` times.
+    Path {
+        /// Path id (P1...).
+        path: String,
+        /// Minimum count.
+        min: u64,
+    },
+}
+
+/// A parsed scenario.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    /// Name (the file stem).
+    pub name: String,
+    /// Description.
+    pub description: String,
+    /// Default seed.
+    pub seed: Option<u64>,
+    /// Pinned parameters by dotted key.
+    pub pins: BTreeMap<String, Tv>,
+    /// Scripted steps.
+    pub steps: Vec<Step>,
+    /// Scripted faults.
+    pub faults: Vec<FaultSpec>,
+    /// Expectations.
+    pub expects: Vec<Expect>,
+}
+
+impl Scenario {
+    /// An empty scenario: a pure swarm run.
+    pub fn swarm() -> Scenario {
+        Scenario {
+            name: "swarm".into(),
+            description: String::new(),
+            seed: None,
+            pins: BTreeMap::new(),
+            steps: Vec::new(),
+            faults: Vec::new(),
+            expects: Vec::new(),
+        }
+    }
+
+    /// Loads and checks `path`.
+    ///
+    /// # Errors
+    /// `<path>: <problem>` for unreadable files, TOML syntax, and every unknown or invalid key.
+    pub fn load(path: &Path) -> Result<Scenario, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let stem = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        Scenario::parse(&text, &stem).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// Parses scenario text for a file whose stem is `stem`.
+    ///
+    /// # Errors
+    /// A message naming the key.
+    pub fn parse(text: &str, stem: &str) -> Result<Scenario, String> {
+        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            format!("TOML syntax: {}", e.to_string().trim_end())
+        })?;
+        let mut sc = Scenario::swarm();
+        let mut pins = BTreeMap::new();
+        for (k, v) in &table {
+            match k.as_str() {
+                "name" => {
+                    let name = v.as_str().ok_or("key 'name': expected a string")?;
+                    if name != stem {
+                        return Err(format!("key 'name': '{name}' must equal the file stem '{stem}'"));
+                    }
+                    sc.name = name.to_string();
+                }
+                "description" => {
+                    sc.description = v.as_str().ok_or("key 'description': expected a string")?.to_string();
+                }
+                "seed" => {
+                    let s = v.as_integer().ok_or("key 'seed': expected an integer")?;
+                    sc.seed = Some(u64::try_from(s).map_err(|_| "key 'seed': must not be negative")?);
+                }
+                "budget" => {
+                    pins.insert("budget".to_string(), v.clone());
+                }
+                "topology" | "workload" | "faults" | "phases" | "disk" | "nbd_client" => {
+                    let t = v.as_table().ok_or_else(|| format!("key '{k}': expected a table"))?;
+                    if k == "nbd_client" {
+                        return Err("key 'nbd_client': NBD children are not simulated yet (they come with the NBD client)".into());
+                    }
+                    let mut t = t.clone();
+                    if k == "workload" {
+                        if let Some(steps) = t.remove("step") {
+                            sc.steps = parse_steps(&steps)?;
+                        }
+                    }
+                    flatten(k, &t, &mut pins);
+                }
+                "fault" => sc.faults = parse_faults(v)?,
+                "expect" => sc.expects = parse_expects(v)?,
+                other => return Err(format!("unknown key '{other}'")),
+            }
+        }
+        if sc.name == "swarm" && !stem.is_empty() && stem != "swarm" {
+            return Err(format!("key 'name' is missing (it must equal the file stem '{stem}')"));
+        }
+        // Every pinned key must be a parameter: derive once to check.
+        Params::derive(sc.seed.unwrap_or(0), &pins)?;
+        let ids: Vec<&str> = sc.steps.iter().map(|s| s.id.as_str()).collect();
+        for e in &sc.expects {
+            let step = match e {
+                Expect::Result { step, .. } => Some(step),
+                Expect::Contents { equals, .. } if equals != "initial" && equals != "zero" => Some(equals),
+                _ => None,
+            };
+            if let Some(s) = step {
+                if !ids.contains(&s.as_str()) && s != "final" {
+                    return Err(format!("key 'expect': step '{s}' is not a workload.step id"));
+                }
+            }
+        }
+        sc.pins = pins;
+        Ok(sc)
+    }
+
+    /// Applies `--set key=value` (S3); the value is TOML (`3`, `true`, `"fifo"`, or a bare
+    /// word taken as a string).
+    ///
+    /// # Errors
+    /// A message naming the key.
+    pub fn set(&mut self, kv: &str) -> Result<(), String> {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| format!("--set '{kv}': expected key=value"))?;
+        let value: Tv = match format!("x = {v}").parse::<toml::Table>() {
+            Ok(t) => t.get("x").cloned().unwrap_or(Tv::String(v.to_string())),
+            Err(_) => Tv::String(v.to_string()),
+        };
+        let mut t = toml::Table::new();
+        t.insert("x".into(), value);
+        let v = t.remove("x").unwrap_or(Tv::Boolean(false));
+        self.pins.insert(k.trim().to_string(), v);
+        Params::derive(0, &self.pins).map(|_| ())
+    }
+}
+
+fn table_of<'a>(v: &'a Tv, what: &str, i: usize) -> Result<&'a toml::Table, String> {
+    v.as_table()
+        .ok_or_else(|| format!("key '{what}[{i}]': expected a table"))
+}
+
+fn check_keys(t: &toml::Table, what: &str, i: usize, allowed: &[&str]) -> Result<(), String> {
+    for k in t.keys() {
+        if !allowed.contains(&k.as_str()) {
+            return Err(format!("key '{what}[{i}].{k}': unknown (allowed: {})", allowed.join(", ")));
+        }
+    }
+    Ok(())
+}
+
+fn str_key<'a>(t: &'a toml::Table, what: &str, i: usize, key: &str) -> Result<Option<&'a str>, String> {
+    match t.get(key) {
+        None => Ok(None),
+        Some(Tv::String(s)) => Ok(Some(s)),
+        Some(other) => Err(format!("key '{what}[{i}].{key}': expected a string, got {}", other.type_str())),
+    }
+}
+
+fn u64_key(t: &toml::Table, what: &str, i: usize, key: &str) -> Result<Option<u64>, String> {
+    match t.get(key) {
+        None => Ok(None),
+        Some(Tv::Integer(n)) if *n >= 0 => Ok(Some(*n as u64)),
+        Some(other) => Err(format!("key '{what}[{i}].{key}': expected a non-negative integer, got {other}")),
+    }
+}
+
+fn parse_steps(v: &Tv) -> Result<Vec<Step>, String> {
+    let arr = v.as_array().ok_or("key 'workload.step': expected an array")?;
+    let mut out: Vec<Step> = Vec::new();
+    for (i, s) in arr.iter().enumerate() {
+        let w = "workload.step";
+        let t = table_of(s, w, i)?;
+        check_keys(t, w, i, &["id", "op", "range", "fua"])?;
+        let id = str_key(t, w, i, "id")?.ok_or(format!("key '{w}[{i}].id' is missing"))?;
+        if out.iter().any(|x| x.id == id) {
+            return Err(format!("key '{w}[{i}].id': '{id}' is used twice"));
+        }
+        let op = str_key(t, w, i, "op")?.ok_or(format!("key '{w}[{i}].op' is missing"))?;
+        let op = OpKind::parse(op).ok_or(format!(
+            "key '{w}[{i}].op': '{op}' is not one of read, write, write_zeroes, trim, flush"
+        ))?;
+        let range = match str_key(t, w, i, "range")? {
+            Some(r) => parse_range(r).map_err(|e| format!("key '{w}[{i}].range': {e}"))?,
+            None if op == OpKind::Flush => (0, 0),
+            None => return Err(format!("key '{w}[{i}].range' is missing")),
+        };
+        let fua = match t.get("fua") {
+            None => false,
+            Some(Tv::Boolean(b)) => *b,
+            Some(other) => return Err(format!("key '{w}[{i}].fua': expected true or false, got {other}")),
+        };
+        out.push(Step {
+            id: id.to_string(),
+            op,
+            range,
+            fua,
+        });
+    }
+    Ok(out)
+}
+
+fn parse_target(s: &str, what: &str) -> Result<Option<usize>, String> {
+    if s == "qhost" {
+        return Ok(None);
+    }
+    s.strip_prefix('c')
+        .and_then(|n| n.parse::<usize>().ok())
+        .filter(|n| *n < 7)
+        .map(Some)
+        .ok_or_else(|| format!("key '{what}': '{s}' names no node (c0..c6 or qhost)"))
+}
+
+fn parse_faults(v: &Tv) -> Result<Vec<FaultSpec>, String> {
+    let arr = v.as_array().ok_or("key 'fault': expected an array")?;
+    let mut out = Vec::new();
+    for (i, f) in arr.iter().enumerate() {
+        let w = "fault";
+        let t = table_of(f, w, i)?;
+        check_keys(
+            t,
+            w,
+            i,
+            &["id", "target", "range", "at", "at_op", "until", "until_op", "count", "params"],
+        )?;
+        let id = str_key(t, w, i, "id")?.ok_or(format!("key '{w}[{i}].id' is missing"))?;
+        const SCRIPTED: [&str; 10] = ["F1", "F2", "F3", "F4", "F5", "F6", "F7", "F10", "F11", "F16"];
+        if !SCRIPTED.contains(&id) {
+            return Err(format!(
+                "key '{w}[{i}].id': '{id}' cannot be scripted in this topology ({}; F8 and F9 act through F16)",
+                SCRIPTED.join(", ")
+            ));
+        }
+        let target = match str_key(t, w, i, "target")? {
+            Some(s) => parse_target(s, &format!("{w}[{i}].target"))?,
+            None if id == "F16" => None,
+            None => return Err(format!("key '{w}[{i}].target' is missing")),
+        };
+        if id != "F16" && target.is_none() {
+            return Err(format!("key '{w}[{i}].target': {id} needs a child (c0..)"));
+        }
+        let range = match str_key(t, w, i, "range")? {
+            Some(r) => Some(parse_range(r).map_err(|e| format!("key '{w}[{i}].range': {e}"))?),
+            None => None,
+        };
+        if matches!(id, "F1" | "F3" | "F4") && range.is_none() && id != "F3" {
+            return Err(format!("key '{w}[{i}].range' is missing ({id} marks sectors)"));
+        }
+        let when = match (str_key(t, w, i, "at")?, u64_key(t, w, i, "at_op")?) {
+            (Some(_), Some(_)) => return Err(format!("key '{w}[{i}]': give 'at' or 'at_op', not both")),
+            (Some(s), None) => When::At(parse_time_ns(s).map_err(|e| format!("key '{w}[{i}].at': {e}"))?),
+            (None, Some(n)) => When::AtOp(n),
+            (None, None) => When::AtOp(0),
+        };
+        let until = match (str_key(t, w, i, "until")?, u64_key(t, w, i, "until_op")?) {
+            (Some(_), Some(_)) => return Err(format!("key '{w}[{i}]': give 'until' or 'until_op', not both")),
+            (Some(s), None) => Some(When::At(parse_time_ns(s).map_err(|e| format!("key '{w}[{i}].until': {e}"))?)),
+            (None, Some(n)) => Some(When::AtOp(n)),
+            (None, None) => None,
+        };
+        let count = u64_key(t, w, i, "count")?.unwrap_or(1);
+        let mut params = BTreeMap::new();
+        if let Some(p) = t.get("params") {
+            let pt = p.as_table().ok_or(format!("key '{w}[{i}].params': expected a table"))?;
+            for (k, v) in pt {
+                match (id, k.as_str(), v) {
+                    ("F5", "applied", Tv::String(s)) if ["none", "all", "some"].contains(&s.as_str()) => {}
+                    ("F5", "applied", other) => {
+                        return Err(format!("key '{w}[{i}].params.applied': {other} is not \"none\", \"all\" or \"some\""))
+                    }
+                    ("F10", "factor", Tv::Integer(n)) if *n >= 1 => {}
+                    ("F10", "factor", other) => {
+                        return Err(format!("key '{w}[{i}].params.factor': {other} is not an integer >= 1"))
+                    }
+                    ("F11", "delta", Tv::Integer(n)) if *n != 0 && n % 512 == 0 => {}
+                    ("F11", "delta", other) => {
+                        return Err(format!("key '{w}[{i}].params.delta': {other} is not a non-zero multiple of 512"))
+                    }
+                    ("F16", "restart", Tv::String(s)) => {
+                        parse_time_ns(s).map_err(|e| format!("key '{w}[{i}].params.restart': {e}"))?;
+                    }
+                    _ => return Err(format!("key '{w}[{i}].params.{k}': unknown for {id}")),
+                }
+                params.insert(k.clone(), v.clone());
+            }
+        }
+        out.push(FaultSpec {
+            id: id.to_string(),
+            target,
+            range,
+            when,
+            until,
+            count,
+            params,
+        });
+    }
+    Ok(out)
+}
+
+fn parse_expects(v: &Tv) -> Result<Vec<Expect>, String> {
+    let arr = v.as_array().ok_or("key 'expect': expected an array")?;
+    let mut out = Vec::new();
+    for (i, e) in arr.iter().enumerate() {
+        let w = "expect";
+        let t = table_of(e, w, i)?;
+        let kind = str_key(t, w, i, "kind")?.ok_or(format!("key '{w}[{i}].kind' is missing"))?;
+        match kind {
+            "invariants" => check_keys(t, w, i, &["kind"])?,
+            "result" => {
+                check_keys(t, w, i, &["kind", "step", "result"])?;
+                let step = str_key(t, w, i, "step")?.ok_or(format!("key '{w}[{i}].step' is missing"))?;
+                let result = str_key(t, w, i, "result")?.ok_or(format!("key '{w}[{i}].result' is missing"))?;
+                if result != "ok" && ballot::ErrorKind::from_errno_name(result).is_none() {
+                    return Err(format!("key '{w}[{i}].result': '{result}' is not \"ok\" or an errno name such as \"EIO\""));
+                }
+                out.push(Expect::Result {
+                    step: step.into(),
+                    result: result.into(),
+                });
+            }
+            "event" => {
+                check_keys(t, w, i, &["kind", "event", "node", "type", "error", "count", "min", "max", "stream"])?;
+                let event = str_key(t, w, i, "event")?.ok_or(format!("key '{w}[{i}].event' is missing"))?;
+                if event != "QUORUM_REPORT_BAD" && event != "QUORUM_FAILURE" {
+                    return Err(format!("key '{w}[{i}].event': '{event}' is not QUORUM_REPORT_BAD or QUORUM_FAILURE"));
+                }
+                let nodes = match t.get("node") {
+                    None => vec![],
+                    Some(Tv::String(s)) => vec![s.clone()],
+                    Some(Tv::Array(a)) => a
+                        .iter()
+                        .map(|x| x.as_str().map(String::from).ok_or(format!("key '{w}[{i}].node': expected strings")))
+                        .collect::<Result<_, _>>()?,
+                    Some(other) => return Err(format!("key '{w}[{i}].node': expected a string or a list, got {other}")),
+                };
+                for n in &nodes {
+                    parse_target(n, &format!("{w}[{i}].node"))?;
+                }
+                let io = str_key(t, w, i, "type")?.map(String::from);
+                if let Some(x) = &io {
+                    if !["read", "write", "flush"].contains(&x.as_str()) {
+                        return Err(format!("key '{w}[{i}].type': '{x}' is not read, write or flush"));
+                    }
+                }
+                let error = match t.get("error") {
+                    None => None,
+                    Some(Tv::Boolean(b)) => Some(*b),
+                    Some(other) => return Err(format!("key '{w}[{i}].error': expected true or false, got {other}")),
+                };
+                let qmp = match str_key(t, w, i, "stream")? {
+                    None | Some("internal") => false,
+                    Some("qmp") => true,
+                    Some(s) => return Err(format!("key '{w}[{i}].stream': '{s}' is not internal or qmp")),
+                };
+                let (count, min, max) = (u64_key(t, w, i, "count")?, u64_key(t, w, i, "min")?, u64_key(t, w, i, "max")?);
+                if count.is_none() && min.is_none() && max.is_none() {
+                    return Err(format!("key '{w}[{i}]': give count, or min and/or max"));
+                }
+                out.push(Expect::Event {
+                    event: event.into(),
+                    nodes,
+                    io,
+                    error,
+                    count,
+                    min,
+                    max,
+                    qmp,
+                });
+            }
+            "contents" => {
+                check_keys(t, w, i, &["kind", "child", "view", "range", "equals"])?;
+                let child = match (str_key(t, w, i, "child")?, str_key(t, w, i, "view")?) {
+                    (Some(c), None) => Some(
+                        parse_target(c, &format!("{w}[{i}].child"))?
+                            .ok_or(format!("key '{w}[{i}].child': expected a child"))?,
+                    ),
+                    (None, Some("guest")) => None,
+                    (None, Some(v)) => return Err(format!("key '{w}[{i}].view': '{v}' is not \"guest\"")),
+                    _ => return Err(format!("key '{w}[{i}]': give one of child or view")),
+                };
+                let range = parse_range(str_key(t, w, i, "range")?.ok_or(format!("key '{w}[{i}].range' is missing"))?)
+                    .map_err(|e| format!("key '{w}[{i}].range': {e}"))?;
+                let equals = str_key(t, w, i, "equals")?.ok_or(format!("key '{w}[{i}].equals' is missing"))?;
+                out.push(Expect::Contents {
+                    child,
+                    range,
+                    equals: equals.into(),
+                });
+            }
+            "injected" => {
+                check_keys(t, w, i, &["kind", "fault", "min"])?;
+                let fault = str_key(t, w, i, "fault")?.ok_or(format!("key '{w}[{i}].fault' is missing"))?;
+                out.push(Expect::Injected {
+                    fault: fault.into(),
+                    min: u64_key(t, w, i, "min")?.unwrap_or(1),
+                });
+            }
+            "path" => {
+                check_keys(t, w, i, &["kind", "path", "min"])?;
+                let path = str_key(t, w, i, "path")?.ok_or(format!("key '{w}[{i}].path' is missing"))?;
+                out.push(Expect::Path {
+                    path: path.into(),
+                    min: u64_key(t, w, i, "min")?.unwrap_or(1),
+                });
+            }
+            other => {
+                return Err(format!(
+                    "key '{w}[{i}].kind': '{other}' is not invariants, result, event, contents, injected or path"
+                ))
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn c2_bad_scenarios_name_the_key() {
+        let cases: [(&str, &str); 8] = [
+            ("name = \"x\"\nbogus = 1\n", "unknown key 'bogus'"),
+            ("name = \"x\"\ntopology = { children = \"3\" }\n", "key 'topology.children': expected an integer, got string"),
+            ("name = \"x\"\ntopology = { children = 9 }\n", "key 'topology.children': 9 is out of range 1..=7"),
+            ("name = \"x\"\ntopology = { chidren = 3 }\n", "unknown key 'topology.chidren'"),
+            ("name = \"y\"\n", "key 'name': 'y' must equal the file stem 'x'"),
+            (
+                "name = \"x\"\nworkload.step = [ { id = \"a\", op = \"wrtie\", range = \"0..4k\" } ]\n",
+                "key 'workload.step[0].op': 'wrtie' is not one of read, write, write_zeroes, trim, flush",
+            ),
+            (
+                "name = \"x\"\nfault = [ { id = \"F5\", target = \"c9\" } ]\n",
+                "key 'fault[0].target': 'c9' names no node (c0..c6 or qhost)",
+            ),
+            (
+                "name = \"x\"\nexpect = [ { kind = \"result\", step = \"nope\", result = \"ok\" } ]\n",
+                "key 'expect': step 'nope' is not a workload.step id",
+            ),
+        ];
+        for (text, want) in cases {
+            assert_eq!(Scenario::parse(text, "x").unwrap_err(), want, "{text}");
+        }
+    }
+
+    #[test]
+    fn s4_printed_parameters_parse_back_to_the_same_run() {
+        for seed in [1u64, 2, 3, 99, 12345] {
+            let p = Params::derive(seed, &BTreeMap::new()).expect("derive");
+            let text = p.to_toml("x");
+            let sc = Scenario::parse(&text, "x").expect("parse printed block");
+            let q = Params::derive(seed, &sc.pins).expect("derive pinned");
+            assert_eq!(p, q, "seed {seed}:\n{text}");
+        }
+    }
+
+    #[test]
+    fn s3_pinning_one_parameter_leaves_the_others() {
+        let free = Params::derive(5, &BTreeMap::new()).expect("derive");
+        let mut sc = Scenario::swarm();
+        sc.set("topology.read_pattern=fifo").expect("set");
+        let pinned = Params::derive(5, &sc.pins).expect("derive");
+        assert!(pinned.fifo);
+        assert_eq!(pinned.children, free.children);
+        assert_eq!(pinned.ops, free.ops);
+        assert_eq!(pinned.rates, free.rates);
+    }
+}

@@ -1,0 +1,590 @@
+//! Sweeps, determinism checks and shrinking (SIMULATION.md U2, U4, U8, M4, I13, I15).
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use serde_json::{json, Value as Json};
+
+use crate::cli::{commit, header, load, parse, pick_seed, report};
+use crate::params::{Params, FAMILIES};
+use crate::scenario::Scenario;
+use crate::units::parse_time_ns;
+use crate::world::{run, RunOpts, RunResult};
+
+thread_local! {
+    static PANIC: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+/// Routes panic messages to the panicking thread's slot, so parallel runs keep theirs apart.
+pub fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let loc = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        let msg = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "panic".into());
+        PANIC.with(|p| {
+            let mut p = p.borrow_mut();
+            if p.is_none() {
+                *p = Some(format!("{msg}{loc}"));
+            }
+        });
+    }));
+}
+
+/// Takes this thread's last panic message.
+pub fn take_panic() -> Option<String> {
+    PANIC.with(|p| p.borrow_mut().take())
+}
+
+/// Runs `p` again keeping every trace record; returns them as text.
+pub fn capture_trace(p: Params, sc: &Scenario) -> String {
+    let r = run(
+        p,
+        sc,
+        &RunOpts {
+            capture: true,
+            ..RunOpts::default()
+        },
+    );
+    let mut s = r.trace_lines.join("\n");
+    s.push('\n');
+    s
+}
+
+/// One job of a sweep.
+#[derive(Clone)]
+struct Job {
+    index: usize,
+    scenario: Scenario,
+    path: Option<String>,
+    seed: u64,
+}
+
+fn scenarios_in(dir: &Path) -> Result<Vec<(String, Scenario)>, String> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    paths.sort();
+    paths
+        .into_iter()
+        .map(|p| Scenario::load(&p).map(|s| (p.display().to_string(), s)))
+        .collect()
+}
+
+fn flag<'a>(c: &'a crate::cli::Common, name: &str) -> Option<&'a str> {
+    c.flags.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+}
+
+fn num(c: &crate::cli::Common, name: &str, default: u64) -> Result<u64, String> {
+    match flag(c, name) {
+        Some(v) => v.parse().map_err(|_| format!("{name} '{v}' is not a number")),
+        None => Ok(default),
+    }
+}
+
+fn run_jobs(jobs: Vec<Job>, threads: usize, quiet: bool, budget_ns: Option<u64>) -> Vec<(Job, Params, RunResult)> {
+    let queue = Arc::new(Mutex::new(jobs.into_iter().rev().collect::<Vec<_>>()));
+    let out: Arc<Mutex<Vec<(Job, Params, RunResult)>>> = Arc::default();
+    let started = std::time::Instant::now();
+    let mut handles = Vec::new();
+    for _ in 0..threads.max(1) {
+        let queue = queue.clone();
+        let out = out.clone();
+        // Harness threads, outside any simulation: one madsim runtime per run.
+        handles.push(std::thread::spawn(move || loop {
+            if budget_ns.is_some_and(|b| started.elapsed().as_nanos() as u64 >= b) {
+                return;
+            }
+            let job = queue.lock().unwrap_or_else(|p| p.into_inner()).pop();
+            let Some(job) = job else { return };
+            let p = match Params::derive(job.seed, &job.scenario.pins) {
+                Ok(p) => p,
+                Err(e) => {
+                    let r = RunResult {
+                        violation: Some(("harness".into(), e)),
+                        ..RunResult::default()
+                    };
+                    out.lock().unwrap_or_else(|p| p.into_inner()).push((job, Params::derive(0, &Default::default()).expect("defaults"), r));
+                    continue;
+                }
+            };
+            let r = run(p.clone(), &job.scenario, &RunOpts::default());
+            if !quiet {
+                let verdict = match &r.violation {
+                    None => "ok".to_string(),
+                    Some((rule, m)) => format!("FAIL {rule} {m}"),
+                };
+                println!(
+                    "[{:>4}] {:<40} seed={:<20} ops={:<5} wall={:.2}s {}",
+                    job.index,
+                    job.scenario.name,
+                    job.seed,
+                    r.ops,
+                    r.wall_s,
+                    verdict
+                );
+            }
+            out.lock().unwrap_or_else(|p| p.into_inner()).push((job, p, r));
+        }));
+    }
+    for h in handles {
+        let _ = h.join();
+    }
+    let mut v = std::mem::take(&mut *out.lock().unwrap_or_else(|p| p.into_inner()));
+    v.sort_by_key(|(j, _, _)| j.index);
+    v
+}
+
+/// `cargo sim sweep` (U2, U8).
+pub fn cmd_sweep(args: &[String]) -> Result<i32, String> {
+    let c = parse(args, &["--seeds", "--seed-from", "--jobs", "--shard", "--time-budget", "--report", "--scenarios"])?;
+    if c.scenario.is_some() || c.seed.is_some() || !c.sets.is_empty() {
+        return Err("sweep takes no scenario, --seed or --set (use run)".into());
+    }
+    let seeds = num(&c, "--seeds", 200)?;
+    let from = num(&c, "--seed-from", 1)?;
+    let jobs_n = num(&c, "--jobs", 2)? as usize;
+    let (shard_i, shard_n) = match flag(&c, "--shard") {
+        Some(s) => {
+            let (a, b) = s.split_once('/').ok_or(format!("--shard '{s}': expected i/n"))?;
+            let (a, b): (u64, u64) = (
+                a.parse().map_err(|_| format!("--shard '{s}': expected i/n"))?,
+                b.parse().map_err(|_| format!("--shard '{s}': expected i/n"))?,
+            );
+            if a == 0 || a > b {
+                return Err(format!("--shard '{s}': need 1 <= i <= n"));
+            }
+            (a, b)
+        }
+        None => (1, 1),
+    };
+    let budget = flag(&c, "--time-budget").map(parse_time_ns).transpose()?;
+    let dir = PathBuf::from(flag(&c, "--report").unwrap_or("reports/sweep"));
+    let sdir = PathBuf::from(flag(&c, "--scenarios").unwrap_or("scenarios"));
+    let scenarios = scenarios_in(&sdir)?;
+    let mut jobs = Vec::new();
+    let mut index = 0usize;
+    for (path, sc) in &scenarios {
+        jobs.push(Job {
+            index,
+            scenario: sc.clone(),
+            path: Some(path.clone()),
+            seed: sc.seed.unwrap_or(index as u64),
+        });
+        index += 1;
+    }
+    for k in 0..seeds {
+        jobs.push(Job {
+            index,
+            scenario: Scenario::swarm(),
+            path: None,
+            seed: from + k,
+        });
+        index += 1;
+    }
+    jobs.retain(|j| (j.index as u64) % shard_n == shard_i - 1);
+    println!(
+        "ballot-sim {} commit={} sweep: {} scenario(s) + {} random seed(s) from {} = {} run(s) in this shard {}/{} with {} job(s)",
+        env!("CARGO_PKG_VERSION"),
+        commit(),
+        scenarios.len(),
+        seeds,
+        from,
+        jobs.len(),
+        shard_i,
+        shard_n,
+        jobs_n
+    );
+    let wall = std::time::Instant::now();
+    let results = run_jobs(jobs, jobs_n, false, budget);
+    let wall_s = wall.elapsed().as_secs_f64();
+    let summary = summarize(&results, args, wall_s, jobs_n);
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let json_path = dir.join("summary.json");
+    std::fs::write(&json_path, serde_json::to_string_pretty(&summary).unwrap_or_default())
+        .map_err(|e| format!("{}: {e}", json_path.display()))?;
+    let md_path = dir.join("summary.md");
+    std::fs::write(&md_path, markdown(&summary)).map_err(|e| format!("{}: {e}", md_path.display()))?;
+    // Failures: print each in full (U7).
+    let mut worst = 0;
+    for (job, p, r) in &results {
+        if r.violation.is_some() {
+            println!();
+            let code = report(p, &job.scenario, job.path.as_deref(), r);
+            worst = more_severe(worst, code);
+        }
+    }
+    let gaps: Vec<String> = summary["coverage"]["gaps"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|x| x.as_str().map(String::from)).collect())
+        .unwrap_or_default();
+    if worst == 0 && !gaps.is_empty() && shard_n == 1 && budget.is_none() {
+        println!("coverage gap (I15): {}", gaps.join(", "));
+        worst = 4;
+    }
+    println!(
+        "sweep: {} run(s), {} operation(s), {} violation(s), {:.1}s wall, {:.0} guest ops/s, {:.0} child ops/s; report {}",
+        summary["seeds"],
+        summary["operations"],
+        summary["violations"],
+        wall_s,
+        summary["guest_ops_per_wall_s"].as_f64().unwrap_or(0.0),
+        summary["child_ops_per_wall_s"].as_f64().unwrap_or(0.0),
+        md_path.display()
+    );
+    Ok(worst)
+}
+
+/// Exit-code severity: 3, then 1, then 2, then 4 (§10).
+fn more_severe(a: i32, b: i32) -> i32 {
+    let rank = |c: i32| match c {
+        3 => 5,
+        70 => 4,
+        1 => 3,
+        2 => 2,
+        4 => 1,
+        _ => 0,
+    };
+    if rank(b) > rank(a) {
+        b
+    } else {
+        a
+    }
+}
+
+/// Recovery paths this topology can reach (I15); the rest need NBD or COLO.
+const PATHS: [&str; 9] = ["P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8", "P12"];
+
+fn summarize(results: &[(Job, Params, RunResult)], args: &[String], wall_s: f64, jobs: usize) -> Json {
+    let mut injected: BTreeMap<String, u64> = BTreeMap::new();
+    let mut skipped: BTreeMap<String, u64> = BTreeMap::new();
+    let mut outcomes: BTreeMap<String, u64> = BTreeMap::new();
+    let mut paths: BTreeMap<String, u64> = BTreeMap::new();
+    let mut checks: BTreeMap<String, u64> = BTreeMap::new();
+    let (mut ops, mut child_ops, mut viol, mut crashes, mut serr) = (0u64, 0u64, 0u64, 0u64, 0u64);
+    let mut ratios: Vec<f64> = Vec::new();
+    let mut runs = Vec::new();
+    let mut violations_by_rule: BTreeMap<String, u64> = BTreeMap::new();
+    let mut by_scenario: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for (job, p, r) in results {
+        let add = |m: &mut BTreeMap<String, u64>, src: &BTreeMap<String, u64>| {
+            for (k, v) in src {
+                *m.entry(k.clone()).or_default() += v;
+            }
+        };
+        add(&mut injected, &r.injected);
+        add(&mut skipped, &r.skipped);
+        add(&mut outcomes, &r.outcomes);
+        add(&mut paths, &r.paths);
+        add(&mut checks, &r.checks);
+        ops += r.ops;
+        child_ops += r.child_ops;
+        crashes += r.crashes;
+        serr += r.safety_errors;
+        if r.wall_s > 0.0 {
+            ratios.push(r.virtual_s / r.wall_s);
+        }
+        let e = by_scenario.entry(if job.path.is_some() { job.scenario.name.clone() } else { "swarm".into() }).or_default();
+        e.0 += 1;
+        if let Some((rule, _)) = &r.violation {
+            viol += 1;
+            e.1 += 1;
+            *violations_by_rule.entry(rule.clone()).or_default() += 1;
+        }
+        runs.push(json!({
+            "seed": job.seed,
+            "scenario": job.scenario.name,
+            "parameters": {
+                "children": p.children, "vote_threshold": p.threshold,
+                "read_pattern": if p.fifo { "fifo" } else { "quorum" },
+                "rewrite_corrupted": p.rewrite, "budget": p.budget.as_str(),
+                "disk_size": p.disk_size, "ops": p.ops, "queue_depth": p.queue_depth,
+                "families": p.families, "config": p.config_id(),
+            },
+            "outcome": if r.violation.is_some() { "fail" } else { "pass" },
+            "violated_rule": r.violation.as_ref().map(|(k, _)| k.clone()),
+            "message": r.violation.as_ref().map(|(_, m)| m.clone()),
+            "ops": r.ops, "child_ops": r.child_ops,
+            "virtual_s": r.virtual_s, "wall_s": r.wall_s,
+            "trace_hash": r.trace_hash,
+            "faults": r.injected, "skipped": r.skipped, "paths": r.paths,
+            "crashes": r.crashes, "safety_errors": r.safety_errors,
+        }));
+    }
+    ratios.sort_by(|a, b| a.total_cmp(b));
+    let median_ratio = ratios.get(ratios.len() / 2).copied().unwrap_or(0.0);
+    let fam_gaps: Vec<String> = FAMILIES
+        .iter()
+        .filter(|f| injected.get(**f).copied().unwrap_or(0) == 0)
+        .map(|f| f.to_string())
+        .collect();
+    let path_gaps: Vec<String> = PATHS
+        .iter()
+        .filter(|p| paths.get(**p).copied().unwrap_or(0) == 0)
+        .map(|p| p.to_string())
+        .collect();
+    let gaps: Vec<String> = fam_gaps.iter().chain(path_gaps.iter()).cloned().collect();
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    json!({
+        "seeds": results.len(),
+        "operations": ops,
+        "violations": viol,
+        "schema_version": 1,
+        "commit": commit(),
+        "arguments": args,
+        "host_cores": cores,
+        "jobs": jobs,
+        "wall_s": wall_s,
+        "child_operations": child_ops,
+        "guest_ops_per_wall_s": if wall_s > 0.0 { ops as f64 / wall_s } else { 0.0 },
+        "child_ops_per_wall_s": if wall_s > 0.0 { child_ops as f64 / wall_s } else { 0.0 },
+        "seeds_per_minute": if wall_s > 0.0 { results.len() as f64 * 60.0 / wall_s } else { 0.0 },
+        "median_virtual_to_wall": median_ratio,
+        "crashes": crashes,
+        "safety_phase_errors": serr,
+        "faults_injected": injected,
+        "faults_skipped_by_budget": skipped,
+        "outcomes": outcomes,
+        "recovery_paths": paths,
+        "invariant_checks": checks,
+        "violations_by_rule": violations_by_rule,
+        "by_scenario": by_scenario.iter().map(|(k, (n, f))| (k.clone(), json!({"runs": n, "failures": f}))).collect::<serde_json::Map<String, Json>>(),
+        "coverage": {
+            "families": FAMILIES, "paths": PATHS, "gaps": gaps,
+            "not_modelled": "F12-F15, F17-F25 and P9-P11, P13-P16 need the NBD and COLO topologies",
+        },
+        "runs": runs,
+    })
+}
+
+fn markdown(s: &Json) -> String {
+    let mut m = String::new();
+    m += "# ballot-sim sweep\n\n";
+    m += &format!(
+        "commit `{}`, {} host core(s), {} job(s), arguments `{}`\n\n",
+        s["commit"].as_str().unwrap_or(""),
+        s["host_cores"],
+        s["jobs"],
+        s["arguments"].as_array().map(|a| a.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(" ")).unwrap_or_default()
+    );
+    m += "| measure | value |\n|---|---|\n";
+    for (k, label) in [
+        ("seeds", "runs (scenarios + random seeds)"),
+        ("operations", "guest operations"),
+        ("child_operations", "child operations"),
+        ("violations", "violations"),
+        ("crashes", "crashes (F16)"),
+        ("safety_phase_errors", "errors in safety phases (counted, O7)"),
+    ] {
+        m += &format!("| {label} | {} |\n", s[k]);
+    }
+    m += &format!("| wall time | {:.1} s |\n", s["wall_s"].as_f64().unwrap_or(0.0));
+    m += &format!("| guest ops per wall-second | {:.0} |\n", s["guest_ops_per_wall_s"].as_f64().unwrap_or(0.0));
+    m += &format!("| child ops per wall-second | {:.0} |\n", s["child_ops_per_wall_s"].as_f64().unwrap_or(0.0));
+    m += &format!("| seeds per minute | {:.1} |\n", s["seeds_per_minute"].as_f64().unwrap_or(0.0));
+    m += &format!("| median virtual:wall ratio | {:.1} |\n\n", s["median_virtual_to_wall"].as_f64().unwrap_or(0.0));
+    let table = |title: &str, key: &str, m: &mut String| {
+        *m += &format!("## {title}\n\n| key | count |\n|---|---|\n");
+        if let Some(o) = s[key].as_object() {
+            for (k, v) in o {
+                *m += &format!("| {k} | {v} |\n");
+            }
+        }
+        *m += "\n";
+    };
+    table("Faults injected by type", "faults_injected", &mut m);
+    table("Faults skipped by the budget (B3)", "faults_skipped_by_budget", &mut m);
+    table("Outcomes by operation and result", "outcomes", &mut m);
+    table("Recovery paths reached (I15)", "recovery_paths", &mut m);
+    table("Invariant checks", "invariant_checks", &mut m);
+    table("Violations by rule", "violations_by_rule", &mut m);
+    m += "## Runs by scenario\n\n| scenario | runs | failures |\n|---|---|---|\n";
+    if let Some(o) = s["by_scenario"].as_object() {
+        for (k, v) in o {
+            m += &format!("| {k} | {} | {} |\n", v["runs"], v["failures"]);
+        }
+    }
+    m += &format!(
+        "\nCoverage gaps: {}. Not modelled yet: {}.\n",
+        s["coverage"]["gaps"].as_array().map(|a| if a.is_empty() { "none".to_string() } else { a.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(", ") }).unwrap_or_default(),
+        s["coverage"]["not_modelled"].as_str().unwrap_or("")
+    );
+    m
+}
+
+/// `cargo sim check-determinism` (M4, I13): each seed twice in this process and twice in
+/// separate processes; the four trace hashes and parameter blocks must match.
+pub fn cmd_determinism(args: &[String]) -> Result<i32, String> {
+    let c = parse(args, &["--seeds", "--scenarios", "--hash-only"])?;
+    if let Some(seed) = flag(&c, "--hash-only") {
+        // Child-process mode: print the parameter block's id and the trace hash.
+        let seed: u64 = seed.parse().map_err(|_| "--hash-only needs a seed".to_string())?;
+        let sc = load(c.scenario.as_deref(), &[])?;
+        let p = Params::derive(seed, &sc.pins)?;
+        let r = run(p.clone(), &sc, &RunOpts::default());
+        println!("{} {}", p.config_id(), r.trace_hash);
+        return Ok(0);
+    }
+    let n = num(&c, "--seeds", 20)? as usize;
+    let sdir = PathBuf::from(flag(&c, "--scenarios").unwrap_or("scenarios"));
+    let scenarios = scenarios_in(&sdir)?;
+    let mut picks: Vec<(Option<String>, Scenario, u64)> = Vec::new();
+    for (path, sc) in scenarios.iter().take(n / 2) {
+        picks.push((Some(path.clone()), sc.clone(), sc.seed.unwrap_or(1)));
+    }
+    let mut k = 0u64;
+    while picks.len() < n {
+        k += 1;
+        picks.push((None, Scenario::swarm(), 1_000_000 + k * 7919));
+    }
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut bad = 0;
+    for (path, sc, seed) in &picks {
+        let p = Params::derive(*seed, &sc.pins)?;
+        let a = run(p.clone(), sc, &RunOpts::default());
+        let b = run(p.clone(), sc, &RunOpts::default());
+        let mut hashes = vec![
+            (p.config_id(), a.trace_hash.clone()),
+            (p.config_id(), b.trace_hash.clone()),
+        ];
+        for _ in 0..2 {
+            let mut cmd = std::process::Command::new(&exe);
+            cmd.args(["check-determinism", "--hash-only", &seed.to_string()]);
+            if let Some(pth) = path {
+                cmd.arg(pth);
+            }
+            let out = cmd.output().map_err(|e| format!("{}: {e}", exe.display()))?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            let line = text.lines().last().unwrap_or("").to_string();
+            let (cfg, h) = line.split_once(' ').unwrap_or(("?", "?"));
+            hashes.push((cfg.to_string(), h.to_string()));
+        }
+        let same = hashes.iter().all(|h| *h == hashes[0]);
+        println!(
+            "{} {:<40} seed={:<10} {}",
+            if same { "same" } else { "DIFF" },
+            sc.name,
+            seed,
+            hashes.iter().map(|(c, h)| format!("{c}/{}", &h[..12.min(h.len())])).collect::<Vec<_>>().join(" ")
+        );
+        if !same {
+            bad += 1;
+            // Keep both traces and show the first differing record.
+            let ta = capture_trace(p.clone(), sc);
+            let tb = capture_trace(p.clone(), sc);
+            let _ = std::fs::create_dir_all("reports/traces");
+            let fa = format!("reports/traces/{}-{seed}.a.log", sc.name);
+            let fb = format!("reports/traces/{}-{seed}.b.log", sc.name);
+            let _ = std::fs::write(&fa, &ta);
+            let _ = std::fs::write(&fb, &tb);
+            if let Some((i, (x, y))) = ta.lines().zip(tb.lines()).enumerate().find(|(_, (x, y))| x != y) {
+                println!("first difference at record {i}:\n  a: {x}\n  b: {y}");
+            }
+            println!("traces: {fa} {fb}");
+        }
+    }
+    println!("determinism: {} seed(s), {} nondeterministic", picks.len(), bad);
+    Ok(if bad > 0 { 3 } else { 0 })
+}
+
+/// `cargo sim shrink` (U4): minimises a failing run's parameters, keeping the violated rule.
+pub fn cmd_shrink(args: &[String]) -> Result<i32, String> {
+    let c = parse(args, &["--max-runs", "--out"])?;
+    let seed = c.seed.ok_or("shrink needs --seed N")?;
+    let sc = load(c.scenario.as_deref(), &c.sets)?;
+    let max_runs = num(&c, "--max-runs", 200)?;
+    let p0 = Params::derive(seed, &sc.pins)?;
+    println!("{}", header(&p0, &sc));
+    let r0 = run(p0.clone(), &sc, &RunOpts::default());
+    let Some((rule, _)) = r0.violation.clone() else {
+        println!("seed {seed} passes; nothing to shrink");
+        return Ok(0);
+    };
+    println!("shrinking a failure of {rule}");
+    // Work on the full printed parameter block as pins, then try smaller values one at a time.
+    let mut best = Scenario::parse(&p0.to_toml(&sc.name), &sc.name).map_err(|e| format!("internal: {e}"))?;
+    best.steps = sc.steps.clone();
+    best.faults = sc.faults.clone();
+    best.expects = sc.expects.clone();
+    let mut runs = 1u64;
+    let mut improved = true;
+    while improved && runs < max_runs {
+        improved = false;
+        let p = Params::derive(seed, &best.pins)?;
+        let mut candidates: Vec<(String, toml::Value)> = Vec::new();
+        let int = |x: u64| toml::Value::Integer(x as i64);
+        if p.ops > 1 {
+            candidates.push(("workload.ops".into(), int(p.ops / 2)));
+            candidates.push(("workload.ops".into(), int(p.ops * 3 / 4)));
+        }
+        if p.queue_depth > 1 {
+            candidates.push(("workload.queue_depth".into(), int(p.queue_depth as u64 / 2)));
+        }
+        if p.children > 1 && p.threshold < p.children {
+            candidates.push(("topology.children".into(), int(p.children as u64 - 1)));
+        }
+        if p.size.1 > p.size.0 {
+            let hi = (p.size.1 / 2).max(p.size.0) / 512 * 512;
+            candidates.push(("workload.size".into(), toml::Value::String(format!("{}..{}", p.size.0, hi))));
+        }
+        for f in &p.families {
+            let rest: Vec<toml::Value> = p.families.iter().filter(|x| *x != f).map(|x| toml::Value::String(x.clone())).collect();
+            candidates.push(("faults.families".into(), toml::Value::Array(rest)));
+        }
+        for (k, v) in candidates {
+            if runs >= max_runs {
+                break;
+            }
+            let mut cand = best.clone();
+            cand.pins.insert(k.clone(), v.clone());
+            let Ok(pc) = Params::derive(seed, &cand.pins) else { continue };
+            runs += 1;
+            let r = run(pc, &cand, &RunOpts::default());
+            if r.violation.as_ref().map(|(x, _)| x) == Some(&rule) {
+                println!("  {k} = {v}: still fails {rule} ({} ops)", r.ops);
+                best = cand;
+                improved = true;
+                break;
+            }
+        }
+    }
+    let p = Params::derive(seed, &best.pins)?;
+    let name = format!("shrunk-{}-{seed}", sc.name);
+    let out = flag(&c, "--out").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(format!("reports/{name}.toml")));
+    let mut text = format!("# shrunk by `cargo sim shrink` from a failure of {rule} after {runs} run(s)\n");
+    text += &p.to_toml(out.file_stem().and_then(|s| s.to_str()).unwrap_or(&name));
+    if !sc.steps.is_empty() || !sc.faults.is_empty() || !sc.expects.is_empty() {
+        text += "# the original scenario's steps, faults and expectations apply unchanged:\n";
+        if let Some(path) = &c.scenario {
+            let orig = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+            let t: toml::Table = orig.parse().map_err(|e: toml::de::Error| e.to_string())?;
+            let mut keep = toml::Table::new();
+            for k in ["fault", "expect"] {
+                if let Some(v) = t.get(k) {
+                    keep.insert(k.into(), v.clone());
+                }
+            }
+            if let Some(steps) = t.get("workload").and_then(|w| w.get("step")) {
+                text = text.replacen("workload = { ", &format!("workload = {{ step = {steps}, "), 1);
+            }
+            text += &toml::to_string(&keep).map_err(|e| e.to_string())?;
+        }
+    }
+    if let Some(d) = out.parent() {
+        let _ = std::fs::create_dir_all(d);
+    }
+    std::fs::write(&out, &text).map_err(|e| format!("{}: {e}", out.display()))?;
+    println!("wrote {} ({} run(s)); replay: cargo sim replay --seed {seed} {}", out.display(), runs, out.display());
+    let _ = pick_seed;
+    Ok(1)
+}

@@ -1,0 +1,1305 @@
+//! `vdisk`: the simulator's virtual disk with local-disk faults (SIMULATION.md §3.4, §4, §5).
+//!
+//! Every child disk of a run lives in one [`DiskSet`]: the layers of each disk (durable
+//! sectors, the current view, pending writes in write order), its per-sector fault map and its
+//! budget ledger. Faults never touch the stored values: corruption is applied when a sector is
+//! read (V1, V5), and any write of a sector clears its faults. Injection checks the fault
+//! budget across all disks first (B2–B4) and counts what it skipped. Every child operation is
+//! logged against the guest op that caused it (a task-local id), so the oracle can recompute
+//! the quorum's vote and events from what the children really answered.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use ballot::device::{check_request, Access};
+use ballot::{BlockDevice, Error, ErrorKind, Result, WriteFlags, ZeroFlags};
+use bytes::{Bytes, BytesMut};
+
+use crate::rng::{hash_words, Rng};
+use crate::sector::{decode, digest, encode_into, Decoded, Value, SECTOR, SECTOR_U64};
+use crate::trace::{Record, Trace};
+
+tokio::task_local! {
+    /// The guest op a child request belongs to (0 outside guest ops).
+    pub static GUEST_OP: u64;
+}
+
+/// The current guest op id, 0 outside one.
+pub fn current_op() -> u64 {
+    GUEST_OP.try_with(|id| *id).unwrap_or(0)
+}
+
+/// What a sector of a disk holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stored {
+    /// A decodable value.
+    V(Value),
+    /// Bytes that decode to nothing (torn or garbage).
+    Raw(Arc<[u8]>),
+}
+
+/// A sector fault that persists until the sector is rewritten.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sticky {
+    /// F1: every read flips one content-seeded bit.
+    Flip,
+    /// F3: the write stored the sector corrupted.
+    Rot,
+    /// F4: reads fail with EIO.
+    Latent,
+}
+
+/// The budget ledger's state of one copy (B1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mark {
+    /// Reads of the copy fail.
+    Failing,
+    /// The copy can answer with a value that is not the newest.
+    Wrong,
+}
+
+/// Whether the fault budget is enforced (B2) or only kept for stale copies (B6, B7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Budget {
+    /// B2 enforced for every fault.
+    Safety,
+    /// B2 skipped for faults that fail or produce distinct wrong values.
+    Beyond,
+}
+
+impl Budget {
+    /// The scenario-file spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Budget::Safety => "safety",
+            Budget::Beyond => "beyond",
+        }
+    }
+}
+
+/// Per-family random fault rates of a run; `None` is a disabled family (S2).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FaultRates {
+    /// F1: probability per read of marking a sector sticky-flipped.
+    pub f1: Option<f64>,
+    /// F2: probability per read of one transient flip.
+    pub f2: Option<f64>,
+    /// F3: probability per write of storing one sector corrupted.
+    pub f3: Option<f64>,
+    /// F4: probability per read of marking a latent sector error.
+    pub f4: Option<f64>,
+    /// F5: probability per write of failing it with EIO.
+    pub f5: Option<f64>,
+    /// F6: probability per write of misdirecting it.
+    pub f6: Option<f64>,
+    /// F7: probability per read of misdirecting it.
+    pub f7: Option<f64>,
+    /// F8: probability that a pending write survives a crash (None: all survive).
+    pub f8: Option<f64>,
+    /// F9: probability that a surviving pending write tears on a crash.
+    pub f9: Option<f64>,
+}
+
+/// Latency of one disk (V4, F10), in nanoseconds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Latency {
+    /// Minimum read latency.
+    pub read_min_ns: u64,
+    /// Mean read latency (>= minimum).
+    pub read_mean_ns: u64,
+    /// Minimum write latency.
+    pub write_min_ns: u64,
+    /// Mean write latency.
+    pub write_mean_ns: u64,
+    /// F10: probability per op of a stall.
+    pub stall_p: f64,
+    /// F10: stall length range.
+    pub stall_ns: (u64, u64),
+    /// F10: slowdown factor of this disk (1: normal, 10..100: gray).
+    pub factor: u64,
+}
+
+impl Latency {
+    /// The liveness phase's latency: minimums only, no stalls (S6).
+    pub fn minimal(&self) -> Latency {
+        Latency {
+            read_mean_ns: self.read_min_ns,
+            write_mean_ns: self.write_min_ns,
+            stall_p: 0.0,
+            factor: 1,
+            ..self.clone()
+        }
+    }
+}
+
+/// The outcome of one child request, as the oracle sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChildResult {
+    /// Succeeded; for reads, the digest of the returned bytes.
+    Ok(u64),
+    /// Failed with this kind.
+    Err(ErrorKind),
+}
+
+/// Kind of a child request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChildKind {
+    /// Read.
+    Read,
+    /// Write (data digest in `data`).
+    Write,
+    /// Write-zeroes.
+    Zero,
+    /// Discard.
+    Discard,
+    /// Flush.
+    Flush,
+}
+
+/// One child request logged against a guest op.
+#[derive(Debug, Clone)]
+pub struct ChildOp {
+    /// Child index.
+    pub disk: usize,
+    /// What it was.
+    pub kind: ChildKind,
+    /// Byte offset.
+    pub offset: u64,
+    /// Byte length.
+    pub len: u64,
+    /// Digest of the written data (writes only).
+    pub data: u64,
+    /// What the child answered.
+    pub result: ChildResult,
+}
+
+/// A scripted fault armed on one disk (scenario `fault` entries, C3).
+#[derive(Debug, Clone)]
+pub struct Armed {
+    /// Fault family (`F2`, `F3`, `F5`, `F6`, `F7`).
+    pub family: &'static str,
+    /// Sector range the fault is limited to (None: any request).
+    pub sectors: Option<Range<u64>>,
+    /// Requests it still hits.
+    pub count: u64,
+    /// F5 `applied`: "none", "all" or "some".
+    pub applied: &'static str,
+}
+
+#[derive(Debug, Clone)]
+struct Pending {
+    first: u64,
+    data: Vec<Stored>,
+}
+
+struct DiskState {
+    name: String,
+    sectors: u64,
+    durable: Vec<Stored>,
+    current: Vec<Stored>,
+    pending: Vec<Pending>,
+    sticky: BTreeMap<u64, Sticky>,
+    marks: BTreeMap<u64, Mark>,
+    /// F6: the live misdirection (intended sectors, target sectors), at most one (F6).
+    misdirect: Option<(Range<u64>, Range<u64>)>,
+    armed: Vec<Armed>,
+    latency: Latency,
+    lat_rng: Rng,
+    fault_rng: Rng,
+    discard_zeroes: bool,
+}
+
+/// Counters the sweep report aggregates.
+#[derive(Debug, Clone, Default)]
+pub struct Counters {
+    /// Faults injected, by family.
+    pub injected: BTreeMap<&'static str, u64>,
+    /// Faults skipped by the budget check (B3), by family.
+    pub skipped: BTreeMap<&'static str, u64>,
+    /// Child requests served.
+    pub child_ops: u64,
+}
+
+struct Inner {
+    disks: Vec<DiskState>,
+    n: usize,
+    t: usize,
+    fifo: bool,
+    budget: Budget,
+    rates: FaultRates,
+    injecting: bool,
+    seed: u64,
+    oplog: BTreeMap<u64, Vec<ChildOp>>,
+    counters: Counters,
+    trace: Trace,
+    start: tokio::time::Instant,
+}
+
+/// All child disks of one run, with their shared fault state, ledger, op log and trace.
+pub struct DiskSet {
+    inner: Mutex<Inner>,
+}
+
+/// Configuration of a disk set.
+#[derive(Debug, Clone)]
+pub struct DiskSetConfig {
+    /// Run seed (content-seeded corruption, V5).
+    pub seed: u64,
+    /// Sectors per disk, one entry per child (F11 makes one differ).
+    pub sectors: Vec<u64>,
+    /// Vote threshold t.
+    pub t: usize,
+    /// Read pattern fifo (B4).
+    pub fifo: bool,
+    /// Budget mode.
+    pub budget: Budget,
+    /// Random fault rates.
+    pub rates: FaultRates,
+    /// Per-disk latency.
+    pub latency: Vec<Latency>,
+    /// Initial image: write 0 (true) or zeros.
+    pub initial_pattern: bool,
+    /// Whether discards zero the range (and so may be forwarded by quorum, Q45).
+    pub discard_zeroes: bool,
+}
+
+/// Result of a crash's resolution of pending writes (F8, F9), for the trace and counters.
+#[derive(Debug, Clone, Default)]
+pub struct CrashReport {
+    /// Pending writes that survived intact.
+    pub intact: u64,
+    /// Pending writes lost.
+    pub lost: u64,
+    /// Pending writes torn.
+    pub torn: u64,
+}
+
+impl DiskSet {
+    /// Creates the disks, all holding the initial image (V6).
+    pub fn new(cfg: DiskSetConfig, trace: Trace) -> Arc<DiskSet> {
+        let n = cfg.sectors.len();
+        let fault_base = Rng::stream(cfg.seed, "faults");
+        let lat_base = Rng::stream(cfg.seed, "latency");
+        let disks = (0..n)
+            .map(|i| {
+                let sectors = cfg.sectors[i];
+                let init: Vec<Stored> = (0..sectors)
+                    .map(|s| {
+                        Stored::V(if cfg.initial_pattern {
+                            Value::Data { id: 0, sector: s }
+                        } else {
+                            Value::Zero
+                        })
+                    })
+                    .collect();
+                DiskState {
+                    name: format!("c{i}"),
+                    sectors,
+                    durable: init.clone(),
+                    current: init,
+                    pending: Vec::new(),
+                    sticky: BTreeMap::new(),
+                    marks: BTreeMap::new(),
+                    misdirect: None,
+                    armed: Vec::new(),
+                    latency: cfg.latency[i].clone(),
+                    lat_rng: lat_base.fork("disk", i as u64),
+                    fault_rng: fault_base.fork("disk", i as u64),
+                    discard_zeroes: cfg.discard_zeroes,
+                }
+            })
+            .collect();
+        Arc::new(DiskSet {
+            inner: Mutex::new(Inner {
+                disks,
+                n,
+                t: cfg.t,
+                fifo: cfg.fifo,
+                budget: cfg.budget,
+                rates: cfg.rates,
+                injecting: true,
+                seed: cfg.seed,
+                oplog: BTreeMap::new(),
+                counters: Counters::default(),
+                trace,
+                start: tokio::time::Instant::now(),
+            }),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Resets the virtual-time origin of trace records (call once inside the runtime).
+    pub fn set_start(&self, start: tokio::time::Instant) {
+        self.lock().start = start;
+    }
+
+    /// The block device of child `index`.
+    pub fn device(self: &Arc<DiskSet>, index: usize) -> Arc<VDisk> {
+        let (name, sectors) = {
+            let g = self.lock();
+            (g.disks[index].name.clone(), g.disks[index].sectors)
+        };
+        Arc::new(VDisk {
+            set: self.clone(),
+            index,
+            name,
+            length: sectors * SECTOR_U64,
+            gate: Arc::new(tokio::sync::Semaphore::new(INFLIGHT_PER_DISK_MAX)),
+        })
+    }
+
+    /// Number of disks.
+    pub fn len(&self) -> usize {
+        self.lock().n
+    }
+
+    /// Whether the set has no disks.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Stops or resumes random fault injection (S6 stops it for the liveness phase).
+    pub fn set_injecting(&self, on: bool) {
+        self.lock().injecting = on;
+    }
+
+    /// Sets every disk's latency (S6).
+    pub fn set_latency_minimal(&self) {
+        let mut g = self.lock();
+        for d in &mut g.disks {
+            d.latency = d.latency.minimal();
+        }
+    }
+
+    /// Applies `f` to disk `index`'s latency (scripted F10).
+    pub fn set_latency_factor(&self, index: usize, factor: u64) {
+        self.lock().disks[index].latency.factor = factor.max(1);
+    }
+
+    /// Takes the child requests logged for guest op `op`.
+    pub fn take_oplog(&self, op: u64) -> Vec<ChildOp> {
+        self.lock().oplog.remove(&op).unwrap_or_default()
+    }
+
+    /// Drops logs of ops the harness no longer tracks (after a crash).
+    pub fn clear_oplog(&self) {
+        self.lock().oplog.clear();
+    }
+
+    /// Counters so far.
+    pub fn counters(&self) -> Counters {
+        self.lock().counters.clone()
+    }
+
+    /// Appends a trace record stamped with the current virtual time.
+    pub fn trace(&self, node: &str, kind: &'static str, op: u64, off: u64, len: u64, res: i64) {
+        self.trace_full(node, kind, op, off, len, res, 0, String::new());
+    }
+
+    /// Appends a full trace record.
+    #[allow(clippy::too_many_arguments)]
+    pub fn trace_full(
+        &self,
+        node: &str,
+        kind: &'static str,
+        op: u64,
+        offset: u64,
+        len: u64,
+        result: i64,
+        digest: u64,
+        note: String,
+    ) {
+        let mut g = self.lock();
+        let t_ns = g.start.elapsed().as_nanos() as u64;
+        g.trace.push(Record {
+            t_ns,
+            node: node.to_string(),
+            kind,
+            op,
+            offset,
+            len,
+            result,
+            digest,
+            note,
+        });
+    }
+
+    /// Runs `f` on the trace.
+    pub fn with_trace<R>(&self, f: impl FnOnce(&mut Trace) -> R) -> R {
+        f(&mut self.lock().trace)
+    }
+
+    /// Counts a fault injected by the harness itself (crash, hot-add refusal, ...).
+    pub fn count_injected(&self, family: &'static str) {
+        *self.lock().counters.injected.entry(family).or_default() += 1;
+    }
+
+    /// Arms a scripted fault on disk `index`.
+    pub fn arm(&self, index: usize, a: Armed) {
+        let mut g = self.lock();
+        g.disks[index].armed.push(a);
+    }
+
+    /// Scripted sticky fault (F1, F3 or F4) on `sectors` of disk `index`, bypassing the budget
+    /// (a scenario's faults are deliberate).
+    pub fn mark_sticky(&self, index: usize, sectors: Range<u64>, kind: Sticky, family: &'static str) {
+        let mut g = self.lock();
+        let end = sectors.end.min(g.disks[index].sectors);
+        let mark = if kind == Sticky::Latent {
+            Mark::Failing
+        } else {
+            Mark::Wrong
+        };
+        for s in sectors.start..end {
+            g.disks[index].sticky.insert(s, kind);
+            g.disks[index].marks.insert(s, mark);
+        }
+        *g.counters.injected.entry(family).or_default() += 1;
+        let name = g.disks[index].name.clone();
+        drop(g);
+        self.trace_full(
+            &name,
+            "fault",
+            0,
+            sectors.start * SECTOR_U64,
+            (end - sectors.start) * SECTOR_U64,
+            0,
+            0,
+            family.to_string(),
+        );
+    }
+
+    /// How many disks hold exactly `v` at sector `s`, readable and uncorrupted (O5).
+    pub fn holders(&self, s: u64, v: Value) -> usize {
+        let g = self.lock();
+        g.disks
+            .iter()
+            .filter(|d| s < d.sectors && d.current[s as usize] == Stored::V(v) && !d.sticky.contains_key(&s))
+            .count()
+    }
+
+    /// Whether disk `index` holds `v` at sector `s`, readable and uncorrupted.
+    pub fn holds(&self, index: usize, s: u64, v: Value) -> bool {
+        let g = self.lock();
+        let d = &g.disks[index];
+        s < d.sectors && d.current[s as usize] == Stored::V(v) && !d.sticky.contains_key(&s)
+    }
+
+    /// Sectors whose copies currently break B2 (errors there are permitted, O7; I6 excludes
+    /// them), and sectors with a sticky latent error (I6 excludes them and lists them).
+    pub fn excused_sectors(&self) -> (Vec<u64>, Vec<u64>) {
+        let g = self.lock();
+        let mut touched: std::collections::BTreeSet<u64> = std::collections::BTreeSet::new();
+        for d in &g.disks {
+            touched.extend(d.marks.keys().copied());
+        }
+        let over = touched
+            .iter()
+            .copied()
+            .filter(|&s| !g.within_budget(s, None))
+            .collect();
+        let mut latent: Vec<u64> = g
+            .disks
+            .iter()
+            .flat_map(|d| {
+                d.sticky
+                    .iter()
+                    .filter(|(_, k)| **k == Sticky::Latent)
+                    .map(|(s, _)| *s)
+            })
+            .collect();
+        latent.sort_unstable();
+        latent.dedup();
+        (over, latent)
+    }
+
+    /// I6: sectors on which the readable disks differ (latent sectors skipped).
+    pub fn divergent_sectors(&self, limit: usize) -> Vec<u64> {
+        let g = self.lock();
+        let sectors = g.disks.iter().map(|d| d.sectors).min().unwrap_or(0);
+        let mut out = Vec::new();
+        for s in 0..sectors {
+            let mut first: Option<(&Stored, bool)> = None;
+            for d in &g.disks {
+                let sticky = d.sticky.get(&s).copied();
+                if sticky == Some(Sticky::Latent) {
+                    continue;
+                }
+                let this = (&d.current[s as usize], sticky.is_some());
+                match first {
+                    None => first = Some(this),
+                    Some(f) => {
+                        if f != this || this.1 {
+                            out.push(s);
+                            break;
+                        }
+                    }
+                }
+            }
+            if out.len() >= limit {
+                break;
+            }
+        }
+        out
+    }
+
+    /// Resolves every disk's pending writes as a crash does (F8, F9; V3), then updates the
+    /// ledger: on each sector a crash touched, copies that differ from the value most disks
+    /// hold become wrong (B1: stale or torn).
+    pub fn crash(&self) -> CrashReport {
+        let mut g = self.lock();
+        let mut report = CrashReport::default();
+        let rates = g.rates.clone();
+        let budget = g.budget;
+        let t = g.t;
+        let seed = g.seed;
+        let mut touched: std::collections::BTreeSet<u64> = std::collections::BTreeSet::new();
+        // Damaged copies per sector so far: the safety budget lets at most t - 1 disks hold
+        // damage on one sector, so no torn version can gather t votes.
+        let mut damaged: BTreeMap<u64, usize> = BTreeMap::new();
+        for di in 0..g.n {
+            let pending = std::mem::take(&mut g.disks[di].pending);
+            let mut current = g.disks[di].durable.clone();
+            for (wi, p) in pending.iter().enumerate() {
+                let mut rng = g.disks[di].fault_rng.fork("crash", wi as u64);
+                touched.extend(p.first..p.first + p.data.len() as u64);
+                let survives = match rates.f8 {
+                    Some(keep) => rng.chance(keep),
+                    None => true,
+                };
+                if !survives {
+                    report.lost += 1;
+                    continue;
+                }
+                let tears = rates.f9.is_some_and(|p| rng.chance(p));
+                if !tears {
+                    report.intact += 1;
+                    for (k, v) in p.data.iter().enumerate() {
+                        current[(p.first + k as u64) as usize] = v.clone();
+                    }
+                    continue;
+                }
+                report.torn += 1;
+                // Per 4 KiB page: intact, dropped or damaged (F9).
+                let mut k = 0usize;
+                while k < p.data.len() {
+                    let s0 = p.first + k as u64;
+                    let page_end = ((s0 / 8 + 1) * 8 - p.first) as usize;
+                    let page_end = page_end.min(p.data.len());
+                    let fate = rng.below(3);
+                    for kk in k..page_end {
+                        let s = p.first + kk as u64;
+                        let new = &p.data[kk];
+                        match fate {
+                            0 => current[s as usize] = new.clone(),
+                            1 => {}
+                            _ => {
+                                let roll = rng.below(4);
+                                if roll == 0 {
+                                    current[s as usize] = new.clone();
+                                } else if roll == 3 {
+                                    // dropped
+                                } else {
+                                    let n_dmg = damaged.get(&s).copied().unwrap_or(0);
+                                    if budget == Budget::Safety && n_dmg + 1 > t.saturating_sub(1) {
+                                        continue; // within budget: the sector is dropped
+                                    }
+                                    *damaged.entry(s).or_default() += 1;
+                                    let old = materialize(&current[s as usize]);
+                                    let newb = materialize(new);
+                                    let mut out = [0u8; SECTOR];
+                                    let split = 8 * rng.range(1, 63) as usize;
+                                    let side = rng.below(3);
+                                    let garbage = budget == Budget::Beyond || rng.chance(0.5);
+                                    for (b, o) in out.iter_mut().enumerate() {
+                                        let take_new = match side {
+                                            0 => b < split,
+                                            1 => b >= split,
+                                            _ => true,
+                                        };
+                                        *o = if take_new { newb[b] } else { old[b] };
+                                    }
+                                    if garbage || side == 2 {
+                                        // Garbage unique to this disk and sector.
+                                        let g0 = hash_words(&[seed, di as u64, s, 0x7042]);
+                                        for (i, w) in out.chunks_mut(8).enumerate() {
+                                            if i % 3 == 0 {
+                                                let x = hash_words(&[g0, i as u64]);
+                                                w.copy_from_slice(&x.to_le_bytes());
+                                            }
+                                        }
+                                    }
+                                    current[s as usize] = Stored::Raw(Arc::from(&out[..]));
+                                }
+                            }
+                        }
+                    }
+                    k = page_end;
+                }
+            }
+            g.disks[di].durable = current.clone();
+            g.disks[di].current = current;
+        }
+        // Ledger: copies differing from the most common value become wrong.
+        for &s in &touched {
+            let mut tally: Vec<(Stored, usize)> = Vec::new();
+            for d in &g.disks {
+                if s >= d.sectors {
+                    continue;
+                }
+                let v = &d.current[s as usize];
+                match tally.iter_mut().find(|(x, _)| x == v) {
+                    Some((_, c)) => *c += 1,
+                    None => tally.push((v.clone(), 1)),
+                }
+            }
+            let top = tally.iter().map(|(_, c)| *c).max().unwrap_or(0);
+            let reference = tally.iter().find(|(_, c)| *c == top).map(|(v, _)| v.clone());
+            for d in &mut g.disks {
+                if s >= d.sectors {
+                    continue;
+                }
+                if Some(&d.current[s as usize]) != reference.as_ref() {
+                    d.marks.insert(s, Mark::Wrong);
+                } else if !d.sticky.contains_key(&s) {
+                    d.marks.remove(&s);
+                }
+            }
+        }
+        if report.lost > 0 {
+            *g.counters.injected.entry("F8").or_default() += report.lost;
+        }
+        if report.torn > 0 {
+            *g.counters.injected.entry("F9").or_default() += report.torn;
+        }
+        report
+    }
+
+    /// Reads sector `s` of disk `index` as the media holds it (no faults applied), for final
+    /// comparisons.
+    pub fn stored(&self, index: usize, s: u64) -> Stored {
+        self.lock().disks[index].current[s as usize].clone()
+    }
+}
+
+/// In-flight requests per disk (V4).
+const INFLIGHT_PER_DISK_MAX: usize = 16;
+
+/// The bytes of a stored sector.
+fn materialize(v: &Stored) -> [u8; SECTOR] {
+    let mut out = [0u8; SECTOR];
+    match v {
+        Stored::V(v) => encode_into(*v, &mut out),
+        Stored::Raw(b) => out.copy_from_slice(b),
+    }
+    out
+}
+
+impl Inner {
+    /// B2 (or B4 for fifo) for sector `s`, with disk `over.0`'s copy taken as `over.1`
+    /// (`None`: as it is).
+    fn within_budget(&self, s: u64, over: Option<(usize, Option<Mark>)>) -> bool {
+        let mark_of = |i: usize| -> Option<Mark> {
+            match over {
+                Some((j, m)) if j == i => m,
+                _ => self.disks[i].marks.get(&s).copied(),
+            }
+        };
+        let (mut failing, mut wrong) = (0usize, 0usize);
+        for i in 0..self.n {
+            match mark_of(i) {
+                Some(Mark::Failing) => failing += 1,
+                Some(Mark::Wrong) => wrong += 1,
+                None => {}
+            }
+        }
+        if failing + wrong > self.n - self.t {
+            return false;
+        }
+        if self.fifo {
+            // B4: the first child that can read the sector must hold the right value.
+            return match (0..self.n).find(|&i| mark_of(i) != Some(Mark::Failing)) {
+                Some(i) => mark_of(i).is_none(),
+                None => true,
+            };
+        }
+        wrong < self.t
+    }
+
+    /// B3: may disk `disk` take `mark` on every sector of `sectors`? Counts a skip if not.
+    fn allow(&mut self, family: &'static str, disk: usize, sectors: Range<u64>, mark: Mark) -> bool {
+        let silent = matches!(family, "F1" | "F2" | "F3" | "F6" | "F7");
+        let ok = if self.fifo && silent && self.budget == Budget::Safety {
+            false
+        } else if self.budget == Budget::Beyond && family != "F5" {
+            // B6: beyond budget, faults that fail or produce distinct wrong values are free;
+            // stale copies (F5) stay within B2 (B7).
+            true
+        } else {
+            sectors
+                .clone()
+                .all(|s| self.within_budget(s, Some((disk, Some(mark)))))
+        };
+        if !ok {
+            *self.counters.skipped.entry(family).or_default() += 1;
+        }
+        ok
+    }
+
+    fn injected(&mut self, disk: usize, family: &'static str, sectors: Range<u64>) {
+        *self.counters.injected.entry(family).or_default() += 1;
+        let t_ns = self.start.elapsed().as_nanos() as u64;
+        let node = self.disks[disk].name.clone();
+        self.trace.push(Record {
+            t_ns,
+            node,
+            kind: "fault",
+            op: current_op(),
+            offset: sectors.start * SECTOR_U64,
+            len: (sectors.end - sectors.start) * SECTOR_U64,
+            result: 0,
+            digest: 0,
+            note: family.to_string(),
+        });
+    }
+
+    fn take_armed(&mut self, disk: usize, family: &str, sectors: &Range<u64>) -> Option<Armed> {
+        let d = &mut self.disks[disk];
+        let pos = d.armed.iter().position(|a| {
+            a.family == family
+                && a.count > 0
+                && a.sectors
+                    .as_ref()
+                    .is_none_or(|r| r.start < sectors.end && sectors.start < r.end)
+        })?;
+        d.armed[pos].count -= 1;
+        let a = d.armed[pos].clone();
+        if d.armed[pos].count == 0 {
+            d.armed.remove(pos);
+        }
+        Some(a)
+    }
+
+    /// Draws whether random family `family` fires now on disk `disk`.
+    fn draw(&mut self, disk: usize, rate: Option<f64>) -> bool {
+        if !self.injecting {
+            return false;
+        }
+        match rate {
+            Some(p) => self.disks[disk].fault_rng.chance(p),
+            None => false,
+        }
+    }
+
+    fn pick_sector(&mut self, disk: usize, r: &Range<u64>) -> u64 {
+        r.start + self.disks[disk].fault_rng.below(r.end - r.start)
+    }
+
+    fn log(&mut self, op: u64, c: ChildOp) {
+        self.counters.child_ops += 1;
+        let t_ns = self.start.elapsed().as_nanos() as u64;
+        let (kind, res, dg) = (
+            match c.kind {
+                ChildKind::Read => "c-read",
+                ChildKind::Write => "c-write",
+                ChildKind::Zero => "c-zero",
+                ChildKind::Discard => "c-discard",
+                ChildKind::Flush => "c-flush",
+            },
+            match &c.result {
+                ChildResult::Ok(_) => 0,
+                ChildResult::Err(k) => *k as i64 + 1,
+            },
+            match &c.result {
+                ChildResult::Ok(d) => *d ^ c.data,
+                ChildResult::Err(_) => c.data,
+            },
+        );
+        let node = self.disks[c.disk].name.clone();
+        self.trace.push(Record {
+            t_ns,
+            node,
+            kind,
+            op,
+            offset: c.offset,
+            len: c.len,
+            result: res,
+            digest: dg,
+            note: String::new(),
+        });
+        if op != 0 {
+            self.oplog.entry(op).or_default().push(c);
+        }
+    }
+}
+
+/// One child disk: a [`BlockDevice`] over its slot in the [`DiskSet`].
+pub struct VDisk {
+    set: Arc<DiskSet>,
+    index: usize,
+    name: String,
+    length: u64,
+    gate: Arc<tokio::sync::Semaphore>,
+}
+
+impl std::fmt::Debug for VDisk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "vdisk {}", self.name)
+    }
+}
+
+fn eio(what: &str, disk: &str, s: u64) -> Error {
+    Error::new(ErrorKind::Io, format!("vdisk {disk}: {what} at sector {s}"))
+}
+
+impl VDisk {
+    async fn delay(&self, write: bool) {
+        let ns = {
+            let mut g = self.set.lock();
+            let d = &mut g.disks[self.index];
+            let (min, mean) = if write {
+                (d.latency.write_min_ns, d.latency.write_mean_ns)
+            } else {
+                (d.latency.read_min_ns, d.latency.read_mean_ns)
+            };
+            let extra = mean.saturating_sub(min) as f64;
+            let mut ns = min + d.lat_rng.exponential(extra) as u64;
+            ns = ns.saturating_mul(d.latency.factor.max(1));
+            if d.latency.stall_p > 0.0 && d.lat_rng.chance(d.latency.stall_p) {
+                let (a, b) = d.latency.stall_ns;
+                ns += d.lat_rng.range(a, b.max(a));
+            }
+            ns
+        };
+        if ns > 0 {
+            tokio::time::sleep(Duration::from_nanos(ns)).await;
+        }
+    }
+
+    fn sectors_of(offset: u64, len: u64) -> Range<u64> {
+        offset / SECTOR_U64..(offset + len).div_ceil(SECTOR_U64)
+    }
+
+    /// Applies a write of `data` (one Stored per sector) at `first`; shared by write,
+    /// write-zeroes and discard. Returns the error to report, if the write fails (F5).
+    fn apply_write(
+        &self,
+        g: &mut Inner,
+        first: u64,
+        mut data: Vec<Stored>,
+        fua: bool,
+    ) -> std::result::Result<(), Error> {
+        let i = self.index;
+        let n = data.len() as u64;
+        let range = first..first + n;
+        // F5: the write fails; none, all or some of its sectors reached the media.
+        let armed5 = g.take_armed(i, "F5", &range);
+        let rate5 = g.rates.f5;
+        let fire5 = armed5.is_some() || g.draw(i, rate5);
+        if fire5 {
+            let applied = match &armed5 {
+                Some(a) => a.applied,
+                None => ["none", "all", "some"][g.disks[i].fault_rng.below(3) as usize],
+            };
+            let mask: Vec<bool> = (0..n)
+                .map(|_| match applied {
+                    "none" => false,
+                    "all" => true,
+                    _ => g.disks[i].fault_rng.chance(0.5),
+                })
+                .collect();
+            let stale: Vec<u64> = (0..n).filter(|k| !mask[*k as usize]).map(|k| first + k).collect();
+            let ok = armed5.is_some()
+                || stale
+                    .iter()
+                    .all(|&s| g.allow_one("F5", i, s, Mark::Wrong));
+            if ok {
+                g.injected(i, "F5", range.clone());
+                let d = &mut g.disks[i];
+                for (k, v) in data.into_iter().enumerate() {
+                    let s = first + k as u64;
+                    if mask[k] {
+                        d.current[s as usize] = v;
+                        d.sticky.remove(&s);
+                        d.marks.remove(&s);
+                    } else {
+                        d.marks.insert(s, Mark::Wrong);
+                    }
+                }
+                // The applied part is in the cache like any write.
+                let snapshot: Vec<Stored> = range.clone().map(|s| d.current[s as usize].clone()).collect();
+                d.pending.push(Pending { first, data: snapshot });
+                return Err(eio("write failed (F5)", &d.name, first));
+            } else {
+                *g.counters.skipped.entry("F5").or_default() += 1;
+            }
+        }
+        // F6: the whole write lands elsewhere (at most one live misdirection per disk).
+        let armed6 = g.take_armed(i, "F6", &range);
+        let rate6 = g.rates.f6;
+        let fire6 = armed6.is_some() || g.draw(i, rate6);
+        let mut target = first;
+        if fire6 && g.disks[i].misdirect.is_none() {
+            let sectors = g.disks[i].sectors;
+            if sectors >= 2 * n + 8 {
+                let pages = (sectors - n) / 8;
+                let mut cand = g.disks[i].fault_rng.below(pages + 1) * 8;
+                if cand < first + n && first < cand + n {
+                    cand = if first + n + n <= sectors { (first + n).div_ceil(8) * 8 } else { 0 };
+                }
+                let cand_range = cand..cand + n;
+                let disjoint = cand + n <= first || first + n <= cand;
+                if disjoint
+                    && cand + n <= sectors
+                    && (armed6.is_some()
+                        || (g.allow("F6", i, range.clone(), Mark::Wrong)
+                            && g.allow("F6", i, cand_range.clone(), Mark::Wrong)))
+                {
+                    g.injected(i, "F6", range.clone());
+                    target = cand;
+                    let d = &mut g.disks[i];
+                    d.misdirect = Some((range.clone(), cand_range.clone()));
+                    for s in range.clone() {
+                        d.marks.insert(s, Mark::Wrong);
+                    }
+                }
+            }
+        }
+        let d = &mut g.disks[i];
+        if target == first {
+            if let Some((a, b)) = &d.misdirect {
+                // A write that covers the intended range repairs the misdirection's stale side;
+                // one that covers the target repairs the foreign side.
+                let (a, b) = (a.clone(), b.clone());
+                let covers = |r: &Range<u64>| first <= r.start && r.end <= first + n;
+                if covers(&a) || covers(&b) || (a.start < first + n && first < a.end) {
+                    d.misdirect = None;
+                }
+            }
+        }
+        for (k, v) in data.iter_mut().enumerate() {
+            let s = target + k as u64;
+            d.current[s as usize] = std::mem::replace(v, Stored::V(Value::Zero));
+            d.sticky.remove(&s);
+            if target == first {
+                d.marks.remove(&s);
+            } else {
+                d.marks.insert(s, Mark::Wrong);
+            }
+        }
+        let snapshot: Vec<Stored> = (target..target + n).map(|s| d.current[s as usize].clone()).collect();
+        d.pending.push(Pending {
+            first: target,
+            data: snapshot,
+        });
+        // F3: one sector of the write is stored corrupted.
+        let armed3 = g.take_armed(i, "F3", &range);
+        let rate3 = g.rates.f3;
+        if armed3.is_some() || g.draw(i, rate3) {
+            let s = g.pick_sector(i, &(target..target + n));
+            if armed3.is_some() || g.allow("F3", i, s..s + 1, Mark::Wrong) {
+                g.injected(i, "F3", s..s + 1);
+                g.disks[i].sticky.insert(s, Sticky::Rot);
+                g.disks[i].marks.insert(s, Mark::Wrong);
+            }
+        }
+        if fua {
+            flush_disk(&mut g.disks[i]);
+        }
+        Ok(())
+    }
+}
+
+impl Inner {
+    fn allow_one(&mut self, family: &'static str, disk: usize, s: u64, mark: Mark) -> bool {
+        if self.budget == Budget::Beyond && family != "F5" {
+            return true;
+        }
+        self.within_budget(s, Some((disk, Some(mark))))
+    }
+}
+
+fn flush_disk(d: &mut DiskState) {
+    for p in std::mem::take(&mut d.pending) {
+        for (k, v) in p.data.into_iter().enumerate() {
+            d.durable[(p.first + k as u64) as usize] = v;
+        }
+    }
+}
+
+/// V5: the bit a corrupted sector flips: a hash of seed, disk, sector and pristine bytes.
+fn flip_bit(seed: u64, disk: usize, s: u64, buf: &mut [u8], salt: u64) {
+    let pristine = digest(buf);
+    let bit = hash_words(&[seed, disk as u64, s, pristine, salt]) % (SECTOR as u64 * 8);
+    buf[(bit / 8) as usize] ^= 1 << (bit % 8);
+}
+
+#[async_trait]
+impl BlockDevice for VDisk {
+    fn driver(&self) -> &'static str {
+        "vdisk"
+    }
+
+    fn length(&self) -> Result<u64> {
+        Ok(self.length)
+    }
+
+    fn request_alignment(&self) -> u32 {
+        SECTOR as u32
+    }
+
+    async fn read(&self, offset: u64, len: usize) -> Result<Bytes> {
+        check_request(self.length, SECTOR as u32, offset, len as u64, Access::Read)?;
+        let op = current_op();
+        let _permit = self.gate.acquire().await.map_err(|_| eio("closed", &self.name, 0))?;
+        self.delay(false).await;
+        let mut g = self.set.lock();
+        let i = self.index;
+        let range = Self::sectors_of(offset, len as u64);
+        if range.is_empty() {
+            return Ok(Bytes::new());
+        }
+        // F4: a sector becomes unreadable until rewritten.
+        let rate4 = g.rates.f4;
+        if g.draw(i, rate4) {
+            let s = g.pick_sector(i, &range);
+            if g.allow("F4", i, s..s + 1, Mark::Failing) {
+                g.injected(i, "F4", s..s + 1);
+                g.disks[i].sticky.insert(s, Sticky::Latent);
+                g.disks[i].marks.insert(s, Mark::Failing);
+            }
+        }
+        // F1: a sector starts returning a flipped bit until rewritten.
+        let rate1 = g.rates.f1;
+        if g.draw(i, rate1) {
+            let s = g.pick_sector(i, &range);
+            if g.disks[i].sticky.get(&s).is_none() && g.allow("F1", i, s..s + 1, Mark::Wrong) {
+                g.injected(i, "F1", s..s + 1);
+                g.disks[i].sticky.insert(s, Sticky::Flip);
+                g.disks[i].marks.insert(s, Mark::Wrong);
+            }
+        }
+        let latent = range
+            .clone()
+            .find(|s| g.disks[i].sticky.get(s) == Some(&Sticky::Latent));
+        if let Some(s) = latent {
+            let e = eio("latent sector error (F4)", &self.name, s);
+            g.log(
+                op,
+                ChildOp {
+                    disk: i,
+                    kind: ChildKind::Read,
+                    offset,
+                    len: len as u64,
+                    data: 0,
+                    result: ChildResult::Err(e.kind()),
+                },
+            );
+            return Err(e);
+        }
+        // F7: the read returns another aligned offset's bytes, once.
+        let mut source = range.start;
+        let armed7 = g.take_armed(i, "F7", &range);
+        let rate7 = g.rates.f7;
+        let n = range.end - range.start;
+        if armed7.is_some() || g.draw(i, rate7) {
+            let sectors = g.disks[i].sectors;
+            if sectors >= n + 8 {
+                let cand = g.disks[i].fault_rng.below((sectors - n) / 8 + 1) * 8;
+                if cand != range.start
+                    && (armed7.is_some() || g.allow("F7", i, range.clone(), Mark::Wrong))
+                {
+                    g.injected(i, "F7", range.clone());
+                    source = cand;
+                }
+            }
+        }
+        // F2: one transient flipped bit in this read.
+        let armed2 = g.take_armed(i, "F2", &range);
+        let rate2 = g.rates.f2;
+        let mut transient = None;
+        if armed2.is_some() || g.draw(i, rate2) {
+            let s = match &armed2 {
+                Some(Armed {
+                    sectors: Some(r), ..
+                }) => r.start.max(range.start),
+                _ => g.pick_sector(i, &range),
+            };
+            if armed2.is_some() || g.allow("F2", i, s..s + 1, Mark::Wrong) {
+                g.injected(i, "F2", s..s + 1);
+                transient = Some(s);
+            }
+        }
+        let seed = g.seed;
+        let d = &g.disks[i];
+        let mut buf = BytesMut::zeroed(len);
+        for (k, chunk) in buf.chunks_mut(SECTOR).enumerate() {
+            let src = source + k as u64;
+            let s = range.start + k as u64;
+            match &d.current[src as usize] {
+                Stored::V(v) => encode_into(*v, chunk),
+                Stored::Raw(b) => chunk.copy_from_slice(b),
+            }
+            if matches!(d.sticky.get(&src), Some(Sticky::Flip | Sticky::Rot)) {
+                flip_bit(seed, i, src, chunk, 1);
+            }
+            if transient == Some(s) {
+                flip_bit(seed, i, s, chunk, 2);
+            }
+        }
+        let out = buf.freeze();
+        let dg = digest(&out);
+        g.log(
+            op,
+            ChildOp {
+                disk: i,
+                kind: ChildKind::Read,
+                offset,
+                len: len as u64,
+                data: 0,
+                result: ChildResult::Ok(dg),
+            },
+        );
+        Ok(out)
+    }
+
+    async fn write(&self, offset: u64, data: Bytes, flags: WriteFlags) -> Result<()> {
+        check_request(self.length, SECTOR as u32, offset, data.len() as u64, Access::Write)?;
+        let op = current_op();
+        let _permit = self.gate.acquire().await.map_err(|_| eio("closed", &self.name, 0))?;
+        self.delay(true).await;
+        let stored: Vec<Stored> = data
+            .chunks(SECTOR)
+            .map(|c| match decode(c) {
+                Decoded::Value(v) => Stored::V(v),
+                Decoded::Garbage => Stored::Raw(Arc::from(c)),
+            })
+            .collect();
+        let mut g = self.set.lock();
+        let r = self.apply_write(&mut g, offset / SECTOR_U64, stored, flags.fua);
+        g.log(
+            op,
+            ChildOp {
+                disk: self.index,
+                kind: ChildKind::Write,
+                offset,
+                len: data.len() as u64,
+                data: digest(&data),
+                result: match &r {
+                    Ok(()) => ChildResult::Ok(0),
+                    Err(e) => ChildResult::Err(e.kind()),
+                },
+            },
+        );
+        r
+    }
+
+    async fn flush(&self) -> Result<()> {
+        let op = current_op();
+        let _permit = self.gate.acquire().await.map_err(|_| eio("closed", &self.name, 0))?;
+        self.delay(true).await;
+        let mut g = self.set.lock();
+        let i = self.index;
+        // F5 on a flush: the write-back fails. Only on an idle cache, so no acked data depends
+        // on it (the oracle's durability model stays exact); it drives Q41's error paths.
+        let rate5 = g.rates.f5;
+        if g.draw(i, rate5) && g.disks[i].pending.is_empty() {
+            g.injected(i, "F5", 0..0);
+            let e = eio("flush failed (F5, idle cache)", &self.name, 0);
+            g.log(
+                op,
+                ChildOp {
+                    disk: i,
+                    kind: ChildKind::Flush,
+                    offset: 0,
+                    len: 0,
+                    data: 0,
+                    result: ChildResult::Err(e.kind()),
+                },
+            );
+            return Err(e);
+        }
+        flush_disk(&mut g.disks[i]);
+        g.log(
+            op,
+            ChildOp {
+                disk: i,
+                kind: ChildKind::Flush,
+                offset: 0,
+                len: 0,
+                data: 0,
+                result: ChildResult::Ok(0),
+            },
+        );
+        Ok(())
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        check_request(self.length, SECTOR as u32, offset, len, Access::Write)?;
+        let op = current_op();
+        let _permit = self.gate.acquire().await.map_err(|_| eio("closed", &self.name, 0))?;
+        self.delay(true).await;
+        let n = (len / SECTOR_U64) as usize;
+        let mut g = self.set.lock();
+        let r = self.apply_write(
+            &mut g,
+            offset / SECTOR_U64,
+            vec![Stored::V(Value::Zero); n],
+            flags.fua,
+        );
+        g.log(
+            op,
+            ChildOp {
+                disk: self.index,
+                kind: ChildKind::Zero,
+                offset,
+                len,
+                data: 0,
+                result: match &r {
+                    Ok(()) => ChildResult::Ok(0),
+                    Err(e) => ChildResult::Err(e.kind()),
+                },
+            },
+        );
+        r
+    }
+
+    async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        check_request(self.length, SECTOR as u32, offset, len, Access::Read)?;
+        let op = current_op();
+        let _permit = self.gate.acquire().await.map_err(|_| eio("closed", &self.name, 0))?;
+        self.delay(true).await;
+        let mut g = self.set.lock();
+        let r = if g.disks[self.index].discard_zeroes {
+            let n = (len / SECTOR_U64) as usize;
+            self.apply_write(&mut g, offset / SECTOR_U64, vec![Stored::V(Value::Zero); n], false)
+        } else {
+            Ok(())
+        };
+        g.log(
+            op,
+            ChildOp {
+                disk: self.index,
+                kind: ChildKind::Discard,
+                offset,
+                len,
+                data: 0,
+                result: match &r {
+                    Ok(()) => ChildResult::Ok(0),
+                    Err(e) => ChildResult::Err(e.kind()),
+                },
+            },
+        );
+        r
+    }
+
+    fn discard_zeroes(&self) -> bool {
+        self.set.lock().disks[self.index].discard_zeroes
+    }
+}

@@ -1,0 +1,1036 @@
+//! One simulated run (SIMULATION.md §3, §8): the madsim runtime built from the seed, the
+//! `qhost` node running the unchanged quorum driver over virtual disks together with the
+//! guest workload, the supervisor that crashes and restarts it, the safety phase, the
+//! liveness phase, and the scenario's expectations.
+
+use std::collections::BTreeMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use ballot::drivers::quorum::{Quorum, QuorumOptions, ReadPattern};
+use ballot::events::{Emitted, Event, EventBus, IoType, Stream};
+use ballot::host::Host;
+use ballot::{BlockDevice, Device, ErrorKind, WriteFlags, ZeroFlags};
+use bytes::Bytes;
+
+use crate::oracle::{ModelCfg, OpKind, Oracle, Violation};
+use crate::params::Params;
+use crate::rng::Rng;
+use crate::scenario::{Expect, FaultSpec, Scenario, When};
+use crate::sector::{decode, Decoded, Value, SECTOR, SECTOR_U64};
+use crate::trace::Trace;
+use crate::vdisk::{Armed, Budget, DiskSet, DiskSetConfig, Stored, Sticky, GUEST_OP};
+
+/// Options of one run.
+#[derive(Debug, Clone, Default)]
+pub struct RunOpts {
+    /// Print every trace record (replay -v).
+    pub verbose: bool,
+    /// Op-id window for verbose printing.
+    pub window: (u64, u64),
+    /// Keep every trace record in the result.
+    pub capture: bool,
+}
+
+/// What one run produced.
+#[derive(Debug, Clone, Default)]
+pub struct RunResult {
+    /// The first violation: rule, message.
+    pub violation: Option<(String, String)>,
+    /// Failure detail: history and trace tail.
+    pub detail: String,
+    /// Guest ops completed (all phases).
+    pub ops: u64,
+    /// Child requests.
+    pub child_ops: u64,
+    /// Virtual seconds.
+    pub virtual_s: f64,
+    /// Wall seconds.
+    pub wall_s: f64,
+    /// Trace hash (hex).
+    pub trace_hash: String,
+    /// Trace records.
+    pub records: u64,
+    /// Faults injected by family.
+    pub injected: BTreeMap<String, u64>,
+    /// Faults skipped by the budget.
+    pub skipped: BTreeMap<String, u64>,
+    /// Outcomes by kind/result.
+    pub outcomes: BTreeMap<String, u64>,
+    /// Recovery paths reached.
+    pub paths: BTreeMap<String, u64>,
+    /// Invariant checks by rule.
+    pub checks: BTreeMap<String, u64>,
+    /// Errors counted in the safety phase.
+    pub safety_errors: u64,
+    /// Crashes.
+    pub crashes: u64,
+    /// Sectors excused from I6/I14 (over budget after crashes, latent errors).
+    pub excused: u64,
+    /// Every trace record, when captured.
+    pub trace_lines: Vec<String>,
+}
+
+impl RunResult {
+    /// The exit code of SIMULATION.md §10 for this run.
+    pub fn exit_code(&self) -> i32 {
+        match self.violation.as_ref().map(|(r, _)| r.as_str()) {
+            None => 0,
+            Some("I14") => 2,
+            Some("I13") => 3,
+            Some("harness") => 70,
+            Some(_) => 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Safety,
+    Liveness,
+    Done,
+}
+
+struct State {
+    oracle: Oracle,
+    violations: Vec<Violation>,
+    phase: Phase,
+    next_step: usize,
+    step_results: BTreeMap<String, String>,
+    step_ops: BTreeMap<String, u64>,
+    issued: u64,
+    completed: u64,
+    inflight: u64,
+    events_by_op: BTreeMap<u64, Vec<Event>>,
+    all_events: Vec<Event>,
+    qmp_events: Vec<Emitted>,
+    quorum: Option<Arc<Quorum>>,
+    alive: bool,
+    incarnation: u64,
+    wrng: Rng,
+    fired: Vec<bool>,
+    crash_requested: bool,
+    crashes: u64,
+    f11_at: Option<u64>,
+}
+
+struct World {
+    p: Params,
+    sc: Scenario,
+    disks: Arc<DiskSet>,
+    st: Mutex<State>,
+    wake: tokio::sync::Notify,
+    crash_now: tokio::sync::Notify,
+}
+
+impl World {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.st.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn violate(&self, v: Violation) {
+        let mut st = self.lock();
+        st.violations.push(v);
+        st.phase = Phase::Done;
+        drop(st);
+        self.wake.notify_one();
+    }
+
+    fn failed(&self) -> bool {
+        !self.lock().violations.is_empty()
+    }
+}
+
+/// Runs one seed of `sc` with parameters `p`.
+pub fn run(p: Params, sc: &Scenario, opts: &RunOpts) -> RunResult {
+    let wall = std::time::Instant::now();
+    let seed = p.seed;
+    let mut rt = madsim::runtime::Runtime::with_seed_and_config(seed, madsim::Config::default());
+    // W5 backstop: a hang past every phase's limit is a liveness failure.
+    rt.set_time_limit(Duration::from_nanos(
+        p.time_limit_ns
+            .saturating_add(p.deadline_ns.saturating_mul(8))
+            .saturating_add(3_600_000_000_000),
+    ));
+    let sc2 = sc.clone();
+    let opts2 = opts.clone();
+    let out: Arc<Mutex<Option<RunResult>>> = Arc::default();
+    let out2 = out.clone();
+    crate::sweep::take_panic();
+    let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        rt.block_on(async move {
+            let r = world_main(p, sc2, opts2).await;
+            *out2.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+        })
+    }));
+    let mut result = out
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+        .unwrap_or_default();
+    if r.is_err() {
+        let msg = crate::sweep::take_panic().unwrap_or_else(|| "panic".into());
+        let rule = if msg.contains("time limit exceeded") || msg.contains("deadlock") {
+            "I14"
+        } else {
+            "I16"
+        };
+        result.violation = Some((rule.to_string(), format!("panic: {msg}")));
+    }
+    result.wall_s = wall.elapsed().as_secs_f64();
+    result
+}
+
+async fn world_main(p: Params, sc: Scenario, opts: RunOpts) -> RunResult {
+    let start = tokio::time::Instant::now();
+    let n = p.children;
+    let mut sectors = vec![p.disk_size / SECTOR_U64; n];
+    // F11 at open: a scripted size mismatch on a child from the start.
+    for f in &sc.faults {
+        if f.id == "F11" && f.when == When::AtOp(0) {
+            if let (Some(c), Some(toml::Value::Integer(d))) = (f.target, f.params.get("delta")) {
+                if c < n {
+                    sectors[c] = (sectors[c] as i64 + d / 512).max(1) as u64;
+                }
+            }
+        }
+    }
+    let latency: Vec<_> = (0..n)
+        .map(|i| {
+            let mut l = p.latency.clone();
+            if let Some((g, f)) = p.gray {
+                if g == i {
+                    l.factor = f;
+                }
+            }
+            l
+        })
+        .collect();
+    let disks = DiskSet::new(
+        DiskSetConfig {
+            seed: p.seed,
+            sectors,
+            t: p.threshold,
+            fifo: p.fifo,
+            budget: p.budget,
+            rates: p.rates.clone(),
+            latency,
+            initial_pattern: p.initial_pattern,
+            discard_zeroes: p.discard_zeroes,
+        },
+        {
+            let mut t = Trace::new(opts.verbose, opts.window);
+            if opts.capture {
+                t.keep_all();
+            }
+            t
+        },
+    );
+    disks.set_start(start);
+    let oracle = Oracle::new(ModelCfg {
+        n,
+        t: p.threshold,
+        fifo: p.fifo,
+        rewrite: p.rewrite,
+        discard_forwarded: p.discard_unmap && p.discard_zeroes,
+        initial_pattern: p.initial_pattern,
+    });
+    let mut frng = Rng::stream(p.seed, "faults/F11");
+    let f11_at = (p.family_on("F11") && p.ops > 0).then(|| frng.below(p.ops));
+    let world = Arc::new(World {
+        disks: disks.clone(),
+        st: Mutex::new(State {
+            oracle,
+            violations: Vec::new(),
+            phase: Phase::Safety,
+            next_step: 0,
+            step_results: BTreeMap::new(),
+            step_ops: BTreeMap::new(),
+            issued: 0,
+            completed: 0,
+            inflight: 0,
+            events_by_op: BTreeMap::new(),
+            all_events: Vec::new(),
+            qmp_events: Vec::new(),
+            quorum: None,
+            alive: true,
+            incarnation: 0,
+            wrng: Rng::stream(p.seed, "workload"),
+            fired: vec![false; sc.faults.len()],
+            crash_requested: false,
+            crashes: 0,
+            f11_at,
+        }),
+        p,
+        sc,
+        wake: tokio::sync::Notify::new(),
+        crash_now: tokio::sync::Notify::new(),
+    });
+    let handle = madsim::runtime::Handle::current();
+    let w2 = world.clone();
+    let node = handle
+        .create_node()
+        .name("qhost")
+        .ip("10.0.0.2".parse().expect("ip"))
+        .init(move || {
+            let w = w2.clone();
+            async move { qhost_main(w).await }
+        })
+        .build();
+    let node_id = node.id();
+    // Scripted faults at virtual times.
+    for (i, f) in world.sc.faults.iter().enumerate() {
+        if let When::At(ns) = f.when {
+            let w = world.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_nanos(ns)).await;
+                fire_once(&w, i);
+            });
+        }
+        if let Some(When::At(ns)) = f.until {
+            let w = world.clone();
+            let target = f.target;
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_nanos(ns)).await;
+                if let Some(c) = target {
+                    w.disks.set_latency_factor(c, 1);
+                }
+            });
+        }
+    }
+    // Safety phase: crashes and restarts until the workload is done or time runs out.
+    let limit = Duration::from_nanos(world.p.time_limit_ns);
+    let mut crng = Rng::stream(world.p.seed, "faults/F16");
+    loop {
+        let (done, alive) = {
+            let st = world.lock();
+            (st.phase != Phase::Safety, st.alive)
+        };
+        if done || start.elapsed() >= limit {
+            break;
+        }
+        let remaining = limit.saturating_sub(start.elapsed());
+        let next_crash = if world.p.crash_rate > 0.0 && alive {
+            Duration::from_secs_f64(crng.exponential(1.0 / world.p.crash_rate)).min(remaining)
+        } else {
+            remaining
+        };
+        let crash = tokio::select! {
+            biased;
+            _ = world.crash_now.notified() => true,
+            _ = world.wake.notified() => false,
+            _ = tokio::time::sleep(next_crash) => world.p.crash_rate > 0.0 && start.elapsed() < limit,
+        };
+        if !crash {
+            continue;
+        }
+        let requested = std::mem::take(&mut world.lock().crash_requested);
+        if world.lock().phase != Phase::Safety || !world.lock().alive {
+            continue;
+        }
+        crash_node(&world, &handle, node_id);
+        let restart = {
+            let (a, b) = if requested {
+                scripted_restart(&world).unwrap_or(world.p.restart_ns)
+            } else {
+                world.p.restart_ns
+            };
+            crng.range(a, b.max(a))
+        };
+        tokio::time::sleep(Duration::from_nanos(restart)).await;
+        restart_node(&world, &handle, node_id);
+    }
+    {
+        let mut st = world.lock();
+        if st.phase == Phase::Safety {
+            st.phase = Phase::Liveness;
+        }
+    }
+    if !world.lock().alive {
+        restart_node(&world, &handle, node_id);
+    }
+    // Wait for the (re)opened quorum.
+    for _ in 0..1000 {
+        if world.lock().quorum.is_some() || world.failed() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    if !world.failed() && world.p.liveness {
+        liveness(&world, start).await;
+    }
+    if !world.failed() {
+        // Safety ops that never completed: a hang (I14), unless the run stopped early.
+        let pending = world.lock().oracle.pending_ops();
+        if world.p.liveness && !pending.is_empty() {
+            world.violate(Violation {
+                rule: "I14",
+                op: pending[0],
+                sector: None,
+                message: format!("{} guest op(s) never completed (first: op {})", pending.len(), pending[0]),
+            });
+        }
+    }
+    if !world.failed() {
+        check_expectations(&world).await;
+    }
+    world.lock().phase = Phase::Done;
+    finish(&world, start)
+}
+
+fn scripted_restart(w: &World) -> Option<(u64, u64)> {
+    w.sc.faults.iter().find(|f| f.id == "F16").and_then(|f| match f.params.get("restart") {
+        Some(toml::Value::String(s)) => crate::units::parse_time_ns(s).ok().map(|n| (n, n)),
+        _ => None,
+    })
+}
+
+fn crash_node(w: &Arc<World>, handle: &madsim::runtime::Handle, id: madsim::task::NodeId) {
+    handle.kill(id);
+    let report = w.disks.crash();
+    w.disks.count_injected("F16");
+    w.disks.trace_full(
+        "qhost",
+        "crash",
+        0,
+        report.intact,
+        report.lost,
+        report.torn as i64,
+        0,
+        format!("F16 intact={} lost={} torn={}", report.intact, report.lost, report.torn),
+    );
+    w.disks.clear_oplog();
+    let disks = w.disks.clone();
+    let mut st = w.lock();
+    st.oracle.crash(|s, v| disks.holders(s, v));
+    st.events_by_op.clear();
+    st.quorum = None;
+    st.alive = false;
+    st.inflight = 0;
+    st.crashes += 1;
+    // A step cut off by the crash is indeterminate.
+    for sid in st.step_ops.keys().cloned().collect::<Vec<_>>() {
+        st.step_results.entry(sid).or_insert_with(|| "info".into());
+    }
+}
+
+fn restart_node(w: &Arc<World>, handle: &madsim::runtime::Handle, id: madsim::task::NodeId) {
+    w.disks.trace("qhost", "restart", 0, 0, 0, 0);
+    w.lock().alive = true;
+    handle.restart(id);
+}
+
+/// W9: the node's init: open the graph over whatever the disks hold, then run the workload.
+async fn qhost_main(w: Arc<World>) {
+    let bus = EventBus::new();
+    {
+        let w2 = w.clone();
+        bus.subscribe(Stream::Internal, move |e| {
+            let op = crate::vdisk::current_op();
+            let mut st = w2.lock();
+            st.all_events.push(e.event.clone());
+            st.events_by_op.entry(op).or_default().push(e.event.clone());
+        });
+        let w3 = w.clone();
+        bus.subscribe(Stream::Qmp, move |e| w3.lock().qmp_events.push(e.clone()));
+    }
+    let (host, _captured) = Host::recording(bus);
+    let p = &w.p;
+    let children: Vec<(String, Device)> = (0..p.children)
+        .map(|i| (format!("c{i}"), w.disks.device(i) as Device))
+        .collect();
+    let opts = QuorumOptions {
+        read_pattern: if p.fifo { ReadPattern::Fifo } else { ReadPattern::Quorum },
+        rewrite_corrupted: p.rewrite,
+        discard_unmap: p.discard_unmap,
+        ..QuorumOptions::new("q0", p.threshold)
+    };
+    let q = match Quorum::open(opts, children, host) {
+        Ok(q) => Arc::new(q),
+        Err(e) => {
+            // Q14 / F11 at open: recorded as the result of the pseudo-step "open".
+            w.disks.trace_full("qhost", "open", 0, 0, 0, 5, 0, e.to_string());
+            let mut st = w.lock();
+            st.step_results.insert("open".into(), format!("error: {e}"));
+            st.phase = Phase::Done;
+            drop(st);
+            w.wake.notify_one();
+            return;
+        }
+    };
+    {
+        let mut st = w.lock();
+        st.step_results.entry("open".into()).or_insert_with(|| "ok".into());
+        st.quorum = Some(q.clone());
+        st.incarnation += 1;
+    }
+    w.disks.trace("qhost", "open", 0, 0, 0, 0);
+    // C4: scripted steps one after another.
+    loop {
+        let step = {
+            let mut st = w.lock();
+            if st.phase != Phase::Safety || st.next_step >= w.sc.steps.len() {
+                None
+            } else {
+                st.next_step += 1;
+                Some(w.sc.steps[st.next_step - 1].clone())
+            }
+        };
+        let Some(step) = step else { break };
+        fire_due(&w);
+        let dev: Device = q.clone();
+        let (start, end) = step.range;
+        let r = run_op(&w, &dev, step.op, start, end - start, step.fua, false, Some(step.id.clone())).await;
+        let mut st = w.lock();
+        st.step_results.insert(
+            step.id.clone(),
+            match r {
+                Ok(()) => "ok".into(),
+                Err(k) => k.errno_name().to_string(),
+            },
+        );
+    }
+    // Random ops at the configured queue depth.
+    let mut workers = Vec::new();
+    for _ in 0..p.queue_depth {
+        let w = w.clone();
+        let dev: Device = q.clone();
+        workers.push(tokio::spawn(async move {
+            while let Some((kind, off, len, fua)) = next_random_op(&w) {
+                let _ = run_op(&w, &dev, kind, off, len, fua, false, None).await;
+                w.lock().inflight -= 1;
+            }
+        }));
+    }
+    for h in workers {
+        let _ = h.await;
+    }
+    let mut st = w.lock();
+    if st.phase == Phase::Safety && st.issued >= w.p.ops && st.inflight == 0 {
+        st.phase = Phase::Liveness;
+        drop(st);
+        w.wake.notify_one();
+    }
+}
+
+/// Fires scripted faults whose `at_op` has come, and ends lasting ones whose `until_op` has.
+fn fire_due(w: &Arc<World>) {
+    let done = w.lock().completed;
+    for (i, f) in w.sc.faults.iter().enumerate() {
+        if let When::AtOp(k) = f.when {
+            if k <= done && !(f.id == "F11" && k == 0) {
+                fire_once(w, i);
+            }
+        }
+        if let (Some(When::AtOp(k)), Some(c)) = (&f.until, f.target) {
+            if *k <= done {
+                w.disks.set_latency_factor(c, 1);
+            }
+        }
+    }
+}
+
+fn fire_once(w: &Arc<World>, i: usize) {
+    {
+        let mut st = w.lock();
+        if st.fired[i] || st.phase == Phase::Done {
+            return;
+        }
+        st.fired[i] = true;
+    }
+    let f: FaultSpec = w.sc.faults[i].clone();
+    let sectors = f.range.map(|(a, b)| a / SECTOR_U64..b / SECTOR_U64);
+    match (f.id.as_str(), f.target) {
+        ("F16", _) => {
+            w.lock().crash_requested = true;
+            w.crash_now.notify_one();
+        }
+        ("F1", Some(c)) => w.disks.mark_sticky(c, sectors.unwrap_or(0..1), Sticky::Flip, "F1"),
+        ("F4", Some(c)) => w.disks.mark_sticky(c, sectors.unwrap_or(0..1), Sticky::Latent, "F4"),
+        ("F3", Some(c)) if sectors.is_some() => {
+            w.disks.mark_sticky(c, sectors.unwrap_or(0..1), Sticky::Rot, "F3")
+        }
+        ("F10", Some(c)) => {
+            let factor = match f.params.get("factor") {
+                Some(toml::Value::Integer(n)) => *n as u64,
+                _ => 100,
+            };
+            w.disks.count_injected("F10");
+            w.disks.set_latency_factor(c, factor);
+        }
+        ("F11", Some(_)) => {
+            let w = w.clone();
+            let delta = match f.params.get("delta") {
+                Some(toml::Value::Integer(n)) => *n,
+                _ => 512,
+            };
+            tokio::spawn(async move { hot_add_mismatch(&w, delta).await });
+        }
+        (fam @ ("F2" | "F3" | "F5" | "F6" | "F7"), Some(c)) => {
+            let family: &'static str = match fam {
+                "F2" => "F2",
+                "F3" => "F3",
+                "F5" => "F5",
+                "F6" => "F6",
+                _ => "F7",
+            };
+            let applied = match f.params.get("applied") {
+                Some(toml::Value::String(s)) if s == "all" => "all",
+                Some(toml::Value::String(s)) if s == "some" => "some",
+                _ => "none",
+            };
+            w.disks.arm(
+                c,
+                Armed {
+                    family,
+                    sectors,
+                    count: f.count,
+                    applied,
+                },
+            );
+        }
+        _ => {}
+    }
+}
+
+/// F11: a child of the wrong size is hot-added; QUORUM.md Q54 requires a refusal.
+async fn hot_add_mismatch(w: &Arc<World>, delta: i64) {
+    let q = w.lock().quorum.clone();
+    let Some(q) = q else { return };
+    let len = (w.p.disk_size as i64 + delta).max(512) as u64;
+    let extra = DiskSet::new(
+        DiskSetConfig {
+            seed: w.p.seed ^ 0x11,
+            sectors: vec![len / SECTOR_U64],
+            t: 1,
+            fifo: false,
+            budget: Budget::Safety,
+            rates: Default::default(),
+            latency: vec![w.p.latency.minimal()],
+            initial_pattern: false,
+            discard_zeroes: false,
+        },
+        Trace::new(false, (0, 0)),
+    );
+    w.disks.count_injected("F11");
+    let r = q.add_child("cx", extra.device(0) as Device).await;
+    let want = format!(
+        "Cannot add child 'cx' to quorum 'q0': its length {len} differs from the quorum's length {}",
+        w.p.disk_size
+    );
+    match r {
+        Err(e) if e.to_string() == want => {
+            w.disks.trace_full("qhost", "hot-add", 0, 0, len, 22, 0, "F11 refused".into());
+        }
+        Err(e) => w.violate(Violation {
+            rule: "I7",
+            op: 0,
+            sector: None,
+            message: format!("hot add of a {len}-byte child refused with '{e}', expected '{want}' (Q54)"),
+        }),
+        Ok(name) => w.violate(Violation {
+            rule: "I7",
+            op: 0,
+            sector: None,
+            message: format!("hot add of a {len}-byte child to a {}-byte quorum succeeded as {name} (Q54)", w.p.disk_size),
+        }),
+    }
+}
+
+fn next_random_op(w: &Arc<World>) -> Option<(OpKind, u64, u64, bool)> {
+    fire_due(w);
+    let f11 = {
+        let mut st = w.lock();
+        if st.phase != Phase::Safety || st.issued >= w.p.ops || !st.violations.is_empty() {
+            return None;
+        }
+        let f11 = st.f11_at == Some(st.issued);
+        if f11 {
+            st.f11_at = None;
+        }
+        f11
+    };
+    if f11 {
+        let w2 = w.clone();
+        tokio::spawn(async move { hot_add_mismatch(&w2, 512).await });
+    }
+    let p = &w.p;
+    let mut st = w.lock();
+    st.issued += 1;
+    st.inflight += 1;
+    let r = &mut st.wrng;
+    let m = &p.mix;
+    let kind = [OpKind::Read, OpKind::Write, OpKind::WriteZeroes, OpKind::Trim, OpKind::Flush]
+        [r.weighted(&[m.read, m.write, m.write_zeroes, m.trim, m.flush])];
+    let (lo, hi) = (p.size.0 / SECTOR_U64, p.size.1 / SECTOR_U64);
+    let sectors = if lo == hi {
+        lo
+    } else {
+        let x = r.uniform((lo as f64).ln(), (hi as f64 + 1.0).ln()).exp() as u64;
+        x.clamp(lo, hi)
+    };
+    let (r0, r1) = (p.region.0 / SECTOR_U64, p.region.1 / SECTOR_U64);
+    let span = r1 - r0;
+    let hot_span = (span / 16).max(sectors);
+    let limit = if r.chance(p.hot) { hot_span.min(span) } else { span };
+    let start = r0 + r.below(limit - sectors + 1);
+    let fua = matches!(kind, OpKind::Write | OpKind::WriteZeroes) && r.chance(p.fua);
+    Some((kind, start * SECTOR_U64, sectors * SECTOR_U64, fua))
+}
+
+/// Issues one guest op through the quorum, and checks it when it completes.
+#[allow(clippy::too_many_arguments)]
+async fn run_op(
+    w: &Arc<World>,
+    dev: &Device,
+    kind: OpKind,
+    offset: u64,
+    len: u64,
+    fua: bool,
+    judge: bool,
+    step: Option<String>,
+) -> Result<(), ErrorKind> {
+    let (id, may_unmap) = {
+        let mut st = w.lock();
+        let (offset, len) = if kind == OpKind::Flush { (0, 0) } else { (offset, len) };
+        let id = st.oracle.invoke(kind, offset, len, fua);
+        if let Some(s) = &step {
+            st.step_ops.insert(s.clone(), id);
+        }
+        let mu = st.wrng.chance(0.5);
+        (id, mu)
+    };
+    w.disks.trace_full("guest", "invoke", id, offset, len, 0, kind as u64, kind.as_str().into());
+    let fut = async {
+        let r = match kind {
+            OpKind::Read => dev.read(offset, len as usize).await.map(Some),
+            OpKind::Write => dev
+                .write(offset, Oracle::write_data(id, offset, len), WriteFlags { fua })
+                .await
+                .map(|_| None),
+            OpKind::WriteZeroes => dev
+                .write_zeroes(offset, len, ZeroFlags { fua, may_unmap })
+                .await
+                .map(|_| None),
+            OpKind::Trim => dev.discard(offset, len).await.map(|_| None),
+            OpKind::Flush => dev.flush().await.map(|_| None),
+        };
+        r.map_err(|e| e.kind())
+    };
+    let r: Result<Option<Bytes>, ErrorKind> = if judge {
+        match tokio::time::timeout(Duration::from_nanos(w.p.deadline_ns), GUEST_OP.scope(id, fut)).await {
+            Ok(r) => r,
+            Err(_) => {
+                w.violate(Violation {
+                    rule: "I14",
+                    op: id,
+                    sector: Some(offset / SECTOR_U64),
+                    message: format!(
+                        "{} at offset {offset} length {len} did not complete within the liveness deadline {}",
+                        kind.as_str(),
+                        crate::units::fmt_time(w.p.deadline_ns)
+                    ),
+                });
+                return Err(ErrorKind::TimedOut);
+            }
+        }
+    } else {
+        GUEST_OP.scope(id, fut).await
+    };
+    let children = w.disks.take_oplog(id);
+    let excused = judge && {
+        let (over, latent) = w.disks.excused_sectors();
+        let r = offset / SECTOR_U64..(offset + len).div_ceil(SECTOR_U64);
+        over.iter().chain(latent.iter()).any(|s| r.contains(s))
+    };
+    let violations = {
+        let mut st = w.lock();
+        let events = st.events_by_op.remove(&id).unwrap_or_default();
+        st.completed += 1;
+        let data = r.as_ref().map(|o| o.as_deref()).map_err(|k| *k);
+        st.oracle.complete(id, data, &children, &events, judge && !excused)
+    };
+    w.disks.trace_full(
+        "guest",
+        "complete",
+        id,
+        offset,
+        len,
+        r.as_ref().map(|_| 0).unwrap_or_else(|k| 1 + *k as i64),
+        r.as_ref().ok().and_then(|d| d.as_ref()).map(|d| crate::sector::digest(d)).unwrap_or(0),
+        String::new(),
+    );
+    if let Some(v) = violations.into_iter().next() {
+        w.violate(v);
+    }
+    r.map(|_| ())
+}
+
+/// S6: no faults, minimal latency, a scrub, a repair check (I6), a verify workload and a final
+/// full read (I4), every op under the deadline (I14).
+async fn liveness(w: &Arc<World>, _start: tokio::time::Instant) {
+    w.disks.set_injecting(false);
+    w.disks.set_latency_minimal();
+    w.disks.trace("harness", "liveness", 0, 0, 0, 0);
+    let Some(q) = w.lock().quorum.clone() else {
+        return;
+    };
+    let dev: Device = q.clone();
+    let chunk = 256 * 1024u64;
+    let size = w.p.disk_size;
+    let scrub = |w: Arc<World>, dev: Device| async move {
+        let mut off = 0;
+        while off < size && !w.failed() {
+            let len = chunk.min(size - off);
+            let _ = run_op(&w, &dev, OpKind::Read, off, len, false, true, None).await;
+            off += len;
+        }
+    };
+    scrub(w.clone(), dev.clone()).await;
+    if w.failed() {
+        return;
+    }
+    if w.p.rewrite && !w.p.fifo {
+        let (over, latent) = w.disks.excused_sectors();
+        let div: Vec<u64> = w
+            .disks
+            .divergent_sectors(usize::MAX)
+            .into_iter()
+            .filter(|s| !over.contains(s) && !latent.contains(s))
+            .collect();
+        *w.lock().oracle.tally.checks.entry("I6").or_default() += 1;
+        if let Some(s) = div.first() {
+            w.violate(Violation {
+                rule: "I6",
+                op: 0,
+                sector: Some(*s),
+                message: format!(
+                    "after a scrub with rewrite-corrupted the readable children still differ on {} sector(s), first {s}",
+                    div.len()
+                ),
+            });
+            return;
+        }
+        let before = w.lock().all_events.len();
+        scrub(w.clone(), dev.clone()).await;
+        let mismatch: Vec<String> = w.lock().all_events[before..]
+            .iter()
+            .filter_map(|e| match e {
+                Event::QuorumReportBad {
+                    io: IoType::Read,
+                    error: None,
+                    node_name,
+                    sector_num,
+                    ..
+                } => Some(format!("{node_name}@{sector_num}")),
+                _ => None,
+            })
+            .collect();
+        if let Some(m) = mismatch.first() {
+            w.violate(Violation {
+                rule: "I6",
+                op: 0,
+                sector: None,
+                message: format!("a second scrub still reported {} mismatch(es), first {m}", mismatch.len()),
+            });
+            return;
+        }
+    }
+    // Verify workload: writes, reads and flushes without faults.
+    for i in 0..48u64 {
+        if w.failed() {
+            return;
+        }
+        let (kind, off, len) = {
+            let mut st = w.lock();
+            let r = &mut st.wrng;
+            let kind = [OpKind::Write, OpKind::Read, OpKind::Flush][(i % 3) as usize];
+            let len = (1 + r.below(16)) * SECTOR_U64;
+            let off = r.below((size - len) / SECTOR_U64 + 1) * SECTOR_U64;
+            (kind, off, len)
+        };
+        let _ = run_op(w, &dev, kind, off, len, false, true, None).await;
+    }
+    // Final full read (I4).
+    scrub(w.clone(), dev.clone()).await;
+    *w.lock().oracle.tally.checks.entry("I4").or_default() += 1;
+}
+
+async fn check_expectations(w: &Arc<World>) {
+    let fail = |m: String| {
+        w.violate(Violation {
+            rule: "C5",
+            op: 0,
+            sector: None,
+            message: m,
+        })
+    };
+    for e in &w.sc.expects {
+        if w.failed() {
+            return;
+        }
+        match e {
+            Expect::Result { step, result } => {
+                let got = w.lock().step_results.get(step).cloned().unwrap_or_else(|| "not run".into());
+                let ok = if step == "open" && result != "ok" {
+                    got.starts_with("error")
+                } else {
+                    &got == result
+                };
+                if !ok {
+                    fail(format!("expect result: step '{step}' gave {got}, expected {result}"));
+                }
+            }
+            Expect::Event {
+                event,
+                nodes,
+                io,
+                error,
+                count,
+                min,
+                max,
+                qmp,
+            } => {
+                let evs: Vec<Event> = {
+                    let st = w.lock();
+                    if *qmp {
+                        st.qmp_events.iter().map(|e| e.event.clone()).collect()
+                    } else {
+                        st.all_events.clone()
+                    }
+                };
+                let per_node: Vec<Option<&String>> = if nodes.is_empty() { vec![None] } else { nodes.iter().map(Some).collect() };
+                for node in per_node {
+                    let n = evs
+                        .iter()
+                        .filter(|e| match e {
+                            Event::QuorumReportBad { io: t, error: er, node_name, .. } => {
+                                event == "QUORUM_REPORT_BAD"
+                                    && node.is_none_or(|x| x == node_name)
+                                    && io.as_ref().is_none_or(|x| x == t.as_str())
+                                    && error.is_none_or(|x| x == er.is_some())
+                            }
+                            Event::QuorumFailure { .. } => event == "QUORUM_FAILURE",
+                        })
+                        .count() as u64;
+                    let good = count.is_none_or(|c| n == c) && min.is_none_or(|m| n >= m) && max.is_none_or(|m| n <= m);
+                    if !good {
+                        fail(format!(
+                            "expect event: {event}{}{}{} counted {n}, expected {}",
+                            node.map(|x| format!(" node={x}")).unwrap_or_default(),
+                            io.as_ref().map(|x| format!(" type={x}")).unwrap_or_default(),
+                            error.map(|x| format!(" error={x}")).unwrap_or_default(),
+                            match (count, min, max) {
+                                (Some(c), _, _) => format!("{c}"),
+                                (None, a, b) => format!("{}..={}", a.unwrap_or(0), b.map(|x| x.to_string()).unwrap_or_default()),
+                            }
+                        ));
+                    }
+                }
+            }
+            Expect::Contents { child, range, equals } => {
+                let want = |s: u64| -> Option<Value> {
+                    let st = w.lock();
+                    match equals.as_str() {
+                        "initial" => Some(st.oracle.expected_value(0, s)),
+                        "zero" => Some(Value::Zero),
+                        step => st.step_ops.get(step).map(|id| st.oracle.expected_value(*id, s)),
+                    }
+                };
+                let (a, b) = (range.0 / SECTOR_U64, range.1 / SECTOR_U64);
+                match child {
+                    Some(c) => {
+                        for s in a..b {
+                            let got = w.disks.stored(*c, s);
+                            if Some(&got) != want(s).map(Stored::V).as_ref() {
+                                fail(format!("expect contents: c{c} sector {s} holds {got:?}, expected {equals}"));
+                                break;
+                            }
+                        }
+                    }
+                    None => {
+                        let q = w.lock().quorum.clone();
+                        let Some(q) = q else {
+                            fail("expect contents: no open quorum to read the guest view".into());
+                            continue;
+                        };
+                        match q.read(range.0, (range.1 - range.0) as usize).await {
+                            Ok(data) => {
+                                for (k, c) in data.chunks(SECTOR).enumerate() {
+                                    let s = a + k as u64;
+                                    let got = decode(c);
+                                    if Some(got) != want(s).map(Decoded::Value) {
+                                        fail(format!("expect contents: guest view sector {s} is {got:?}, expected {equals}"));
+                                        break;
+                                    }
+                                }
+                            }
+                            Err(e) => fail(format!("expect contents: guest read failed: {e}")),
+                        }
+                    }
+                }
+            }
+            Expect::Injected { fault, min } => {
+                let n = w.disks.counters().injected.get(fault.as_str()).copied().unwrap_or(0);
+                if n < *min {
+                    fail(format!("expect injected: {fault} injected {n} time(s), expected at least {min}"));
+                }
+            }
+            Expect::Path { path, min } => {
+                let n = w.lock().oracle.tally.paths.get(path.as_str()).copied().unwrap_or(0);
+                if n < *min {
+                    fail(format!("expect path: {path} reached {n} time(s), expected at least {min}"));
+                }
+            }
+        }
+    }
+}
+
+fn finish(w: &Arc<World>, start: tokio::time::Instant) -> RunResult {
+    let counters = w.disks.counters();
+    let (over, latent) = w.disks.excused_sectors();
+    let st = w.lock();
+    let mut r = RunResult {
+        ops: st.completed,
+        child_ops: counters.child_ops,
+        virtual_s: start.elapsed().as_secs_f64(),
+        trace_hash: w.disks.with_trace(|t| t.hash_hex()),
+        records: w.disks.with_trace(|t| t.records()),
+        injected: counters.injected.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+        skipped: counters.skipped.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+        outcomes: st.oracle.tally.outcomes.clone(),
+        paths: st.oracle.tally.paths.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+        checks: st.oracle.tally.checks.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+        safety_errors: st.oracle.tally.safety_errors,
+        crashes: st.crashes,
+        excused: (over.len() + latent.len()) as u64,
+        trace_lines: w.disks.with_trace(|t| t.take_all()),
+        ..RunResult::default()
+    };
+    // P12: events the limiter held back or merged.
+    let coalesced = st.all_events.len().saturating_sub(st.qmp_events.len()) as u64;
+    if coalesced > 0 {
+        r.paths.insert("P12".into(), coalesced);
+    }
+    if let Some(v) = st.violations.first() {
+        r.violation = Some((v.rule.to_string(), format!("op={} {}{}", v.op, v.sector.map(|s| format!("sector={s} ")).unwrap_or_default(), v.message)));
+        let mut d = String::new();
+        d += "history (ops touching the sector, newest last):\n";
+        for line in st.oracle.history(v.sector, 25) {
+            d += &line;
+            d += "\n";
+        }
+        d += "trace tail:\n";
+        let tail: Vec<String> = w.disks.with_trace(|t| {
+            let all: Vec<String> = t.tail().map(|r| format!("  {r}")).collect();
+            all[all.len().saturating_sub(40)..].to_vec()
+        });
+        for line in tail {
+            d += &line;
+            d += "\n";
+        }
+        r.detail = d;
+    }
+    r
+}
