@@ -519,12 +519,43 @@ impl DiskSet {
         (over, latent)
     }
 
+    /// One line per disk describing sector `s` (failure reports).
+    pub fn describe_sector(&self, s: u64) -> String {
+        let g = self.lock();
+        let mut out = String::new();
+        for d in &g.disks {
+            let v = match d.current.get(s as usize) {
+                Some(Stored::V(Value::Zero)) => "zero".to_string(),
+                Some(Stored::V(Value::Data { id, sector })) if *sector == s => format!("w{id}"),
+                Some(Stored::V(Value::Data { id, sector })) => format!("w{id}@{sector}"),
+                Some(Stored::Raw(_)) => "garbage".to_string(),
+                None => "-".to_string(),
+            };
+            out += &format!(
+                " {}={}{}{}",
+                d.name,
+                v,
+                d.sticky.get(&s).map(|k| format!("[{k:?}]")).unwrap_or_default(),
+                d.marks.get(&s).map(|k| format!("[{k:?}]")).unwrap_or_default()
+            );
+        }
+        out
+    }
+
     /// I6: sectors on which the readable disks differ (latent sectors skipped).
     pub fn divergent_sectors(&self, limit: usize) -> Vec<u64> {
+        let sectors = self.lock().disks.iter().map(|d| d.sectors).min().unwrap_or(0);
+        let mut v = self.divergent_sectors_in(0..sectors);
+        v.truncate(limit);
+        v
+    }
+
+    /// Sectors of `range` on which the readable disks differ.
+    pub fn divergent_sectors_in(&self, range: Range<u64>) -> Vec<u64> {
         let g = self.lock();
         let sectors = g.disks.iter().map(|d| d.sectors).min().unwrap_or(0);
         let mut out = Vec::new();
-        for s in 0..sectors {
+        for s in range.start..range.end.min(sectors) {
             let mut first: Option<(&Stored, bool)> = None;
             for d in &g.disks {
                 let sticky = d.sticky.get(&s).copied();
@@ -542,9 +573,6 @@ impl DiskSet {
                     }
                 }
             }
-            if out.len() >= limit {
-                break;
-            }
         }
         out
     }
@@ -552,14 +580,21 @@ impl DiskSet {
     /// Resolves every disk's pending writes as a crash does (F8, F9; V3), then updates the
     /// ledger: on each sector a crash touched, copies that differ from the value most disks
     /// hold become wrong (B1: stale or torn).
-    pub fn crash(&self) -> CrashReport {
+    ///
+    /// `cut_off` lists byte ranges of guest requests the crash interrupted: a write can have
+    /// reached some children (even durably, through another op's flush) and not others.
+    pub fn crash(&self, cut_off: &[(u64, u64)]) -> CrashReport {
         let mut g = self.lock();
         let mut report = CrashReport::default();
         let rates = g.rates.clone();
         let budget = g.budget;
         let t = g.t;
+        let fifo = g.fifo;
         let seed = g.seed;
         let mut touched: std::collections::BTreeSet<u64> = std::collections::BTreeSet::new();
+        for &(off, len) in cut_off {
+            touched.extend(off / SECTOR_U64..(off + len).div_ceil(SECTOR_U64));
+        }
         // Damaged copies per sector so far: the safety budget lets at most t - 1 disks hold
         // damage on one sector, so no torn version can gather t votes.
         let mut damaged: BTreeMap<u64, usize> = BTreeMap::new();
@@ -607,8 +642,12 @@ impl DiskSet {
                                     // dropped
                                 } else {
                                     let n_dmg = damaged.get(&s).copied().unwrap_or(0);
-                                    if budget == Budget::Safety && n_dmg + 1 > t.saturating_sub(1) {
-                                        continue; // within budget: the sector is dropped
+                                    // Damage is a silent fault: within B2 (at most t - 1 damaged
+                                    // copies, none for fifo), and past it only where a vote can
+                                    // outnumber distinct garbage (B6).
+                                    let free = budget == Budget::Beyond && !fifo && t >= 2;
+                                    if !free && (fifo || n_dmg + 1 > t.saturating_sub(1)) {
+                                        continue; // the sector is dropped instead
                                     }
                                     *damaged.entry(s).or_default() += 1;
                                     let old = materialize(&current[s as usize]);
@@ -616,7 +655,7 @@ impl DiskSet {
                                     let mut out = [0u8; SECTOR];
                                     let split = 8 * rng.range(1, 63) as usize;
                                     let side = rng.below(3);
-                                    let garbage = budget == Budget::Beyond || rng.chance(0.5);
+                                    let garbage = free || rng.chance(0.5);
                                     for (b, o) in out.iter_mut().enumerate() {
                                         let take_new = match side {
                                             0 => b < split,
@@ -735,9 +774,12 @@ impl Inner {
     /// B3: may disk `disk` take `mark` on every sector of `sectors`? Counts a skip if not.
     fn allow(&mut self, family: &'static str, disk: usize, sectors: Range<u64>, mark: Mark) -> bool {
         let silent = matches!(family, "F1" | "F2" | "F3" | "F6" | "F7");
-        let ok = if self.fifo && silent && self.budget == Budget::Safety {
+        // B6 lets silent faults past B2 only where a vote can outnumber distinct wrong values:
+        // the quorum pattern with t >= 2. With t = 1 or fifo a lone wrong copy is served.
+        let free = self.budget == Budget::Beyond && (!silent || (!self.fifo && self.t >= 2));
+        let ok = if self.fifo && silent && !free {
             false
-        } else if self.budget == Budget::Beyond && family != "F5" {
+        } else if free && family != "F5" {
             // B6: beyond budget, faults that fail or produce distinct wrong values are free;
             // stale copies (F5) stay within B2 (B7).
             true
@@ -1018,7 +1060,8 @@ impl VDisk {
 
 impl Inner {
     fn allow_one(&mut self, family: &'static str, disk: usize, s: u64, mark: Mark) -> bool {
-        if self.budget == Budget::Beyond && family != "F5" {
+        let silent = matches!(family, "F1" | "F2" | "F3" | "F6" | "F7");
+        if self.budget == Budget::Beyond && family != "F5" && (!silent || (!self.fifo && self.t >= 2)) {
             return true;
         }
         self.within_budget(s, Some((disk, Some(mark))))

@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -23,6 +23,8 @@ use crate::error::{ConfigError, Error, ErrorKind, Result};
 use crate::events::{sectors, Event, IoType};
 use crate::host::Host;
 use crate::join::{join_all_with, BoxFuture};
+
+use super::fence::{ReadGuard, RepairFence};
 
 /// `read-pattern`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -220,6 +222,8 @@ pub struct Quorum {
     align: AtomicU32,
     host: Host,
     children: RwLock<Children>,
+    /// D7: present with rewrite-corrupted.
+    fence: Option<Arc<RepairFence>>,
 }
 
 impl Quorum {
@@ -279,7 +283,9 @@ impl Quorum {
             })
             .collect();
         let discard_zeroes = list.iter().all(|c| c.dev.discard_zeroes());
+        let fence = opts.rewrite_corrupted.then(Arc::default);
         Ok(Quorum {
+            fence,
             opts,
             length,
             align: AtomicU32::new(align),
@@ -399,6 +405,13 @@ impl Quorum {
         Ok(removed.node_name)
     }
 
+    async fn fence_write(&self, offset: u64, len: u64) -> Option<super::fence::WriteGuard> {
+        match &self.fence {
+            Some(f) => Some(f.begin_write(offset, len).await),
+            None => None,
+        }
+    }
+
     fn report_bad(&self, io: IoType, error: Option<ErrorKind>, child: &Child, sn: u64, sc: u64) {
         self.host.events.emit(Event::QuorumReportBad {
             io,
@@ -450,7 +463,13 @@ impl Quorum {
         )
     }
 
-    async fn read_quorum(&self, st: &Children, offset: u64, len: usize) -> Result<Bytes> {
+    async fn read_quorum(
+        &self,
+        st: &Children,
+        offset: u64,
+        len: usize,
+        fence: Option<&ReadGuard>,
+    ) -> Result<Bytes> {
         let (sn, sc) = sectors(offset, len as u64);
         let futs: Vec<BoxFuture<'_, Result<Bytes>>> =
             st.list.iter().map(|c| c.dev.read(offset, len)).collect();
@@ -546,17 +565,32 @@ impl Quorum {
         let data = results[winner[0]].as_ref().map_err(|e| e.clone())?.clone();
         if self.opts.rewrite_corrupted {
             // Q26–Q28.
-            self.rewrite(st, &losers, offset, &data).await;
+            self.rewrite(st, &losers, offset, &data, fence).await;
         }
         Ok(data)
     }
 
     /// Q27, Q28, Q32: write `data` over the whole request range to `targets` concurrently;
-    /// failures are recorded (Q49) and change nothing else.
-    async fn rewrite(&self, st: &Children, targets: &[usize], offset: u64, data: &Bytes) {
+    /// failures are recorded (Q49) and change nothing else. D7: skipped when a guest write
+    /// overlapped the range since the read started.
+    async fn rewrite(
+        &self,
+        st: &Children,
+        targets: &[usize],
+        offset: u64,
+        data: &Bytes,
+        fence: Option<&ReadGuard>,
+    ) {
         if targets.is_empty() {
             return;
         }
+        let _claim = match fence {
+            Some(g) => match g.claim_repair(offset, data.len() as u64) {
+                Some(claim) => Some(claim),
+                None => return,
+            },
+            None => None,
+        };
         let futs: Vec<BoxFuture<'_, Result<()>>> = targets
             .iter()
             .map(|&i| st.list[i].dev.write(offset, data.clone(), WriteFlags::NONE))
@@ -569,7 +603,13 @@ impl Quorum {
         }
     }
 
-    async fn read_fifo(&self, st: &Children, offset: u64, len: usize) -> Result<Bytes> {
+    async fn read_fifo(
+        &self,
+        st: &Children,
+        offset: u64,
+        len: usize,
+        fence: Option<&ReadGuard>,
+    ) -> Result<Bytes> {
         let (sn, sc) = sectors(offset, len as u64);
         let mut last_err = None;
         for (k, child) in st.list.iter().enumerate() {
@@ -579,7 +619,7 @@ impl Quorum {
                     if self.opts.rewrite_corrupted && k > 0 {
                         // Q32, D2: repair the children that failed before this one.
                         let targets: Vec<usize> = (0..k).collect();
-                        self.rewrite(st, &targets, offset, &data).await;
+                        self.rewrite(st, &targets, offset, &data, fence).await;
                     }
                     return Ok(data);
                 }
@@ -690,9 +730,10 @@ impl BlockDevice for Quorum {
     async fn read(&self, offset: u64, len: usize) -> Result<Bytes> {
         self.check(offset, len as u64, Access::Read)?;
         let st = self.children.read().await;
+        let fence = self.fence.as_ref().map(|f| f.begin_read());
         match self.opts.read_pattern {
-            ReadPattern::Quorum => self.read_quorum(&st, offset, len).await,
-            ReadPattern::Fifo => self.read_fifo(&st, offset, len).await,
+            ReadPattern::Quorum => self.read_quorum(&st, offset, len, fence.as_ref()).await,
+            ReadPattern::Fifo => self.read_fifo(&st, offset, len, fence.as_ref()).await,
         }
     }
 
@@ -701,6 +742,7 @@ impl BlockDevice for Quorum {
         let len = data.len() as u64;
         self.check(offset, len, Access::Write)?;
         let st = self.children.read().await;
+        let _fence = self.fence_write(offset, len).await;
         // Q40: children get the write without FUA; a successful vote is followed by a flush.
         self.write_vote(&st, offset, len, "write below threshold", |dev| {
             dev.write(offset, data.clone(), WriteFlags::NONE)
@@ -725,6 +767,7 @@ impl BlockDevice for Quorum {
             ..flags
         };
         let st = self.children.read().await;
+        let _fence = self.fence_write(offset, len).await;
         // Q36, Q40: write-zeroes passes the caller's flags, FUA included, to every child.
         self.write_vote(&st, offset, len, "write-zeroes below threshold", |dev| {
             dev.write_zeroes(offset, len, flags)
@@ -744,6 +787,7 @@ impl BlockDevice for Quorum {
             return Ok(());
         }
         self.check_writable("discard")?;
+        let _fence = self.fence_write(offset, len).await;
         self.write_vote(&st, offset, len, "discard below threshold", |dev| {
             dev.discard(offset, len)
         })
