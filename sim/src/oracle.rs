@@ -299,7 +299,9 @@ impl Oracle {
             let (off, len) = (self.ops[&id].offset, self.ops[&id].len);
             for s in off / SECTOR_U64..(off + len) / SECTOR_U64 {
                 let h = holders(s, self.value_of(id, s));
-                let guaranteed = if fifo { h == n } else { h >= t && 2 * h > n };
+                // Votes are over whole requests, so copies without the write may agree on
+                // any range: only when fewer than t lack it can no stale version win.
+                let guaranteed = if fifo { h == n } else { n - h.min(n) < t };
                 if !guaranteed {
                     self.unguaranteed.insert((s, id));
                 }

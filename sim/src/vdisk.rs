@@ -231,6 +231,8 @@ struct Inner {
     budget: Budget,
     rates: FaultRates,
     injecting: bool,
+    /// Sectors one request can span (B4's reach for fifo).
+    window_sectors: u64,
     seed: u64,
     oplog: BTreeMap<u64, Vec<ChildOp>>,
     counters: Counters,
@@ -264,6 +266,8 @@ pub struct DiskSetConfig {
     pub initial_pattern: bool,
     /// Whether discards zero the range (and so may be forwarded by quorum, Q45).
     pub discard_zeroes: bool,
+    /// Sectors the largest request spans (guest ops and scrub reads).
+    pub window_sectors: u64,
 }
 
 /// Result of a crash's resolution of pending writes (F8, F9), for the trace and counters.
@@ -321,6 +325,7 @@ impl DiskSet {
                 budget: cfg.budget,
                 rates: cfg.rates,
                 injecting: true,
+                window_sectors: cfg.window_sectors,
                 seed: cfg.seed,
                 oplog: BTreeMap::new(),
                 counters: Counters::default(),
@@ -545,21 +550,21 @@ impl DiskSet {
     /// I6: sectors on which the readable disks differ (latent sectors skipped).
     pub fn divergent_sectors(&self, limit: usize) -> Vec<u64> {
         let sectors = self.lock().disks.iter().map(|d| d.sectors).min().unwrap_or(0);
-        let mut v = self.divergent_sectors_in(0..sectors);
+        let mut v = self.divergent_sectors_in(0..sectors, |_, _| false);
         v.truncate(limit);
         v
     }
 
-    /// Sectors of `range` on which the readable disks differ.
-    pub fn divergent_sectors_in(&self, range: Range<u64>) -> Vec<u64> {
+    /// Sectors of `range` on which the readable disks differ, ignoring copies `skip` names.
+    pub fn divergent_sectors_in(&self, range: Range<u64>, skip: impl Fn(usize, u64) -> bool) -> Vec<u64> {
         let g = self.lock();
         let sectors = g.disks.iter().map(|d| d.sectors).min().unwrap_or(0);
         let mut out = Vec::new();
         for s in range.start..range.end.min(sectors) {
             let mut first: Option<(&Stored, bool)> = None;
-            for d in &g.disks {
+            for (di, d) in g.disks.iter().enumerate() {
                 let sticky = d.sticky.get(&s).copied();
-                if sticky == Some(Sticky::Latent) {
+                if sticky == Some(Sticky::Latent) || skip(di, s) {
                     continue;
                 }
                 let this = (&d.current[s as usize], sticky.is_some());
@@ -771,6 +776,53 @@ impl Inner {
         wrong < self.t
     }
 
+    /// B4 at request granularity: a fifo read fails on a child when any sector of the request
+    /// is unreadable there, so for every stale copy near `range` (within one request of it),
+    /// the children before it must hold the right value up to the first child with no
+    /// unreadable sector within a request's reach.
+    fn fifo_window_ok(&self, range: Range<u64>) -> bool {
+        let w = self.window_sectors;
+        let lo = range.start.saturating_sub(w);
+        let hi = range.end.saturating_add(w);
+        let mut stale: Vec<u64> = Vec::new();
+        for d in &self.disks {
+            stale.extend(d.marks.range(lo..hi).filter(|(_, m)| **m == Mark::Wrong).map(|(s, _)| *s));
+        }
+        stale.sort_unstable();
+        stale.dedup();
+        stale.iter().all(|&s| {
+            for d in &self.disks {
+                if d.marks.get(&s) == Some(&Mark::Wrong) {
+                    return false;
+                }
+                let reach = s.saturating_sub(w)..s.saturating_add(w + 1);
+                if !d.marks.range(reach).any(|(_, m)| *m == Mark::Failing) {
+                    return true;
+                }
+            }
+            true
+        })
+    }
+
+    /// Inserts `mark` on `sectors` of `disk` if fifo's request-level B4 still holds after it;
+    /// otherwise leaves the marks as they were. Returns whether it did.
+    fn fifo_try_mark(&mut self, disk: usize, sectors: Range<u64>, mark: Mark) -> bool {
+        let saved: Vec<(u64, Option<Mark>)> = sectors
+            .clone()
+            .map(|s| (s, self.disks[disk].marks.insert(s, mark)))
+            .collect();
+        let ok = self.fifo_window_ok(sectors);
+        if !ok {
+            for (s, m) in saved {
+                match m {
+                    Some(m) => self.disks[disk].marks.insert(s, m),
+                    None => self.disks[disk].marks.remove(&s),
+                };
+            }
+        }
+        ok
+    }
+
     /// B3: may disk `disk` take `mark` on every sector of `sectors`? Counts a skip if not.
     fn allow(&mut self, family: &'static str, disk: usize, sectors: Range<u64>, mark: Mark) -> bool {
         let silent = matches!(family, "F1" | "F2" | "F3" | "F6" | "F7");
@@ -787,6 +839,7 @@ impl Inner {
             sectors
                 .clone()
                 .all(|s| self.within_budget(s, Some((disk, Some(mark)))))
+                && (!self.fifo || self.fifo_try_mark(disk, sectors.clone(), mark))
         };
         if !ok {
             *self.counters.skipped.entry(family).or_default() += 1;
@@ -913,9 +966,14 @@ impl VDisk {
             let extra = mean.saturating_sub(min) as f64;
             let mut ns = min + d.lat_rng.exponential(extra) as u64;
             ns = ns.saturating_mul(d.latency.factor.max(1));
+            let mut stalled = false;
             if d.latency.stall_p > 0.0 && d.lat_rng.chance(d.latency.stall_p) {
                 let (a, b) = d.latency.stall_ns;
                 ns += d.lat_rng.range(a, b.max(a));
+                stalled = true;
+            }
+            if stalled || d.latency.factor > 1 {
+                *g.counters.injected.entry("F10").or_default() += 1;
             }
             ns
         };
@@ -1065,6 +1123,7 @@ impl Inner {
             return true;
         }
         self.within_budget(s, Some((disk, Some(mark))))
+            && (!self.fifo || self.fifo_try_mark(disk, s..s + 1, mark))
     }
 }
 

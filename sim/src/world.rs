@@ -115,6 +115,11 @@ struct State {
     f11_at: Option<u64>,
     /// Sectors where racing writes left the children divergent (excused in liveness, O7).
     racy_divergent: Vec<u64>,
+    /// (child, sector) copies a scrub read could not repair because that child failed the
+    /// request (Q26 rewrites only children that returned wrong data): I6 leaves them out.
+    unrepairable: std::collections::BTreeSet<(usize, u64)>,
+    /// Children that failed the last completed op.
+    last_failed_children: Vec<usize>,
 }
 
 struct World {
@@ -220,6 +225,7 @@ async fn world_main(p: Params, sc: Scenario, opts: RunOpts) -> RunResult {
             latency,
             initial_pattern: p.initial_pattern,
             discard_zeroes: p.discard_zeroes,
+            window_sectors: p.size.1.max(SCRUB_CHUNK_BYTES) / SECTOR_U64,
         },
         {
             let mut t = Trace::new(opts.verbose, opts.window);
@@ -264,6 +270,8 @@ async fn world_main(p: Params, sc: Scenario, opts: RunOpts) -> RunResult {
             crashes: 0,
             f11_at,
             racy_divergent: Vec::new(),
+            unrepairable: Default::default(),
+            last_failed_children: Vec::new(),
         }),
         p,
         sc,
@@ -364,6 +372,19 @@ async fn world_main(p: Params, sc: Scenario, opts: RunOpts) -> RunResult {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    // Safety ops cut off by the time limit finish first (their disks now run at minimal
+    // latency), so the liveness phase starts from a quiet graph.
+    if world.p.liveness {
+        world.disks.set_injecting(false);
+        world.disks.set_latency_minimal();
+        let drain_until = start.elapsed() + Duration::from_nanos(world.p.deadline_ns);
+        while !world.failed()
+            && !world.lock().oracle.pending_ops().is_empty()
+            && start.elapsed() < drain_until
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
     if !world.failed() && world.p.liveness {
         liveness(&world, start).await;
     }
@@ -385,6 +406,9 @@ async fn world_main(p: Params, sc: Scenario, opts: RunOpts) -> RunResult {
     world.lock().phase = Phase::Done;
     finish(&world, start)
 }
+
+/// Scrub read size in the liveness phase.
+const SCRUB_CHUNK_BYTES: u64 = 256 * 1024;
 
 /// Crashes per run: slow-disk seeds run for hours of virtual time.
 const CRASHES_PER_RUN_MAX: u64 = 8;
@@ -621,6 +645,7 @@ async fn hot_add_mismatch(w: &Arc<World>, delta: i64) {
             latency: vec![w.p.latency.minimal()],
             initial_pattern: false,
             discard_zeroes: false,
+            window_sectors: 1,
         },
         Trace::new(false, (0, 0)),
     );
@@ -759,6 +784,11 @@ async fn run_op(
     };
     let violations = {
         let mut st = w.lock();
+        st.last_failed_children = children
+            .iter()
+            .filter(|c| matches!(c.result, crate::vdisk::ChildResult::Err(_)))
+            .map(|c| c.disk)
+            .collect();
         let events = st.events_by_op.remove(&id).unwrap_or_default();
         st.completed += 1;
         let data = r.as_ref().map(|o| o.as_deref()).map_err(|k| *k);
@@ -777,7 +807,7 @@ async fn run_op(
     if let Some(mut v) = violations.into_iter().next() {
         // Show the children's copies of the first sector they disagree on, or the sector.
         let range = offset / SECTOR_U64..(offset + len).div_ceil(SECTOR_U64);
-        let s = v.sector.or_else(|| w.disks.divergent_sectors_in(range.clone()).first().copied());
+        let s = v.sector.or_else(|| w.disks.divergent_sectors_in(range.clone(), |_, _| false).first().copied());
         if let Some(s) = s {
             v.message += &format!("; sector {s}:{}", w.disks.describe_sector(s));
             v.sector = Some(s);
@@ -803,7 +833,7 @@ async fn liveness(w: &Arc<World>, _start: tokio::time::Instant) {
         st.racy_divergent = divergent.into_iter().filter(|s| racy.contains(s)).collect();
     }
     let dev: Device = q.clone();
-    let chunk = 256 * 1024u64;
+    let chunk = SCRUB_CHUNK_BYTES;
     let size = w.p.disk_size;
     let scrub = |w: Arc<World>, dev: Device| async move {
         let mut off = 0;
@@ -819,9 +849,10 @@ async fn liveness(w: &Arc<World>, _start: tokio::time::Instant) {
     }
     if w.p.rewrite && !w.p.fifo {
         let (over, latent) = w.disks.excused_sectors();
+        let skip = w.lock().unrepairable.clone();
         let div: Vec<u64> = w
             .disks
-            .divergent_sectors(usize::MAX)
+            .divergent_sectors_in(0..size / SECTOR_U64, |c, s| skip.contains(&(c, s)))
             .into_iter()
             .filter(|s| !over.contains(s) && !latent.contains(s))
             .filter(|s| !w.lock().racy_divergent.contains(s))
@@ -833,8 +864,9 @@ async fn liveness(w: &Arc<World>, _start: tokio::time::Instant) {
                 op: 0,
                 sector: Some(*s),
                 message: format!(
-                    "after a scrub with rewrite-corrupted the readable children still differ on {} sector(s), first {s}",
-                    div.len()
+                    "after a scrub with rewrite-corrupted the readable children still differ on {} sector(s), first {s}:{}",
+                    div.len(),
+                    w.disks.describe_sector(*s)
                 ),
             });
             return;
@@ -900,6 +932,15 @@ async fn checked_read(w: &Arc<World>, dev: &Device, off: u64, len: u64) {
         }
         let single = l <= SECTOR_U64;
         let r = run_op(w, dev, OpKind::Read, o, l, false, single, None).await;
+        if r.is_ok() {
+            let mut st = w.lock();
+            let failed = std::mem::take(&mut st.last_failed_children);
+            for c in failed {
+                for s in o / SECTOR_U64..(o + l) / SECTOR_U64 {
+                    st.unrepairable.insert((c, s));
+                }
+            }
+        }
         if r.is_err() && !single {
             let half = (l / SECTOR_U64 / 2) * SECTOR_U64;
             stack.push((o + half, l - half));
