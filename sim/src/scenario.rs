@@ -212,7 +212,7 @@ impl Scenario {
                 _ => None,
             };
             if let Some(s) = step {
-                if !ids.contains(&s.as_str()) && s != "final" {
+                if !ids.contains(&s.as_str()) && s != "open" {
                     return Err(format!("key 'expect': step '{s}' is not a workload.step id"));
                 }
             }
