@@ -9,7 +9,7 @@ use crate::world::{run, RunOpts, RunResult};
 
 const USAGE: &str = "usage: cargo sim <command>
   run [SCENARIO] [--seed N] [--set key=value]...
-  sweep [--seeds N] [--seed-from S] [--jobs J] [--shard i/n] [--time-budget DUR] [--report DIR] [--scenarios DIR]
+  sweep [--seeds N] [--seed-from S] [--jobs J] [--shard i/n] [--time-budget DUR] [--report DIR] [--scenarios DIR] [--only NAME] [--until-fail]
   replay --seed N [SCENARIO] [-v|-vv] [--from-op K] [--to-op K]
   shrink --seed N [SCENARIO] [--max-runs R] [--out PATH]
   check-determinism [--seeds N] [--scenarios DIR]";

@@ -535,9 +535,13 @@ impl Oracle {
                 });
                 return;
             }
-            // O4: once seen, a version may not flicker back.
+            // O4: once seen, a version may not flicker back. Only for the vote (fifo serves
+            // whichever child answers first) and only for writes that had completed: while a
+            // write is in flight, children that have it and children that do not are both
+            // legitimate answers.
             if let Value::Data { id: w, .. } = got {
-                if w != 0 || self.cfg.initial_pattern {
+                let done = self.ops.get(&w).is_some_and(|o| o.cmp.is_some());
+                if !self.cfg.fifo && done && (w != 0 || self.cfg.initial_pattern) {
                     self.observed.insert(s, (w, b));
                 }
             }

@@ -81,6 +81,10 @@ fn scenarios_in(dir: &Path) -> Result<Vec<(String, Scenario)>, String> {
         .collect()
 }
 
+fn flag_value(args: &[String], name: &str) -> Option<String> {
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
+}
+
 fn flag<'a>(c: &'a crate::cli::Common, name: &str) -> Option<&'a str> {
     c.flags.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
 }
@@ -92,7 +96,14 @@ fn num(c: &crate::cli::Common, name: &str, default: u64) -> Result<u64, String> 
     }
 }
 
-fn run_jobs(jobs: Vec<Job>, threads: usize, quiet: bool, budget_ns: Option<u64>) -> Vec<(Job, Params, RunResult)> {
+fn run_jobs(
+    jobs: Vec<Job>,
+    threads: usize,
+    quiet: bool,
+    budget_ns: Option<u64>,
+    until_fail: bool,
+) -> Vec<(Job, Params, RunResult)> {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let queue = Arc::new(Mutex::new(jobs.into_iter().rev().collect::<Vec<_>>()));
     let out: Arc<Mutex<Vec<(Job, Params, RunResult)>>> = Arc::default();
     let started = std::time::Instant::now();
@@ -100,9 +111,12 @@ fn run_jobs(jobs: Vec<Job>, threads: usize, quiet: bool, budget_ns: Option<u64>)
     for _ in 0..threads.max(1) {
         let queue = queue.clone();
         let out = out.clone();
+        let stop = stop.clone();
         // Harness threads, outside any simulation: one madsim runtime per run.
         handles.push(std::thread::spawn(move || loop {
-            if budget_ns.is_some_and(|b| started.elapsed().as_nanos() as u64 >= b) {
+            if budget_ns.is_some_and(|b| started.elapsed().as_nanos() as u64 >= b)
+                || stop.load(std::sync::atomic::Ordering::Relaxed)
+            {
                 return;
             }
             let job = queue.lock().unwrap_or_else(|p| p.into_inner()).pop();
@@ -134,6 +148,9 @@ fn run_jobs(jobs: Vec<Job>, threads: usize, quiet: bool, budget_ns: Option<u64>)
                     verdict
                 );
             }
+            if until_fail && r.violation.is_some() {
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
             out.lock().unwrap_or_else(|p| p.into_inner()).push((job, p, r));
         }));
     }
@@ -147,7 +164,11 @@ fn run_jobs(jobs: Vec<Job>, threads: usize, quiet: bool, budget_ns: Option<u64>)
 
 /// `cargo sim sweep` (U2, U8).
 pub fn cmd_sweep(args: &[String]) -> Result<i32, String> {
-    let c = parse(args, &["--seeds", "--seed-from", "--jobs", "--shard", "--time-budget", "--report", "--scenarios"])?;
+    let mut args: Vec<String> = args.to_vec();
+    let until_fail = args.iter().any(|a| a == "--until-fail");
+    args.retain(|a| a != "--until-fail");
+    let only = flag_value(&args, "--only");
+    let c = parse(&args, &["--seeds", "--seed-from", "--jobs", "--shard", "--time-budget", "--report", "--scenarios", "--only"])?;
     if c.scenario.is_some() || c.seed.is_some() || !c.sets.is_empty() {
         return Err("sweep takes no scenario, --seed or --set (use run)".into());
     }
@@ -171,7 +192,13 @@ pub fn cmd_sweep(args: &[String]) -> Result<i32, String> {
     let budget = flag(&c, "--time-budget").map(parse_time_ns).transpose()?;
     let dir = PathBuf::from(flag(&c, "--report").unwrap_or("reports/sweep"));
     let sdir = PathBuf::from(flag(&c, "--scenarios").unwrap_or("scenarios"));
-    let scenarios = scenarios_in(&sdir)?;
+    let mut scenarios = scenarios_in(&sdir)?;
+    if let Some(name) = &only {
+        scenarios.retain(|(_, s)| &s.name == name);
+        if scenarios.is_empty() {
+            return Err(format!("--only '{name}': no such scenario in {}", sdir.display()));
+        }
+    }
     let mut jobs = Vec::new();
     let mut index = 0usize;
     for (path, sc) in &scenarios {
@@ -206,9 +233,9 @@ pub fn cmd_sweep(args: &[String]) -> Result<i32, String> {
         jobs_n
     );
     let wall = std::time::Instant::now();
-    let results = run_jobs(jobs, jobs_n, false, budget);
+    let results = run_jobs(jobs, jobs_n, false, budget, until_fail);
     let wall_s = wall.elapsed().as_secs_f64();
-    let summary = summarize(&results, args, wall_s, jobs_n);
+    let summary = summarize(&results, &args, wall_s, jobs_n);
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let json_path = dir.join("summary.json");
     std::fs::write(&json_path, serde_json::to_string_pretty(&summary).unwrap_or_default())
@@ -228,7 +255,7 @@ pub fn cmd_sweep(args: &[String]) -> Result<i32, String> {
         .as_array()
         .map(|a| a.iter().filter_map(|x| x.as_str().map(String::from)).collect())
         .unwrap_or_default();
-    if worst == 0 && !gaps.is_empty() && shard_n == 1 && budget.is_none() {
+    if worst == 0 && !gaps.is_empty() && shard_n == 1 && budget.is_none() && only.is_none() {
         println!("coverage gap (I15): {}", gaps.join(", "));
         worst = 4;
     }

@@ -679,7 +679,11 @@ impl DiskSet {
                                             }
                                         }
                                     }
-                                    current[s as usize] = Stored::Raw(Arc::from(&out[..]));
+                                    // A tear between equal old and new bytes is no tear.
+                                    current[s as usize] = match decode(&out) {
+                                        Decoded::Value(v) => Stored::V(v),
+                                        Decoded::Garbage => Stored::Raw(Arc::from(&out[..])),
+                                    };
                                 }
                             }
                         }
