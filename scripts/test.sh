@@ -16,10 +16,13 @@ else
     cargo test --workspace --no-fail-fast
 fi
 
-echo "== the driver under madsim: clippy and a seeded smoke run (cargo sim, own target dir)"
+echo "== the simulator (cargo sim: --cfg madsim, own target dir): clippy, determinism, sweep"
 cargo clippy -p ballot-sim --release --target-dir target-sim \
     --config "build.rustflags=['--cfg','madsim']" -- -D warnings
-cargo sim smoke 1
+# SIMULATION.md M4: 20 seeds, each twice in this process and twice in separate processes.
+cargo sim check-determinism --seeds 20
+# M5: every scenario plus 200 random seeds; the report goes to a scratch directory.
+cargo sim sweep --seeds 200 --jobs 2 --report "${TMPDIR:-/tmp}/ballot-ci-sweep"
 
 echo "== benchmark smoke run (quick; report to a scratch file)"
 BENCH_QUORUM_OUT="${TMPDIR:-/tmp}/bench-quorum-smoke.md" \

@@ -89,7 +89,13 @@ pub fn report(p: &Params, sc: &Scenario, path: Option<&str>, r: &RunResult) -> i
         }
         Some((rule, msg)) => {
             println!("FAIL {rule} {msg}");
-            println!("seed={} commit={} scenario={} config={}", p.seed, commit(), sc.name, p.config_id());
+            println!(
+                "seed={} commit={} scenario={} config={}",
+                p.seed,
+                commit(),
+                sc.name,
+                p.config_id()
+            );
             print!("{}", p.to_toml(&sc.name));
             print!("{}", r.detail);
             println!("reproduce: {}", reproduce(p.seed, path));
@@ -162,12 +168,17 @@ pub fn parse(args: &[String], with_values: &[&str]) -> Result<Common, String> {
     while i < args.len() {
         let a = &args[i];
         let val = |i: usize| -> Result<String, String> {
-            args.get(i + 1).cloned().ok_or_else(|| format!("{a} needs a value"))
+            args.get(i + 1)
+                .cloned()
+                .ok_or_else(|| format!("{a} needs a value"))
         };
         match a.as_str() {
             "--seed" => {
                 let v = val(i)?;
-                c.seed = Some(v.parse().map_err(|_| format!("--seed '{v}' is not a 64-bit unsigned integer"))?);
+                c.seed = Some(
+                    v.parse()
+                        .map_err(|_| format!("--seed '{v}' is not a 64-bit unsigned integer"))?,
+                );
                 i += 1;
             }
             "--set" => {
@@ -178,7 +189,9 @@ pub fn parse(args: &[String], with_values: &[&str]) -> Result<Common, String> {
             "-vv" => c.verbose = 2,
             "--from-op" | "--to-op" => {
                 let v = val(i)?;
-                let n: u64 = v.parse().map_err(|_| format!("{a} '{v}' is not an op number"))?;
+                let n: u64 = v
+                    .parse()
+                    .map_err(|_| format!("{a} '{v}' is not an op number"))?;
                 if a == "--from-op" {
                     c.from_op = n
                 } else {

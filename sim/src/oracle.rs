@@ -440,9 +440,13 @@ impl Oracle {
             self.note_races(id, offset, len, inv, b);
         }
         // I7/I8/I5: the vote model.
-        self.check_vote(id, kind, offset, len, fua, inv, &result, children, events, &mut v);
+        self.check_vote(
+            id, kind, offset, len, fua, inv, &result, children, events, &mut v,
+        );
         match (&result, kind) {
-            (Ok(Some(data)), OpKind::Read) => self.check_read_data(id, offset, data, inv, b, &mut v),
+            (Ok(Some(data)), OpKind::Read) => {
+                self.check_read_data(id, offset, data, inv, b, &mut v)
+            }
             (Ok(_), OpKind::Write | OpKind::WriteZeroes | OpKind::Trim) => {
                 if fua {
                     self.ops.get_mut(&id).expect("op").durable = true;
@@ -481,7 +485,15 @@ impl Oracle {
         v
     }
 
-    fn check_read_data(&mut self, id: u64, offset: u64, data: &[u8], a: u64, b: u64, v: &mut Vec<Violation>) {
+    fn check_read_data(
+        &mut self,
+        id: u64,
+        offset: u64,
+        data: &[u8],
+        a: u64,
+        b: u64,
+        v: &mut Vec<Violation>,
+    ) {
         *self.tally.checks.entry("I1").or_default() += 1;
         for (k, chunk) in data.chunks(SECTOR).enumerate() {
             let s = offset / SECTOR_U64 + k as u64;
@@ -585,14 +597,21 @@ impl Oracle {
         };
         match kind {
             OpKind::Read => {
-                let reads: Vec<&ChildOp> = children.iter().filter(|c| c.kind == ChildKind::Read).collect();
+                let reads: Vec<&ChildOp> = children
+                    .iter()
+                    .filter(|c| c.kind == ChildKind::Read)
+                    .collect();
                 if self.cfg.fifo {
                     // Q29–Q32: children in order until one succeeds.
                     let mut expect_err = ErrorKind::Io;
                     let mut served = None;
                     for (k, c) in reads.iter().enumerate() {
                         if c.disk != k {
-                            bad(v, "I7", format!("fifo read child {} out of order (expected c{k})", c.disk));
+                            bad(
+                                v,
+                                "I7",
+                                format!("fifo read child {} out of order (expected c{k})", c.disk),
+                            );
                             return;
                         }
                         match c.result {
@@ -621,7 +640,14 @@ impl Oracle {
                         }
                         None => {
                             if reads.len() != n {
-                                bad(v, "I7", format!("fifo read tried {} of {n} children and failed", reads.len()));
+                                bad(
+                                    v,
+                                    "I7",
+                                    format!(
+                                        "fifo read tried {} of {n} children and failed",
+                                        reads.len()
+                                    ),
+                                );
                             }
                             want = Err(expect_err);
                         }
@@ -634,10 +660,18 @@ impl Oracle {
                         }
                     }
                     if res.iter().any(Option::is_none) || reads.len() != n {
-                        bad(v, "I7", format!("quorum read asked {} children, not each of {n} once (Q16)", reads.len()));
+                        bad(
+                            v,
+                            "I7",
+                            format!(
+                                "quorum read asked {} children, not each of {n} once (Q16)",
+                                reads.len()
+                            ),
+                        );
                         return;
                     }
-                    let res: Vec<ChildResult> = res.into_iter().map(|r| r.expect("checked")).collect();
+                    let res: Vec<ChildResult> =
+                        res.into_iter().map(|r| r.expect("checked")).collect();
                     let ok: Vec<(usize, u64)> = res
                         .iter()
                         .enumerate()
@@ -676,7 +710,8 @@ impl Oracle {
                             }
                         }
                         let top = versions.iter().map(|(_, m)| m.len()).max().unwrap_or(0);
-                        let leaders: Vec<&(u64, Vec<usize>)> = versions.iter().filter(|(_, m)| m.len() == top).collect();
+                        let leaders: Vec<&(u64, Vec<usize>)> =
+                            versions.iter().filter(|(_, m)| m.len() == top).collect();
                         if leaders.len() > 1 {
                             // I5 (Q23, D1): EIO + FAILURE, no mismatch event, no rewrite.
                             *self.tally.checks.entry("I5").or_default() += 1;
@@ -690,7 +725,11 @@ impl Oracle {
                         } else {
                             let (wd, winners) = leaders[0];
                             want = Ok(Some(*wd));
-                            let losers: Vec<usize> = ok.iter().map(|(i, _)| *i).filter(|i| !winners.contains(i)).collect();
+                            let losers: Vec<usize> = ok
+                                .iter()
+                                .map(|(i, _)| *i)
+                                .filter(|i| !winners.contains(i))
+                                .collect();
                             for &i in &losers {
                                 want_events.push(rb("read", i, None, sn, sc));
                             }
@@ -726,7 +765,7 @@ impl Oracle {
                     *self.tally.paths.entry("D7").or_default() += 1;
                 }
                 if got_rw != want_rw && !skipped_by_fence {
-                    let rule = if want_rewrites.is_empty() && matches!(want, Err(_)) {
+                    let rule = if want_rewrites.is_empty() && want.is_err() {
                         "I5"
                     } else {
                         "I6"
@@ -734,7 +773,9 @@ impl Oracle {
                     bad(
                         v,
                         rule,
-                        format!("repair writes {got_rw:?} (child, data digest), expected {want_rw:?}"),
+                        format!(
+                            "repair writes {got_rw:?} (child, data digest), expected {want_rw:?}"
+                        ),
                     );
                 }
             }
@@ -748,11 +789,24 @@ impl Oracle {
                 if kind == OpKind::Trim && !self.cfg.discard_forwarded {
                     want = Ok(None);
                     if !writes.is_empty() {
-                        bad(v, "I7", "discard reached the children without the zeroing guarantee (Q46)".into());
+                        bad(
+                            v,
+                            "I7",
+                            "discard reached the children without the zeroing guarantee (Q46)"
+                                .into(),
+                        );
                     }
                 } else {
                     if writes.len() != n {
-                        bad(v, "I7", format!("{} went to {} children, expected {n}", kind.as_str(), writes.len()));
+                        bad(
+                            v,
+                            "I7",
+                            format!(
+                                "{} went to {} children, expected {n}",
+                                kind.as_str(),
+                                writes.len()
+                            ),
+                        );
                         return;
                     }
                     let mut errs = Vec::new();
@@ -814,7 +868,12 @@ impl Oracle {
             bad(
                 v,
                 rule,
-                format!("{} returned {}, the vote model says {}", kind.as_str(), show(&got), show(&want)),
+                format!(
+                    "{} returned {}, the vote model says {}",
+                    kind.as_str(),
+                    show(&got),
+                    show(&want)
+                ),
             );
         }
         // Events (I8): exactly the expected multiset; mismatch events in ascending order.
@@ -848,9 +907,17 @@ impl Oracle {
             .collect();
         let mismatch_order: Vec<&String> = got_ev.iter().filter(|e| e.contains(" - ")).collect();
         let mut sorted_mm = mismatch_order.clone();
-        sorted_mm.sort_by_key(|e| e.split(' ').nth(2).map(|c| c[1..].parse::<usize>().unwrap_or(0)));
+        sorted_mm.sort_by_key(|e| {
+            e.split(' ')
+                .nth(2)
+                .map(|c| c[1..].parse::<usize>().unwrap_or(0))
+        });
         if mismatch_order != sorted_mm {
-            bad(v, "I8", format!("mismatch events out of child order: {mismatch_order:?}"));
+            bad(
+                v,
+                "I8",
+                format!("mismatch events out of child order: {mismatch_order:?}"),
+            );
         }
         got_ev.sort();
         want_events.sort();
@@ -863,13 +930,24 @@ impl Oracle {
             } else {
                 "I8"
             };
-            bad(v, rule, format!("events {got_ev:?}, expected {want_events:?}"));
+            bad(
+                v,
+                rule,
+                format!("events {got_ev:?}, expected {want_events:?}"),
+            );
         }
     }
 
     /// Q41: each child flushed once, in order; RB(flush) 0/0 per failure; ok iff s >= t.
-    fn flush_model(&mut self, children: &[ChildOp], want_events: &mut Vec<String>) -> Result<Option<u64>, ErrorKind> {
-        let flushes: Vec<&ChildOp> = children.iter().filter(|c| c.kind == ChildKind::Flush).collect();
+    fn flush_model(
+        &mut self,
+        children: &[ChildOp],
+        want_events: &mut Vec<String>,
+    ) -> Result<Option<u64>, ErrorKind> {
+        let flushes: Vec<&ChildOp> = children
+            .iter()
+            .filter(|c| c.kind == ChildKind::Flush)
+            .collect();
         let mut errs = Vec::new();
         for c in &flushes {
             if let ChildResult::Err(e) = c.result {
@@ -896,9 +974,10 @@ impl Oracle {
             let racy = list.iter().any(|&other| {
                 other != id
                     && other != 0
-                    && self.ops.get(&other).is_some_and(|o| {
-                        o.inv < cmp && o.cmp.is_none_or(|c| c > inv)
-                    })
+                    && self
+                        .ops
+                        .get(&other)
+                        .is_some_and(|o| o.inv < cmp && o.cmp.is_none_or(|c| c > inv))
             });
             if racy {
                 self.racy.insert(s);
@@ -921,7 +1000,8 @@ impl Oracle {
                     && match s {
                         Some(s) => {
                             op.kind == OpKind::Flush
-                                || (op.offset / SECTOR_U64 <= s && s < (op.offset + op.len).div_ceil(SECTOR_U64))
+                                || (op.offset / SECTOR_U64 <= s
+                                    && s < (op.offset + op.len).div_ceil(SECTOR_U64))
                         }
                         None => true,
                     }
@@ -941,7 +1021,11 @@ impl Oracle {
                         Outcome::Fail(k) => k.errno_name().to_string(),
                         Outcome::Info => "info".to_string(),
                     },
-                    if op.durable && op.kind != OpKind::Read { " durable" } else { "" }
+                    if op.durable && op.kind != OpKind::Read {
+                        " durable"
+                    } else {
+                        ""
+                    }
                 )
             })
             .collect();

@@ -121,20 +121,40 @@ impl<'a> Pins<'a> {
         Rng::stream(self.seed, &format!("config/{key}"))
     }
 
-    fn int(&self, key: &str, lo: u64, hi: u64, draw: impl FnOnce(&mut Rng) -> u64) -> Result<u64, String> {
+    fn int(
+        &self,
+        key: &str,
+        lo: u64,
+        hi: u64,
+        draw: impl FnOnce(&mut Rng) -> u64,
+    ) -> Result<u64, String> {
         match self.get(key) {
             Some(Tv::Integer(i)) if *i >= lo as i64 && *i <= hi as i64 => Ok(*i as u64),
             Some(Tv::Integer(i)) => Err(format!("key '{key}': {i} is out of range {lo}..={hi}")),
-            Some(other) => Err(format!("key '{key}': expected an integer, got {}", other.type_str())),
+            Some(other) => Err(format!(
+                "key '{key}': expected an integer, got {}",
+                other.type_str()
+            )),
             None => Ok(draw(&mut self.rng(key))),
         }
     }
 
-    fn float(&self, key: &str, lo: f64, hi: f64, draw: impl FnOnce(&mut Rng) -> f64) -> Result<f64, String> {
+    fn float(
+        &self,
+        key: &str,
+        lo: f64,
+        hi: f64,
+        draw: impl FnOnce(&mut Rng) -> f64,
+    ) -> Result<f64, String> {
         let x = match self.get(key) {
             Some(Tv::Float(f)) => *f,
             Some(Tv::Integer(i)) => *i as f64,
-            Some(other) => return Err(format!("key '{key}': expected a number, got {}", other.type_str())),
+            Some(other) => {
+                return Err(format!(
+                    "key '{key}': expected a number, got {}",
+                    other.type_str()
+                ))
+            }
             None => return Ok(draw(&mut self.rng(key))),
         };
         if !(lo..=hi).contains(&x) {
@@ -146,19 +166,30 @@ impl<'a> Pins<'a> {
     fn boolean(&self, key: &str, p: f64) -> Result<bool, String> {
         match self.get(key) {
             Some(Tv::Boolean(b)) => Ok(*b),
-            Some(other) => Err(format!("key '{key}': expected true or false, got {}", other.type_str())),
+            Some(other) => Err(format!(
+                "key '{key}': expected true or false, got {}",
+                other.type_str()
+            )),
             None => Ok(self.rng(key).chance(p)),
         }
     }
 
-    fn choice(&self, key: &str, options: &[&'static str], weights: &[u64]) -> Result<&'static str, String> {
+    fn choice(
+        &self,
+        key: &str,
+        options: &[&'static str],
+        weights: &[u64],
+    ) -> Result<&'static str, String> {
         match self.get(key) {
-            Some(Tv::String(s)) => options
-                .iter()
-                .find(|o| **o == s)
-                .copied()
-                .ok_or_else(|| format!("key '{key}': '{s}' is not one of {}", options.join(", "))),
-            Some(other) => Err(format!("key '{key}': expected a string, got {}", other.type_str())),
+            Some(Tv::String(s)) => {
+                options.iter().find(|o| **o == s).copied().ok_or_else(|| {
+                    format!("key '{key}': '{s}' is not one of {}", options.join(", "))
+                })
+            }
+            Some(other) => Err(format!(
+                "key '{key}': expected a string, got {}",
+                other.type_str()
+            )),
             None => Ok(options[self.rng(key).weighted(weights)]),
         }
     }
@@ -167,7 +198,10 @@ impl<'a> Pins<'a> {
         match self.get(key) {
             Some(Tv::Integer(i)) if *i >= 0 => Ok(*i as u64),
             Some(Tv::String(s)) => parse_size(s).map_err(|e| format!("key '{key}': {e}")),
-            Some(other) => Err(format!("key '{key}': expected a size, got {}", other.type_str())),
+            Some(other) => Err(format!(
+                "key '{key}': expected a size, got {}",
+                other.type_str()
+            )),
             None => Ok(draw(&mut self.rng(key))),
         }
     }
@@ -175,7 +209,10 @@ impl<'a> Pins<'a> {
     fn time(&self, key: &str, draw: impl FnOnce(&mut Rng) -> u64) -> Result<u64, String> {
         match self.get(key) {
             Some(Tv::String(s)) => parse_time_ns(s).map_err(|e| format!("key '{key}': {e}")),
-            Some(other) => Err(format!("key '{key}': expected a time such as \"200ms\", got {}", other.type_str())),
+            Some(other) => Err(format!(
+                "key '{key}': expected a time such as \"200ms\", got {}",
+                other.type_str()
+            )),
             None => Ok(draw(&mut self.rng(key))),
         }
     }
@@ -201,7 +238,10 @@ impl<'a> Pins<'a> {
                 }
                 Ok((a, b))
             }
-            Some(other) => Err(format!("key '{key}': expected a range string \"a..b\", got {}", other.type_str())),
+            Some(other) => Err(format!(
+                "key '{key}': expected a range string \"a..b\", got {}",
+                other.type_str()
+            )),
             None => Ok(draw(&mut self.rng(key))),
         }
     }
@@ -209,7 +249,11 @@ impl<'a> Pins<'a> {
     /// Pinned keys no parameter read: unknown keys (C2).
     pub fn unused(&self) -> Vec<String> {
         let used = self.used.borrow();
-        self.map.keys().filter(|k| !used.contains(*k)).cloned().collect()
+        self.map
+            .keys()
+            .filter(|k| !used.contains(*k))
+            .cloned()
+            .collect()
     }
 }
 
@@ -237,7 +281,9 @@ impl Params {
             "beyond" => Budget::Beyond,
             _ => Budget::Safety,
         };
-        let children = p.int("topology.children", 1, 7, |r| 1 + r.weighted(&[1, 2, 4, 2, 2, 1, 1]) as u64)? as usize;
+        let children = p.int("topology.children", 1, 7, |r| {
+            1 + r.weighted(&[1, 2, 4, 2, 2, 1, 1]) as u64
+        })? as usize;
         let threshold = p.int("topology.vote_threshold", 1, children as u64, |r| {
             let n = children as u64;
             if r.chance(0.65) {
@@ -263,7 +309,8 @@ impl Params {
                 "key 'topology.disk_size': {disk_size} must be a multiple of 4k between 64k and 1G"
             ));
         }
-        let initial_pattern = p.choice("topology.initial", &["pattern", "zero"], &[7, 3])? == "pattern";
+        let initial_pattern =
+            p.choice("topology.initial", &["pattern", "zero"], &[7, 3])? == "pattern";
         let ops = p.int("workload.ops", 0, 10_000_000, |r| r.range(2000, 3000))?;
         let mix = Mix {
             read: p.int("workload.mix.read", 0, 1000, |r| r.range(30, 60))?,
@@ -276,7 +323,10 @@ impl Params {
             return Err("key 'workload.mix': every weight is 0".into());
         }
         let size = p.pair("workload.size", parse_size, |r| {
-            (512, [4096u64, 16384, 65536, 262_144, 1 << 20][r.weighted(&[2, 3, 3, 2, 1])])
+            (
+                512,
+                [4096u64, 16384, 65536, 262_144, 1 << 20][r.weighted(&[2, 3, 3, 2, 1])],
+            )
         })?;
         if size.0 == 0 || size.0 % 512 != 0 || size.1 % 512 != 0 || size.1 > disk_size {
             return Err(format!(
@@ -288,8 +338,15 @@ impl Params {
             [1u64, 2, 4, 8, 16, 32][r.weighted(&[2, 2, 3, 3, 2, 1])]
         })? as usize;
         let region = match p.get("workload.region") {
-            Some(Tv::String(s)) => parse_range(s).map_err(|e| format!("key 'workload.region': {e}"))?,
-            Some(other) => return Err(format!("key 'workload.region': expected a range string, got {}", other.type_str())),
+            Some(Tv::String(s)) => {
+                parse_range(s).map_err(|e| format!("key 'workload.region': {e}"))?
+            }
+            Some(other) => {
+                return Err(format!(
+                    "key 'workload.region': expected a range string, got {}",
+                    other.type_str()
+                ))
+            }
             None => (0, disk_size),
         };
         if region.1 > disk_size || region.1 - region.0 < size.1 {
@@ -298,7 +355,13 @@ impl Params {
                 region.0, region.1
             ));
         }
-        let hot = p.float("workload.hot", 0.0, 1.0, |r| if r.chance(0.5) { r.uniform(0.0, 0.9) } else { 0.0 })?;
+        let hot = p.float("workload.hot", 0.0, 1.0, |r| {
+            if r.chance(0.5) {
+                r.uniform(0.0, 0.9)
+            } else {
+                0.0
+            }
+        })?;
         let fua = p.float("workload.fua", 0.0, 1.0, |r| r.uniform(0.0, 0.2))?;
         let random_faults = p.boolean("faults.random", 1.0)?;
         let families: Vec<String> = match p.get("faults.families") {
@@ -318,16 +381,27 @@ impl Params {
                 }
                 out
             }
-            Some(other) => return Err(format!("key 'faults.families': expected an array, got {}", other.type_str())),
+            Some(other) => {
+                return Err(format!(
+                    "key 'faults.families': expected an array, got {}",
+                    other.type_str()
+                ))
+            }
             None => {
                 // S2: each family with probability 1/2.
                 let mut r = p.rng("faults.families");
-                FAMILIES.iter().filter(|_| r.chance(0.5)).map(|s| s.to_string()).collect()
+                FAMILIES
+                    .iter()
+                    .filter(|_| r.chance(0.5))
+                    .map(|s| s.to_string())
+                    .collect()
             }
         };
         let on = |f: &str| random_faults && families.iter().any(|x| x == f);
         let rate = |key: &str, hi: f64| -> Result<f64, String> {
-            p.float(&format!("faults.rates.{key}"), 0.0, 1.0, |r| r.uniform(0.0, hi))
+            p.float(&format!("faults.rates.{key}"), 0.0, 1.0, |r| {
+                r.uniform(0.0, hi)
+            })
         };
         // Rates are drawn whether or not the family is on, so enabling one keeps the others.
         let r1 = rate("F1", 0.10)?;
@@ -362,21 +436,36 @@ impl Params {
         let write_mean = p.time("disk.write_mean", |r| write_min + r.range(200, 5000) * 1000)?;
         let slow = on("F10");
         let stall_p = p.float("disk.stall", 0.0, 1.0, |r| r.uniform(0.0, 0.01))?;
-        let stall_ns = p.pair("disk.stall_time", parse_time_ns, |_| (1_000_000_000, 5_000_000_000))?;
-        let gray_disk = p.int("disk.gray", 0, children as u64 - 1, |r| r.below(children as u64))? as usize;
+        let stall_ns = p.pair("disk.stall_time", parse_time_ns, |_| {
+            (1_000_000_000, 5_000_000_000)
+        })?;
+        let gray_disk = p.int("disk.gray", 0, children as u64 - 1, |r| {
+            r.below(children as u64)
+        })? as usize;
         let gray_factor = p.int("disk.gray_factor", 1, 1000, |r| r.range(10, 100))?;
         let slow_read = p.time("disk.slow_read_mean", |r| r.range(1, 100) * 1_000_000)?;
         let slow_write = p.time("disk.slow_write_mean", |r| r.range(1, 1000) * 1_000_000)?;
         let latency = Latency {
             read_min_ns: read_min,
-            read_mean_ns: if slow { read_mean.max(slow_read) } else { read_mean.max(read_min) },
+            read_mean_ns: if slow {
+                read_mean.max(slow_read)
+            } else {
+                read_mean.max(read_min)
+            },
             write_min_ns: write_min,
-            write_mean_ns: if slow { write_mean.max(slow_write) } else { write_mean.max(write_min) },
+            write_mean_ns: if slow {
+                write_mean.max(slow_write)
+            } else {
+                write_mean.max(write_min)
+            },
             stall_p: if slow { stall_p } else { 0.0 },
             stall_ns,
             factor: 1,
         };
-        let liveness = p.boolean("phases.liveness", if budget == Budget::Beyond { 0.0 } else { 1.0 })?;
+        let liveness = p.boolean(
+            "phases.liveness",
+            if budget == Budget::Beyond { 0.0 } else { 1.0 },
+        )?;
         let deadline_ns = p.time("phases.deadline", |_| 600_000_000_000)?;
         let time_limit_ns = p.time("phases.time_limit", |_| 36_000_000_000_000)?;
         let unknown = p.unused();
@@ -430,7 +519,11 @@ impl Params {
         let rate_or = |x: Option<f64>, d: f64| format!("{:.6}", x.unwrap_or(d));
         let fams: Vec<String> = self.families.iter().map(|f| format!("\"{f}\"")).collect();
         let mut s = String::new();
-        s += &format!("name = \"{name}\"\nseed = {}\nbudget = \"{}\"\n", self.seed, self.budget.as_str());
+        s += &format!(
+            "name = \"{name}\"\nseed = {}\nbudget = \"{}\"\n",
+            self.seed,
+            self.budget.as_str()
+        );
         s += &format!(
             "topology = {{ kind = \"quorum\", transport = \"local\", guest_path = \"direct\", children = {}, vote_threshold = {}, read_pattern = \"{}\", rewrite_corrupted = {}, discard_unmap = {}, discard_zeroes = {}, disk_size = \"{}\", initial = \"{}\" }}\n",
             self.children,
@@ -508,7 +601,11 @@ impl Params {
 /// Flattens a TOML table into dotted keys, leaving arrays as values.
 pub fn flatten(prefix: &str, t: &toml::Table, out: &mut BTreeMap<String, Tv>) {
     for (k, v) in t {
-        let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+        let key = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
         match v {
             Tv::Table(inner) => flatten(&key, inner, out),
             other => {

@@ -157,9 +157,9 @@ impl Scenario {
     /// # Errors
     /// A message naming the key.
     pub fn parse(text: &str, stem: &str) -> Result<Scenario, String> {
-        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
-            format!("TOML syntax: {}", e.to_string().trim_end())
-        })?;
+        let table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| format!("TOML syntax: {}", e.to_string().trim_end()))?;
         let mut sc = Scenario::swarm();
         let mut pins = BTreeMap::new();
         for (k, v) in &table {
@@ -167,22 +167,30 @@ impl Scenario {
                 "name" => {
                     let name = v.as_str().ok_or("key 'name': expected a string")?;
                     if name != stem {
-                        return Err(format!("key 'name': '{name}' must equal the file stem '{stem}'"));
+                        return Err(format!(
+                            "key 'name': '{name}' must equal the file stem '{stem}'"
+                        ));
                     }
                     sc.name = name.to_string();
                 }
                 "description" => {
-                    sc.description = v.as_str().ok_or("key 'description': expected a string")?.to_string();
+                    sc.description = v
+                        .as_str()
+                        .ok_or("key 'description': expected a string")?
+                        .to_string();
                 }
                 "seed" => {
                     let s = v.as_integer().ok_or("key 'seed': expected an integer")?;
-                    sc.seed = Some(u64::try_from(s).map_err(|_| "key 'seed': must not be negative")?);
+                    sc.seed =
+                        Some(u64::try_from(s).map_err(|_| "key 'seed': must not be negative")?);
                 }
                 "budget" => {
                     pins.insert("budget".to_string(), v.clone());
                 }
                 "topology" | "workload" | "faults" | "phases" | "disk" | "nbd_client" => {
-                    let t = v.as_table().ok_or_else(|| format!("key '{k}': expected a table"))?;
+                    let t = v
+                        .as_table()
+                        .ok_or_else(|| format!("key '{k}': expected a table"))?;
                     if k == "nbd_client" {
                         return Err("key 'nbd_client': NBD children are not simulated yet (they come with the NBD client)".into());
                     }
@@ -200,7 +208,9 @@ impl Scenario {
             }
         }
         if sc.name == "swarm" && !stem.is_empty() && stem != "swarm" {
-            return Err(format!("key 'name' is missing (it must equal the file stem '{stem}')"));
+            return Err(format!(
+                "key 'name' is missing (it must equal the file stem '{stem}')"
+            ));
         }
         // Every pinned key must be a parameter: derive once to check.
         Params::derive(sc.seed.unwrap_or(0), &pins)?;
@@ -208,12 +218,16 @@ impl Scenario {
         for e in &sc.expects {
             let step = match e {
                 Expect::Result { step, .. } => Some(step),
-                Expect::Contents { equals, .. } if equals != "initial" && equals != "zero" => Some(equals),
+                Expect::Contents { equals, .. } if equals != "initial" && equals != "zero" => {
+                    Some(equals)
+                }
                 _ => None,
             };
             if let Some(s) = step {
                 if !ids.contains(&s.as_str()) && s != "open" {
-                    return Err(format!("key 'expect': step '{s}' is not a workload.step id"));
+                    return Err(format!(
+                        "key 'expect': step '{s}' is not a workload.step id"
+                    ));
                 }
             }
         }
@@ -250,17 +264,28 @@ fn table_of<'a>(v: &'a Tv, what: &str, i: usize) -> Result<&'a toml::Table, Stri
 fn check_keys(t: &toml::Table, what: &str, i: usize, allowed: &[&str]) -> Result<(), String> {
     for k in t.keys() {
         if !allowed.contains(&k.as_str()) {
-            return Err(format!("key '{what}[{i}].{k}': unknown (allowed: {})", allowed.join(", ")));
+            return Err(format!(
+                "key '{what}[{i}].{k}': unknown (allowed: {})",
+                allowed.join(", ")
+            ));
         }
     }
     Ok(())
 }
 
-fn str_key<'a>(t: &'a toml::Table, what: &str, i: usize, key: &str) -> Result<Option<&'a str>, String> {
+fn str_key<'a>(
+    t: &'a toml::Table,
+    what: &str,
+    i: usize,
+    key: &str,
+) -> Result<Option<&'a str>, String> {
     match t.get(key) {
         None => Ok(None),
         Some(Tv::String(s)) => Ok(Some(s)),
-        Some(other) => Err(format!("key '{what}[{i}].{key}': expected a string, got {}", other.type_str())),
+        Some(other) => Err(format!(
+            "key '{what}[{i}].{key}': expected a string, got {}",
+            other.type_str()
+        )),
     }
 }
 
@@ -268,12 +293,16 @@ fn u64_key(t: &toml::Table, what: &str, i: usize, key: &str) -> Result<Option<u6
     match t.get(key) {
         None => Ok(None),
         Some(Tv::Integer(n)) if *n >= 0 => Ok(Some(*n as u64)),
-        Some(other) => Err(format!("key '{what}[{i}].{key}': expected a non-negative integer, got {other}")),
+        Some(other) => Err(format!(
+            "key '{what}[{i}].{key}': expected a non-negative integer, got {other}"
+        )),
     }
 }
 
 fn parse_steps(v: &Tv) -> Result<Vec<Step>, String> {
-    let arr = v.as_array().ok_or("key 'workload.step': expected an array")?;
+    let arr = v
+        .as_array()
+        .ok_or("key 'workload.step': expected an array")?;
     let mut out: Vec<Step> = Vec::new();
     for (i, s) in arr.iter().enumerate() {
         let w = "workload.step";
@@ -295,7 +324,11 @@ fn parse_steps(v: &Tv) -> Result<Vec<Step>, String> {
         let fua = match t.get("fua") {
             None => false,
             Some(Tv::Boolean(b)) => *b,
-            Some(other) => return Err(format!("key '{w}[{i}].fua': expected true or false, got {other}")),
+            Some(other) => {
+                return Err(format!(
+                    "key '{w}[{i}].fua': expected true or false, got {other}"
+                ))
+            }
         };
         out.push(Step {
             id: id.to_string(),
@@ -328,10 +361,14 @@ fn parse_faults(v: &Tv) -> Result<Vec<FaultSpec>, String> {
             t,
             w,
             i,
-            &["id", "target", "range", "at", "at_op", "until", "until_op", "count", "params"],
+            &[
+                "id", "target", "range", "at", "at_op", "until", "until_op", "count", "params",
+            ],
         )?;
         let id = str_key(t, w, i, "id")?.ok_or(format!("key '{w}[{i}].id' is missing"))?;
-        const SCRIPTED: [&str; 10] = ["F1", "F2", "F3", "F4", "F5", "F6", "F7", "F10", "F11", "F16"];
+        const SCRIPTED: [&str; 10] = [
+            "F1", "F2", "F3", "F4", "F5", "F6", "F7", "F10", "F11", "F16",
+        ];
         if !SCRIPTED.contains(&id) {
             return Err(format!(
                 "key '{w}[{i}].id': '{id}' cannot be scripted in this topology ({}; F8 and F9 act through F16)",
@@ -351,24 +388,38 @@ fn parse_faults(v: &Tv) -> Result<Vec<FaultSpec>, String> {
             None => None,
         };
         if matches!(id, "F1" | "F3" | "F4") && range.is_none() && id != "F3" {
-            return Err(format!("key '{w}[{i}].range' is missing ({id} marks sectors)"));
+            return Err(format!(
+                "key '{w}[{i}].range' is missing ({id} marks sectors)"
+            ));
         }
         let when = match (str_key(t, w, i, "at")?, u64_key(t, w, i, "at_op")?) {
-            (Some(_), Some(_)) => return Err(format!("key '{w}[{i}]': give 'at' or 'at_op', not both")),
-            (Some(s), None) => When::At(parse_time_ns(s).map_err(|e| format!("key '{w}[{i}].at': {e}"))?),
+            (Some(_), Some(_)) => {
+                return Err(format!("key '{w}[{i}]': give 'at' or 'at_op', not both"))
+            }
+            (Some(s), None) => {
+                When::At(parse_time_ns(s).map_err(|e| format!("key '{w}[{i}].at': {e}"))?)
+            }
             (None, Some(n)) => When::AtOp(n),
             (None, None) => When::AtOp(0),
         };
         let until = match (str_key(t, w, i, "until")?, u64_key(t, w, i, "until_op")?) {
-            (Some(_), Some(_)) => return Err(format!("key '{w}[{i}]': give 'until' or 'until_op', not both")),
-            (Some(s), None) => Some(When::At(parse_time_ns(s).map_err(|e| format!("key '{w}[{i}].until': {e}"))?)),
+            (Some(_), Some(_)) => {
+                return Err(format!(
+                    "key '{w}[{i}]': give 'until' or 'until_op', not both"
+                ))
+            }
+            (Some(s), None) => Some(When::At(
+                parse_time_ns(s).map_err(|e| format!("key '{w}[{i}].until': {e}"))?,
+            )),
             (None, Some(n)) => Some(When::AtOp(n)),
             (None, None) => None,
         };
         let count = u64_key(t, w, i, "count")?.unwrap_or(1);
         let mut params = BTreeMap::new();
         if let Some(p) = t.get("params") {
-            let pt = p.as_table().ok_or(format!("key '{w}[{i}].params': expected a table"))?;
+            let pt = p
+                .as_table()
+                .ok_or(format!("key '{w}[{i}].params': expected a table"))?;
             for (k, v) in pt {
                 match (id, k.as_str(), v) {
                     ("F5", "applied", Tv::String(s)) if ["none", "all", "some"].contains(&s.as_str()) => {}

@@ -82,16 +82,24 @@ fn scenarios_in(dir: &Path) -> Result<Vec<(String, Scenario)>, String> {
 }
 
 fn flag_value(args: &[String], name: &str) -> Option<String> {
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
 }
 
 fn flag<'a>(c: &'a crate::cli::Common, name: &str) -> Option<&'a str> {
-    c.flags.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    c.flags
+        .iter()
+        .rev()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
 }
 
 fn num(c: &crate::cli::Common, name: &str, default: u64) -> Result<u64, String> {
     match flag(c, name) {
-        Some(v) => v.parse().map_err(|_| format!("{name} '{v}' is not a number")),
+        Some(v) => v
+            .parse()
+            .map_err(|_| format!("{name} '{v}' is not a number")),
         None => Ok(default),
     }
 }
@@ -128,7 +136,11 @@ fn run_jobs(
                         violation: Some(("harness".into(), e)),
                         ..RunResult::default()
                     };
-                    out.lock().unwrap_or_else(|p| p.into_inner()).push((job, Params::derive(0, &Default::default()).expect("defaults"), r));
+                    out.lock().unwrap_or_else(|p| p.into_inner()).push((
+                        job,
+                        Params::derive(0, &Default::default()).expect("defaults"),
+                        r,
+                    ));
                     continue;
                 }
             };
@@ -140,18 +152,15 @@ fn run_jobs(
                 };
                 println!(
                     "[{:>4}] {:<40} seed={:<20} ops={:<5} wall={:.2}s {}",
-                    job.index,
-                    job.scenario.name,
-                    job.seed,
-                    r.ops,
-                    r.wall_s,
-                    verdict
+                    job.index, job.scenario.name, job.seed, r.ops, r.wall_s, verdict
                 );
             }
             if until_fail && r.violation.is_some() {
                 stop.store(true, std::sync::atomic::Ordering::Relaxed);
             }
-            out.lock().unwrap_or_else(|p| p.into_inner()).push((job, p, r));
+            out.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((job, p, r));
         }));
     }
     for h in handles {
@@ -168,7 +177,19 @@ pub fn cmd_sweep(args: &[String]) -> Result<i32, String> {
     let until_fail = args.iter().any(|a| a == "--until-fail");
     args.retain(|a| a != "--until-fail");
     let only = flag_value(&args, "--only");
-    let c = parse(&args, &["--seeds", "--seed-from", "--jobs", "--shard", "--time-budget", "--report", "--scenarios", "--only"])?;
+    let c = parse(
+        &args,
+        &[
+            "--seeds",
+            "--seed-from",
+            "--jobs",
+            "--shard",
+            "--time-budget",
+            "--report",
+            "--scenarios",
+            "--only",
+        ],
+    )?;
     if c.scenario.is_some() || c.seed.is_some() || !c.sets.is_empty() {
         return Err("sweep takes no scenario, --seed or --set (use run)".into());
     }
@@ -177,10 +198,14 @@ pub fn cmd_sweep(args: &[String]) -> Result<i32, String> {
     let jobs_n = num(&c, "--jobs", 2)? as usize;
     let (shard_i, shard_n) = match flag(&c, "--shard") {
         Some(s) => {
-            let (a, b) = s.split_once('/').ok_or(format!("--shard '{s}': expected i/n"))?;
+            let (a, b) = s
+                .split_once('/')
+                .ok_or(format!("--shard '{s}': expected i/n"))?;
             let (a, b): (u64, u64) = (
-                a.parse().map_err(|_| format!("--shard '{s}': expected i/n"))?,
-                b.parse().map_err(|_| format!("--shard '{s}': expected i/n"))?,
+                a.parse()
+                    .map_err(|_| format!("--shard '{s}': expected i/n"))?,
+                b.parse()
+                    .map_err(|_| format!("--shard '{s}': expected i/n"))?,
             );
             if a == 0 || a > b {
                 return Err(format!("--shard '{s}': need 1 <= i <= n"));
@@ -196,7 +221,10 @@ pub fn cmd_sweep(args: &[String]) -> Result<i32, String> {
     if let Some(name) = &only {
         scenarios.retain(|(_, s)| &s.name == name);
         if scenarios.is_empty() {
-            return Err(format!("--only '{name}': no such scenario in {}", sdir.display()));
+            return Err(format!(
+                "--only '{name}': no such scenario in {}",
+                sdir.display()
+            ));
         }
     }
     let mut jobs = Vec::new();
@@ -238,10 +266,14 @@ pub fn cmd_sweep(args: &[String]) -> Result<i32, String> {
     let summary = summarize(&results, &args, wall_s, jobs_n);
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let json_path = dir.join("summary.json");
-    std::fs::write(&json_path, serde_json::to_string_pretty(&summary).unwrap_or_default())
-        .map_err(|e| format!("{}: {e}", json_path.display()))?;
+    std::fs::write(
+        &json_path,
+        serde_json::to_string_pretty(&summary).unwrap_or_default(),
+    )
+    .map_err(|e| format!("{}: {e}", json_path.display()))?;
     let md_path = dir.join("summary.md");
-    std::fs::write(&md_path, markdown(&summary)).map_err(|e| format!("{}: {e}", md_path.display()))?;
+    std::fs::write(&md_path, markdown(&summary))
+        .map_err(|e| format!("{}: {e}", md_path.display()))?;
     // Failures: print each in full (U7).
     let mut worst = 0;
     for (job, p, r) in &results {
@@ -253,7 +285,11 @@ pub fn cmd_sweep(args: &[String]) -> Result<i32, String> {
     }
     let gaps: Vec<String> = summary["coverage"]["gaps"]
         .as_array()
-        .map(|a| a.iter().filter_map(|x| x.as_str().map(String::from)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(String::from))
+                .collect()
+        })
         .unwrap_or_default();
     if worst == 0 && !gaps.is_empty() && shard_n == 1 && budget.is_none() && only.is_none() {
         println!("coverage gap (I15): {}", gaps.join(", "));
@@ -292,7 +328,12 @@ fn more_severe(a: i32, b: i32) -> i32 {
 /// Recovery paths this topology can reach (I15); the rest need NBD or COLO.
 const PATHS: [&str; 9] = ["P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8", "P12"];
 
-fn summarize(results: &[(Job, Params, RunResult)], args: &[String], wall_s: f64, jobs: usize) -> Json {
+fn summarize(
+    results: &[(Job, Params, RunResult)],
+    args: &[String],
+    wall_s: f64,
+    jobs: usize,
+) -> Json {
     let mut injected: BTreeMap<String, u64> = BTreeMap::new();
     let mut skipped: BTreeMap<String, u64> = BTreeMap::new();
     let mut outcomes: BTreeMap<String, u64> = BTreeMap::new();
@@ -321,7 +362,13 @@ fn summarize(results: &[(Job, Params, RunResult)], args: &[String], wall_s: f64,
         if r.wall_s > 0.0 {
             ratios.push(r.virtual_s / r.wall_s);
         }
-        let e = by_scenario.entry(if job.path.is_some() { job.scenario.name.clone() } else { "swarm".into() }).or_default();
+        let e = by_scenario
+            .entry(if job.path.is_some() {
+                job.scenario.name.clone()
+            } else {
+                "swarm".into()
+            })
+            .or_default();
         e.0 += 1;
         if let Some((rule, _)) = &r.violation {
             viol += 1;
@@ -361,7 +408,9 @@ fn summarize(results: &[(Job, Params, RunResult)], args: &[String], wall_s: f64,
         .map(|p| p.to_string())
         .collect();
     let gaps: Vec<String> = fam_gaps.iter().chain(path_gaps.iter()).cloned().collect();
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     json!({
         "seeds": results.len(),
         "operations": ops,
@@ -402,7 +451,14 @@ fn markdown(s: &Json) -> String {
         s["commit"].as_str().unwrap_or(""),
         s["host_cores"],
         s["jobs"],
-        s["arguments"].as_array().map(|a| a.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(" ")).unwrap_or_default()
+        s["arguments"]
+            .as_array()
+            .map(|a| a
+                .iter()
+                .filter_map(|x| x.as_str())
+                .collect::<Vec<_>>()
+                .join(" "))
+            .unwrap_or_default()
     );
     m += "| measure | value |\n|---|---|\n";
     for (k, label) in [
@@ -411,15 +467,33 @@ fn markdown(s: &Json) -> String {
         ("child_operations", "child operations"),
         ("violations", "violations"),
         ("crashes", "crashes (F16)"),
-        ("safety_phase_errors", "errors in safety phases (counted, O7)"),
+        (
+            "safety_phase_errors",
+            "errors in safety phases (counted, O7)",
+        ),
     ] {
         m += &format!("| {label} | {} |\n", s[k]);
     }
-    m += &format!("| wall time | {:.1} s |\n", s["wall_s"].as_f64().unwrap_or(0.0));
-    m += &format!("| guest ops per wall-second | {:.0} |\n", s["guest_ops_per_wall_s"].as_f64().unwrap_or(0.0));
-    m += &format!("| child ops per wall-second | {:.0} |\n", s["child_ops_per_wall_s"].as_f64().unwrap_or(0.0));
-    m += &format!("| seeds per minute | {:.1} |\n", s["seeds_per_minute"].as_f64().unwrap_or(0.0));
-    m += &format!("| median virtual:wall ratio | {:.1} |\n\n", s["median_virtual_to_wall"].as_f64().unwrap_or(0.0));
+    m += &format!(
+        "| wall time | {:.1} s |\n",
+        s["wall_s"].as_f64().unwrap_or(0.0)
+    );
+    m += &format!(
+        "| guest ops per wall-second | {:.0} |\n",
+        s["guest_ops_per_wall_s"].as_f64().unwrap_or(0.0)
+    );
+    m += &format!(
+        "| child ops per wall-second | {:.0} |\n",
+        s["child_ops_per_wall_s"].as_f64().unwrap_or(0.0)
+    );
+    m += &format!(
+        "| seeds per minute | {:.1} |\n",
+        s["seeds_per_minute"].as_f64().unwrap_or(0.0)
+    );
+    m += &format!(
+        "| median virtual:wall ratio | {:.1} |\n\n",
+        s["median_virtual_to_wall"].as_f64().unwrap_or(0.0)
+    );
     let table = |title: &str, key: &str, m: &mut String| {
         *m += &format!("## {title}\n\n| key | count |\n|---|---|\n");
         if let Some(o) = s[key].as_object() {
@@ -430,7 +504,11 @@ fn markdown(s: &Json) -> String {
         *m += "\n";
     };
     table("Faults injected by type", "faults_injected", &mut m);
-    table("Faults skipped by the budget (B3)", "faults_skipped_by_budget", &mut m);
+    table(
+        "Faults skipped by the budget (B3)",
+        "faults_skipped_by_budget",
+        &mut m,
+    );
     table("Outcomes by operation and result", "outcomes", &mut m);
     table("Recovery paths reached (I15)", "recovery_paths", &mut m);
     table("Invariant checks", "invariant_checks", &mut m);
@@ -443,7 +521,17 @@ fn markdown(s: &Json) -> String {
     }
     m += &format!(
         "\nCoverage gaps: {}. Not modelled yet: {}.\n",
-        s["coverage"]["gaps"].as_array().map(|a| if a.is_empty() { "none".to_string() } else { a.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(", ") }).unwrap_or_default(),
+        s["coverage"]["gaps"]
+            .as_array()
+            .map(|a| if a.is_empty() {
+                "none".to_string()
+            } else {
+                a.iter()
+                    .filter_map(|x| x.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_default(),
         s["coverage"]["not_modelled"].as_str().unwrap_or("")
     );
     m
@@ -455,7 +543,9 @@ pub fn cmd_determinism(args: &[String]) -> Result<i32, String> {
     let c = parse(args, &["--seeds", "--scenarios", "--hash-only"])?;
     if let Some(seed) = flag(&c, "--hash-only") {
         // Child-process mode: print the parameter block's id and the trace hash.
-        let seed: u64 = seed.parse().map_err(|_| "--hash-only needs a seed".to_string())?;
+        let seed: u64 = seed
+            .parse()
+            .map_err(|_| "--hash-only needs a seed".to_string())?;
         let sc = load(c.scenario.as_deref(), &[])?;
         let p = Params::derive(seed, &sc.pins)?;
         let r = run(p.clone(), &sc, &RunOpts::default());
@@ -490,7 +580,9 @@ pub fn cmd_determinism(args: &[String]) -> Result<i32, String> {
             if let Some(pth) = path {
                 cmd.arg(pth);
             }
-            let out = cmd.output().map_err(|e| format!("{}: {e}", exe.display()))?;
+            let out = cmd
+                .output()
+                .map_err(|e| format!("{}: {e}", exe.display()))?;
             let text = String::from_utf8_lossy(&out.stdout);
             let line = text.lines().last().unwrap_or("").to_string();
             let (cfg, h) = line.split_once(' ').unwrap_or(("?", "?"));
@@ -502,7 +594,11 @@ pub fn cmd_determinism(args: &[String]) -> Result<i32, String> {
             if same { "same" } else { "DIFF" },
             sc.name,
             seed,
-            hashes.iter().map(|(c, h)| format!("{c}/{}", &h[..12.min(h.len())])).collect::<Vec<_>>().join(" ")
+            hashes
+                .iter()
+                .map(|(c, h)| format!("{c}/{}", &h[..12.min(h.len())]))
+                .collect::<Vec<_>>()
+                .join(" ")
         );
         if !same {
             bad += 1;
@@ -514,13 +610,22 @@ pub fn cmd_determinism(args: &[String]) -> Result<i32, String> {
             let fb = format!("reports/traces/{}-{seed}.b.log", sc.name);
             let _ = std::fs::write(&fa, &ta);
             let _ = std::fs::write(&fb, &tb);
-            if let Some((i, (x, y))) = ta.lines().zip(tb.lines()).enumerate().find(|(_, (x, y))| x != y) {
+            if let Some((i, (x, y))) = ta
+                .lines()
+                .zip(tb.lines())
+                .enumerate()
+                .find(|(_, (x, y))| x != y)
+            {
                 println!("first difference at record {i}:\n  a: {x}\n  b: {y}");
             }
             println!("traces: {fa} {fb}");
         }
     }
-    println!("determinism: {} seed(s), {} nondeterministic", picks.len(), bad);
+    println!(
+        "determinism: {} seed(s), {} nondeterministic",
+        picks.len(),
+        bad
+    );
     Ok(if bad > 0 { 3 } else { 0 })
 }
 
@@ -539,7 +644,8 @@ pub fn cmd_shrink(args: &[String]) -> Result<i32, String> {
     };
     println!("shrinking a failure of {rule}");
     // Work on the full printed parameter block as pins, then try smaller values one at a time.
-    let mut best = Scenario::parse(&p0.to_toml(&sc.name), &sc.name).map_err(|e| format!("internal: {e}"))?;
+    let mut best =
+        Scenario::parse(&p0.to_toml(&sc.name), &sc.name).map_err(|e| format!("internal: {e}"))?;
     best.steps = sc.steps.clone();
     best.faults = sc.faults.clone();
     best.expects = sc.expects.clone();
@@ -562,10 +668,18 @@ pub fn cmd_shrink(args: &[String]) -> Result<i32, String> {
         }
         if p.size.1 > p.size.0 {
             let hi = (p.size.1 / 2).max(p.size.0) / 512 * 512;
-            candidates.push(("workload.size".into(), toml::Value::String(format!("{}..{}", p.size.0, hi))));
+            candidates.push((
+                "workload.size".into(),
+                toml::Value::String(format!("{}..{}", p.size.0, hi)),
+            ));
         }
         for f in &p.families {
-            let rest: Vec<toml::Value> = p.families.iter().filter(|x| *x != f).map(|x| toml::Value::String(x.clone())).collect();
+            let rest: Vec<toml::Value> = p
+                .families
+                .iter()
+                .filter(|x| *x != f)
+                .map(|x| toml::Value::String(x.clone()))
+                .collect();
             candidates.push(("faults.families".into(), toml::Value::Array(rest)));
         }
         for (k, v) in candidates {
@@ -574,7 +688,9 @@ pub fn cmd_shrink(args: &[String]) -> Result<i32, String> {
             }
             let mut cand = best.clone();
             cand.pins.insert(k.clone(), v.clone());
-            let Ok(pc) = Params::derive(seed, &cand.pins) else { continue };
+            let Ok(pc) = Params::derive(seed, &cand.pins) else {
+                continue;
+            };
             runs += 1;
             let r = run(pc, &cand, &RunOpts::default());
             if r.violation.as_ref().map(|(x, _)| x) == Some(&rule) {
@@ -587,8 +703,11 @@ pub fn cmd_shrink(args: &[String]) -> Result<i32, String> {
     }
     let p = Params::derive(seed, &best.pins)?;
     let name = format!("shrunk-{}-{seed}", sc.name);
-    let out = flag(&c, "--out").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(format!("reports/{name}.toml")));
-    let mut text = format!("# shrunk by `cargo sim shrink` from a failure of {rule} after {runs} run(s)\n");
+    let out = flag(&c, "--out")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(format!("reports/{name}.toml")));
+    let mut text =
+        format!("# shrunk by `cargo sim shrink` from a failure of {rule} after {runs} run(s)\n");
     text += &p.to_toml(out.file_stem().and_then(|s| s.to_str()).unwrap_or(&name));
     if !sc.steps.is_empty() || !sc.faults.is_empty() || !sc.expects.is_empty() {
         text += "# the original scenario's steps, faults and expectations apply unchanged:\n";
@@ -602,7 +721,11 @@ pub fn cmd_shrink(args: &[String]) -> Result<i32, String> {
                 }
             }
             if let Some(steps) = t.get("workload").and_then(|w| w.get("step")) {
-                text = text.replacen("workload = { ", &format!("workload = {{ step = {steps}, "), 1);
+                text = text.replacen(
+                    "workload = { ",
+                    &format!("workload = {{ step = {steps}, "),
+                    1,
+                );
             }
             text += &toml::to_string(&keep).map_err(|e| e.to_string())?;
         }
@@ -611,7 +734,12 @@ pub fn cmd_shrink(args: &[String]) -> Result<i32, String> {
         let _ = std::fs::create_dir_all(d);
     }
     std::fs::write(&out, &text).map_err(|e| format!("{}: {e}", out.display()))?;
-    println!("wrote {} ({} run(s)); replay: cargo sim replay --seed {seed} {}", out.display(), runs, out.display());
+    println!(
+        "wrote {} ({} run(s)); replay: cargo sim replay --seed {seed} {}",
+        out.display(),
+        runs,
+        out.display()
+    );
     let _ = pick_seed;
     Ok(1)
 }

@@ -37,7 +37,9 @@ pub fn parse_time_ns(s: &str) -> Result<u64, String> {
             return Ok((x * mult).round() as u64);
         }
     }
-    Err(format!("'{s}' is not a time (a number with ns, us, ms or s)"))
+    Err(format!(
+        "'{s}' is not a time (a number with ns, us, ms or s)"
+    ))
 }
 
 /// Parses a half-open byte range `a..b` of whole sectors.

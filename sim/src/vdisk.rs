@@ -453,7 +453,13 @@ impl DiskSet {
 
     /// Scripted sticky fault (F1, F3 or F4) on `sectors` of disk `index`, bypassing the budget
     /// (a scenario's faults are deliberate).
-    pub fn mark_sticky(&self, index: usize, sectors: Range<u64>, kind: Sticky, family: &'static str) {
+    pub fn mark_sticky(
+        &self,
+        index: usize,
+        sectors: Range<u64>,
+        kind: Sticky,
+        family: &'static str,
+    ) {
         let mut g = self.lock();
         let end = sectors.end.min(g.disks[index].sectors);
         let mark = if kind == Sticky::Latent {
@@ -485,7 +491,9 @@ impl DiskSet {
         let g = self.lock();
         g.disks
             .iter()
-            .filter(|d| s < d.sectors && d.current[s as usize] == Stored::V(v) && !d.sticky.contains_key(&s))
+            .filter(|d| {
+                s < d.sectors && d.current[s as usize] == Stored::V(v) && !d.sticky.contains_key(&s)
+            })
             .count()
     }
 
@@ -540,8 +548,14 @@ impl DiskSet {
                 " {}={}{}{}",
                 d.name,
                 v,
-                d.sticky.get(&s).map(|k| format!("[{k:?}]")).unwrap_or_default(),
-                d.marks.get(&s).map(|k| format!("[{k:?}]")).unwrap_or_default()
+                d.sticky
+                    .get(&s)
+                    .map(|k| format!("[{k:?}]"))
+                    .unwrap_or_default(),
+                d.marks
+                    .get(&s)
+                    .map(|k| format!("[{k:?}]"))
+                    .unwrap_or_default()
             );
         }
         out
@@ -549,14 +563,24 @@ impl DiskSet {
 
     /// I6: sectors on which the readable disks differ (latent sectors skipped).
     pub fn divergent_sectors(&self, limit: usize) -> Vec<u64> {
-        let sectors = self.lock().disks.iter().map(|d| d.sectors).min().unwrap_or(0);
+        let sectors = self
+            .lock()
+            .disks
+            .iter()
+            .map(|d| d.sectors)
+            .min()
+            .unwrap_or(0);
         let mut v = self.divergent_sectors_in(0..sectors, |_, _| false);
         v.truncate(limit);
         v
     }
 
     /// Sectors of `range` on which the readable disks differ, ignoring copies `skip` names.
-    pub fn divergent_sectors_in(&self, range: Range<u64>, skip: impl Fn(usize, u64) -> bool) -> Vec<u64> {
+    pub fn divergent_sectors_in(
+        &self,
+        range: Range<u64>,
+        skip: impl Fn(usize, u64) -> bool,
+    ) -> Vec<u64> {
         let g = self.lock();
         let sectors = g.disks.iter().map(|d| d.sectors).min().unwrap_or(0);
         let mut out = Vec::new();
@@ -708,7 +732,10 @@ impl DiskSet {
                 }
             }
             let top = tally.iter().map(|(_, c)| *c).max().unwrap_or(0);
-            let reference = tally.iter().find(|(_, c)| *c == top).map(|(v, _)| v.clone());
+            let reference = tally
+                .iter()
+                .find(|(_, c)| *c == top)
+                .map(|(v, _)| v.clone());
             for d in &mut g.disks {
                 if s >= d.sectors {
                     continue;
@@ -790,7 +817,12 @@ impl Inner {
         let hi = range.end.saturating_add(w);
         let mut stale: Vec<u64> = Vec::new();
         for d in &self.disks {
-            stale.extend(d.marks.range(lo..hi).filter(|(_, m)| **m == Mark::Wrong).map(|(s, _)| *s));
+            stale.extend(
+                d.marks
+                    .range(lo..hi)
+                    .filter(|(_, m)| **m == Mark::Wrong)
+                    .map(|(s, _)| *s),
+            );
         }
         stale.sort_unstable();
         stale.dedup();
@@ -828,7 +860,13 @@ impl Inner {
     }
 
     /// B3: may disk `disk` take `mark` on every sector of `sectors`? Counts a skip if not.
-    fn allow(&mut self, family: &'static str, disk: usize, sectors: Range<u64>, mark: Mark) -> bool {
+    fn allow(
+        &mut self,
+        family: &'static str,
+        disk: usize,
+        sectors: Range<u64>,
+        mark: Mark,
+    ) -> bool {
         let silent = matches!(family, "F1" | "F2" | "F3" | "F6" | "F7");
         // B6 lets silent faults past B2 only where a vote can outnumber distinct wrong values:
         // the quorum pattern with t >= 2. With t = 1 or fifo a lone wrong copy is served.
@@ -1018,11 +1056,12 @@ impl VDisk {
                     _ => g.disks[i].fault_rng.chance(0.5),
                 })
                 .collect();
-            let stale: Vec<u64> = (0..n).filter(|k| !mask[*k as usize]).map(|k| first + k).collect();
-            let ok = armed5.is_some()
-                || stale
-                    .iter()
-                    .all(|&s| g.allow_one("F5", i, s, Mark::Wrong));
+            let stale: Vec<u64> = (0..n)
+                .filter(|k| !mask[*k as usize])
+                .map(|k| first + k)
+                .collect();
+            let ok =
+                armed5.is_some() || stale.iter().all(|&s| g.allow_one("F5", i, s, Mark::Wrong));
             if ok {
                 g.injected(i, "F5", range.clone());
                 let d = &mut g.disks[i];
@@ -1037,8 +1076,14 @@ impl VDisk {
                     }
                 }
                 // The applied part is in the cache like any write.
-                let snapshot: Vec<Stored> = range.clone().map(|s| d.current[s as usize].clone()).collect();
-                d.pending.push(Pending { first, data: snapshot });
+                let snapshot: Vec<Stored> = range
+                    .clone()
+                    .map(|s| d.current[s as usize].clone())
+                    .collect();
+                d.pending.push(Pending {
+                    first,
+                    data: snapshot,
+                });
                 return Err(eio("write failed (F5)", &d.name, first));
             } else {
                 *g.counters.skipped.entry("F5").or_default() += 1;
@@ -1055,7 +1100,11 @@ impl VDisk {
                 let pages = (sectors - n) / 8;
                 let mut cand = g.disks[i].fault_rng.below(pages + 1) * 8;
                 if cand < first + n && first < cand + n {
-                    cand = if first + n + n <= sectors { (first + n).div_ceil(8) * 8 } else { 0 };
+                    cand = if first + n + n <= sectors {
+                        (first + n).div_ceil(8) * 8
+                    } else {
+                        0
+                    };
                 }
                 let cand_range = cand..cand + n;
                 let disjoint = cand + n <= first || first + n <= cand;
@@ -1097,7 +1146,9 @@ impl VDisk {
                 d.marks.insert(s, Mark::Wrong);
             }
         }
-        let snapshot: Vec<Stored> = (target..target + n).map(|s| d.current[s as usize].clone()).collect();
+        let snapshot: Vec<Stored> = (target..target + n)
+            .map(|s| d.current[s as usize].clone())
+            .collect();
         d.pending.push(Pending {
             first: target,
             data: snapshot,
@@ -1123,7 +1174,10 @@ impl VDisk {
 impl Inner {
     fn allow_one(&mut self, family: &'static str, disk: usize, s: u64, mark: Mark) -> bool {
         let silent = matches!(family, "F1" | "F2" | "F3" | "F6" | "F7");
-        if self.budget == Budget::Beyond && family != "F5" && (!silent || (!self.fifo && self.t >= 2)) {
+        if self.budget == Budget::Beyond
+            && family != "F5"
+            && (!silent || (!self.fifo && self.t >= 2))
+        {
             return true;
         }
         self.within_budget(s, Some((disk, Some(mark))))
@@ -1163,7 +1217,11 @@ impl BlockDevice for VDisk {
     async fn read(&self, offset: u64, len: usize) -> Result<Bytes> {
         check_request(self.length, SECTOR as u32, offset, len as u64, Access::Read)?;
         let op = current_op();
-        let _permit = self.gate.acquire().await.map_err(|_| eio("closed", &self.name, 0))?;
+        let _permit = self
+            .gate
+            .acquire()
+            .await
+            .map_err(|_| eio("closed", &self.name, 0))?;
         self.delay(false).await;
         let mut g = self.set.lock();
         let i = self.index;
@@ -1185,7 +1243,7 @@ impl BlockDevice for VDisk {
         let rate1 = g.rates.f1;
         if g.draw(i, rate1) {
             let s = g.pick_sector(i, &range);
-            if g.disks[i].sticky.get(&s).is_none() && g.allow("F1", i, s..s + 1, Mark::Wrong) {
+            if !g.disks[i].sticky.contains_key(&s) && g.allow("F1", i, s..s + 1, Mark::Wrong) {
                 g.injected(i, "F1", s..s + 1);
                 g.disks[i].sticky.insert(s, Sticky::Flip);
                 g.disks[i].marks.insert(s, Mark::Wrong);
@@ -1276,9 +1334,19 @@ impl BlockDevice for VDisk {
     }
 
     async fn write(&self, offset: u64, data: Bytes, flags: WriteFlags) -> Result<()> {
-        check_request(self.length, SECTOR as u32, offset, data.len() as u64, Access::Write)?;
+        check_request(
+            self.length,
+            SECTOR as u32,
+            offset,
+            data.len() as u64,
+            Access::Write,
+        )?;
         let op = current_op();
-        let _permit = self.gate.acquire().await.map_err(|_| eio("closed", &self.name, 0))?;
+        let _permit = self
+            .gate
+            .acquire()
+            .await
+            .map_err(|_| eio("closed", &self.name, 0))?;
         self.delay(true).await;
         let stored: Vec<Stored> = data
             .chunks(SECTOR)
@@ -1308,7 +1376,11 @@ impl BlockDevice for VDisk {
 
     async fn flush(&self) -> Result<()> {
         let op = current_op();
-        let _permit = self.gate.acquire().await.map_err(|_| eio("closed", &self.name, 0))?;
+        let _permit = self
+            .gate
+            .acquire()
+            .await
+            .map_err(|_| eio("closed", &self.name, 0))?;
         self.delay(true).await;
         let mut g = self.set.lock();
         let i = self.index;
@@ -1349,7 +1421,11 @@ impl BlockDevice for VDisk {
     async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
         check_request(self.length, SECTOR as u32, offset, len, Access::Write)?;
         let op = current_op();
-        let _permit = self.gate.acquire().await.map_err(|_| eio("closed", &self.name, 0))?;
+        let _permit = self
+            .gate
+            .acquire()
+            .await
+            .map_err(|_| eio("closed", &self.name, 0))?;
         self.delay(true).await;
         let n = (len / SECTOR_U64) as usize;
         let mut g = self.set.lock();
@@ -1379,12 +1455,21 @@ impl BlockDevice for VDisk {
     async fn discard(&self, offset: u64, len: u64) -> Result<()> {
         check_request(self.length, SECTOR as u32, offset, len, Access::Read)?;
         let op = current_op();
-        let _permit = self.gate.acquire().await.map_err(|_| eio("closed", &self.name, 0))?;
+        let _permit = self
+            .gate
+            .acquire()
+            .await
+            .map_err(|_| eio("closed", &self.name, 0))?;
         self.delay(true).await;
         let mut g = self.set.lock();
         let r = if g.disks[self.index].discard_zeroes {
             let n = (len / SECTOR_U64) as usize;
-            self.apply_write(&mut g, offset / SECTOR_U64, vec![Stored::V(Value::Zero); n], false)
+            self.apply_write(
+                &mut g,
+                offset / SECTOR_U64,
+                vec![Stored::V(Value::Zero); n],
+                false,
+            )
         } else {
             Ok(())
         };

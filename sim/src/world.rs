@@ -20,7 +20,7 @@ use crate::rng::Rng;
 use crate::scenario::{Expect, FaultSpec, Scenario, When};
 use crate::sector::{decode, Decoded, Value, SECTOR, SECTOR_U64};
 use crate::trace::Trace;
-use crate::vdisk::{Armed, Budget, DiskSet, DiskSetConfig, Stored, Sticky, GUEST_OP};
+use crate::vdisk::{Armed, Budget, DiskSet, DiskSetConfig, Sticky, Stored, GUEST_OP};
 
 /// Options of one run.
 #[derive(Debug, Clone, Default)]
@@ -322,11 +322,12 @@ async fn world_main(p: Params, sc: Scenario, opts: RunOpts) -> RunResult {
             break;
         }
         let remaining = limit.saturating_sub(start.elapsed());
-        let next_crash = if world.p.crash_rate > 0.0 && alive && world.lock().crashes < CRASHES_PER_RUN_MAX {
-            Duration::from_secs_f64(crng.exponential(1.0 / world.p.crash_rate)).min(remaining)
-        } else {
-            remaining
-        };
+        let next_crash =
+            if world.p.crash_rate > 0.0 && alive && world.lock().crashes < CRASHES_PER_RUN_MAX {
+                Duration::from_secs_f64(crng.exponential(1.0 / world.p.crash_rate)).min(remaining)
+            } else {
+                remaining
+            };
         let crash = tokio::select! {
             biased;
             _ = world.crash_now.notified() => true,
@@ -396,7 +397,11 @@ async fn world_main(p: Params, sc: Scenario, opts: RunOpts) -> RunResult {
                 rule: "I14",
                 op: pending[0],
                 sector: None,
-                message: format!("{} guest op(s) never completed (first: op {})", pending.len(), pending[0]),
+                message: format!(
+                    "{} guest op(s) never completed (first: op {})",
+                    pending.len(),
+                    pending[0]
+                ),
             });
         }
     }
@@ -414,10 +419,13 @@ const SCRUB_CHUNK_BYTES: u64 = 256 * 1024;
 const CRASHES_PER_RUN_MAX: u64 = 8;
 
 fn scripted_restart(w: &World) -> Option<(u64, u64)> {
-    w.sc.faults.iter().find(|f| f.id == "F16").and_then(|f| match f.params.get("restart") {
-        Some(toml::Value::String(s)) => crate::units::parse_time_ns(s).ok().map(|n| (n, n)),
-        _ => None,
-    })
+    w.sc.faults
+        .iter()
+        .find(|f| f.id == "F16")
+        .and_then(|f| match f.params.get("restart") {
+            Some(toml::Value::String(s)) => crate::units::parse_time_ns(s).ok().map(|n| (n, n)),
+            _ => None,
+        })
 }
 
 fn crash_node(w: &Arc<World>, handle: &madsim::runtime::Handle, id: madsim::task::NodeId) {
@@ -433,7 +441,10 @@ fn crash_node(w: &Arc<World>, handle: &madsim::runtime::Handle, id: madsim::task
         report.lost,
         report.torn as i64,
         0,
-        format!("F16 intact={} lost={} torn={}", report.intact, report.lost, report.torn),
+        format!(
+            "F16 intact={} lost={} torn={}",
+            report.intact, report.lost, report.torn
+        ),
     );
     w.disks.clear_oplog();
     let disks = w.disks.clone();
@@ -476,7 +487,11 @@ async fn qhost_main(w: Arc<World>) {
         .map(|i| (format!("c{i}"), w.disks.device(i) as Device))
         .collect();
     let opts = QuorumOptions {
-        read_pattern: if p.fifo { ReadPattern::Fifo } else { ReadPattern::Quorum },
+        read_pattern: if p.fifo {
+            ReadPattern::Fifo
+        } else {
+            ReadPattern::Quorum
+        },
         rewrite_corrupted: p.rewrite,
         discard_unmap: p.discard_unmap,
         ..QuorumOptions::new("q0", p.threshold)
@@ -485,7 +500,8 @@ async fn qhost_main(w: Arc<World>) {
         Ok(q) => Arc::new(q),
         Err(e) => {
             // Q14 / F11 at open: recorded as the result of the pseudo-step "open".
-            w.disks.trace_full("qhost", "open", 0, 0, 0, 5, 0, e.to_string());
+            w.disks
+                .trace_full("qhost", "open", 0, 0, 0, 5, 0, e.to_string());
             let mut st = w.lock();
             st.step_results.insert("open".into(), format!("error: {e}"));
             st.phase = Phase::Done;
@@ -496,7 +512,9 @@ async fn qhost_main(w: Arc<World>) {
     };
     {
         let mut st = w.lock();
-        st.step_results.entry("open".into()).or_insert_with(|| "ok".into());
+        st.step_results
+            .entry("open".into())
+            .or_insert_with(|| "ok".into());
         st.quorum = Some(q.clone());
         st.incarnation += 1;
     }
@@ -516,7 +534,17 @@ async fn qhost_main(w: Arc<World>) {
         fire_due(&w);
         let dev: Device = q.clone();
         let (start, end) = step.range;
-        let r = run_op(&w, &dev, step.op, start, end - start, step.fua, false, Some(step.id.clone())).await;
+        let r = run_op(
+            &w,
+            &dev,
+            step.op,
+            start,
+            end - start,
+            step.fua,
+            false,
+            Some(step.id.clone()),
+        )
+        .await;
         let mut st = w.lock();
         st.step_results.insert(
             step.id.clone(),
@@ -581,10 +609,15 @@ fn fire_once(w: &Arc<World>, i: usize) {
             w.lock().crash_requested = true;
             w.crash_now.notify_one();
         }
-        ("F1", Some(c)) => w.disks.mark_sticky(c, sectors.unwrap_or(0..1), Sticky::Flip, "F1"),
-        ("F4", Some(c)) => w.disks.mark_sticky(c, sectors.unwrap_or(0..1), Sticky::Latent, "F4"),
+        ("F1", Some(c)) => w
+            .disks
+            .mark_sticky(c, sectors.unwrap_or(0..1), Sticky::Flip, "F1"),
+        ("F4", Some(c)) => w
+            .disks
+            .mark_sticky(c, sectors.unwrap_or(0..1), Sticky::Latent, "F4"),
         ("F3", Some(c)) if sectors.is_some() => {
-            w.disks.mark_sticky(c, sectors.unwrap_or(0..1), Sticky::Rot, "F3")
+            w.disks
+                .mark_sticky(c, sectors.unwrap_or(0..1), Sticky::Rot, "F3")
         }
         ("F10", Some(c)) => {
             let factor = match f.params.get("factor") {
@@ -657,19 +690,25 @@ async fn hot_add_mismatch(w: &Arc<World>, delta: i64) {
     );
     match r {
         Err(e) if e.to_string() == want => {
-            w.disks.trace_full("qhost", "hot-add", 0, 0, len, 22, 0, "F11 refused".into());
+            w.disks
+                .trace_full("qhost", "hot-add", 0, 0, len, 22, 0, "F11 refused".into());
         }
         Err(e) => w.violate(Violation {
             rule: "I7",
             op: 0,
             sector: None,
-            message: format!("hot add of a {len}-byte child refused with '{e}', expected '{want}' (Q54)"),
+            message: format!(
+                "hot add of a {len}-byte child refused with '{e}', expected '{want}' (Q54)"
+            ),
         }),
         Ok(name) => w.violate(Violation {
             rule: "I7",
             op: 0,
             sector: None,
-            message: format!("hot add of a {len}-byte child to a {}-byte quorum succeeded as {name} (Q54)", w.p.disk_size),
+            message: format!(
+                "hot add of a {len}-byte child to a {}-byte quorum succeeded as {name} (Q54)",
+                w.p.disk_size
+            ),
         }),
     }
 }
@@ -697,8 +736,13 @@ fn next_random_op(w: &Arc<World>) -> Option<(OpKind, u64, u64, bool)> {
     st.inflight += 1;
     let r = &mut st.wrng;
     let m = &p.mix;
-    let kind = [OpKind::Read, OpKind::Write, OpKind::WriteZeroes, OpKind::Trim, OpKind::Flush]
-        [r.weighted(&[m.read, m.write, m.write_zeroes, m.trim, m.flush])];
+    let kind = [
+        OpKind::Read,
+        OpKind::Write,
+        OpKind::WriteZeroes,
+        OpKind::Trim,
+        OpKind::Flush,
+    ][r.weighted(&[m.read, m.write, m.write_zeroes, m.trim, m.flush])];
     let (lo, hi) = (p.size.0 / SECTOR_U64, p.size.1 / SECTOR_U64);
     let sectors = if lo == hi {
         lo
@@ -709,7 +753,11 @@ fn next_random_op(w: &Arc<World>) -> Option<(OpKind, u64, u64, bool)> {
     let (r0, r1) = (p.region.0 / SECTOR_U64, p.region.1 / SECTOR_U64);
     let span = r1 - r0;
     let hot_span = (span / 16).max(sectors);
-    let limit = if r.chance(p.hot) { hot_span.min(span) } else { span };
+    let limit = if r.chance(p.hot) {
+        hot_span.min(span)
+    } else {
+        span
+    };
     let start = r0 + r.below(limit - sectors + 1);
     let fua = matches!(kind, OpKind::Write | OpKind::WriteZeroes) && r.chance(p.fua);
     Some((kind, start * SECTOR_U64, sectors * SECTOR_U64, fua))
@@ -729,7 +777,11 @@ async fn run_op(
 ) -> Result<(), ErrorKind> {
     let (id, may_unmap) = {
         let mut st = w.lock();
-        let (offset, len) = if kind == OpKind::Flush { (0, 0) } else { (offset, len) };
+        let (offset, len) = if kind == OpKind::Flush {
+            (0, 0)
+        } else {
+            (offset, len)
+        };
         let id = st.oracle.invoke(kind, offset, len, fua);
         if let Some(s) = &step {
             st.step_ops.insert(s.clone(), id);
@@ -737,12 +789,25 @@ async fn run_op(
         let mu = st.wrng.chance(0.5);
         (id, mu)
     };
-    w.disks.trace_full("guest", "invoke", id, offset, len, 0, kind as u64, kind.as_str().into());
+    w.disks.trace_full(
+        "guest",
+        "invoke",
+        id,
+        offset,
+        len,
+        0,
+        kind as u64,
+        kind.as_str().into(),
+    );
     let fut = async {
         let r = match kind {
             OpKind::Read => dev.read(offset, len as usize).await.map(Some),
             OpKind::Write => dev
-                .write(offset, Oracle::write_data(id, offset, len), WriteFlags { fua })
+                .write(
+                    offset,
+                    Oracle::write_data(id, offset, len),
+                    WriteFlags { fua },
+                )
                 .await
                 .map(|_| None),
             OpKind::WriteZeroes => dev
@@ -756,7 +821,12 @@ async fn run_op(
     };
     let live = w.lock().phase == Phase::Liveness;
     let r: Result<Option<Bytes>, ErrorKind> = if live {
-        match tokio::time::timeout(Duration::from_nanos(w.p.deadline_ns), GUEST_OP.scope(id, fut)).await {
+        match tokio::time::timeout(
+            Duration::from_nanos(w.p.deadline_ns),
+            GUEST_OP.scope(id, fut),
+        )
+        .await
+        {
             Ok(r) => r,
             Err(_) => {
                 w.violate(Violation {
@@ -780,7 +850,10 @@ async fn run_op(
         let (over, latent) = w.disks.excused_sectors();
         let r = offset / SECTOR_U64..(offset + len).div_ceil(SECTOR_U64);
         let st = w.lock();
-        over.iter().chain(latent.iter()).chain(st.racy_divergent.iter()).any(|s| r.contains(s))
+        over.iter()
+            .chain(latent.iter())
+            .chain(st.racy_divergent.iter())
+            .any(|s| r.contains(s))
     };
     let violations = {
         let mut st = w.lock();
@@ -792,7 +865,8 @@ async fn run_op(
         let events = st.events_by_op.remove(&id).unwrap_or_default();
         st.completed += 1;
         let data = r.as_ref().map(|o| o.as_deref()).map_err(|k| *k);
-        st.oracle.complete(id, data, &children, &events, judge && !excused)
+        st.oracle
+            .complete(id, data, &children, &events, judge && !excused)
     };
     w.disks.trace_full(
         "guest",
@@ -801,13 +875,22 @@ async fn run_op(
         offset,
         len,
         r.as_ref().map(|_| 0).unwrap_or_else(|k| 1 + *k as i64),
-        r.as_ref().ok().and_then(|d| d.as_ref()).map(|d| crate::sector::digest(d)).unwrap_or(0),
+        r.as_ref()
+            .ok()
+            .and_then(|d| d.as_ref())
+            .map(|d| crate::sector::digest(d))
+            .unwrap_or(0),
         String::new(),
     );
     if let Some(mut v) = violations.into_iter().next() {
         // Show the children's copies of the first sector they disagree on, or the sector.
         let range = offset / SECTOR_U64..(offset + len).div_ceil(SECTOR_U64);
-        let s = v.sector.or_else(|| w.disks.divergent_sectors_in(range.clone(), |_, _| false).first().copied());
+        let s = v.sector.or_else(|| {
+            w.disks
+                .divergent_sectors_in(range.clone(), |_, _| false)
+                .first()
+                .copied()
+        });
         if let Some(s) = s {
             v.message += &format!("; sector {s}:{}", w.disks.describe_sector(s));
             v.sector = Some(s);
@@ -891,7 +974,10 @@ async fn liveness(w: &Arc<World>, _start: tokio::time::Instant) {
                 rule: "I6",
                 op: 0,
                 sector: None,
-                message: format!("a second scrub still reported {} mismatch(es), first {m}", mismatch.len()),
+                message: format!(
+                    "a second scrub still reported {} mismatch(es), first {m}",
+                    mismatch.len()
+                ),
             });
             return;
         }
@@ -964,14 +1050,21 @@ async fn check_expectations(w: &Arc<World>) {
         }
         match e {
             Expect::Result { step, result } => {
-                let got = w.lock().step_results.get(step).cloned().unwrap_or_else(|| "not run".into());
+                let got = w
+                    .lock()
+                    .step_results
+                    .get(step)
+                    .cloned()
+                    .unwrap_or_else(|| "not run".into());
                 let ok = if step == "open" && result != "ok" {
                     got.starts_with("error")
                 } else {
                     &got == result
                 };
                 if !ok {
-                    fail(format!("expect result: step '{step}' gave {got}, expected {result}"));
+                    fail(format!(
+                        "expect result: step '{step}' gave {got}, expected {result}"
+                    ));
                 }
             }
             Expect::Event {
@@ -992,12 +1085,21 @@ async fn check_expectations(w: &Arc<World>) {
                         st.all_events.clone()
                     }
                 };
-                let per_node: Vec<Option<&String>> = if nodes.is_empty() { vec![None] } else { nodes.iter().map(Some).collect() };
+                let per_node: Vec<Option<&String>> = if nodes.is_empty() {
+                    vec![None]
+                } else {
+                    nodes.iter().map(Some).collect()
+                };
                 for node in per_node {
                     let n = evs
                         .iter()
                         .filter(|e| match e {
-                            Event::QuorumReportBad { io: t, error: er, node_name, .. } => {
+                            Event::QuorumReportBad {
+                                io: t,
+                                error: er,
+                                node_name,
+                                ..
+                            } => {
                                 event == "QUORUM_REPORT_BAD"
                                     && node.is_none_or(|x| x == node_name)
                                     && io.as_ref().is_none_or(|x| x == t.as_str())
@@ -1006,28 +1108,43 @@ async fn check_expectations(w: &Arc<World>) {
                             Event::QuorumFailure { .. } => event == "QUORUM_FAILURE",
                         })
                         .count() as u64;
-                    let good = count.is_none_or(|c| n == c) && min.is_none_or(|m| n >= m) && max.is_none_or(|m| n <= m);
+                    let good = count.is_none_or(|c| n == c)
+                        && min.is_none_or(|m| n >= m)
+                        && max.is_none_or(|m| n <= m);
                     if !good {
                         fail(format!(
                             "expect event: {event}{}{}{} counted {n}, expected {}",
                             node.map(|x| format!(" node={x}")).unwrap_or_default(),
-                            io.as_ref().map(|x| format!(" type={x}")).unwrap_or_default(),
+                            io.as_ref()
+                                .map(|x| format!(" type={x}"))
+                                .unwrap_or_default(),
                             error.map(|x| format!(" error={x}")).unwrap_or_default(),
                             match (count, min, max) {
                                 (Some(c), _, _) => format!("{c}"),
-                                (None, a, b) => format!("{}..={}", a.unwrap_or(0), b.map(|x| x.to_string()).unwrap_or_default()),
+                                (None, a, b) => format!(
+                                    "{}..={}",
+                                    a.unwrap_or(0),
+                                    b.map(|x| x.to_string()).unwrap_or_default()
+                                ),
                             }
                         ));
                     }
                 }
             }
-            Expect::Contents { child, range, equals } => {
+            Expect::Contents {
+                child,
+                range,
+                equals,
+            } => {
                 let want = |s: u64| -> Option<Value> {
                     let st = w.lock();
                     match equals.as_str() {
                         "initial" => Some(st.oracle.expected_value(0, s)),
                         "zero" => Some(Value::Zero),
-                        step => st.step_ops.get(step).map(|id| st.oracle.expected_value(*id, s)),
+                        step => st
+                            .step_ops
+                            .get(step)
+                            .map(|id| st.oracle.expected_value(*id, s)),
                     }
                 };
                 let (a, b) = (range.0 / SECTOR_U64, range.1 / SECTOR_U64);
@@ -1064,15 +1181,32 @@ async fn check_expectations(w: &Arc<World>) {
                 }
             }
             Expect::Injected { fault, min } => {
-                let n = w.disks.counters().injected.get(fault.as_str()).copied().unwrap_or(0);
+                let n = w
+                    .disks
+                    .counters()
+                    .injected
+                    .get(fault.as_str())
+                    .copied()
+                    .unwrap_or(0);
                 if n < *min {
-                    fail(format!("expect injected: {fault} injected {n} time(s), expected at least {min}"));
+                    fail(format!(
+                        "expect injected: {fault} injected {n} time(s), expected at least {min}"
+                    ));
                 }
             }
             Expect::Path { path, min } => {
-                let n = w.lock().oracle.tally.paths.get(path.as_str()).copied().unwrap_or(0);
+                let n = w
+                    .lock()
+                    .oracle
+                    .tally
+                    .paths
+                    .get(path.as_str())
+                    .copied()
+                    .unwrap_or(0);
                 if n < *min {
-                    fail(format!("expect path: {path} reached {n} time(s), expected at least {min}"));
+                    fail(format!(
+                        "expect path: {path} reached {n} time(s), expected at least {min}"
+                    ));
                 }
             }
         }
@@ -1089,11 +1223,31 @@ fn finish(w: &Arc<World>, start: tokio::time::Instant) -> RunResult {
         virtual_s: start.elapsed().as_secs_f64(),
         trace_hash: w.disks.with_trace(|t| t.hash_hex()),
         records: w.disks.with_trace(|t| t.records()),
-        injected: counters.injected.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
-        skipped: counters.skipped.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+        injected: counters
+            .injected
+            .iter()
+            .map(|(k, v)| (k.to_string(), *v))
+            .collect(),
+        skipped: counters
+            .skipped
+            .iter()
+            .map(|(k, v)| (k.to_string(), *v))
+            .collect(),
         outcomes: st.oracle.tally.outcomes.clone(),
-        paths: st.oracle.tally.paths.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
-        checks: st.oracle.tally.checks.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+        paths: st
+            .oracle
+            .tally
+            .paths
+            .iter()
+            .map(|(k, v)| (k.to_string(), *v))
+            .collect(),
+        checks: st
+            .oracle
+            .tally
+            .checks
+            .iter()
+            .map(|(k, v)| (k.to_string(), *v))
+            .collect(),
         safety_errors: st.oracle.tally.safety_errors,
         crashes: st.crashes,
         excused: (over.len() + latent.len() + st.racy_divergent.len()) as u64,
@@ -1106,7 +1260,15 @@ fn finish(w: &Arc<World>, start: tokio::time::Instant) -> RunResult {
         r.paths.insert("P12".into(), coalesced);
     }
     if let Some(v) = st.violations.first() {
-        r.violation = Some((v.rule.to_string(), format!("op={} {}{}", v.op, v.sector.map(|s| format!("sector={s} ")).unwrap_or_default(), v.message)));
+        r.violation = Some((
+            v.rule.to_string(),
+            format!(
+                "op={} {}{}",
+                v.op,
+                v.sector.map(|s| format!("sector={s} ")).unwrap_or_default(),
+                v.message
+            ),
+        ));
         let mut d = String::new();
         d += "history (ops touching the sector, newest last):\n";
         for line in st.oracle.history(v.sector, 25) {

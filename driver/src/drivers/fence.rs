@@ -73,7 +73,11 @@ impl RepairFence {
             notified.as_mut().enable();
             {
                 let mut st = self.lock();
-                if !st.repairing.iter().any(|r| overlaps((r.0, r.1), (offset, len))) {
+                if !st
+                    .repairing
+                    .iter()
+                    .any(|r| overlaps((r.0, r.1), (offset, len)))
+                {
                     st.epoch += 1;
                     let epoch = st.epoch;
                     for g in granules(offset, len) {
