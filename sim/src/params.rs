@@ -515,8 +515,8 @@ impl Params {
 
     /// The parameter block as TOML: a scenario that reproduces this run (S4).
     pub fn to_toml(&self, name: &str) -> String {
-        let r = |x: Option<f64>| x.map(|v| format!("{v:.6}")).unwrap_or_else(|| "0.0".into());
-        let rate_or = |x: Option<f64>, d: f64| format!("{:.6}", x.unwrap_or(d));
+        let r = |x: Option<f64>| x.map(|v| format!("{v:?}")).unwrap_or_else(|| "0.0".into());
+        let rate_or = |x: Option<f64>, d: f64| format!("{:?}", x.unwrap_or(d));
         let fams: Vec<String> = self.families.iter().map(|f| format!("\"{f}\"")).collect();
         let mut s = String::new();
         s += &format!(
@@ -536,7 +536,7 @@ impl Params {
             if self.initial_pattern { "pattern" } else { "zero" }
         );
         s += &format!(
-            "workload = {{ ops = {}, mix = {{ read = {}, write = {}, write_zeroes = {}, trim = {}, flush = {} }}, size = \"{}..{}\", queue_depth = {}, region = \"{}..{}\", hot = {:.6}, fua = {:.6} }}\n",
+            "workload = {{ ops = {}, mix = {{ read = {}, write = {}, write_zeroes = {}, trim = {}, flush = {} }}, size = \"{}..{}\", queue_depth = {}, region = \"{}..{}\", hot = {:?}, fua = {:?} }}\n",
             self.ops,
             self.mix.read,
             self.mix.write,
@@ -552,7 +552,7 @@ impl Params {
             self.fua
         );
         s += &format!(
-            "faults = {{ random = {}, families = [{}], crash_rate = {:.6}, restart = \"{}..{}\", rates = {{ F1 = {}, F2 = {}, F3 = {}, F4 = {}, F5 = {}, F6 = {}, F7 = {}, F8 = {}, F9 = {} }} }}\n",
+            "faults = {{ random = {}, families = [{}], crash_rate = {:?}, restart = \"{}..{}\", rates = {{ F1 = {}, F2 = {}, F3 = {}, F4 = {}, F5 = {}, F6 = {}, F7 = {}, F8 = {}, F9 = {} }} }}\n",
             self.random_faults,
             fams.join(", "),
             self.crash_rate,
@@ -569,7 +569,7 @@ impl Params {
             rate_or(self.rates.f9, 0.0)
         );
         s += &format!(
-            "disk = {{ read_min = \"{}\", read_mean = \"{}\", write_min = \"{}\", write_mean = \"{}\", stall = {:.6}, stall_time = \"{}..{}\"{} }}\n",
+            "disk = {{ read_min = \"{}\", read_mean = \"{}\", write_min = \"{}\", write_mean = \"{}\", stall = {:?}, stall_time = \"{}..{}\"{} }}\n",
             fmt_time(self.latency.read_min_ns),
             fmt_time(self.latency.read_mean_ns),
             fmt_time(self.latency.write_min_ns),
