@@ -339,6 +339,11 @@ impl DiskSet {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Virtual nanoseconds since the run started.
+    pub fn now_ns(&self) -> u64 {
+        self.lock().start.elapsed().as_nanos() as u64
+    }
+
     /// Resets the virtual-time origin of trace records (call once inside the runtime).
     pub fn set_start(&self, start: tokio::time::Instant) {
         self.lock().start = start;

@@ -105,6 +105,11 @@ struct State {
     events_by_op: BTreeMap<u64, Vec<Event>>,
     all_events: Vec<Event>,
     qmp_events: Vec<Emitted>,
+    /// (incarnation, virtual ns, event) of both streams, for I8's limiter check.
+    internal_timed: Vec<(u64, u64, Event)>,
+    qmp_timed: Vec<(u64, u64, Event)>,
+    /// Virtual ns at which each incarnation ended (crash), by incarnation.
+    incarnation_end: BTreeMap<u64, u64>,
     quorum: Option<Arc<Quorum>>,
     alive: bool,
     incarnation: u64,
@@ -261,6 +266,9 @@ async fn world_main(p: Params, sc: Scenario, opts: RunOpts) -> RunResult {
             events_by_op: BTreeMap::new(),
             all_events: Vec::new(),
             qmp_events: Vec::new(),
+            internal_timed: Vec::new(),
+            qmp_timed: Vec::new(),
+            incarnation_end: BTreeMap::new(),
             quorum: None,
             alive: true,
             incarnation: 0,
@@ -406,6 +414,9 @@ async fn world_main(p: Params, sc: Scenario, opts: RunOpts) -> RunResult {
         }
     }
     if !world.failed() {
+        check_qmp_stream(&world);
+    }
+    if !world.failed() {
         check_expectations(&world).await;
     }
     world.lock().phase = Phase::Done;
@@ -414,6 +425,94 @@ async fn world_main(p: Params, sc: Scenario, opts: RunOpts) -> RunResult {
 
 /// Scrub read size in the liveness phase.
 const SCRUB_CHUNK_BYTES: u64 = 256 * 1024;
+
+/// I8, second half: the QMP stream equals the internal stream passed through the 1 s per-key
+/// limiter (QUORUM.md Q59: the first event of a key at once, then the window's last one when
+/// the window closes, which opens the next window), per incarnation of the host.
+fn check_qmp_stream(w: &Arc<World>) {
+    const WINDOW: u64 = 1_000_000_000;
+    let st = w.lock();
+    let now = w.disks.now_ns();
+    let key = |e: &Event| match e {
+        Event::QuorumReportBad { node_name, .. } => format!("RB/{node_name}"),
+        Event::QuorumFailure { .. } => "FAILURE".to_string(),
+    };
+    let mut groups: BTreeMap<(u64, String), (Vec<(u64, Event)>, Vec<(u64, Event)>)> =
+        BTreeMap::new();
+    for (inc, t, e) in &st.internal_timed {
+        groups
+            .entry((*inc, key(e)))
+            .or_default()
+            .0
+            .push((*t, e.clone()));
+    }
+    for (inc, t, e) in &st.qmp_timed {
+        groups
+            .entry((*inc, key(e)))
+            .or_default()
+            .1
+            .push((*t, e.clone()));
+    }
+    for ((inc, k), (internal, qmp)) in groups {
+        let end = st.incarnation_end.get(&inc).copied().unwrap_or(now);
+        let mut want: Vec<(u64, Event)> = Vec::new();
+        let mut win_end: Option<u64> = None;
+        let mut held: Option<Event> = None;
+        let mut ambiguous = false;
+        let close_until = |t: u64,
+                           win_end: &mut Option<u64>,
+                           held: &mut Option<Event>,
+                           want: &mut Vec<(u64, Event)>| {
+            while let Some(e) = *win_end {
+                if t < e {
+                    break;
+                }
+                match held.take() {
+                    Some(h) => {
+                        want.push((e, h));
+                        *win_end = Some(e + WINDOW);
+                    }
+                    None => *win_end = None,
+                }
+            }
+        };
+        for (t, e) in &internal {
+            if win_end == Some(*t) {
+                ambiguous = true; // the timer and the event share an instant
+            }
+            close_until(*t, &mut win_end, &mut held, &mut want);
+            match win_end {
+                Some(_) => held = Some(e.clone()),
+                None => {
+                    want.push((*t, e.clone()));
+                    win_end = Some(t + WINDOW);
+                }
+            }
+        }
+        // Windows that closed before the incarnation ended; the one open at its end is cut.
+        close_until(end.saturating_sub(1), &mut win_end, &mut held, &mut want);
+        if ambiguous || win_end.is_some_and(|e| e.abs_diff(end) < 1_000_000) {
+            continue;
+        }
+        let got: Vec<&Event> = qmp.iter().map(|(_, e)| e).collect();
+        let exp: Vec<&Event> = want.iter().map(|(_, e)| e).collect();
+        if got != exp {
+            drop(st);
+            w.violate(Violation {
+                rule: "I8",
+                op: 0,
+                sector: None,
+                message: format!(
+                    "QMP stream for key {k} (host incarnation {inc}): {} event(s), the 1 s limiter model gives {} (internal stream had {})",
+                    got.len(),
+                    exp.len(),
+                    internal.len()
+                ),
+            });
+            return;
+        }
+    }
+}
 
 /// Crashes per run: slow-disk seeds run for hours of virtual time.
 const CRASHES_PER_RUN_MAX: u64 = 8;
@@ -455,6 +554,8 @@ fn crash_node(w: &Arc<World>, handle: &madsim::runtime::Handle, id: madsim::task
     st.alive = false;
     st.inflight = 0;
     st.crashes += 1;
+    let inc = st.incarnation;
+    st.incarnation_end.insert(inc, w.disks.now_ns());
     // A step cut off by the crash is indeterminate.
     for sid in st.step_ops.keys().cloned().collect::<Vec<_>>() {
         st.step_results.entry(sid).or_insert_with(|| "info".into());
@@ -476,10 +577,18 @@ async fn qhost_main(w: Arc<World>) {
             let op = crate::vdisk::current_op();
             let mut st = w2.lock();
             st.all_events.push(e.event.clone());
+            let (inc, t) = (st.incarnation, w2.disks.now_ns());
+            st.internal_timed.push((inc, t, e.event.clone()));
             st.events_by_op.entry(op).or_default().push(e.event.clone());
         });
         let w3 = w.clone();
-        bus.subscribe(Stream::Qmp, move |e| w3.lock().qmp_events.push(e.clone()));
+        bus.subscribe(Stream::Qmp, move |e| {
+            let t = w3.disks.now_ns();
+            let mut st = w3.lock();
+            st.qmp_events.push(e.clone());
+            let inc = st.incarnation;
+            st.qmp_timed.push((inc, t, e.event.clone()));
+        });
     }
     let (host, _captured) = Host::recording(bus);
     let p = &w.p;
@@ -569,12 +678,17 @@ async fn qhost_main(w: Arc<World>) {
     for h in workers {
         let _ = h.await;
     }
-    let mut st = w.lock();
-    if st.phase == Phase::Safety && st.issued >= w.p.ops && st.inflight == 0 {
-        st.phase = Phase::Liveness;
-        drop(st);
-        w.wake.notify_one();
+    {
+        let mut st = w.lock();
+        if st.phase == Phase::Safety && st.issued >= w.p.ops && st.inflight == 0 {
+            st.phase = Phase::Liveness;
+            drop(st);
+            w.wake.notify_one();
+        }
     }
+    // The host process lives on (its event limiter's timers run on this node) until the run
+    // ends or it is killed.
+    std::future::pending::<()>().await;
 }
 
 /// Fires scripted faults whose `at_op` has come, and ends lasting ones whose `until_op` has.
