@@ -1064,3 +1064,80 @@ pub fn error_vote(errs: &[ErrorKind]) -> ErrorKind {
         .map(|(k, _)| *k)
         .unwrap_or(ErrorKind::Io)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vdisk::{ChildKind, ChildOp, ChildResult};
+
+    fn cfg(n: usize, t: usize) -> ModelCfg {
+        ModelCfg {
+            n,
+            t,
+            fifo: false,
+            rewrite: false,
+            discard_forwarded: false,
+            initial_pattern: true,
+        }
+    }
+
+    fn child(disk: usize, kind: ChildKind, len: u64, result: ChildResult) -> ChildOp {
+        ChildOp {
+            disk,
+            kind,
+            offset: 0,
+            len,
+            data: 0,
+            result,
+        }
+    }
+
+    #[test]
+    fn o3_a_read_after_an_acked_write_that_returns_the_old_value_is_i3() {
+        let mut o = Oracle::new(cfg(3, 2));
+        let w = o.invoke(OpKind::Write, 0, 512, false);
+        let writes: Vec<ChildOp> = (0..3)
+            .map(|d| child(d, ChildKind::Write, 512, ChildResult::Ok(0)))
+            .collect();
+        assert!(o.complete(w, Ok(None), &writes, &[], false).is_empty());
+        let old = Oracle::write_data(0, 0, 512);
+        let r = o.invoke(OpKind::Read, 0, 512, false);
+        let d = digest(&old);
+        let reads: Vec<ChildOp> = (0..3)
+            .map(|k| child(k, ChildKind::Read, 512, ChildResult::Ok(d)))
+            .collect();
+        let v = o.complete(r, Ok(Some(&old[..])), &reads, &[], false);
+        assert_eq!(v.len(), 1);
+        assert_eq!(v[0].rule, "I3");
+        assert_eq!(v[0].sector, Some(0));
+        assert_eq!(v[0].message, "stale read: got=w0 allowed={w1}");
+    }
+
+    #[test]
+    fn i5_a_tie_that_returns_data_is_flagged_with_the_model_verdict() {
+        let mut o = Oracle::new(cfg(4, 2));
+        let data = Oracle::write_data(0, 0, 512);
+        let (a, b) = (digest(&data), 7u64);
+        let r = o.invoke(OpKind::Read, 0, 512, false);
+        let reads = vec![
+            child(0, ChildKind::Read, 512, ChildResult::Ok(a)),
+            child(1, ChildKind::Read, 512, ChildResult::Ok(b)),
+            child(2, ChildKind::Read, 512, ChildResult::Ok(a)),
+            child(3, ChildKind::Read, 512, ChildResult::Ok(b)),
+        ];
+        let v = o.complete(r, Ok(Some(&data[..])), &reads, &[], false);
+        assert_eq!(v[0].rule, "I5");
+        assert_eq!(
+            v[0].message,
+            format!("read returned ok(data {a:016x}), the vote model says EIO")
+        );
+    }
+
+    #[test]
+    fn q20_error_vote_model_matches_qemu_rule() {
+        use ErrorKind::*;
+        assert_eq!(error_vote(&[Io, NoSpc]), NoSpc);
+        assert_eq!(error_vote(&[NoSpc, Io, Io, NoSpc]), Io);
+        assert_eq!(error_vote(&[]), Io);
+    }
+}
