@@ -437,8 +437,8 @@ fn check_qmp_stream(w: &Arc<World>) {
         Event::QuorumReportBad { node_name, .. } => format!("RB/{node_name}"),
         Event::QuorumFailure { .. } => "FAILURE".to_string(),
     };
-    let mut groups: BTreeMap<(u64, String), (Vec<(u64, Event)>, Vec<(u64, Event)>)> =
-        BTreeMap::new();
+    type Timed = Vec<(u64, Event)>;
+    let mut groups: BTreeMap<(u64, String), (Timed, Timed)> = BTreeMap::new();
     for (inc, t, e) in &st.internal_timed {
         groups
             .entry((*inc, key(e)))
