@@ -28,6 +28,8 @@ pub enum OpKind {
     Trim,
     /// Flush.
     Flush,
+    /// Block status (scripted steps only).
+    BlockStatus,
 }
 
 impl OpKind {
@@ -39,6 +41,7 @@ impl OpKind {
             OpKind::WriteZeroes => "write_zeroes",
             OpKind::Trim => "trim",
             OpKind::Flush => "flush",
+            OpKind::BlockStatus => "block_status",
         }
     }
 
@@ -50,6 +53,7 @@ impl OpKind {
             OpKind::WriteZeroes,
             OpKind::Trim,
             OpKind::Flush,
+            OpKind::BlockStatus,
         ]
         .into_iter()
         .find(|k| k.as_str() == s)
@@ -97,6 +101,8 @@ pub struct ModelCfg {
     pub discard_forwarded: bool,
     /// Initial image: write 0's pattern (true) or zeros.
     pub initial_pattern: bool,
+    /// blkverify mode (Q33, Q34).
+    pub blkverify: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -436,7 +442,7 @@ impl Oracle {
         }
         if kind == OpKind::Read {
             self.inflight_reads.remove(&(inv, id));
-        } else if kind != OpKind::Flush {
+        } else if kind != OpKind::Flush && kind != OpKind::BlockStatus {
             self.note_races(id, offset, len, inv, b);
         }
         // I7/I8/I5: the vote model.
@@ -696,6 +702,10 @@ impl Oracle {
                         want = Err(error_vote(&errs));
                         want_events.push(fail(sn, sc));
                         *self.tally.paths.entry("P4").or_default() += 1;
+                    } else if self.cfg.blkverify && ok.iter().any(|(_, d)| *d != ok[0].1) {
+                        // Q33, D6: a mismatch is fatal to the process (recorded here), the
+                        // read fails, nothing is emitted or repaired.
+                        want = Err(ErrorKind::Io);
                     } else if ok.iter().all(|(_, d)| *d == ok[0].1) {
                         want = Ok(Some(ok[0].1));
                         if errs.is_empty() {
@@ -840,11 +850,71 @@ impl Oracle {
             OpKind::Flush => {
                 want = self.flush_model(children, &mut want_events);
             }
+            OpKind::BlockStatus => {
+                // Q43, Q44: children in order; the first failure answers DATA over the whole
+                // count with one error event; otherwise the merge of all answers. The answer
+                // travels as `zero << 63 | length` in the digest slot.
+                let sts: Vec<&ChildOp> = children
+                    .iter()
+                    .filter(|c| c.kind == ChildKind::Status)
+                    .collect();
+                let mut answer = None;
+                let (mut all_zero, mut zero_len, mut data_len) = (true, u64::MAX, 0u64);
+                for (k, c) in sts.iter().enumerate() {
+                    if c.disk != k {
+                        bad(
+                            v,
+                            "I7",
+                            format!("block status asked c{} out of order", c.disk),
+                        );
+                        return;
+                    }
+                    match c.result {
+                        ChildResult::Err(e) => {
+                            want_events.push(rb("read", k, Some(e), sn, sc));
+                            answer = Some(len);
+                            if sts.len() != k + 1 {
+                                bad(
+                                    v,
+                                    "I7",
+                                    format!("block status went on after c{k} failed (Q43)"),
+                                );
+                            }
+                            break;
+                        }
+                        ChildResult::Ok(x) => {
+                            let (z, l) = (x >> 63 == 1, (x & !(1 << 63)).clamp(1, len));
+                            if z {
+                                zero_len = zero_len.min(l);
+                            } else {
+                                all_zero = false;
+                                data_len = data_len.max(l);
+                            }
+                        }
+                    }
+                }
+                want = Ok(Some(match answer {
+                    Some(l) => l,
+                    None if sts.len() != n => {
+                        bad(
+                            v,
+                            "I7",
+                            format!("block status asked {} of {n} children", sts.len()),
+                        );
+                        return;
+                    }
+                    None if all_zero => (1 << 63) | zero_len,
+                    None => data_len,
+                }));
+            }
         }
         *self.tally.checks.entry("I7").or_default() += 1;
         *self.tally.checks.entry("I8").or_default() += 1;
         // Result.
         let got: Result<Option<u64>, ErrorKind> = match result {
+            Ok(Some(d)) if kind == OpKind::BlockStatus => Ok(Some(u64::from_le_bytes(
+                d[..8].try_into().unwrap_or([0; 8]),
+            ))),
             Ok(Some(d)) => Ok(Some(digest(d))),
             Ok(None) => Ok(None),
             Err(k) => Err(*k),
@@ -1078,6 +1148,7 @@ mod tests {
             rewrite: false,
             discard_forwarded: false,
             initial_pattern: true,
+            blkverify: false,
         }
     }
 

@@ -48,6 +48,8 @@ pub struct Params {
     pub fifo: bool,
     /// rewrite-corrupted.
     pub rewrite: bool,
+    /// blkverify (pinned only: it needs N = 2, t = 2 and the quorum pattern, Q9-Q11).
+    pub blkverify: bool,
     /// The quorum's discard=unmap.
     pub discard_unmap: bool,
     /// Whether the vdisks' discard zeroes (Q45).
@@ -299,6 +301,10 @@ impl Params {
         }
         let fifo = p.choice("topology.read_pattern", &["quorum", "fifo"], &[4, 1])? == "fifo";
         let rewrite = p.boolean("topology.rewrite_corrupted", 0.5)?;
+        let blkverify = p.boolean("topology.blkverify", 0.0)?;
+        if blkverify && (children != 2 || threshold != 2 || fifo || rewrite) {
+            return Err("key 'topology.blkverify': needs children = 2, vote_threshold = 2, read_pattern = \"quorum\" and rewrite_corrupted = false (QUORUM.md Q9-Q11)".into());
+        }
         let discard_unmap = p.boolean("topology.discard_unmap", 0.5)?;
         let discard_zeroes = p.boolean("topology.discard_zeroes", 0.7)?;
         let disk_size = p.size("topology.disk_size", |r| {
@@ -479,6 +485,7 @@ impl Params {
             threshold,
             fifo,
             rewrite,
+            blkverify,
             discard_unmap,
             discard_zeroes,
             disk_size,
@@ -525,11 +532,12 @@ impl Params {
             self.budget.as_str()
         );
         s += &format!(
-            "topology = {{ kind = \"quorum\", transport = \"local\", guest_path = \"direct\", children = {}, vote_threshold = {}, read_pattern = \"{}\", rewrite_corrupted = {}, discard_unmap = {}, discard_zeroes = {}, disk_size = \"{}\", initial = \"{}\" }}\n",
+            "topology = {{ kind = \"quorum\", transport = \"local\", guest_path = \"direct\", children = {}, vote_threshold = {}, read_pattern = \"{}\", rewrite_corrupted = {}, blkverify = {}, discard_unmap = {}, discard_zeroes = {}, disk_size = \"{}\", initial = \"{}\" }}\n",
             self.children,
             self.threshold,
             if self.fifo { "fifo" } else { "quorum" },
             self.rewrite,
+            self.blkverify,
             self.discard_unmap,
             self.discard_zeroes,
             fmt_size(self.disk_size),

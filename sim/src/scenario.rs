@@ -90,6 +90,13 @@ pub enum Expect {
         /// Step id, "initial" or "zero".
         equals: String,
     },
+    /// Warning (Q15) or fatal (Q33) lines the host logged, over all incarnations.
+    Log {
+        /// Fatal lines instead of warnings.
+        fatal: bool,
+        /// Exact count.
+        count: u64,
+    },
     /// A fault family was injected at least `min` times.
     Injected {
         /// Family.
@@ -314,7 +321,7 @@ fn parse_steps(v: &Tv) -> Result<Vec<Step>, String> {
         }
         let op = str_key(t, w, i, "op")?.ok_or(format!("key '{w}[{i}].op' is missing"))?;
         let op = OpKind::parse(op).ok_or(format!(
-            "key '{w}[{i}].op': '{op}' is not one of read, write, write_zeroes, trim, flush"
+            "key '{w}[{i}].op': '{op}' is not one of read, write, write_zeroes, trim, flush, block_status"
         ))?;
         let range = match str_key(t, w, i, "range")? {
             Some(r) => parse_range(r).map_err(|e| format!("key '{w}[{i}].range': {e}"))?,
@@ -545,6 +552,13 @@ fn parse_expects(v: &Tv) -> Result<Vec<Expect>, String> {
                     equals: equals.into(),
                 });
             }
+            "warning" | "fatal" => {
+                check_keys(t, w, i, &["kind", "count"])?;
+                out.push(Expect::Log {
+                    fatal: kind == "fatal",
+                    count: u64_key(t, w, i, "count")?.ok_or(format!("key '{w}[{i}].count' is missing"))?,
+                });
+            }
             "injected" => {
                 check_keys(t, w, i, &["kind", "fault", "min"])?;
                 let fault = str_key(t, w, i, "fault")?.ok_or(format!("key '{w}[{i}].fault' is missing"))?;
@@ -563,7 +577,7 @@ fn parse_expects(v: &Tv) -> Result<Vec<Expect>, String> {
             }
             other => {
                 return Err(format!(
-                    "key '{w}[{i}].kind': '{other}' is not invariants, result, event, contents, injected or path"
+                    "key '{w}[{i}].kind': '{other}' is not invariants, result, event, contents, warning, fatal, injected or path"
                 ))
             }
         }
@@ -585,7 +599,7 @@ mod tests {
             ("name = \"y\"\n", "key 'name': 'y' must equal the file stem 'x'"),
             (
                 "name = \"x\"\nworkload.step = [ { id = \"a\", op = \"wrtie\", range = \"0..4k\" } ]\n",
-                "key 'workload.step[0].op': 'wrtie' is not one of read, write, write_zeroes, trim, flush",
+                "key 'workload.step[0].op': 'wrtie' is not one of read, write, write_zeroes, trim, flush, block_status",
             ),
             (
                 "name = \"x\"\nfault = [ { id = \"F5\", target = \"c9\" } ]\n",

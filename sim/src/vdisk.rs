@@ -157,6 +157,8 @@ pub enum ChildKind {
     Discard,
     /// Flush.
     Flush,
+    /// Block status (`Ok` carries `zero << 63 | length`).
+    Status,
 }
 
 /// One child request logged against a guest op.
@@ -953,6 +955,7 @@ impl Inner {
                 ChildKind::Zero => "c-zero",
                 ChildKind::Discard => "c-discard",
                 ChildKind::Flush => "c-flush",
+                ChildKind::Status => "c-status",
             },
             match &c.result {
                 ChildResult::Ok(_) => 0,
@@ -1497,5 +1500,60 @@ impl BlockDevice for VDisk {
 
     fn discard_zeroes(&self) -> bool {
         self.set.lock().disks[self.index].discard_zeroes
+    }
+
+    /// The run of zero or of data sectors starting at `offset`; an unreadable (F4) sector in
+    /// the range fails the query, as a device whose metadata cannot be read would.
+    async fn block_status(&self, offset: u64, len: u64) -> Result<ballot::BlockStatus> {
+        check_request(self.length, SECTOR as u32, offset, len, Access::Read)?;
+        let op = current_op();
+        let _permit = self
+            .gate
+            .acquire()
+            .await
+            .map_err(|_| eio("closed", &self.name, 0))?;
+        self.delay(false).await;
+        let mut g = self.set.lock();
+        let i = self.index;
+        let range = Self::sectors_of(offset, len);
+        let d = &g.disks[i];
+        let latent = range
+            .clone()
+            .find(|s| d.sticky.get(s) == Some(&Sticky::Latent));
+        let r = match latent {
+            Some(s) => Err(eio(
+                "latent sector error (F4) in block status",
+                &self.name,
+                s,
+            )),
+            None => {
+                let is_zero = |s: u64| {
+                    d.current[s as usize] == Stored::V(Value::Zero) && !d.sticky.contains_key(&s)
+                };
+                let first = is_zero(range.start);
+                let run = range.clone().take_while(|&s| is_zero(s) == first).count() as u64;
+                let bytes = (run * SECTOR_U64).min(len);
+                Ok(if first {
+                    ballot::BlockStatus::zero(bytes)
+                } else {
+                    ballot::BlockStatus::data(bytes)
+                })
+            }
+        };
+        g.log(
+            op,
+            ChildOp {
+                disk: i,
+                kind: ChildKind::Status,
+                offset,
+                len,
+                data: 0,
+                result: match &r {
+                    Ok(st) => ChildResult::Ok((u64::from(st.zero) << 63) | st.length),
+                    Err(e) => ChildResult::Err(e.kind()),
+                },
+            },
+        );
+        r
     }
 }

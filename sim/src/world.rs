@@ -125,6 +125,8 @@ struct State {
     unrepairable: std::collections::BTreeSet<(usize, u64)>,
     /// Children that failed the last completed op.
     last_failed_children: Vec<usize>,
+    /// Warning and fatal lines of each host incarnation (Q15, Q33).
+    captured: Vec<ballot::host::Captured>,
 }
 
 struct World {
@@ -248,6 +250,7 @@ async fn world_main(p: Params, sc: Scenario, opts: RunOpts) -> RunResult {
         rewrite: p.rewrite,
         discard_forwarded: p.discard_unmap && p.discard_zeroes,
         initial_pattern: p.initial_pattern,
+        blkverify: p.blkverify,
     });
     let mut frng = Rng::stream(p.seed, "faults/F11");
     let f11_at = (p.family_on("F11") && p.ops > 0).then(|| frng.below(p.ops));
@@ -280,6 +283,7 @@ async fn world_main(p: Params, sc: Scenario, opts: RunOpts) -> RunResult {
             racy_divergent: Vec::new(),
             unrepairable: Default::default(),
             last_failed_children: Vec::new(),
+            captured: Vec::new(),
         }),
         p,
         sc,
@@ -590,7 +594,8 @@ async fn qhost_main(w: Arc<World>) {
             st.qmp_timed.push((inc, t, e.event.clone()));
         });
     }
-    let (host, _captured) = Host::recording(bus);
+    let (host, captured) = Host::recording(bus);
+    w.lock().captured.push(captured);
     let p = &w.p;
     let children: Vec<(String, Device)> = (0..p.children)
         .map(|i| (format!("c{i}"), w.disks.device(i) as Device))
@@ -603,6 +608,7 @@ async fn qhost_main(w: Arc<World>) {
         },
         rewrite_corrupted: p.rewrite,
         discard_unmap: p.discard_unmap,
+        blkverify: p.blkverify,
         ..QuorumOptions::new("q0", p.threshold)
     };
     let q = match Quorum::open(opts, children, host) {
@@ -930,6 +936,10 @@ async fn run_op(
                 .map(|_| None),
             OpKind::Trim => dev.discard(offset, len).await.map(|_| None),
             OpKind::Flush => dev.flush().await.map(|_| None),
+            OpKind::BlockStatus => dev.block_status(offset, len).await.map(|st| {
+                let word = (u64::from(st.zero) << 63) | st.length;
+                Some(Bytes::from(word.to_le_bytes().to_vec()))
+            }),
         };
         r.map_err(|e| e.kind())
     };
@@ -1292,6 +1302,27 @@ async fn check_expectations(w: &Arc<World>) {
                             Err(e) => fail(format!("expect contents: guest read failed: {e}")),
                         }
                     }
+                }
+            }
+            Expect::Log { fatal, count } => {
+                let n: usize = {
+                    let st = w.lock();
+                    st.captured
+                        .iter()
+                        .map(|c| {
+                            if *fatal {
+                                c.fatals().len()
+                            } else {
+                                c.warnings().len()
+                            }
+                        })
+                        .sum()
+                };
+                if n as u64 != *count {
+                    fail(format!(
+                        "expect {}: {n} line(s), expected {count}",
+                        if *fatal { "fatal" } else { "warning" }
+                    ));
                 }
             }
             Expect::Injected { fault, min } => {
