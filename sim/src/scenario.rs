@@ -22,6 +22,8 @@ pub struct Step {
     pub range: (u64, u64),
     /// FUA.
     pub fua: bool,
+    /// `hot_remove` steps: the child (`cN`) to remove with x-blockdev-change's logic (Q53).
+    pub remove: Option<usize>,
 }
 
 /// When a scripted fault fires (C3).
@@ -59,8 +61,10 @@ pub enum Expect {
     Result {
         /// Step id.
         step: String,
-        /// Expected result.
+        /// Expected result: "ok", an errno name, or "refused" (hot_remove).
         result: String,
+        /// For "refused": the exact message.
+        message: Option<String>,
     },
     /// Events on the internal (or QMP) stream.
     Event {
@@ -314,14 +318,27 @@ fn parse_steps(v: &Tv) -> Result<Vec<Step>, String> {
     for (i, s) in arr.iter().enumerate() {
         let w = "workload.step";
         let t = table_of(s, w, i)?;
-        check_keys(t, w, i, &["id", "op", "range", "fua"])?;
+        check_keys(t, w, i, &["id", "op", "range", "fua", "child"])?;
         let id = str_key(t, w, i, "id")?.ok_or(format!("key '{w}[{i}].id' is missing"))?;
         if out.iter().any(|x| x.id == id) {
             return Err(format!("key '{w}[{i}].id': '{id}' is used twice"));
         }
         let op = str_key(t, w, i, "op")?.ok_or(format!("key '{w}[{i}].op' is missing"))?;
+        if op == "hot_remove" {
+            let c = str_key(t, w, i, "child")?.ok_or(format!("key '{w}[{i}].child' is missing"))?;
+            let c = parse_target(c, &format!("{w}[{i}].child"))?
+                .ok_or(format!("key '{w}[{i}].child': expected a child"))?;
+            out.push(Step {
+                id: id.to_string(),
+                op: OpKind::Flush,
+                range: (0, 0),
+                fua: false,
+                remove: Some(c),
+            });
+            continue;
+        }
         let op = OpKind::parse(op).ok_or(format!(
-            "key '{w}[{i}].op': '{op}' is not one of read, write, write_zeroes, trim, flush, block_status"
+            "key '{w}[{i}].op': '{op}' is not one of read, write, write_zeroes, trim, flush, block_status, hot_remove"
         ))?;
         let range = match str_key(t, w, i, "range")? {
             Some(r) => parse_range(r).map_err(|e| format!("key '{w}[{i}].range': {e}"))?,
@@ -342,6 +359,7 @@ fn parse_steps(v: &Tv) -> Result<Vec<Step>, String> {
             op,
             range,
             fua,
+            remove: None,
         });
     }
     Ok(out)
@@ -472,15 +490,16 @@ fn parse_expects(v: &Tv) -> Result<Vec<Expect>, String> {
         match kind {
             "invariants" => check_keys(t, w, i, &["kind"])?,
             "result" => {
-                check_keys(t, w, i, &["kind", "step", "result"])?;
+                check_keys(t, w, i, &["kind", "step", "result", "message"])?;
                 let step = str_key(t, w, i, "step")?.ok_or(format!("key '{w}[{i}].step' is missing"))?;
                 let result = str_key(t, w, i, "result")?.ok_or(format!("key '{w}[{i}].result' is missing"))?;
-                if result != "ok" && ballot::ErrorKind::from_errno_name(result).is_none() {
-                    return Err(format!("key '{w}[{i}].result': '{result}' is not \"ok\" or an errno name such as \"EIO\""));
+                if result != "ok" && result != "refused" && ballot::ErrorKind::from_errno_name(result).is_none() {
+                    return Err(format!("key '{w}[{i}].result': '{result}' is not \"ok\", \"refused\" or an errno name such as \"EIO\""));
                 }
                 out.push(Expect::Result {
                     step: step.into(),
                     result: result.into(),
+                    message: str_key(t, w, i, "message")?.map(String::from),
                 });
             }
             "event" => {
@@ -599,7 +618,7 @@ mod tests {
             ("name = \"y\"\n", "key 'name': 'y' must equal the file stem 'x'"),
             (
                 "name = \"x\"\nworkload.step = [ { id = \"a\", op = \"wrtie\", range = \"0..4k\" } ]\n",
-                "key 'workload.step[0].op': 'wrtie' is not one of read, write, write_zeroes, trim, flush, block_status",
+                "key 'workload.step[0].op': 'wrtie' is not one of read, write, write_zeroes, trim, flush, block_status, hot_remove",
             ),
             (
                 "name = \"x\"\nfault = [ { id = \"F5\", target = \"c9\" } ]\n",

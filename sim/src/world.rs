@@ -647,6 +647,33 @@ async fn qhost_main(w: Arc<World>) {
         };
         let Some(step) = step else { break };
         fire_due(&w);
+        if let Some(c) = step.remove {
+            // Q53 through x-blockdev-change's logic. The model has a fixed child set, so only
+            // the refusal is simulated; a removal that succeeds ends the run as a harness error.
+            let r = q.remove_child(&format!("children.{c}")).await;
+            w.disks.trace_full(
+                "qhost",
+                "hot-remove",
+                0,
+                c as u64,
+                0,
+                i64::from(r.is_err()),
+                0,
+                String::new(),
+            );
+            match r {
+                Err(e) => {
+                    w.lock().step_results.insert(step.id.clone(), format!("refused: {e}"));
+                }
+                Ok(_) => w.violate(Violation {
+                    rule: "harness",
+                    op: 0,
+                    sector: None,
+                    message: format!("hot remove of c{c} succeeded; the simulator models a fixed set of children"),
+                }),
+            }
+            continue;
+        }
         let dev: Device = q.clone();
         let (start, end) = step.range;
         let r = run_op(
@@ -1173,7 +1200,11 @@ async fn check_expectations(w: &Arc<World>) {
             return;
         }
         match e {
-            Expect::Result { step, result } => {
+            Expect::Result {
+                step,
+                result,
+                message,
+            } => {
                 let got = w
                     .lock()
                     .step_results
@@ -1182,6 +1213,8 @@ async fn check_expectations(w: &Arc<World>) {
                     .unwrap_or_else(|| "not run".into());
                 let ok = if step == "open" && result != "ok" {
                     got.starts_with("error")
+                } else if let Some(text) = got.strip_prefix("refused: ") {
+                    result == "refused" && message.as_ref().is_none_or(|m| m == text)
                 } else {
                     &got == result
                 };
