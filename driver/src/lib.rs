@@ -12,6 +12,7 @@ pub mod events;
 pub mod graph;
 pub mod host;
 pub mod join;
+pub mod nbd;
 
 pub use device::{BlockDevice, BlockStatus, Device, WriteFlags, ZeroFlags};
 pub use error::{ConfigError, Error, ErrorKind, Result};

@@ -1,0 +1,4 @@
+//! NBD (NBD.md): the wire layer ([`proto`]), shared by the server front end of `ballot serve`
+//! and the `nbd` client driver.
+
+pub mod proto;
