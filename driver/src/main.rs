@@ -1,8 +1,10 @@
 //! The `ballot` command.
 //!
 //! `ballot check --blockdev SPEC...` opens a driver graph exactly as `ballot serve` will and
-//! prints it, so a configuration can be validated without serving it. Errors print
-//! `ballot: <message>` on stderr and exit 1 (ARCHITECTURE.md).
+//! prints it, so a configuration can be validated without serving it. `ballot serve` takes
+//! qemu-storage-daemon's `--blockdev`, `--nbd-server` and `--export` and serves the graph over
+//! NBD until SIGINT or SIGTERM (NBD.md N33). Errors print `ballot: <message>` on stderr and
+//! exit 1 (ARCHITECTURE.md).
 
 use std::process::ExitCode;
 
@@ -10,18 +12,27 @@ use ballot::events::EventBus;
 use ballot::graph::Graph;
 use ballot::host::Host;
 
+#[path = "cli/serve.rs"]
+mod serve;
+
 const USAGE: &str = "usage: ballot check --blockdev SPEC [--blockdev SPEC]...
+       ballot serve --blockdev SPEC... --nbd-server ADDR --export SPEC...
 
   --blockdev SPEC   a node, in qemu-storage-daemon's dotted form
                     (driver=file,node-name=f0,filename=a.raw) or as JSON
+  --nbd-server ADDR addr.type=inet,addr.host=H,addr.port=P | addr.type=unix,addr.path=P
+                    [,max-connections=N]
+  --export SPEC     type=nbd,id=ID,node-name=NODE[,name=NAME][,writable=on]
+                    [,description=TEXT][,multi-conn=on|off|auto]
 
-Opens the graph (files, quorum votes' preconditions, lengths) and prints each node.
-`ballot serve` (the NBD front end) is not part of this build yet.";
+check opens the graph (files, quorum votes' preconditions, lengths) and prints each node;
+serve serves it over NBD until SIGINT or SIGTERM, then drains and flushes.";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("check") => {}
+        Some("serve") => return serve::main(&args[1..]),
         Some("-h") | Some("--help") | Some("help") => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;

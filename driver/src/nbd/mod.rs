@@ -2,3 +2,4 @@
 //! and the `nbd` client driver.
 
 pub mod proto;
+pub mod server;

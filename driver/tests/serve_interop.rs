@@ -1,0 +1,167 @@
+//! `ballot serve` against real NBD clients from qemu-utils (NBD.md §8 rows 1 and 2): qemu-io
+//! writes, reads, zeroes and discards through a quorum of three files; qemu-img reads the size
+//! and the block-status map; a flipped byte in one child is outvoted; an unknown export gets
+//! ERR_UNKNOWN with its name. Every server is started on a unix socket in a scratch directory
+//! and stopped by its own PID; SIGTERM must end it with status 0.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Served {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn have(tool: &str) -> bool {
+    Command::new(tool)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok()
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("ballot-serve-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("scratch dir");
+    d
+}
+
+fn serve_quorum(dir: &Path) -> Served {
+    for f in ["a.raw", "b.raw", "c.raw"] {
+        let file = std::fs::File::create(dir.join(f)).expect("create child");
+        file.set_len(16 << 20).expect("size child");
+    }
+    let socket = dir.join("nbd.sock");
+    let mut args: Vec<String> = vec!["serve".into()];
+    for (i, f) in ["a.raw", "b.raw", "c.raw"].iter().enumerate() {
+        args.push("--blockdev".into());
+        args.push(format!(
+            "driver=file,node-name=f{i},filename={}",
+            dir.join(f).display()
+        ));
+    }
+    args.push("--blockdev".into());
+    args.push(
+        r#"{"driver":"quorum","node-name":"q0","vote-threshold":2,"children":["f0","f1","f2"]}"#
+            .into(),
+    );
+    args.push("--nbd-server".into());
+    args.push(format!("addr.type=unix,addr.path={}", socket.display()));
+    args.push("--export".into());
+    args.push("type=nbd,id=e0,node-name=q0,name=disk0,writable=on".into());
+    let child = Command::new(env!("CARGO_BIN_EXE_ballot"))
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start ballot serve");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "ballot serve did not create its socket"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Served { child, socket }
+}
+
+fn qemu_io(socket: &Path, export: &str, cmds: &[&str]) -> (i32, String) {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw"]);
+    for x in cmds {
+        c.args(["-c", x]);
+    }
+    c.arg(format!("nbd+unix:///{export}?socket={}", socket.display()));
+    let out = c.output().expect("run qemu-io");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+#[test]
+fn qemu_io_and_qemu_img_through_a_served_quorum() {
+    if !have("qemu-io") || !have("qemu-img") {
+        eprintln!("skipped: qemu-io or qemu-img not installed (.ci/run installs qemu-utils)");
+        return;
+    }
+    let dir = scratch("qemu");
+    let mut s = serve_quorum(&dir);
+    let (code, out) = qemu_io(
+        &s.socket,
+        "disk0",
+        &[
+            "write -P 0xab 0 1M",
+            "flush",
+            "read -P 0xab 0 1M",
+            "write -z 1M 64k",
+            "read -P 0 1M 64k",
+            "discard 2M 64k",
+        ],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    assert_eq!(
+        out.matches("read 1048576/1048576 bytes at offset 0")
+            .count(),
+        1,
+        "{out}"
+    );
+    // Every child holds the data.
+    let a = std::fs::read(dir.join("a.raw")).expect("read a");
+    assert_eq!(&a[..1 << 20], &vec![0xab; 1 << 20][..]);
+    assert_eq!(a, std::fs::read(dir.join("c.raw")).expect("read c"));
+    // Flip one byte in one child: the read returns the majority's data (Q25).
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.join("b.raw"))
+            .expect("open b");
+        f.seek(SeekFrom::Start(4096)).expect("seek");
+        f.write_all(&[0x00]).expect("flip");
+    }
+    let (code, out) = qemu_io(&s.socket, "disk0", &["read -P 0xab 0 64k"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("read 65536/65536 bytes at offset 0"), "{out}");
+    // qemu-img: size and the block-status map through the quorum (N24, Q44).
+    let info = Command::new("qemu-img")
+        .args(["info", "--output=json", "-f", "raw"])
+        .arg(format!("nbd+unix:///disk0?socket={}", s.socket.display()))
+        .output()
+        .expect("qemu-img info");
+    let info = String::from_utf8_lossy(&info.stdout);
+    assert!(info.contains("\"virtual-size\": 16777216"), "{info}");
+    let map = Command::new("qemu-img")
+        .args(["map", "--output=json", "-f", "raw"])
+        .arg(format!("nbd+unix:///disk0?socket={}", s.socket.display()))
+        .output()
+        .expect("qemu-img map");
+    let map = String::from_utf8_lossy(&map.stdout);
+    assert!(
+        map.contains("\"start\": 0, \"length\": 1114112, \"depth\": 0, \"present\": true, \"zero\": false, \"data\": true"),
+        "{map}"
+    );
+    // N11: an unknown export name is refused with a message naming it.
+    let (code, out) = qemu_io(&s.socket, "nosuch", &["read 0 512"]);
+    assert_ne!(code, 0);
+    assert!(out.contains("export 'nosuch' not present"), "{out}");
+    // N33: SIGTERM drains, flushes and exits 0.
+    // SAFETY: kill(2) on the PID of a child this test started and has not reaped.
+    let rc = unsafe { libc::kill(s.child.id() as i32, libc::SIGTERM) };
+    assert_eq!(rc, 0);
+    let status = s.child.wait().expect("wait for ballot serve");
+    assert_eq!(status.code(), Some(0));
+    let _ = std::fs::remove_dir_all(&dir);
+}
