@@ -221,6 +221,25 @@ impl Graph {
                     *read_zeroes,
                     Duration::from_nanos(*latency_ns),
                 )),
+                DriverSpec::Nbd {
+                    server,
+                    export,
+                    reconnect_delay,
+                    open_timeout,
+                    request_timeout,
+                } => {
+                    let opts = crate::nbd::client::ClientOptions {
+                        server: server.clone(),
+                        export: export.clone(),
+                        reconnect_delay: Duration::from_secs(*reconnect_delay),
+                        open_timeout: Duration::from_secs(*open_timeout),
+                        request_timeout: Duration::from_secs(*request_timeout),
+                    };
+                    let c = crate::nbd::client::NbdClient::open(opts)
+                        .await
+                        .map_err(|e| ConfigError::new(e.to_string()))?;
+                    Arc::new(c)
+                }
                 DriverSpec::Raw { file, offset, size } => {
                     let (child_name, child) = self
                         .open_child(file, &name, "file", staging, inherit)

@@ -78,6 +78,19 @@ pub enum DriverSpec {
         /// `read-pattern`.
         read_pattern: ReadPattern,
     },
+    /// `driver=nbd` (NBD.md §7).
+    Nbd {
+        /// `server.*`.
+        server: crate::nbd::client::Address,
+        /// `export`.
+        export: String,
+        /// `reconnect-delay`, seconds.
+        reconnect_delay: u64,
+        /// `open-timeout`, seconds.
+        open_timeout: u64,
+        /// `request-timeout`, seconds (ballot's extension).
+        request_timeout: u64,
+    },
 }
 
 impl DriverSpec {
@@ -88,12 +101,13 @@ impl DriverSpec {
             DriverSpec::Raw { .. } => "raw",
             DriverSpec::Null { .. } => "null-co",
             DriverSpec::Quorum { .. } => "quorum",
+            DriverSpec::Nbd { .. } => "nbd",
         }
     }
 }
 
 /// Drivers ballot knows, for `Parameter 'driver' does not accept value '<x>'`.
-pub const DRIVERS: &[&str] = &["file", "raw", "null-co", "quorum"];
+pub const DRIVERS: &[&str] = &["file", "raw", "null-co", "quorum", "nbd"];
 
 /// One level of options being consumed.
 struct Opts {
@@ -355,6 +369,44 @@ fn parse_level(mut o: Opts) -> Result<NodeSpec, ConfigError> {
                 vote_threshold,
                 rewrite_corrupted,
                 read_pattern,
+            }
+        }
+        "nbd" => {
+            let mut srv = o.object("server")?.ok_or_else(|| o.missing("server"))?;
+            let kind = srv
+                .enumeration("type", &["inet", "unix"])?
+                .ok_or_else(|| srv.missing("type"))?;
+            let server = if kind == "inet" {
+                let host = srv.string("host")?.ok_or_else(|| srv.missing("host"))?;
+                let port = srv.string("port")?.ok_or_else(|| srv.missing("port"))?;
+                let port: u16 = port.parse().map_err(|_| {
+                    ConfigError::new(format!(
+                        "Parameter '{}' expects a port number, got '{port}'",
+                        srv.full("port")
+                    ))
+                })?;
+                crate::nbd::client::Address::Inet { host, port }
+            } else {
+                crate::nbd::client::Address::Unix {
+                    path: srv.string("path")?.ok_or_else(|| srv.missing("path"))?,
+                }
+            };
+            srv.finish()?;
+            let export = o.string("export")?.unwrap_or_default();
+            for refused in ["tls-creds", "tls-hostname", "x-dirty-bitmap"] {
+                if o.map.contains_key(refused) {
+                    return Err(ConfigError::new(format!(
+                        "Parameter '{}' is not supported by ballot's nbd driver",
+                        o.full(refused)
+                    )));
+                }
+            }
+            DriverSpec::Nbd {
+                server,
+                export,
+                reconnect_delay: o.uint("reconnect-delay")?.unwrap_or(0),
+                open_timeout: o.uint("open-timeout")?.unwrap_or(0),
+                request_timeout: o.uint("request-timeout")?.unwrap_or(0),
             }
         }
         _ => unreachable!("checked against DRIVERS above"),

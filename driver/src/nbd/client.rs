@@ -1,0 +1,818 @@
+//! The NBD client behind the `nbd` block driver (NBD.md §7): negotiation (N36–N39), requests
+//! matched to replies by cookie (N40), feature use (N41), connection loss and reconnection
+//! (N42, N44), and closing (N45).
+//!
+//! Reconnection is lazy: when the connection is lost, requests in flight fail with EIO
+//! (`reconnect-delay` 0) and the next request reconnects, retrying with backoff for up to
+//! `reconnect-delay` seconds; each reconnect repeats the whole handshake and must find the same
+//! size and read-only state (N42).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{oneshot, Semaphore};
+
+use super::proto::{self, cflag, cmd, opt, rep, tflag, Info, ReplyHeader, Request};
+use crate::device::{check_request, Access, BlockDevice, BlockStatus, WriteFlags, ZeroFlags};
+use crate::error::{Error, ErrorKind, Result};
+
+/// Requests in flight per connection (N40).
+pub const INFLIGHT_MAX: usize = 16;
+
+/// Where the server is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Address {
+    /// TCP.
+    Inet {
+        /// Host.
+        host: String,
+        /// Port.
+        port: u16,
+    },
+    /// Unix socket.
+    Unix {
+        /// Path.
+        path: String,
+    },
+}
+
+impl std::fmt::Display for Address {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Address::Inet { host, port } => write!(f, "{host}:{port}"),
+            Address::Unix { path } => write!(f, "unix:{path}"),
+        }
+    }
+}
+
+/// Options of the `nbd` driver (NBD.md §7).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientOptions {
+    /// Server address.
+    pub server: Address,
+    /// Export name.
+    pub export: String,
+    /// `reconnect-delay`.
+    pub reconnect_delay: Duration,
+    /// `open-timeout`.
+    pub open_timeout: Duration,
+    /// `request-timeout` (zero: off).
+    pub request_timeout: Duration,
+}
+
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for T {}
+
+/// What negotiation found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Negotiated {
+    size: u64,
+    flags: u16,
+    minimum: u32,
+    maximum: u32,
+    structured: bool,
+    meta: Option<u32>,
+}
+
+/// The answer a request gets.
+enum Answer {
+    Data(Bytes),
+    Status(Vec<(u32, u32)>),
+    Done,
+}
+
+struct Pending {
+    kind: u16,
+    offset: u64,
+    length: u32,
+    buf: Option<BytesMut>,
+    covered: Vec<(u64, u64)>,
+    status: Vec<(u32, u32)>,
+    error: Option<ErrorKind>,
+    done: Option<oneshot::Sender<Result<Answer>>>,
+}
+
+struct Conn {
+    writer: tokio::sync::Mutex<Box<dyn AsyncWrite + Unpin + Send>>,
+    pending: Mutex<HashMap<u64, Pending>>,
+    alive: AtomicBool,
+}
+
+impl Conn {
+    fn fail_all(&self, kind: ErrorKind, why: &str) {
+        self.alive.store(false, Ordering::SeqCst);
+        let drained: Vec<Pending> = self
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .map(|(_, p)| p)
+            .collect();
+        for mut p in drained {
+            if let Some(tx) = p.done.take() {
+                let _ = tx.send(Err(Error::new(kind, format!("nbd connection lost: {why}"))));
+            }
+        }
+    }
+}
+
+/// An NBD export as a block device.
+pub struct NbdClient {
+    opts: ClientOptions,
+    neg: Negotiated,
+    conn: tokio::sync::Mutex<Option<Arc<Conn>>>,
+    cookie: AtomicU64,
+    gate: Semaphore,
+    broken: AtomicBool,
+}
+
+impl std::fmt::Debug for NbdClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "nbd {}/{}", self.opts.server, self.opts.export)
+    }
+}
+
+fn io_err(e: std::io::Error) -> Error {
+    Error::new(ErrorKind::Io, e.to_string())
+}
+
+fn perr(e: proto::ProtoError) -> Error {
+    Error::new(ErrorKind::Io, format!("NBD protocol error: {e}"))
+}
+
+async fn connect(addr: &Address) -> Result<Box<dyn Stream>> {
+    match addr {
+        Address::Inet { host, port } => {
+            let s = tokio::net::TcpStream::connect((host.as_str(), *port))
+                .await
+                .map_err(|e| {
+                    Error::new(ErrorKind::Io, format!("Failed to connect to '{addr}': {e}"))
+                })?;
+            let _ = s.set_nodelay(true);
+            Ok(Box::new(s))
+        }
+        #[cfg(not(madsim))]
+        Address::Unix { path } => {
+            let s = tokio::net::UnixStream::connect(path).await.map_err(|e| {
+                Error::new(ErrorKind::Io, format!("Failed to connect to '{path}': {e}"))
+            })?;
+            Ok(Box::new(s))
+        }
+        #[cfg(madsim)]
+        Address::Unix { path } => Err(Error::new(
+            ErrorKind::NotSup,
+            format!("unix socket '{path}' in the simulator"),
+        )),
+    }
+}
+
+async fn read_option_reply<S: AsyncRead + Unpin>(
+    s: &mut S,
+) -> Result<(proto::OptionReplyHeader, Vec<u8>)> {
+    let mut h = [0u8; proto::OPTION_REPLY_HEADER_BYTES];
+    s.read_exact(&mut h).await.map_err(io_err)?;
+    let h = proto::decode_option_reply_header(&h).map_err(perr)?;
+    let mut d = vec![0u8; h.length as usize];
+    s.read_exact(&mut d).await.map_err(io_err)?;
+    Ok((h, d))
+}
+
+/// N36–N39: the whole handshake on a fresh stream.
+async fn handshake(s: &mut Box<dyn Stream>, export: &str) -> Result<Negotiated> {
+    let mut g = [0u8; 18];
+    s.read_exact(&mut g[..16]).await.map_err(io_err)?;
+    if g[..8] != proto::NBDMAGIC.to_be_bytes() {
+        return Err(Error::new(
+            ErrorKind::Io,
+            "server did not send NBDMAGIC: not an NBD server",
+        ));
+    }
+    if g[8..16] != proto::IHAVEOPT.to_be_bytes() {
+        return Err(Error::new(
+            ErrorKind::NotSup,
+            "server uses oldstyle negotiation, which ballot does not speak",
+        ));
+    }
+    s.read_exact(&mut g[16..]).await.map_err(io_err)?;
+    let hs = u16::from_be_bytes([g[16], g[17]]);
+    let fixed = hs & proto::FLAG_FIXED_NEWSTYLE != 0;
+    let no_zeroes = hs & proto::FLAG_NO_ZEROES != 0;
+    let mut cf = 0u32;
+    if fixed {
+        cf |= proto::CLIENT_FIXED_NEWSTYLE;
+    }
+    if no_zeroes {
+        cf |= proto::CLIENT_NO_ZEROES;
+    }
+    s.write_all(&cf.to_be_bytes()).await.map_err(io_err)?;
+    let mut structured = false;
+    let mut meta = None;
+    if fixed {
+        s.write_all(&proto::encode_option(opt::STRUCTURED_REPLY, &[]))
+            .await
+            .map_err(io_err)?;
+        let (h, _) = read_option_reply(s).await?;
+        structured = h.reply_type == rep::ACK;
+        if structured {
+            let d = proto::encode_meta_context_request(export, &["base:allocation"]);
+            s.write_all(&proto::encode_option(opt::SET_META_CONTEXT, &d))
+                .await
+                .map_err(io_err)?;
+            loop {
+                let (h, d) = read_option_reply(s).await?;
+                match h.reply_type {
+                    rep::META_CONTEXT if d.len() >= 4 => {
+                        meta = Some(u32::from_be_bytes([d[0], d[1], d[2], d[3]]));
+                    }
+                    rep::ACK => break,
+                    t if rep::is_error(t) => break,
+                    _ => {}
+                }
+            }
+        }
+        let d = proto::encode_info_request(export, &[proto::info::BLOCK_SIZE]);
+        s.write_all(&proto::encode_option(opt::GO, &d))
+            .await
+            .map_err(io_err)?;
+        let mut export_info = None;
+        let (mut minimum, mut maximum) = (1u32, proto::PAYLOAD_BYTES_MAX);
+        loop {
+            let (h, d) = read_option_reply(s).await?;
+            match h.reply_type {
+                rep::INFO => match proto::parse_info_reply(&d).map_err(perr)? {
+                    Info::Export { size, flags } => export_info = Some((size, flags)),
+                    Info::BlockSize {
+                        minimum: mi,
+                        preferred: pr,
+                        maximum: ma,
+                    } => {
+                        // N39: powers of two, minimum <= preferred <= maximum, minimum <= 64 KiB.
+                        let ok = [mi, pr, ma].iter().all(|x| x.is_power_of_two())
+                            && mi <= pr
+                            && pr <= ma
+                            && mi <= 65536;
+                        if !ok {
+                            return Err(Error::new(
+                                ErrorKind::Io,
+                                format!("server sent invalid block sizes {mi}/{pr}/{ma}"),
+                            ));
+                        }
+                        minimum = mi;
+                        maximum = ma.min(proto::PAYLOAD_BYTES_MAX);
+                    }
+                    Info::Other(_) => {}
+                },
+                rep::ACK => {
+                    let Some((size, flags)) = export_info else {
+                        return Err(Error::new(
+                            ErrorKind::Io,
+                            "server acknowledged GO without INFO(EXPORT)",
+                        ));
+                    };
+                    return finish(size, flags, minimum, maximum, structured, meta);
+                }
+                rep::ERR_UNSUP => break, // N38: EXPORT_NAME fallback
+                rep::ERR_UNKNOWN => {
+                    return Err(Error::new(
+                        ErrorKind::NoEnt,
+                        format!("export '{export}' not found"),
+                    ))
+                }
+                rep::ERR_TLS_REQD => {
+                    return Err(Error::new(ErrorKind::Access, "server requires TLS"))
+                }
+                t => {
+                    return Err(Error::new(
+                        ErrorKind::Io,
+                        format!(
+                            "server refused GO with reply type 0x{t:x}: {}",
+                            String::from_utf8_lossy(&d)
+                        ),
+                    ))
+                }
+            }
+        }
+    }
+    // EXPORT_NAME (plain newstyle, or GO unsupported).
+    s.write_all(&proto::encode_option(opt::EXPORT_NAME, export.as_bytes()))
+        .await
+        .map_err(io_err)?;
+    let mut b = [0u8; 10];
+    s.read_exact(&mut b).await.map_err(|_| {
+        Error::new(
+            ErrorKind::NoEnt,
+            format!("server closed the connection on EXPORT_NAME: export '{export}' may not exist"),
+        )
+    })?;
+    if !no_zeroes {
+        let mut z = [0u8; 124];
+        s.read_exact(&mut z).await.map_err(io_err)?;
+    }
+    let size = u64::from_be_bytes(b[..8].try_into().unwrap_or([0; 8]));
+    let flags = u16::from_be_bytes([b[8], b[9]]);
+    finish(size, flags, 1, proto::PAYLOAD_BYTES_MAX, structured, meta)
+}
+
+fn finish(
+    size: u64,
+    flags: u16,
+    minimum: u32,
+    maximum: u32,
+    structured: bool,
+    meta: Option<u32>,
+) -> Result<Negotiated> {
+    if flags & tflag::HAS_FLAGS == 0 {
+        return Err(Error::new(
+            ErrorKind::Io,
+            "server's transmission flags lack HAS_FLAGS",
+        ));
+    }
+    if size > i64::MAX as u64 {
+        return Err(Error::new(
+            ErrorKind::Io,
+            format!("export size {size} is too large"),
+        ));
+    }
+    Ok(Negotiated {
+        size,
+        flags,
+        minimum,
+        maximum,
+        structured,
+        meta: if structured { meta } else { None },
+    })
+}
+
+/// The reader task: matches replies to requests by cookie (N40). Any protocol error ends
+/// the connection.
+async fn reader(conn: Arc<Conn>, mut rd: tokio::io::ReadHalf<Box<dyn Stream>>, structured: bool) {
+    let why = loop {
+        match read_one(&conn, &mut rd, structured).await {
+            Ok(()) => {}
+            Err(e) => break e.to_string(),
+        }
+    };
+    conn.fail_all(ErrorKind::Io, &why);
+}
+
+async fn read_one(
+    conn: &Conn,
+    rd: &mut tokio::io::ReadHalf<Box<dyn Stream>>,
+    structured: bool,
+) -> Result<()> {
+    let mut h = [0u8; proto::CHUNK_HEADER_BYTES];
+    rd.read_exact(&mut h[..4]).await.map_err(io_err)?;
+    let n = proto::reply_header_len(&h[..4]).map_err(perr)?;
+    rd.read_exact(&mut h[4..n]).await.map_err(io_err)?;
+    let hdr = proto::decode_reply_header(&h[..n]).map_err(perr)?;
+    let bad = |m: String| Error::new(ErrorKind::Io, format!("NBD protocol error: {m}"));
+    match hdr {
+        ReplyHeader::Simple { error, cookie } => {
+            let mut p = conn
+                .pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&cookie)
+                .ok_or_else(|| bad(format!("reply to unknown cookie {cookie}")))?;
+            if p.kind == cmd::READ && structured {
+                return Err(bad(
+                    "simple reply to a READ with structured replies on".into()
+                ));
+            }
+            let answer = if error != 0 {
+                Err(Error::new(proto::error_kind(error), "server error reply"))
+            } else if p.kind == cmd::READ {
+                let mut b = BytesMut::zeroed(p.length as usize);
+                rd.read_exact(&mut b).await.map_err(io_err)?;
+                Ok(Answer::Data(b.freeze()))
+            } else {
+                Ok(Answer::Done)
+            };
+            if let Some(tx) = p.done.take() {
+                let _ = tx.send(answer);
+            }
+        }
+        ReplyHeader::Chunk {
+            flags,
+            kind,
+            cookie,
+            length,
+        } => {
+            if length > proto::PAYLOAD_BYTES_MAX + 64 {
+                return Err(bad(format!("chunk of {length} bytes")));
+            }
+            let mut payload = vec![0u8; length as usize];
+            rd.read_exact(&mut payload).await.map_err(io_err)?;
+            let mut table = conn.pending.lock().unwrap_or_else(|p| p.into_inner());
+            let p = table
+                .get_mut(&cookie)
+                .ok_or_else(|| bad(format!("chunk for unknown cookie {cookie}")))?;
+            let be64 = |b: &[u8]| u64::from_be_bytes(b[..8].try_into().unwrap_or([0; 8]));
+            match kind {
+                proto::chunk::NONE => {}
+                proto::chunk::OFFSET_DATA | proto::chunk::OFFSET_HOLE => {
+                    if p.kind != cmd::READ || payload.len() < 8 {
+                        return Err(bad("data chunk for a non-read or too short".into()));
+                    }
+                    let off = be64(&payload);
+                    let len = if kind == proto::chunk::OFFSET_DATA {
+                        (payload.len() - 8) as u64
+                    } else if payload.len() == 12 {
+                        u64::from(u32::from_be_bytes([
+                            payload[8],
+                            payload[9],
+                            payload[10],
+                            payload[11],
+                        ]))
+                    } else {
+                        return Err(bad("OFFSET_HOLE of the wrong size".into()));
+                    };
+                    let (start, end) = (p.offset, p.offset + u64::from(p.length));
+                    let cend = off
+                        .checked_add(len)
+                        .ok_or_else(|| bad("chunk overflows".into()))?;
+                    if off < start || cend > end {
+                        return Err(bad("read chunk outside the request".into()));
+                    }
+                    if p.covered.iter().any(|&(a, b)| off < b && a < cend) {
+                        return Err(bad("overlapping read chunks".into()));
+                    }
+                    p.covered.push((off, cend));
+                    if kind == proto::chunk::OFFSET_DATA {
+                        let at = (off - start) as usize;
+                        if let Some(buf) = p.buf.as_mut() {
+                            buf[at..at + len as usize].copy_from_slice(&payload[8..]);
+                        }
+                    }
+                }
+                proto::chunk::BLOCK_STATUS => {
+                    if payload.len() < 4 || (payload.len() - 4) % 8 != 0 {
+                        return Err(bad("malformed BLOCK_STATUS chunk".into()));
+                    }
+                    for d in payload[4..].chunks_exact(8) {
+                        p.status.push((
+                            u32::from_be_bytes([d[0], d[1], d[2], d[3]]),
+                            u32::from_be_bytes([d[4], d[5], d[6], d[7]]),
+                        ));
+                    }
+                }
+                proto::chunk::ERROR | proto::chunk::ERROR_OFFSET => {
+                    if payload.len() < 6 {
+                        return Err(bad("short error chunk".into()));
+                    }
+                    let e = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]);
+                    p.error = Some(proto::error_kind(e));
+                }
+                k if k & 0x8000 != 0 => p.error = Some(ErrorKind::Inval),
+                k => return Err(bad(format!("unknown chunk type {k}"))),
+            }
+            if flags & proto::chunk::FLAG_DONE != 0 {
+                let mut p = table
+                    .remove(&cookie)
+                    .ok_or_else(|| bad("vanished cookie".into()))?;
+                drop(table);
+                let answer = match p.error {
+                    Some(k) => Err(Error::new(k, "server error chunk")),
+                    None if p.kind == cmd::READ => {
+                        let total: u64 = p.covered.iter().map(|(a, b)| b - a).sum();
+                        if total != u64::from(p.length) {
+                            return Err(bad("successful read does not cover the request".into()));
+                        }
+                        Ok(Answer::Data(p.buf.take().unwrap_or_default().freeze()))
+                    }
+                    None if p.kind == cmd::BLOCK_STATUS => {
+                        Ok(Answer::Status(std::mem::take(&mut p.status)))
+                    }
+                    None => Ok(Answer::Done),
+                };
+                if let Some(tx) = p.done.take() {
+                    let _ = tx.send(answer);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+impl NbdClient {
+    /// Connects and negotiates (N44: retried with backoff until `open-timeout`).
+    ///
+    /// # Errors
+    /// The last connection or negotiation error.
+    pub async fn open(opts: ClientOptions) -> Result<NbdClient> {
+        let deadline = tokio::time::Instant::now() + opts.open_timeout;
+        let mut backoff = Duration::from_millis(100);
+        let (conn, neg) = loop {
+            match Self::dial(&opts).await {
+                Ok(x) => break x,
+                Err(e) if tokio::time::Instant::now() + backoff <= deadline => {
+                    let _ = e;
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        Ok(NbdClient {
+            opts,
+            neg,
+            conn: tokio::sync::Mutex::new(Some(conn)),
+            cookie: AtomicU64::new(1),
+            gate: Semaphore::new(INFLIGHT_MAX),
+            broken: AtomicBool::new(false),
+        })
+    }
+
+    async fn dial(opts: &ClientOptions) -> Result<(Arc<Conn>, Negotiated)> {
+        let mut s = connect(&opts.server).await?;
+        let neg = handshake(&mut s, &opts.export).await?;
+        let (rd, wr) = tokio::io::split(s);
+        let conn = Arc::new(Conn {
+            writer: tokio::sync::Mutex::new(Box::new(wr)),
+            pending: Mutex::new(HashMap::new()),
+            alive: AtomicBool::new(true),
+        });
+        tokio::spawn(reader(conn.clone(), rd, neg.structured));
+        Ok((conn, neg))
+    }
+
+    /// The live connection, reconnecting within `reconnect-delay` if it was lost (N42).
+    async fn live(&self) -> Result<Arc<Conn>> {
+        if self.broken.load(Ordering::SeqCst) {
+            return Err(Error::new(ErrorKind::Io, "export changed on reconnect"));
+        }
+        let mut slot = self.conn.lock().await;
+        if let Some(c) = slot.as_ref() {
+            if c.alive.load(Ordering::SeqCst) {
+                return Ok(c.clone());
+            }
+        }
+        *slot = None;
+        let deadline = tokio::time::Instant::now() + self.opts.reconnect_delay;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match Self::dial(&self.opts).await {
+                Ok((c, neg)) => {
+                    let ro = |f: u16| f & tflag::READ_ONLY != 0;
+                    if neg.size != self.neg.size || ro(neg.flags) != ro(self.neg.flags) {
+                        self.broken.store(true, Ordering::SeqCst);
+                        return Err(Error::new(ErrorKind::Io, "export changed on reconnect"));
+                    }
+                    *slot = Some(c.clone());
+                    return Ok(c);
+                }
+                Err(e) if tokio::time::Instant::now() + backoff <= deadline => {
+                    let _ = e;
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => {
+                    return Err(Error::new(
+                        ErrorKind::Io,
+                        format!("nbd reconnect failed: {e}"),
+                    ))
+                }
+            }
+        }
+    }
+
+    /// Sends one request and waits for its answer.
+    async fn request(
+        &self,
+        kind: u16,
+        flags: u16,
+        offset: u64,
+        length: u32,
+        payload: Option<Bytes>,
+    ) -> Result<Answer> {
+        let _permit = self
+            .gate
+            .acquire()
+            .await
+            .map_err(|_| Error::new(ErrorKind::Io, "client closed"))?;
+        let conn = self.live().await?;
+        let cookie = self.cookie.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        conn.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                cookie,
+                Pending {
+                    kind,
+                    offset,
+                    length,
+                    buf: (kind == cmd::READ).then(|| BytesMut::zeroed(length as usize)),
+                    covered: Vec::new(),
+                    status: Vec::new(),
+                    error: None,
+                    done: Some(tx),
+                },
+            );
+        let hdr = proto::encode_request(&Request {
+            flags,
+            kind,
+            cookie,
+            offset,
+            length,
+        });
+        {
+            let mut w = conn.writer.lock().await;
+            let sent = async {
+                w.write_all(&hdr).await?;
+                if let Some(p) = &payload {
+                    w.write_all(p).await?;
+                }
+                w.flush().await
+            }
+            .await;
+            if let Err(e) = sent {
+                drop(w);
+                conn.fail_all(ErrorKind::Io, &e.to_string());
+            }
+        }
+        let answer = if self.opts.request_timeout.is_zero() {
+            rx.await
+                .map_err(|_| Error::new(ErrorKind::Io, "nbd connection lost"))?
+        } else {
+            match tokio::time::timeout(self.opts.request_timeout, rx).await {
+                Ok(r) => r.map_err(|_| Error::new(ErrorKind::Io, "nbd connection lost"))?,
+                Err(_) => {
+                    // N42: request-timeout declares the connection lost.
+                    conn.fail_all(ErrorKind::Io, "request timeout");
+                    let _ = conn.writer.lock().await.shutdown().await;
+                    return Err(Error::new(ErrorKind::Io, "nbd request timed out"));
+                }
+            }
+        };
+        answer
+    }
+
+    fn has(&self, f: u16) -> bool {
+        self.neg.flags & f != 0
+    }
+
+    fn check(&self, offset: u64, len: u64, access: Access) -> Result<()> {
+        check_request(self.neg.size, self.neg.minimum, offset, len, access)
+    }
+
+    fn read_only_err(&self) -> Result<()> {
+        if self.has(tflag::READ_ONLY) {
+            return Err(Error::new(
+                ErrorKind::Perm,
+                format!("nbd export '{}' is read-only", self.opts.export),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl BlockDevice for NbdClient {
+    fn driver(&self) -> &'static str {
+        "nbd"
+    }
+
+    fn length(&self) -> Result<u64> {
+        Ok(self.neg.size)
+    }
+
+    fn request_alignment(&self) -> u32 {
+        self.neg.minimum
+    }
+
+    async fn read(&self, offset: u64, len: usize) -> Result<Bytes> {
+        self.check(offset, len as u64, Access::Read)?;
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        let max = self.neg.maximum as usize;
+        if len <= max {
+            return match self.request(cmd::READ, 0, offset, len as u32, None).await? {
+                Answer::Data(b) => Ok(b),
+                _ => Err(Error::new(ErrorKind::Io, "read answered without data")),
+            };
+        }
+        // N39: split above the maximum payload.
+        let mut out = BytesMut::with_capacity(len);
+        let mut done = 0usize;
+        while done < len {
+            let n = (len - done).min(max);
+            match self
+                .request(cmd::READ, 0, offset + done as u64, n as u32, None)
+                .await?
+            {
+                Answer::Data(b) => out.extend_from_slice(&b),
+                _ => return Err(Error::new(ErrorKind::Io, "read answered without data")),
+            }
+            done += n;
+        }
+        Ok(out.freeze())
+    }
+
+    async fn write(&self, offset: u64, data: Bytes, flags: WriteFlags) -> Result<()> {
+        self.read_only_err()?;
+        self.check(offset, data.len() as u64, Access::Write)?;
+        let max = self.neg.maximum as usize;
+        let fua_native = flags.fua && self.has(tflag::SEND_FUA);
+        let mut done = 0usize;
+        while done < data.len() {
+            let n = (data.len() - done).min(max);
+            let f = if fua_native { cflag::FUA } else { 0 };
+            self.request(
+                cmd::WRITE,
+                f,
+                offset + done as u64,
+                n as u32,
+                Some(data.slice(done..done + n)),
+            )
+            .await?;
+            done += n;
+        }
+        if flags.fua && !fua_native {
+            // N41: FUA without SEND_FUA is write then flush.
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&self) -> Result<()> {
+        if !self.has(tflag::SEND_FLUSH) {
+            return Ok(()); // N41: such a server promises no durability
+        }
+        self.request(cmd::FLUSH, 0, 0, 0, None).await.map(|_| ())
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        self.read_only_err()?;
+        self.check(offset, len, Access::Write)?;
+        if !self.has(tflag::SEND_WRITE_ZEROES) {
+            return crate::device::write_zeroes_by_writing(self, offset, len, flags).await;
+        }
+        let mut f = if flags.fua && self.has(tflag::SEND_FUA) {
+            cflag::FUA
+        } else {
+            0
+        };
+        if !flags.may_unmap {
+            f |= cflag::NO_HOLE;
+        }
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(u64::from(u32::MAX) / 2 / 65536 * 65536);
+            self.request(cmd::WRITE_ZEROES, f, offset + done, n as u32, None)
+                .await?;
+            done += n;
+        }
+        if flags.fua && !self.has(tflag::SEND_FUA) {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.check(offset, len, Access::Read)?;
+        if !self.has(tflag::SEND_TRIM) || self.has(tflag::READ_ONLY) || len == 0 {
+            return Ok(()); // a hint
+        }
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(u64::from(u32::MAX) / 2 / 65536 * 65536);
+            self.request(cmd::TRIM, 0, offset + done, n as u32, None)
+                .await?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    async fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
+        self.check(offset, len, Access::Read)?;
+        if self.neg.meta.is_none() || len == 0 {
+            return Ok(BlockStatus::data(len));
+        }
+        let n = len.min(u64::from(u32::MAX) / 2 / 65536 * 65536).max(1) as u32;
+        match self
+            .request(cmd::BLOCK_STATUS, cflag::REQ_ONE, offset, n, None)
+            .await?
+        {
+            Answer::Status(d) => match d.first() {
+                Some(&(l, f)) if l > 0 => {
+                    let length = u64::from(l).min(len);
+                    Ok(BlockStatus {
+                        length,
+                        zero: f & proto::alloc::ZERO != 0,
+                        data: f & proto::alloc::HOLE == 0,
+                        allocated: true,
+                    })
+                }
+                _ => Ok(BlockStatus::data(len)),
+            },
+            _ => Ok(BlockStatus::data(len)),
+        }
+    }
+}
