@@ -165,3 +165,133 @@ fn qemu_io_and_qemu_img_through_a_served_quorum() {
     assert_eq!(status.code(), Some(0));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A qemu-nbd replica on a unix socket, stopped by its own PID.
+struct Replica(Child);
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn quorum_of_three_qemu_nbd_replicas_through_the_nbd_client() {
+    if !have("qemu-nbd") || !have("qemu-io") {
+        eprintln!("skipped: qemu-nbd or qemu-io not installed (.ci/run installs qemu-utils)");
+        return;
+    }
+    let dir = scratch("client");
+    let mut replicas = Vec::new();
+    let mut args: Vec<String> = vec!["serve".into()];
+    for i in 0..3 {
+        let img = dir.join(format!("r{i}.raw"));
+        std::fs::File::create(&img)
+            .and_then(|f| f.set_len(8 << 20))
+            .expect("replica image");
+        let sock = dir.join(format!("r{i}.sock"));
+        let child = Command::new("qemu-nbd")
+            .args(["-f", "raw", "--persistent", "-e", "4", "-k"])
+            .arg(&sock)
+            .arg(&img)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start qemu-nbd");
+        replicas.push(Replica(child));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !sock.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "qemu-nbd did not create {}",
+                sock.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        args.push("--blockdev".into());
+        args.push(format!(
+            "driver=nbd,node-name=n{i},server.type=unix,server.path={},request-timeout=10",
+            sock.display()
+        ));
+    }
+    let socket = dir.join("q.sock");
+    args.push("--blockdev".into());
+    args.push(
+        r#"{"driver":"quorum","node-name":"q0","vote-threshold":2,"children":["n0","n1","n2"]}"#
+            .into(),
+    );
+    args.push("--nbd-server".into());
+    args.push(format!("addr.type=unix,addr.path={}", socket.display()));
+    args.push("--export".into());
+    args.push("type=nbd,id=e0,node-name=q0,name=disk0,writable=on".into());
+    let child = Command::new(env!("CARGO_BIN_EXE_ballot"))
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start ballot serve");
+    let s = Served {
+        child,
+        socket: socket.clone(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "ballot serve did not create its socket"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (code, out) = qemu_io(
+        &s.socket,
+        "disk0",
+        &[
+            "write -P 0x5a 0 2M",
+            "flush",
+            "read -P 0x5a 0 2M",
+            "write -z 2M 1M",
+            "read -P 0 2M 1M",
+        ],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    assert!(
+        out.contains("read 2097152/2097152 bytes at offset 0"),
+        "{out}"
+    );
+    for i in 0..3 {
+        let img = std::fs::read(dir.join(format!("r{i}.raw"))).expect("read replica");
+        assert_eq!(&img[..2 << 20], &vec![0x5a; 2 << 20][..], "replica {i}");
+    }
+    // A replica that disagrees is outvoted through the NBD path too.
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.join("r1.raw"))
+            .expect("open r1");
+        f.seek(SeekFrom::Start(100)).expect("seek");
+        f.write_all(&[0]).expect("flip");
+    }
+    let (code, out) = qemu_io(&s.socket, "disk0", &["read -P 0x5a 0 4k"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("read 4096/4096 bytes at offset 0"), "{out}");
+    // N38: a wrong export name is reported by the client with the name.
+    let out = Command::new(env!("CARGO_BIN_EXE_ballot"))
+        .args(["check", "--blockdev"])
+        .arg(format!(
+            "driver=nbd,node-name=x,server.type=unix,server.path={},export=nosuch",
+            dir.join("r0.sock").display()
+        ))
+        .output()
+        .expect("ballot check");
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "ballot: export 'nosuch' not found: No such file or directory\n"
+    );
+    drop(s);
+    drop(replicas);
+    let _ = std::fs::remove_dir_all(&dir);
+}
