@@ -84,7 +84,8 @@ struct Staging {
     names: BTreeSet<String>,
 }
 
-type OpenFuture<'a> = Pin<Box<dyn Future<Output = Result<(String, Device), ConfigError>> + 'a>>;
+type OpenFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<(String, Device), ConfigError>> + Send + 'a>>;
 
 /// Options a parent passes down to inline children (QEMU's inheritance of cache options).
 #[derive(Clone, Copy, Default)]
@@ -428,6 +429,33 @@ impl Graph {
         Ok(Value::Array(
             q.out_of_sync().await.iter().map(|r| r.to_json()).collect(),
         ))
+    }
+
+    /// `blockdev-del`: removes a node added by `blockdev-add`, with its implicit children.
+    ///
+    /// # Errors
+    /// QEMU's messages: the node does not exist, is not owned by the monitor, or is in use.
+    pub fn blockdev_del(&mut self, name: &str) -> Result<(), ConfigError> {
+        let n = self.nodes.get(name).ok_or_else(|| {
+            ConfigError::new(format!("Failed to find node with node-name='{name}'"))
+        })?;
+        if n.implicit {
+            return Err(ConfigError::new(format!(
+                "Node {name} is not owned by the monitor"
+            )));
+        }
+        if n.parent.is_some() {
+            return Err(ConfigError::new(format!("Node {name} is in use")));
+        }
+        self.remove_subtree(name);
+        Ok(())
+    }
+
+    /// Ends a claim made by [`Graph::claim`] (an export going away).
+    pub fn unclaim(&mut self, node: &str) {
+        if let Some(n) = self.nodes.get_mut(node) {
+            n.parent = None;
+        }
     }
 
     /// Marks `node` as used by a non-node parent (an export), so it cannot become a child.

@@ -13,6 +13,7 @@ pub mod graph;
 pub mod host;
 pub mod join;
 pub mod nbd;
+pub mod qmp;
 pub mod serve;
 
 pub use device::{BlockDevice, BlockStatus, Device, WriteFlags, ZeroFlags};

@@ -295,3 +295,95 @@ fn quorum_of_three_qemu_nbd_replicas_through_the_nbd_client() {
     drop(replicas);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn flipped_byte_is_outvoted_and_reported_on_the_qmp_socket() {
+    use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
+    use std::os::unix::net::UnixStream;
+    if !have("qemu-io") {
+        eprintln!("skipped: qemu-io not installed (.ci/run installs qemu-utils)");
+        return;
+    }
+    let dir = scratch("qmp");
+    for f in ["a.raw", "b.raw", "c.raw"] {
+        std::fs::write(dir.join(f), vec![0x6bu8; 1 << 20]).expect("child image");
+    }
+    let socket = dir.join("nbd.sock");
+    let qmp = dir.join("qmp.sock");
+    let mut args: Vec<String> = vec!["serve".into()];
+    for (i, f) in ["a.raw", "b.raw", "c.raw"].iter().enumerate() {
+        args.push(format!(
+            "--blockdev=driver=file,node-name=f{i},filename={}",
+            dir.join(f).display()
+        ));
+    }
+    args.push(r#"--blockdev={"driver":"quorum","node-name":"q0","vote-threshold":2,"children":["f0","f1","f2"]}"#.into());
+    args.push(format!(
+        "--nbd-server=addr.type=unix,addr.path={}",
+        socket.display()
+    ));
+    args.push("--export=type=nbd,id=e0,node-name=q0,name=disk0,writable=on".into());
+    args.push(format!(
+        "--chardev=socket,path={},server=on,wait=off,id=m0",
+        qmp.display()
+    ));
+    args.push("--monitor=chardev=m0".into());
+    let child = Command::new(env!("CARGO_BIN_EXE_ballot"))
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start ballot serve");
+    let mut s = Served {
+        child,
+        socket: socket.clone(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() || !qmp.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "ballot serve did not create its sockets"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mon = UnixStream::connect(&qmp).expect("connect QMP");
+    mon.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut lines = BufReader::new(mon.try_clone().expect("clone"));
+    let mut line = String::new();
+    let mut next = |lines: &mut BufReader<UnixStream>| -> serde_json::Value {
+        line.clear();
+        lines.read_line(&mut line).expect("QMP line");
+        serde_json::from_str(&line).expect("QMP JSON")
+    };
+    let greeting = next(&mut lines);
+    assert_eq!(greeting["QMP"]["capabilities"], serde_json::json!([]));
+    (&mon)
+        .write_all(b"{\"execute\": \"qmp_capabilities\", \"id\": 1}\n")
+        .expect("send");
+    assert_eq!(next(&mut lines), serde_json::json!({"return": {}, "id": 1}));
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.join("b.raw"))
+            .expect("open b");
+        f.seek(SeekFrom::Start(1000)).expect("seek");
+        f.write_all(&[0]).expect("flip");
+    }
+    let (code, out) = qemu_io(&s.socket, "disk0", &["read -P 0x6b 0 64k"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("read 65536/65536 bytes at offset 0"), "{out}");
+    let ev = next(&mut lines);
+    assert_eq!(ev["event"], "QUORUM_REPORT_BAD");
+    assert_eq!(
+        ev["data"],
+        serde_json::json!({"type": "read", "node-name": "f1", "sector-num": 0, "sectors-count": 128})
+    );
+    (&mon)
+        .write_all(b"{\"execute\": \"quit\", \"id\": 2}\n")
+        .expect("send quit");
+    assert_eq!(next(&mut lines), serde_json::json!({"return": {}, "id": 2}));
+    let status = s.child.wait().expect("wait for ballot serve");
+    assert_eq!(status.code(), Some(0));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -9,6 +9,7 @@ use ballot::events::EventBus;
 use ballot::graph::Graph;
 use ballot::host::Host;
 use ballot::nbd::server::{Export, Server};
+use ballot::qmp::Monitor;
 use ballot::serve::{parse_export, parse_nbd_server, Listen};
 
 /// Cap on simultaneous clients when `max-connections` is 0 (N18).
@@ -24,6 +25,7 @@ fn fail(msg: impl std::fmt::Display) -> ExitCode {
 /// Entry point; `args` follow `serve`.
 pub fn main(args: &[String]) -> ExitCode {
     let (mut blockdevs, mut servers, mut exports) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut chardevs, mut monitors) = (Vec::<String>::new(), Vec::<String>::new());
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let (flag, inline) = match a.split_once('=') {
@@ -34,11 +36,8 @@ pub fn main(args: &[String]) -> ExitCode {
             "--blockdev" => &mut blockdevs,
             "--nbd-server" => &mut servers,
             "--export" => &mut exports,
-            "--chardev" | "--monitor" => {
-                return fail(format!(
-                    "option '{flag}': the QMP monitor is not part of this build yet"
-                ))
-            }
+            "--chardev" => &mut chardevs,
+            "--monitor" => &mut monitors,
             _ => {
                 eprintln!("ballot: unknown option '{a}'");
                 return ExitCode::from(2);
@@ -62,16 +61,80 @@ pub fn main(args: &[String]) -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return fail(format!("cannot start the runtime: {e}")),
     };
-    rt.block_on(run(blockdevs, servers.pop(), exports))
+    let qmp = match monitor_sockets(&chardevs, &monitors) {
+        Ok(q) => q,
+        Err(m) => return fail(m),
+    };
+    rt.block_on(run(blockdevs, servers.pop(), exports, qmp))
 }
 
-async fn run(blockdevs: Vec<String>, server: Option<String>, exports: Vec<String>) -> ExitCode {
-    let mut graph = Graph::new(Host::process(EventBus::new()));
+/// `--chardev socket,id=ID,path=P|host=H,port=N,server=on,wait=off` + `--monitor chardev=ID`.
+fn monitor_sockets(chardevs: &[String], monitors: &[String]) -> Result<Vec<Listen>, String> {
+    let mut defs = Vec::new();
+    for c in chardevs {
+        let rest = c.strip_prefix("socket,").ok_or_else(|| {
+            format!("--chardev '{c}': only 'socket' character devices are supported")
+        })?;
+        let v = ballot::config::keyval::parse(rest).map_err(|e| format!("--chardev: {e}"))?;
+        let get = |k: &str| v.get(k).and_then(|x| x.as_str()).map(String::from);
+        let id = get("id").ok_or("--chardev: Parameter 'id' is missing")?;
+        if get("server")
+            .as_deref()
+            .is_some_and(|x| x != "on" && x != "true")
+        {
+            return Err(format!(
+                "--chardev {id}: ballot's monitor sockets are servers (server=on)"
+            ));
+        }
+        let listen = match (get("path"), get("host"), get("port")) {
+            (Some(path), None, None) => Listen::Unix { path },
+            (None, Some(host), Some(port)) => Listen::Inet {
+                host,
+                port: port.parse().map_err(|_| {
+                    format!("--chardev {id}: Parameter 'port' expects a port number")
+                })?,
+            },
+            _ => return Err(format!("--chardev {id}: give path=, or host= and port=")),
+        };
+        defs.push((id, listen));
+    }
+    let mut out = Vec::new();
+    for m in monitors {
+        let v = ballot::config::keyval::parse(m).map_err(|e| format!("--monitor: {e}"))?;
+        let id = v
+            .get("chardev")
+            .and_then(|x| x.as_str())
+            .ok_or("--monitor: Parameter 'chardev' is missing")?;
+        if let Some(mode) = v.get("mode").and_then(|x| x.as_str()) {
+            if mode != "control" {
+                return Err(format!(
+                    "--monitor: mode '{mode}' is not supported (QMP only)"
+                ));
+            }
+        }
+        let (_, l) = defs
+            .iter()
+            .find(|(i, _)| i == id)
+            .ok_or_else(|| format!("--monitor: chardev '{id}' not found"))?;
+        out.push(l.clone());
+    }
+    Ok(out)
+}
+
+async fn run(
+    blockdevs: Vec<String>,
+    server: Option<String>,
+    exports: Vec<String>,
+    qmp: Vec<Listen>,
+) -> ExitCode {
+    let bus = EventBus::new();
+    let mut graph = Graph::new(Host::process(bus.clone()));
     for b in &blockdevs {
         if let Err(e) = graph.blockdev_add_arg(b).await {
             return fail(e);
         }
     }
+    let mut noted = Vec::new();
     let nbd = Server::new();
     let mut devs = Vec::new();
     for e in &exports {
@@ -90,6 +153,7 @@ async fn run(blockdevs: Vec<String>, server: Option<String>, exports: Vec<String
             return fail(err);
         }
         devs.push(dev.clone());
+        noted.push((o.id.clone(), o.name.clone(), o.node_name.clone()));
         if let Err(m) = nbd.add_export(Export {
             name: o.name,
             description: o.description,
@@ -100,11 +164,50 @@ async fn run(blockdevs: Vec<String>, server: Option<String>, exports: Vec<String
             return fail(m);
         }
     }
+    let quit = Arc::new(tokio::sync::Notify::new());
+    let monitor = Arc::new(Monitor {
+        graph: Arc::new(tokio::sync::Mutex::new(graph)),
+        nbd: nbd.clone(),
+        bus,
+        quit: quit.clone(),
+        exports: tokio::sync::Mutex::new(noted),
+    });
+    for l in &qmp {
+        let m = monitor.clone();
+        match bind(l).await {
+            Ok(listener) => {
+                tokio::spawn(async move {
+                    loop {
+                        let Ok(stream) = accept(&listener).await else {
+                            continue;
+                        };
+                        tokio::spawn(m.clone().serve(stream));
+                    }
+                });
+            }
+            Err(e) => return fail(e),
+        }
+    }
     let Some(server) = server else {
-        if exports.is_empty() {
+        if !exports.is_empty() {
+            return fail("--export needs an --nbd-server to serve it");
+        }
+        if qmp.is_empty() {
             return ExitCode::SUCCESS;
         }
-        return fail("--export needs an --nbd-server to serve it");
+        // A monitor-only daemon: wait for quit or a signal.
+        let mut sigterm =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => return fail(format!("cannot install SIGTERM handler: {e}")),
+            };
+        tokio::select! {
+            biased;
+            _ = quit.notified() => {}
+            _ = tokio::signal::ctrl_c() => {}
+            _ = sigterm.recv() => {}
+        }
+        return ExitCode::SUCCESS;
     };
     let opts = match parse_nbd_server(&server) {
         Ok(o) => o,
@@ -122,24 +225,9 @@ async fn run(blockdevs: Vec<String>, server: Option<String>, exports: Vec<String
         Ok(s) => s,
         Err(e) => return fail(format!("cannot install SIGTERM handler: {e}")),
     };
-    enum L {
-        Tcp(tokio::net::TcpListener),
-        Unix(tokio::net::UnixListener, String),
-    }
-    let listener = match &opts.listen {
-        Listen::Inet { host, port } => {
-            match tokio::net::TcpListener::bind((host.as_str(), *port)).await {
-                Ok(l) => L::Tcp(l),
-                Err(e) => return fail(format!("Failed to bind socket to {host}:{port}: {e}")),
-            }
-        }
-        Listen::Unix { path } => {
-            let _ = std::fs::remove_file(path);
-            match tokio::net::UnixListener::bind(path) {
-                Ok(l) => L::Unix(l, path.clone()),
-                Err(e) => return fail(format!("Failed to bind socket to {path}: {e}")),
-            }
-        }
+    let listener = match bind(&opts.listen).await {
+        Ok(l) => l,
+        Err(e) => return fail(e),
     };
     loop {
         // N18: at the cap, new connections wait in the listen queue.
@@ -150,15 +238,8 @@ async fn run(blockdevs: Vec<String>, server: Option<String>, exports: Vec<String
             biased;
             _ = tokio::signal::ctrl_c() => None,
             _ = sigterm.recv() => None,
-            r = async {
-                match &listener {
-                    L::Tcp(l) => l.accept().await.map(|(s, _)| {
-                        let _ = s.set_nodelay(true);
-                        Box::new(s) as Box<dyn Conn>
-                    }),
-                    L::Unix(l, _) => l.accept().await.map(|(s, _)| Box::new(s) as Box<dyn Conn>),
-                }
-            } => Some(r),
+            _ = quit.notified() => None,
+            r = accept(&listener) => Some(r),
         };
         match accepted {
             None => break,
@@ -193,6 +274,36 @@ async fn run(blockdevs: Vec<String>, server: Option<String>, exports: Vec<String
         }
     }
     code
+}
+
+enum L {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener, String),
+}
+
+async fn bind(l: &Listen) -> Result<L, String> {
+    match l {
+        Listen::Inet { host, port } => tokio::net::TcpListener::bind((host.as_str(), *port))
+            .await
+            .map(L::Tcp)
+            .map_err(|e| format!("Failed to bind socket to {host}:{port}: {e}")),
+        Listen::Unix { path } => {
+            let _ = std::fs::remove_file(path);
+            tokio::net::UnixListener::bind(path)
+                .map(|x| L::Unix(x, path.clone()))
+                .map_err(|e| format!("Failed to bind socket to {path}: {e}"))
+        }
+    }
+}
+
+async fn accept(l: &L) -> std::io::Result<Box<dyn Conn>> {
+    match l {
+        L::Tcp(l) => l.accept().await.map(|(s, _)| {
+            let _ = s.set_nodelay(true);
+            Box::new(s) as Box<dyn Conn>
+        }),
+        L::Unix(l, _) => l.accept().await.map(|(s, _)| Box::new(s) as Box<dyn Conn>),
+    }
 }
 
 trait Conn: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static {}

@@ -1,0 +1,286 @@
+//! The QMP monitor of `ballot serve` (ARCHITECTURE.md): greeting, capabilities negotiation,
+//! the block commands ballot implements, events streamed to every monitor, and errors in QMP's
+//! `{"error": {"class": ..., "desc": ...}}` form. Input is a stream of JSON objects, bounded
+//! per command.
+
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, Mutex, Notify};
+
+use crate::events::{EventBus, Stream};
+use crate::graph::Graph;
+use crate::nbd::server::{Export, Server};
+
+/// Largest command accepted, in bytes.
+pub const COMMAND_BYTES_MAX: usize = 1 << 20;
+
+/// What the monitor drives.
+pub struct Monitor {
+    /// The node graph.
+    pub graph: Arc<Mutex<Graph>>,
+    /// The NBD server's exports.
+    pub nbd: Arc<Server>,
+    /// The event bus whose QMP stream monitors receive.
+    pub bus: EventBus,
+    /// Notified by `quit`.
+    pub quit: Arc<Notify>,
+    /// Export id → (export name, node name).
+    pub exports: Mutex<Vec<(String, String, String)>>,
+}
+
+fn err(class: &str, desc: impl Into<String>) -> Value {
+    json!({"error": {"class": class, "desc": desc.into()}})
+}
+
+fn generic(desc: impl Into<String>) -> Value {
+    err("GenericError", desc)
+}
+
+impl Monitor {
+    /// Registers an export created on the command line, for `block-export-del`.
+    pub async fn note_export(&self, id: &str, name: &str, node: &str) {
+        self.exports
+            .lock()
+            .await
+            .push((id.to_string(), name.to_string(), node.to_string()));
+    }
+
+    /// Runs one command (`execute` + `arguments`); returns the reply without `id`.
+    pub async fn execute(&self, cmd: &str, args: &Value) -> (Value, bool) {
+        let s = |k: &str| args.get(k).and_then(Value::as_str).map(String::from);
+        let reply = match cmd {
+            "qmp_capabilities" => json!({"return": {}}),
+            "query-version" => {
+                json!({"return": {"qemu": {"major": 10, "minor": 0, "micro": 2}, "package": concat!("ballot ", env!("CARGO_PKG_VERSION"))}})
+            }
+            "query-named-block-nodes" => {
+                let g = self.graph.lock().await;
+                let list: Vec<Value> = g
+                    .nodes()
+                    .map(|n| {
+                        json!({
+                            "node-name": n.name,
+                            "drv": n.dev.driver(),
+                            "ro": false,
+                            "image": {"virtual-size": n.dev.length().unwrap_or(0), "filename": n.name, "format": n.dev.driver()},
+                            "children": n.children.iter().map(|(c, node)| json!({"child": c, "node-name": node})).collect::<Vec<_>>(),
+                        })
+                    })
+                    .collect();
+                json!({ "return": list })
+            }
+            "blockdev-add" => {
+                let mut g = self.graph.lock().await;
+                match g.blockdev_add(args.clone(), false).await {
+                    Ok(_) => json!({"return": {}}),
+                    Err(e) => generic(e.to_string()),
+                }
+            }
+            "blockdev-del" => match s("node-name") {
+                None => generic("Parameter 'node-name' is missing"),
+                Some(n) => match self.graph.lock().await.blockdev_del(&n) {
+                    Ok(()) => json!({"return": {}}),
+                    Err(e) => generic(e.to_string()),
+                },
+            },
+            "x-blockdev-change" => match s("parent") {
+                None => generic("Parameter 'parent' is missing"),
+                Some(p) => {
+                    let (c, n) = (s("child"), s("node"));
+                    match self
+                        .graph
+                        .lock()
+                        .await
+                        .change(&p, c.as_deref(), n.as_deref())
+                        .await
+                    {
+                        Ok(()) => json!({"return": {}}),
+                        Err(e) => generic(e.to_string()),
+                    }
+                }
+            },
+            "x-query-quorum-out-of-sync" => match s("node-name") {
+                None => generic("Parameter 'node-name' is missing"),
+                Some(n) => match self.graph.lock().await.query_out_of_sync(&n).await {
+                    Ok(v) => json!({ "return": v }),
+                    Err(e) => generic(e.to_string()),
+                },
+            },
+            "block-export-add" | "nbd-server-add" => self.export_add(cmd, args).await,
+            "block-export-del" | "nbd-server-remove" => {
+                let key = if cmd == "block-export-del" {
+                    "id"
+                } else {
+                    "name"
+                };
+                match s(key) {
+                    None => generic(format!("Parameter '{key}' is missing")),
+                    Some(id) => {
+                        let mut ex = self.exports.lock().await;
+                        match ex
+                            .iter()
+                            .position(|(i, n, _)| if key == "id" { i == &id } else { n == &id })
+                        {
+                            None => generic(format!("Export '{id}' is not found")),
+                            Some(pos) => {
+                                let (_, name, node) = ex.remove(pos);
+                                self.nbd.remove_export(&name);
+                                self.graph.lock().await.unclaim(&node);
+                                json!({"return": {}})
+                            }
+                        }
+                    }
+                }
+            }
+            "quit" => return (json!({"return": {}}), true),
+            other => err(
+                "CommandNotFound",
+                format!("The command {other} has not been found"),
+            ),
+        };
+        (reply, false)
+    }
+
+    async fn export_add(&self, cmd: &str, args: &Value) -> Value {
+        let s = |k: &str| args.get(k).and_then(Value::as_str).map(String::from);
+        let b = |k: &str| args.get(k).and_then(Value::as_bool);
+        if cmd == "block-export-add" && s("type").as_deref() != Some("nbd") {
+            return generic("Parameter 'type' must be 'nbd' (ballot serves NBD exports)");
+        }
+        let node = match s(if cmd == "nbd-server-add" {
+            "device"
+        } else {
+            "node-name"
+        }) {
+            Some(n) => n,
+            None => return generic("Parameter 'node-name' is missing"),
+        };
+        let id = s("id").unwrap_or_else(|| node.clone());
+        let name = s("name").unwrap_or_else(|| node.clone());
+        let mut g = self.graph.lock().await;
+        let Some(n) = g.get(&node) else {
+            return generic(format!("Cannot find device={node} nor node-name={node}"));
+        };
+        let dev = n.dev.clone();
+        if let Err(e) = g.claim(&node, &format!("export '{id}'"), "root") {
+            return generic(e.to_string());
+        }
+        let r = self.nbd.add_export(Export {
+            name: name.clone(),
+            description: s("description").unwrap_or_default(),
+            dev,
+            writable: b("writable").unwrap_or(false),
+            multi_conn: s("multi-conn").as_deref() != Some("off"),
+        });
+        match r {
+            Ok(()) => {
+                drop(g);
+                self.note_export(&id, &name, &node).await;
+                json!({"return": {}})
+            }
+            Err(m) => {
+                g.unclaim(&node);
+                generic(m)
+            }
+        }
+    }
+
+    /// Serves one monitor connection: greeting, then commands; events as they come.
+    pub async fn serve<S>(self: Arc<Self>, stream: S)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (mut rd, wr) = tokio::io::split(stream);
+        let (tx, mut rx) = mpsc::unbounded_channel::<Value>();
+        let writer = tokio::spawn(async move {
+            let mut wr = wr;
+            while let Some(v) = rx.recv().await {
+                let mut line = v.to_string();
+                line.push_str("\r\n");
+                if wr.write_all(line.as_bytes()).await.is_err() || wr.flush().await.is_err() {
+                    return;
+                }
+            }
+        });
+        let _ = tx.send(json!({"QMP": {"version": {"qemu": {"major": 10, "minor": 0, "micro": 2}, "package": concat!("ballot ", env!("CARGO_PKG_VERSION"))}, "capabilities": []}}));
+        let mut negotiated = false;
+        let mut sub = None;
+        let mut buf: Vec<u8> = Vec::new();
+        let mut chunk = [0u8; 4096];
+        'conn: loop {
+            // Take every complete JSON value from the buffer.
+            loop {
+                let mut it = serde_json::Deserializer::from_slice(&buf).into_iter::<Value>();
+                match it.next() {
+                    Some(Ok(v)) => {
+                        let used = it.byte_offset();
+                        buf.drain(..used);
+                        let id = v.get("id").cloned();
+                        let reply = match (&v, v.get("execute").and_then(Value::as_str)) {
+                            (Value::Object(_), Some(cmd)) => {
+                                let args = v.get("arguments").cloned().unwrap_or(json!({}));
+                                if !negotiated && cmd != "qmp_capabilities" {
+                                    err("CommandNotFound", "Expecting capabilities negotiation with 'qmp_capabilities'")
+                                } else if negotiated && cmd == "qmp_capabilities" {
+                                    err("CommandNotFound", "Capabilities negotiation is already complete, command ignored")
+                                } else {
+                                    let (r, quit) = self.execute(cmd, &args).await;
+                                    if cmd == "qmp_capabilities" {
+                                        negotiated = true;
+                                        let t = tx.clone();
+                                        sub = Some(self.bus.subscribe(Stream::Qmp, move |e| {
+                                            let _ = t.send(e.to_qmp());
+                                        }));
+                                    }
+                                    if quit {
+                                        let mut r = r;
+                                        if let (Some(id), Value::Object(m)) = (id.clone(), &mut r) {
+                                            m.insert("id".into(), id);
+                                        }
+                                        let _ = tx.send(r);
+                                        self.quit.notify_one();
+                                        break 'conn;
+                                    }
+                                    r
+                                }
+                            }
+                            (Value::Object(_), None) => generic("QMP input lacks member 'execute'"),
+                            _ => generic("QMP input must be a JSON object"),
+                        };
+                        let mut reply = reply;
+                        if let (Some(id), Value::Object(m)) = (id, &mut reply) {
+                            m.insert("id".into(), id);
+                        }
+                        let _ = tx.send(reply);
+                    }
+                    Some(Err(e)) if e.is_eof() => break,
+                    Some(Err(_)) => {
+                        // Unparseable input: report it and drop what was read (QMP resyncs).
+                        buf.clear();
+                        let _ = tx.send(generic("JSON parse error"));
+                        break;
+                    }
+                    None => {
+                        buf.clear();
+                        break;
+                    }
+                }
+            }
+            if buf.len() > COMMAND_BYTES_MAX {
+                let _ = tx.send(generic("command too long"));
+                break;
+            }
+            match rd.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        if let Some(id) = sub {
+            self.bus.unsubscribe(id);
+        }
+        drop(tx);
+        let _ = writer.await;
+    }
+}
