@@ -387,3 +387,67 @@ fn flipped_byte_is_outvoted_and_reported_on_the_qmp_socket() {
     assert_eq!(status.code(), Some(0));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn nbdinfo_sees_the_flags_block_sizes_list_and_map_of_n13_n19_n24() {
+    if !have("nbdinfo") {
+        eprintln!("skipped: nbdinfo not installed (.ci/run installs libnbd-bin)");
+        return;
+    }
+    let dir = scratch("nbdinfo");
+    let mut s = serve_quorum(&dir);
+    let uri = format!("nbd+unix:///disk0?socket={}", s.socket.display());
+    // N19: exit 0 for yes, 2 for no (nbdinfo --can).
+    for (cap, want) in [
+        ("flush", 0),
+        ("fua", 0),
+        ("trim", 0),
+        ("zero", 0),
+        ("fast-zero", 2),
+        ("df", 0),
+        ("multi-conn", 0),
+        ("cache", 0),
+        ("write", 0),
+    ] {
+        let st = Command::new("nbdinfo")
+            .args(["--can", cap, &uri])
+            .status()
+            .expect("nbdinfo --can");
+        assert_eq!(st.code(), Some(want), "--can {cap}");
+    }
+    let json = Command::new("nbdinfo")
+        .args(["--json", &uri])
+        .output()
+        .expect("nbdinfo --json");
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).expect("nbdinfo JSON");
+    let e = &v["exports"][0];
+    assert_eq!(v["protocol"], "newstyle-fixed");
+    assert_eq!(e["export-name"], "disk0");
+    assert_eq!(e["export-size"], 16 << 20);
+    assert_eq!(e["block_size_minimum"], 1);
+    assert_eq!(e["block_size_preferred"], 4096);
+    assert_eq!(e["block_size_maximum"], 32 << 20);
+    assert_eq!(e["contexts"], serde_json::json!(["base:allocation"]));
+    // N24 through the quorum (Q44): the fresh sparse children read as zero holes.
+    let map = Command::new("nbdinfo")
+        .args(["--map", &uri])
+        .output()
+        .expect("nbdinfo --map");
+    assert_eq!(
+        String::from_utf8_lossy(&map.stdout),
+        "         0    16777216    3  hole,zero\n"
+    );
+    let list = Command::new("nbdinfo")
+        .args([
+            "--list",
+            &format!("nbd+unix://?socket={}", s.socket.display()),
+        ])
+        .output()
+        .expect("nbdinfo --list");
+    assert!(String::from_utf8_lossy(&list.stdout).contains("export=\"disk0\":"));
+    // SAFETY: kill(2) on the PID of a child this test started and has not reaped.
+    let rc = unsafe { libc::kill(s.child.id() as i32, libc::SIGTERM) };
+    assert_eq!(rc, 0);
+    assert_eq!(s.child.wait().expect("wait").code(), Some(0));
+    let _ = std::fs::remove_dir_all(&dir);
+}
