@@ -36,6 +36,33 @@ fn scratch(name: &str) -> PathBuf {
     d
 }
 
+/// Waits up to 10 s for every path in `paths` to exist (the sockets `who` creates).
+fn wait_for(paths: &[&Path], who: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !paths.iter().all(|p| p.exists()) {
+        assert!(Instant::now() < deadline, "{who} did not create {paths:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Starts `ballot` with `args` and waits for its NBD `socket` and any `extra` sockets.
+fn start_ballot(args: &[String], socket: &Path, extra: &[&Path]) -> Served {
+    let child = Command::new(env!("CARGO_BIN_EXE_ballot"))
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start ballot serve");
+    let served = Served {
+        child,
+        socket: socket.to_path_buf(),
+    };
+    let mut all = vec![socket];
+    all.extend_from_slice(extra);
+    wait_for(&all, "ballot serve");
+    served
+}
+
 fn serve_quorum(dir: &Path) -> Served {
     for f in ["a.raw", "b.raw", "c.raw"] {
         let file = std::fs::File::create(dir.join(f)).expect("create child");
@@ -59,21 +86,7 @@ fn serve_quorum(dir: &Path) -> Served {
     args.push(format!("addr.type=unix,addr.path={}", socket.display()));
     args.push("--export".into());
     args.push("type=nbd,id=e0,node-name=q0,name=disk0,writable=on".into());
-    let child = Command::new(env!("CARGO_BIN_EXE_ballot"))
-        .args(&args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start ballot serve");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !socket.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "ballot serve did not create its socket"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Served { child, socket }
+    start_ballot(&args, &socket, &[])
 }
 
 fn qemu_io(socket: &Path, export: &str, cmds: &[&str]) -> (i32, String) {
@@ -200,15 +213,7 @@ fn quorum_of_three_qemu_nbd_replicas_through_the_nbd_client() {
             .spawn()
             .expect("start qemu-nbd");
         replicas.push(Replica(child));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !sock.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "qemu-nbd did not create {}",
-                sock.display()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for(&[&sock], "qemu-nbd");
         args.push("--blockdev".into());
         args.push(format!(
             "driver=nbd,node-name=n{i},server.type=unix,server.path={},request-timeout=10",
@@ -225,24 +230,7 @@ fn quorum_of_three_qemu_nbd_replicas_through_the_nbd_client() {
     args.push(format!("addr.type=unix,addr.path={}", socket.display()));
     args.push("--export".into());
     args.push("type=nbd,id=e0,node-name=q0,name=disk0,writable=on".into());
-    let child = Command::new(env!("CARGO_BIN_EXE_ballot"))
-        .args(&args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start ballot serve");
-    let s = Served {
-        child,
-        socket: socket.clone(),
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !socket.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "ballot serve did not create its socket"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let s = start_ballot(&args, &socket, &[]);
     let (code, out) = qemu_io(
         &s.socket,
         "disk0",
@@ -328,24 +316,7 @@ fn flipped_byte_is_outvoted_and_reported_on_the_qmp_socket() {
         qmp.display()
     ));
     args.push("--monitor=chardev=m0".into());
-    let child = Command::new(env!("CARGO_BIN_EXE_ballot"))
-        .args(&args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start ballot serve");
-    let mut s = Served {
-        child,
-        socket: socket.clone(),
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !socket.exists() || !qmp.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "ballot serve did not create its sockets"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut s = start_ballot(&args, &socket, &[&qmp]);
     let mon = UnixStream::connect(&qmp).expect("connect QMP");
     mon.set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");

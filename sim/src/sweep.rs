@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Value as Json};
 
-use crate::cli::{commit, header, load, parse, pick_seed, report};
+use crate::cli::{commit, header, load, parse, report};
 use crate::params::{Params, FAMILIES};
 use crate::scenario::Scenario;
 use crate::units::parse_time_ns;
@@ -79,12 +79,6 @@ fn scenarios_in(dir: &Path) -> Result<Vec<(String, Scenario)>, String> {
         .into_iter()
         .map(|p| Scenario::load(&p).map(|s| (p.display().to_string(), s)))
         .collect()
-}
-
-fn flag_value(args: &[String], name: &str) -> Option<String> {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
 }
 
 fn flag<'a>(c: &'a crate::cli::Common, name: &str) -> Option<&'a str> {
@@ -176,7 +170,6 @@ pub fn cmd_sweep(args: &[String]) -> Result<i32, String> {
     let mut args: Vec<String> = args.to_vec();
     let until_fail = args.iter().any(|a| a == "--until-fail");
     args.retain(|a| a != "--until-fail");
-    let only = flag_value(&args, "--only");
     let c = parse(
         &args,
         &[
@@ -193,6 +186,7 @@ pub fn cmd_sweep(args: &[String]) -> Result<i32, String> {
     if c.scenario.is_some() || c.seed.is_some() || !c.sets.is_empty() {
         return Err("sweep takes no scenario, --seed or --set (use run)".into());
     }
+    let only = flag(&c, "--only").map(String::from);
     let seeds = num(&c, "--seeds", 200)?;
     let from = num(&c, "--seed-from", 1)?;
     let jobs_n = num(&c, "--jobs", 2)? as usize;
@@ -740,6 +734,5 @@ pub fn cmd_shrink(args: &[String]) -> Result<i32, String> {
         runs,
         out.display()
     );
-    let _ = pick_seed;
     Ok(1)
 }

@@ -144,6 +144,16 @@ pub enum ChildResult {
     Err(ErrorKind),
 }
 
+impl ChildResult {
+    /// The log entry of a request without data to report.
+    pub fn of(r: &Result<()>) -> ChildResult {
+        match r {
+            Ok(()) => ChildResult::Ok(0),
+            Err(e) => ChildResult::Err(e.kind()),
+        }
+    }
+}
+
 /// Kind of a child request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChildKind {
@@ -427,11 +437,8 @@ impl DiskSet {
         digest: u64,
         note: String,
     ) {
-        let mut g = self.lock();
-        let t_ns = g.start.elapsed().as_nanos() as u64;
-        g.trace.push(Record {
-            t_ns,
-            node: node.to_string(),
+        self.lock().record(
+            node.to_string(),
             kind,
             op,
             offset,
@@ -439,7 +446,7 @@ impl DiskSet {
             result,
             digest,
             note,
-        });
+        );
     }
 
     /// Runs `f` on the trace.
@@ -478,19 +485,7 @@ impl DiskSet {
             g.disks[index].sticky.insert(s, kind);
             g.disks[index].marks.insert(s, mark);
         }
-        *g.counters.injected.entry(family).or_default() += 1;
-        let name = g.disks[index].name.clone();
-        drop(g);
-        self.trace_full(
-            &name,
-            "fault",
-            0,
-            sectors.start * SECTOR_U64,
-            (end - sectors.start) * SECTOR_U64,
-            0,
-            0,
-            family.to_string(),
-        );
+        g.injected(index, family, sectors.start..end);
     }
 
     /// How many disks hold exactly `v` at sector `s`, readable and uncorrupted (O5).
@@ -896,21 +891,46 @@ impl Inner {
         ok
     }
 
-    fn injected(&mut self, disk: usize, family: &'static str, sectors: Range<u64>) {
-        *self.counters.injected.entry(family).or_default() += 1;
+    /// Appends a trace record stamped with the current virtual time.
+    #[allow(clippy::too_many_arguments)]
+    fn record(
+        &mut self,
+        node: String,
+        kind: &'static str,
+        op: u64,
+        offset: u64,
+        len: u64,
+        result: i64,
+        digest: u64,
+        note: String,
+    ) {
         let t_ns = self.start.elapsed().as_nanos() as u64;
-        let node = self.disks[disk].name.clone();
         self.trace.push(Record {
             t_ns,
             node,
-            kind: "fault",
-            op: current_op(),
-            offset: sectors.start * SECTOR_U64,
-            len: (sectors.end - sectors.start) * SECTOR_U64,
-            result: 0,
-            digest: 0,
-            note: family.to_string(),
+            kind,
+            op,
+            offset,
+            len,
+            result,
+            digest,
+            note,
         });
+    }
+
+    fn injected(&mut self, disk: usize, family: &'static str, sectors: Range<u64>) {
+        *self.counters.injected.entry(family).or_default() += 1;
+        let node = self.disks[disk].name.clone();
+        self.record(
+            node,
+            "fault",
+            current_op(),
+            sectors.start * SECTOR_U64,
+            (sectors.end - sectors.start) * SECTOR_U64,
+            0,
+            0,
+            family.to_string(),
+        );
     }
 
     fn take_armed(&mut self, disk: usize, family: &str, sectors: &Range<u64>) -> Option<Armed> {
@@ -947,7 +967,6 @@ impl Inner {
 
     fn log(&mut self, op: u64, c: ChildOp) {
         self.counters.child_ops += 1;
-        let t_ns = self.start.elapsed().as_nanos() as u64;
         let (kind, res, dg) = (
             match c.kind {
                 ChildKind::Read => "c-read",
@@ -967,17 +986,7 @@ impl Inner {
             },
         );
         let node = self.disks[c.disk].name.clone();
-        self.trace.push(Record {
-            t_ns,
-            node,
-            kind,
-            op,
-            offset: c.offset,
-            len: c.len,
-            result: res,
-            digest: dg,
-            note: String::new(),
-        });
+        self.record(node, kind, op, c.offset, c.len, res, dg, String::new());
         if op != 0 {
             self.oplog.entry(op).or_default().push(c);
         }
@@ -1004,6 +1013,18 @@ fn eio(what: &str, disk: &str, s: u64) -> Error {
 }
 
 impl VDisk {
+    /// Every request's prologue: a slot among the disk's in-flight requests (V4), then the
+    /// request's latency (V4, F10). The permit is held until the request completes.
+    async fn admit(&self, write: bool) -> Result<tokio::sync::SemaphorePermit<'_>> {
+        let permit = self
+            .gate
+            .acquire()
+            .await
+            .map_err(|_| eio("closed", &self.name, 0))?;
+        self.delay(write).await;
+        Ok(permit)
+    }
+
     async fn delay(&self, write: bool) {
         let ns = {
             let mut g = self.set.lock();
@@ -1225,12 +1246,7 @@ impl BlockDevice for VDisk {
     async fn read(&self, offset: u64, len: usize) -> Result<Bytes> {
         check_request(self.length, SECTOR as u32, offset, len as u64, Access::Read)?;
         let op = current_op();
-        let _permit = self
-            .gate
-            .acquire()
-            .await
-            .map_err(|_| eio("closed", &self.name, 0))?;
-        self.delay(false).await;
+        let _permit = self.admit(false).await?;
         let mut g = self.set.lock();
         let i = self.index;
         let range = Self::sectors_of(offset, len as u64);
@@ -1350,12 +1366,7 @@ impl BlockDevice for VDisk {
             Access::Write,
         )?;
         let op = current_op();
-        let _permit = self
-            .gate
-            .acquire()
-            .await
-            .map_err(|_| eio("closed", &self.name, 0))?;
-        self.delay(true).await;
+        let _permit = self.admit(true).await?;
         let stored: Vec<Stored> = data
             .chunks(SECTOR)
             .map(|c| match decode(c) {
@@ -1373,10 +1384,7 @@ impl BlockDevice for VDisk {
                 offset,
                 len: data.len() as u64,
                 data: digest(&data),
-                result: match &r {
-                    Ok(()) => ChildResult::Ok(0),
-                    Err(e) => ChildResult::Err(e.kind()),
-                },
+                result: ChildResult::of(&r),
             },
         );
         r
@@ -1384,12 +1392,7 @@ impl BlockDevice for VDisk {
 
     async fn flush(&self) -> Result<()> {
         let op = current_op();
-        let _permit = self
-            .gate
-            .acquire()
-            .await
-            .map_err(|_| eio("closed", &self.name, 0))?;
-        self.delay(true).await;
+        let _permit = self.admit(true).await?;
         let mut g = self.set.lock();
         let i = self.index;
         // F5 on a flush: the write-back fails. Only on an idle cache, so no acked data depends
@@ -1429,12 +1432,7 @@ impl BlockDevice for VDisk {
     async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
         check_request(self.length, SECTOR as u32, offset, len, Access::Write)?;
         let op = current_op();
-        let _permit = self
-            .gate
-            .acquire()
-            .await
-            .map_err(|_| eio("closed", &self.name, 0))?;
-        self.delay(true).await;
+        let _permit = self.admit(true).await?;
         let n = (len / SECTOR_U64) as usize;
         let mut g = self.set.lock();
         let r = self.apply_write(
@@ -1451,10 +1449,7 @@ impl BlockDevice for VDisk {
                 offset,
                 len,
                 data: 0,
-                result: match &r {
-                    Ok(()) => ChildResult::Ok(0),
-                    Err(e) => ChildResult::Err(e.kind()),
-                },
+                result: ChildResult::of(&r),
             },
         );
         r
@@ -1463,12 +1458,7 @@ impl BlockDevice for VDisk {
     async fn discard(&self, offset: u64, len: u64) -> Result<()> {
         check_request(self.length, SECTOR as u32, offset, len, Access::Read)?;
         let op = current_op();
-        let _permit = self
-            .gate
-            .acquire()
-            .await
-            .map_err(|_| eio("closed", &self.name, 0))?;
-        self.delay(true).await;
+        let _permit = self.admit(true).await?;
         let mut g = self.set.lock();
         let r = if g.disks[self.index].discard_zeroes {
             let n = (len / SECTOR_U64) as usize;
@@ -1489,10 +1479,7 @@ impl BlockDevice for VDisk {
                 offset,
                 len,
                 data: 0,
-                result: match &r {
-                    Ok(()) => ChildResult::Ok(0),
-                    Err(e) => ChildResult::Err(e.kind()),
-                },
+                result: ChildResult::of(&r),
             },
         );
         r
@@ -1507,12 +1494,7 @@ impl BlockDevice for VDisk {
     async fn block_status(&self, offset: u64, len: u64) -> Result<ballot::BlockStatus> {
         check_request(self.length, SECTOR as u32, offset, len, Access::Read)?;
         let op = current_op();
-        let _permit = self
-            .gate
-            .acquire()
-            .await
-            .map_err(|_| eio("closed", &self.name, 0))?;
-        self.delay(false).await;
+        let _permit = self.admit(false).await?;
         let mut g = self.set.lock();
         let i = self.index;
         let range = Self::sectors_of(offset, len);

@@ -151,6 +151,16 @@ impl World {
         self.wake.notify_one();
     }
 
+    /// A violation that belongs to no guest op or sector.
+    fn fail(&self, rule: &'static str, message: String) {
+        self.violate(Violation {
+            rule,
+            op: 0,
+            sector: None,
+            message,
+        });
+    }
+
     fn failed(&self) -> bool {
         !self.lock().violations.is_empty()
     }
@@ -502,17 +512,12 @@ fn check_qmp_stream(w: &Arc<World>) {
         let exp: Vec<&Event> = want.iter().map(|(_, e)| e).collect();
         if got != exp {
             drop(st);
-            w.violate(Violation {
-                rule: "I8",
-                op: 0,
-                sector: None,
-                message: format!(
+            w.fail("I8", format!(
                     "QMP stream for key {k} (host incarnation {inc}): {} event(s), the 1 s limiter model gives {} (internal stream had {})",
                     got.len(),
                     exp.len(),
                     internal.len()
-                ),
-            });
+                ));
             return;
         }
     }
@@ -665,12 +670,7 @@ async fn qhost_main(w: Arc<World>) {
                 Err(e) => {
                     w.lock().step_results.insert(step.id.clone(), format!("refused: {e}"));
                 }
-                Ok(_) => w.violate(Violation {
-                    rule: "harness",
-                    op: 0,
-                    sector: None,
-                    message: format!("hot remove of c{c} succeeded; the simulator models a fixed set of children"),
-                }),
+                Ok(_) => w.fail("harness", format!("hot remove of c{c} succeeded; the simulator models a fixed set of children")),
             }
             continue;
         }
@@ -840,23 +840,17 @@ async fn hot_add_mismatch(w: &Arc<World>, delta: i64) {
             w.disks
                 .trace_full("qhost", "hot-add", 0, 0, len, 22, 0, "F11 refused".into());
         }
-        Err(e) => w.violate(Violation {
-            rule: "I7",
-            op: 0,
-            sector: None,
-            message: format!(
-                "hot add of a {len}-byte child refused with '{e}', expected '{want}' (Q54)"
-            ),
-        }),
-        Ok(name) => w.violate(Violation {
-            rule: "I7",
-            op: 0,
-            sector: None,
-            message: format!(
+        Err(e) => w.fail(
+            "I7",
+            format!("hot add of a {len}-byte child refused with '{e}', expected '{want}' (Q54)"),
+        ),
+        Ok(name) => w.fail(
+            "I7",
+            format!(
                 "hot add of a {len}-byte child to a {}-byte quorum succeeded as {name} (Q54)",
                 w.p.disk_size
             ),
-        }),
+        ),
     }
 }
 
@@ -1121,15 +1115,13 @@ async fn liveness(w: &Arc<World>, _start: tokio::time::Instant) {
             })
             .collect();
         if let Some(m) = mismatch.first() {
-            w.violate(Violation {
-                rule: "I6",
-                op: 0,
-                sector: None,
-                message: format!(
+            w.fail(
+                "I6",
+                format!(
                     "a second scrub still reported {} mismatch(es), first {m}",
                     mismatch.len()
                 ),
-            });
+            );
             return;
         }
     }
@@ -1187,14 +1179,7 @@ async fn checked_read(w: &Arc<World>, dev: &Device, off: u64, len: u64) {
 }
 
 async fn check_expectations(w: &Arc<World>) {
-    let fail = |m: String| {
-        w.violate(Violation {
-            rule: "C5",
-            op: 0,
-            sector: None,
-            message: m,
-        })
-    };
+    let fail = |m: String| w.fail("C5", m);
     for e in &w.sc.expects {
         if w.failed() {
             return;

@@ -23,6 +23,9 @@ use crate::error::{Error, ErrorKind, Result};
 
 /// Requests in flight per connection (N40).
 pub const INFLIGHT_MAX: usize = 16;
+/// Largest TRIM, WRITE_ZEROES or BLOCK_STATUS length sent in one request: 32-bit lengths,
+/// kept at half the range and 64 KiB-aligned so every server's alignment divides it.
+const UNPAYLOADED_BYTES_MAX: u64 = u32::MAX as u64 / 2 / 65536 * 65536;
 
 /// Where the server is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -505,19 +508,7 @@ impl NbdClient {
     /// # Errors
     /// The last connection or negotiation error.
     pub async fn open(opts: ClientOptions) -> Result<NbdClient> {
-        let deadline = tokio::time::Instant::now() + opts.open_timeout;
-        let mut backoff = Duration::from_millis(100);
-        let (conn, neg) = loop {
-            match Self::dial(&opts).await {
-                Ok(x) => break x,
-                Err(e) if tokio::time::Instant::now() + backoff <= deadline => {
-                    let _ = e;
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-                Err(e) => return Err(e),
-            }
-        };
+        let (conn, neg) = Self::dial_retrying(&opts, opts.open_timeout).await?;
         Ok(NbdClient {
             opts,
             neg,
@@ -553,30 +544,33 @@ impl NbdClient {
             }
         }
         *slot = None;
-        let deadline = tokio::time::Instant::now() + self.opts.reconnect_delay;
+        let (c, neg) = Self::dial_retrying(&self.opts, self.opts.reconnect_delay)
+            .await
+            .map_err(|e| Error::new(ErrorKind::Io, format!("nbd reconnect failed: {e}")))?;
+        let ro = |f: u16| f & tflag::READ_ONLY != 0;
+        if neg.size != self.neg.size || ro(neg.flags) != ro(self.neg.flags) {
+            self.broken.store(true, Ordering::SeqCst);
+            return Err(Error::new(ErrorKind::Io, "export changed on reconnect"));
+        }
+        *slot = Some(c.clone());
+        Ok(c)
+    }
+
+    /// N42, N44: dial, retrying with backoff from 100 ms, doubling to 5 s, while the next
+    /// attempt still starts within `window`; the last error otherwise.
+    async fn dial_retrying(
+        opts: &ClientOptions,
+        window: Duration,
+    ) -> Result<(Arc<Conn>, Negotiated)> {
+        let deadline = tokio::time::Instant::now() + window;
         let mut backoff = Duration::from_millis(100);
         loop {
-            match Self::dial(&self.opts).await {
-                Ok((c, neg)) => {
-                    let ro = |f: u16| f & tflag::READ_ONLY != 0;
-                    if neg.size != self.neg.size || ro(neg.flags) != ro(self.neg.flags) {
-                        self.broken.store(true, Ordering::SeqCst);
-                        return Err(Error::new(ErrorKind::Io, "export changed on reconnect"));
-                    }
-                    *slot = Some(c.clone());
-                    return Ok(c);
-                }
-                Err(e) if tokio::time::Instant::now() + backoff <= deadline => {
-                    let _ = e;
+            match Self::dial(opts).await {
+                Err(_) if tokio::time::Instant::now() + backoff <= deadline => {
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
-                Err(e) => {
-                    return Err(Error::new(
-                        ErrorKind::Io,
-                        format!("nbd reconnect failed: {e}"),
-                    ))
-                }
+                r => return r,
             }
         }
     }
@@ -764,7 +758,7 @@ impl BlockDevice for NbdClient {
         }
         let mut done = 0u64;
         while done < len {
-            let n = (len - done).min(u64::from(u32::MAX) / 2 / 65536 * 65536);
+            let n = (len - done).min(UNPAYLOADED_BYTES_MAX);
             self.request(cmd::WRITE_ZEROES, f, offset + done, n as u32, None)
                 .await?;
             done += n;
@@ -782,7 +776,7 @@ impl BlockDevice for NbdClient {
         }
         let mut done = 0u64;
         while done < len {
-            let n = (len - done).min(u64::from(u32::MAX) / 2 / 65536 * 65536);
+            let n = (len - done).min(UNPAYLOADED_BYTES_MAX);
             self.request(cmd::TRIM, 0, offset + done, n as u32, None)
                 .await?;
             done += n;
@@ -795,7 +789,7 @@ impl BlockDevice for NbdClient {
         if self.neg.meta.is_none() || len == 0 {
             return Ok(BlockStatus::data(len));
         }
-        let n = len.min(u64::from(u32::MAX) / 2 / 65536 * 65536).max(1) as u32;
+        let n = len.clamp(1, UNPAYLOADED_BYTES_MAX) as u32;
         match self
             .request(cmd::BLOCK_STATUS, cflag::REQ_ONE, offset, n, None)
             .await?
