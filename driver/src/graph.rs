@@ -43,6 +43,22 @@ pub struct Node {
     pub parent: Option<(String, String)>,
     /// Created inline inside another definition (it goes away with its parent's edge).
     pub implicit: bool,
+    /// Users outside the graph (exports): `(user, writable)`. Several may share a node; a
+    /// writable one and a parent exclude each other (Q5).
+    pub exports: Vec<(String, bool)>,
+}
+
+impl Node {
+    /// Q5: refuses a parent while a writable export uses the node.
+    fn check_no_writer(&self) -> Result<(), ConfigError> {
+        match self.exports.iter().find(|(_, w)| *w) {
+            Some((user, _)) => Err(ConfigError::new(format!(
+                "Conflicts with use by {user} as 'root', which does not allow 'write' on {}",
+                self.name
+            ))),
+            None => Ok(()),
+        }
+    }
 }
 
 /// The graph of one process.
@@ -303,6 +319,7 @@ impl Graph {
                 children,
                 parent: None,
                 implicit: false,
+                exports: Vec::new(),
             });
             Ok((name, dev))
         })
@@ -329,6 +346,7 @@ impl Graph {
                         "Conflicts with use by {p} as '{c}', which does not allow 'write' on {node}"
                     )));
                 }
+                existing.check_no_writer()?;
                 staging
                     .claimed
                     .insert(node.clone(), (parent.to_string(), child_name.to_string()));
@@ -403,6 +421,7 @@ impl Graph {
                         "The node {node} already has a parent"
                     )));
                 }
+                n.check_no_writer()?;
                 let dev = n.dev.clone();
                 let name = q.add_child(node, dev).await?;
                 if let Some(p) = self.nodes.get_mut(parent) {
@@ -444,7 +463,7 @@ impl Graph {
                 "Node {name} is not owned by the monitor"
             )));
         }
-        if n.parent.is_some() {
+        if n.parent.is_some() || !n.exports.is_empty() {
             return Err(ConfigError::new(format!("Node {name} is in use")));
         }
         self.remove_subtree(name);
@@ -452,24 +471,28 @@ impl Graph {
     }
 
     /// Ends a claim made by [`Graph::claim`] (an export going away).
-    pub fn unclaim(&mut self, node: &str) {
+    pub fn unclaim(&mut self, node: &str, user: &str) {
         if let Some(n) = self.nodes.get_mut(node) {
-            n.parent = None;
+            if let Some(i) = n.exports.iter().position(|(u, _)| u == user) {
+                n.exports.remove(i);
+            }
         }
     }
 
-    /// Marks `node` as used by a non-node parent (an export), so it cannot become a child.
+    /// Records `user` (an export) on `node`. Several exports may share a node, as in
+    /// qemu-storage-daemon; a writable one is refused on a node that is some node's child (Q5),
+    /// and a node with a writable export cannot become a child.
     ///
     /// # Errors
-    /// The node does not exist, or already has a parent.
-    pub fn claim(&mut self, node: &str, user: &str, role: &str) -> Result<(), ConfigError> {
+    /// The node does not exist, or `writable` and it has a parent.
+    pub fn claim(&mut self, node: &str, user: &str, writable: bool) -> Result<(), ConfigError> {
         let n = self.nodes.get_mut(node).ok_or_else(|| not_found(node))?;
-        if let Some((p, c)) = &n.parent {
+        if let (true, Some((p, c))) = (writable, &n.parent) {
             return Err(ConfigError::new(format!(
                 "Conflicts with use by {p} as '{c}', which does not allow 'write' on {node}"
             )));
         }
-        n.parent = Some((user.to_string(), role.to_string()));
+        n.exports.push((user.to_string(), writable));
         Ok(())
     }
 

@@ -125,9 +125,12 @@ impl Monitor {
                         {
                             None => generic(format!("Export '{id}' is not found")),
                             Some(pos) => {
-                                let (_, name, node) = ex.remove(pos);
+                                let (id, name, node) = ex.remove(pos);
                                 self.nbd.remove_export(&name);
-                                self.graph.lock().await.unclaim(&node);
+                                self.graph
+                                    .lock()
+                                    .await
+                                    .unclaim(&node, &format!("export '{id}'"));
                                 json!({"return": {}})
                             }
                         }
@@ -164,14 +167,16 @@ impl Monitor {
             return generic(format!("Cannot find device={node} nor node-name={node}"));
         };
         let dev = n.dev.clone();
-        if let Err(e) = g.claim(&node, &format!("export '{id}'"), "root") {
+        let writable = b("writable").unwrap_or(false);
+        let user = format!("export '{id}'");
+        if let Err(e) = g.claim(&node, &user, writable) {
             return generic(e.to_string());
         }
         let r = self.nbd.add_export(Export {
             name: name.clone(),
             description: s("description").unwrap_or_default(),
             dev,
-            writable: b("writable").unwrap_or(false),
+            writable,
             multi_conn: s("multi-conn").as_deref() != Some("off"),
         });
         match r {
@@ -181,7 +186,7 @@ impl Monitor {
                 json!({"return": {}})
             }
             Err(m) => {
-                g.unclaim(&node);
+                g.unclaim(&node, &user);
                 generic(m)
             }
         }

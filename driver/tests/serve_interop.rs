@@ -4,109 +4,31 @@
 //! ERR_UNKNOWN with its name. Every server is started on a unix socket in a scratch directory
 //! and stopped by its own PID; SIGTERM must end it with status 0.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-struct Served {
-    child: Child,
-    socket: PathBuf,
-}
+mod peers;
 
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn have(tool: &str) -> bool {
-    Command::new(tool)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok()
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("ballot-serve-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).expect("scratch dir");
-    d
-}
-
-/// Waits up to 10 s for every path in `paths` to exist (the sockets `who` creates).
-fn wait_for(paths: &[&Path], who: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !paths.iter().all(|p| p.exists()) {
-        assert!(Instant::now() < deadline, "{who} did not create {paths:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Starts `ballot` with `args` and waits for its NBD `socket` and any `extra` sockets.
-fn start_ballot(args: &[String], socket: &Path, extra: &[&Path]) -> Served {
-    let child = Command::new(env!("CARGO_BIN_EXE_ballot"))
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start ballot serve");
-    let served = Served {
-        child,
-        socket: socket.to_path_buf(),
-    };
-    let mut all = vec![socket];
-    all.extend_from_slice(extra);
-    wait_for(&all, "ballot serve");
-    served
-}
+use peers::{qemu_io, scratch, start_ballot, wait_for, Served};
 
 fn serve_quorum(dir: &Path) -> Served {
-    for f in ["a.raw", "b.raw", "c.raw"] {
-        let file = std::fs::File::create(dir.join(f)).expect("create child");
-        file.set_len(16 << 20).expect("size child");
-    }
     let socket = dir.join("nbd.sock");
-    let mut args: Vec<String> = vec!["serve".into()];
-    for (i, f) in ["a.raw", "b.raw", "c.raw"].iter().enumerate() {
-        args.push("--blockdev".into());
-        args.push(format!(
-            "driver=file,node-name=f{i},filename={}",
-            dir.join(f).display()
-        ));
-    }
-    args.push("--blockdev".into());
-    args.push(
-        r#"{"driver":"quorum","node-name":"q0","vote-threshold":2,"children":["f0","f1","f2"]}"#
-            .into(),
+    let args = peers::quorum_args(
+        dir,
+        ["a.raw", "b.raw", "c.raw"],
+        16 << 20,
+        &[
+            peers::nbd_server_arg(&socket),
+            "--export=type=nbd,id=e0,node-name=q0,name=disk0,writable=on".into(),
+        ],
     );
-    args.push("--nbd-server".into());
-    args.push(format!("addr.type=unix,addr.path={}", socket.display()));
-    args.push("--export".into());
-    args.push("type=nbd,id=e0,node-name=q0,name=disk0,writable=on".into());
     start_ballot(&args, &socket, &[])
-}
-
-fn qemu_io(socket: &Path, export: &str, cmds: &[&str]) -> (i32, String) {
-    let mut c = Command::new("qemu-io");
-    c.args(["-f", "raw"]);
-    for x in cmds {
-        c.args(["-c", x]);
-    }
-    c.arg(format!("nbd+unix:///{export}?socket={}", socket.display()));
-    let out = c.output().expect("run qemu-io");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
-    )
 }
 
 #[test]
 fn qemu_io_and_qemu_img_through_a_served_quorum() {
-    if !have("qemu-io") || !have("qemu-img") {
-        eprintln!("skipped: qemu-io or qemu-img not installed (.ci/run installs qemu-utils)");
+    if !peers::need(&["qemu-io", "qemu-img"], "qemu-utils") {
         return;
     }
     let dir = scratch("qemu");
@@ -191,8 +113,7 @@ impl Drop for Replica {
 
 #[test]
 fn quorum_of_three_qemu_nbd_replicas_through_the_nbd_client() {
-    if !have("qemu-nbd") || !have("qemu-io") {
-        eprintln!("skipped: qemu-nbd or qemu-io not installed (.ci/run installs qemu-utils)");
+    if !peers::need(&["qemu-nbd", "qemu-io"], "qemu-utils") {
         return;
     }
     let dir = scratch("client");
@@ -288,8 +209,7 @@ fn quorum_of_three_qemu_nbd_replicas_through_the_nbd_client() {
 fn flipped_byte_is_outvoted_and_reported_on_the_qmp_socket() {
     use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
     use std::os::unix::net::UnixStream;
-    if !have("qemu-io") {
-        eprintln!("skipped: qemu-io not installed (.ci/run installs qemu-utils)");
+    if !peers::need(&["qemu-io"], "qemu-utils") {
         return;
     }
     let dir = scratch("qmp");
@@ -361,8 +281,7 @@ fn flipped_byte_is_outvoted_and_reported_on_the_qmp_socket() {
 
 #[test]
 fn nbdinfo_sees_the_flags_block_sizes_list_and_map_of_n13_n19_n24() {
-    if !have("nbdinfo") {
-        eprintln!("skipped: nbdinfo not installed (.ci/run installs libnbd-bin)");
+    if !peers::need(&["nbdinfo"], "libnbd-bin") {
         return;
     }
     let dir = scratch("nbdinfo");

@@ -149,7 +149,7 @@ async fn run(
             ));
         };
         let dev = node.dev.clone();
-        if let Err(err) = graph.claim(&o.node_name, &format!("export '{}'", o.id), "root") {
+        if let Err(err) = graph.claim(&o.node_name, &format!("export '{}'", o.id), o.writable) {
             return fail(err);
         }
         devs.push(dev.clone());

@@ -2,10 +2,11 @@
 //! matched to replies by cookie (N40), feature use (N41), connection loss and reconnection
 //! (N42, N44), and closing (N45).
 //!
-//! Reconnection is lazy: when the connection is lost, requests in flight fail with EIO
-//! (`reconnect-delay` 0) and the next request reconnects, retrying with backoff for up to
-//! `reconnect-delay` seconds; each reconnect repeats the whole handshake and must find the same
-//! size and read-only state (N42).
+//! Reconnection (N42) runs in a background task that starts when the connection is lost and
+//! retries with backoff until it succeeds or the device is dropped; each attempt repeats the
+//! whole handshake and must find the same size and read-only state. Requests that were in
+//! flight, and new ones, wait for it until `reconnect-delay` seconds after the loss and are then
+//! re-sent; with `reconnect-delay` 0, or after the delay, they fail with EIO at once.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -26,6 +27,12 @@ pub const INFLIGHT_MAX: usize = 16;
 /// Largest TRIM, WRITE_ZEROES or BLOCK_STATUS length sent in one request: 32-bit lengths,
 /// kept at half the range and 64 KiB-aligned so every server's alignment divides it.
 const UNPAYLOADED_BYTES_MAX: u64 = u32::MAX as u64 / 2 / 65536 * 65536;
+
+/// Largest option reply accepted: a LIST entry is at most a 4 KiB name and its description.
+const OPTION_REPLY_BYTES_MAX: u32 = 64 * 1024;
+/// Longest one connection attempt (connect and handshake) may take when `request-timeout` is
+/// off; a partitioned host would otherwise hold it for the kernel's TCP timeout.
+const DIAL_TIMEOUT_DEFAULT: Duration = Duration::from_secs(10);
 
 /// Where the server is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,7 +104,15 @@ struct Pending {
     covered: Vec<(u64, u64)>,
     status: Vec<(u32, u32)>,
     error: Option<ErrorKind>,
-    done: Option<oneshot::Sender<Result<Answer>>>,
+    done: Option<oneshot::Sender<Outcome>>,
+}
+
+/// How a request sent on one connection ended.
+enum Outcome {
+    /// The server answered (success or an error reply).
+    Answer(Result<Answer>),
+    /// The connection was lost before the answer (N42): the request may be re-sent.
+    Lost(String),
 }
 
 struct Conn {
@@ -107,7 +122,8 @@ struct Conn {
 }
 
 impl Conn {
-    fn fail_all(&self, kind: ErrorKind, why: &str) {
+    /// Ends the connection: every request in flight on it is lost (N42).
+    fn fail_all(&self, why: &str) {
         self.alive.store(false, Ordering::SeqCst);
         let drained: Vec<Pending> = self
             .pending
@@ -118,25 +134,73 @@ impl Conn {
             .collect();
         for mut p in drained {
             if let Some(tx) = p.done.take() {
-                let _ = tx.send(Err(Error::new(kind, format!("nbd connection lost: {why}"))));
+                let _ = tx.send(Outcome::Lost(why.to_string()));
             }
         }
     }
 }
 
-/// An NBD export as a block device.
-pub struct NbdClient {
+/// The connection slot (N42).
+enum Link {
+    /// Connected.
+    Up(Arc<Conn>),
+    /// Lost at `since`; a background task is reconnecting.
+    Down { since: tokio::time::Instant },
+    /// A reconnect found a different export: the device fails for good.
+    Broken,
+}
+
+/// What the device and its reconnect task share.
+struct Shared {
     opts: ClientOptions,
     neg: Negotiated,
-    conn: tokio::sync::Mutex<Option<Arc<Conn>>>,
+    link: Mutex<Link>,
+    /// Woken when the link changes.
+    changed: tokio::sync::Notify,
+}
+
+/// An NBD export as a block device.
+pub struct NbdClient {
+    shared: Arc<Shared>,
     cookie: AtomicU64,
     gate: Semaphore,
-    broken: AtomicBool,
+}
+
+impl Drop for NbdClient {
+    /// N45: a connection still up gets DISC and a shutdown of the sending side once its
+    /// requests are done; the reader then ends when the server closes. Every request holds a
+    /// reference to the device, so none is in flight here.
+    fn drop(&mut self) {
+        let link = std::mem::replace(
+            &mut *self.shared.link.lock().unwrap_or_else(|p| p.into_inner()),
+            Link::Broken,
+        );
+        let (Link::Up(conn), Ok(rt)) = (link, tokio::runtime::Handle::try_current()) else {
+            return;
+        };
+        let cookie = self.cookie.load(Ordering::Relaxed);
+        rt.spawn(async move {
+            let disc = proto::encode_request(&Request {
+                flags: 0,
+                kind: cmd::DISC,
+                cookie,
+                offset: 0,
+                length: 0,
+            });
+            let mut w = conn.writer.lock().await;
+            let _ = w.write_all(&disc).await;
+            let _ = w.shutdown().await;
+        });
+    }
 }
 
 impl std::fmt::Debug for NbdClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "nbd {}/{}", self.opts.server, self.opts.export)
+        write!(
+            f,
+            "nbd {}/{}",
+            self.shared.opts.server, self.shared.opts.export
+        )
     }
 }
 
@@ -180,6 +244,13 @@ async fn read_option_reply<S: AsyncRead + Unpin>(
     let mut h = [0u8; proto::OPTION_REPLY_HEADER_BYTES];
     s.read_exact(&mut h).await.map_err(io_err)?;
     let h = proto::decode_option_reply_header(&h).map_err(perr)?;
+    // Nothing sized by a peer's length field is allocated before it is checked (N29).
+    if h.length > OPTION_REPLY_BYTES_MAX {
+        return Err(Error::new(
+            ErrorKind::Io,
+            format!("NBD protocol error: option reply of {} bytes", h.length),
+        ));
+    }
     let mut d = vec![0u8; h.length as usize];
     s.read_exact(&mut d).await.map_err(io_err)?;
     Ok((h, d))
@@ -360,7 +431,7 @@ async fn reader(conn: Arc<Conn>, mut rd: tokio::io::ReadHalf<Box<dyn Stream>>, s
             Err(e) => break e.to_string(),
         }
     };
-    conn.fail_all(ErrorKind::Io, &why);
+    conn.fail_all(&why);
 }
 
 async fn read_one(
@@ -388,6 +459,10 @@ async fn read_one(
                 ));
             }
             let answer = if error != 0 {
+                if error == proto::errno::ESHUTDOWN {
+                    // N42: the server is going away; send nothing more on this connection.
+                    conn.alive.store(false, Ordering::SeqCst);
+                }
                 Err(Error::new(proto::error_kind(error), "server error reply"))
             } else if p.kind == cmd::READ {
                 let mut b = BytesMut::zeroed(p.length as usize);
@@ -397,7 +472,7 @@ async fn read_one(
                 Ok(Answer::Done)
             };
             if let Some(tx) = p.done.take() {
-                let _ = tx.send(answer);
+                let _ = tx.send(Outcome::Answer(answer));
             }
         }
         ReplyHeader::Chunk {
@@ -469,6 +544,9 @@ async fn read_one(
                         return Err(bad("short error chunk".into()));
                     }
                     let e = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]);
+                    if e == proto::errno::ESHUTDOWN {
+                        conn.alive.store(false, Ordering::SeqCst);
+                    }
                     p.error = Some(proto::error_kind(e));
                 }
                 k if k & 0x8000 != 0 => p.error = Some(ErrorKind::Inval),
@@ -494,12 +572,81 @@ async fn read_one(
                     None => Ok(Answer::Done),
                 };
                 if let Some(tx) = p.done.take() {
-                    let _ = tx.send(answer);
+                    let _ = tx.send(Outcome::Answer(answer));
                 }
             }
         }
     }
     Ok(())
+}
+
+/// One connection attempt: connect and handshake, bounded in time.
+async fn dial(opts: &ClientOptions) -> Result<(Arc<Conn>, Negotiated)> {
+    let limit = if opts.request_timeout.is_zero() {
+        DIAL_TIMEOUT_DEFAULT
+    } else {
+        opts.request_timeout
+    };
+    let attempt = async {
+        let mut s = connect(&opts.server).await?;
+        let neg = handshake(&mut s, &opts.export).await?;
+        Ok::<_, Error>((s, neg))
+    };
+    let (s, neg) = tokio::time::timeout(limit, attempt).await.map_err(|_| {
+        Error::new(
+            ErrorKind::Io,
+            format!("connecting to {} timed out", opts.server),
+        )
+    })??;
+    let (rd, wr) = tokio::io::split(s);
+    let conn = Arc::new(Conn {
+        writer: tokio::sync::Mutex::new(Box::new(wr)),
+        pending: Mutex::new(HashMap::new()),
+        alive: AtomicBool::new(true),
+    });
+    tokio::spawn(reader(conn.clone(), rd, neg.structured));
+    Ok((conn, neg))
+}
+
+/// N44: dial, retrying with backoff from 100 ms, doubling to 5 s, while the next attempt
+/// still starts within `window`; the last error otherwise.
+async fn dial_retrying(opts: &ClientOptions, window: Duration) -> Result<(Arc<Conn>, Negotiated)> {
+    let deadline = tokio::time::Instant::now() + window;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match dial(opts).await {
+            Err(_) if tokio::time::Instant::now() + backoff <= deadline => {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            r => return r,
+        }
+    }
+}
+
+/// N42: the background reconnect, from 100 ms doubling to 5 s, until it succeeds or the device
+/// is gone. A new connection must show the same size and read-only state.
+async fn reconnect(shared: std::sync::Weak<Shared>) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let Some(sh) = shared.upgrade() else { return };
+        let opts = sh.opts.clone();
+        let first = sh.neg;
+        drop(sh);
+        let attempt = dial(&opts).await;
+        let Some(sh) = shared.upgrade() else { return };
+        if let Ok((conn, neg)) = attempt {
+            let ro = |f: u16| f & tflag::READ_ONLY != 0;
+            let same = neg.size == first.size && ro(neg.flags) == ro(first.flags);
+            *sh.link.lock().unwrap_or_else(|p| p.into_inner()) =
+                if same { Link::Up(conn) } else { Link::Broken };
+            sh.changed.notify_waiters();
+            return;
+        }
+        drop(sh);
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
 }
 
 impl NbdClient {
@@ -508,74 +655,57 @@ impl NbdClient {
     /// # Errors
     /// The last connection or negotiation error.
     pub async fn open(opts: ClientOptions) -> Result<NbdClient> {
-        let (conn, neg) = Self::dial_retrying(&opts, opts.open_timeout).await?;
+        let (conn, neg) = dial_retrying(&opts, opts.open_timeout).await?;
         Ok(NbdClient {
-            opts,
-            neg,
-            conn: tokio::sync::Mutex::new(Some(conn)),
+            shared: Arc::new(Shared {
+                opts,
+                neg,
+                link: Mutex::new(Link::Up(conn)),
+                changed: tokio::sync::Notify::new(),
+            }),
             cookie: AtomicU64::new(1),
             gate: Semaphore::new(INFLIGHT_MAX),
-            broken: AtomicBool::new(false),
         })
     }
 
-    async fn dial(opts: &ClientOptions) -> Result<(Arc<Conn>, Negotiated)> {
-        let mut s = connect(&opts.server).await?;
-        let neg = handshake(&mut s, &opts.export).await?;
-        let (rd, wr) = tokio::io::split(s);
-        let conn = Arc::new(Conn {
-            writer: tokio::sync::Mutex::new(Box::new(wr)),
-            pending: Mutex::new(HashMap::new()),
-            alive: AtomicBool::new(true),
-        });
-        tokio::spawn(reader(conn.clone(), rd, neg.structured));
-        Ok((conn, neg))
-    }
-
-    /// The live connection, reconnecting within `reconnect-delay` if it was lost (N42).
+    /// The live connection (N42). When it is lost, starts the background reconnect and waits
+    /// for it until `reconnect-delay` after the loss; EIO after that, or at once with 0.
     async fn live(&self) -> Result<Arc<Conn>> {
-        if self.broken.load(Ordering::SeqCst) {
-            return Err(Error::new(ErrorKind::Io, "export changed on reconnect"));
-        }
-        let mut slot = self.conn.lock().await;
-        if let Some(c) = slot.as_ref() {
-            if c.alive.load(Ordering::SeqCst) {
-                return Ok(c.clone());
-            }
-        }
-        *slot = None;
-        let (c, neg) = Self::dial_retrying(&self.opts, self.opts.reconnect_delay)
-            .await
-            .map_err(|e| Error::new(ErrorKind::Io, format!("nbd reconnect failed: {e}")))?;
-        let ro = |f: u16| f & tflag::READ_ONLY != 0;
-        if neg.size != self.neg.size || ro(neg.flags) != ro(self.neg.flags) {
-            self.broken.store(true, Ordering::SeqCst);
-            return Err(Error::new(ErrorKind::Io, "export changed on reconnect"));
-        }
-        *slot = Some(c.clone());
-        Ok(c)
-    }
-
-    /// N42, N44: dial, retrying with backoff from 100 ms, doubling to 5 s, while the next
-    /// attempt still starts within `window`; the last error otherwise.
-    async fn dial_retrying(
-        opts: &ClientOptions,
-        window: Duration,
-    ) -> Result<(Arc<Conn>, Negotiated)> {
-        let deadline = tokio::time::Instant::now() + window;
-        let mut backoff = Duration::from_millis(100);
         loop {
-            match Self::dial(opts).await {
-                Err(_) if tokio::time::Instant::now() + backoff <= deadline => {
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+            let changed = self.shared.changed.notified();
+            let since = {
+                let mut link = self.shared.link.lock().unwrap_or_else(|p| p.into_inner());
+                match &*link {
+                    Link::Up(c) if c.alive.load(Ordering::SeqCst) => return Ok(c.clone()),
+                    Link::Up(_) => {
+                        let since = tokio::time::Instant::now();
+                        *link = Link::Down { since };
+                        tokio::spawn(reconnect(Arc::downgrade(&self.shared)));
+                        since
+                    }
+                    Link::Down { since } => *since,
+                    Link::Broken => {
+                        return Err(Error::new(ErrorKind::Io, "export changed on reconnect"))
+                    }
                 }
-                r => return r,
+            };
+            let deadline = since + self.shared.opts.reconnect_delay;
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Err(Error::new(
+                    ErrorKind::Io,
+                    format!(
+                        "nbd connection to {} lost; reconnecting",
+                        self.shared.opts.server
+                    ),
+                ));
             }
+            let _ = tokio::time::timeout(deadline - now, changed).await;
         }
     }
 
-    /// Sends one request and waits for its answer.
+    /// Sends one request, re-sending it on a new connection while `reconnect-delay` allows
+    /// (N42), and waits for its answer.
     async fn request(
         &self,
         kind: u16,
@@ -589,7 +719,35 @@ impl NbdClient {
             .acquire()
             .await
             .map_err(|_| Error::new(ErrorKind::Io, "client closed"))?;
-        let conn = self.live().await?;
+        loop {
+            let conn = self.live().await?;
+            match self
+                .send_once(&conn, kind, flags, offset, length, payload.as_ref())
+                .await
+            {
+                Outcome::Answer(a) => return a,
+                Outcome::Lost(why) => {
+                    if self.shared.opts.reconnect_delay.is_zero() {
+                        return Err(Error::new(
+                            ErrorKind::Io,
+                            format!("nbd connection lost: {why}"),
+                        ));
+                    }
+                    // live() decides whether the delay still allows a re-send.
+                }
+            }
+        }
+    }
+
+    async fn send_once(
+        &self,
+        conn: &Arc<Conn>,
+        kind: u16,
+        flags: u16,
+        offset: u64,
+        length: u32,
+        payload: Option<&Bytes>,
+    ) -> Outcome {
         let cookie = self.cookie.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         conn.pending
@@ -619,7 +777,7 @@ impl NbdClient {
             let mut w = conn.writer.lock().await;
             let sent = async {
                 w.write_all(&hdr).await?;
-                if let Some(p) = &payload {
+                if let Some(p) = payload {
                     w.write_all(p).await?;
                 }
                 w.flush().await
@@ -627,39 +785,43 @@ impl NbdClient {
             .await;
             if let Err(e) = sent {
                 drop(w);
-                conn.fail_all(ErrorKind::Io, &e.to_string());
+                conn.fail_all(&e.to_string());
             }
         }
-        let answer = if self.opts.request_timeout.is_zero() {
-            rx.await
-                .map_err(|_| Error::new(ErrorKind::Io, "nbd connection lost"))?
-        } else {
-            match tokio::time::timeout(self.opts.request_timeout, rx).await {
-                Ok(r) => r.map_err(|_| Error::new(ErrorKind::Io, "nbd connection lost"))?,
-                Err(_) => {
-                    // N42: request-timeout declares the connection lost.
-                    conn.fail_all(ErrorKind::Io, "request timeout");
-                    let _ = conn.writer.lock().await.shutdown().await;
-                    return Err(Error::new(ErrorKind::Io, "nbd request timed out"));
-                }
+        let lost = || Outcome::Lost("reader ended".into());
+        if self.shared.opts.request_timeout.is_zero() {
+            return rx.await.unwrap_or_else(|_| lost());
+        }
+        match tokio::time::timeout(self.shared.opts.request_timeout, rx).await {
+            Ok(r) => r.unwrap_or_else(|_| lost()),
+            Err(_) => {
+                // N42: request-timeout declares the connection lost.
+                conn.fail_all("request timeout");
+                let _ = conn.writer.lock().await.shutdown().await;
+                Outcome::Lost("request timeout".into())
             }
-        };
-        answer
+        }
     }
 
     fn has(&self, f: u16) -> bool {
-        self.neg.flags & f != 0
+        self.shared.neg.flags & f != 0
     }
 
     fn check(&self, offset: u64, len: u64, access: Access) -> Result<()> {
-        check_request(self.neg.size, self.neg.minimum, offset, len, access)
+        check_request(
+            self.shared.neg.size,
+            self.shared.neg.minimum,
+            offset,
+            len,
+            access,
+        )
     }
 
     fn read_only_err(&self) -> Result<()> {
         if self.has(tflag::READ_ONLY) {
             return Err(Error::new(
                 ErrorKind::Perm,
-                format!("nbd export '{}' is read-only", self.opts.export),
+                format!("nbd export '{}' is read-only", self.shared.opts.export),
             ));
         }
         Ok(())
@@ -673,11 +835,11 @@ impl BlockDevice for NbdClient {
     }
 
     fn length(&self) -> Result<u64> {
-        Ok(self.neg.size)
+        Ok(self.shared.neg.size)
     }
 
     fn request_alignment(&self) -> u32 {
-        self.neg.minimum
+        self.shared.neg.minimum
     }
 
     async fn read(&self, offset: u64, len: usize) -> Result<Bytes> {
@@ -685,7 +847,7 @@ impl BlockDevice for NbdClient {
         if len == 0 {
             return Ok(Bytes::new());
         }
-        let max = self.neg.maximum as usize;
+        let max = self.shared.neg.maximum as usize;
         if len <= max {
             return match self.request(cmd::READ, 0, offset, len as u32, None).await? {
                 Answer::Data(b) => Ok(b),
@@ -712,7 +874,7 @@ impl BlockDevice for NbdClient {
     async fn write(&self, offset: u64, data: Bytes, flags: WriteFlags) -> Result<()> {
         self.read_only_err()?;
         self.check(offset, data.len() as u64, Access::Write)?;
-        let max = self.neg.maximum as usize;
+        let max = self.shared.neg.maximum as usize;
         let fua_native = flags.fua && self.has(tflag::SEND_FUA);
         let mut done = 0usize;
         while done < data.len() {
@@ -786,7 +948,7 @@ impl BlockDevice for NbdClient {
 
     async fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
         self.check(offset, len, Access::Read)?;
-        if self.neg.meta.is_none() || len == 0 {
+        if self.shared.neg.meta.is_none() || len == 0 {
             return Ok(BlockStatus::data(len));
         }
         let n = len.clamp(1, UNPAYLOADED_BYTES_MAX) as u32;

@@ -441,7 +441,7 @@ impl Server {
             }
         };
         if self.shutting_down() {
-            return simple(errno::ESHUTDOWN);
+            return fail(ErrorKind::Shutdown, "server is shutting down");
         }
         // N20.4: unknown command.
         let allowed: u16 = match q.kind {
@@ -511,6 +511,17 @@ impl Server {
         match q.kind {
             cmd::READ => {
                 if q.length == 0 {
+                    // A successful READ never gets a simple reply once structured replies are
+                    // on: an empty one is a NONE chunk with DONE.
+                    if s.structured {
+                        let h = proto::encode_chunk_header(
+                            proto::chunk::FLAG_DONE,
+                            proto::chunk::NONE,
+                            q.cookie,
+                            0,
+                        );
+                        return vec![Bytes::copy_from_slice(&h)];
+                    }
                     return simple(0);
                 }
                 match e.dev.read(q.offset, q.length as usize).await {
