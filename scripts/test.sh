@@ -10,6 +10,11 @@ echo "== clippy -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
 
 echo "== tests"
+# The QMP test drives the monitor with the qemu.qmp package from PyPI, kept in target/pydeps.
+if [ ! -d target/pydeps/qemu/qmp ] && command -v python3 >/dev/null; then
+    python3 -m pip install --quiet --disable-pip-version-check --target target/pydeps qemu.qmp \
+        || echo "qemu.qmp could not be installed; its test will say so"
+fi
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --workspace --no-fail-fast
 else
