@@ -337,6 +337,11 @@ impl Recorder {
         self.emitted().into_iter().map(|e| e.event).collect()
     }
 
+    /// Forgets the events recorded so far.
+    pub fn clear(&self) {
+        self.log.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
     /// The events so far with their timestamps.
     pub fn emitted(&self) -> Vec<Emitted> {
         self.log.lock().unwrap_or_else(|p| p.into_inner()).clone()

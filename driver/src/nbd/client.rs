@@ -179,18 +179,7 @@ impl Drop for NbdClient {
             return;
         };
         let cookie = self.cookie.load(Ordering::Relaxed);
-        rt.spawn(async move {
-            let disc = proto::encode_request(&Request {
-                flags: 0,
-                kind: cmd::DISC,
-                cookie,
-                offset: 0,
-                length: 0,
-            });
-            let mut w = conn.writer.lock().await;
-            let _ = w.write_all(&disc).await;
-            let _ = w.shutdown().await;
-        });
+        rt.spawn(async move { send_disc(&conn, cookie).await });
     }
 }
 
@@ -425,10 +414,23 @@ fn finish(
 /// The reader task: matches replies to requests by cookie (N40). Any protocol error ends
 /// the connection.
 async fn reader(conn: Arc<Conn>, mut rd: tokio::io::ReadHalf<Box<dyn Stream>>, structured: bool) {
+    let mut disconnecting = false;
     let why = loop {
         match read_one(&conn, &mut rd, structured).await {
             Ok(()) => {}
             Err(e) => break e.to_string(),
+        }
+        // N42: after an ESHUTDOWN reply no request is sent here; once the last one is answered
+        // the client disconnects softly (DISC, then its sending side closes), and the server,
+        // which waits for that, can exit.
+        let idle = conn
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty();
+        if !disconnecting && idle && !conn.alive.load(Ordering::SeqCst) {
+            disconnecting = true;
+            send_disc(&conn, 0).await;
         }
     };
     conn.fail_all(&why);
@@ -578,6 +580,20 @@ async fn read_one(
         }
     }
     Ok(())
+}
+
+/// N45: DISC, then the sending side is shut down; the reader ends when the server closes.
+async fn send_disc(conn: &Conn, cookie: u64) {
+    let disc = proto::encode_request(&Request {
+        flags: 0,
+        kind: cmd::DISC,
+        cookie,
+        offset: 0,
+        length: 0,
+    });
+    let mut w = conn.writer.lock().await;
+    let _ = w.write_all(&disc).await;
+    let _ = w.shutdown().await;
 }
 
 /// One connection attempt: connect and handshake, bounded in time.
@@ -801,6 +817,21 @@ impl NbdClient {
                 Outcome::Lost("request timeout".into())
             }
         }
+    }
+
+    /// The server's CAN_MULTI_CONN flag as negotiated (N19, N27).
+    pub fn can_multi_conn(&self) -> bool {
+        self.has(tflag::CAN_MULTI_CONN)
+    }
+
+    /// Whether structured replies were agreed (N37).
+    pub fn structured_replies(&self) -> bool {
+        self.shared.neg.structured
+    }
+
+    /// Whether the `base:allocation` context was selected, so block status is asked (N37, N41).
+    pub fn has_block_status(&self) -> bool {
+        self.shared.neg.meta.is_some()
     }
 
     fn has(&self, f: u16) -> bool {

@@ -162,8 +162,18 @@ impl Daemon {
 
     /// Sends SIGTERM and waits up to 10 s for the process to go.
     pub fn stop(&self) {
+        self.terminate();
+        self.wait_gone();
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        signal(self.pid(), libc::SIGTERM);
+    }
+
+    /// Waits up to 10 s for the process to go.
+    pub fn wait_gone(&self) {
         let pid = self.pid();
-        signal(pid, libc::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(10);
         // SAFETY: kill(pid, 0) only checks whether the process still exists.
         while unsafe { libc::kill(pid as i32, 0) } == 0 {
