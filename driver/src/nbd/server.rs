@@ -19,6 +19,21 @@ use crate::error::ErrorKind;
 
 /// Requests in flight per connection (N28).
 pub const INFLIGHT_MAX: usize = 64;
+/// N28: payload buffered per connection, in units of [`BUFFER_UNIT_BYTES`] (64 MiB).
+const BUFFERED_UNITS_MAX: u32 = (64 << 20) / BUFFER_UNIT_BYTES;
+/// Granularity of the payload budget.
+const BUFFER_UNIT_BYTES: u32 = 4096;
+
+/// Budget units a payload of `len` bytes takes (at least one, so every request counts).
+fn buffer_units(len: u32) -> u32 {
+    len.div_ceil(BUFFER_UNIT_BYTES).max(1)
+}
+
+/// What one request holds until its reply is written: its in-flight slot and payload units.
+struct Permits {
+    _slot: tokio::sync::OwnedSemaphorePermit,
+    _bytes: tokio::sync::OwnedSemaphorePermit,
+}
 /// Options per connection before it is closed (N18).
 pub const OPTIONS_MAX: usize = 1024;
 /// Time a connection may take to reach transmission (N18).
@@ -365,10 +380,12 @@ impl Server {
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
     {
-        let (tx, mut rx) = mpsc::channel::<Vec<Bytes>>(INFLIGHT_MAX);
-        // N30: one writer sends whole replies.
+        // N30: one writer sends whole replies. Each reply carries the permits its request
+        // took, released only once it is written, so a client that stops reading replies
+        // stops the server reading requests (N28).
+        let (tx, mut rx) = mpsc::channel::<(Vec<Bytes>, Permits)>(INFLIGHT_MAX);
         let writer = tokio::spawn(async move {
-            while let Some(parts) = rx.recv().await {
+            while let Some((parts, permits)) = rx.recv().await {
                 for p in parts {
                     if wr.write_all(&p).await.is_err() {
                         return;
@@ -377,11 +394,13 @@ impl Server {
                 if rx.is_empty() && wr.flush().await.is_err() {
                     return;
                 }
+                drop(permits);
             }
             let _ = wr.flush().await;
             let _ = wr.shutdown().await;
         });
         let gate = Arc::new(Semaphore::new(INFLIGHT_MAX));
+        let budget = Arc::new(Semaphore::new(BUFFERED_UNITS_MAX as usize));
         let export = s.export.clone();
         let s = Arc::new(s);
         loop {
@@ -395,6 +414,19 @@ impl Server {
             if q.kind == cmd::WRITE && q.length > proto::PAYLOAD_BYTES_MAX {
                 break; // N20.2: close, payload not read
             }
+            // N28: at most 64 requests in flight and 64 MiB of payload (written data, or read
+            // data to be sent), counted before anything is allocated.
+            let Ok(slot) = gate.clone().acquire_owned().await else {
+                break;
+            };
+            let bytes = match q.kind {
+                cmd::WRITE => q.length,
+                cmd::READ if q.length <= proto::PAYLOAD_BYTES_MAX => q.length,
+                _ => 0,
+            };
+            let Ok(bytes) = budget.clone().acquire_many_owned(buffer_units(bytes)).await else {
+                break;
+            };
             let payload = if q.kind == cmd::WRITE && q.length > 0 {
                 let mut b = vec![0u8; q.length as usize];
                 if rd.read_exact(&mut b).await.is_err() {
@@ -407,14 +439,18 @@ impl Server {
             if q.kind == cmd::DISC {
                 break;
             }
-            let Ok(permit) = gate.clone().acquire_owned().await else {
-                break;
-            };
             let (server, s, tx) = (self.clone(), s.clone(), tx.clone());
             tokio::spawn(async move {
                 let reply = server.handle(&s, q, payload).await;
-                let _ = tx.send(reply).await;
-                drop(permit);
+                let _ = tx
+                    .send((
+                        reply,
+                        Permits {
+                            _slot: slot,
+                            _bytes: bytes,
+                        },
+                    ))
+                    .await;
             });
         }
         // N21 DISC / end of stream: requests in flight finish and send their replies.
