@@ -12,10 +12,11 @@
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 
 use crate::device::{check_request, Access, BlockDevice, BlockStatus, WriteFlags, ZeroFlags};
 use crate::error::{Error, ErrorKind, Result};
@@ -41,6 +42,9 @@ pub struct FileOptions {
 struct Inner {
     file: File,
     path: String,
+    /// Cleared the first time the file system answers `RWF_NOWAIT` writes with EOPNOTSUPP
+    /// (ext4 buffered writes do), so the attempt is not repeated on every write.
+    nowait_writes: AtomicBool,
 }
 
 /// An open image file.
@@ -55,6 +59,9 @@ pub struct FileDevice {
     discard_unmap: bool,
     regular: bool,
 }
+
+/// Largest read tried inline from the page cache (longer copies would hold an async worker).
+const INLINE_READ_BYTES_MAX: usize = 4 << 20;
 
 /// Largest request alignment that `cache.direct=on` may need.
 const DIRECT_ALIGN_BYTES_MAX: usize = 4096;
@@ -116,6 +123,7 @@ impl FileDevice {
             inner: Arc::new(Inner {
                 file,
                 path: opts.filename.clone(),
+                nowait_writes: AtomicBool::new(true),
             }),
             length,
             align,
@@ -233,6 +241,107 @@ fn read_full(inner: &Inner, buf: &mut [u8], offset: u64) -> Result<()> {
     Ok(())
 }
 
+/// Fills `buf` up to `len` bytes from `offset + buf.len()` without zero-filling it first (the
+/// read overwrites it); bytes past the end of a file that shrank read as zeroes, as in
+/// [`read_full`]. With `nowait`, stops early, without error, where the data is not in the
+/// page cache (`RWF_NOWAIT`), so the caller can finish on the blocking pool.
+fn read_fresh(inner: &Inner, buf: &mut BytesMut, len: usize, offset: u64, nowait: bool) -> Result<()> {
+    buf.reserve(len - buf.len());
+    while buf.len() < len {
+        let done = buf.len();
+        let spare = &mut buf.spare_capacity_mut()[..len - done];
+        let iov = libc::iovec {
+            iov_base: spare.as_mut_ptr().cast::<libc::c_void>(),
+            iov_len: spare.len(),
+        };
+        let flags = if nowait { libc::RWF_NOWAIT } else { 0 };
+        // SAFETY: preadv2(2) writes at most `iov_len` bytes into `spare`, memory this buffer
+        // owns and that stays alive for the call; the fd stays open for the call.
+        let n = unsafe {
+            libc::preadv2(
+                inner.file.as_raw_fd(),
+                &iov,
+                1,
+                (offset + done as u64) as libc::off_t,
+                flags,
+            )
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EAGAIN) | Some(libc::EOPNOTSUPP) if nowait => return Ok(()),
+                _ => {}
+            }
+            return Err(Error::from_io(
+                &e,
+                format!(
+                    "read of file '{}' at offset {} length {}",
+                    inner.path, offset, len
+                ),
+            ));
+        }
+        if n == 0 {
+            buf.resize(len, 0);
+            break;
+        }
+        // SAFETY: preadv2 initialised the first `n` bytes of the spare capacity (n > 0, and
+        // n <= iov_len = len - done).
+        unsafe { buf.set_len(done + n as usize) };
+    }
+    Ok(())
+}
+
+/// Writes what can be written at `offset` without waiting (`RWF_NOWAIT`); returns how many
+/// bytes that was, 0 where the kernel or file system would have to wait or cannot say.
+fn write_nowait(inner: &Inner, data: &[u8], offset: u64) -> Result<usize> {
+    let mut done = 0usize;
+    while done < data.len() {
+        let iov = libc::iovec {
+            iov_base: data[done..].as_ptr() as *mut libc::c_void,
+            iov_len: data.len() - done,
+        };
+        // SAFETY: pwritev2(2) only reads `iov_len` bytes from `data`, which outlives the call;
+        // the fd stays open for the call.
+        let n = unsafe {
+            libc::pwritev2(
+                inner.file.as_raw_fd(),
+                &iov,
+                1,
+                (offset + done as u64) as libc::off_t,
+                libc::RWF_NOWAIT,
+            )
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EAGAIN) => return Ok(done),
+                Some(libc::EOPNOTSUPP) => {
+                    inner.nowait_writes.store(false, Ordering::Relaxed);
+                    return Ok(done);
+                }
+                _ => {
+                    return Err(Error::from_io(
+                        &e,
+                        format!(
+                            "write of file '{}' at offset {} length {}",
+                            inner.path,
+                            offset,
+                            data.len()
+                        ),
+                    ))
+                }
+            }
+        }
+        if n == 0 {
+            return Ok(done);
+        }
+        done += n as usize;
+    }
+    Ok(done)
+}
+
 fn write_full(inner: &Inner, data: &[u8], offset: u64) -> Result<()> {
     inner.file.write_all_at(data, offset).map_err(|e| {
         Error::from_io(
@@ -315,7 +424,25 @@ impl BlockDevice for FileDevice {
         if len == 0 {
             return Ok(Bytes::new());
         }
-        let align = if self.direct { self.align as usize } else { 1 };
+        if !self.direct {
+            // Data in the page cache is copied right here (RWF_NOWAIT never waits for the
+            // disk); only what is not cached goes to the blocking pool. This saves two thread
+            // switches per cached request.
+            let mut buf = BytesMut::new();
+            if len <= INLINE_READ_BYTES_MAX {
+                read_fresh(&self.inner, &mut buf, len, offset, true)?;
+                if buf.len() == len {
+                    return Ok(buf.freeze());
+                }
+            }
+            return self
+                .blocking(move |inner| {
+                    read_fresh(inner, &mut buf, len, offset, false)?;
+                    Ok(buf.freeze())
+                })
+                .await;
+        }
+        let align = self.align as usize;
         self.blocking(move |inner| {
             let mut buf = aligned_zeroed(len, align);
             read_full(inner, &mut buf[..], offset)?;
@@ -339,6 +466,22 @@ impl BlockDevice for FileDevice {
         let align = self.align as usize;
         let bounce = self.direct && data.as_ptr() as usize % align != 0;
         let fua = flags.fua;
+        let mut data = data;
+        let mut offset = offset;
+        // As for reads: a buffered write that completes without waiting (RWF_NOWAIT: page
+        // cache, no block allocation to wait for) is done here; the rest goes to the blocking
+        // pool, and so does the sync of a FUA write.
+        if !self.direct
+            && data.len() <= INLINE_READ_BYTES_MAX
+            && self.inner.nowait_writes.load(Ordering::Relaxed)
+        {
+            let n = write_nowait(&self.inner, &data, offset)?;
+            if n == data.len() && !fua {
+                return Ok(());
+            }
+            data.advance(n);
+            offset += n as u64;
+        }
         self.blocking(move |inner| {
             if bounce {
                 let mut buf = aligned_zeroed(data.len(), align);

@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use bytes::Bytes;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, Semaphore};
 
 use super::proto::{self, cflag, cmd, errno, opt, rep, tflag};
@@ -23,6 +23,41 @@ pub const INFLIGHT_MAX: usize = 64;
 const BUFFERED_UNITS_MAX: u32 = (64 << 20) / BUFFER_UNIT_BYTES;
 /// Granularity of the payload budget.
 const BUFFER_UNIT_BYTES: u32 = 4096;
+
+/// The read buffer of a connection.
+const READ_BUFFER_BYTES: usize = 64 * 1024;
+/// Replies gathered into one vectored write, at most.
+const WRITE_BATCH_PARTS: usize = 64;
+
+/// Writes whole replies, several per vectored write when they are queued together (N30: each
+/// reply's parts stay contiguous and in order).
+async fn write_parts<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    parts: &mut std::collections::VecDeque<Bytes>,
+) -> std::io::Result<()> {
+    while !parts.is_empty() {
+        let slices: Vec<std::io::IoSlice<'_>> = parts
+            .iter()
+            .take(WRITE_BATCH_PARTS * 2)
+            .map(|b| std::io::IoSlice::new(b))
+            .collect();
+        let mut n = wr.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 {
+            let Some(front) = parts.front_mut() else { break };
+            if n >= front.len() {
+                n -= front.len();
+                parts.pop_front();
+            } else {
+                front.advance(n);
+                n = 0;
+            }
+        }
+    }
+    Ok(())
+}
 
 /// Budget units a payload of `len` bytes takes (at least one, so every request counts).
 fn buffer_units(len: u32) -> u32 {
@@ -161,7 +196,10 @@ impl Server {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let (mut rd, mut wr) = tokio::io::split(stream);
+        let (rd, mut wr) = tokio::io::split(stream);
+        // Headers are small: a buffer turns two reads per request into fewer; payloads larger
+        // than the buffer bypass it.
+        let mut rd = BufReader::with_capacity(READ_BUFFER_BYTES, rd);
         let session =
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.negotiate(&mut rd, &mut wr)).await {
                 Ok(Ok(Some(s))) => s,
@@ -385,16 +423,28 @@ impl Server {
         // stops the server reading requests (N28).
         let (tx, mut rx) = mpsc::channel::<(Vec<Bytes>, Permits)>(INFLIGHT_MAX);
         let writer = tokio::spawn(async move {
-            while let Some((parts, permits)) = rx.recv().await {
-                for p in parts {
-                    if wr.write_all(&p).await.is_err() {
-                        return;
+            let mut parts = std::collections::VecDeque::new();
+            let mut held = Vec::new();
+            while let Some((reply, permits)) = rx.recv().await {
+                parts.extend(reply);
+                held.push(permits);
+                // Whatever else is already queued goes out in the same vectored write.
+                while held.len() < WRITE_BATCH_PARTS {
+                    match rx.try_recv() {
+                        Ok((reply, permits)) => {
+                            parts.extend(reply);
+                            held.push(permits);
+                        }
+                        Err(_) => break,
                     }
+                }
+                if write_parts(&mut wr, &mut parts).await.is_err() {
+                    return;
                 }
                 if rx.is_empty() && wr.flush().await.is_err() {
                     return;
                 }
-                drop(permits);
+                held.clear();
             }
             let _ = wr.flush().await;
             let _ = wr.shutdown().await;
@@ -428,11 +478,20 @@ impl Server {
                 break;
             };
             let payload = if q.kind == cmd::WRITE && q.length > 0 {
-                let mut b = vec![0u8; q.length as usize];
-                if rd.read_exact(&mut b).await.is_err() {
+                // Read into uninitialised capacity: no zero-fill of what is overwritten anyway.
+                let len = q.length as usize;
+                let mut b = BytesMut::with_capacity(len);
+                let mut src = (&mut rd).take(u64::from(q.length));
+                while b.len() < len {
+                    match src.read_buf(&mut b).await {
+                        Ok(n) if n > 0 => {}
+                        _ => break,
+                    }
+                }
+                if b.len() < len {
                     break; // N31: end of stream inside a payload
                 }
-                Bytes::from(b)
+                b.freeze()
             } else {
                 Bytes::new()
             };
