@@ -58,7 +58,13 @@ pub struct FileDevice {
     no_flush: bool,
     discard_unmap: bool,
     regular: bool,
+    /// Buffered writes to one file serialise on its inode lock: more threads than this only
+    /// spin on it.
+    buffered_writers: tokio::sync::Semaphore,
 }
+
+/// Buffered writes to one file on the blocking pool at once.
+const BUFFERED_WRITERS_MAX: usize = 2;
 
 /// Largest read tried inline from the page cache (longer copies would hold an async worker).
 const INLINE_READ_BYTES_MAX: usize = 4 << 20;
@@ -128,6 +134,7 @@ impl FileDevice {
             length,
             align,
             read_only,
+            buffered_writers: tokio::sync::Semaphore::new(BUFFERED_WRITERS_MAX),
             direct: opts.direct,
             no_flush: opts.no_flush,
             discard_unmap: opts.discard_unmap && regular,
@@ -482,6 +489,11 @@ impl BlockDevice for FileDevice {
             data.advance(n);
             offset += n as u64;
         }
+        let _writer = if self.direct {
+            None
+        } else {
+            self.buffered_writers.acquire().await.ok()
+        };
         self.blocking(move |inner| {
             if bounce {
                 let mut buf = aligned_zeroed(data.len(), align);
