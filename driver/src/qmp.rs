@@ -211,6 +211,7 @@ impl Monitor {
         });
         let _ = tx.send(json!({"QMP": {"version": {"qemu": {"major": 10, "minor": 0, "micro": 2}, "package": concat!("ballot ", env!("CARGO_PKG_VERSION"))}, "capabilities": []}}));
         let mut negotiated = false;
+        let mut quitting = false;
         let mut sub = None;
         let mut buf: Vec<u8> = Vec::new();
         let mut chunk = [0u8; 4096];
@@ -245,7 +246,7 @@ impl Monitor {
                                             m.insert("id".into(), id);
                                         }
                                         let _ = tx.send(r);
-                                        self.quit.notify_one();
+                                        quitting = true;
                                         break 'conn;
                                     }
                                     r
@@ -287,5 +288,9 @@ impl Monitor {
         }
         drop(tx);
         let _ = writer.await;
+        // Only once `quit`'s return is on the wire may the process begin to exit.
+        if quitting {
+            self.quit.notify_one();
+        }
     }
 }

@@ -383,7 +383,7 @@ fn qemu_qmp_python_library_against_the_monitor() {
         )));
     assert_eq!(
         (code, out.as_str()),
-        (0, "qemu.qmp: 16 checks passed\n"),
+        (0, "qemu.qmp: 15 checks passed\n"),
         "{err}"
     );
     // The script ended with `quit`: the server exits 0 by itself.

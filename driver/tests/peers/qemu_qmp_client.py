@@ -102,11 +102,12 @@ async def main():
     )
 
     check("quit", await qmp.execute("quit"), {})
-    # The server hangs up after quit; qemu.qmp reports that as EOFError, as with QEMU.
+    # The server hangs up after quit; depending on who closes first, qemu.qmp reports that
+    # as EOFError, as it does with QEMU.
     try:
         await qmp.disconnect()
     except EOFError:
-        checks.append("hang-up after quit")
+        pass
     print(f"qemu.qmp: {len(checks)} checks passed")
 
 
