@@ -58,13 +58,14 @@ pub struct FileDevice {
     no_flush: bool,
     discard_unmap: bool,
     regular: bool,
-    /// Buffered writes to one file serialise on its inode lock: more threads than this only
-    /// spin on it.
-    buffered_writers: tokio::sync::Semaphore,
+    /// The thread that runs this file's buffered writes (started on the first one).
+    #[cfg(not(madsim))]
+    lane: std::sync::OnceLock<Option<std::sync::mpsc::Sender<LaneJob>>>,
 }
 
-/// Buffered writes to one file on the blocking pool at once.
-const BUFFERED_WRITERS_MAX: usize = 2;
+/// One buffered write (or sync) for a file's write thread.
+#[cfg(not(madsim))]
+type LaneJob = Box<dyn FnOnce(&Inner) + Send>;
 
 /// Largest read tried inline from the page cache (longer copies would hold an async worker).
 const INLINE_READ_BYTES_MAX: usize = 4 << 20;
@@ -134,7 +135,8 @@ impl FileDevice {
             length,
             align,
             read_only,
-            buffered_writers: tokio::sync::Semaphore::new(BUFFERED_WRITERS_MAX),
+            #[cfg(not(madsim))]
+            lane: std::sync::OnceLock::new(),
             direct: opts.direct,
             no_flush: opts.no_flush,
             discard_unmap: opts.discard_unmap && regular,
@@ -160,6 +162,52 @@ impl FileDevice {
             ));
         }
         Ok(())
+    }
+
+    /// Runs a buffered write on this file's own thread. Buffered writes to one file serialise
+    /// on its inode lock anyway; one long-lived thread that takes them in order needs no
+    /// wake-up while writes keep coming, where the blocking pool pays two thread switches for
+    /// each. Falls back to the blocking pool if the thread cannot be started.
+    async fn on_lane<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Inner) -> Result<T> + Send + 'static,
+    {
+        #[cfg(not(madsim))]
+        {
+            let lane = self.lane.get_or_init(|| {
+                let (tx, rx) = std::sync::mpsc::channel::<LaneJob>();
+                let inner = self.inner.clone();
+                std::thread::Builder::new()
+                    .name("ballot-file-write".into())
+                    .spawn(move || {
+                        while let Ok(job) = rx.recv() {
+                            job(&inner);
+                        }
+                    })
+                    .ok()
+                    .map(|_| tx)
+            });
+            if let Some(lane) = lane {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let job: LaneJob = Box::new(move |inner| {
+                    let _ = tx.send(f(inner));
+                });
+                if lane.send(job).is_ok() {
+                    return rx.await.unwrap_or_else(|_| {
+                        Err(Error::new(
+                            ErrorKind::Io,
+                            format!("file '{}': write thread ended", self.inner.path),
+                        ))
+                    });
+                }
+                return Err(Error::new(
+                    ErrorKind::Io,
+                    format!("file '{}': write thread ended", self.inner.path),
+                ));
+            }
+        }
+        self.blocking(f).await
     }
 
     async fn blocking<T, F>(&self, f: F) -> Result<T>
@@ -489,25 +537,25 @@ impl BlockDevice for FileDevice {
             data.advance(n);
             offset += n as u64;
         }
-        let _writer = if self.direct {
-            None
-        } else {
-            self.buffered_writers.acquire().await.ok()
-        };
-        self.blocking(move |inner| {
+        let run = move |inner: &Inner| {
             if bounce {
                 let mut buf = aligned_zeroed(data.len(), align);
                 buf.copy_from_slice(&data);
-                write_full(inner, &buf, offset)?;
+                write_full(inner, &buf, offset)
             } else {
-                write_full(inner, &data, offset)?;
+                write_full(inner, &data, offset)
             }
-            if fua {
-                datasync(inner)?;
-            }
-            Ok(())
-        })
-        .await
+        };
+        if self.direct {
+            self.blocking(run).await?;
+        } else {
+            self.on_lane(run).await?;
+        }
+        if fua {
+            // On the blocking pool, so a sync never holds up the write thread.
+            self.blocking(datasync).await?;
+        }
+        Ok(())
     }
 
     async fn flush(&self) -> Result<()> {
