@@ -300,7 +300,13 @@ fn read_full(inner: &Inner, buf: &mut [u8], offset: u64) -> Result<()> {
 /// read overwrites it); bytes past the end of a file that shrank read as zeroes, as in
 /// [`read_full`]. With `nowait`, stops early, without error, where the data is not in the
 /// page cache (`RWF_NOWAIT`), so the caller can finish on the blocking pool.
-fn read_fresh(inner: &Inner, buf: &mut BytesMut, len: usize, offset: u64, nowait: bool) -> Result<()> {
+fn read_fresh(
+    inner: &Inner,
+    buf: &mut BytesMut,
+    len: usize,
+    offset: u64,
+    nowait: bool,
+) -> Result<()> {
     buf.reserve(len - buf.len());
     while buf.len() < len {
         let done = buf.len();

@@ -46,7 +46,9 @@ async fn write_parts<W: AsyncWrite + Unpin>(
             return Err(std::io::ErrorKind::WriteZero.into());
         }
         while n > 0 {
-            let Some(front) = parts.front_mut() else { break };
+            let Some(front) = parts.front_mut() else {
+                break;
+            };
             if n >= front.len() {
                 n -= front.len();
                 parts.pop_front();
