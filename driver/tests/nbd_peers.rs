@@ -1,4 +1,4 @@
-//! `ballot serve` as the server for real NBD and QMP clients (NBD.md §8 rows 1–5 and 7, issue 4
+//! `ballot serve` as the server for real NBD and QMP clients (NBD.md §8 rows 1–5, 7 and 14, issue 4
 //! item 4): qemu-io's option order and compliance traces, qemu-img convert and compare, nbdcopy
 //! of 1 GiB each way over two connections, an nbdsh script for opt mode, simple replies, plain
 //! newstyle and N20's error for each bad request, fio's nbd engine with crc32c verification,
@@ -388,5 +388,77 @@ fn qemu_qmp_python_library_against_the_monitor() {
     );
     // The script ended with `quit`: the server exits 0 by itself.
     assert_eq!(s.child.wait().expect("wait").code(), Some(0));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Row 14: ballot in both roles: three `ballot serve` replicas, each exporting one file, and a
+/// fourth `ballot serve` whose quorum takes them as `driver=nbd` children; qemu-io writes and
+/// reads through the front one, every replica file holds the data, and a replica whose file
+/// disagrees is outvoted.
+#[test]
+fn quorum_over_three_ballot_replicas() {
+    if !need(&["qemu-io"], "qemu-utils") {
+        return;
+    }
+    let dir = scratch("ballot-replicas");
+    let mut replicas = Vec::new();
+    let mut front: Vec<String> = vec!["serve".into()];
+    for i in 0..3 {
+        let img = dir.join(format!("r{i}.raw"));
+        std::fs::File::create(&img)
+            .and_then(|f| f.set_len(8 * MIB))
+            .expect("replica image");
+        let sock = dir.join(format!("r{i}.sock"));
+        let args: Vec<String> = vec![
+            "serve".into(),
+            format!(
+                "--blockdev=driver=file,node-name=f0,filename={}",
+                img.display()
+            ),
+            nbd_server_arg(&sock),
+            "--export=type=nbd,id=e0,node-name=f0,name=replica,writable=on".into(),
+        ];
+        replicas.push(start_ballot(&args, &sock, &[]));
+        front.push(format!(
+            "--blockdev=driver=nbd,node-name=n{i},server.type=unix,server.path={},export=replica,request-timeout=10",
+            sock.display()
+        ));
+    }
+    let socket = dir.join("front.sock");
+    front.push(r#"--blockdev={"driver":"quorum","node-name":"q0","vote-threshold":2,"children":["n0","n1","n2"]}"#.into());
+    front.push(nbd_server_arg(&socket));
+    front.push("--export=type=nbd,id=e0,node-name=q0,name=disk0,writable=on".into());
+    let mut s = start_ballot(&front, &socket, &[]);
+    let (code, out) = peers::qemu_io(
+        &socket,
+        "disk0",
+        &["write -P 0x9c 0 1M", "flush", "read -P 0x9c 0 1M"],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("read 1048576/1048576 bytes at offset 0"),
+        "{out}"
+    );
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    for i in 0..3 {
+        let img = std::fs::read(dir.join(format!("r{i}.raw"))).expect("replica");
+        assert_eq!(&img[..1 << 20], &vec![0x9cu8; 1 << 20][..], "replica {i}");
+    }
+    {
+        use std::io::{Seek, SeekFrom};
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.join("r2.raw"))
+            .expect("open r2");
+        f.seek(SeekFrom::Start(512)).expect("seek");
+        f.write_all(&[0]).expect("flip");
+    }
+    let (code, out) = peers::qemu_io(&socket, "disk0", &["read -P 0x9c 0 4k"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    assert_eq!(s.terminate(), Some(0));
+    for mut r in replicas {
+        assert_eq!(r.terminate(), Some(0));
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
