@@ -1,4 +1,4 @@
-//! `ballot serve` as the server for real NBD and QMP clients (NBD.md §8 rows 1–5, 7 and 14, issue 4
+//! `ballot serve` as the server for real NBD and QMP clients (NBD.md §8 rows 1–7 and 14, issue 4
 //! item 4): qemu-io's option order and compliance traces, qemu-img convert and compare, nbdcopy
 //! of 1 GiB each way over two connections, an nbdsh script for opt mode, simple replies, plain
 //! newstyle and N20's error for each bad request, fio's nbd engine with crc32c verification,
@@ -9,6 +9,7 @@ mod peers;
 use std::io::Write;
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
 use peers::{nbd_server_arg, need, quorum_args, scratch, start_ballot, uri};
 use sha2::{Digest, Sha256};
@@ -460,5 +461,122 @@ fn quorum_over_three_ballot_replicas() {
     for mut r in replicas {
         assert_eq!(r.terminate(), Some(0));
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Undoes what the nbdfuse test set up, in reverse order, even when it fails half-way.
+struct FuseStack {
+    fs_mount: Option<std::path::PathBuf>,
+    loop_dev: Option<String>,
+    fuse_mount: std::path::PathBuf,
+    nbdfuse: Option<std::process::Child>,
+}
+
+impl Drop for FuseStack {
+    fn drop(&mut self) {
+        if let Some(m) = self.fs_mount.take() {
+            let _ = Command::new("umount").arg(&m).status();
+        }
+        if let Some(l) = self.loop_dev.take() {
+            let _ = Command::new("losetup").args(["-d", &l]).status();
+        }
+        let _ = Command::new("umount").arg(&self.fuse_mount).status();
+        if let Some(mut c) = self.nbdfuse.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Row 6 (N51): a kernel block device on top of `ballot serve`: nbdfuse exposes the export as
+/// a file, a loop device makes it a disk, mkfs.ext4, mount, write, unmount, `fsck -n` clean,
+/// mount again and read back. Skipped with the reason where FUSE, loop devices or mounting are
+/// not permitted.
+#[test]
+fn nbdfuse_loop_ext4_round_trip_where_permitted() {
+    if !need(&["nbdfuse"], "libnbd-bin") {
+        return;
+    }
+    let skip = |why: &str| eprintln!("skipped (N51): {why}");
+    if !Path::new("/dev/fuse").exists() || !Path::new("/dev/loop-control").exists() {
+        return skip("no /dev/fuse or /dev/loop-control");
+    }
+    let dir = scratch("nbdfuse");
+    let socket = dir.join("nbd.sock");
+    let args = quorum_args(
+        &dir,
+        ["a.raw", "b.raw", "c.raw"],
+        64 * MIB,
+        &[
+            nbd_server_arg(&socket),
+            "--export=type=nbd,id=e0,node-name=q0,name=disk0,writable=on".into(),
+        ],
+    );
+    let mut s = start_ballot(&args, &socket, &[]);
+    let fuse_mount = dir.join("fuse");
+    let fs_mount = dir.join("fs");
+    std::fs::create_dir_all(&fuse_mount).expect("fuse dir");
+    std::fs::create_dir_all(&fs_mount).expect("fs dir");
+    let mut stack = FuseStack {
+        fs_mount: None,
+        loop_dev: None,
+        fuse_mount: fuse_mount.clone(),
+        nbdfuse: None,
+    };
+    let file = fuse_mount.join("nbd");
+    stack.nbdfuse = Command::new("nbdfuse")
+        .arg(&file)
+        .arg(uri(&socket, "disk0"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .ok();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0) != 64 * MIB {
+        if std::time::Instant::now() > deadline {
+            drop(stack);
+            return skip("nbdfuse could not mount (FUSE not permitted?)");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (code, out, err) = run(Command::new("losetup").arg("-f").arg("--show").arg(&file));
+    if code != 0 {
+        drop(stack);
+        return skip(&format!("losetup refused: {err}"));
+    }
+    let dev = out.trim().to_string();
+    stack.loop_dev = Some(dev.clone());
+    let (code, _, err) = run(Command::new("mkfs.ext4").args(["-q", "-F", &dev]));
+    assert_eq!(code, 0, "mkfs.ext4: {err}");
+    let (code, _, err) = run(Command::new("mount").arg(&dev).arg(&fs_mount));
+    if code != 0 {
+        drop(stack);
+        return skip(&format!("mount refused: {err}"));
+    }
+    stack.fs_mount = Some(fs_mount.clone());
+    let payload: Vec<u8> = (0..MIB as usize).map(|i| (i % 251) as u8).collect();
+    std::fs::write(fs_mount.join("hello.bin"), &payload).expect("write through ext4");
+    let (code, _, err) = run(Command::new("umount").arg(&fs_mount));
+    assert_eq!(code, 0, "umount: {err}");
+    stack.fs_mount = None;
+    let (code, out, err) = run(Command::new("fsck.ext4").args(["-n", "-f", &dev]));
+    assert_eq!(code, 0, "fsck: {out}{err}");
+    let (code, _, err) = run(Command::new("mount").arg(&dev).arg(&fs_mount));
+    assert_eq!(code, 0, "mount again: {err}");
+    stack.fs_mount = Some(fs_mount.clone());
+    assert_eq!(
+        std::fs::read(fs_mount.join("hello.bin")).expect("read back"),
+        payload
+    );
+    drop(stack);
+    assert_eq!(s.terminate(), Some(0));
+    // The filesystem reached every replica: the children agree byte for byte.
+    assert_eq!(
+        sha256_file(&dir.join("a.raw")),
+        sha256_file(&dir.join("b.raw"))
+    );
+    assert_eq!(
+        sha256_file(&dir.join("a.raw")),
+        sha256_file(&dir.join("c.raw"))
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
