@@ -178,7 +178,6 @@ fn misbehaving_clients_get_n31_reactions_and_the_server_keeps_serving() {
     let socket = dir.join("nbd.sock");
     let args = quorum_args(
         &dir,
-        ["a.raw", "b.raw", "c.raw"],
         SIZE,
         &[
             nbd_server_arg(&socket),

@@ -4,27 +4,12 @@
 //! ERR_UNKNOWN with its name. Every server is started on a unix socket in a scratch directory
 //! and stopped by its own PID; SIGTERM must end it with status 0.
 
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 mod peers;
 
-use peers::{qemu_io, scratch, start_ballot, wait_for, Served};
-
-fn serve_quorum(dir: &Path) -> Served {
-    let socket = dir.join("nbd.sock");
-    let args = peers::quorum_args(
-        dir,
-        ["a.raw", "b.raw", "c.raw"],
-        16 << 20,
-        &[
-            peers::nbd_server_arg(&socket),
-            "--export=type=nbd,id=e0,node-name=q0,name=disk0,writable=on".into(),
-        ],
-    );
-    start_ballot(&args, &socket, &[])
-}
+use peers::{qemu_io, scratch, start_ballot, wait_for};
 
 #[test]
 fn qemu_io_and_qemu_img_through_a_served_quorum() {
@@ -32,7 +17,7 @@ fn qemu_io_and_qemu_img_through_a_served_quorum() {
         return;
     }
     let dir = scratch("qemu");
-    let mut s = serve_quorum(&dir);
+    let mut s = peers::serve_disk0(&dir, 16 << 20);
     let (code, out) = qemu_io(
         &s.socket,
         "disk0",
@@ -285,7 +270,7 @@ fn nbdinfo_sees_the_flags_block_sizes_list_and_map_of_n13_n19_n24() {
         return;
     }
     let dir = scratch("nbdinfo");
-    let mut s = serve_quorum(&dir);
+    let mut s = peers::serve_disk0(&dir, 16 << 20);
     let uri = format!("nbd+unix:///disk0?socket={}", s.socket.display());
     // N19: exit 0 for yes, 2 for no (nbdinfo --can).
     for (cap, want) in [

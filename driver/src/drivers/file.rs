@@ -67,8 +67,9 @@ pub struct FileDevice {
 #[cfg(not(madsim))]
 type LaneJob = Box<dyn FnOnce(&Inner) + Send>;
 
-/// Largest read tried inline from the page cache (longer copies would hold an async worker).
-const INLINE_READ_BYTES_MAX: usize = 4 << 20;
+/// Largest read or write tried inline against the page cache (longer copies would hold an
+/// async worker).
+const INLINE_BYTES_MAX: usize = 4 << 20;
 
 /// Largest request alignment that `cache.direct=on` may need.
 const DIRECT_ALIGN_BYTES_MAX: usize = 4096;
@@ -272,6 +273,17 @@ fn probe_direct_alignment(file: &File, length: u64) -> u32 {
     }
 }
 
+/// The error of a failed read or write (`what`) of `len` bytes at `offset`.
+fn io_error(inner: &Inner, what: &str, offset: u64, len: usize, e: &std::io::Error) -> Error {
+    Error::from_io(
+        e,
+        format!(
+            "{what} of file '{}' at offset {offset} length {len}",
+            inner.path
+        ),
+    )
+}
+
 fn read_full(inner: &Inner, buf: &mut [u8], offset: u64) -> Result<()> {
     let mut done = 0usize;
     while done < buf.len() {
@@ -280,17 +292,7 @@ fn read_full(inner: &Inner, buf: &mut [u8], offset: u64) -> Result<()> {
             Ok(0) => break,
             Ok(n) => done += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                return Err(Error::from_io(
-                    &e,
-                    format!(
-                        "read of file '{}' at offset {} length {}",
-                        inner.path,
-                        offset,
-                        buf.len()
-                    ),
-                ))
-            }
+            Err(e) => return Err(io_error(inner, "read", offset, buf.len(), &e)),
         }
     }
     Ok(())
@@ -334,13 +336,7 @@ fn read_fresh(
                 Some(libc::EAGAIN) | Some(libc::EOPNOTSUPP) if nowait => return Ok(()),
                 _ => {}
             }
-            return Err(Error::from_io(
-                &e,
-                format!(
-                    "read of file '{}' at offset {} length {}",
-                    inner.path, offset, len
-                ),
-            ));
+            return Err(io_error(inner, "read", offset, len, &e));
         }
         if n == 0 {
             buf.resize(len, 0);
@@ -382,17 +378,7 @@ fn write_nowait(inner: &Inner, data: &[u8], offset: u64) -> Result<usize> {
                     inner.nowait_writes.store(false, Ordering::Relaxed);
                     return Ok(done);
                 }
-                _ => {
-                    return Err(Error::from_io(
-                        &e,
-                        format!(
-                            "write of file '{}' at offset {} length {}",
-                            inner.path,
-                            offset,
-                            data.len()
-                        ),
-                    ))
-                }
+                _ => return Err(io_error(inner, "write", offset, data.len(), &e)),
             }
         }
         if n == 0 {
@@ -404,17 +390,10 @@ fn write_nowait(inner: &Inner, data: &[u8], offset: u64) -> Result<usize> {
 }
 
 fn write_full(inner: &Inner, data: &[u8], offset: u64) -> Result<()> {
-    inner.file.write_all_at(data, offset).map_err(|e| {
-        Error::from_io(
-            &e,
-            format!(
-                "write of file '{}' at offset {} length {}",
-                inner.path,
-                offset,
-                data.len()
-            ),
-        )
-    })
+    inner
+        .file
+        .write_all_at(data, offset)
+        .map_err(|e| io_error(inner, "write", offset, data.len(), &e))
 }
 
 fn datasync(inner: &Inner) -> Result<()> {
@@ -490,7 +469,7 @@ impl BlockDevice for FileDevice {
             // disk); only what is not cached goes to the blocking pool. This saves two thread
             // switches per cached request.
             let mut buf = BytesMut::new();
-            if len <= INLINE_READ_BYTES_MAX {
+            if len <= INLINE_BYTES_MAX {
                 read_fresh(&self.inner, &mut buf, len, offset, true)?;
                 if buf.len() == len {
                     return Ok(buf.freeze());
@@ -533,7 +512,7 @@ impl BlockDevice for FileDevice {
         // cache, no block allocation to wait for) is done here; the rest goes to the blocking
         // pool, and so does the sync of a FUA write.
         if !self.direct
-            && data.len() <= INLINE_READ_BYTES_MAX
+            && data.len() <= INLINE_BYTES_MAX
             && self.inner.nowait_writes.load(Ordering::Relaxed)
         {
             let n = write_nowait(&self.inner, &data, offset)?;

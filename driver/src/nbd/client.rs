@@ -28,6 +28,10 @@ pub const INFLIGHT_MAX: usize = 16;
 /// kept at half the range and 64 KiB-aligned so every server's alignment divides it.
 const UNPAYLOADED_BYTES_MAX: u64 = u32::MAX as u64 / 2 / 65536 * 65536;
 
+/// N42, N44: connection attempts back off from 100 ms, doubling, to 5 s.
+const BACKOFF_FIRST: Duration = Duration::from_millis(100);
+/// See [`BACKOFF_FIRST`].
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Largest option reply accepted: a LIST entry is at most a 4 KiB name and its description.
 const OPTION_REPLY_BYTES_MAX: u32 = 64 * 1024;
 /// Longest one connection attempt (connect and handshake) may take when `request-timeout` is
@@ -337,7 +341,14 @@ async fn handshake(s: &mut Box<dyn Stream>, export: &str) -> Result<Negotiated> 
                             "server acknowledged GO without INFO(EXPORT)",
                         ));
                     };
-                    return finish(size, flags, minimum, maximum, structured, meta);
+                    return finish(Negotiated {
+                        size,
+                        flags,
+                        minimum,
+                        maximum,
+                        structured,
+                        meta,
+                    });
                 }
                 rep::ERR_UNSUP => break, // N38: EXPORT_NAME fallback
                 rep::ERR_UNKNOWN => {
@@ -378,36 +389,33 @@ async fn handshake(s: &mut Box<dyn Stream>, export: &str) -> Result<Negotiated> 
     }
     let size = u64::from_be_bytes(b[..8].try_into().unwrap_or([0; 8]));
     let flags = u16::from_be_bytes([b[8], b[9]]);
-    finish(size, flags, 1, proto::PAYLOAD_BYTES_MAX, structured, meta)
+    finish(Negotiated {
+        size,
+        flags,
+        minimum: 1,
+        maximum: proto::PAYLOAD_BYTES_MAX,
+        structured,
+        meta,
+    })
 }
 
-fn finish(
-    size: u64,
-    flags: u16,
-    minimum: u32,
-    maximum: u32,
-    structured: bool,
-    meta: Option<u32>,
-) -> Result<Negotiated> {
-    if flags & tflag::HAS_FLAGS == 0 {
+/// N39's checks on what negotiation found; no context without structured replies.
+fn finish(n: Negotiated) -> Result<Negotiated> {
+    if n.flags & tflag::HAS_FLAGS == 0 {
         return Err(Error::new(
             ErrorKind::Io,
             "server's transmission flags lack HAS_FLAGS",
         ));
     }
-    if size > i64::MAX as u64 {
+    if n.size > i64::MAX as u64 {
         return Err(Error::new(
             ErrorKind::Io,
-            format!("export size {size} is too large"),
+            format!("export size {} is too large", n.size),
         ));
     }
     Ok(Negotiated {
-        size,
-        flags,
-        minimum,
-        maximum,
-        structured,
-        meta: if structured { meta } else { None },
+        meta: if n.structured { n.meta } else { None },
+        ..n
     })
 }
 
@@ -628,12 +636,12 @@ async fn dial(opts: &ClientOptions) -> Result<(Arc<Conn>, Negotiated)> {
 /// still starts within `window`; the last error otherwise.
 async fn dial_retrying(opts: &ClientOptions, window: Duration) -> Result<(Arc<Conn>, Negotiated)> {
     let deadline = tokio::time::Instant::now() + window;
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = BACKOFF_FIRST;
     loop {
         match dial(opts).await {
             Err(_) if tokio::time::Instant::now() + backoff <= deadline => {
                 tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                backoff = (backoff * 2).min(BACKOFF_MAX);
             }
             r => return r,
         }
@@ -643,7 +651,7 @@ async fn dial_retrying(opts: &ClientOptions, window: Duration) -> Result<(Arc<Co
 /// N42: the background reconnect, from 100 ms doubling to 5 s, until it succeeds or the device
 /// is gone. A new connection must show the same size and read-only state.
 async fn reconnect(shared: std::sync::Weak<Shared>) {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = BACKOFF_FIRST;
     loop {
         let Some(sh) = shared.upgrade() else { return };
         let opts = sh.opts.clone();
@@ -661,7 +669,7 @@ async fn reconnect(shared: std::sync::Weak<Shared>) {
         }
         drop(sh);
         tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+        backoff = (backoff * 2).min(BACKOFF_MAX);
     }
 }
 

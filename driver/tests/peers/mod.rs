@@ -27,9 +27,9 @@ pub fn need(tools: &[&str], package: &str) -> bool {
     if missing.is_empty() {
         return true;
     }
-    let msg = format!("{missing:?} not installed (.ci/run installs {package})");
-    assert!(std::env::var_os("BALLOT_REQUIRE_PEERS").is_none(), "{msg}");
-    eprintln!("skipped: {msg}");
+    self::missing(&format!(
+        "{missing:?} not installed (.ci/run installs {package})"
+    ));
     false
 }
 
@@ -98,11 +98,11 @@ pub fn start_ballot(args: &[String], socket: &Path, extra: &[&Path]) -> Served {
     served
 }
 
-/// `serve` arguments for a quorum `q0` (vote-threshold 2) of three files named `files` in
+/// `serve` arguments for a quorum `q0` (vote-threshold 2) of `a.raw`, `b.raw` and `c.raw` in
 /// `dir`, each created with `size` bytes unless it exists, plus `extra` arguments.
-pub fn quorum_args(dir: &Path, files: [&str; 3], size: u64, extra: &[String]) -> Vec<String> {
+pub fn quorum_args(dir: &Path, size: u64, extra: &[String]) -> Vec<String> {
     let mut args: Vec<String> = vec!["serve".into()];
-    for (i, f) in files.iter().enumerate() {
+    for (i, f) in ["a.raw", "b.raw", "c.raw"].iter().enumerate() {
         let path = dir.join(f);
         if !path.exists() {
             std::fs::File::create(&path)
@@ -117,6 +117,28 @@ pub fn quorum_args(dir: &Path, files: [&str; 3], size: u64, extra: &[String]) ->
     args.push(r#"--blockdev={"driver":"quorum","node-name":"q0","vote-threshold":2,"children":["f0","f1","f2"]}"#.into());
     args.extend_from_slice(extra);
     args
+}
+
+/// `ballot serve` with the quorum of [`quorum_args`] exported writable as `disk0` on
+/// `dir/nbd.sock`.
+pub fn serve_disk0(dir: &Path, size: u64) -> Served {
+    let socket = dir.join("nbd.sock");
+    let args = quorum_args(
+        dir,
+        size,
+        &[
+            nbd_server_arg(&socket),
+            "--export=type=nbd,id=e0,node-name=q0,name=disk0,writable=on".into(),
+        ],
+    );
+    start_ballot(&args, &socket, &[])
+}
+
+/// A peer the test needs is missing: fails the test when `BALLOT_REQUIRE_PEERS` is set (CI),
+/// otherwise prints why it is skipped.
+pub fn missing(msg: &str) {
+    assert!(std::env::var_os("BALLOT_REQUIRE_PEERS").is_none(), "{msg}");
+    eprintln!("skipped: {msg}");
 }
 
 /// `--nbd-server` on a unix socket.
