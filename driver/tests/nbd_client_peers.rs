@@ -16,7 +16,7 @@ use ballot::host::Host;
 use ballot::nbd::client::{Address, ClientOptions, NbdClient};
 use ballot::{BlockDevice, ErrorKind, WriteFlags, ZeroFlags};
 use bytes::Bytes;
-use peers::{nbdkit, need, scratch, wait_for, Daemon};
+use peers::{nbdkit, need, scratch, Daemon};
 
 const MIB: u64 = 1 << 20;
 
@@ -53,8 +53,7 @@ fn qemu_nbd(dir: &Path, name: &str, args: &[&str], img: &Path) -> Daemon {
         .status()
         .expect("start qemu-nbd");
     assert!(st.success(), "qemu-nbd {args:?}");
-    wait_for(&[&socket, &pidfile], "qemu-nbd");
-    Daemon { pidfile, socket }
+    Daemon::started(pidfile, socket, "qemu-nbd")
 }
 
 /// Writes, reads back, zeroes, trims and flushes through `c`, and reads the block status of
@@ -164,8 +163,7 @@ async fn qemu_storage_daemon_export_and_unknown_name() {
         .status()
         .expect("start qemu-storage-daemon");
     assert!(st.success());
-    let d = Daemon { pidfile, socket };
-    wait_for(&[&d.socket], "qemu-storage-daemon");
+    let d = Daemon::started(pidfile, socket, "qemu-storage-daemon");
     let c = NbdClient::open(opts(&d.socket, "disk0"))
         .await
         .expect("open");

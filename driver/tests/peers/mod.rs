@@ -171,15 +171,28 @@ pub fn uri(socket: &Path, export: &str) -> String {
 pub struct Daemon {
     pub pidfile: PathBuf,
     pub socket: PathBuf,
+    /// Read once at start: daemons remove their pidfile when they exit.
+    pid: u32,
 }
 
 impl Daemon {
-    pub fn pid(&self) -> u32 {
-        std::fs::read_to_string(&self.pidfile)
-            .expect("pidfile")
-            .trim()
-            .parse()
-            .expect("pid")
+    /// Waits up to 10 s for the daemon's socket and for its PID in `pidfile` (a daemon may
+    /// create the file before writing it).
+    pub fn started(pidfile: PathBuf, socket: PathBuf, who: &str) -> Daemon {
+        wait_for(&[&socket, &pidfile], who);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = std::fs::read_to_string(&pidfile).unwrap_or_default();
+            if let Ok(pid) = text.trim().parse() {
+                return Daemon {
+                    pidfile,
+                    socket,
+                    pid,
+                };
+            }
+            assert!(Instant::now() < deadline, "no PID in {}", pidfile.display());
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Sends SIGTERM and waits up to 10 s for the process to go.
@@ -190,12 +203,12 @@ impl Daemon {
 
     /// Sends SIGTERM.
     pub fn terminate(&self) {
-        signal(self.pid(), libc::SIGTERM);
+        signal(self.pid, libc::SIGTERM);
     }
 
     /// Waits up to 10 s for the process to go.
     pub fn wait_gone(&self) {
-        let pid = self.pid();
+        let pid = self.pid;
         let deadline = Instant::now() + Duration::from_secs(10);
         // SAFETY: kill(pid, 0) only checks whether the process still exists.
         while unsafe { libc::kill(pid as i32, 0) } == 0 {
@@ -208,11 +221,10 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        if let Ok(pid) = std::fs::read_to_string(&self.pidfile) {
-            if let Ok(pid) = pid.trim().parse::<i32>() {
-                // SAFETY: kill(2) on the PID the daemon this test started wrote.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
+        // Once the daemon is gone its pidfile is too (it or `wait_gone` removed it).
+        if self.pidfile.exists() {
+            // SAFETY: kill(2) on the PID of the daemon this test started, still running.
+            unsafe { libc::kill(self.pid as i32, libc::SIGKILL) };
         }
     }
 }
@@ -232,8 +244,7 @@ pub fn nbdkit(dir: &Path, name: &str, args: &[&str]) -> Daemon {
         .status()
         .expect("start nbdkit");
     assert!(st.success(), "nbdkit {args:?} failed to start");
-    wait_for(&[&socket, &pidfile], "nbdkit");
-    Daemon { pidfile, socket }
+    Daemon::started(pidfile, socket, "nbdkit")
 }
 
 /// A QMP connection (greeting read, capabilities negotiated).
