@@ -103,6 +103,8 @@ pub struct ModelCfg {
     pub initial_pattern: bool,
     /// blkverify mode (Q33, Q34).
     pub blkverify: bool,
+    /// Children's node-name prefix: `c` (local vdisks) or `r` (NBD replicas).
+    pub prefix: &'static str,
 }
 
 #[derive(Debug, Clone)]
@@ -318,6 +320,37 @@ impl Oracle {
             }
         }
         self.observed.clear();
+    }
+
+    /// O5 for damage that happens outside a crash of the issuing node (NBD children: a write
+    /// some children missed, a late delivery, a replica's crash or reformat): on each of
+    /// `sectors`, an acked write stops being guaranteed once too few children hold it
+    /// (`holders`), and an observation of it is forgotten.
+    pub fn reassess(&mut self, sectors: &[u64], holders: impl Fn(u64, Value) -> usize) {
+        let (n, t, fifo) = (self.cfg.n, self.cfg.t, self.cfg.fifo);
+        for &s in sectors {
+            let Some(list) = self.sectors.get(&s) else {
+                continue;
+            };
+            let mut lost = Vec::new();
+            for &id in list {
+                let acked = self.ops.get(&id).is_some_and(|o| o.outcome == Outcome::Ok);
+                if !acked || self.unguaranteed.contains(&(s, id)) {
+                    continue;
+                }
+                let h = holders(s, self.value_of(id, s));
+                let guaranteed = if fifo { h == n } else { n - h.min(n) < t };
+                if !guaranteed {
+                    lost.push(id);
+                }
+            }
+            for id in lost {
+                self.unguaranteed.insert((s, id));
+                if self.observed.get(&s).is_some_and(|(w, _)| *w == id) {
+                    self.observed.remove(&s);
+                }
+            }
+        }
     }
 
     fn is_overwriter(&self, id: u64, s: u64, need_durable: bool) -> Option<(u64, u64)> {
@@ -586,9 +619,10 @@ impl Oracle {
         let mut want_events: Vec<String> = Vec::new();
         let want: Result<Option<u64>, ErrorKind>;
         let mut want_rewrites: Vec<(usize, u64)> = Vec::new();
+        let prefix = self.cfg.prefix;
         let rb = |io: &str, child: usize, err: Option<ErrorKind>, sn: u64, sc: u64| {
             format!(
-                "RB {io} c{child} {} {sn}/{sc}",
+                "RB {io} {prefix}{child} {} {sn}/{sc}",
                 err.map(|k| k.errno_name()).unwrap_or("-")
             )
         };
@@ -865,7 +899,7 @@ impl Oracle {
                         bad(
                             v,
                             "I7",
-                            format!("block status asked c{} out of order", c.disk),
+                            format!("block status asked {}{} out of order", self.cfg.prefix, c.disk),
                         );
                         return;
                     }
@@ -1021,7 +1055,12 @@ impl Oracle {
         let mut errs = Vec::new();
         for c in &flushes {
             if let ChildResult::Err(e) = c.result {
-                want_events.push(format!("RB flush c{} {} 0/0", c.disk, e.errno_name()));
+                want_events.push(format!(
+                    "RB flush {}{} {} 0/0",
+                    self.cfg.prefix,
+                    c.disk,
+                    e.errno_name()
+                ));
                 errs.push(e);
             }
         }
@@ -1149,6 +1188,7 @@ mod tests {
             discard_forwarded: false,
             initial_pattern: true,
             blkverify: false,
+            prefix: "c",
         }
     }
 

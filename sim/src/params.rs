@@ -18,6 +18,41 @@ pub const FAMILIES: [&str; 12] = [
     "F1", "F2", "F3", "F4", "F5", "F6", "F7", "F8", "F9", "F10", "F11", "F16",
 ];
 
+/// Fault families the quorum-over-NBD topology adds (SIMULATION.md §4: network and replica
+/// processes).
+pub const NBD_FAMILIES: [&str; 6] = ["F12", "F13", "F14", "F15", "F17", "F18"];
+
+/// Every family the quorum topologies inject: the local ones, then the NBD ones.
+pub fn all_families() -> Vec<&'static str> {
+    FAMILIES.iter().chain(NBD_FAMILIES.iter()).copied().collect()
+}
+
+/// The NBD side of a run (`topology.transport = "nbd"`): client timers (NBD.md N42–N46) and
+/// the network and replica faults (F12–F18).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NbdParams {
+    /// `request-timeout`, ns (0: off).
+    pub request_timeout_ns: u64,
+    /// `reconnect-delay`, ns.
+    pub reconnect_delay_ns: u64,
+    /// `open-timeout`, ns.
+    pub open_timeout_ns: u64,
+    /// F12: one-way latency range, ns (uniform per message).
+    pub latency_ns: (u64, u64),
+    /// F13: per 100 ms tick, probability that a replica's partition starts, and that it heals.
+    pub partition: (f64, f64),
+    /// F15: swizzle clogs per virtual second, and the window range, ns.
+    pub swizzle_rate: f64,
+    /// F15 window.
+    pub swizzle_ns: (u64, u64),
+    /// F17: pauses per replica per virtual second, and their length range, ns.
+    pub pause_rate: f64,
+    /// F17 length.
+    pub pause_ns: (u64, u64),
+    /// F18: fraction of replica restarts that come back empty.
+    pub reformat: f64,
+}
+
 /// Operation mix weights.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Mix {
@@ -92,6 +127,8 @@ pub struct Params {
     pub deadline_ns: u64,
     /// Virtual-time limit of the safety phase, ns (W5).
     pub time_limit_ns: u64,
+    /// Children are NBD replicas on their own hosts (None: local vdisks).
+    pub nbd: Option<NbdParams>,
 }
 
 /// Pinned values by dotted key, with a record of which were used.
@@ -271,10 +308,8 @@ impl Params {
         if kind == "colo" {
             return Err("key 'topology.kind': \"colo\" is not simulated yet (the COLO topology comes with the replication driver)".into());
         }
-        let transport = p.choice("topology.transport", &["local", "nbd"], &[1, 0])?;
-        if transport == "nbd" {
-            return Err("key 'topology.transport': \"nbd\" is not simulated yet (it comes with the NBD server and client)".into());
-        }
+        let transport = p.choice("topology.transport", &["local", "nbd"], &[3, 1])?;
+        let nbd_on = transport == "nbd";
         let path = p.choice("topology.guest_path", &["direct", "nbd"], &[1, 0])?;
         if path == "nbd" {
             return Err("key 'topology.guest_path': \"nbd\" is not simulated yet (it comes with the NBD server)".into());
@@ -370,16 +405,21 @@ impl Params {
         })?;
         let fua = p.float("workload.fua", 0.0, 1.0, |r| r.uniform(0.0, 0.2))?;
         let random_faults = p.boolean("faults.random", 1.0)?;
+        let known: Vec<&str> = if nbd_on {
+            all_families()
+        } else {
+            FAMILIES.to_vec()
+        };
         let families: Vec<String> = match p.get("faults.families") {
             Some(Tv::Array(a)) => {
                 let mut out = Vec::new();
                 for x in a {
                     match x {
-                        Tv::String(s) if FAMILIES.contains(&s.as_str()) => out.push(s.clone()),
+                        Tv::String(s) if known.contains(&s.as_str()) => out.push(s.clone()),
                         Tv::String(s) => {
                             return Err(format!(
                                 "key 'faults.families': '{s}' is not a fault this topology injects ({})",
-                                FAMILIES.join(", ")
+                                known.join(", ")
                             ))
                         }
                         other => return Err(format!("key 'faults.families': expected strings, got {}", other.type_str())),
@@ -396,11 +436,21 @@ impl Params {
             None => {
                 // S2: each family with probability 1/2.
                 let mut r = p.rng("faults.families");
-                FAMILIES
+                let mut out: Vec<String> = FAMILIES
                     .iter()
                     .filter(|_| r.chance(0.5))
                     .map(|s| s.to_string())
-                    .collect()
+                    .collect();
+                if nbd_on {
+                    let mut r = p.rng("faults.families.nbd");
+                    out.extend(
+                        NBD_FAMILIES
+                            .iter()
+                            .filter(|_| r.chance(0.5))
+                            .map(|s| s.to_string()),
+                    );
+                }
+                out
             }
         };
         let on = |f: &str| random_faults && families.iter().any(|x| x == f);
@@ -468,6 +518,68 @@ impl Params {
             stall_ns,
             factor: 1,
         };
+        let nbd = if nbd_on {
+            // N46: request-timeout from {0} and [0.5 s, 10 s]; F14 needs one (a request given
+            // up by its client) and a reconnect-delay (the re-send).
+            let f14 = on("F14");
+            let request_timeout_ns = p.time("nbd_client.request_timeout", |r| {
+                if !f14 && r.chance(0.2) {
+                    0
+                } else {
+                    r.range(500, 10_000) * 1_000_000
+                }
+            })?;
+            let reconnect_delay_ns = p.time("nbd_client.reconnect_delay", |r| {
+                if !f14 && r.chance(0.4) {
+                    0
+                } else {
+                    r.range(500, 10_000) * 1_000_000
+                }
+            })?;
+            let open_timeout_ns = p.time("nbd_client.open_timeout", |r| {
+                if r.chance(0.3) {
+                    0
+                } else {
+                    r.range(1_000, 30_000) * 1_000_000
+                }
+            })?;
+            let latency_ns = p.pair("network.latency", parse_time_ns, |r| {
+                if on("F12") {
+                    let min = r.range(0, 30_000) * 1000;
+                    let mean = min + r.range(1_000, 100_000) * 1000;
+                    (min, 2 * mean - min)
+                } else {
+                    (50_000, 500_000)
+                }
+            })?;
+            let partition = (
+                p.float("faults.partition_start", 0.0, 1.0, |r| r.uniform(0.0, 0.03))?,
+                p.float("faults.partition_heal", 0.0, 1.0, |r| r.uniform(0.01, 0.1))?,
+            );
+            let swizzle_rate = p.float("faults.swizzle_rate", 0.0, 10.0, |r| r.uniform(0.01, 0.1))?;
+            let swizzle_ns = p.pair("faults.swizzle_window", parse_time_ns, |_| {
+                (1_000_000_000, 10_000_000_000)
+            })?;
+            let pause_rate = p.float("faults.pause_rate", 0.0, 10.0, |r| r.uniform(0.0, 0.05))?;
+            let pause_ns = p.pair("faults.pause", parse_time_ns, |_| {
+                (100_000_000, 30_000_000_000)
+            })?;
+            let reformat = p.float("faults.reformat", 0.0, 1.0, |_| 0.3)?;
+            Some(NbdParams {
+                request_timeout_ns,
+                reconnect_delay_ns,
+                open_timeout_ns,
+                latency_ns,
+                partition: if on("F13") { partition } else { (0.0, 0.0) },
+                swizzle_rate: if on("F15") { swizzle_rate } else { 0.0 },
+                swizzle_ns,
+                pause_rate: if on("F17") { pause_rate } else { 0.0 },
+                pause_ns,
+                reformat: if on("F18") { reformat } else { 0.0 },
+            })
+        } else {
+            None
+        };
         let liveness = p.boolean(
             "phases.liveness",
             if budget == Budget::Beyond { 0.0 } else { 1.0 },
@@ -507,6 +619,7 @@ impl Params {
             liveness,
             deadline_ns,
             time_limit_ns,
+            nbd,
         })
     }
 
@@ -532,7 +645,8 @@ impl Params {
             self.budget.as_str()
         );
         s += &format!(
-            "topology = {{ kind = \"quorum\", transport = \"local\", guest_path = \"direct\", children = {}, vote_threshold = {}, read_pattern = \"{}\", rewrite_corrupted = {}, blkverify = {}, discard_unmap = {}, discard_zeroes = {}, disk_size = \"{}\", initial = \"{}\" }}\n",
+            "topology = {{ kind = \"quorum\", transport = \"{}\", guest_path = \"direct\", children = {}, vote_threshold = {}, read_pattern = \"{}\", rewrite_corrupted = {}, blkverify = {}, discard_unmap = {}, discard_zeroes = {}, disk_size = \"{}\", initial = \"{}\" }}\n",
+            if self.nbd.is_some() { "nbd" } else { "local" },
             self.children,
             self.threshold,
             if self.fifo { "fifo" } else { "quorum" },
@@ -543,6 +657,19 @@ impl Params {
             fmt_size(self.disk_size),
             if self.initial_pattern { "pattern" } else { "zero" }
         );
+        if let Some(n) = &self.nbd {
+            s += &format!(
+                "nbd_client = {{ request_timeout = \"{}\", reconnect_delay = \"{}\", open_timeout = \"{}\" }}\n",
+                fmt_time(n.request_timeout_ns),
+                fmt_time(n.reconnect_delay_ns),
+                fmt_time(n.open_timeout_ns)
+            );
+            s += &format!(
+                "network = {{ latency = \"{}..{}\" }}\n",
+                fmt_time(n.latency_ns.0),
+                fmt_time(n.latency_ns.1)
+            );
+        }
         s += &format!(
             "workload = {{ ops = {}, mix = {{ read = {}, write = {}, write_zeroes = {}, trim = {}, flush = {} }}, size = \"{}..{}\", queue_depth = {}, region = \"{}..{}\", hot = {:?}, fua = {:?} }}\n",
             self.ops,
@@ -576,6 +703,22 @@ impl Params {
             rate_or(self.rates.f8, 1.0),
             rate_or(self.rates.f9, 0.0)
         );
+        if let Some(n) = &self.nbd {
+            // The faults table above is closed; the NBD families' knobs go in a second one.
+            s = s.trim_end_matches(" } }\n").to_string();
+            s += &format!(
+                " }}, partition_start = {:?}, partition_heal = {:?}, swizzle_rate = {:?}, swizzle_window = \"{}..{}\", pause_rate = {:?}, pause = \"{}..{}\", reformat = {:?} }}\n",
+                n.partition.0,
+                n.partition.1,
+                n.swizzle_rate,
+                fmt_time(n.swizzle_ns.0),
+                fmt_time(n.swizzle_ns.1),
+                n.pause_rate,
+                fmt_time(n.pause_ns.0),
+                fmt_time(n.pause_ns.1),
+                n.reformat
+            );
+        }
         s += &format!(
             "disk = {{ read_min = \"{}\", read_mean = \"{}\", write_min = \"{}\", write_mean = \"{}\", stall = {:?}, stall_time = \"{}..{}\"{} }}\n",
             fmt_time(self.latency.read_min_ns),

@@ -198,13 +198,11 @@ impl Scenario {
                 "budget" => {
                     pins.insert("budget".to_string(), v.clone());
                 }
-                "topology" | "workload" | "faults" | "phases" | "disk" | "nbd_client" => {
+                "topology" | "workload" | "faults" | "phases" | "disk" | "nbd_client"
+                | "network" => {
                     let t = v
                         .as_table()
                         .ok_or_else(|| format!("key '{k}': expected a table"))?;
-                    if k == "nbd_client" {
-                        return Err("key 'nbd_client': NBD children are not simulated yet (they come with the NBD client)".into());
-                    }
                     let mut t = t.clone();
                     if k == "workload" {
                         if let Some(steps) = t.remove("step") {
@@ -223,8 +221,22 @@ impl Scenario {
                 "key 'name' is missing (it must equal the file stem '{stem}')"
             ));
         }
+        // A scenario file is about the children it names: local vdisks unless it says
+        // `transport = "nbd"` (random swarm seeds draw the transport).
+        pins.entry("topology.transport".to_string())
+            .or_insert_with(|| Tv::String("local".into()));
         // Every pinned key must be a parameter: derive once to check.
-        Params::derive(sc.seed.unwrap_or(0), &pins)?;
+        let derived = Params::derive(sc.seed.unwrap_or(0), &pins)?;
+        for f in &sc.faults {
+            let net = matches!(f.id.as_str(), "F13" | "F15" | "F17" | "F18")
+                || (f.id == "F16" && f.target.is_some());
+            if net && derived.nbd.is_none() {
+                return Err(format!(
+                    "key 'fault': {} on a replica needs topology.transport = \"nbd\"",
+                    f.id
+                ));
+            }
+        }
         let ids: Vec<&str> = sc.steps.iter().map(|s| s.id.as_str()).collect();
         for e in &sc.expects {
             let step = match e {
@@ -370,10 +382,13 @@ fn parse_target(s: &str, what: &str) -> Result<Option<usize>, String> {
         return Ok(None);
     }
     s.strip_prefix('c')
+        .or_else(|| s.strip_prefix('r'))
         .and_then(|n| n.parse::<usize>().ok())
         .filter(|n| *n < 7)
         .map(Some)
-        .ok_or_else(|| format!("key '{what}': '{s}' names no node (c0..c6 or qhost)"))
+        .ok_or_else(|| {
+            format!("key '{what}': '{s}' names no node (c0..c6, r0..r6 or qhost)")
+        })
 }
 
 fn parse_faults(v: &Tv) -> Result<Vec<FaultSpec>, String> {
@@ -391,8 +406,9 @@ fn parse_faults(v: &Tv) -> Result<Vec<FaultSpec>, String> {
             ],
         )?;
         let id = str_key(t, w, i, "id")?.ok_or(format!("key '{w}[{i}].id' is missing"))?;
-        const SCRIPTED: [&str; 10] = [
-            "F1", "F2", "F3", "F4", "F5", "F6", "F7", "F10", "F11", "F16",
+        const SCRIPTED: [&str; 14] = [
+            "F1", "F2", "F3", "F4", "F5", "F6", "F7", "F10", "F11", "F13", "F15", "F16", "F17",
+            "F18",
         ];
         if !SCRIPTED.contains(&id) {
             return Err(format!(
@@ -402,10 +418,10 @@ fn parse_faults(v: &Tv) -> Result<Vec<FaultSpec>, String> {
         }
         let target = match str_key(t, w, i, "target")? {
             Some(s) => parse_target(s, &format!("{w}[{i}].target"))?,
-            None if id == "F16" => None,
+            None if id == "F16" || id == "F15" => None,
             None => return Err(format!("key '{w}[{i}].target' is missing")),
         };
-        if id != "F16" && target.is_none() {
+        if id != "F16" && id != "F15" && target.is_none() {
             return Err(format!("key '{w}[{i}].target': {id} needs a child (c0..)"));
         }
         let range = match str_key(t, w, i, "range")? {
@@ -459,8 +475,14 @@ fn parse_faults(v: &Tv) -> Result<Vec<FaultSpec>, String> {
                     ("F11", "delta", other) => {
                         return Err(format!("key '{w}[{i}].params.delta': {other} is not a non-zero multiple of 512"))
                     }
-                    ("F16", "restart", Tv::String(s)) => {
-                        parse_time_ns(s).map_err(|e| format!("key '{w}[{i}].params.restart': {e}"))?;
+                    ("F16" | "F18", "restart", Tv::String(s))
+                    | ("F17", "length", Tv::String(s))
+                    | ("F15", "window", Tv::String(s)) => {
+                        parse_time_ns(s).map_err(|e| format!("key '{w}[{i}].params.{k}': {e}"))?;
+                    }
+                    ("F13", "kind", Tv::String(s)) if ["both", "in", "out", "isolate"].contains(&s.as_str()) => {}
+                    ("F13", "kind", other) => {
+                        return Err(format!("key '{w}[{i}].params.kind': {other} is not \"both\", \"in\", \"out\" or \"isolate\""))
                     }
                     _ => return Err(format!("key '{w}[{i}].params.{k}': unknown for {id}")),
                 }

@@ -247,6 +247,9 @@ struct Inner {
     window_sectors: u64,
     seed: u64,
     oplog: BTreeMap<u64, Vec<ChildOp>>,
+    /// Disks that count as failing on every sector (B1: unreachable, paused, crashed, or
+    /// with a stale NBD connection that may still deliver old writes).
+    down: Vec<bool>,
     counters: Counters,
     trace: Trace,
     start: tokio::time::Instant,
@@ -280,6 +283,8 @@ pub struct DiskSetConfig {
     pub discard_zeroes: bool,
     /// Sectors the largest request spans (guest ops and scrub reads).
     pub window_sectors: u64,
+    /// Node-name prefix of the children: `c` for local vdisks, `r` for NBD replicas.
+    pub prefix: &'static str,
 }
 
 /// Result of a crash's resolution of pending writes (F8, F9), for the trace and counters.
@@ -312,7 +317,7 @@ impl DiskSet {
                     })
                     .collect();
                 DiskState {
-                    name: format!("c{i}"),
+                    name: format!("{}{i}", cfg.prefix),
                     sectors,
                     durable: init.clone(),
                     current: init,
@@ -340,6 +345,7 @@ impl DiskSet {
                 window_sectors: cfg.window_sectors,
                 seed: cfg.seed,
                 oplog: BTreeMap::new(),
+                down: vec![false; n],
                 counters: Counters::default(),
                 trace,
                 start: tokio::time::Instant::now(),
@@ -488,6 +494,103 @@ impl DiskSet {
         g.injected(index, family, sectors.start..end);
     }
 
+    /// Sets whether disk `index` counts as failing on every sector (B1).
+    pub fn set_down(&self, index: usize, down: bool) {
+        self.lock().down[index] = down;
+    }
+
+    /// B3 for a node-level fault (F13, F15–F18) on disk `index`: checked against the worst
+    /// sector with the disk's copy taken as `mark` everywhere. fifo (B4): never on the first
+    /// child, and only while every child before it is reachable and clean. Counts a skip.
+    pub fn allow_node(&self, family: &'static str, index: usize, mark: Mark) -> bool {
+        let mut g = self.lock();
+        let (n, t) = (g.n, g.t);
+        let others_down = (0..n).filter(|&j| j != index && g.down[j]).count();
+        let mut ok = others_down < n - t;
+        if mark == Mark::Wrong {
+            ok &= t >= 2;
+        }
+        if g.fifo {
+            ok &= index >= 1
+                && (0..index).all(|j| !g.down[j] && g.disks[j].marks.is_empty());
+        }
+        if ok {
+            let mut marked: std::collections::BTreeSet<u64> = std::collections::BTreeSet::new();
+            for d in &g.disks {
+                marked.extend(d.marks.keys().copied());
+            }
+            ok = marked
+                .iter()
+                .all(|&s| g.within_budget(s, Some((index, Some(mark)))));
+        }
+        if !ok {
+            *g.counters.skipped.entry(family).or_default() += 1;
+        }
+        ok
+    }
+
+    /// B1: a write disk `index` did not acknowledge leaves its copies of `sectors` stale
+    /// (the request may also land later, F14).
+    pub fn mark_missed(&self, index: usize, sectors: Range<u64>) {
+        let mut g = self.lock();
+        let end = sectors.end.min(g.disks[index].sectors);
+        for s in sectors.start..end {
+            g.disks[index].marks.insert(s, Mark::Wrong);
+        }
+    }
+
+    /// F14: a write that reached disk `index` through a connection its client had given up
+    /// (N43). The copies it wrote may be older than what the disk held: suspect (B1).
+    pub fn late_landing(&self, index: usize, sectors: Range<u64>) {
+        let mut g = self.lock();
+        let end = sectors.end.min(g.disks[index].sectors);
+        for s in sectors.start..end {
+            g.disks[index].marks.insert(s, Mark::Wrong);
+        }
+        g.injected(index, "F14", sectors.start..end);
+    }
+
+    /// F18: disk `index` comes back empty (zeros, nothing pending, no sticky faults). Returns
+    /// the sectors whose value changed; the ledger marks those wrong (B1).
+    pub fn reformat(&self, index: usize) -> Vec<u64> {
+        let mut g = self.lock();
+        let d = &mut g.disks[index];
+        let zero = Stored::V(Value::Zero);
+        let mut changed = Vec::new();
+        for (s, v) in d.current.iter().enumerate() {
+            if *v != zero || d.sticky.contains_key(&(s as u64)) {
+                changed.push(s as u64);
+            }
+        }
+        d.current = vec![zero.clone(); d.sectors as usize];
+        d.durable = vec![zero; d.sectors as usize];
+        d.pending.clear();
+        d.sticky.clear();
+        d.misdirect = None;
+        d.armed.clear();
+        d.marks.clear();
+        for &s in &changed {
+            d.marks.insert(s, Mark::Wrong);
+        }
+        g.injected(index, "F18", 0..0);
+        changed
+    }
+
+    /// Logs a child request as the quorum saw it (an NBD child's answer, transport failures
+    /// included) against guest op `op`; the disk's own log line stays in the trace.
+    pub fn log_seen(&self, op: u64, c: ChildOp) {
+        let mut g = self.lock();
+        let node = format!("q/{}", g.disks[c.disk].name);
+        let res = match &c.result {
+            ChildResult::Ok(_) => 0,
+            ChildResult::Err(k) => *k as i64 + 1,
+        };
+        g.record(node, "seen", op, c.offset, c.len, res, c.data, String::new());
+        if op != 0 {
+            g.oplog.entry(op).or_default().push(c);
+        }
+    }
+
     /// How many disks hold exactly `v` at sector `s`, readable and uncorrupted (O5).
     pub fn holders(&self, s: u64, v: Value) -> usize {
         let g = self.lock();
@@ -615,6 +718,13 @@ impl DiskSet {
     /// `cut_off` lists byte ranges of guest requests the crash interrupted: a write can have
     /// reached some children (even durably, through another op's flush) and not others.
     pub fn crash(&self, cut_off: &[(u64, u64)]) -> CrashReport {
+        let all: Vec<usize> = (0..self.len()).collect();
+        self.crash_disks(&all, cut_off).0
+    }
+
+    /// [`DiskSet::crash`] for the disks in `which` only (a replica host's crash); also returns
+    /// the sectors it touched.
+    pub fn crash_disks(&self, which: &[usize], cut_off: &[(u64, u64)]) -> (CrashReport, Vec<u64>) {
         let mut g = self.lock();
         let mut report = CrashReport::default();
         let rates = g.rates.clone();
@@ -629,7 +739,7 @@ impl DiskSet {
         // Damaged copies per sector so far: the safety budget lets at most t - 1 disks hold
         // damage on one sector, so no torn version can gather t votes.
         let mut damaged: BTreeMap<u64, usize> = BTreeMap::new();
-        for di in 0..g.n {
+        for &di in which {
             let pending = std::mem::take(&mut g.disks[di].pending);
             let mut current = g.disks[di].durable.clone();
             for (wi, p) in pending.iter().enumerate() {
@@ -755,7 +865,7 @@ impl DiskSet {
         if report.torn > 0 {
             *g.counters.injected.entry("F9").or_default() += report.torn;
         }
-        report
+        (report, touched.into_iter().collect())
     }
 
     /// Reads sector `s` of disk `index` as the media holds it (no faults applied), for final
@@ -785,6 +895,7 @@ impl Inner {
         let mark_of = |i: usize| -> Option<Mark> {
             match over {
                 Some((j, m)) if j == i => m,
+                _ if self.down[i] => Some(Mark::Failing),
                 _ => self.disks[i].marks.get(&s).copied(),
             }
         };

@@ -9,11 +9,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use ballot::drivers::quorum::{Quorum, QuorumOptions, ReadPattern};
+use ballot::nbd::client::NbdClient;
 use ballot::events::{Emitted, Event, EventBus, IoType, Stream};
 use ballot::host::Host;
 use ballot::{BlockDevice, Device, ErrorKind, WriteFlags, ZeroFlags};
 use bytes::Bytes;
 
+use crate::net::Replica;
 use crate::oracle::{ModelCfg, OpKind, Oracle, Violation};
 use crate::params::Params;
 use crate::rng::Rng;
@@ -129,18 +131,64 @@ struct State {
     captured: Vec<ballot::host::Captured>,
 }
 
-struct World {
-    p: Params,
+/// One run's shared state: parameters, disks, the oracle and the hosts.
+pub(crate) struct World {
+    pub(crate) p: Params,
     sc: Scenario,
-    disks: Arc<DiskSet>,
+    pub(crate) disks: Arc<DiskSet>,
     st: Mutex<State>,
     wake: tokio::sync::Notify,
     crash_now: tokio::sync::Notify,
+    /// Replica hosts (quorum over NBD).
+    net: Mutex<Vec<Replica>>,
+    /// The qhost node, once built.
+    qhost: Mutex<Option<madsim::task::NodeId>>,
+    /// Every NBD client qhost opened, for the P9–P11 tally.
+    clients: Mutex<Vec<Arc<NbdClient>>>,
 }
 
 impl World {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.st.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The replicas' network and process state.
+    pub(crate) fn net_lock(&self) -> MutexGuard<'_, Vec<Replica>> {
+        self.net.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The qhost node.
+    pub(crate) fn qhost_node(&self) -> Option<madsim::task::NodeId> {
+        *self.qhost.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds the counters of every NBD client still alive to the P9–P11 tally and forgets
+    /// them (a crashed qhost's clients go with it).
+    fn harvest_clients(&self) {
+        let list = std::mem::take(&mut *self.clients.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut st = self.lock();
+        for c in list {
+            let s = c.stats();
+            let paths = &mut st.oracle.tally.paths;
+            *paths.entry("P9").or_default() += s.resent;
+            *paths.entry("P10").or_default() += s.failed_lost;
+            *paths.entry("P11").or_default() += u64::from(s.open_retries > 0);
+            *paths.entry("NBD-losses").or_default() += s.losses;
+        }
+    }
+
+    /// Whether the safety phase is on.
+    pub(crate) fn in_safety(&self) -> bool {
+        self.lock().phase == Phase::Safety
+    }
+
+    /// O5 outside a crash of qhost: re-derives on `sectors` which acked writes are still
+    /// guaranteed by the copies the disks hold.
+    pub(crate) fn reassess(&self, sectors: &[u64]) {
+        let disks = self.disks.clone();
+        self.lock()
+            .oracle
+            .reassess(sectors, |s, v| disks.holders(s, v));
     }
 
     fn violate(&self, v: Violation) {
@@ -152,7 +200,7 @@ impl World {
     }
 
     /// A violation that belongs to no guest op or sector.
-    fn fail(&self, rule: &'static str, message: String) {
+    pub(crate) fn fail(&self, rule: &'static str, message: String) {
         self.violate(Violation {
             rule,
             op: 0,
@@ -170,7 +218,13 @@ impl World {
 pub fn run(p: Params, sc: &Scenario, opts: &RunOpts) -> RunResult {
     let wall = std::time::Instant::now();
     let seed = p.seed;
-    let mut rt = madsim::runtime::Runtime::with_seed_and_config(seed, madsim::Config::default());
+    let mut config = madsim::Config::default();
+    if let Some(n) = &p.nbd {
+        // F12: a seeded one-way latency per message (W10).
+        config.net.send_latency =
+            Duration::from_nanos(n.latency_ns.0)..Duration::from_nanos(n.latency_ns.1.max(n.latency_ns.0 + 1));
+    }
+    let mut rt = madsim::runtime::Runtime::with_seed_and_config(seed, config);
     // W5 backstop: a hang past every phase's limit is a liveness failure.
     rt.set_time_limit(Duration::from_nanos(
         p.time_limit_ns
@@ -243,6 +297,7 @@ async fn world_main(p: Params, sc: Scenario, opts: RunOpts) -> RunResult {
             initial_pattern: p.initial_pattern,
             discard_zeroes: p.discard_zeroes,
             window_sectors: p.size.1.max(SCRUB_CHUNK_BYTES) / SECTOR_U64,
+            prefix: if p.nbd.is_some() { "r" } else { "c" },
         },
         {
             let mut t = Trace::new(opts.verbose, opts.window);
@@ -258,9 +313,11 @@ async fn world_main(p: Params, sc: Scenario, opts: RunOpts) -> RunResult {
         t: p.threshold,
         fifo: p.fifo,
         rewrite: p.rewrite,
-        discard_forwarded: p.discard_unmap && p.discard_zeroes,
+        // Q45: an NBD child promises no zeroes on TRIM, so quorum never forwards a discard.
+        discard_forwarded: p.discard_unmap && p.discard_zeroes && p.nbd.is_none(),
         initial_pattern: p.initial_pattern,
         blkverify: p.blkverify,
+        prefix: if p.nbd.is_some() { "r" } else { "c" },
     });
     let mut frng = Rng::stream(p.seed, "faults/F11");
     let f11_at = (p.family_on("F11") && p.ops > 0).then(|| frng.below(p.ops));
@@ -295,12 +352,32 @@ async fn world_main(p: Params, sc: Scenario, opts: RunOpts) -> RunResult {
             last_failed_children: Vec::new(),
             captured: Vec::new(),
         }),
+        net: Mutex::new(vec![Replica::default(); if p.nbd.is_some() { n } else { 0 }]),
+        qhost: Mutex::new(None),
+        clients: Mutex::new(Vec::new()),
         p,
         sc,
         wake: tokio::sync::Notify::new(),
         crash_now: tokio::sync::Notify::new(),
     });
     let handle = madsim::runtime::Handle::current();
+    // Replica hosts first, so qhost finds them listening.
+    if world.p.nbd.is_some() {
+        for i in 0..n {
+            let w2 = world.clone();
+            let node = handle
+                .create_node()
+                .name(format!("r{i}"))
+                .ip(crate::net::replica_ip(i))
+                .init(move || {
+                    let w = w2.clone();
+                    async move { crate::net::replica_main(w, i).await }
+                })
+                .build();
+            world.net_lock()[i].node = Some(node.id());
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
     let w2 = world.clone();
     let node = handle
         .create_node()
@@ -312,6 +389,12 @@ async fn world_main(p: Params, sc: Scenario, opts: RunOpts) -> RunResult {
         })
         .build();
     let node_id = node.id();
+    *world.qhost.lock().unwrap_or_else(|p| p.into_inner()) = Some(node_id);
+    if let Some(np) = world.p.nbd.clone() {
+        if world.p.random_faults {
+            tokio::spawn(crate::net::random_faults(world.clone(), np));
+        }
+    }
     // Scripted faults at virtual times.
     for (i, f) in world.sc.faults.iter().enumerate() {
         if let When::At(ns) = f.when {
@@ -326,9 +409,7 @@ async fn world_main(p: Params, sc: Scenario, opts: RunOpts) -> RunResult {
             let target = f.target;
             tokio::spawn(async move {
                 tokio::time::sleep(Duration::from_nanos(ns)).await;
-                if let Some(c) = target {
-                    w.disks.set_latency_factor(c, 1);
-                }
+                end_lasting(&w, i, target);
             });
         }
     }
@@ -388,8 +469,23 @@ async fn world_main(p: Params, sc: Scenario, opts: RunOpts) -> RunResult {
     if !world.lock().alive {
         restart_node(&world, &handle, node_id);
     }
+    if world.p.nbd.is_some() && world.p.liveness && !world.failed() {
+        // S6 for the network; a stale connection that never drains would let an old write
+        // land after the scrub.
+        let limit = Duration::from_nanos(world.p.deadline_ns);
+        if !crate::net::quiesce(&world, limit).await {
+            world.fail(
+                "I14",
+                format!(
+                    "a replica still had a stale NBD connection {} after the network healed",
+                    crate::units::fmt_time(world.p.deadline_ns)
+                ),
+            );
+        }
+    }
     // Wait for the (re)opened quorum.
-    for _ in 0..1000 {
+    let polls = if world.p.nbd.is_some() { 60_000 } else { 1000 };
+    for _ in 0..polls {
         if world.lock().quorum.is_some() || world.failed() {
             break;
         }
@@ -539,7 +635,13 @@ fn scripted_restart(w: &World) -> Option<(u64, u64)> {
 fn crash_node(w: &Arc<World>, handle: &madsim::runtime::Handle, id: madsim::task::NodeId) {
     handle.kill(id);
     let cut_off = w.lock().oracle.pending_ranges();
-    let report = w.disks.crash(&cut_off);
+    w.harvest_clients();
+    // Over NBD the replicas' caches live on: only the ledger of the cut-off ranges changes.
+    let report = if w.p.nbd.is_some() {
+        w.disks.crash_disks(&[], &cut_off).0
+    } else {
+        w.disks.crash(&cut_off)
+    };
     w.disks.count_injected("F16");
     w.disks.trace_full(
         "qhost",
@@ -602,9 +704,46 @@ async fn qhost_main(w: Arc<World>) {
     let (host, captured) = Host::recording(bus);
     w.lock().captured.push(captured);
     let p = &w.p;
-    let children: Vec<(String, Device)> = (0..p.children)
-        .map(|i| (format!("c{i}"), w.disks.device(i) as Device))
-        .collect();
+    let children: Vec<(String, Device)> = match &p.nbd {
+        None => (0..p.children)
+            .map(|i| (format!("c{i}"), w.disks.device(i) as Device))
+            .collect(),
+        Some(np) => {
+            // Each child an `nbd` client of its replica. An open that fails (a replica down
+            // or cut off, beyond open-timeout) is retried as a supervisor restarting the
+            // service would, every second, for as long as the run goes on.
+            let mut out = Vec::new();
+            for i in 0..p.children {
+                let client = loop {
+                    match crate::net::open_child(np, i).await {
+                        Ok(c) => break Arc::new(c),
+                        Err(e) => {
+                            w.disks.trace_full(
+                                "qhost",
+                                "open-child",
+                                0,
+                                i as u64,
+                                0,
+                                5,
+                                0,
+                                e.to_string(),
+                            );
+                            if w.lock().phase == Phase::Done {
+                                return;
+                            }
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
+                    }
+                };
+                w.clients
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(client.clone());
+                out.push((format!("r{i}"), crate::net::seen(&w, i, client)));
+            }
+            out
+        }
+    };
     let opts = QuorumOptions {
         read_pattern: if p.fifo {
             ReadPattern::Fifo
@@ -733,11 +872,21 @@ fn fire_due(w: &Arc<World>) {
                 fire_once(w, i);
             }
         }
-        if let (Some(When::AtOp(k)), Some(c)) = (&f.until, f.target) {
+        if let Some(When::AtOp(k)) = &f.until {
             if *k <= done {
-                w.disks.set_latency_factor(c, 1);
+                end_lasting(w, i, f.target);
             }
         }
+    }
+}
+
+/// Ends scripted lasting fault `i` (F10's slowdown, F13's partition) when its `until` comes.
+fn end_lasting(w: &Arc<World>, i: usize, target: Option<usize>) {
+    let Some(c) = target else { return };
+    match w.sc.faults[i].id.as_str() {
+        "F13" if c < w.p.children => crate::net::heal(w, c),
+        "F10" => w.disks.set_latency_factor(c, 1),
+        _ => {}
     }
 }
 
@@ -751,7 +900,37 @@ fn fire_once(w: &Arc<World>, i: usize) {
     }
     let f: FaultSpec = w.sc.faults[i].clone();
     let sectors = f.range.map(|(a, b)| a / SECTOR_U64..b / SECTOR_U64);
+    let time_param = |k: &str, d: u64| match f.params.get(k) {
+        Some(toml::Value::String(s)) => crate::units::parse_time_ns(s).unwrap_or(d),
+        _ => d,
+    };
     match (f.id.as_str(), f.target) {
+        ("F13", Some(i)) if i < w.p.children => {
+            let cut = match f.params.get("kind") {
+                Some(toml::Value::String(s)) => crate::net::Cut::parse(s),
+                _ => crate::net::Cut::Both,
+            };
+            crate::net::partition(w, i, cut, "F13", false);
+        }
+        ("F17", Some(i)) if i < w.p.children => {
+            crate::net::pause(w, i, time_param("length", 5_000_000_000), false);
+        }
+        (fam @ ("F16" | "F18"), Some(i)) if i < w.p.children => {
+            if crate::net::crash(w, i, false) {
+                let after = time_param("restart", 1_000_000_000);
+                let reformat = fam == "F18";
+                let w = w.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_nanos(after)).await;
+                    crate::net::restart(&w, i, reformat, false);
+                });
+            }
+        }
+        ("F15", None) => {
+            let window = time_param("window", 4_000_000_000);
+            let all: Vec<usize> = (0..w.p.children).collect();
+            tokio::spawn(crate::net::swizzle(w.clone(), all, window, w.p.seed, false));
+        }
         ("F16", _) => {
             w.lock().crash_requested = true;
             w.crash_now.notify_one();
@@ -826,6 +1005,7 @@ async fn hot_add_mismatch(w: &Arc<World>, delta: i64) {
             initial_pattern: false,
             discard_zeroes: false,
             window_sectors: 1,
+            prefix: "c",
         },
         Trace::new(false, (0, 0)),
     );
@@ -990,6 +1170,15 @@ async fn run_op(
     } else {
         GUEST_OP.scope(id, fut).await
     };
+    if w.p.nbd.is_some()
+        && r.is_ok()
+        && matches!(kind, OpKind::Write | OpKind::WriteZeroes)
+    {
+        // Children that missed an acked write (a timeout, a lost connection) may leave it
+        // without a quorum of holders (O5).
+        let sectors: Vec<u64> = (offset / SECTOR_U64..(offset + len).div_ceil(SECTOR_U64)).collect();
+        w.reassess(&sectors);
+    }
     let children = w.disks.take_oplog(id);
     let excused = judge && {
         let (over, latent) = w.disks.excused_sectors();
@@ -1377,6 +1566,7 @@ async fn check_expectations(w: &Arc<World>) {
 }
 
 fn finish(w: &Arc<World>, start: tokio::time::Instant) -> RunResult {
+    w.harvest_clients();
     let counters = w.disks.counters();
     let (over, latent) = w.disks.excused_sectors();
     let st = w.lock();

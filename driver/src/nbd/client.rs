@@ -154,10 +154,40 @@ enum Link {
     Broken,
 }
 
+/// Counters of the connection-loss paths (N42, N44), for monitoring and the simulator's
+/// recovery-path tally (SIMULATION.md P9–P11).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClientStats {
+    /// Connections lost (end of stream, reset, protocol error, request timeout, ESHUTDOWN).
+    pub losses: u64,
+    /// Reconnections that succeeded.
+    pub reconnects: u64,
+    /// Requests re-sent on a new connection within `reconnect-delay` (P9).
+    pub resent: u64,
+    /// Requests failed with EIO because the connection was lost and not back in time (P10).
+    pub failed_lost: u64,
+    /// Connection attempts that failed while opening, before the one that succeeded (P11).
+    pub open_retries: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    losses: AtomicU64,
+    reconnects: AtomicU64,
+    resent: AtomicU64,
+    failed_lost: AtomicU64,
+    open_retries: AtomicU64,
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
 /// What the device and its reconnect task share.
 struct Shared {
     opts: ClientOptions,
     neg: Negotiated,
+    counters: Counters,
     link: Mutex<Link>,
     /// Woken when the link changes.
     changed: tokio::sync::Notify,
@@ -249,6 +279,13 @@ async fn read_option_reply<S: AsyncRead + Unpin>(
     Ok((h, d))
 }
 
+/// Writes one handshake message and flushes it: the peer answers only what it has received
+/// (a buffering stream, such as the simulator's, holds bytes until flushed).
+async fn send(s: &mut Box<dyn Stream>, bytes: &[u8]) -> Result<()> {
+    s.write_all(bytes).await.map_err(io_err)?;
+    s.flush().await.map_err(io_err)
+}
+
 /// N36–N39: the whole handshake on a fresh stream.
 async fn handshake(s: &mut Box<dyn Stream>, export: &str) -> Result<Negotiated> {
     let mut g = [0u8; 18];
@@ -276,20 +313,16 @@ async fn handshake(s: &mut Box<dyn Stream>, export: &str) -> Result<Negotiated> 
     if no_zeroes {
         cf |= proto::CLIENT_NO_ZEROES;
     }
-    s.write_all(&cf.to_be_bytes()).await.map_err(io_err)?;
+    send(s, &cf.to_be_bytes()).await?;
     let mut structured = false;
     let mut meta = None;
     if fixed {
-        s.write_all(&proto::encode_option(opt::STRUCTURED_REPLY, &[]))
-            .await
-            .map_err(io_err)?;
+        send(s, &proto::encode_option(opt::STRUCTURED_REPLY, &[])).await?;
         let (h, _) = read_option_reply(s).await?;
         structured = h.reply_type == rep::ACK;
         if structured {
             let d = proto::encode_meta_context_request(export, &["base:allocation"]);
-            s.write_all(&proto::encode_option(opt::SET_META_CONTEXT, &d))
-                .await
-                .map_err(io_err)?;
+            send(s, &proto::encode_option(opt::SET_META_CONTEXT, &d)).await?;
             loop {
                 let (h, d) = read_option_reply(s).await?;
                 match h.reply_type {
@@ -303,9 +336,7 @@ async fn handshake(s: &mut Box<dyn Stream>, export: &str) -> Result<Negotiated> 
             }
         }
         let d = proto::encode_info_request(export, &[proto::info::BLOCK_SIZE]);
-        s.write_all(&proto::encode_option(opt::GO, &d))
-            .await
-            .map_err(io_err)?;
+        send(s, &proto::encode_option(opt::GO, &d)).await?;
         let mut export_info = None;
         let (mut minimum, mut maximum) = (1u32, proto::PAYLOAD_BYTES_MAX);
         loop {
@@ -373,9 +404,7 @@ async fn handshake(s: &mut Box<dyn Stream>, export: &str) -> Result<Negotiated> 
         }
     }
     // EXPORT_NAME (plain newstyle, or GO unsupported).
-    s.write_all(&proto::encode_option(opt::EXPORT_NAME, export.as_bytes()))
-        .await
-        .map_err(io_err)?;
+    send(s, &proto::encode_option(opt::EXPORT_NAME, export.as_bytes())).await?;
     let mut b = [0u8; 10];
     s.read_exact(&mut b).await.map_err(|_| {
         Error::new(
@@ -601,6 +630,7 @@ async fn send_disc(conn: &Conn, cookie: u64) {
     });
     let mut w = conn.writer.lock().await;
     let _ = w.write_all(&disc).await;
+    let _ = w.flush().await;
     let _ = w.shutdown().await;
 }
 
@@ -634,16 +664,22 @@ async fn dial(opts: &ClientOptions) -> Result<(Arc<Conn>, Negotiated)> {
 
 /// N44: dial, retrying with backoff from 100 ms, doubling to 5 s, while the next attempt
 /// still starts within `window`; the last error otherwise.
-async fn dial_retrying(opts: &ClientOptions, window: Duration) -> Result<(Arc<Conn>, Negotiated)> {
+/// Returns the connection and how many attempts failed before it.
+async fn dial_retrying(
+    opts: &ClientOptions,
+    window: Duration,
+) -> Result<(Arc<Conn>, Negotiated, u64)> {
     let deadline = tokio::time::Instant::now() + window;
     let mut backoff = BACKOFF_FIRST;
+    let mut failed = 0;
     loop {
         match dial(opts).await {
             Err(_) if tokio::time::Instant::now() + backoff <= deadline => {
+                failed += 1;
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(BACKOFF_MAX);
             }
-            r => return r,
+            r => return r.map(|(c, n)| (c, n, failed)),
         }
     }
 }
@@ -662,6 +698,9 @@ async fn reconnect(shared: std::sync::Weak<Shared>) {
         if let Ok((conn, neg)) = attempt {
             let ro = |f: u16| f & tflag::READ_ONLY != 0;
             let same = neg.size == first.size && ro(neg.flags) == ro(first.flags);
+            if same {
+                bump(&sh.counters.reconnects);
+            }
             *sh.link.lock().unwrap_or_else(|p| p.into_inner()) =
                 if same { Link::Up(conn) } else { Link::Broken };
             sh.changed.notify_waiters();
@@ -679,11 +718,14 @@ impl NbdClient {
     /// # Errors
     /// The last connection or negotiation error.
     pub async fn open(opts: ClientOptions) -> Result<NbdClient> {
-        let (conn, neg) = dial_retrying(&opts, opts.open_timeout).await?;
+        let (conn, neg, failed) = dial_retrying(&opts, opts.open_timeout).await?;
+        let counters = Counters::default();
+        counters.open_retries.store(failed, Ordering::Relaxed);
         Ok(NbdClient {
             shared: Arc::new(Shared {
                 opts,
                 neg,
+                counters,
                 link: Mutex::new(Link::Up(conn)),
                 changed: tokio::sync::Notify::new(),
             }),
@@ -702,6 +744,7 @@ impl NbdClient {
                 match &*link {
                     Link::Up(c) if c.alive.load(Ordering::SeqCst) => return Ok(c.clone()),
                     Link::Up(_) => {
+                        bump(&self.shared.counters.losses);
                         let since = tokio::time::Instant::now();
                         *link = Link::Down { since };
                         tokio::spawn(reconnect(Arc::downgrade(&self.shared)));
@@ -743,15 +786,27 @@ impl NbdClient {
             .acquire()
             .await
             .map_err(|_| Error::new(ErrorKind::Io, "client closed"))?;
+        let mut lost = false;
         loop {
-            let conn = self.live().await?;
+            let conn = match self.live().await {
+                Ok(c) => c,
+                Err(e) => {
+                    bump(&self.shared.counters.failed_lost);
+                    return Err(e);
+                }
+            };
+            if lost {
+                bump(&self.shared.counters.resent);
+            }
             match self
                 .send_once(&conn, kind, flags, offset, length, payload.as_ref())
                 .await
             {
                 Outcome::Answer(a) => return a,
                 Outcome::Lost(why) => {
+                    lost = true;
                     if self.shared.opts.reconnect_delay.is_zero() {
+                        bump(&self.shared.counters.failed_lost);
                         return Err(Error::new(
                             ErrorKind::Io,
                             format!("nbd connection lost: {why}"),
@@ -824,6 +879,19 @@ impl NbdClient {
                 let _ = conn.writer.lock().await.shutdown().await;
                 Outcome::Lost("request timeout".into())
             }
+        }
+    }
+
+    /// The connection-loss counters so far.
+    pub fn stats(&self) -> ClientStats {
+        let c = &self.shared.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        ClientStats {
+            losses: get(&c.losses),
+            reconnects: get(&c.reconnects),
+            resent: get(&c.resent),
+            failed_lost: get(&c.failed_lost),
+            open_retries: get(&c.open_retries),
         }
     }
 
