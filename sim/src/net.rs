@@ -74,6 +74,9 @@ pub struct Replica {
     pub incarnation: u64,
     /// Server connections accepted so far in this incarnation.
     pub accepted: u64,
+    /// The connection of the live qhost's client: the newest one accepted, until qhost
+    /// crashes (its connections may still deliver writes, but no client waits for them).
+    pub current: Option<u64>,
     /// Connections of this incarnation still open, by sequence number.
     pub open: std::collections::BTreeSet<u64>,
     /// The live partition, if any.
@@ -88,16 +91,31 @@ impl Replica {
     /// Whether connection `conn` of incarnation `inc` is stale: a newer one was accepted, so
     /// its client gave it up.
     pub fn stale(&self, inc: u64, conn: u64) -> bool {
-        inc != self.incarnation || conn + 1 < self.accepted
+        inc != self.incarnation || self.current != Some(conn)
     }
 
-    /// Open connections other than the newest.
+    /// Open connections other than the live client's.
     pub fn stale_open(&self) -> usize {
-        self.open.iter().filter(|&&c| c + 1 < self.accepted).count()
+        self.open.iter().filter(|&&c| self.current != Some(c)).count()
     }
 
     fn down(&self) -> bool {
         self.cut.is_some() || self.paused || self.crashed || self.stale_open() > 0
+    }
+}
+
+/// qhost crashed: every connection its clients had is stale from now on (N43: their queued
+/// writes may still land).
+pub(crate) fn fence_all(w: &World) {
+    let n = {
+        let mut net = w.net_lock();
+        for r in net.iter_mut() {
+            r.current = None;
+        }
+        net.len()
+    };
+    for i in 0..n {
+        refresh_down(w, i);
     }
 }
 
@@ -338,6 +356,7 @@ pub(crate) async fn replica_main(w: Arc<World>, i: usize) {
             let r = &mut net[i];
             let c = r.accepted;
             r.accepted += 1;
+            r.current = Some(c);
             r.open.insert(c);
             c
         };
@@ -553,6 +572,7 @@ pub(crate) fn restart(w: &World, i: usize, reformat: bool, checked: bool) {
         r.crashed = false;
         r.incarnation += 1;
         r.accepted = 0;
+        r.current = None;
         r.open.clear();
         r.node
     };

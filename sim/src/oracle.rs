@@ -105,6 +105,9 @@ pub struct ModelCfg {
     pub blkverify: bool,
     /// Children's node-name prefix: `c` (local vdisks) or `r` (NBD replicas).
     pub prefix: &'static str,
+    /// Writes may land late (NBD children, N43): history is never pruned, since a copy of
+    /// any earlier write can still reach a disk.
+    pub late_writes: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -404,6 +407,9 @@ impl Oracle {
     /// Drops history no current or future read can be allowed to see: writes overwritten by a
     /// durable, guaranteed write that completed before every in-flight read was invoked.
     fn prune(&mut self, s: u64) {
+        if self.cfg.late_writes {
+            return;
+        }
         let horizon = self
             .inflight_reads
             .iter()
@@ -1189,6 +1195,7 @@ mod tests {
             initial_pattern: true,
             blkverify: false,
             prefix: "c",
+            late_writes: false,
         }
     }
 

@@ -581,11 +581,11 @@ impl DiskSet {
     pub fn log_seen(&self, op: u64, c: ChildOp) {
         let mut g = self.lock();
         let node = format!("q/{}", g.disks[c.disk].name);
-        let res = match &c.result {
-            ChildResult::Ok(_) => 0,
-            ChildResult::Err(k) => *k as i64 + 1,
+        let (res, dg) = match &c.result {
+            ChildResult::Ok(d) => (0, *d ^ c.data),
+            ChildResult::Err(k) => (*k as i64 + 1, c.data),
         };
-        g.record(node, "seen", op, c.offset, c.len, res, c.data, String::new());
+        g.record(node, "seen", op, c.offset, c.len, res, dg, String::new());
         if op != 0 {
             g.oplog.entry(op).or_default().push(c);
         }
