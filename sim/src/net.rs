@@ -708,7 +708,23 @@ pub(crate) async fn quiesce(w: &Arc<World>, limit: Duration) -> bool {
     let until = tokio::time::Instant::now() + limit;
     loop {
         let stale: usize = w.net_lock().iter().map(|r| r.stale_open()).sum();
-        if stale == 0 {
+        // Every client of the live qhost reconnected (with reconnect-delay 0 requests fail
+        // at once until then, N42).
+        let down = match (w.qhost_node(), w.clients()) {
+            (Some(q), clients) if !clients.is_empty() => {
+                // Polled on qhost: a reconnect it starts must dial from qhost's address.
+                let node = madsim::runtime::Handle::current().get_node(q);
+                match node {
+                    Some(node) => node
+                        .spawn(async move { clients.iter().filter(|c| !c.is_connected()).count() })
+                        .await
+                        .unwrap_or(1),
+                    None => 1,
+                }
+            }
+            _ => 0,
+        };
+        if stale == 0 && down == 0 {
             return true;
         }
         if tokio::time::Instant::now() >= until {

@@ -108,6 +108,8 @@ pub struct ModelCfg {
     /// Writes may land late (NBD children, N43): history is never pruned, since a copy of
     /// any earlier write can still reach a disk.
     pub late_writes: bool,
+    /// A beyond-budget run (B6, S7).
+    pub beyond: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -579,6 +581,14 @@ impl Oracle {
                 } else {
                     "I1"
                 };
+                if rule != "I1" && self.cfg.beyond && self.cfg.late_writes {
+                    // B7, S7: over NBD, copies go stale without an injection (timeouts, late
+                    // writes), and free silent faults can then agree with them; the vote (I7)
+                    // has already checked the quorum against its children's answers. The read
+                    // is out of model, not judged.
+                    *self.tally.paths.entry("out-of-model").or_default() += 1;
+                    return;
+                }
                 v.push(Violation {
                     rule,
                     op: id,
@@ -1196,6 +1206,7 @@ mod tests {
             blkverify: false,
             prefix: "c",
             late_writes: false,
+            beyond: false,
         }
     }
 

@@ -882,6 +882,24 @@ impl NbdClient {
         }
     }
 
+    /// Whether a live connection is up. A connection found lost starts the background
+    /// reconnect (N42) as a request would, so polling this brings the device back.
+    pub fn is_connected(&self) -> bool {
+        let mut link = self.shared.link.lock().unwrap_or_else(|p| p.into_inner());
+        match &*link {
+            Link::Up(c) if c.alive.load(Ordering::SeqCst) => true,
+            Link::Up(_) => {
+                bump(&self.shared.counters.losses);
+                *link = Link::Down {
+                    since: tokio::time::Instant::now(),
+                };
+                tokio::spawn(reconnect(Arc::downgrade(&self.shared)));
+                false
+            }
+            Link::Down { .. } | Link::Broken => false,
+        }
+    }
+
     /// The connection-loss counters so far.
     pub fn stats(&self) -> ClientStats {
         let c = &self.shared.counters;
