@@ -24,6 +24,9 @@ pub struct Step {
     pub fua: bool,
     /// `hot_remove` steps: the child (`cN`) to remove with x-blockdev-change's logic (Q53).
     pub remove: Option<usize>,
+    /// `after`: virtual time to let pass before the step is issued (network faults heal and
+    /// clients reconnect in time, not in ops).
+    pub after_ns: u64,
 }
 
 /// When a scripted fault fires (C3).
@@ -330,7 +333,11 @@ fn parse_steps(v: &Tv) -> Result<Vec<Step>, String> {
     for (i, s) in arr.iter().enumerate() {
         let w = "workload.step";
         let t = table_of(s, w, i)?;
-        check_keys(t, w, i, &["id", "op", "range", "fua", "child"])?;
+        check_keys(t, w, i, &["id", "op", "range", "fua", "child", "after"])?;
+        let after_ns = match str_key(t, w, i, "after")? {
+            Some(a) => parse_time_ns(a).map_err(|e| format!("key '{w}[{i}].after': {e}"))?,
+            None => 0,
+        };
         let id = str_key(t, w, i, "id")?.ok_or(format!("key '{w}[{i}].id' is missing"))?;
         if out.iter().any(|x| x.id == id) {
             return Err(format!("key '{w}[{i}].id': '{id}' is used twice"));
@@ -346,6 +353,7 @@ fn parse_steps(v: &Tv) -> Result<Vec<Step>, String> {
                 range: (0, 0),
                 fua: false,
                 remove: Some(c),
+                after_ns,
             });
             continue;
         }
@@ -372,6 +380,7 @@ fn parse_steps(v: &Tv) -> Result<Vec<Step>, String> {
             range,
             fua,
             remove: None,
+            after_ns,
         });
     }
     Ok(out)

@@ -536,6 +536,7 @@ async fn world_main(p: Params, sc: Scenario, opts: RunOpts) -> RunResult {
     if !world.failed() {
         check_qmp_stream(&world);
     }
+    world.harvest_clients();
     if !world.failed() {
         check_expectations(&world).await;
     }
@@ -816,6 +817,9 @@ async fn qhost_main(w: Arc<World>) {
             }
         };
         let Some(step) = step else { break };
+        if step.after_ns > 0 {
+            tokio::time::sleep(Duration::from_nanos(step.after_ns)).await;
+        }
         fire_due(&w);
         if let Some(c) = step.remove {
             // Q53 through x-blockdev-change's logic. The model has a fixed child set, so only

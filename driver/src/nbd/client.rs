@@ -123,12 +123,16 @@ struct Conn {
     writer: tokio::sync::Mutex<Box<dyn AsyncWrite + Unpin + Send>>,
     pending: Mutex<HashMap<u64, Pending>>,
     alive: AtomicBool,
+    /// Signalled once when the connection is lost, so reconnection starts at once (N42).
+    lost: tokio::sync::Notify,
 }
 
 impl Conn {
     /// Ends the connection: every request in flight on it is lost (N42).
     fn fail_all(&self, why: &str) {
-        self.alive.store(false, Ordering::SeqCst);
+        if self.alive.swap(false, Ordering::SeqCst) {
+            self.lost.notify_one();
+        }
         let drained: Vec<Pending> = self
             .pending
             .lock()
@@ -657,6 +661,7 @@ async fn dial(opts: &ClientOptions) -> Result<(Arc<Conn>, Negotiated)> {
         writer: tokio::sync::Mutex::new(Box::new(wr)),
         pending: Mutex::new(HashMap::new()),
         alive: AtomicBool::new(true),
+        lost: tokio::sync::Notify::new(),
     });
     tokio::spawn(reader(conn.clone(), rd, neg.structured));
     Ok((conn, neg))
@@ -684,6 +689,29 @@ async fn dial_retrying(
     }
 }
 
+/// N42: reconnection starts when the connection is lost, not when the next request finds
+/// it lost: with `reconnect-delay` 0 the device is back as soon as the server is.
+fn watch(
+    shared: std::sync::Weak<Shared>,
+    conn: Arc<Conn>,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+    // Boxed with a named type: `reconnect` spawns `watch` in turn.
+    Box::pin(async move {
+        conn.lost.notified().await;
+        let Some(sh) = shared.upgrade() else { return };
+        let mut link = sh.link.lock().unwrap_or_else(|p| p.into_inner());
+        if let Link::Up(c) = &*link {
+            if Arc::ptr_eq(c, &conn) {
+                bump(&sh.counters.losses);
+                *link = Link::Down {
+                    since: tokio::time::Instant::now(),
+                };
+                tokio::spawn(reconnect(Arc::downgrade(&sh)));
+            }
+        }
+    })
+}
+
 /// N42: the background reconnect, from 100 ms doubling to 5 s, until it succeeds or the device
 /// is gone. A new connection must show the same size and read-only state.
 async fn reconnect(shared: std::sync::Weak<Shared>) {
@@ -700,6 +728,7 @@ async fn reconnect(shared: std::sync::Weak<Shared>) {
             let same = neg.size == first.size && ro(neg.flags) == ro(first.flags);
             if same {
                 bump(&sh.counters.reconnects);
+                tokio::spawn(watch(Arc::downgrade(&sh), conn.clone()));
             }
             *sh.link.lock().unwrap_or_else(|p| p.into_inner()) =
                 if same { Link::Up(conn) } else { Link::Broken };
@@ -721,14 +750,16 @@ impl NbdClient {
         let (conn, neg, failed) = dial_retrying(&opts, opts.open_timeout).await?;
         let counters = Counters::default();
         counters.open_retries.store(failed, Ordering::Relaxed);
+        let shared = Arc::new(Shared {
+            opts,
+            neg,
+            counters,
+            link: Mutex::new(Link::Up(conn.clone())),
+            changed: tokio::sync::Notify::new(),
+        });
+        tokio::spawn(watch(Arc::downgrade(&shared), conn));
         Ok(NbdClient {
-            shared: Arc::new(Shared {
-                opts,
-                neg,
-                counters,
-                link: Mutex::new(Link::Up(conn)),
-                changed: tokio::sync::Notify::new(),
-            }),
+            shared,
             cookie: AtomicU64::new(1),
             gate: Semaphore::new(INFLIGHT_MAX),
         })
