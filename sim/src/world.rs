@@ -817,10 +817,10 @@ async fn qhost_main(w: Arc<World>) {
             }
         };
         let Some(step) = step else { break };
+        fire_due(&w);
         if step.after_ns > 0 {
             tokio::time::sleep(Duration::from_nanos(step.after_ns)).await;
         }
-        fire_due(&w);
         if let Some(c) = step.remove {
             // Q53 through x-blockdev-change's logic. The model has a fixed child set, so only
             // the refusal is simulated; a removal that succeeds ends the run as a harness error.
