@@ -96,7 +96,10 @@ impl Replica {
 
     /// Open connections other than the live client's.
     pub fn stale_open(&self) -> usize {
-        self.open.iter().filter(|&&c| self.current != Some(c)).count()
+        self.open
+            .iter()
+            .filter(|&&c| self.current != Some(c))
+            .count()
     }
 
     fn down(&self) -> bool {
@@ -157,9 +160,10 @@ impl Seen {
     fn wrote(&self, kind: ChildKind, offset: u64, len: u64, data: u64, r: &Result<()>) {
         if r.is_err() {
             // B1: the copy missed this write (and may receive it late, F14).
-            self.w
-                .disks
-                .mark_missed(self.i, offset / SECTOR_U64..(offset + len).div_ceil(SECTOR_U64));
+            self.w.disks.mark_missed(
+                self.i,
+                offset / SECTOR_U64..(offset + len).div_ceil(SECTOR_U64),
+            );
         }
         self.log(kind, offset, len, data, ChildResult::of(r));
     }
@@ -342,7 +346,10 @@ pub(crate) async fn replica_main(w: Arc<World>, i: usize) {
     let listener = match tokio::net::TcpListener::bind(("0.0.0.0", NBD_PORT)).await {
         Ok(l) => l,
         Err(e) => {
-            w.fail("harness", format!("r{i}: cannot listen on port {NBD_PORT}: {e}"));
+            w.fail(
+                "harness",
+                format!("r{i}: cannot listen on port {NBD_PORT}: {e}"),
+            );
             return;
         }
     };
@@ -441,7 +448,13 @@ fn clog(w: &World, i: usize, cut: Cut, on: bool) {
 }
 
 /// Starts a partition of replica `i` (F13, or one step of F15); `checked` applies B3.
-pub(crate) fn partition(w: &World, i: usize, cut: Cut, family: &'static str, checked: bool) -> bool {
+pub(crate) fn partition(
+    w: &World,
+    i: usize,
+    cut: Cut,
+    family: &'static str,
+    checked: bool,
+) -> bool {
     if w.net_lock()[i].cut.is_some() {
         return false;
     }
@@ -452,8 +465,16 @@ pub(crate) fn partition(w: &World, i: usize, cut: Cut, family: &'static str, che
     refresh_down(w, i);
     clog(w, i, cut, true);
     w.disks.count_injected(family);
-    w.disks
-        .trace_full(&format!("r{i}"), "cut", 0, 0, 0, 0, 0, format!("{family} {cut:?}"));
+    w.disks.trace_full(
+        &format!("r{i}"),
+        "cut",
+        0,
+        0,
+        0,
+        0,
+        0,
+        format!("{family} {cut:?}"),
+    );
     true
 }
 
@@ -663,10 +684,19 @@ const REPLICA_CRASHES_MAX: u64 = 12;
 
 /// F15: the picked replicas are clogged one by one at staggered times in the first half of
 /// the window and unclogged in another random order in the second half.
-pub(crate) async fn swizzle(w: Arc<World>, picked: Vec<usize>, window_ns: u64, seed: u64, checked: bool) {
+pub(crate) async fn swizzle(
+    w: Arc<World>,
+    picked: Vec<usize>,
+    window_ns: u64,
+    seed: u64,
+    checked: bool,
+) {
     let mut rng = Rng::stream(seed, "swizzle");
     let half = window_ns / 2;
-    let mut on: Vec<(u64, usize)> = picked.iter().map(|&i| (rng.below(half.max(1)), i)).collect();
+    let mut on: Vec<(u64, usize)> = picked
+        .iter()
+        .map(|&i| (rng.below(half.max(1)), i))
+        .collect();
     on.sort_unstable();
     let mut off: Vec<(u64, usize)> = picked
         .iter()

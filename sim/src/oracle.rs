@@ -915,7 +915,10 @@ impl Oracle {
                         bad(
                             v,
                             "I7",
-                            format!("block status asked {}{} out of order", self.cfg.prefix, c.disk),
+                            format!(
+                                "block status asked {}{} out of order",
+                                self.cfg.prefix, c.disk
+                            ),
                         );
                         return;
                     }

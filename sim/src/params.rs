@@ -24,7 +24,11 @@ pub const NBD_FAMILIES: [&str; 6] = ["F12", "F13", "F14", "F15", "F17", "F18"];
 
 /// Every family the quorum topologies inject: the local ones, then the NBD ones.
 pub fn all_families() -> Vec<&'static str> {
-    FAMILIES.iter().chain(NBD_FAMILIES.iter()).copied().collect()
+    FAMILIES
+        .iter()
+        .chain(NBD_FAMILIES.iter())
+        .copied()
+        .collect()
 }
 
 /// The NBD side of a run (`topology.transport = "nbd"`): client timers (NBD.md N42–N46) and
@@ -566,7 +570,8 @@ impl Params {
                 p.float("faults.partition_start", 0.0, 1.0, |r| r.uniform(0.0, 0.03))?,
                 p.float("faults.partition_heal", 0.0, 1.0, |r| r.uniform(0.01, 0.1))?,
             );
-            let swizzle_rate = p.float("faults.swizzle_rate", 0.0, 10.0, |r| r.uniform(0.01, 0.1))?;
+            let swizzle_rate =
+                p.float("faults.swizzle_rate", 0.0, 10.0, |r| r.uniform(0.01, 0.1))?;
             let swizzle_ns = p.pair("faults.swizzle_window", parse_time_ns, |_| {
                 (1_000_000_000, 10_000_000_000)
             })?;

@@ -395,9 +395,7 @@ fn parse_target(s: &str, what: &str) -> Result<Option<usize>, String> {
         .and_then(|n| n.parse::<usize>().ok())
         .filter(|n| *n < 7)
         .map(Some)
-        .ok_or_else(|| {
-            format!("key '{what}': '{s}' names no node (c0..c6, r0..r6 or qhost)")
-        })
+        .ok_or_else(|| format!("key '{what}': '{s}' names no node (c0..c6, r0..r6 or qhost)"))
 }
 
 fn parse_faults(v: &Tv) -> Result<Vec<FaultSpec>, String> {

@@ -9,9 +9,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use ballot::drivers::quorum::{Quorum, QuorumOptions, ReadPattern};
-use ballot::nbd::client::NbdClient;
 use ballot::events::{Emitted, Event, EventBus, IoType, Stream};
 use ballot::host::Host;
+use ballot::nbd::client::NbdClient;
 use ballot::{BlockDevice, Device, ErrorKind, WriteFlags, ZeroFlags};
 use bytes::Bytes;
 
@@ -229,8 +229,8 @@ pub fn run(p: Params, sc: &Scenario, opts: &RunOpts) -> RunResult {
     let mut config = madsim::Config::default();
     if let Some(n) = &p.nbd {
         // F12: a seeded one-way latency per message (W10).
-        config.net.send_latency =
-            Duration::from_nanos(n.latency_ns.0)..Duration::from_nanos(n.latency_ns.1.max(n.latency_ns.0 + 1));
+        config.net.send_latency = Duration::from_nanos(n.latency_ns.0)
+            ..Duration::from_nanos(n.latency_ns.1.max(n.latency_ns.0 + 1));
     }
     let mut rt = madsim::runtime::Runtime::with_seed_and_config(seed, config);
     // W5 backstop: a hang past every phase's limit is a liveness failure.
@@ -362,7 +362,10 @@ async fn world_main(p: Params, sc: Scenario, opts: RunOpts) -> RunResult {
             last_failed_children: Vec::new(),
             captured: Vec::new(),
         }),
-        net: Mutex::new(vec![Replica::default(); if p.nbd.is_some() { n } else { 0 }]),
+        net: Mutex::new(vec![
+            Replica::default();
+            if p.nbd.is_some() { n } else { 0 }
+        ]),
         qhost: Mutex::new(None),
         clients: Mutex::new(Vec::new()),
         p,
@@ -400,6 +403,10 @@ async fn world_main(p: Params, sc: Scenario, opts: RunOpts) -> RunResult {
         .build();
     let node_id = node.id();
     *world.qhost.lock().unwrap_or_else(|p| p.into_inner()) = Some(node_id);
+    if world.p.nbd.is_some() && world.p.family_on("F12") {
+        // F12 acts on every message of the run: its latency range was set at start.
+        world.disks.count_injected("F12");
+    }
     if let Some(np) = world.p.nbd.clone() {
         if world.p.random_faults {
             tokio::spawn(crate::net::random_faults(world.clone(), np));
@@ -622,7 +629,10 @@ fn check_qmp_stream(w: &Arc<World>) {
         let exp: Vec<&Event> = want.iter().map(|(_, e)| e).collect();
         if got != exp {
             if std::env::var_os("BALLOT_SIM_DEBUG_I8").is_some() {
-                eprintln!("end={end} internal={:?}", internal.iter().map(|(t, _)| t).collect::<Vec<_>>());
+                eprintln!(
+                    "end={end} internal={:?}",
+                    internal.iter().map(|(t, _)| t).collect::<Vec<_>>()
+                );
                 eprintln!("qmp={:?}", qmp.iter().map(|(t, _)| t).collect::<Vec<_>>());
                 eprintln!("want={:?}", want.iter().map(|(t, _)| t).collect::<Vec<_>>());
             }

@@ -408,7 +408,11 @@ async fn handshake(s: &mut Box<dyn Stream>, export: &str) -> Result<Negotiated> 
         }
     }
     // EXPORT_NAME (plain newstyle, or GO unsupported).
-    send(s, &proto::encode_option(opt::EXPORT_NAME, export.as_bytes())).await?;
+    send(
+        s,
+        &proto::encode_option(opt::EXPORT_NAME, export.as_bytes()),
+    )
+    .await?;
     let mut b = [0u8; 10];
     s.read_exact(&mut b).await.map_err(|_| {
         Error::new(
