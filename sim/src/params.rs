@@ -316,7 +316,7 @@ impl Params {
         let nbd_on = transport == "nbd";
         let path = p.choice("topology.guest_path", &["direct", "nbd"], &[1, 0])?;
         if path == "nbd" {
-            return Err("key 'topology.guest_path': \"nbd\" is not simulated yet (it comes with the NBD server)".into());
+            return Err("key 'topology.guest_path': \"nbd\" is not simulated yet (the guest calls qhost's quorum directly; the NBD server runs on the replica hosts)".into());
         }
         let budget = match p.choice("budget", &["safety", "beyond"], &[4, 1])? {
             "beyond" => Budget::Beyond,

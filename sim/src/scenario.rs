@@ -651,7 +651,7 @@ mod tests {
             ),
             (
                 "name = \"x\"\nfault = [ { id = \"F5\", target = \"c9\" } ]\n",
-                "key 'fault[0].target': 'c9' names no node (c0..c6 or qhost)",
+                "key 'fault[0].target': 'c9' names no node (c0..c6, r0..r6 or qhost)",
             ),
             (
                 "name = \"x\"\nexpect = [ { kind = \"result\", step = \"nope\", result = \"ok\" } ]\n",
