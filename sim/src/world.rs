@@ -945,27 +945,27 @@ fn fire_once(w: &Arc<World>, i: usize) {
         _ => d,
     };
     match (f.id.as_str(), f.target) {
-        ("F13", Some(i)) if i < w.p.children => {
+        ("F13", Some(i)) if w.p.nbd.is_some() && i < w.p.children => {
             let cut = match f.params.get("kind") {
                 Some(toml::Value::String(s)) => crate::net::Cut::parse(s),
                 _ => crate::net::Cut::Both,
             };
             crate::net::partition(w, i, cut, "F13", false);
         }
-        ("F17", Some(i)) if i < w.p.children => {
+        ("F17", Some(i)) if w.p.nbd.is_some() && i < w.p.children => {
             crate::net::pause(w, i, time_param("length", 5_000_000_000), false);
         }
-        (fam @ ("F16" | "F18"), Some(i)) if i < w.p.children => {
-            if crate::net::crash(w, i, false) {
-                let after = time_param("restart", 1_000_000_000);
-                let reformat = fam == "F18";
-                let w = w.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(Duration::from_nanos(after)).await;
-                    crate::net::restart(&w, i, reformat, false);
-                });
-            }
+        (fam @ ("F16" | "F18"), Some(i)) if i < w.p.children && crate::net::crash(w, i, false) => {
+            let after = time_param("restart", 1_000_000_000);
+            let reformat = fam == "F18";
+            let w = w.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_nanos(after)).await;
+                crate::net::restart(&w, i, reformat, false);
+            });
         }
+        // A replica already down is not crashed again, and is never mistaken for qhost.
+        ("F16" | "F18", Some(_)) => {}
         ("F15", None) => {
             let window = time_param("window", 4_000_000_000);
             let all: Vec<usize> = (0..w.p.children).collect();
