@@ -955,7 +955,9 @@ fn fire_once(w: &Arc<World>, i: usize) {
         ("F17", Some(i)) if w.p.nbd.is_some() && i < w.p.children => {
             crate::net::pause(w, i, time_param("length", 5_000_000_000), false);
         }
-        (fam @ ("F16" | "F18"), Some(i)) if i < w.p.children && crate::net::crash(w, i, false) => {
+        (fam @ ("F16" | "F18"), Some(i))
+            if w.p.nbd.is_some() && i < w.p.children && crate::net::crash(w, i, false) =>
+        {
             let after = time_param("restart", 1_000_000_000);
             let reformat = fam == "F18";
             let w = w.clone();
