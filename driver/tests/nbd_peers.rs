@@ -265,7 +265,9 @@ fn fio_nbd_engine_random_and_sequential_with_crc32c_verify() {
     )
     .expect("job file");
     let report = dir.join("fio.json");
+    // fio writes its verify state files to its working directory: the scratch one.
     let (code, out, err) = run(Command::new("fio")
+        .current_dir(&dir)
         .arg("--output-format=json")
         .arg(format!("--output={}", report.display()))
         .arg(&job));
