@@ -113,11 +113,6 @@ fn drive(nbd: &Path, qmp: &Path, flag: &Path) -> Vec<Seen> {
     io(nbd, "read -P 0x3c 0 64k");
     gap();
     q.execute("query-named-block-nodes", serde_json::json!({}));
-    if std::env::var_os("BALLOT_PARITY_DEBUG").is_some() {
-        for e in &q.events {
-            eprintln!("{e}");
-        }
-    }
     let events: Vec<Seen> = q
         .events
         .iter()

@@ -490,15 +490,13 @@ pub(crate) fn heal(w: &World, i: usize) {
 
 /// Pauses replica `i` for `ns` (F17).
 pub(crate) fn pause(w: &Arc<World>, i: usize, ns: u64, checked: bool) -> bool {
-    let Some(node) = w.net_lock()[i].node else {
-        return false;
-    };
-    {
+    let node = {
         let r = &w.net_lock()[i];
-        if r.paused || r.crashed {
-            return false;
+        match r.node {
+            Some(node) if !r.paused && !r.crashed => node,
+            _ => return false,
         }
-    }
+    };
     if checked && !w.disks.allow_node("F17", i, Mark::Failing) {
         return false;
     }
@@ -564,20 +562,7 @@ pub(crate) fn crash(w: &World, i: usize, checked: bool) -> bool {
     }
     refresh_down(w, i);
     let (report, touched) = w.disks.crash_disks(&[i], &[]);
-    w.disks.count_injected("F16");
-    w.disks.trace_full(
-        &format!("r{i}"),
-        "crash",
-        0,
-        report.intact,
-        report.lost,
-        report.torn as i64,
-        0,
-        format!(
-            "F16 intact={} lost={} torn={}",
-            report.intact, report.lost, report.torn
-        ),
-    );
+    w.disks.record_crash(&format!("r{i}"), &report);
     w.reassess(&touched);
     true
 }

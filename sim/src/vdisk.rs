@@ -545,12 +545,25 @@ impl DiskSet {
     /// F14: a write that reached disk `index` through a connection its client had given up
     /// (N43). The copies it wrote may be older than what the disk held: suspect (B1).
     pub fn late_landing(&self, index: usize, sectors: Range<u64>) {
+        self.mark_missed(index, sectors.clone());
         let mut g = self.lock();
         let end = sectors.end.min(g.disks[index].sectors);
-        for s in sectors.start..end {
-            g.disks[index].marks.insert(s, Mark::Wrong);
-        }
         g.injected(index, "F14", sectors.start..end);
+    }
+
+    /// Counts a crash of `node` (F16) and traces what it did to the unflushed writes.
+    pub fn record_crash(&self, node: &str, r: &CrashReport) {
+        self.count_injected("F16");
+        self.trace_full(
+            node,
+            "crash",
+            0,
+            r.intact,
+            r.lost,
+            r.torn as i64,
+            0,
+            format!("F16 intact={} lost={} torn={}", r.intact, r.lost, r.torn),
+        );
     }
 
     /// F18: disk `index` comes back empty (zeros, nothing pending, no sticky faults). Returns

@@ -628,14 +628,6 @@ fn check_qmp_stream(w: &Arc<World>) {
         let got: Vec<&Event> = qmp.iter().map(|(_, e)| e).collect();
         let exp: Vec<&Event> = want.iter().map(|(_, e)| e).collect();
         if got != exp {
-            if std::env::var_os("BALLOT_SIM_DEBUG_I8").is_some() {
-                eprintln!(
-                    "end={end} internal={:?}",
-                    internal.iter().map(|(t, _)| t).collect::<Vec<_>>()
-                );
-                eprintln!("qmp={:?}", qmp.iter().map(|(t, _)| t).collect::<Vec<_>>());
-                eprintln!("want={:?}", want.iter().map(|(t, _)| t).collect::<Vec<_>>());
-            }
             drop(st);
             w.fail("I8", format!(
                     "QMP stream for key {k} (host incarnation {inc}): {} event(s), the 1 s limiter model gives {} (internal stream had {})",
@@ -676,20 +668,7 @@ fn crash_node(w: &Arc<World>, handle: &madsim::runtime::Handle, id: madsim::task
     } else {
         w.disks.crash(&cut_off)
     };
-    w.disks.count_injected("F16");
-    w.disks.trace_full(
-        "qhost",
-        "crash",
-        0,
-        report.intact,
-        report.lost,
-        report.torn as i64,
-        0,
-        format!(
-            "F16 intact={} lost={} torn={}",
-            report.intact, report.lost, report.torn
-        ),
-    );
+    w.disks.record_crash("qhost", &report);
     w.disks.clear_oplog();
     let disks = w.disks.clone();
     let mut st = w.lock();
@@ -1617,7 +1596,6 @@ async fn check_expectations(w: &Arc<World>) {
 }
 
 fn finish(w: &Arc<World>, start: tokio::time::Instant) -> RunResult {
-    w.harvest_clients();
     let counters = w.disks.counters();
     let (over, latent) = w.disks.excused_sectors();
     let st = w.lock();

@@ -693,6 +693,16 @@ async fn dial_retrying(
     }
 }
 
+/// N42: the connection is lost: the link goes down now and the background reconnect starts.
+/// Returns when the loss was taken.
+fn go_down(sh: &Arc<Shared>, link: &mut Link) -> tokio::time::Instant {
+    bump(&sh.counters.losses);
+    let since = tokio::time::Instant::now();
+    *link = Link::Down { since };
+    tokio::spawn(reconnect(Arc::downgrade(sh)));
+    since
+}
+
 /// N42: reconnection starts when the connection is lost, not when the next request finds
 /// it lost: with `reconnect-delay` 0 the device is back as soon as the server is.
 fn watch(
@@ -704,14 +714,8 @@ fn watch(
         conn.lost.notified().await;
         let Some(sh) = shared.upgrade() else { return };
         let mut link = sh.link.lock().unwrap_or_else(|p| p.into_inner());
-        if let Link::Up(c) = &*link {
-            if Arc::ptr_eq(c, &conn) {
-                bump(&sh.counters.losses);
-                *link = Link::Down {
-                    since: tokio::time::Instant::now(),
-                };
-                tokio::spawn(reconnect(Arc::downgrade(&sh)));
-            }
+        if matches!(&*link, Link::Up(c) if Arc::ptr_eq(c, &conn)) {
+            go_down(&sh, &mut link);
         }
     })
 }
@@ -778,13 +782,7 @@ impl NbdClient {
                 let mut link = self.shared.link.lock().unwrap_or_else(|p| p.into_inner());
                 match &*link {
                     Link::Up(c) if c.alive.load(Ordering::SeqCst) => return Ok(c.clone()),
-                    Link::Up(_) => {
-                        bump(&self.shared.counters.losses);
-                        let since = tokio::time::Instant::now();
-                        *link = Link::Down { since };
-                        tokio::spawn(reconnect(Arc::downgrade(&self.shared)));
-                        since
-                    }
+                    Link::Up(_) => go_down(&self.shared, &mut link),
                     Link::Down { since } => *since,
                     Link::Broken => {
                         return Err(Error::new(ErrorKind::Io, "export changed on reconnect"))
@@ -924,11 +922,7 @@ impl NbdClient {
         match &*link {
             Link::Up(c) if c.alive.load(Ordering::SeqCst) => true,
             Link::Up(_) => {
-                bump(&self.shared.counters.losses);
-                *link = Link::Down {
-                    since: tokio::time::Instant::now(),
-                };
-                tokio::spawn(reconnect(Arc::downgrade(&self.shared)));
+                go_down(&self.shared, &mut link);
                 false
             }
             Link::Down { .. } | Link::Broken => false,
