@@ -14,6 +14,7 @@ pub mod host;
 pub mod join;
 pub mod nbd;
 pub mod qmp;
+pub mod rangelock;
 pub mod serve;
 
 pub use device::{BlockDevice, BlockStatus, Device, WriteFlags, ZeroFlags};

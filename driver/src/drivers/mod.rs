@@ -4,5 +4,6 @@ pub mod fence;
 pub mod file;
 pub mod memory;
 pub mod null;
+pub mod overlay;
 pub mod quorum;
 pub mod raw;
