@@ -60,6 +60,19 @@ pub enum Event {
         /// `sectors-count` (Q57).
         sectors_count: u64,
     },
+    /// `BLOCK_JOB_COMPLETED` of a failover commit (REPLICATION.md O2). Not rate limited.
+    BlockJobCompleted {
+        /// `type`: the job type (`commit`).
+        job_type: &'static str,
+        /// `device`: the replication node's name.
+        device: String,
+        /// `len`: bytes the job had to commit.
+        len: u64,
+        /// `offset`: bytes it committed.
+        offset: u64,
+        /// `error`: strerror text when the job failed.
+        error: Option<ErrorKind>,
+    },
 }
 
 /// The rate-limit key of an event (Q59).
@@ -77,14 +90,17 @@ impl Event {
         match self {
             Event::QuorumReportBad { .. } => "QUORUM_REPORT_BAD",
             Event::QuorumFailure { .. } => "QUORUM_FAILURE",
+            Event::BlockJobCompleted { .. } => "BLOCK_JOB_COMPLETED",
         }
     }
 
-    /// The key the rate limiter groups this event under.
-    pub fn rate_key(&self) -> RateKey {
+    /// The key the rate limiter groups this event under; `None`: never limited (QEMU limits
+    /// only some events, and job events are not among them).
+    pub fn rate_key(&self) -> Option<RateKey> {
         match self {
-            Event::QuorumReportBad { node_name, .. } => RateKey::ReportBad(node_name.clone()),
-            Event::QuorumFailure { .. } => RateKey::Failure,
+            Event::QuorumReportBad { node_name, .. } => Some(RateKey::ReportBad(node_name.clone())),
+            Event::QuorumFailure { .. } => Some(RateKey::Failure),
+            Event::BlockJobCompleted { .. } => None,
         }
     }
 
@@ -115,6 +131,22 @@ impl Event {
                 m.insert("reference".into(), json!(reference));
                 m.insert("sector-num".into(), json!(sector_num));
                 m.insert("sectors-count".into(), json!(sectors_count));
+            }
+            Event::BlockJobCompleted {
+                job_type,
+                device,
+                len,
+                offset,
+                error,
+            } => {
+                m.insert("type".into(), json!(job_type));
+                m.insert("device".into(), json!(device));
+                m.insert("len".into(), json!(len));
+                m.insert("offset".into(), json!(offset));
+                m.insert("speed".into(), json!(0));
+                if let Some(kind) = error {
+                    m.insert("error".into(), json!(kind.strerror()));
+                }
             }
         }
         Value::Object(m)
@@ -278,7 +310,10 @@ impl EventBus {
             timestamp: Timestamp::now(),
         };
         self.deliver(Stream::Internal, &e);
-        let key = e.event.rate_key();
+        let Some(key) = e.event.rate_key() else {
+            self.deliver(Stream::Qmp, &e);
+            return;
+        };
         let send_now = {
             let mut inner = self.lock();
             match inner.windows.get_mut(&key) {

@@ -17,13 +17,16 @@ use serde_json::Value;
 
 use crate::config::keyval;
 use crate::config::spec::{parse_node, ChildRef, DriverSpec, NodeSpec};
-use crate::device::Device;
+use crate::device::{BlockDevice, Device};
 use crate::drivers::file::{FileDevice, FileOptions};
 use crate::drivers::null::NullDevice;
+use crate::drivers::overlay::Overlay;
 use crate::drivers::quorum::{self, Quorum, QuorumOptions};
 use crate::drivers::raw::RawDevice;
+use crate::drivers::replication::{Mode, Planted, Replication, SecondaryChain, Stage};
 use crate::error::ConfigError;
 use crate::host::Host;
+use crate::port::{Port, PortHooks};
 
 /// Longest node-name QEMU accepts.
 const NODE_NAME_BYTES_MAX: usize = 31;
@@ -37,6 +40,12 @@ pub struct Node {
     pub dev: Device,
     /// The same node as a quorum, for quorum-only operations.
     pub quorum: Option<Arc<Quorum>>,
+    /// The same node as an overlay (REPLICATION.md §10).
+    pub overlay: Option<Arc<Overlay>>,
+    /// The same node as a replication node (REPLICATION.md §3).
+    pub replication: Option<Arc<Replication>>,
+    /// What exports of this node write through (copy-before-write, the O1 fence).
+    pub hooks: Arc<PortHooks>,
     /// `(child name, child node-name)`, in child order.
     pub children: Vec<(String, String)>,
     /// `(parent node-name, child name)` when the node is some node's child.
@@ -67,6 +76,10 @@ pub struct Graph {
     host: Host,
     nodes: BTreeMap<String, Node>,
     generated_names: u64,
+    /// R35: the replication nodes, newest opened first.
+    replication: Vec<Arc<Replication>>,
+    /// Bugs planted into new replication nodes (the simulator's demonstration only).
+    planted: Planted,
 }
 
 /// Checks QEMU's node-name rules.
@@ -117,7 +130,44 @@ impl Graph {
             host,
             nodes: BTreeMap::new(),
             generated_names: 0,
+            replication: Vec::new(),
+            planted: Planted::default(),
         }
+    }
+
+    /// Plants bugs into replication nodes opened from now on (simulator demonstration only).
+    pub fn plant(&mut self, planted: Planted) {
+        self.planted = planted;
+    }
+
+    /// Adds an existing device as a root node named `name` (embedders: tests, the simulator's
+    /// virtual disks).
+    ///
+    /// # Errors
+    /// An invalid or duplicate node-name.
+    pub fn insert_device(&mut self, name: &str, dev: Device) -> Result<(), ConfigError> {
+        check_node_name(name)?;
+        if self.nodes.contains_key(name) {
+            return Err(ConfigError::new(format!(
+                "Duplicate nodes with node-name='{name}'"
+            )));
+        }
+        self.nodes.insert(
+            name.to_string(),
+            Node {
+                name: name.to_string(),
+                dev,
+                quorum: None,
+                overlay: None,
+                replication: None,
+                hooks: PortHooks::new(name),
+                children: Vec::new(),
+                parent: None,
+                implicit: false,
+                exports: Vec::new(),
+            },
+        );
+        Ok(())
     }
 
     /// The process services drivers use.
@@ -178,6 +228,10 @@ impl Graph {
         }
         for mut node in staging.nodes {
             node.implicit = node.name != name;
+            if let Some(r) = &node.replication {
+                // R35, R7: the newest opened node first.
+                self.replication.insert(0, r.clone());
+            }
             self.nodes.insert(node.name.clone(), node);
         }
         Ok(name)
@@ -216,6 +270,8 @@ impl Graph {
             };
             let mut children = Vec::new();
             let mut quorum_node = None;
+            let mut overlay_node = None;
+            let mut replication_node = None;
             let dev: Device = match &spec.driver {
                 DriverSpec::File { filename } => {
                     let dev = FileDevice::open(&FileOptions {
@@ -311,11 +367,53 @@ impl Graph {
                     quorum_node = Some(q.clone());
                     q
                 }
+                DriverSpec::Overlay { backing, file } => {
+                    let (bname, bdev) = self
+                        .open_child(backing, &name, "backing", staging, inherit)
+                        .await?;
+                    children.push(("backing".to_string(), bname.clone()));
+                    let file = match file {
+                        Some(f) => {
+                            let (fname, fdev) =
+                                self.open_child(f, &name, "file", staging, inherit).await?;
+                            children.push(("file".to_string(), fname.clone()));
+                            Some((fname, fdev))
+                        }
+                        None => None,
+                    };
+                    let o = Arc::new(Overlay::open(
+                        &name,
+                        (&bname, bdev),
+                        file.as_ref().map(|(n, d)| (n.as_str(), d.clone())),
+                    )?);
+                    overlay_node = Some(o.clone());
+                    o
+                }
+                DriverSpec::Replication { mode, file, top_id } => {
+                    // R6: `file` is opened first, then the mode's top-id checks.
+                    let (fname, fdev) = self
+                        .open_child(file, &name, "file", staging, inherit)
+                        .await?;
+                    children.push(("file".to_string(), fname));
+                    let r = Replication::open_planted(
+                        &name,
+                        *mode,
+                        top_id.clone(),
+                        fdev,
+                        self.host.clone(),
+                        self.planted,
+                    )?;
+                    replication_node = Some(r.clone());
+                    r
+                }
             };
             staging.nodes.push(Node {
                 name: name.clone(),
                 dev: dev.clone(),
                 quorum: quorum_node,
+                overlay: overlay_node,
+                replication: replication_node,
+                hooks: PortHooks::new(&name),
                 children,
                 parent: None,
                 implicit: false,
@@ -346,7 +444,11 @@ impl Graph {
                         "Conflicts with use by {p} as '{c}', which does not allow 'write' on {node}"
                     )));
                 }
-                existing.check_no_writer()?;
+                // An overlay's backing may keep its writable export: COLO's secondary disk is
+                // both H's backing and the target of the primary's forwarded writes (§2.2).
+                if child_name != "backing" {
+                    existing.check_no_writer()?;
+                }
                 staging
                     .claimed
                     .insert(node.clone(), (parent.to_string(), child_name.to_string()));
@@ -402,7 +504,8 @@ impl Graph {
                     None => false,
                 };
                 if drop_node {
-                    self.remove_subtree(&child_node);
+                    let closed = self.remove_subtree(&child_node);
+                    self.close_replication(closed).await;
                 }
                 Ok(())
             }
@@ -435,6 +538,114 @@ impl Graph {
         }
     }
 
+    /// R25: resolves the chain of secondary node `r` (A = its file, H = A's backing, S = H's
+    /// backing), with the checks in R25's order.
+    fn secondary_chain(&self, r: &Replication) -> Result<SecondaryChain, ConfigError> {
+        let node = self.nodes.get(r.name());
+        let child = |n: Option<&Node>, edge: &str| {
+            n.and_then(|n| n.children.iter().find(|(c, _)| c == edge))
+                .and_then(|(_, name)| self.nodes.get(name))
+        };
+        let a = child(node, "file");
+        let active = a
+            .and_then(|a| a.overlay.clone())
+            .ok_or_else(|| ConfigError::new("Active disk doesn't have backing file"))?;
+        let h = child(a, "backing");
+        let hidden = h
+            .and_then(|h| h.overlay.clone())
+            .ok_or_else(|| ConfigError::new("Hidden disk doesn't have backing file"))?;
+        let s = child(h, "backing")
+            .ok_or_else(|| ConfigError::new("Hidden disk doesn't have backing file"))?;
+        if s.exports.is_empty() {
+            return Err(ConfigError::new(
+                "The secondary disk doesn't have block backend",
+            ));
+        }
+        let lens = [
+            active.length().ok(),
+            hidden.length().ok(),
+            s.dev.length().ok(),
+        ];
+        if lens.iter().any(Option::is_none) || lens.iter().any(|l| *l != lens[0]) {
+            return Err(ConfigError::new(
+                "Active disk, hidden disk, secondary disk's length are not the same",
+            ));
+        }
+        // R25 step 5 cannot fail: A and H are overlays (O3).
+        let top_ok = r
+            .top_id()
+            .and_then(|t| self.nodes.get(t))
+            .is_some_and(|top| top.parent.is_none() && self.contains(&top.name, r.name()));
+        if !top_ok {
+            return Err(ConfigError::new("No top_bs or it is invalid"));
+        }
+        Ok(SecondaryChain {
+            active,
+            hidden,
+            disk: s.dev.clone(),
+            hooks: s.hooks.clone(),
+        })
+    }
+
+    /// Whether `node` is in the subtree of `root` (itself included).
+    fn contains(&self, root: &str, node: &str) -> bool {
+        if root == node {
+            return true;
+        }
+        self.nodes
+            .get(root)
+            .is_some_and(|n| n.children.iter().any(|(_, c)| self.contains(c, node)))
+    }
+
+    /// The replication nodes, newest first (R35).
+    pub fn replication_nodes(&self) -> &[Arc<Replication>] {
+        &self.replication
+    }
+
+    /// R36 start_all(mode): every node in list order, stopping at the first error.
+    ///
+    /// # Errors
+    /// The first node's error.
+    pub async fn replication_start_all(&self, mode: Mode) -> Result<(), ConfigError> {
+        for r in &self.replication {
+            r.start(mode, || self.secondary_chain(r)).await?;
+        }
+        Ok(())
+    }
+
+    /// R36 do_checkpoint_all.
+    ///
+    /// # Errors
+    /// The first node's error.
+    pub async fn replication_checkpoint_all(&self) -> Result<(), ConfigError> {
+        for r in &self.replication {
+            r.do_checkpoint().await?;
+        }
+        Ok(())
+    }
+
+    /// R36 get_error_all: the first error, with the stage of the node that gave it, or of the
+    /// newest node when none did (O2's `stage`; `None` with no node).
+    pub fn replication_status(&self) -> (Result<(), ConfigError>, Option<Stage>) {
+        for r in &self.replication {
+            if let Err(e) = r.get_error() {
+                return (Err(e), Some(r.stage()));
+            }
+        }
+        (Ok(()), self.replication.first().map(|r| r.stage()))
+    }
+
+    /// R36 stop_all(failover).
+    ///
+    /// # Errors
+    /// The first node's error.
+    pub async fn replication_stop_all(&self, failover: bool) -> Result<(), ConfigError> {
+        for r in &self.replication {
+            r.stop(failover).await?;
+        }
+        Ok(())
+    }
+
     /// `x-query-quorum-out-of-sync` (QUORUM.md Q51): one entry per child, in child order.
     ///
     /// # Errors
@@ -453,8 +664,9 @@ impl Graph {
     /// `blockdev-del`: removes a node added by `blockdev-add`, with its implicit children.
     ///
     /// # Errors
-    /// QEMU's messages: the node does not exist, is not owned by the monitor, or is in use.
-    pub fn blockdev_del(&mut self, name: &str) -> Result<(), ConfigError> {
+    /// QEMU's messages: the node does not exist, is not owned by the monitor, or is in use;
+    /// REPLICATION.md R26 for the top node of an armed secondary.
+    pub async fn blockdev_del(&mut self, name: &str) -> Result<(), ConfigError> {
         let n = self.nodes.get(name).ok_or_else(|| {
             ConfigError::new(format!("Failed to find node with node-name='{name}'"))
         })?;
@@ -466,8 +678,26 @@ impl Graph {
         if n.parent.is_some() || !n.exports.is_empty() {
             return Err(ConfigError::new(format!("Node {name} is in use")));
         }
-        self.remove_subtree(name);
+        if self
+            .replication
+            .iter()
+            .any(|r| r.armed() && r.top_id() == Some(name))
+        {
+            return Err(ConfigError::new(format!(
+                "Node '{name}' is busy: Block device is in use by internal backup job"
+            )));
+        }
+        let closed = self.remove_subtree(name);
+        self.close_replication(closed).await;
         Ok(())
+    }
+
+    /// R33: closes replication nodes that left the graph, and drops them from the registry.
+    async fn close_replication(&mut self, closed: Vec<Arc<Replication>>) {
+        for r in closed {
+            r.close().await;
+            self.replication.retain(|x| !Arc::ptr_eq(x, &r));
+        }
     }
 
     /// Ends a claim made by [`Graph::claim`] (an export going away).
@@ -485,27 +715,38 @@ impl Graph {
     ///
     /// # Errors
     /// The node does not exist, or `writable` and it has a parent.
-    pub fn claim(&mut self, node: &str, user: &str, writable: bool) -> Result<(), ConfigError> {
+    /// Returns the device the export uses: the node's port ([`Port`]).
+    ///
+    /// # Errors
+    /// The node does not exist, or `writable` and it has a parent other than an overlay's
+    /// backing edge.
+    pub fn claim(&mut self, node: &str, user: &str, writable: bool) -> Result<Device, ConfigError> {
         let n = self.nodes.get_mut(node).ok_or_else(|| not_found(node))?;
         if let (true, Some((p, c))) = (writable, &n.parent) {
-            return Err(ConfigError::new(format!(
-                "Conflicts with use by {p} as '{c}', which does not allow 'write' on {node}"
-            )));
+            if c != "backing" {
+                return Err(ConfigError::new(format!(
+                    "Conflicts with use by {p} as '{c}', which does not allow 'write' on {node}"
+                )));
+            }
         }
         n.exports.push((user.to_string(), writable));
-        Ok(())
+        Ok(Port::new(n.dev.clone(), n.hooks.clone()))
     }
 
-    fn remove_subtree(&mut self, name: &str) {
+    /// Removes `name` and its implicit children; returns the replication nodes removed.
+    fn remove_subtree(&mut self, name: &str) -> Vec<Arc<Replication>> {
+        let mut closed = Vec::new();
         if let Some(n) = self.nodes.remove(name) {
+            closed.extend(n.replication);
             for (_, c) in n.children {
                 let implicit = self.nodes.get(&c).is_some_and(|n| n.implicit);
                 if implicit {
-                    self.remove_subtree(&c);
+                    closed.extend(self.remove_subtree(&c));
                 } else if let Some(cn) = self.nodes.get_mut(&c) {
                     cn.parent = None;
                 }
             }
         }
+        closed
     }
 }

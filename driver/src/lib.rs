@@ -13,6 +13,7 @@ pub mod graph;
 pub mod host;
 pub mod join;
 pub mod nbd;
+pub mod port;
 pub mod qmp;
 pub mod rangelock;
 pub mod serve;

@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, Mutex, Notify};
 
+use crate::drivers::replication::Mode;
 use crate::events::{EventBus, Stream};
 use crate::graph::Graph;
 use crate::nbd::server::{Export, Server};
@@ -80,7 +81,7 @@ impl Monitor {
             }
             "blockdev-del" => match s("node-name") {
                 None => generic("Parameter 'node-name' is missing"),
-                Some(n) => match self.graph.lock().await.blockdev_del(&n) {
+                Some(n) => match self.graph.lock().await.blockdev_del(&n).await {
                     Ok(()) => json!({"return": {}}),
                     Err(e) => generic(e.to_string()),
                 },
@@ -118,15 +119,32 @@ impl Monitor {
                 match s(key) {
                     None => generic(format!("Parameter '{key}' is missing")),
                     Some(id) => {
+                        let hard = match s("mode").as_deref() {
+                            None | Some("safe") => false,
+                            Some("hard") => true,
+                            Some(other) => {
+                                return (
+                                    generic(format!(
+                                        "Parameter 'mode' does not accept value '{other}'"
+                                    )),
+                                    false,
+                                )
+                            }
+                        };
                         let mut ex = self.exports.lock().await;
                         match ex
                             .iter()
                             .position(|(i, n, _)| if key == "id" { i == &id } else { n == &id })
                         {
                             None => generic(format!("Export '{id}' is not found")),
+                            Some(pos) if !hard && self.nbd.clients(&ex[pos].1) > 0 => {
+                                // O1: safe mode refuses while clients are connected, as QEMU.
+                                generic(format!("export '{}' still in use", ex[pos].0))
+                            }
                             Some(pos) => {
                                 let (id, name, node) = ex.remove(pos);
                                 self.nbd.remove_export(&name);
+                                self.nbd.disconnect(&name);
                                 self.graph
                                     .lock()
                                     .await
@@ -137,6 +155,26 @@ impl Monitor {
                     }
                 }
             }
+            "xen-set-replication" => self.set_replication(args).await,
+            "query-xen-replication-status" => {
+                // R38, plus ballot's `stage` (O2) when a replication node exists.
+                let (r, stage) = self.graph.lock().await.replication_status();
+                let mut v = match r {
+                    Ok(()) => json!({"error": false}),
+                    Err(e) => json!({"error": true, "desc": e.to_string()}),
+                };
+                if let (Some(st), Value::Object(m)) = (stage, &mut v) {
+                    m.insert("stage".into(), json!(st.as_str()));
+                }
+                json!({ "return": v })
+            }
+            "xen-colo-do-checkpoint" => {
+                // R39.
+                match self.graph.lock().await.replication_checkpoint_all().await {
+                    Ok(()) => json!({"return": {}}),
+                    Err(e) => generic(e.to_string()),
+                }
+            }
             "quit" => return (json!({"return": {}}), true),
             other => err(
                 "CommandNotFound",
@@ -144,6 +182,60 @@ impl Monitor {
             ),
         };
         (reply, false)
+    }
+
+    /// R37: `xen-set-replication`.
+    async fn set_replication(&self, args: &Value) -> Value {
+        let flag = |k: &str| -> Result<Option<bool>, Value> {
+            match args.get(k) {
+                None => Ok(None),
+                Some(Value::Bool(b)) => Ok(Some(*b)),
+                Some(_) => Err(generic(format!(
+                    "Invalid parameter type for '{k}', expected: boolean"
+                ))),
+            }
+        };
+        let parsed = (|| {
+            let enable = flag("enable")?.ok_or_else(|| generic("Parameter 'enable' is missing"))?;
+            let primary =
+                flag("primary")?.ok_or_else(|| generic("Parameter 'primary' is missing"))?;
+            let failover = flag("failover")?;
+            if let Some(k) = args.as_object().and_then(|m| {
+                m.keys()
+                    .find(|k| !["enable", "primary", "failover"].contains(&k.as_str()))
+            }) {
+                return Err(generic(format!("Parameter '{k}' is unexpected")));
+            }
+            Ok((enable, primary, failover))
+        })();
+        let (enable, primary, failover) = match parsed {
+            Ok(v) => v,
+            Err(e) => return e,
+        };
+        let g = self.graph.lock().await;
+        let r = if enable {
+            if failover.is_some() {
+                return generic("Parameter 'failover' is only for stopping replication");
+            }
+            let mode = if primary {
+                Mode::Primary
+            } else {
+                Mode::Secondary
+            };
+            g.replication_start_all(mode).await
+        } else {
+            let failover = failover.unwrap_or(false);
+            let r = g.replication_stop_all(failover).await;
+            if failover {
+                Ok(())
+            } else {
+                r
+            }
+        };
+        match r {
+            Ok(()) => json!({"return": {}}),
+            Err(e) => generic(e.to_string()),
+        }
     }
 
     async fn export_add(&self, cmd: &str, args: &Value) -> Value {
@@ -163,15 +255,15 @@ impl Monitor {
         let id = s("id").unwrap_or_else(|| node.clone());
         let name = s("name").unwrap_or_else(|| node.clone());
         let mut g = self.graph.lock().await;
-        let Some(n) = g.get(&node) else {
+        if g.get(&node).is_none() {
             return generic(format!("Cannot find device={node} nor node-name={node}"));
-        };
-        let dev = n.dev.clone();
+        }
         let writable = b("writable").unwrap_or(false);
         let user = format!("export '{id}'");
-        if let Err(e) = g.claim(&node, &user, writable) {
-            return generic(e.to_string());
-        }
+        let dev = match g.claim(&node, &user, writable) {
+            Ok(dev) => dev,
+            Err(e) => return generic(e.to_string()),
+        };
         let r = self.nbd.add_export(Export {
             name: name.clone(),
             description: s("description").unwrap_or_default(),

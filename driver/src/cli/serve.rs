@@ -158,16 +158,16 @@ async fn run(
             Ok(o) => o,
             Err(m) => return fail(format!("--export: {m}")),
         };
-        let Some(node) = graph.get(&o.node_name) else {
+        if graph.get(&o.node_name).is_none() {
             return fail(format!(
                 "Cannot find device={} nor node-name={}",
                 o.node_name, o.node_name
             ));
-        };
-        let dev = node.dev.clone();
-        if let Err(err) = graph.claim(&o.node_name, &format!("export '{}'", o.id), o.writable) {
-            return fail(err);
         }
+        let dev = match graph.claim(&o.node_name, &format!("export '{}'", o.id), o.writable) {
+            Ok(dev) => dev,
+            Err(err) => return fail(err),
+        };
         devs.push(dev.clone());
         noted.push((o.id.clone(), o.name.clone(), o.node_name.clone()));
         if let Err(m) = nbd.add_export(Export {

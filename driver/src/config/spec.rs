@@ -91,6 +91,22 @@ pub enum DriverSpec {
         /// `request-timeout`, seconds (ballot's extension).
         request_timeout: u64,
     },
+    /// `driver=overlay` (REPLICATION.md §10).
+    Overlay {
+        /// `backing`.
+        backing: ChildRef,
+        /// `file`: where cluster data lives; none keeps it in memory.
+        file: Option<ChildRef>,
+    },
+    /// `driver=replication` (REPLICATION.md §3).
+    Replication {
+        /// `mode`.
+        mode: crate::drivers::replication::Mode,
+        /// `file`.
+        file: ChildRef,
+        /// `top-id`.
+        top_id: Option<String>,
+    },
 }
 
 impl DriverSpec {
@@ -102,12 +118,22 @@ impl DriverSpec {
             DriverSpec::Null { .. } => "null-co",
             DriverSpec::Quorum { .. } => "quorum",
             DriverSpec::Nbd { .. } => "nbd",
+            DriverSpec::Overlay { .. } => "overlay",
+            DriverSpec::Replication { .. } => "replication",
         }
     }
 }
 
 /// Drivers ballot knows, for `Parameter 'driver' does not accept value '<x>'`.
-pub const DRIVERS: &[&str] = &["file", "raw", "null-co", "quorum", "nbd"];
+pub const DRIVERS: &[&str] = &[
+    "file",
+    "raw",
+    "null-co",
+    "quorum",
+    "nbd",
+    "overlay",
+    "replication",
+];
 
 /// One level of options being consumed.
 struct Opts {
@@ -408,6 +434,25 @@ fn parse_level(mut o: Opts) -> Result<NodeSpec, ConfigError> {
                 open_timeout: o.uint("open-timeout")?.unwrap_or(0),
                 request_timeout: o.uint("request-timeout")?.unwrap_or(0),
             }
+        }
+        "overlay" => {
+            let backing = o.child("backing")?.ok_or_else(|| o.missing("backing"))?;
+            let file = o.child("file")?;
+            DriverSpec::Overlay { backing, file }
+        }
+        "replication" => {
+            // R6: mode before file, in QEMU's wording.
+            use crate::drivers::replication::Mode;
+            let mode = match o
+                .enumeration("mode", &["primary", "secondary"])?
+                .ok_or_else(|| o.missing("mode"))?
+            {
+                "primary" => Mode::Primary,
+                _ => Mode::Secondary,
+            };
+            let file = o.child("file")?.ok_or_else(|| o.missing("file"))?;
+            let top_id = o.string("top-id")?;
+            DriverSpec::Replication { mode, file, top_id }
         }
         _ => unreachable!("checked against DRIVERS above"),
     };

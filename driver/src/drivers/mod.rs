@@ -7,3 +7,4 @@ pub mod null;
 pub mod overlay;
 pub mod quorum;
 pub mod raw;
+pub mod replication;

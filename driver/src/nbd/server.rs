@@ -127,6 +127,22 @@ impl Export {
 pub struct Server {
     exports: RwLock<Vec<Arc<Export>>>,
     shutting_down: AtomicBool,
+    /// Connections in transmission: `(id, export name, disconnect signal)`.
+    sessions: std::sync::Mutex<Vec<(u64, String, Arc<tokio::sync::Notify>)>>,
+    next_session: std::sync::atomic::AtomicU64,
+}
+
+/// Unregisters a session when its connection ends.
+struct SessionEntry<'a>(&'a Server, u64);
+
+impl Drop for SessionEntry<'_> {
+    fn drop(&mut self) {
+        self.0
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(id, _, _)| *id != self.1);
+    }
 }
 
 /// What negotiation agreed.
@@ -173,6 +189,32 @@ impl Server {
         let before = ex.len();
         ex.retain(|x| x.name != name);
         ex.len() != before
+    }
+
+    /// Clients connected to export `name` now (`block-export-del` in safe mode refuses while
+    /// there are any, REPLICATION.md O1).
+    pub fn clients(&self, name: &str) -> usize {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(_, n, _)| n == name)
+            .count()
+    }
+
+    /// Disconnects every client of export `name` (`block-export-del` in hard mode): each stops
+    /// reading requests at once; requests already read finish and are answered.
+    pub fn disconnect(&self, name: &str) {
+        for (_, n, kill) in self
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            if n == name {
+                kill.notify_one();
+            }
+        }
     }
 
     fn find(&self, name: &str) -> Option<Arc<Export>> {
@@ -454,10 +496,24 @@ impl Server {
         let gate = Arc::new(Semaphore::new(INFLIGHT_MAX));
         let budget = Arc::new(Semaphore::new(BUFFERED_UNITS_MAX as usize));
         let export = s.export.clone();
+        let kill = Arc::new(tokio::sync::Notify::new());
+        let id = self
+            .next_session
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((id, export.name.clone(), kill.clone()));
+        let _entry = SessionEntry(&self, id);
         let s = Arc::new(s);
         loop {
             let mut hdr = [0u8; proto::REQUEST_BYTES];
-            if rd.read_exact(&mut hdr).await.is_err() {
+            let got = tokio::select! {
+                biased;
+                _ = kill.notified() => break,
+                r = rd.read_exact(&mut hdr) => r,
+            };
+            if got.is_err() {
                 break;
             }
             let Ok(q) = proto::decode_request(&hdr) else {

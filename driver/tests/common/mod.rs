@@ -36,6 +36,8 @@ pub struct TestChild {
     pub delay: Mutex<Duration>,
     pub log: Mutex<Vec<Op>>,
     pub discard_zeroes: bool,
+    /// When set, `length()` fails with this kind.
+    pub length_err: Mutex<Option<ErrorKind>>,
 }
 
 pub const LEN: u64 = 1 << 20;
@@ -56,6 +58,7 @@ impl TestChild {
             delay: Mutex::new(Duration::ZERO),
             log: Mutex::new(Vec::new()),
             discard_zeroes: false,
+            length_err: Mutex::new(None),
         })
     }
 
@@ -95,7 +98,10 @@ impl TestChild {
     }
     pub fn fill(&self, off: u64, len: usize, byte: u8) {
         let mut m = self.mem.lock().unwrap();
-        let mut v = BytesMut::from(&m[..]);
+        let mut v = match std::mem::take(&mut *m).try_into_mut() {
+            Ok(v) => v,
+            Err(b) => BytesMut::from(&b[..]),
+        };
         v[off as usize..off as usize + len].fill(byte);
         *m = v.freeze();
     }
@@ -118,6 +124,9 @@ impl BlockDevice for TestChild {
         "test"
     }
     fn length(&self) -> Result<u64> {
+        if let Some(k) = *self.length_err.lock().unwrap() {
+            return Err(self.err(k, "length"));
+        }
         Ok(self.mem.lock().unwrap().len() as u64)
     }
     async fn read(&self, offset: u64, len: usize) -> Result<Bytes> {
@@ -143,7 +152,11 @@ impl BlockDevice for TestChild {
             return Err(self.err(k, "write"));
         }
         let mut m = self.mem.lock().unwrap();
-        let mut v = BytesMut::from(&m[..]);
+        // In place when no reader holds a slice; otherwise copy-on-write.
+        let mut v = match std::mem::take(&mut *m).try_into_mut() {
+            Ok(v) => v,
+            Err(b) => BytesMut::from(&b[..]),
+        };
         v[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
         *m = v.freeze();
         Ok(())
