@@ -1026,6 +1026,16 @@ impl Oracle {
                     sectors_count,
                     ..
                 } => format!("FAILURE {sector_num}/{sectors_count}"),
+                Event::BlockJobCompleted {
+                    device,
+                    offset,
+                    len,
+                    error,
+                    ..
+                } => format!(
+                    "JOB {device} {offset}/{len} {}",
+                    error.map(|k| k.errno_name()).unwrap_or("-")
+                ),
             })
             .collect();
         let mismatch_order: Vec<&String> = got_ev.iter().filter(|e| e.contains(" - ")).collect();

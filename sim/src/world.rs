@@ -564,6 +564,7 @@ fn check_qmp_stream(w: &Arc<World>) {
     let key = |e: &Event| match e {
         Event::QuorumReportBad { node_name, .. } => format!("RB/{node_name}"),
         Event::QuorumFailure { .. } => "FAILURE".to_string(),
+        Event::BlockJobCompleted { device, .. } => format!("JOB/{device}"),
     };
     type Timed = Vec<(u64, Event)>;
     let mut groups: BTreeMap<(u64, String), (Timed, Timed)> = BTreeMap::new();
@@ -1467,6 +1468,7 @@ async fn check_expectations(w: &Arc<World>) {
                                     && error.is_none_or(|x| x == er.is_some())
                             }
                             Event::QuorumFailure { .. } => event == "QUORUM_FAILURE",
+                            Event::BlockJobCompleted { .. } => event == "BLOCK_JOB_COMPLETED",
                         })
                         .count() as u64;
                     let good = count.is_none_or(|c| n == c)
