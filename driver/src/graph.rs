@@ -23,7 +23,7 @@ use crate::drivers::null::NullDevice;
 use crate::drivers::overlay::Overlay;
 use crate::drivers::quorum::{self, Quorum, QuorumOptions};
 use crate::drivers::raw::RawDevice;
-use crate::drivers::replication::{Mode, Planted, Replication, SecondaryChain, Stage};
+use crate::drivers::replication::{Mode, Replication, SecondaryChain, Stage};
 use crate::error::ConfigError;
 use crate::host::Host;
 use crate::port::{Port, PortHooks};
@@ -78,8 +78,6 @@ pub struct Graph {
     generated_names: u64,
     /// R35: the replication nodes, newest opened first.
     replication: Vec<Arc<Replication>>,
-    /// Bugs planted into new replication nodes (the simulator's demonstration only).
-    planted: Planted,
 }
 
 /// Checks QEMU's node-name rules.
@@ -131,13 +129,7 @@ impl Graph {
             nodes: BTreeMap::new(),
             generated_names: 0,
             replication: Vec::new(),
-            planted: Planted::default(),
         }
-    }
-
-    /// Plants bugs into replication nodes opened from now on (simulator demonstration only).
-    pub fn plant(&mut self, planted: Planted) {
-        self.planted = planted;
     }
 
     /// Adds an existing device as a root node named `name` (embedders: tests, the simulator's
@@ -395,14 +387,8 @@ impl Graph {
                         .open_child(file, &name, "file", staging, inherit)
                         .await?;
                     children.push(("file".to_string(), fname));
-                    let r = Replication::open_planted(
-                        &name,
-                        *mode,
-                        top_id.clone(),
-                        fdev,
-                        self.host.clone(),
-                        self.planted,
-                    )?;
+                    let r =
+                        Replication::open(&name, *mode, top_id.clone(), fdev, self.host.clone())?;
                     replication_node = Some(r.clone());
                     r
                 }

@@ -18,6 +18,8 @@ pub mod vdisk;
 #[cfg(madsim)]
 pub mod cli;
 #[cfg(madsim)]
+pub mod colo;
+#[cfg(madsim)]
 pub mod net;
 #[cfg(madsim)]
 pub mod sweep;

@@ -57,6 +57,30 @@ pub struct NbdParams {
     pub reformat: f64,
 }
 
+/// Fault families of the COLO topology (SIMULATION.md §4).
+pub const COLO_FAMILIES: [&str; 6] = ["F19", "F20", "F21", "F22", "F23", "F24"];
+
+/// The COLO side of a run (`topology.kind = "colo"`): hosts colo-p, colo-s and ham.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ColoParams {
+    /// Time between checkpoints, ns (W7).
+    pub checkpoint_interval_ns: u64,
+    /// ham's heartbeat timeout, ns (W8).
+    pub heartbeat_timeout_ns: u64,
+    /// Percent of the SVM's ops that are writes.
+    pub svm_write_share: u64,
+    /// The forward's nbd `request-timeout`, ns (W11: partitions become errors).
+    pub request_timeout_ns: u64,
+    /// One-way network latency range, ns.
+    pub latency_ns: (u64, u64),
+    /// Checkpoints ham runs before the run ends (when nothing fails over first).
+    pub checkpoints: u64,
+    /// The random COLO fault of a swarm seed: family and the checkpoint it aims at.
+    pub event: Option<(String, u64)>,
+    /// Guest ops the survivor runs after a failover or a lost secondary.
+    pub after_ops: u64,
+}
+
 /// Operation mix weights.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Mix {
@@ -133,6 +157,8 @@ pub struct Params {
     pub time_limit_ns: u64,
     /// Children are NBD replicas on their own hosts (None: local vdisks).
     pub nbd: Option<NbdParams>,
+    /// The COLO topology (None: quorum).
+    pub colo: Option<ColoParams>,
 }
 
 /// Pinned values by dotted key, with a record of which were used.
@@ -308,11 +334,13 @@ impl Params {
     /// unknown key, or a topology this simulator does not model yet.
     pub fn derive(seed: u64, pins: &BTreeMap<String, Tv>) -> Result<Params, String> {
         let p = Pins::new(pins, seed);
-        let kind = p.choice("topology.kind", &["quorum", "colo"], &[1, 0])?;
-        if kind == "colo" {
-            return Err("key 'topology.kind': \"colo\" is not simulated yet (the COLO topology comes with the replication driver)".into());
-        }
-        let transport = p.choice("topology.transport", &["local", "nbd"], &[3, 1])?;
+        let kind = p.choice("topology.kind", &["quorum", "colo"], &[4, 1])?;
+        let colo_on = kind == "colo";
+        let transport = if colo_on {
+            "local"
+        } else {
+            p.choice("topology.transport", &["local", "nbd"], &[3, 1])?
+        };
         let nbd_on = transport == "nbd";
         let path = p.choice("topology.guest_path", &["direct", "nbd"], &[1, 0])?;
         if path == "nbd" {
@@ -409,7 +437,9 @@ impl Params {
         })?;
         let fua = p.float("workload.fua", 0.0, 1.0, |r| r.uniform(0.0, 0.2))?;
         let random_faults = p.boolean("faults.random", 1.0)?;
-        let known: Vec<&str> = if nbd_on {
+        let known: Vec<&str> = if colo_on {
+            COLO_FAMILIES.to_vec()
+        } else if nbd_on {
             all_families()
         } else {
             FAMILIES.to_vec()
@@ -436,6 +466,15 @@ impl Params {
                     "key 'faults.families': expected an array, got {}",
                     other.type_str()
                 ))
+            }
+            None if colo_on => {
+                // S2 in the COLO topology: each of F19-F24 with probability 1/2.
+                let mut r = p.rng("faults.families.colo");
+                COLO_FAMILIES
+                    .iter()
+                    .filter(|_| r.chance(0.5))
+                    .map(|s| s.to_string())
+                    .collect()
             }
             None => {
                 // S2: each family with probability 1/2.
@@ -595,6 +634,41 @@ impl Params {
         } else {
             None
         };
+        let colo = if colo_on {
+            let checkpoints = p.int("topology.checkpoints", 1, 100_000, |r| r.range(3, 10))?;
+            let event = {
+                let mut r = p.rng("faults.colo_event");
+                let fams: Vec<&String> = families
+                    .iter()
+                    .filter(|f| COLO_FAMILIES.contains(&f.as_str()))
+                    .collect();
+                let pick = r.below(fams.len().max(1) as u64) as usize;
+                let at = r.range(1, checkpoints);
+                (random_faults && !fams.is_empty() && r.chance(0.85))
+                    .then(|| (fams[pick].clone(), at))
+            };
+            Some(ColoParams {
+                checkpoint_interval_ns: p.time("topology.checkpoint_interval", |r| {
+                    r.range(50, 400) * 1_000_000
+                })?,
+                heartbeat_timeout_ns: p.time("topology.heartbeat_timeout", |r| {
+                    r.range(300, 2000) * 1_000_000
+                })?,
+                svm_write_share: p.int("workload.svm.write_share", 0, 100, |r| r.range(10, 60))?,
+                request_timeout_ns: p.time("nbd_client.request_timeout", |r| {
+                    r.range(500, 3000) * 1_000_000
+                })?,
+                latency_ns: p.pair("network.latency", parse_time_ns, |r| {
+                    let min = r.range(10, 200) * 1000;
+                    (min, min + r.range(10, 2000) * 1000)
+                })?,
+                checkpoints,
+                event,
+                after_ops: p.int("workload.after_ops", 0, 10_000_000, |r| r.range(50, 300))?,
+            })
+        } else {
+            None
+        };
         let liveness = p.boolean(
             "phases.liveness",
             if budget == Budget::Beyond { 0.0 } else { 1.0 },
@@ -635,6 +709,7 @@ impl Params {
             deadline_ns,
             time_limit_ns,
             nbd,
+            colo,
         })
     }
 
@@ -659,6 +734,44 @@ impl Params {
             self.seed,
             self.budget.as_str()
         );
+        if let Some(c) = &self.colo {
+            s += &format!(
+                "topology = {{ kind = \"colo\", disk_size = \"{}\", initial = \"{}\", checkpoint_interval = \"{}\", heartbeat_timeout = \"{}\", checkpoints = {} }}\n",
+                fmt_size(self.disk_size),
+                if self.initial_pattern { "pattern" } else { "zero" },
+                fmt_time(c.checkpoint_interval_ns),
+                fmt_time(c.heartbeat_timeout_ns),
+                c.checkpoints
+            );
+            s += &format!(
+                "nbd_client = {{ request_timeout = \"{}\" }}\nnetwork = {{ latency = \"{}..{}\" }}\n",
+                fmt_time(c.request_timeout_ns),
+                fmt_time(c.latency_ns.0),
+                fmt_time(c.latency_ns.1)
+            );
+            s += &format!(
+                "workload = {{ mix = {{ read = {}, write = {}, write_zeroes = {}, trim = {}, flush = {} }}, size = \"{}..{}\", svm = {{ write_share = {} }}, after_ops = {} }}\n",
+                self.mix.read,
+                self.mix.write,
+                self.mix.write_zeroes,
+                self.mix.trim,
+                self.mix.flush,
+                fmt_size(self.size.0),
+                fmt_size(self.size.1),
+                c.svm_write_share,
+                c.after_ops
+            );
+            let fams: Vec<String> = self.families.iter().map(|f| format!("\"{f}\"")).collect();
+            s += &format!(
+                "faults = {{ random = {}, families = [{}] }}\n",
+                self.random_faults,
+                fams.join(", ")
+            );
+            if let Some((f, k)) = &c.event {
+                s += &format!("# random COLO fault: {f} at checkpoint {k}\n");
+            }
+            return s;
+        }
         s += &format!(
             "topology = {{ kind = \"quorum\", transport = \"{}\", guest_path = \"direct\", children = {}, vote_threshold = {}, read_pattern = \"{}\", rewrite_corrupted = {}, blkverify = {}, discard_unmap = {}, discard_zeroes = {}, disk_size = \"{}\", initial = \"{}\" }}\n",
             if self.nbd.is_some() { "nbd" } else { "local" },

@@ -36,6 +36,8 @@ pub enum When {
     At(u64),
     /// After this many completed guest ops.
     AtOp(u64),
+    /// COLO: at checkpoint k (1 = the first), at the point the family names.
+    AtCheckpoint(u64),
 }
 
 /// A scripted fault.
@@ -110,6 +112,25 @@ pub enum Expect {
         fault: String,
         /// Minimum count.
         min: u64,
+    },
+    /// COLO: the replication status a side reports at the end (`query-xen-replication-status`).
+    Replication {
+        /// `colo-p` or `colo-s`.
+        node: String,
+        /// `error`.
+        error: bool,
+        /// `stage` (none, running, failover, failover-failed, done).
+        stage: Option<String>,
+    },
+    /// COLO: a side's disk at the end equals a model state.
+    ColoContents {
+        /// `colo-p` (P) or `colo-s` (S).
+        node: String,
+        /// Byte range.
+        range: (u64, u64),
+        /// `checkpoint:K+svm` (checkpoint K's primary state plus the SVM's writes since),
+        /// `checkpoint:last+svm`, or `primary` (every acked PVM write).
+        equals: String,
     },
     /// A recovery path was reached at least `min` times.
     Path {
@@ -226,11 +247,26 @@ impl Scenario {
         }
         // A scenario file is about the children it names: local vdisks unless it says
         // `transport = "nbd"` (random swarm seeds draw the transport).
-        pins.entry("topology.transport".to_string())
-            .or_insert_with(|| Tv::String("local".into()));
+        pins.entry("topology.kind".to_string())
+            .or_insert_with(|| Tv::String("quorum".into()));
+        if pins.get("topology.kind").and_then(Tv::as_str) != Some("colo") {
+            pins.entry("topology.transport".to_string())
+                .or_insert_with(|| Tv::String("local".into()));
+        }
         // Every pinned key must be a parameter: derive once to check.
         let derived = Params::derive(sc.seed.unwrap_or(0), &pins)?;
         for f in &sc.faults {
+            let colo_fault = crate::params::COLO_FAMILIES.contains(&f.id.as_str());
+            if colo_fault != derived.colo.is_some() {
+                return Err(if colo_fault {
+                    format!("key 'fault': {} needs topology.kind = \"colo\"", f.id)
+                } else {
+                    format!(
+                        "key 'fault': {} is not a COLO fault (the COLO topology scripts F19-F24)",
+                        f.id
+                    )
+                });
+            }
             let net = matches!(f.id.as_str(), "F13" | "F15" | "F17" | "F18")
                 || (f.id == "F16" && f.target.is_some());
             if net && derived.nbd.is_none() {
@@ -409,17 +445,35 @@ fn parse_faults(v: &Tv) -> Result<Vec<FaultSpec>, String> {
             w,
             i,
             &[
-                "id", "target", "range", "at", "at_op", "until", "until_op", "count", "params",
+                "id",
+                "target",
+                "range",
+                "at",
+                "at_op",
+                "at_checkpoint",
+                "until",
+                "until_op",
+                "count",
+                "params",
             ],
         )?;
         let id = str_key(t, w, i, "id")?.ok_or(format!("key '{w}[{i}].id' is missing"))?;
+        if crate::params::COLO_FAMILIES.contains(&id) {
+            out.push(parse_colo_fault(t, id, i)?);
+            continue;
+        }
+        if t.contains_key("at_checkpoint") {
+            return Err(format!(
+                "key '{w}[{i}].at_checkpoint': only COLO faults (F19-F24) fire at a checkpoint"
+            ));
+        }
         const SCRIPTED: [&str; 14] = [
             "F1", "F2", "F3", "F4", "F5", "F6", "F7", "F10", "F11", "F13", "F15", "F16", "F17",
             "F18",
         ];
         if !SCRIPTED.contains(&id) {
             return Err(format!(
-                "key '{w}[{i}].id': '{id}' cannot be scripted in this topology ({}; F8 and F9 act through F16)",
+                "key '{w}[{i}].id': '{id}' cannot be scripted ({}, and F19-F24 in the COLO topology; F8 and F9 act through F16)",
                 SCRIPTED.join(", ")
             ));
         }
@@ -509,6 +563,89 @@ fn parse_faults(v: &Tv) -> Result<Vec<FaultSpec>, String> {
     Ok(out)
 }
 
+/// A COLO fault (F19-F24): `at_checkpoint`, `at` or `at_op`, `until` for lasting ones, and its
+/// `params.kind`.
+fn parse_colo_fault(t: &toml::Table, id: &str, i: usize) -> Result<FaultSpec, String> {
+    let w = "fault";
+    let when = match (
+        u64_key(t, w, i, "at_checkpoint")?,
+        str_key(t, w, i, "at")?,
+        u64_key(t, w, i, "at_op")?,
+    ) {
+        (Some(k), None, None) if k >= 1 => When::AtCheckpoint(k),
+        (Some(_), None, None) => {
+            return Err(format!(
+                "key '{w}[{i}].at_checkpoint': checkpoints count from 1"
+            ))
+        }
+        (None, Some(s), None) if matches!(id, "F22" | "F23") => {
+            When::At(parse_time_ns(s).map_err(|e| format!("key '{w}[{i}].at': {e}"))?)
+        }
+        (None, None, Some(n)) if matches!(id, "F22" | "F23") => When::AtOp(n),
+        (None, None, None) => return Err(format!("key '{w}[{i}].at_checkpoint' is missing")),
+        _ if matches!(id, "F22" | "F23") => {
+            return Err(format!(
+                "key '{w}[{i}]': give one of at_checkpoint, at or at_op"
+            ))
+        }
+        _ => {
+            return Err(format!(
+                "key '{w}[{i}]': {id} fires at a checkpoint: give only at_checkpoint"
+            ))
+        }
+    };
+    if let Some(tg) = str_key(t, w, i, "target")? {
+        if !["colo-p", "colo-s", "ham"].contains(&tg) {
+            return Err(format!(
+                "key '{w}[{i}].target': '{tg}' names no COLO host (colo-p, colo-s, ham)"
+            ));
+        }
+    }
+    let until = match str_key(t, w, i, "until")? {
+        Some(s) => Some(When::At(
+            parse_time_ns(s).map_err(|e| format!("key '{w}[{i}].until': {e}"))?,
+        )),
+        None => None,
+    };
+    let kinds: &[&str] = match id {
+        "F21" => &["fail", "second", "crash"],
+        "F22" => &["error", "partition"],
+        "F23" => &["lose-primary", "lose-secondary"],
+        _ => &[],
+    };
+    let mut params = BTreeMap::new();
+    if let Some(p) = t.get("params") {
+        let pt = p
+            .as_table()
+            .ok_or(format!("key '{w}[{i}].params': expected a table"))?;
+        for (k, v) in pt {
+            match (k.as_str(), v) {
+                ("kind", Tv::String(s)) if kinds.contains(&s.as_str()) => {}
+                ("kind", other) if !kinds.is_empty() => {
+                    return Err(format!(
+                        "key '{w}[{i}].params.kind': {other} is not one of {}",
+                        kinds.join(", ")
+                    ))
+                }
+                _ => return Err(format!("key '{w}[{i}].params.{k}': unknown for {id}")),
+            }
+            params.insert(k.clone(), v.clone());
+        }
+    }
+    if !kinds.is_empty() && !params.contains_key("kind") {
+        params.insert("kind".into(), Tv::String(kinds[0].into()));
+    }
+    Ok(FaultSpec {
+        id: id.to_string(),
+        target: None,
+        range: None,
+        when,
+        until,
+        count: 1,
+        params,
+    })
+}
+
 fn parse_expects(v: &Tv) -> Result<Vec<Expect>, String> {
     let arr = v.as_array().ok_or("key 'expect': expected an array")?;
     let mut out = Vec::new();
@@ -580,6 +717,49 @@ fn parse_expects(v: &Tv) -> Result<Vec<Expect>, String> {
                     qmp,
                 });
             }
+            "replication" => {
+                check_keys(t, w, i, &["kind", "node", "error", "stage"])?;
+                let node = str_key(t, w, i, "node")?.ok_or(format!("key '{w}[{i}].node' is missing"))?;
+                if node != "colo-p" && node != "colo-s" {
+                    return Err(format!("key '{w}[{i}].node': '{node}' is not colo-p or colo-s"));
+                }
+                let error = match t.get("error") {
+                    Some(Tv::Boolean(b)) => *b,
+                    None => false,
+                    Some(other) => return Err(format!("key '{w}[{i}].error': expected true or false, got {other}")),
+                };
+                let stage = str_key(t, w, i, "stage")?;
+                if let Some(st) = stage {
+                    if !["none", "running", "failover", "failover-failed", "done"].contains(&st) {
+                        return Err(format!("key '{w}[{i}].stage': '{st}' is not none, running, failover, failover-failed or done"));
+                    }
+                }
+                out.push(Expect::Replication {
+                    node: node.into(),
+                    error,
+                    stage: stage.map(String::from),
+                });
+            }
+            "contents" if matches!(str_key(t, w, i, "view")?, Some("colo-s" | "colo-p")) => {
+                check_keys(t, w, i, &["kind", "view", "range", "equals"])?;
+                let node = str_key(t, w, i, "view")?.unwrap_or_default();
+                let range = parse_range(str_key(t, w, i, "range")?.ok_or(format!("key '{w}[{i}].range' is missing"))?)
+                    .map_err(|e| format!("key '{w}[{i}].range': {e}"))?;
+                let equals = str_key(t, w, i, "equals")?.ok_or(format!("key '{w}[{i}].equals' is missing"))?;
+                let ok = equals == "primary"
+                    || equals
+                        .strip_prefix("checkpoint:")
+                        .and_then(|x| x.strip_suffix("+svm"))
+                        .is_some_and(|k| k == "last" || k.parse::<u64>().is_ok());
+                if !ok {
+                    return Err(format!("key '{w}[{i}].equals': '{equals}' is not \"checkpoint:K+svm\", \"checkpoint:last+svm\" or \"primary\""));
+                }
+                out.push(Expect::ColoContents {
+                    node: node.into(),
+                    range,
+                    equals: equals.into(),
+                });
+            }
             "contents" => {
                 check_keys(t, w, i, &["kind", "child", "view", "range", "equals"])?;
                 let child = match (str_key(t, w, i, "child")?, str_key(t, w, i, "view")?) {
@@ -625,7 +805,7 @@ fn parse_expects(v: &Tv) -> Result<Vec<Expect>, String> {
             }
             other => {
                 return Err(format!(
-                    "key '{w}[{i}].kind': '{other}' is not invariants, result, event, contents, warning, fatal, injected or path"
+                    "key '{w}[{i}].kind': '{other}' is not invariants, result, event, contents, replication, warning, fatal, injected or path"
                 ))
             }
         }

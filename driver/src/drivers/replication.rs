@@ -204,19 +204,6 @@ struct State {
     commit: Option<tokio::task::JoinHandle<()>>,
 }
 
-/// Test-only switches that plant the bugs the simulator must catch (issue 5's demonstration).
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Planted {
-    /// A checkpoint empties A only, never H.
-    pub checkpoint_forgets_hidden: bool,
-    /// Forwarded writes skip copy-before-write.
-    pub skip_copy_before_write: bool,
-    /// The failover commit commits A into S and ignores H.
-    pub failover_commits_active_only: bool,
-    /// Secondary writes in stage NONE are accepted into A.
-    pub writes_in_stage_none: bool,
-}
-
 /// A replication node.
 pub struct Replication {
     name: String,
@@ -227,7 +214,6 @@ pub struct Replication {
     gate: Arc<IoGate>,
     st: Mutex<State>,
     cancel: AtomicBool,
-    planted: Planted,
     me: Weak<Replication>,
 }
 
@@ -257,21 +243,6 @@ impl Replication {
         file: Device,
         host: Host,
     ) -> Result<Arc<Replication>, ConfigError> {
-        Replication::open_planted(name, mode, top_id, file, host, Planted::default())
-    }
-
-    /// [`Replication::open`] with planted bugs (simulator demonstration only).
-    ///
-    /// # Errors
-    /// As [`Replication::open`].
-    pub fn open_planted(
-        name: &str,
-        mode: Mode,
-        top_id: Option<String>,
-        file: Device,
-        host: Host,
-        planted: Planted,
-    ) -> Result<Arc<Replication>, ConfigError> {
         match (mode, &top_id) {
             (Mode::Primary, Some(_)) => {
                 return Err(config("The primary side does not support option top-id"))
@@ -295,7 +266,6 @@ impl Replication {
                 commit: None,
             }),
             cancel: AtomicBool::new(false),
-            planted,
             me: me.clone(),
         }))
     }
@@ -386,9 +356,7 @@ impl Replication {
 
     async fn empty_overlays(&self, chain: &SecondaryChain) {
         chain.active.make_empty().await;
-        if !self.planted.checkpoint_forgets_hidden {
-            chain.hidden.make_empty().await;
-        }
+        chain.hidden.make_empty().await;
     }
 
     /// R27: do_checkpoint.
@@ -476,11 +444,7 @@ impl Replication {
     }
 
     fn commit_chain(&self, chain: &SecondaryChain) -> Vec<Arc<Overlay>> {
-        if self.planted.failover_commits_active_only {
-            vec![chain.active.clone()]
-        } else {
-            vec![chain.active.clone(), chain.hidden.clone()]
-        }
+        vec![chain.active.clone(), chain.hidden.clone()]
     }
 
     /// R31: commit A and H into S while the SVM goes on, then switch the path to S.
@@ -579,9 +543,7 @@ impl Replication {
     fn secondary_target(&self, what: &str, write: bool) -> Result<Target> {
         let st = self.state();
         match st.stage {
-            Stage::None if !(write && self.planted.writes_in_stage_none) => {
-                Err(self.eio(what, st.stage))
-            }
+            Stage::None => Err(self.eio(what, st.stage)),
             Stage::Done if st.promoted => Ok(Target::Disk(
                 st.chain
                     .as_ref()
@@ -657,7 +619,7 @@ impl BeforeWrite for Replication {
     async fn before_write(&self, offset: u64, len: u64) -> Result<HookPass> {
         let pass = self.gate.enter().await;
         let chain = self.state().chain.clone();
-        if let (Some(c), false) = (chain, self.planted.skip_copy_before_write) {
+        if let Some(c) = chain {
             let length = c.hidden.length()?;
             let n = len.min(length.saturating_sub(offset));
             c.hidden.preserve(offset, n).await?;
