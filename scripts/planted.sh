@@ -33,7 +33,7 @@ for patch in sim/planted/*.patch; do
   log=$(cd "$wt" && cargo sim sweep --seeds "$seeds" --scenarios empty-scenarios --until-fail --report "$wt/reports/planted-$name" 2>/dev/null || true)
   first=$(printf '%s\n' "$log" | grep -E '^\[ *[0-9]+\].*FAIL' | head -1 || true)
   seed=$(printf '%s\n' "$first" | sed -n 's/.*seed=\([0-9]*\).*/\1/p')
-  rule=$(printf '%s\n' "$first" | sed -n 's/.* FAIL \(I[0-9]*\|C5\).*/\1/p')
+  rule=$(printf '%s\n' "$first" | sed -n 's/.* FAIL \([ICR][0-9]*\).*/\1/p')
   ran=$(printf '%s\n' "$log" | grep -cE '^\[ *[0-9]+\]' || true)
   echo "| $name | $want | ${sv:-?} | ${seed:-none} | ${rule:--} | $ran |" >> "$out"
   echo "$name: scenario: ${sv:-?}; random: seed ${seed:-none} rule ${rule:--} after $ran run(s)"

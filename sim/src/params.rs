@@ -79,6 +79,8 @@ pub struct ColoParams {
     pub event: Option<(String, u64)>,
     /// Guest ops the survivor runs after a failover or a lost secondary.
     pub after_ops: u64,
+    /// SVM requests issued before replication starts (each must fail with EIO, R9).
+    pub svm_early: u64,
 }
 
 /// Operation mix weights.
@@ -665,6 +667,13 @@ impl Params {
                 checkpoints,
                 event,
                 after_ops: p.int("workload.after_ops", 0, 10_000_000, |r| r.range(50, 300))?,
+                svm_early: p.int("workload.svm.early", 0, 100, |r| {
+                    if r.chance(0.33) {
+                        r.range(1, 4)
+                    } else {
+                        0
+                    }
+                })?,
             })
         } else {
             None
@@ -750,7 +759,7 @@ impl Params {
                 fmt_time(c.latency_ns.1)
             );
             s += &format!(
-                "workload = {{ mix = {{ read = {}, write = {}, write_zeroes = {}, trim = {}, flush = {} }}, size = \"{}..{}\", svm = {{ write_share = {} }}, after_ops = {} }}\n",
+                "workload = {{ mix = {{ read = {}, write = {}, write_zeroes = {}, trim = {}, flush = {} }}, size = \"{}..{}\", svm = {{ write_share = {}, early = {} }}, after_ops = {} }}\n",
                 self.mix.read,
                 self.mix.write,
                 self.mix.write_zeroes,
@@ -759,6 +768,7 @@ impl Params {
                 fmt_size(self.size.0),
                 fmt_size(self.size.1),
                 c.svm_write_share,
+                c.svm_early,
                 c.after_ops
             );
             let fams: Vec<String> = self.families.iter().map(|f| format!("\"{f}\"")).collect();
