@@ -2,16 +2,18 @@
 # Testing the tester (SIMULATION.md T1): applies each planted bug in sim/planted/ to a scratch
 # worktree, builds the simulator there, runs the patch's scenario, then random seeds until the
 # first failure (at most SEEDS, default 1000), and records which seed and invariant caught it.
-# Writes reports/planted.md. Usage: scripts/planted.sh [SEEDS]
+# Writes reports/planted.md, or reports/planted-GLOB.md for a subset.
+# Usage: scripts/planted.sh [SEEDS] [GLOB]   (e.g. scripts/planted.sh 1000 'colo-*')
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 seeds=${1:-1000}
+glob=${2:-*}
 wt=$(mktemp -d /tmp/ballot-planted.XXXXXX)
 trap 'git -C "$root" worktree remove --force "$wt" >/dev/null 2>&1 || true' EXIT
 git worktree add --detach "$wt" HEAD >/dev/null
 export CARGO_TARGET_DIR="$root/target-planted"
-out="$root/reports/planted.md"
+if [ "$glob" = "*" ]; then out="$root/reports/planted.md"; else out="$root/reports/planted-${glob//[^a-z0-9]/}.md"; fi
 {
   echo "# Planted bugs (SIMULATION.md T1)"
   echo
@@ -22,7 +24,7 @@ out="$root/reports/planted.md"
   echo "|---|---|---|---|---|---|"
 } > "$out"
 status=0
-for patch in sim/planted/*.patch; do
+for patch in sim/planted/$glob.patch; do
   name=$(basename "$patch" .patch)
   want=$(sed -n 's/^# must be caught by: //p' "$patch")
   scen=$(sed -n 's/^# scenario: //p' "$patch")
