@@ -223,10 +223,21 @@ def main():
             f"| {r['disk']} | {r['dirty']:,} | {r['in_active']:,} | {r['in_hidden']:,} | "
             f"{r['checkpoint_s'] * 1000:.3f} ms | {r['failover_s'] * 1000:.1f} ms | "
             f"{mib / r['failover_s']:,.0f} MiB/s |")
+    lines += [""]
+    for disk in sorted({r["disk"] for r in rows}):
+        rs = sorted((r for r in rows if r["disk"] == disk), key=lambda r: r["dirty"])
+        if len(rs) >= 2:
+            a, b = rs[0], rs[-1]
+            lines.append(
+                f"{disk}: {b['dirty'] / a['dirty']:.0f}x the dirty clusters cost "
+                f"{b['checkpoint_s'] / a['checkpoint_s']:.0f}x the checkpoint time and "
+                f"{b['failover_s'] / a['failover_s']:.0f}x the failover time.")
     lines += [
         "",
-        "Both grow with the dirty clusters, not with the 1 TiB: 100x the clusters costs about",
-        "100x the time (the map is a B-tree of allocated clusters only, R42, R51, R52).",
+        "Neither depends on the disk's size (the overlay map is a B-tree of allocated clusters",
+        "only, R42, R51, R52). The file-backed failover at 100 k clusters writes 6.1 GiB into S",
+        "and is bound by the kernel's dirty-page writeback, not by the commit loop (compare the",
+        "null-co row, which does the same map and lock work without the I/O).",
         "",
         "## Forwarding overhead on the primary's writes",
         "",
