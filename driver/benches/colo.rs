@@ -17,7 +17,7 @@ use ballot::drivers::replication::{Mode, Stage};
 use ballot::events::EventBus;
 use ballot::graph::Graph;
 use ballot::host::Host;
-use ballot::{BlockDevice, Device, WriteFlags};
+use ballot::{Device, WriteFlags};
 use bytes::Bytes;
 
 const TIB: u64 = 1 << 40;
