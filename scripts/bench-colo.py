@@ -21,13 +21,14 @@ import json
 import os
 import platform
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+
+from benchlib import stop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BALLOT = os.path.join(ROOT, "target", "release", "ballot")
@@ -80,15 +81,6 @@ def start(cmd, sock, qmp):
             raise SystemExit(f"{cmd[0]} did not start: {p.stderr.read().decode()}")
         time.sleep(0.02)
     return p
-
-
-def stop(p):
-    p.send_signal(signal.SIGTERM)
-    try:
-        p.wait(30)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        p.wait()
 
 
 def fio(sock, d, extra, key):

@@ -18,12 +18,13 @@ import json
 import os
 import platform
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+
+from benchlib import stop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BALLOT = os.path.join(ROOT, "target", "release", "ballot")
@@ -61,15 +62,6 @@ def start(kind, d):
             raise SystemExit(f"{kind} did not start: {p.stderr.read().decode()}")
         time.sleep(0.02)
     return p, sock
-
-
-def stop(p):
-    p.send_signal(signal.SIGTERM)
-    try:
-        p.wait(30)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        p.wait()
 
 
 def uri(sock, name):

@@ -36,13 +36,12 @@ pub trait BeforeWrite: Send + Sync {
 }
 
 /// The hooks of one node, shared by all its ports.
-#[derive(Default)]
 pub struct PortHooks {
     /// Anything armed (fast path when false).
     active: AtomicBool,
     fenced: AtomicBool,
     hook: Mutex<Option<Arc<dyn BeforeWrite>>>,
-    node: Mutex<String>,
+    node: String,
 }
 
 impl fmt::Debug for PortHooks {
@@ -56,9 +55,17 @@ impl fmt::Debug for PortHooks {
 impl PortHooks {
     /// Hooks of node `node`, none armed.
     pub fn new(node: &str) -> Arc<PortHooks> {
-        let h = PortHooks::default();
-        *h.node.lock().unwrap_or_else(|p| p.into_inner()) = node.to_string();
-        Arc::new(h)
+        Arc::new(PortHooks {
+            active: AtomicBool::new(false),
+            fenced: AtomicBool::new(false),
+            hook: Mutex::new(None),
+            node: node.to_string(),
+        })
+    }
+
+    /// Whether a port write must go through [`PortHooks::admit`].
+    fn active(&self) -> bool {
+        self.active.load(Ordering::SeqCst)
     }
 
     fn refresh(&self, hook: &Option<Arc<dyn BeforeWrite>>) {
@@ -102,13 +109,19 @@ impl PortHooks {
         self.fenced.load(Ordering::SeqCst)
     }
 
-    /// The fence or the hook, before a write of `[offset, offset + len)`.
+    /// The fence or the hook, before a write of `[offset, offset + len)`; nothing when
+    /// neither is armed.
     async fn admit(&self, offset: u64, len: u64) -> Result<Option<HookPass>> {
+        if !self.active() {
+            return Ok(None);
+        }
         if self.fenced.load(Ordering::SeqCst) {
-            let node = self.node.lock().unwrap_or_else(|p| p.into_inner()).clone();
             return Err(Error::new(
                 ErrorKind::Perm,
-                format!("node '{node}' was promoted by a failover and refuses writes from its exports (REPLICATION.md O1)"),
+                format!(
+                    "node '{}' was promoted by a failover and refuses writes from its exports (REPLICATION.md O1)",
+                    self.node
+                ),
             ));
         }
         let hook = self.hook.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -170,7 +183,7 @@ impl BlockDevice for Port {
         'a: 'b,
         Self: 'b,
     {
-        if !self.hooks.active.load(Ordering::SeqCst) {
+        if !self.hooks.active() {
             return self.inner.write(offset, data, flags);
         }
         Box::pin(async move {
@@ -190,10 +203,7 @@ impl BlockDevice for Port {
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
-        let pass = match self.hooks.active.load(Ordering::SeqCst) {
-            true => self.hooks.admit(offset, len).await?,
-            false => None,
-        };
+        let pass = self.hooks.admit(offset, len).await?;
         let r = self.inner.write_zeroes(offset, len, flags).await;
         drop(pass);
         r
@@ -204,10 +214,7 @@ impl BlockDevice for Port {
     }
 
     async fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        let pass = match self.hooks.active.load(Ordering::SeqCst) {
-            true => self.hooks.admit(offset, len).await?,
-            false => None,
-        };
+        let pass = self.hooks.admit(offset, len).await?;
         let r = self.inner.discard(offset, len).await;
         drop(pass);
         r

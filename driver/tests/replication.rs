@@ -101,6 +101,22 @@ async fn primary() -> (Graph, Arc<TestChild>, Device) {
     (g, link, d)
 }
 
+/// QEMU's stop and continuous_replication setup: start, 0x22 forwarded over [32M, 64M), the
+/// SVM's 0x33 over [0, 32M), then stop with failover and wait for the commit.
+async fn e2_writes_then_failover(sec: &Secondary) {
+    sec.g.replication_start_all(Mode::Secondary).await.unwrap();
+    sec.fwd
+        .write(HALF, fill(HALF, 0x22), WriteFlags::NONE)
+        .await
+        .unwrap();
+    sec.view
+        .write(0, fill(HALF, 0x33), WriteFlags::NONE)
+        .await
+        .unwrap();
+    sec.g.replication_stop_all(true).await.unwrap();
+    childs0(sec).wait_commit().await;
+}
+
 fn msg(r: Result<(), ballot::ConfigError>) -> String {
     r.unwrap_err().to_string()
 }
@@ -253,18 +269,8 @@ async fn secondary_start_shows_the_checkpoint_view_r19_r23() {
 async fn secondary_stop_with_failover_commits_the_view_e2_r31_r32() {
     let sec = secondary().await;
     let rec = sec.bus.record(Stream::Internal);
-    sec.g.replication_start_all(Mode::Secondary).await.unwrap();
-    sec.fwd
-        .write(HALF, fill(HALF, 0x22), WriteFlags::NONE)
-        .await
-        .unwrap();
-    sec.view
-        .write(0, fill(HALF, 0x33), WriteFlags::NONE)
-        .await
-        .unwrap();
-    sec.g.replication_stop_all(true).await.unwrap();
+    e2_writes_then_failover(&sec).await;
     let c = childs0(&sec);
-    c.wait_commit().await;
     assert_eq!(c.stage(), Stage::Done);
     // E2: QEMU's test asserts 0x22 for [32M, 64M) and passes only through memcmp <= 0.
     // The view at failover was 0x33 | 0x11, and so is S now, exactly.
@@ -313,17 +319,7 @@ async fn secondary_stop_with_failover_commits_the_view_e2_r31_r32() {
 #[tokio::test]
 async fn continuous_replication_a_promoted_secondary_ignores_start_r34() {
     let sec = secondary().await;
-    sec.g.replication_start_all(Mode::Secondary).await.unwrap();
-    sec.fwd
-        .write(HALF, fill(HALF, 0x22), WriteFlags::NONE)
-        .await
-        .unwrap();
-    sec.view
-        .write(0, fill(HALF, 0x33), WriteFlags::NONE)
-        .await
-        .unwrap();
-    sec.g.replication_stop_all(true).await.unwrap();
-    childs0(&sec).wait_commit().await;
+    e2_writes_then_failover(&sec).await;
     // The host becomes a new primary: childs0 ignores start(primary), checkpoint and stop.
     assert_eq!(sec.g.replication_start_all(Mode::Primary).await, Ok(()));
     assert_eq!(sec.g.replication_checkpoint_all().await, Ok(()));

@@ -443,13 +443,9 @@ impl Replication {
         Ok(())
     }
 
-    fn commit_chain(&self, chain: &SecondaryChain) -> Vec<Arc<Overlay>> {
-        vec![chain.active.clone(), chain.hidden.clone()]
-    }
-
     /// R31: commit A and H into S while the SVM goes on, then switch the path to S.
     async fn failover_commit(self: Arc<Self>, chain: SecondaryChain) {
-        let overlays = self.commit_chain(&chain);
+        let overlays = [chain.active.clone(), chain.hidden.clone()];
         let total = |o: &[Arc<Overlay>]| -> u64 {
             let mut cs: Vec<u64> = o.iter().flat_map(|x| x.allocated_clusters()).collect();
             cs.sort_unstable();
@@ -606,6 +602,27 @@ impl Replication {
             Err(self.eio(what, stage))
         }
     }
+
+    /// Where a write or write-zeroes of `[offset, offset + len)` goes (R9, R11–R13); `op`
+    /// performs it on one device over one extent.
+    async fn write_path<F>(&self, offset: u64, len: u64, mut op: F) -> Result<()>
+    where
+        F: FnMut(Device, u64, u64) -> crate::join::BoxFuture<'static, Result<()>>,
+    {
+        let _pass = self.gate.enter().await;
+        if self.mode == Mode::Primary {
+            self.primary_running("writes")?;
+            let r = op(self.file.clone(), offset, len).await;
+            return self.record_forward(r);
+        }
+        match self.secondary_target("writes", true)? {
+            Target::Disk(d) => op(d, offset, len).await,
+            Target::Split(c) => {
+                check_request(self.length()?, 1, offset, len, Access::Write)?;
+                self.split(&c, offset, len, op).await
+            }
+        }
+    }
 }
 
 enum Target {
@@ -651,23 +668,11 @@ impl BlockDevice for Replication {
     }
 
     async fn write(&self, offset: u64, data: Bytes, flags: WriteFlags) -> Result<()> {
-        let _pass = self.gate.enter().await;
-        if self.mode == Mode::Primary {
-            self.primary_running("writes")?;
-            let r = self.file.write(offset, data, flags).await;
-            return self.record_forward(r);
-        }
-        match self.secondary_target("writes", true)? {
-            Target::Disk(d) => d.write(offset, data, flags).await,
-            Target::Split(c) => {
-                check_request(self.length()?, 1, offset, data.len() as u64, Access::Write)?;
-                self.split(&c, offset, data.len() as u64, |dev, at, n| {
-                    let piece = data.slice((at - offset) as usize..(at - offset + n) as usize);
-                    Box::pin(async move { dev.write(at, piece, flags).await })
-                })
-                .await
-            }
-        }
+        self.write_path(offset, data.len() as u64, |dev, at, n| {
+            let piece = data.slice((at - offset) as usize..(at - offset + n) as usize);
+            Box::pin(async move { dev.write(at, piece, flags).await })
+        })
+        .await
     }
 
     async fn flush(&self) -> Result<()> {
@@ -676,22 +681,10 @@ impl BlockDevice for Replication {
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
-        let _pass = self.gate.enter().await;
-        if self.mode == Mode::Primary {
-            self.primary_running("writes")?;
-            let r = self.file.write_zeroes(offset, len, flags).await;
-            return self.record_forward(r);
-        }
-        match self.secondary_target("writes", true)? {
-            Target::Disk(d) => d.write_zeroes(offset, len, flags).await,
-            Target::Split(c) => {
-                check_request(self.length()?, 1, offset, len, Access::Write)?;
-                self.split(&c, offset, len, |dev, at, n| {
-                    Box::pin(async move { dev.write_zeroes(at, n, flags).await })
-                })
-                .await
-            }
-        }
+        self.write_path(offset, len, |dev, at, n| {
+            Box::pin(async move { dev.write_zeroes(at, n, flags).await })
+        })
+        .await
     }
 
     async fn discard(&self, offset: u64, len: u64) -> Result<()> {
