@@ -17,6 +17,7 @@ pub mod port;
 pub mod qmp;
 pub mod rangelock;
 pub mod serve;
+pub mod waiter;
 
 pub use device::{BlockDevice, BlockStatus, Device, WriteFlags, ZeroFlags};
 pub use error::{ConfigError, Error, ErrorKind, Result};

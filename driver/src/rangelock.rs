@@ -11,6 +11,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::Notify;
 
+use crate::waiter::wait_until;
+
 #[derive(Debug, Default)]
 struct Held {
     /// `(id, first, end, exclusive)` of every held range.
@@ -39,27 +41,22 @@ impl RangeLock {
 
     /// Waits until `[first, end)` can be held in the requested mode, then holds it.
     pub async fn lock(self: &Arc<Self>, first: u64, end: u64, exclusive: bool) -> RangeGuard {
-        loop {
-            let notified = self.released.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            {
-                let mut st = self.state();
-                let conflict = st
-                    .ranges
-                    .iter()
-                    .any(|&(_, a, b, x)| a < end && first < b && (x || exclusive));
-                if !conflict {
-                    let id = st.next_id;
-                    st.next_id += 1;
-                    st.ranges.push((id, first, end, exclusive));
-                    return RangeGuard {
-                        lock: self.clone(),
-                        id,
-                    };
-                }
-            }
-            notified.await;
+        let id = wait_until(&self.held, &self.released, |st| {
+            let conflict = st
+                .ranges
+                .iter()
+                .any(|&(_, a, b, x)| a < end && first < b && (x || exclusive));
+            (!conflict).then(|| {
+                let id = st.next_id;
+                st.next_id += 1;
+                st.ranges.push((id, first, end, exclusive));
+                id
+            })
+        })
+        .await;
+        RangeGuard {
+            lock: self.clone(),
+            id,
         }
     }
 

@@ -349,16 +349,8 @@ impl Colo {
     }
 
     /// Waits until `ready` returns a value, re-checking whenever the shared state changes.
-    async fn wait_until<T>(&self, mut ready: impl FnMut(&mut St) -> Option<T>) -> T {
-        loop {
-            let n = self.changed.notified();
-            tokio::pin!(n);
-            n.as_mut().enable();
-            if let Some(v) = ready(&mut self.lock()) {
-                return v;
-            }
-            n.await;
-        }
+    async fn wait_until<T>(&self, ready: impl FnMut(&mut St) -> Option<T>) -> T {
+        ballot::waiter::wait_until(&self.st, &self.changed, ready).await
     }
 
     fn node(&self, name: &str) -> Option<madsim::task::NodeId> {

@@ -11,6 +11,8 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use crate::waiter::wait_until;
+
 /// Granule of the fence.
 const GRANULE_BYTES: u64 = 64 * 1024;
 /// Granule entries kept before idle ones are pruned.
@@ -67,32 +69,28 @@ impl RepairFence {
     /// Registers a guest write of `[offset, offset + len)`, after repairs in flight on that
     /// range have finished; the guard ends it.
     pub async fn begin_write(self: &Arc<Self>, offset: u64, len: u64) -> WriteGuard {
-        loop {
-            let notified = self.repaired.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
+        wait_until(&self.state, &self.repaired, |st| {
+            if st
+                .repairing
+                .iter()
+                .any(|r| overlaps((r.0, r.1), (offset, len)))
             {
-                let mut st = self.lock();
-                if !st
-                    .repairing
-                    .iter()
-                    .any(|r| overlaps((r.0, r.1), (offset, len)))
-                {
-                    st.epoch += 1;
-                    let epoch = st.epoch;
-                    for g in granules(offset, len) {
-                        let e = st.granules.entry(g).or_default();
-                        e.inflight += 1;
-                        e.last_touch = epoch;
-                    }
-                    return WriteGuard {
-                        fence: self.clone(),
-                        offset,
-                        len,
-                    };
-                }
+                return None;
             }
-            notified.await;
+            st.epoch += 1;
+            let epoch = st.epoch;
+            for g in granules(offset, len) {
+                let e = st.granules.entry(g).or_default();
+                e.inflight += 1;
+                e.last_touch = epoch;
+            }
+            Some(())
+        })
+        .await;
+        WriteGuard {
+            fence: self.clone(),
+            offset,
+            len,
         }
     }
 }

@@ -28,6 +28,7 @@ use crate::error::{ConfigError, Error, ErrorKind, Result};
 use crate::events::Event;
 use crate::host::Host;
 use crate::port::{BeforeWrite, HookPass, PortHooks};
+use crate::waiter::wait_until;
 
 /// `mode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,45 +108,15 @@ impl IoGate {
 
     /// Waits while the gate is held, then counts a request in flight.
     pub async fn enter(self: &Arc<Self>) -> GatePass {
-        loop {
-            let n = self.changed.notified();
-            tokio::pin!(n);
-            n.as_mut().enable();
-            {
-                let mut st = self.lock();
-                if !st.1 {
-                    st.0 += 1;
-                    return GatePass(self.clone());
-                }
-            }
-            n.await;
-        }
+        wait_until(&self.st, &self.changed, |st| (!st.1).then(|| st.0 += 1)).await;
+        GatePass(self.clone())
     }
 
     /// Closes the gate, then waits for requests in flight to end.
     pub async fn hold(self: &Arc<Self>) -> GateHold {
-        loop {
-            let n = self.changed.notified();
-            tokio::pin!(n);
-            n.as_mut().enable();
-            {
-                let mut st = self.lock();
-                if !st.1 {
-                    st.1 = true;
-                    break;
-                }
-            }
-            n.await;
-        }
-        loop {
-            let n = self.changed.notified();
-            tokio::pin!(n);
-            n.as_mut().enable();
-            if self.lock().0 == 0 {
-                return GateHold(self.clone());
-            }
-            n.await;
-        }
+        wait_until(&self.st, &self.changed, |st| (!st.1).then(|| st.1 = true)).await;
+        wait_until(&self.st, &self.changed, |st| (st.0 == 0).then_some(())).await;
+        GateHold(self.clone())
     }
 
     /// Requests in flight now.
