@@ -276,6 +276,9 @@ impl Scenario {
                 ));
             }
         }
+        if derived.colo.is_none() {
+            check_refs(&sc, derived.children, derived.disk_size)?;
+        }
         let ids: Vec<&str> = sc.steps.iter().map(|s| s.id.as_str()).collect();
         for e in &sc.expects {
             let step = match e {
@@ -420,6 +423,53 @@ fn parse_steps(v: &Tv) -> Result<Vec<Step>, String> {
         });
     }
     Ok(out)
+}
+
+/// Children and ranges a quorum scenario names must exist in the topology it derives: a fault
+/// on a child that is not there would silently never fire, and a range past the disk would
+/// script I/O the disk refuses (found by the `scenario_file` fuzz target).
+fn check_refs(sc: &Scenario, children: usize, disk: u64) -> Result<(), String> {
+    let child = |what: &str, c: usize| {
+        if c < children {
+            Ok(())
+        } else {
+            Err(format!(
+                "key '{what}': child {c} does not exist (the topology has {children} children)"
+            ))
+        }
+    };
+    let range = |what: &str, (a, b): (u64, u64)| {
+        if b <= disk {
+            Ok(())
+        } else {
+            Err(format!(
+                "key '{what}': range {a}..{b} ends past the disk ({disk} bytes)"
+            ))
+        }
+    };
+    for (i, s) in sc.steps.iter().enumerate() {
+        range(&format!("workload.step[{i}].range"), s.range)?;
+    }
+    for (i, f) in sc.faults.iter().enumerate() {
+        if let Some(t) = f.target {
+            child(&format!("fault[{i}].target"), t)?;
+        }
+        if let Some(r) = f.range {
+            range(&format!("fault[{i}].range"), r)?;
+        }
+    }
+    for (i, e) in sc.expects.iter().enumerate() {
+        if let Expect::Contents {
+            child: c, range: r, ..
+        } = e
+        {
+            if let Some(c) = c {
+                child(&format!("expect[{i}].child"), *c)?;
+            }
+            range(&format!("expect[{i}].range"), *r)?;
+        }
+    }
+    Ok(())
 }
 
 fn parse_target(s: &str, what: &str) -> Result<Option<usize>, String> {
@@ -819,7 +869,7 @@ mod tests {
 
     #[test]
     fn c2_bad_scenarios_name_the_key() {
-        let cases: [(&str, &str); 8] = [
+        let cases: [(&str, &str); 11] = [
             ("name = \"x\"\nbogus = 1\n", "unknown key 'bogus'"),
             ("name = \"x\"\ntopology = { children = \"3\" }\n", "key 'topology.children': expected an integer, got string"),
             ("name = \"x\"\ntopology = { children = 9 }\n", "key 'topology.children': 9 is out of range 1..=7"),
@@ -836,6 +886,19 @@ mod tests {
             (
                 "name = \"x\"\nexpect = [ { kind = \"result\", step = \"nope\", result = \"ok\" } ]\n",
                 "key 'expect': step 'nope' is not a workload.step id",
+            ),
+            // Found by the scenario_file fuzz target: references past the derived topology.
+            (
+                "name = \"x\"\ntopology = { children = 2 }\nfault = [ { id = \"F5\", target = \"c2\" } ]\n",
+                "key 'fault[0].target': child 2 does not exist (the topology has 2 children)",
+            ),
+            (
+                "name = \"x\"\ntopology = { disk_size = \"1M\" }\nworkload = { step = [ { id = \"w\", op = \"write\", range = \"1020k..1028k\" } ] }\n",
+                "key 'workload.step[0].range': range 1044480..1052672 ends past the disk (1048576 bytes)",
+            ),
+            (
+                "name = \"x\"\ntopology = { children = 3 }\nexpect = [ { kind = \"contents\", child = \"c3\", range = \"0..4k\", equals = \"initial\" } ]\n",
+                "key 'expect[0].child': child 3 does not exist (the topology has 3 children)",
             ),
         ];
         for (text, want) in cases {
@@ -864,5 +927,19 @@ mod tests {
         assert_eq!(pinned.children, free.children);
         assert_eq!(pinned.ops, free.ops);
         assert_eq!(pinned.rates, free.rates);
+    }
+
+    #[test]
+    fn every_committed_scenario_parses() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).expect("scenarios/") {
+            let p = e.expect("entry").path();
+            if p.extension().is_some_and(|x| x == "toml") {
+                Scenario::load(&p).unwrap_or_else(|e| panic!("{e}"));
+                n += 1;
+            }
+        }
+        assert_eq!(n, 49, "scenario files");
     }
 }

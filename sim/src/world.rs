@@ -1520,6 +1520,12 @@ async fn check_expectations(w: &Arc<World>) {
                 };
                 let (a, b) = (range.0 / SECTOR_U64, range.1 / SECTOR_U64);
                 match child {
+                    // The parser checks children against the scenario's own seed; another
+                    // seed may derive fewer.
+                    Some(c) if *c >= w.p.children => fail(format!(
+                        "expect contents: c{c} does not exist in this run ({} children)",
+                        w.p.children
+                    )),
                     Some(c) => {
                         for s in a..b {
                             let got = w.disks.stored(*c, s);

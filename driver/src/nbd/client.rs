@@ -458,7 +458,7 @@ fn finish(n: Negotiated) -> Result<Negotiated> {
 
 /// The reader task: matches replies to requests by cookie (N40). Any protocol error ends
 /// the connection.
-async fn reader(conn: Arc<Conn>, mut rd: tokio::io::ReadHalf<Box<dyn Stream>>, structured: bool) {
+async fn reader<R: AsyncRead + Unpin>(conn: Arc<Conn>, mut rd: R, structured: bool) {
     let mut disconnecting = false;
     let why = loop {
         match read_one(&conn, &mut rd, structured).await {
@@ -481,11 +481,7 @@ async fn reader(conn: Arc<Conn>, mut rd: tokio::io::ReadHalf<Box<dyn Stream>>, s
     conn.fail_all(&why);
 }
 
-async fn read_one(
-    conn: &Conn,
-    rd: &mut tokio::io::ReadHalf<Box<dyn Stream>>,
-    structured: bool,
-) -> Result<()> {
+async fn read_one<R: AsyncRead + Unpin>(conn: &Conn, rd: &mut R, structured: bool) -> Result<()> {
     let mut h = [0u8; proto::CHUNK_HEADER_BYTES];
     rd.read_exact(&mut h[..4]).await.map_err(io_err)?;
     let n = proto::reply_header_len(&h[..4]).map_err(perr)?;
@@ -625,6 +621,78 @@ async fn read_one(
         }
     }
     Ok(())
+}
+
+/// How one request's reply ended, as [`replay_replies`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Replayed {
+    /// A successful read: the request's bytes.
+    Data(Bytes),
+    /// A successful BLOCK_STATUS: its descriptors.
+    Status(Vec<(u32, u32)>),
+    /// Any other success.
+    Done,
+    /// An error reply or error chunk.
+    Failed(ErrorKind),
+    /// No answer before the reader stopped (N42: the request would be re-sent).
+    Lost,
+}
+
+/// Runs the reply reader of one connection over `stream` — the bytes a server sends after the
+/// handshake — with `requests` `(command, offset, length)` in flight under cookies `0..n`,
+/// until the stream ends or breaks a rule (N40, N41). Returns each request's outcome and why
+/// the reader stopped. The reader, its limits and its protocol checks are exactly those a live
+/// connection runs; nothing is sent. For the fuzz targets and tests of the reply parser.
+pub async fn replay_replies(
+    structured: bool,
+    requests: &[(u16, u64, u32)],
+    stream: &[u8],
+) -> (Vec<Replayed>, String) {
+    let conn = Arc::new(Conn {
+        writer: tokio::sync::Mutex::new(Box::new(tokio::io::sink())),
+        pending: Mutex::new(HashMap::new()),
+        alive: AtomicBool::new(true),
+        lost: tokio::sync::Notify::new(),
+    });
+    let mut waits = Vec::with_capacity(requests.len());
+    for (cookie, &(kind, offset, length)) in (0u64..).zip(requests) {
+        let (tx, rx) = oneshot::channel();
+        conn.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                cookie,
+                Pending {
+                    kind,
+                    offset,
+                    length,
+                    buf: (kind == cmd::READ).then(|| BytesMut::zeroed(length as usize)),
+                    covered: Vec::new(),
+                    status: Vec::new(),
+                    error: None,
+                    done: Some(tx),
+                },
+            );
+        waits.push(rx);
+    }
+    let mut rd = stream;
+    let reason = loop {
+        if let Err(e) = read_one(&conn, &mut rd, structured).await {
+            break e.to_string();
+        }
+    };
+    conn.fail_all(&reason);
+    let mut out = Vec::with_capacity(waits.len());
+    for rx in waits {
+        out.push(match rx.await {
+            Ok(Outcome::Answer(Ok(Answer::Data(b)))) => Replayed::Data(b),
+            Ok(Outcome::Answer(Ok(Answer::Status(s)))) => Replayed::Status(s),
+            Ok(Outcome::Answer(Ok(Answer::Done))) => Replayed::Done,
+            Ok(Outcome::Answer(Err(e))) => Replayed::Failed(e.kind()),
+            Ok(Outcome::Lost(_)) | Err(_) => Replayed::Lost,
+        });
+    }
+    (out, reason)
 }
 
 /// N45: DISC, then the sending side is shut down; the reader ends when the server closes.

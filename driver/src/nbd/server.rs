@@ -626,8 +626,13 @@ impl Server {
             Err(err) => return fail(err.kind(), err.kind().strerror()),
         };
         let len = u64::from(q.length);
-        let Some(end) = q.offset.checked_add(len) else {
-            return fail(ErrorKind::Inval, "request overflows");
+        // FLUSH has no range: its offset and length are ignored, even overflowing ones (the
+        // `nbd_server` fuzz target found an overflowing FLUSH refused while a past-the-end one
+        // was served).
+        let end = match q.offset.checked_add(len) {
+            Some(end) => end,
+            None if q.kind == cmd::FLUSH => 0,
+            None => return fail(ErrorKind::Inval, "request overflows"),
         };
         if end > size && q.kind != cmd::FLUSH {
             let k = if matches!(q.kind, cmd::WRITE | cmd::WRITE_ZEROES) {
@@ -875,6 +880,15 @@ mod tests {
             .await
             .expect("send");
         assert_eq!(simple_reply(&mut c).await, (errno::EINVAL, 3));
+        // FLUSH has no range: past the end and overflowing both succeed.
+        c.write_all(&req(cmd::FLUSH, 0, 5, 1 << 40, 512))
+            .await
+            .expect("send");
+        assert_eq!(simple_reply(&mut c).await, (0, 5));
+        c.write_all(&req(cmd::FLUSH, 0, 6, u64::MAX, 512))
+            .await
+            .expect("send");
+        assert_eq!(simple_reply(&mut c).await, (0, 6));
         // The connection still serves a read: one OFFSET_DATA chunk with DONE.
         c.write_all(&req(cmd::READ, 0, 4, 512, 512))
             .await

@@ -1,0 +1,95 @@
+#!/usr/bin/env python3
+"""Writes the hand-made seed inputs of every fuzz target into fuzz/corpus/<target>/seed-*.
+
+Text targets get real inputs (the repository's scenario files, the --blockdev lines of the
+docs); structured targets get deterministic pseudo-random bytes of several sizes, which
+libFuzzer's mutations turn into cases quickly, plus hand-encoded protocol streams.
+Run from anywhere; rerunning rewrites the same files.
+"""
+import pathlib
+import random
+import struct
+
+ROOT = pathlib.Path(__file__).resolve().parent
+REPO = ROOT.parent
+
+
+def put(target, name, data):
+    d = ROOT / "corpus" / target
+    d.mkdir(parents=True, exist_ok=True)
+    if isinstance(data, str):
+        data = data.encode()
+    (d / f"seed-{name}").write_bytes(data)
+
+
+def randoms(target, sizes, mode=None):
+    rng = random.Random(target)
+    for n in sizes:
+        b = bytes(rng.randrange(256) for _ in range(n))
+        if mode is not None:
+            b = bytes([mode]) + b
+        put(target, f"random-{mode}-{n}" if mode is not None else f"random-{n}", b)
+
+
+def main():
+    # scenario_file: stem line, then the file.
+    for p in sorted((REPO / "scenarios").glob("*.toml")):
+        put("scenario_file", p.stem, p.stem + "\n" + p.read_text())
+    put("scenario_file", "empty", "x\n")
+    put("scenario_file", "bad-toml", "x\nname = \n")
+
+    # blockdev_options: one --blockdev per line, in both syntaxes.
+    lines = [
+        "driver=null-co,node-name=n0,size=1M\n"
+        "driver=null-co,node-name=n1,size=1M\n"
+        "driver=null-co,node-name=n2,size=1M\n"
+        "driver=quorum,node-name=q,children.0=n0,children.1=n1,children.2=n2,vote-threshold=2\n",
+        "driver=quorum,node-name=q,vote-threshold=2,read-pattern=fifo,"
+        "children.0.driver=null-co,children.0.size=4096,children.1.driver=null-co,children.1.size=4096\n",
+        '{"driver":"quorum","node-name":"q","vote-threshold":2,"blkverify":true,"children":'
+        '[{"driver":"null-co","size":512},{"driver":"null-co","size":512}]}\n',
+        "driver=null-co,node-name=s,size=1G\n"
+        "driver=overlay,node-name=h,backing=s\n"
+        "driver=overlay,node-name=a,backing=h\n"
+        "driver=replication,node-name=r,mode=secondary,file=a,top-id=r\n",
+        "driver=null-co,node-name=d,size=1M\n"
+        "driver=replication,node-name=p,mode=primary,file=d\n",
+        "driver=raw,node-name=r0,offset=512,size=1024,file.driver=null-co,file.size=4096\n",
+        "driver=quorum,node-name=q,vote-threshold=0,children.0.driver=null-co\n",
+        "driver=quorum,node-name=q,vote-threshold=3,children.0.driver=null-co,children.1.driver=null-co\n",
+        "driver=file,node-name=f,filename=/nonexistent\n",
+        '{"driver":"nbd","node-name":"n","server":{"type":"inet","host":"127.0.0.1","port":"1"},"export":"e"}\n',
+        "driver=overlay,node-name=o,backing.driver=null-co,backing.size=70000,file.driver=null-co,file.size=65536\n",
+        "driver=quorum,node-name=q,children.0=missing,vote-threshold=1\n",
+    ]
+    for i, l in enumerate(lines):
+        put("blockdev_options", f"{i:02}", l)
+
+    # nbd_server: raw streams (mode byte 0) and session cases (mode byte 1).
+    def opt(o, data=b""):
+        return struct.pack(">QII", 0x49484156454F5054, o, len(data)) + data
+
+    def req(kind, cookie, off, length, flags=0):
+        return struct.pack(">IHHQQI", 0x25609513, flags, kind, cookie, off, length)
+
+    go = struct.pack(">I", 1) + b"e" + struct.pack(">H", 0)
+    hs = struct.pack(">I", 1) + opt(8) + opt(7, go)
+    put("nbd_server", "raw-go-read", b"\0" + hs + req(0, 1, 0, 512) + req(3, 2, 0, 0) + req(2, 3, 0, 0))
+    put("nbd_server", "raw-go-write", b"\0" + hs + req(1, 1, 0, 4) + b"abcd" + req(0, 2, 0, 4))
+    put("nbd_server", "raw-export-name", b"\0" + struct.pack(">I", 0) + opt(1, b"e") + req(0, 1, 0, 512))
+    put("nbd_server", "raw-list-abort", b"\0" + struct.pack(">I", 1) + opt(3) + opt(2))
+    put("nbd_server", "raw-bad-magic", b"\0" + struct.pack(">I", 1) + b"\1" * 16)
+    put("nbd_server", "raw-huge-option", b"\0" + struct.pack(">I", 1) + struct.pack(">QII", 0x49484156454F5054, 7, 0xFFFFFFFF))
+    randoms("nbd_server", [16, 64, 256, 1024], mode=1)
+
+    # nbd_client_replies: raw (mode 0) and replies (mode 1).
+    put("nbd_client_replies", "raw-simple", b"\0\0\1" + b"\0\0\0\0\x10\0" + struct.pack(">IIQ", 0x67446698, 0, 0) + b"\0" * 16)
+    randoms("nbd_client_replies", [16, 64, 256, 1024], mode=0)
+    randoms("nbd_client_replies", [16, 64, 256, 1024], mode=1)
+
+    randoms("quorum_vote", [8, 32, 64, 128, 256, 512, 1024, 2048])
+    randoms("overlay_map", [8, 32, 64, 128, 256, 512, 1024, 2048])
+
+
+if __name__ == "__main__":
+    main()
