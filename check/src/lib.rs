@@ -12,6 +12,7 @@ pub mod child;
 pub mod nbd_client;
 pub mod nbd_server;
 pub mod overlay;
+pub mod quorum_model;
 pub mod rt;
 pub mod scenario;
 pub mod vote;

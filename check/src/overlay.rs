@@ -125,6 +125,40 @@ impl ChainModel {
         out
     }
 
+    /// Applies `op` to the model (R44–R52).
+    pub fn apply(&mut self, op: Op) {
+        match op {
+            Op::Write(r, byte) => {
+                let (off, len) = r.resolve();
+                self.write_a(off, &vec![byte; len as usize]);
+            }
+            Op::WriteZeroes(r, _) => {
+                let (off, len) = r.resolve();
+                self.write_zeroes_a(off, len);
+            }
+            Op::Forward(r, byte) => {
+                let (off, len) = r.resolve();
+                self.forward(off, len, byte);
+            }
+            Op::Checkpoint => {
+                self.a.0.clear();
+                self.h.0.clear();
+            }
+            Op::EmptyActive => self.a.0.clear(),
+            Op::CommitAll => self.commit_all(),
+            Op::CommitHidden => self.commit_hidden(),
+            Op::Discard(_) | Op::Read(_) | Op::Status(_) => {}
+        }
+    }
+
+    /// Allocated clusters of A and of H.
+    pub fn allocated(&self) -> (Vec<u64>, Vec<u64>) {
+        (
+            self.a.0.keys().copied().collect(),
+            self.h.0.keys().copied().collect(),
+        )
+    }
+
     /// What a read through A returns (R43).
     pub fn view(&self, off: u64, len: u64) -> Vec<u8> {
         let mut out = Vec::with_capacity(len as usize);
@@ -332,7 +366,6 @@ pub async fn step(chain: &Chain, model: &mut ChainModel, op: Op, ctx: &str) {
                 .write(off, Bytes::from(vec![byte; len as usize]), WriteFlags::NONE)
                 .await
                 .unwrap_or_else(|e| panic!("{ctx}: write failed: {e}"));
-            model.write_a(off, &vec![byte; len as usize]);
         }
         Op::WriteZeroes(r, may_unmap) => {
             let (off, len) = r.resolve();
@@ -345,7 +378,6 @@ pub async fn step(chain: &Chain, model: &mut ChainModel, op: Op, ctx: &str) {
                 .write_zeroes(off, len, flags)
                 .await
                 .unwrap_or_else(|e| panic!("{ctx}: write-zeroes failed: {e}"));
-            model.write_zeroes_a(off, len);
         }
         Op::Discard(r) => {
             let (off, len) = r.resolve();
@@ -392,7 +424,6 @@ pub async fn step(chain: &Chain, model: &mut ChainModel, op: Op, ctx: &str) {
                 .write(off, Bytes::from(vec![byte; len as usize]), WriteFlags::NONE)
                 .await
                 .unwrap_or_else(|e| panic!("{ctx}: S write failed: {e}"));
-            model.forward(off, len, byte);
         }
         Op::Checkpoint => {
             let na = chain.a.make_empty().await;
@@ -402,13 +433,10 @@ pub async fn step(chain: &Chain, model: &mut ChainModel, op: Op, ctx: &str) {
                 (model.a.0.len() as u64, model.h.0.len() as u64),
                 "{ctx}: R51 counts"
             );
-            model.a.0.clear();
-            model.h.0.clear();
         }
         Op::EmptyActive => {
             let na = chain.a.make_empty().await;
             assert_eq!(na, model.a.0.len() as u64, "{ctx}: R51 count");
-            model.a.0.clear();
         }
         Op::CommitAll => {
             let sd: Device = chain.s.clone();
@@ -423,21 +451,17 @@ pub async fn step(chain: &Chain, model: &mut ChainModel, op: Op, ctx: &str) {
                 (want.len() as u64, bytes),
                 "{ctx}: R52 stats"
             );
-            model.commit_all();
-            assert!(chain.s.contents() == model.s, "{ctx}: R52 S after commit");
         }
         Op::CommitHidden => {
             let sd: Device = chain.s.clone();
             commit(std::slice::from_ref(&chain.h), &sd, None)
                 .await
                 .unwrap_or_else(|e| panic!("{ctx}: commit of H failed: {e}"));
-            model.commit_hidden();
-            assert!(
-                chain.s.contents() == model.s,
-                "{ctx}: R52 S after commit of H"
-            );
         }
     }
+    model.apply(op);
+    // R52: S after a commit; and every byte S holds after any step.
+    assert!(chain.s.contents() == model.s, "{ctx}: S's bytes");
     let alloc = |m: &MapModel| m.0.keys().copied().collect::<Vec<u64>>();
     assert_eq!(
         chain.a.allocated_clusters(),
