@@ -414,11 +414,15 @@ pub async fn step(chain: &Chain, model: &mut ChainModel, op: Op, ctx: &str) {
         }
         Op::Forward(r, byte) => {
             let (off, len) = r.resolve();
-            chain
+            let n = chain
                 .h
                 .preserve(off, len)
                 .await
                 .unwrap_or_else(|e| panic!("{ctx}: preserve failed: {e}"));
+            let fresh = clusters(off, len)
+                .filter(|c| !model.h.0.contains_key(c))
+                .count();
+            assert_eq!(n, fresh as u64, "{ctx}: R50 clusters preserved");
             chain
                 .s
                 .write(off, Bytes::from(vec![byte; len as usize]), WriteFlags::NONE)

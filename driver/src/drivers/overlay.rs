@@ -68,7 +68,6 @@ pub struct OverlayStats {
 #[derive(Debug)]
 pub struct Overlay {
     name: String,
-    backing_name: String,
     backing: Device,
     file: Option<Device>,
     length: u64,
@@ -112,7 +111,6 @@ impl Overlay {
         };
         Ok(Overlay {
             name: name.to_string(),
-            backing_name: backing_name.to_string(),
             backing,
             file,
             length,
@@ -128,11 +126,6 @@ impl Overlay {
     /// The node-name.
     pub fn name(&self) -> &str {
         &self.name
-    }
-
-    /// The backing node's name.
-    pub fn backing_name(&self) -> &str {
-        &self.backing_name
     }
 
     /// The backing node.

@@ -283,3 +283,60 @@ async fn overlay_chain_matches_a_byte_model_over_seeded_operations() {
         model_run(seed, true).await;
     }
 }
+
+/// A backing that counts the reads it serves.
+#[derive(Debug)]
+struct Counting {
+    inner: Device,
+    reads: std::sync::atomic::AtomicU64,
+}
+
+#[async_trait]
+impl BlockDevice for Counting {
+    fn driver(&self) -> &'static str {
+        "counting"
+    }
+    fn length(&self) -> Result<u64> {
+        self.inner.length()
+    }
+    async fn read(&self, offset: u64, len: usize) -> Result<Bytes> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        self.inner.read(offset, len).await
+    }
+    async fn write(&self, offset: u64, data: Bytes, flags: WriteFlags) -> Result<()> {
+        self.inner.write(offset, data, flags).await
+    }
+    async fn flush(&self) -> Result<()> {
+        self.inner.flush().await
+    }
+}
+
+#[tokio::test]
+async fn r43_a_read_reaches_the_backing_once_per_run_of_unallocated_clusters() {
+    let pattern: Vec<u8> = (0..5 * C).map(|i| (i / 512) as u8).collect();
+    let counting = Arc::new(Counting {
+        inner: mem(pattern.clone()),
+        reads: Default::default(),
+    });
+    let b: Device = counting.clone();
+    let o = over(&b, None);
+    assert_eq!(o.name(), "o");
+    // Clusters 0-2 unallocated, 3 zero, 4 data: two runs besides the backing's one.
+    o.write_zeroes(3 * C as u64, C as u64, ZeroFlags::default())
+        .await
+        .unwrap();
+    o.write(4 * C as u64, Bytes::from(filled(C, 7)), WriteFlags::NONE)
+        .await
+        .unwrap();
+    counting.reads.store(0, Ordering::SeqCst);
+    let got = o.read(100, 5 * C - 100).await.unwrap();
+    let mut want = pattern[100..].to_vec();
+    want[3 * C - 100..4 * C - 100].fill(0);
+    want[4 * C - 100..].fill(7);
+    assert_eq!(got.to_vec(), want);
+    assert_eq!(
+        counting.reads.load(Ordering::SeqCst),
+        1,
+        "one read for clusters 0-2"
+    );
+}
