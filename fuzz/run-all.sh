@@ -3,7 +3,8 @@
 # count), on stable Rust (`-s none`: no sanitizer). Each target's corpus grows in
 # fuzz/corpus/<target>/; a crash lands in fuzz/artifacts/<target>/ and makes this script exit 1.
 # A log per target, with libFuzzer's final stats, goes to fuzz/logs/<target>.log, and
-# fuzz/logs/summary.tsv gets one line per target: executions, corpus files, crashes.
+# fuzz/logs/summary.tsv gets one line per target run (replacing its previous one): seconds,
+# executions, corpus files, crashes. fuzz/report.py turns it into reports/fuzz.md.
 #
 #   fuzz/run-all.sh 600          # ten minutes per target
 #   JOBS=1 fuzz/run-all.sh 30 quorum_vote nbd_server
@@ -36,7 +37,12 @@ run_one() {
 }
 export -f run_one
 export SECONDS_PER_TARGET
-: >logs/summary.tsv
+# Keep the rows of targets not run this time.
+touch logs/summary.tsv
+for t in "${TARGETS[@]}"; do
+    grep -v "^$t	" logs/summary.tsv >logs/summary.tmp || true
+    mv logs/summary.tmp logs/summary.tsv
+done
 status=0
 printf '%s\n' "${TARGETS[@]}" | xargs -P "$JOBS" -I{} bash -c 'run_one {}' || status=1
 exit "$status"

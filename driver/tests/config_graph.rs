@@ -456,3 +456,48 @@ async fn q51_query_out_of_sync_lists_children_in_order_and_names_bad_nodes() {
         "Node 'r0' is not a quorum node"
     );
 }
+
+/// Inline definitions nest at most INLINE_DEPTH_MAX levels, in both syntaxes (found by the
+/// blockdev_options fuzz target: a deep definition recursed the parser off its stack).
+#[tokio::test]
+async fn inline_definitions_nest_at_most_sixteen_levels() {
+    use ballot::config::spec::INLINE_DEPTH_MAX;
+    // raw over raw over ... over null-co: `levels` raw nodes.
+    let dotted = |levels: usize| {
+        let mut arg = String::from("node-name=top");
+        let mut prefix = String::new();
+        for _ in 0..levels {
+            arg.push_str(&format!(",{prefix}driver=raw"));
+            prefix.push_str("file.");
+        }
+        arg.push_str(&format!(",{prefix}driver=null-co,{prefix}size=4096"));
+        (arg, prefix)
+    };
+    let (ok, _) = dotted(INLINE_DEPTH_MAX);
+    let (mut g, _) = graph();
+    assert_eq!(add_all(&mut g, &[ok]).await, "");
+    assert_eq!(g.get("top").map(|n| n.dev.length().ok()), Some(Some(4096)));
+    let (deep, prefix) = dotted(INLINE_DEPTH_MAX + 1);
+    let (mut g, _) = graph();
+    assert_eq!(
+        add_all(&mut g, &[deep]).await,
+        format!(
+            "Parameter '{}': inline definitions nest deeper than 16 levels",
+            prefix.trim_end_matches('.')
+        )
+    );
+    assert_eq!(g.nodes().count(), 0);
+    let mut json = String::from(r#"{"driver":"null-co","size":512}"#);
+    for _ in 0..=INLINE_DEPTH_MAX {
+        json = format!(r#"{{"driver":"raw","file":{json}}}"#);
+    }
+    let json = format!(r#"{{"node-name":"j",{}"#, &json[1..]);
+    let (mut g, _) = graph();
+    assert_eq!(
+        add_all(&mut g, &[json]).await,
+        format!(
+            "Parameter '{}': inline definitions nest deeper than 16 levels",
+            vec!["file"; INLINE_DEPTH_MAX + 1].join(".")
+        )
+    );
+}

@@ -22,6 +22,11 @@ fn valid_fragment(f: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
+/// Most dot-separated fragments in one key: far above any real option (`children.0.file.
+/// filename` is 4), far below what would exhaust the stack of the recursive tree walk (the
+/// `blockdev_options` fuzz target overflowed it with a 900-level key).
+pub const KEY_DEPTH_MAX: usize = 64;
+
 /// Parses a dotted option string into a JSON object whose leaves are strings.
 ///
 /// # Errors
@@ -70,6 +75,12 @@ pub fn parse(input: &str) -> Result<Value, ConfigError> {
         let frags: Vec<&str> = key.split('.').collect();
         if !frags.iter().all(|f| valid_fragment(f)) {
             return Err(ConfigError::new(format!("Invalid parameter '{key}'")));
+        }
+        // The tree is built and walked recursively: its depth is bounded before either.
+        if frags.len() > KEY_DEPTH_MAX {
+            return Err(ConfigError::new(format!(
+                "Invalid parameter '{key}': more than {KEY_DEPTH_MAX} levels"
+            )));
         }
         insert(&mut root, &frags, value)?;
     }
@@ -172,6 +183,17 @@ mod tests {
 
     fn err(s: &str) -> String {
         parse(s).unwrap_err().message().to_string()
+    }
+
+    #[test]
+    fn keys_nest_at_most_key_depth_max_levels() {
+        let deep = vec!["a"; KEY_DEPTH_MAX].join(".");
+        assert!(parse(&format!("{deep}=1")).is_ok());
+        let deeper = format!("{deep}.a");
+        assert_eq!(
+            parse(&format!("{deeper}=1")).unwrap_err().to_string(),
+            format!("Invalid parameter '{deeper}': more than 64 levels")
+        );
     }
 
     #[test]

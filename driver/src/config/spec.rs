@@ -140,7 +140,14 @@ struct Opts {
     map: Map<String, Value>,
     prefix: String,
     keyval: bool,
+    /// Inline definitions above this level.
+    depth: usize,
 }
+
+/// Inline child definitions nest at most this deep (a real graph is a few levels; without a
+/// limit a hostile definition recursed the parser off its stack, found by the
+/// `blockdev_options` fuzz target).
+pub const INLINE_DEPTH_MAX: usize = 16;
 
 fn type_err(name: &str, expected: &str) -> ConfigError {
     ConfigError::new(format!(
@@ -157,11 +164,12 @@ fn parse_int(s: &str) -> Option<i64> {
 }
 
 impl Opts {
-    fn new(map: Map<String, Value>, prefix: String, keyval: bool) -> Opts {
+    fn new(map: Map<String, Value>, prefix: String, keyval: bool, depth: usize) -> Opts {
         Opts {
             map,
             prefix,
             keyval,
+            depth,
         }
     }
 
@@ -250,6 +258,7 @@ impl Opts {
                 m,
                 format!("{}.", self.full(key)),
                 self.keyval,
+                self.depth,
             ))),
             Some(_) => Err(type_err(&self.full(key), "object")),
         }
@@ -258,10 +267,14 @@ impl Opts {
     fn child_value(&self, name: String, v: Value) -> Result<ChildRef, ConfigError> {
         match v {
             Value::String(s) => Ok(ChildRef::Ref(s)),
+            Value::Object(_) if self.depth >= INLINE_DEPTH_MAX => Err(ConfigError::new(format!(
+                "Parameter '{name}': inline definitions nest deeper than {INLINE_DEPTH_MAX} levels"
+            ))),
             Value::Object(m) => Ok(ChildRef::Inline(Box::new(parse_level(Opts::new(
                 m,
                 format!("{name}."),
                 self.keyval,
+                self.depth + 1,
             ))?))),
             _ => Err(type_err(&name, "BlockdevRef")),
         }
@@ -317,7 +330,7 @@ impl Opts {
 /// The first type-level error in QEMU's wording.
 pub fn parse_node(value: Value, keyval: bool) -> Result<NodeSpec, ConfigError> {
     match value {
-        Value::Object(m) => parse_level(Opts::new(m, String::new(), keyval)),
+        Value::Object(m) => parse_level(Opts::new(m, String::new(), keyval, 0)),
         _ => Err(ConfigError::new(
             "Invalid parameter type for 'blockdev', expected: object",
         )),
