@@ -956,3 +956,34 @@ async fn q48_q50_record_changes_no_io_and_a_later_success_does_not_clear_it() {
     assert_eq!(f.kids[1].log()[1], Op::Read(0, 512));
     assert_eq!(f.internal.events(), vec![]);
 }
+
+/// D7: a guest write that overlaps a read with rewrite-corrupted, issued while the read is in
+/// flight, wins: the read's repair of the corrupt child is skipped, so the child keeps the
+/// newer data instead of the read's stale vote winner.
+#[tokio::test(start_paused = true)]
+async fn d7_a_write_during_a_repairing_read_is_not_undone_by_the_repair() {
+    let f = fixture_with(
+        &[C::D(b'A'), C::D(b'A'), C::D(b'X')],
+        opts(2, ReadPattern::Quorum, true),
+        false,
+    );
+    for k in &f.kids {
+        k.set_delay(Duration::from_millis(10));
+    }
+    let q = f.q.clone();
+    let read = tokio::spawn(async move { q.read(0, 4096).await });
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    f.q.write(0, Bytes::from(vec![b'B'; 4096]), WriteFlags::NONE)
+        .await
+        .unwrap();
+    let got = read.await.unwrap().unwrap();
+    assert!(
+        got.iter().all(|&b| b == b'A'),
+        "the read's vote is the data it read"
+    );
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    for k in &f.kids {
+        let now = k.read(0, 4096).await.unwrap();
+        assert!(now.iter().all(|&b| b == b'B'), "{} holds the write", k.name);
+    }
+}

@@ -430,9 +430,9 @@ impl BlockDevice for Overlay {
             if self.file.is_some() {
                 if !whole && !matches!(p, Part::File) {
                     // Copy-on-write into the file: the cluster's other bytes first (R44).
+                    // A file-mode overlay has no memory clusters: the rest are zero clusters.
                     let base = match p {
                         Part::Unallocated => self.backing.read(ca, clen as usize).await?,
-                        Part::Mem(b) => b.clone(),
                         _ => BytesMut::zeroed(clen as usize).freeze(),
                     };
                     let mut full = BytesMut::from(&base[..]);
@@ -516,14 +516,13 @@ impl BlockDevice for Overlay {
         let head = (offset, whole_first * CLUSTER_BYTES);
         let tail = ((whole_end * CLUSTER_BYTES).min(end), end);
         for (a, b) in [head, tail] {
-            if b > a {
-                self.write(
-                    a,
-                    BytesMut::zeroed((b - a) as usize).freeze(),
-                    WriteFlags::NONE,
-                )
-                .await?;
-            }
+            // An empty head or tail is a zero-length write: nothing happens.
+            self.write(
+                a,
+                BytesMut::zeroed((b - a) as usize).freeze(),
+                WriteFlags::NONE,
+            )
+            .await?;
         }
         {
             let _g = self.locks.lock(whole_first, whole_end, true).await;

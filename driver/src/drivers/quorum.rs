@@ -35,16 +35,6 @@ pub enum ReadPattern {
     Fifo,
 }
 
-impl ReadPattern {
-    /// The option value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ReadPattern::Quorum => "quorum",
-            ReadPattern::Fifo => "fifo",
-        }
-    }
-}
-
 /// The options of a quorum node (§2).
 #[derive(Debug, Clone)]
 pub struct QuorumOptions {
@@ -367,16 +357,6 @@ impl Quorum {
         Ok(name)
     }
 
-    /// Whether `child` names a current child.
-    pub async fn has_child(&self, child: &str) -> bool {
-        self.children
-            .read()
-            .await
-            .list
-            .iter()
-            .any(|c| c.name == child)
-    }
-
     /// Hot remove (Q53 steps 3–4). Waits for requests in flight (Q56). Returns the removed
     /// child's node-name.
     ///
@@ -398,7 +378,11 @@ impl Quorum {
         }
         let removed = st.list.remove(pos);
         // Q55: removing the most recently numbered child gives its number back.
-        if st.next > 0 && removed.name == format!("children.{}", st.next - 1) {
+        if st
+            .next
+            .checked_sub(1)
+            .is_some_and(|last| removed.name == format!("children.{last}"))
+        {
             st.next -= 1;
         }
         st.discard_zeroes = st.list.iter().all(|c| c.dev.discard_zeroes());

@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::drivers::memory::MemoryDevice;
+use crate::{Error, ErrorKind};
 
 const C: usize = CLUSTER_BYTES as usize;
 
@@ -284,11 +285,27 @@ async fn overlay_chain_matches_a_byte_model_over_seeded_operations() {
     }
 }
 
-/// A backing that counts the reads it serves.
+/// A device that counts the reads and writes it serves, can fail its flushes, and can hold
+/// its writes until `gate` is opened.
 #[derive(Debug)]
 struct Counting {
     inner: Device,
     reads: std::sync::atomic::AtomicU64,
+    writes: std::sync::atomic::AtomicU64,
+    flush_err: Option<ErrorKind>,
+    gate: Option<Arc<tokio::sync::Semaphore>>,
+}
+
+impl Counting {
+    fn new(inner: Device) -> Arc<Counting> {
+        Arc::new(Counting {
+            inner,
+            reads: Default::default(),
+            writes: Default::default(),
+            flush_err: None,
+            gate: None,
+        })
+    }
 }
 
 #[async_trait]
@@ -304,20 +321,24 @@ impl BlockDevice for Counting {
         self.inner.read(offset, len).await
     }
     async fn write(&self, offset: u64, data: Bytes, flags: WriteFlags) -> Result<()> {
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        if let Some(g) = &self.gate {
+            let _ = g.acquire().await;
+        }
         self.inner.write(offset, data, flags).await
     }
     async fn flush(&self) -> Result<()> {
-        self.inner.flush().await
+        match self.flush_err {
+            Some(k) => Err(Error::new(k, "counting flush")),
+            None => self.inner.flush().await,
+        }
     }
 }
 
 #[tokio::test]
 async fn r43_a_read_reaches_the_backing_once_per_run_of_unallocated_clusters() {
     let pattern: Vec<u8> = (0..5 * C).map(|i| (i / 512) as u8).collect();
-    let counting = Arc::new(Counting {
-        inner: mem(pattern.clone()),
-        reads: Default::default(),
-    });
+    let counting = Counting::new(mem(pattern.clone()));
     let b: Device = counting.clone();
     let o = over(&b, None);
     assert_eq!(o.name(), "o");
@@ -339,4 +360,149 @@ async fn r43_a_read_reaches_the_backing_once_per_run_of_unallocated_clusters() {
         1,
         "one read for clusters 0-2"
     );
+}
+
+#[tokio::test]
+async fn identity_capabilities_and_r46_discard_range_check() {
+    let b = mem(filled(2 * C, 1));
+    let o = over(&b, None);
+    assert_eq!((o.name(), o.driver()), ("o", "overlay"));
+    // R45's whole clusters are a map update, but partial ones write data: not fast.
+    assert!(!o.can_fast_zero());
+    assert_eq!(o.discard(C as u64, C as u64).await, Ok(()));
+    assert_eq!(
+        o.discard(C as u64, C as u64 + 1)
+            .await
+            .map_err(|e| e.kind()),
+        Err(ErrorKind::Inval)
+    );
+    assert_eq!(
+        all(&*o).await,
+        filled(2 * C, 1),
+        "R46: discard changes nothing"
+    );
+}
+
+#[tokio::test]
+async fn r44_whole_cluster_writes_copy_nothing_and_go_to_the_file_in_one_write() {
+    // Memory mode: the request's buffer becomes the cluster, the backing is not read.
+    let counting = Counting::new(mem(filled(4 * C, 1)));
+    let b: Device = counting.clone();
+    let o = over(&b, None);
+    let data = Bytes::from(filled(C, 9));
+    o.write(C as u64, data.clone(), WriteFlags::NONE)
+        .await
+        .unwrap();
+    assert_eq!(counting.reads.load(Ordering::SeqCst), 0);
+    let got = o.read(C as u64, C).await.unwrap();
+    assert_eq!(
+        got.as_ptr(),
+        data.as_ptr(),
+        "the cluster is the written buffer"
+    );
+    // File mode: two whole clusters are one write to the file, and no backing read.
+    let file = Counting::new(mem(filled(4 * C, 0)));
+    let f: Device = file.clone();
+    let o = over(&b, Some(&f));
+    o.write(C as u64, Bytes::from(filled(2 * C, 5)), WriteFlags::NONE)
+        .await
+        .unwrap();
+    assert_eq!(counting.reads.load(Ordering::SeqCst), 0);
+    assert_eq!(file.writes.load(Ordering::SeqCst), 1);
+    // A partial write widens to its clusters: one write per cluster.
+    o.write(
+        3 * C as u64 + 1,
+        Bytes::from(filled(10, 6)),
+        WriteFlags::NONE,
+    )
+    .await
+    .unwrap();
+    assert_eq!(file.writes.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        counting.reads.load(Ordering::SeqCst),
+        1,
+        "copy-on-write of cluster 3"
+    );
+}
+
+#[tokio::test]
+async fn r47_flush_returns_the_file_error_then_the_backing_error() {
+    let failing = |k| {
+        Arc::new(Counting {
+            inner: mem(filled(C, 0)),
+            reads: Default::default(),
+            writes: Default::default(),
+            flush_err: Some(k),
+            gate: None,
+        })
+    };
+    let ok: Device = Counting::new(mem(filled(C, 0)));
+    let bad_backing: Device = failing(ErrorKind::Io);
+    let bad_file: Device = failing(ErrorKind::NoSpc);
+    assert_eq!(over(&ok, Some(&ok)).flush().await, Ok(()));
+    let e = over(&bad_backing, Some(&ok)).flush().await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Io);
+    let e = over(&bad_backing, Some(&bad_file))
+        .flush()
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NoSpc, "the file is flushed first");
+    let e = over(&bad_backing, None).flush().await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Io);
+}
+
+#[tokio::test(start_paused = true)]
+async fn r49_a_commit_step_holds_writes_to_its_cluster_but_not_reads_of_allocated_data() {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let base = Arc::new(Counting {
+        inner: mem(filled(2 * C, 1)),
+        reads: Default::default(),
+        writes: Default::default(),
+        flush_err: None,
+        gate: Some(gate.clone()),
+    });
+    let bd: Device = base.clone();
+    let o = over(&bd, None);
+    o.write(0, Bytes::from(filled(C, 2)), WriteFlags::NONE)
+        .await
+        .unwrap();
+    let chain = vec![o.clone()];
+    let commit = tokio::spawn({
+        let bd = bd.clone();
+        async move { commit(&chain, &bd, None).await }
+    });
+    // The commit step of cluster 0 now waits inside the base write.
+    while base.writes.load(Ordering::SeqCst) == 0 {
+        tokio::task::yield_now().await;
+    }
+    let read = tokio::time::timeout(std::time::Duration::from_millis(10), o.read(0, C)).await;
+    assert_eq!(
+        read.map(|r| r.map(|d| d[0])),
+        Ok(Ok(2)),
+        "an allocated cluster reads at once"
+    );
+    let o2 = o.clone();
+    let write = tokio::spawn(async move {
+        o2.write(0, Bytes::from(filled(10, 3)), WriteFlags::NONE)
+            .await
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    assert!(
+        !write.is_finished(),
+        "R49: the write waits for the commit step"
+    );
+    gate.add_permits(1);
+    assert_eq!(
+        commit.await.unwrap(),
+        Ok(CommitStats {
+            clusters: 1,
+            bytes: C as u64
+        })
+    );
+    assert_eq!(write.await.unwrap(), Ok(()));
+    // The write came after the step: it copied the committed cluster from the base.
+    let mut want = filled(C, 2);
+    want[..10].fill(3);
+    assert_eq!(o.read(0, C).await.unwrap().to_vec(), want);
+    assert_eq!(o.allocated_clusters(), vec![0]);
 }
