@@ -987,3 +987,84 @@ async fn d7_a_write_during_a_repairing_read_is_not_undone_by_the_repair() {
         assert!(now.iter().all(|&b| b == b'B'), "{} holds the write", k.name);
     }
 }
+
+/// A child with a request alignment.
+#[derive(Debug)]
+struct Aligned(Arc<TestChild>, u32);
+
+#[async_trait::async_trait]
+impl BlockDevice for Aligned {
+    fn driver(&self) -> &'static str {
+        "aligned"
+    }
+    fn length(&self) -> ballot::Result<u64> {
+        self.0.length()
+    }
+    fn request_alignment(&self) -> u32 {
+        self.1
+    }
+    async fn read(&self, offset: u64, len: usize) -> ballot::Result<Bytes> {
+        self.0.read(offset, len).await
+    }
+    async fn write(&self, offset: u64, data: Bytes, flags: WriteFlags) -> ballot::Result<()> {
+        self.0.write(offset, data, flags).await
+    }
+    async fn flush(&self) -> ballot::Result<()> {
+        self.0.flush().await
+    }
+}
+
+/// The quorum's identity and capabilities: driver name, no fast zero, and the largest request
+/// alignment of its children, enforced before any child is asked.
+#[tokio::test]
+async fn quorum_takes_the_largest_child_alignment_and_never_fast_zeroes() {
+    let kids = [TestChild::new("a", 1), TestChild::new("b", 1)];
+    let devs: Vec<(String, ballot::Device)> = vec![
+        ("a".into(), Arc::new(Aligned(kids[0].clone(), 512))),
+        ("b".into(), Arc::new(Aligned(kids[1].clone(), 4096))),
+    ];
+    let (host, _) = Host::recording(EventBus::new());
+    let q = Quorum::open(opts(2, ReadPattern::Quorum, false), devs, host).unwrap();
+    assert_eq!((q.driver(), q.request_alignment()), ("quorum", 4096));
+    assert!(!q.can_fast_zero());
+    let e = q.read(512, 512).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Inval);
+    assert!(kids.iter().all(|k| k.log.lock().unwrap().is_empty()));
+    assert_eq!(q.read(4096, 4096).await.map(|d| d.len()), Ok(4096));
+}
+
+/// Q36: write-zeroes may unmap on the children only when the caller allows it and the quorum
+/// has discard=unmap.
+#[tokio::test]
+async fn q36_write_zeroes_may_unmap_only_with_discard_unmap() {
+    for (discard_unmap, may_unmap, want) in [
+        (false, true, false),
+        (true, false, false),
+        (true, true, true),
+        (false, false, false),
+    ] {
+        let o = QuorumOptions {
+            discard_unmap,
+            ..opts(1, ReadPattern::Quorum, false)
+        };
+        let f = fixture_with(&[C::D(1)], o, false);
+        let flags = ZeroFlags {
+            fua: true,
+            may_unmap,
+        };
+        f.q.write_zeroes(0, 4096, flags).await.unwrap();
+        let log = f.kids[0].log.lock().unwrap().clone();
+        assert_eq!(
+            log,
+            vec![Op::Zero(
+                0,
+                4096,
+                ZeroFlags {
+                    fua: true,
+                    may_unmap: want
+                }
+            )],
+            "discard_unmap={discard_unmap} may_unmap={may_unmap}"
+        );
+    }
+}

@@ -600,8 +600,9 @@ impl Quorum {
             match child.dev.read(offset, len).await {
                 Ok(data) => {
                     assert_eq!(data.len(), len, "child {k} returned a short read buffer");
-                    if self.opts.rewrite_corrupted && k > 0 {
-                        // Q32, D2: repair the children that failed before this one.
+                    if self.opts.rewrite_corrupted {
+                        // Q32, D2: repair the children that failed before this one (none when
+                        // the first child answered: rewrite returns at once).
                         let targets: Vec<usize> = (0..k).collect();
                         self.rewrite(st, &targets, offset, &data, fence).await;
                     }
