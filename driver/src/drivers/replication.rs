@@ -118,11 +118,6 @@ impl IoGate {
         wait_until(&self.st, &self.changed, |st| (st.0 == 0).then_some(())).await;
         GateHold(self.clone())
     }
-
-    /// Requests in flight now.
-    pub fn inflight(&self) -> usize {
-        self.lock().0
-    }
 }
 
 impl Drop for GatePass {
