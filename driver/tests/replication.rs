@@ -126,7 +126,14 @@ fn msg(r: Result<(), ballot::ConfigError>) -> String {
 #[tokio::test]
 async fn primary_read_fails_with_eio_in_every_stage_r10() {
     let (g, link, d) = primary().await;
-    assert_eq!(d.read(0, 512).await.unwrap_err().kind(), ErrorKind::Io);
+    let e = d.read(0, 512).await.unwrap_err();
+    assert_eq!(
+        (e.kind(), e.context()),
+        (
+            ErrorKind::Io,
+            "replication node 'replication0' (primary) refuses reads in stage none"
+        )
+    );
     g.replication_start_all(Mode::Primary).await.unwrap();
     assert_eq!(d.read(0, 512).await.unwrap_err().kind(), ErrorKind::Io);
     g.replication_stop_all(false).await.unwrap();
@@ -211,7 +218,14 @@ async fn primary_start_checkpoint_get_error_stop_r24_r27_r28_r30() {
 async fn secondary_read_and_write_fail_with_eio_before_start_r9() {
     let sec = secondary().await;
     let c = childs0(&sec);
-    assert_eq!(c.read(0, 512).await.unwrap_err().kind(), ErrorKind::Io);
+    let e = c.read(0, 512).await.unwrap_err();
+    assert_eq!(
+        (e.kind(), e.context()),
+        (
+            ErrorKind::Io,
+            "replication node 'childs0' (secondary) refuses reads in stage none"
+        )
+    );
     let e = c
         .write(0, fill(512, 1), WriteFlags::NONE)
         .await
