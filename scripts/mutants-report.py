@@ -42,6 +42,7 @@ def main():
           " (`.cargo/mutants.toml`, `scripts/mutants.sh`), killed by the driver's unit and"
           " in-process integration tests and ballot-check's models (corpus replay, quorum and"
           " overlay state machines). Score = (caught + timeout) / (caught + missed + timeout).",
+          "", (DIR / "run.md").read_text().strip() if (DIR / "run.md").exists() else "",
           "", f"Shards recorded: {len(shards)}.", "",
           "| file | caught | timeout | missed | unviable | score |", "|---|---|---|---|---|---|"]
     for f in sorted(per):
