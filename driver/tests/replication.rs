@@ -861,3 +861,108 @@ async fn qmp_commands_r37_r38_r39() {
         json!({"return": {}})
     );
 }
+
+const CL: u64 = 65536;
+
+/// Debug output names the node, its mode, and the overlays of its chain.
+#[tokio::test]
+async fn debug_names_the_node_its_mode_and_its_chain() {
+    let sec = secondary().await;
+    let c = childs0(&sec);
+    assert_eq!(
+        format!("{c:?}"),
+        r#"Replication { name: "childs0", mode: Secondary }"#
+    );
+    assert!(c.chain().is_none(), "no chain before start");
+    sec.g.replication_start_all(Mode::Secondary).await.unwrap();
+    let chain = c.chain().expect("the chain once started");
+    assert_eq!(
+        format!("{chain:?}"),
+        r#"SecondaryChain { active: "active0", hidden: "hidden0" }"#
+    );
+}
+
+/// E1, R9: after stop without failover the node is DONE but not promoted: requests still go
+/// through A (A → H → S, both empty), so a write lands in A and S keeps its data.
+#[tokio::test]
+async fn e1_after_stop_without_failover_writes_go_through_a() {
+    let sec = secondary().await;
+    sec.g.replication_start_all(Mode::Secondary).await.unwrap();
+    sec.g.replication_stop_all(false).await.unwrap();
+    assert_eq!(childs0(&sec).stage(), Stage::Done);
+    sec.view
+        .write(0, fill(512, 0x44), WriteFlags::NONE)
+        .await
+        .unwrap();
+    expect(&*sec.view, 0, 512, 0x44).await;
+    assert_eq!(sec.s.contents(0, 1), vec![0x11], "S unchanged");
+    let active = sec.g.get("active0").unwrap().overlay.clone().unwrap();
+    assert_eq!(active.allocated_clusters(), vec![0]);
+}
+
+/// O2: a cluster the SVM dirties behind the first commit pass is committed by the final pass
+/// and counted in the job's len and offset.
+#[tokio::test(start_paused = true)]
+async fn o2_a_cluster_dirtied_during_the_first_pass_counts_in_len_and_offset() {
+    let s = TestChild::sized("parent0", 0x11, IMG);
+    let sec = secondary_with(s.clone(), true).await;
+    let rec = sec.bus.record(Stream::Internal);
+    sec.g.replication_start_all(Mode::Secondary).await.unwrap();
+    sec.view
+        .write(0, fill(2 * CL, 0x33), WriteFlags::NONE)
+        .await
+        .unwrap();
+    // Each write to S takes 10 ms: the first pass commits cluster 0 by t=10, cluster 1 by t=20.
+    s.set_delay(Duration::from_millis(10));
+    sec.g.replication_stop_all(true).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(15)).await;
+    sec.view
+        .write(0, fill(CL, 0x55), WriteFlags::NONE)
+        .await
+        .unwrap();
+    childs0(&sec).wait_commit().await;
+    assert_eq!(
+        rec.events(),
+        vec![Event::BlockJobCompleted {
+            job_type: "commit",
+            device: "childs0".into(),
+            len: 3 * CL,
+            offset: 3 * CL,
+            error: None,
+        }]
+    );
+    assert_eq!(s.contents(0, CL as usize), vec![0x55; CL as usize]);
+    assert_eq!(s.contents(CL, CL as usize), vec![0x33; CL as usize]);
+}
+
+/// R33: closing a node in FAILOVER cancels the commit at a cluster boundary: the cluster in
+/// progress completes, nothing after it reaches S, the rest stays in A, and (as for QEMU's
+/// cancelled job) no BLOCK_JOB_COMPLETED is sent.
+#[tokio::test(start_paused = true)]
+async fn r33_closing_during_failover_cancels_the_commit_at_a_cluster_boundary() {
+    let s = TestChild::sized("parent0", 0x11, IMG);
+    let sec = secondary_with(s.clone(), true).await;
+    let rec = sec.bus.record(Stream::Internal);
+    sec.g.replication_start_all(Mode::Secondary).await.unwrap();
+    sec.view
+        .write(0, fill(3 * CL, 0x33), WriteFlags::NONE)
+        .await
+        .unwrap();
+    s.set_delay(Duration::from_millis(10));
+    sec.g.replication_stop_all(true).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let c = childs0(&sec);
+    assert_eq!(c.stage(), Stage::Failover);
+    c.close().await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        s.contents(0, 1),
+        vec![0x33],
+        "the cluster in progress completed"
+    );
+    assert_eq!(s.contents(CL, 1), vec![0x11], "nothing after it reached S");
+    assert_eq!(s.contents(2 * CL, 1), vec![0x11]);
+    let active = sec.g.get("active0").unwrap().overlay.clone().unwrap();
+    assert_eq!(active.allocated_clusters(), vec![1, 2]);
+    assert_eq!(rec.events(), vec![]);
+}

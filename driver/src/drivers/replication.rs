@@ -265,7 +265,7 @@ impl Replication {
         self.state().armed
     }
 
-    /// The secondary chain once started.
+    /// The secondary chain once started (A, H, S and S's hooks), for embedders and tests.
     pub fn chain(&self) -> Option<SecondaryChain> {
         self.state().chain.clone()
     }
@@ -418,7 +418,7 @@ impl Replication {
             cs.dedup();
             cs.len() as u64 * CLUSTER_BYTES
         };
-        let mut len = total(&overlays);
+        let len = total(&overlays);
         let mut done = 0u64;
         let result = async {
             // The pass while the SVM runs (step 1, 2).
@@ -428,8 +428,9 @@ impl Replication {
                 return Ok(false);
             }
             // Step 2: hold new I/O, commit what was written meanwhile, switch to S.
+            // What it commits under the hold counts in both len and offset (the event reports
+            // len as at least offset).
             let hold = self.gate.hold().await;
-            len = len.max(done + total(&overlays));
             let st = overlay::commit(&overlays, &chain.disk, None).await?;
             done += st.bytes;
             {
