@@ -533,7 +533,8 @@ impl Replication {
             let c = at / CLUSTER_BYTES;
             let alloc = |c: u64| chain.active.is_allocated(c) || chain.hidden.is_allocated(c);
             let here = alloc(c);
-            let mut stop = ((c + 1) * CLUSTER_BYTES).min(end);
+            // The run of clusters with the same answer, from `at`.
+            let mut stop = at;
             while stop < end && alloc(stop / CLUSTER_BYTES) == here {
                 stop = ((stop / CLUSTER_BYTES + 1) * CLUSTER_BYTES).min(end);
             }
