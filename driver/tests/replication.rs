@@ -761,6 +761,23 @@ async fn r13_failover_failed_splits_writes_between_a_and_s() {
     expect(&*sec.view, 0, 4 * c, 0x55).await;
     let a = sec.g.get("active0").unwrap().overlay.clone().unwrap();
     assert_eq!(a.allocated_clusters(), vec![1, 3]);
+    // A write inside one cluster allocated nowhere, with its neighbour allocated nowhere
+    // either, goes to S as it is.
+    sec.s.clear_log();
+    sec.view
+        .write(5 * c + 512, fill(512, 0x66), WriteFlags::NONE)
+        .await
+        .unwrap();
+    let writes: Vec<(u64, usize)> = sec
+        .s
+        .log()
+        .iter()
+        .filter_map(|o| match o {
+            common::Op::Write(off, n, ..) => Some((*off, *n)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(writes, vec![(5 * c + 512, 512)]);
     // R27 step 3 and R30 step 2 in FAILOVER_FAILED.
     assert_eq!(
         msg(sec.g.replication_checkpoint_all().await),
@@ -965,4 +982,21 @@ async fn r33_closing_during_failover_cancels_the_commit_at_a_cluster_boundary() 
     let active = sec.g.get("active0").unwrap().overlay.clone().unwrap();
     assert_eq!(active.allocated_clusters(), vec![1, 2]);
     assert_eq!(rec.events(), vec![]);
+}
+
+/// R14: flush is forwarded and its error returned; R15: discard succeeds at once inside the
+/// disk and is refused past its end; the driver's name.
+#[tokio::test]
+async fn r14_r15_flush_forwards_its_error_and_discard_checks_its_range() {
+    let sec = secondary().await;
+    let c = childs0(&sec);
+    assert_eq!(c.driver(), "replication");
+    assert_eq!(c.flush().await, Ok(()));
+    sec.s.fail_flushes(ErrorKind::Io);
+    assert_eq!(c.flush().await.map_err(|e| e.kind()), Err(ErrorKind::Io));
+    assert_eq!(c.discard(0, 512).await, Ok(()));
+    assert_eq!(
+        c.discard(IMG, 512).await.map_err(|e| e.kind()),
+        Err(ErrorKind::Inval)
+    );
 }
