@@ -128,6 +128,44 @@ struct Conn {
 }
 
 impl Conn {
+    /// A live connection that sends through `writer`, with nothing in flight.
+    fn new(writer: Box<dyn AsyncWrite + Unpin + Send>) -> Arc<Conn> {
+        Arc::new(Conn {
+            writer: tokio::sync::Mutex::new(writer),
+            pending: Mutex::new(HashMap::new()),
+            alive: AtomicBool::new(true),
+            lost: tokio::sync::Notify::new(),
+        })
+    }
+
+    /// Puts request `cookie` in flight (N40); its outcome arrives on the returned receiver.
+    fn register(
+        &self,
+        cookie: u64,
+        kind: u16,
+        offset: u64,
+        length: u32,
+    ) -> oneshot::Receiver<Outcome> {
+        let (tx, rx) = oneshot::channel();
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                cookie,
+                Pending {
+                    kind,
+                    offset,
+                    length,
+                    buf: (kind == cmd::READ).then(|| BytesMut::zeroed(length as usize)),
+                    covered: Vec::new(),
+                    status: Vec::new(),
+                    error: None,
+                    done: Some(tx),
+                },
+            );
+        rx
+    }
+
     /// Ends the connection: every request in flight on it is lost (N42).
     fn fail_all(&self, why: &str) {
         if self.alive.swap(false, Ordering::SeqCst) {
@@ -648,33 +686,11 @@ pub async fn replay_replies(
     requests: &[(u16, u64, u32)],
     stream: &[u8],
 ) -> (Vec<Replayed>, String) {
-    let conn = Arc::new(Conn {
-        writer: tokio::sync::Mutex::new(Box::new(tokio::io::sink())),
-        pending: Mutex::new(HashMap::new()),
-        alive: AtomicBool::new(true),
-        lost: tokio::sync::Notify::new(),
-    });
-    let mut waits = Vec::with_capacity(requests.len());
-    for (cookie, &(kind, offset, length)) in (0u64..).zip(requests) {
-        let (tx, rx) = oneshot::channel();
-        conn.pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(
-                cookie,
-                Pending {
-                    kind,
-                    offset,
-                    length,
-                    buf: (kind == cmd::READ).then(|| BytesMut::zeroed(length as usize)),
-                    covered: Vec::new(),
-                    status: Vec::new(),
-                    error: None,
-                    done: Some(tx),
-                },
-            );
-        waits.push(rx);
-    }
+    let conn = Conn::new(Box::new(tokio::io::sink()));
+    let waits: Vec<oneshot::Receiver<Outcome>> = (0u64..)
+        .zip(requests)
+        .map(|(cookie, &(kind, offset, length))| conn.register(cookie, kind, offset, length))
+        .collect();
     let mut rd = stream;
     let reason = loop {
         if let Err(e) = read_one(&conn, &mut rd, structured).await {
@@ -729,12 +745,7 @@ async fn dial(opts: &ClientOptions) -> Result<(Arc<Conn>, Negotiated)> {
         )
     })??;
     let (rd, wr) = tokio::io::split(s);
-    let conn = Arc::new(Conn {
-        writer: tokio::sync::Mutex::new(Box::new(wr)),
-        pending: Mutex::new(HashMap::new()),
-        alive: AtomicBool::new(true),
-        lost: tokio::sync::Notify::new(),
-    });
+    let conn = Conn::new(Box::new(wr));
     tokio::spawn(reader(conn.clone(), rd, neg.structured));
     Ok((conn, neg))
 }
@@ -929,23 +940,7 @@ impl NbdClient {
         payload: Option<&Bytes>,
     ) -> Outcome {
         let cookie = self.cookie.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
-        conn.pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(
-                cookie,
-                Pending {
-                    kind,
-                    offset,
-                    length,
-                    buf: (kind == cmd::READ).then(|| BytesMut::zeroed(length as usize)),
-                    covered: Vec::new(),
-                    status: Vec::new(),
-                    error: None,
-                    done: Some(tx),
-                },
-            );
+        let rx = conn.register(cookie, kind, offset, length);
         let hdr = proto::encode_request(&Request {
             flags,
             kind,
