@@ -14,13 +14,12 @@
 //! Definitions whose tree contains a `file` or `nbd` node are parsed and type-checked only:
 //! opening them would touch the file system or the network.
 
-use ballot::config::keyval;
+use ballot::config::parse_blockdev_arg;
 use ballot::config::spec::{parse_node, ChildRef, DriverSpec, NodeSpec};
 use ballot::drivers::quorum::ReadPattern;
 use ballot::events::EventBus;
 use ballot::graph::Graph;
 use ballot::host::Host;
-use serde_json::Value;
 
 use crate::vote::model_validate;
 
@@ -35,12 +34,7 @@ const Q7_Q12: [&str; 6] = [
 
 /// Parses `arg` as the graph does, to the type-checked tree.
 pub fn parse(arg: &str) -> Result<NodeSpec, String> {
-    let (value, keyval_mode) = if arg.trim_start().starts_with('{') {
-        let v: Value = serde_json::from_str(arg).map_err(|e| format!("JSON parse error, {e}"))?;
-        (v, false)
-    } else {
-        (keyval::parse(arg).map_err(|e| e.to_string())?, true)
-    };
+    let (value, keyval_mode) = parse_blockdev_arg(arg).map_err(|e| e.to_string())?;
     parse_node(value, keyval_mode).map_err(|e| e.to_string())
 }
 

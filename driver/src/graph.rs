@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::config::keyval;
+use crate::config::parse_blockdev_arg;
 use crate::config::spec::{parse_node, ChildRef, DriverSpec, NodeSpec};
 use crate::device::{BlockDevice, Device};
 use crate::drivers::file::{FileDevice, FileOptions};
@@ -183,13 +183,7 @@ impl Graph {
     /// # Errors
     /// The first error, in QEMU's wording where QEMU has one.
     pub async fn blockdev_add_arg(&mut self, arg: &str) -> Result<String, ConfigError> {
-        let (value, keyval_mode) = if arg.trim_start().starts_with('{') {
-            let v: Value = serde_json::from_str(arg)
-                .map_err(|e| ConfigError::new(format!("JSON parse error, {e}")))?;
-            (v, false)
-        } else {
-            (keyval::parse(arg)?, true)
-        };
+        let (value, keyval_mode) = parse_blockdev_arg(arg)?;
         self.blockdev_add(value, keyval_mode).await
     }
 

@@ -3,3 +3,23 @@
 
 pub mod keyval;
 pub mod spec;
+
+use serde_json::Value;
+
+use crate::error::ConfigError;
+
+/// Reads one `--blockdev` argument: JSON when it starts with `{`, else the dotted syntax.
+/// Returns the tree and whether its values are keyval strings (to be converted by
+/// [`spec::parse_node`]).
+///
+/// # Errors
+/// `JSON parse error, <serde's message>`, or [`keyval::parse`]'s messages.
+pub fn parse_blockdev_arg(arg: &str) -> Result<(Value, bool), ConfigError> {
+    if arg.trim_start().starts_with('{') {
+        let v: Value = serde_json::from_str(arg)
+            .map_err(|e| ConfigError::new(format!("JSON parse error, {e}")))?;
+        Ok((v, false))
+    } else {
+        Ok((keyval::parse(arg)?, true))
+    }
+}
