@@ -288,7 +288,8 @@ impl ChainModel {
             Some(Slot::Data(_)) => 1,
             Some(Slot::Zero) => 2,
         };
-        let run = |m: &MapModel| {
+        // The leading run of clusters of `[off, off + len)` in the same state in `m`.
+        let run = |m: &MapModel, len: u64| {
             let cs = clusters(off, len);
             let k0 = kind(m, cs.start);
             let mut end = cs.start + 1;
@@ -297,29 +298,19 @@ impl ChainModel {
             }
             ((end * C).min(off + len) - off, k0)
         };
-        let (n, k) = run(&self.a);
+        let (n, k) = run(&self.a, len);
         match k {
             1 => (n, false, true, true),
             2 => (n, true, false, true),
-            _ => {
-                // H answers for the same range, with its own runs, unmarked.
-                let hm = &self.h;
-                let cs = clusters(off, n);
-                let k0 = kind(hm, cs.start);
-                let mut end = cs.start + 1;
-                while end < cs.end && kind(hm, end) == k0 {
-                    end += 1;
+            // H answers for A's run, with its own runs, unmarked.
+            _ => match run(&self.h, n) {
+                (hn, 1) => (hn, false, true, false),
+                (hn, 2) => (hn, true, false, false),
+                (hn, _) => {
+                    let (run, zero) = self.s_status(off, hn);
+                    (run, zero, !zero, false)
                 }
-                let hn = (end * C).min(off + n) - off;
-                match k0 {
-                    1 => (hn, false, true, false),
-                    2 => (hn, true, false, false),
-                    _ => {
-                        let (run, zero) = self.s_status(off, hn);
-                        (run, zero, !zero, false)
-                    }
-                }
-            }
+            },
         }
     }
 }

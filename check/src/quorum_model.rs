@@ -10,14 +10,14 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use ballot::drivers::quorum::{Quorum, QuorumOptions, ReadPattern, OUT_OF_SYNC_GRANULARITY_BYTES};
-use ballot::events::{Event, EventBus, IoType, Recorder, Stream};
+use ballot::drivers::quorum::{Quorum, QuorumOptions, ReadPattern};
+use ballot::events::{EventBus, IoType, Recorder, Stream};
 use ballot::host::Host;
 use ballot::{BlockDevice, Device, ErrorKind, WriteFlags, ZeroFlags};
 use bytes::Bytes;
 
 use crate::child::{Faults, FaultyChild};
-use crate::vote::{model_error_vote, model_read, Ev};
+use crate::vote::{check_out_of_sync, granules, model_error_vote, model_read, recorded, Ev};
 
 /// Each child's length: two 64 KiB out-of-sync granules and a shorter third.
 pub const DISK_BYTES: u64 = 2 * 65536 + 4096;
@@ -122,10 +122,7 @@ impl QuorumModel {
     }
 
     fn mark(&mut self, child: usize, off: u64, len: u64) {
-        let g = OUT_OF_SYNC_GRANULARITY_BYTES;
-        for k in off / g..(off + len).div_ceil(g) {
-            self.out_of_sync[child].insert(k);
-        }
+        self.out_of_sync[child].extend(granules(off, len));
     }
 
     /// Q36–Q39: every child gets the write; failures are reported and marked; the result is
@@ -275,11 +272,7 @@ impl QuorumRig {
     /// # Panics
     /// When the quorum refuses a valid configuration.
     pub fn new(config: Config) -> QuorumRig {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .start_paused(true)
-            .build()
-            .expect("runtime");
+        let rt = crate::rt::runtime();
         let bus = EventBus::new();
         let rec = bus.record(Stream::Internal);
         let (host, _) = Host::recording(bus);
@@ -362,35 +355,7 @@ impl QuorumRig {
             }
         });
         assert_eq!(got, want.result, "{step:?}: result");
-        let events: Vec<(Ev, Option<IoType>)> = self
-            .rec
-            .take()
-            .into_iter()
-            .map(|e| match e {
-                Event::QuorumReportBad {
-                    io,
-                    error,
-                    node_name,
-                    sector_num,
-                    sectors_count,
-                } => {
-                    // Q57; a flush reports 0/0.
-                    let want = if io == IoType::Flush { (0, 0) } else { range };
-                    assert_eq!((sector_num, sectors_count), want, "{step:?}: Q57");
-                    let child = node_name[1..].parse().expect("child name");
-                    (Ev::Bad { child, error }, Some(io))
-                }
-                Event::QuorumFailure {
-                    sector_num,
-                    sectors_count,
-                    ..
-                } => {
-                    assert_eq!((sector_num, sectors_count), range, "{step:?}: Q57");
-                    (Ev::Failure, None)
-                }
-                other => panic!("{step:?}: unexpected event {other:?}"),
-            })
-            .collect();
+        let events = recorded(self.rec.take(), range, &format!("{step:?}"));
         assert_eq!(events, want.events, "{step:?}: events");
         for (i, k) in self.kids.iter().enumerate() {
             assert!(
@@ -403,22 +368,6 @@ impl QuorumRig {
     /// Q51: the quorum's out-of-sync report equals the model's granules, merged and clipped.
     pub fn check_out_of_sync(&self) {
         let reports = self.rt.block_on(self.quorum.out_of_sync());
-        let g = OUT_OF_SYNC_GRANULARITY_BYTES;
-        for (i, granules) in self.model.out_of_sync.iter().enumerate() {
-            let mut want: Vec<(u64, u64)> = Vec::new();
-            for &k in granules {
-                let (a, b) = (k * g, ((k + 1) * g).min(DISK_BYTES));
-                match want.last_mut() {
-                    Some((o, l)) if *o + *l == a => *l += b - a,
-                    _ => want.push((a, b - a)),
-                }
-            }
-            let got = reports
-                .iter()
-                .find(|r| r.node_name == format!("c{i}"))
-                .map(|r| r.ranges.clone())
-                .unwrap_or_default();
-            assert_eq!(got, want, "Q51: out-of-sync ranges of child {i}");
-        }
+        check_out_of_sync(&reports, &self.model.out_of_sync, DISK_BYTES);
     }
 }

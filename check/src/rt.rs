@@ -1,18 +1,21 @@
-//! A fresh single-threaded runtime per input, with paused time: timeouts fire as soon as
-//! everything is idle, so a handshake timeout costs no wall time, and no task outlives its
-//! input.
+//! Single-threaded runtimes with paused time: timeouts fire as soon as everything is idle, so a
+//! handshake timeout costs no wall time. A fuzz input gets a fresh one, so no task outlives it.
 
 use std::future::Future;
 
-/// Runs `f` to completion on a new current-thread runtime whose clock is paused.
+/// A new current-thread runtime whose clock is paused.
 ///
 /// # Panics
 /// When the runtime cannot be built (the process is out of resources).
-pub fn block_on<F: Future>(f: F) -> F::Output {
-    let rt = tokio::runtime::Builder::new_current_thread()
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .start_paused(true)
         .build()
-        .expect("building a current-thread runtime");
-    rt.block_on(f)
+        .expect("building a current-thread runtime")
+}
+
+/// Runs `f` to completion on a new [`runtime`].
+pub fn block_on<F: Future>(f: F) -> F::Output {
+    runtime().block_on(f)
 }

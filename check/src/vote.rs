@@ -10,10 +10,13 @@
 //! (D6); the real [`Quorum`] must match all of it exactly. Configurations that break Q7–Q12
 //! must be refused with the model's message.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use arbitrary::{Arbitrary, Unstructured};
-use ballot::drivers::quorum::{Quorum, QuorumOptions, ReadPattern, OUT_OF_SYNC_GRANULARITY_BYTES};
+use ballot::drivers::quorum::{
+    OutOfSyncReport, Quorum, QuorumOptions, ReadPattern, OUT_OF_SYNC_GRANULARITY_BYTES,
+};
 use ballot::events::{Event, EventBus, IoType, Stream};
 use ballot::host::Host;
 use ballot::{BlockDevice, Device, ErrorKind};
@@ -257,6 +260,73 @@ pub fn model_read(
     }
 }
 
+/// The 64 KiB out-of-sync granules a range touches (Q47).
+pub fn granules(offset: u64, len: u64) -> std::ops::Range<u64> {
+    let g = OUT_OF_SYNC_GRANULARITY_BYTES;
+    offset / g..(offset + len).div_ceil(g)
+}
+
+/// Q49, Q51: each child's out-of-sync report (children named `c<i>`) equals its model
+/// granules, merged and the last clipped to the disk's `length`.
+///
+/// # Panics
+/// On the first child whose ranges differ.
+pub fn check_out_of_sync(reports: &[OutOfSyncReport], model: &[BTreeSet<u64>], length: u64) {
+    let g = OUT_OF_SYNC_GRANULARITY_BYTES;
+    for (i, granules) in model.iter().enumerate() {
+        let mut want: Vec<(u64, u64)> = Vec::new();
+        for &k in granules {
+            let (a, b) = (k * g, ((k + 1) * g).min(length));
+            match want.last_mut() {
+                Some((o, l)) if *o + *l == a => *l += b - a,
+                _ => want.push((a, b - a)),
+            }
+        }
+        let got = reports
+            .iter()
+            .find(|r| r.node_name == format!("c{i}"))
+            .map(|r| r.ranges.clone())
+            .unwrap_or_default();
+        assert_eq!(got, want, "Q51: out-of-sync ranges of child {i}");
+    }
+}
+
+/// The events a quorum named `q` over children `c<i>` emitted, in the model's terms, with
+/// their I/O type for REPORT_BAD. Checks Q57 on the way: every event carries the request's
+/// `range` (sector-num, sectors-count), except a flush's REPORT_BAD, which carries 0/0.
+///
+/// # Panics
+/// On a Q57 or reference mismatch, or an event that is not a quorum event.
+pub fn recorded(events: Vec<Event>, range: (u64, u64), ctx: &str) -> Vec<(Ev, Option<IoType>)> {
+    events
+        .into_iter()
+        .map(|e| match e {
+            Event::QuorumReportBad {
+                io,
+                error,
+                node_name,
+                sector_num,
+                sectors_count,
+            } => {
+                let want = if io == IoType::Flush { (0, 0) } else { range };
+                assert_eq!((sector_num, sectors_count), want, "{ctx}: Q57");
+                let child = node_name[1..].parse().expect("child node name");
+                (Ev::Bad { child, error }, Some(io))
+            }
+            Event::QuorumFailure {
+                reference,
+                sector_num,
+                sectors_count,
+            } => {
+                assert_eq!(reference, "q", "{ctx}: FAILURE reference");
+                assert_eq!((sector_num, sectors_count), range, "{ctx}: Q57");
+                (Ev::Failure, None)
+            }
+            other => panic!("{ctx}: unexpected event {other:?}"),
+        })
+        .collect()
+}
+
 fn base_content() -> Vec<u8> {
     (0..CHILD_BYTES).map(|i| (i % 251) as u8).collect()
 }
@@ -318,7 +388,7 @@ async fn check_async(case: &VoteCase) {
         "Q15 warning"
     );
     assert_eq!(q.length().ok(), Some(CHILD_BYTES as u64));
-    let mut out_of_sync = vec![std::collections::BTreeSet::new(); n];
+    let mut out_of_sync = vec![BTreeSet::new(); n];
     for (ri, r) in case.reads.iter().take(6).enumerate() {
         for &(c, at, mask) in &r.flips {
             if n > 0 {
@@ -363,33 +433,15 @@ async fn check_async(case: &VoteCase) {
                 want.result.as_ref().map(|d| d.len())
             ),
         }
-        let (sn, sc) = ((off / SECTOR) as u64, (len / SECTOR) as u64);
-        let events: Vec<Ev> = rec
-            .take()
+        let range = ((off / SECTOR) as u64, (len / SECTOR) as u64);
+        let events: Vec<Ev> = recorded(rec.take(), range, &ctx)
             .into_iter()
-            .map(|e| match e {
-                Event::QuorumReportBad {
-                    io,
-                    error,
-                    node_name,
-                    sector_num,
-                    sectors_count,
-                } => {
-                    assert_eq!(io, IoType::Read, "{ctx}: REPORT_BAD type");
-                    assert_eq!((sector_num, sectors_count), (sn, sc), "{ctx}: Q57");
-                    let child = node_name[1..].parse().expect("child node name");
-                    Ev::Bad { child, error }
-                }
-                Event::QuorumFailure {
-                    reference,
-                    sector_num,
-                    sectors_count,
-                } => {
-                    assert_eq!(reference, "q", "{ctx}: FAILURE reference");
-                    assert_eq!((sector_num, sectors_count), (sn, sc), "{ctx}: Q57");
-                    Ev::Failure
-                }
-                other => panic!("{ctx}: unexpected event {other:?}"),
+            .map(|(e, io)| {
+                assert!(
+                    io.is_none_or(|io| io == IoType::Read),
+                    "{ctx}: REPORT_BAD type"
+                );
+                e
             })
             .collect();
         assert_eq!(events, want.events, "{ctx}: events");
@@ -412,10 +464,7 @@ async fn check_async(case: &VoteCase) {
                     "{ctx}: rewrite of child {i}"
                 );
                 if case.children[i].rewrite_fails {
-                    let g = OUT_OF_SYNC_GRANULARITY_BYTES as usize;
-                    for granule in off / g..(off + len).div_ceil(g) {
-                        out_of_sync[i].insert(granule);
-                    }
+                    out_of_sync[i].extend(granules(off as u64, len as u64));
                 } else if let Some(w) = winner {
                     model[i][off..off + len].copy_from_slice(w);
                 }
@@ -426,24 +475,7 @@ async fn check_async(case: &VoteCase) {
         }
     }
     // Q49, Q51: failed rewrites, aligned to 64 KiB, merged, the last clipped to the length.
-    let reports = q.out_of_sync().await;
-    for (i, granules) in out_of_sync.iter().enumerate() {
-        let g = OUT_OF_SYNC_GRANULARITY_BYTES;
-        let mut want: Vec<(u64, u64)> = Vec::new();
-        for &k in granules {
-            let (a, b) = (k as u64 * g, ((k as u64 + 1) * g).min(CHILD_BYTES as u64));
-            match want.last_mut() {
-                Some((o, l)) if *o + *l == a => *l += b - a,
-                _ => want.push((a, b - a)),
-            }
-        }
-        let got = reports
-            .iter()
-            .find(|r| r.node_name == format!("c{i}"))
-            .map(|r| r.ranges.clone())
-            .unwrap_or_default();
-        assert_eq!(got, want, "Q51: out-of-sync ranges of child {i}");
-    }
+    check_out_of_sync(&q.out_of_sync().await, &out_of_sync, CHILD_BYTES as u64);
 }
 
 /// The fuzz target.

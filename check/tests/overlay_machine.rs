@@ -74,10 +74,7 @@ impl StateMachineTest for OverlaySut {
         OverlaySut {
             chain: Chain::open(r.file),
             model: r.model.clone(),
-            rt: tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime"),
+            rt: ballot_check::rt::runtime(),
             steps: 0,
         }
     }
