@@ -748,15 +748,7 @@ async fn r13_failover_failed_splits_writes_between_a_and_s() {
         .write(0, fill(4 * c, 0x55), WriteFlags::NONE)
         .await
         .unwrap();
-    let writes: Vec<(u64, usize)> = sec
-        .s
-        .log()
-        .iter()
-        .filter_map(|o| match o {
-            common::Op::Write(off, n, ..) => Some((*off, *n)),
-            _ => None,
-        })
-        .collect();
+    let writes = s_writes(&sec);
     assert_eq!(writes, vec![(0, c as usize), (2 * c, c as usize)]);
     expect(&*sec.view, 0, 4 * c, 0x55).await;
     let a = sec.g.get("active0").unwrap().overlay.clone().unwrap();
@@ -768,15 +760,7 @@ async fn r13_failover_failed_splits_writes_between_a_and_s() {
         .write(5 * c + 512, fill(512, 0x66), WriteFlags::NONE)
         .await
         .unwrap();
-    let writes: Vec<(u64, usize)> = sec
-        .s
-        .log()
-        .iter()
-        .filter_map(|o| match o {
-            common::Op::Write(off, n, ..) => Some((*off, *n)),
-            _ => None,
-        })
-        .collect();
+    let writes = s_writes(&sec);
     assert_eq!(writes, vec![(5 * c + 512, 512)]);
     // R27 step 3 and R30 step 2 in FAILOVER_FAILED.
     assert_eq!(
@@ -917,21 +901,41 @@ async fn e1_after_stop_without_failover_writes_go_through_a() {
     assert_eq!(active.allocated_clusters(), vec![0]);
 }
 
+/// `(offset, length)` of every write S received since its log was last cleared.
+fn s_writes(sec: &Secondary) -> Vec<(u64, usize)> {
+    sec.s
+        .log()
+        .iter()
+        .filter_map(|o| match o {
+            common::Op::Write(off, n, ..) => Some((*off, *n)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A running secondary whose SVM wrote 0x33 over the first `clusters` clusters (into A), with
+/// every request to S now taking 10 ms, and failover started: the first commit pass is in
+/// progress. Returns it and a recorder of its events.
+async fn failover_with_slow_s(clusters: u64) -> (Secondary, ballot::events::Recorder) {
+    let sec = secondary().await;
+    let rec = sec.bus.record(Stream::Internal);
+    sec.g.replication_start_all(Mode::Secondary).await.unwrap();
+    sec.view
+        .write(0, fill(clusters * CL, 0x33), WriteFlags::NONE)
+        .await
+        .unwrap();
+    sec.s.set_delay(Duration::from_millis(10));
+    sec.g.replication_stop_all(true).await.unwrap();
+    (sec, rec)
+}
+
 /// O2: a cluster the SVM dirties behind the first commit pass is committed by the final pass
 /// and counted in the job's len and offset.
 #[tokio::test(start_paused = true)]
 async fn o2_a_cluster_dirtied_during_the_first_pass_counts_in_len_and_offset() {
-    let s = TestChild::sized("parent0", 0x11, IMG);
-    let sec = secondary_with(s.clone(), true).await;
-    let rec = sec.bus.record(Stream::Internal);
-    sec.g.replication_start_all(Mode::Secondary).await.unwrap();
-    sec.view
-        .write(0, fill(2 * CL, 0x33), WriteFlags::NONE)
-        .await
-        .unwrap();
-    // Each write to S takes 10 ms: the first pass commits cluster 0 by t=10, cluster 1 by t=20.
-    s.set_delay(Duration::from_millis(10));
-    sec.g.replication_stop_all(true).await.unwrap();
+    // The first pass commits cluster 0 by t=10, cluster 1 by t=20.
+    let (sec, rec) = failover_with_slow_s(2).await;
+    let s = sec.s.clone();
     tokio::time::sleep(Duration::from_millis(15)).await;
     sec.view
         .write(0, fill(CL, 0x55), WriteFlags::NONE)
@@ -957,16 +961,8 @@ async fn o2_a_cluster_dirtied_during_the_first_pass_counts_in_len_and_offset() {
 /// cancelled job) no BLOCK_JOB_COMPLETED is sent.
 #[tokio::test(start_paused = true)]
 async fn r33_closing_during_failover_cancels_the_commit_at_a_cluster_boundary() {
-    let s = TestChild::sized("parent0", 0x11, IMG);
-    let sec = secondary_with(s.clone(), true).await;
-    let rec = sec.bus.record(Stream::Internal);
-    sec.g.replication_start_all(Mode::Secondary).await.unwrap();
-    sec.view
-        .write(0, fill(3 * CL, 0x33), WriteFlags::NONE)
-        .await
-        .unwrap();
-    s.set_delay(Duration::from_millis(10));
-    sec.g.replication_stop_all(true).await.unwrap();
+    let (sec, rec) = failover_with_slow_s(3).await;
+    let s = sec.s.clone();
     tokio::time::sleep(Duration::from_millis(5)).await;
     let c = childs0(&sec);
     assert_eq!(c.stage(), Stage::Failover);
