@@ -298,12 +298,20 @@ struct Counting {
 
 impl Counting {
     fn new(inner: Device) -> Arc<Counting> {
+        Counting::with(inner, None, None)
+    }
+
+    fn with(
+        inner: Device,
+        flush_err: Option<ErrorKind>,
+        gate: Option<Arc<tokio::sync::Semaphore>>,
+    ) -> Arc<Counting> {
         Arc::new(Counting {
             inner,
             reads: Default::default(),
             writes: Default::default(),
-            flush_err: None,
-            gate: None,
+            flush_err,
+            gate,
         })
     }
 }
@@ -427,15 +435,7 @@ async fn r44_whole_cluster_writes_copy_nothing_and_go_to_the_file_in_one_write()
 
 #[tokio::test]
 async fn r47_flush_returns_the_file_error_then_the_backing_error() {
-    let failing = |k| {
-        Arc::new(Counting {
-            inner: mem(filled(C, 0)),
-            reads: Default::default(),
-            writes: Default::default(),
-            flush_err: Some(k),
-            gate: None,
-        })
-    };
+    let failing = |k| Counting::with(mem(filled(C, 0)), Some(k), None);
     let ok: Device = Counting::new(mem(filled(C, 0)));
     let bad_backing: Device = failing(ErrorKind::Io);
     let bad_file: Device = failing(ErrorKind::NoSpc);
@@ -454,13 +454,7 @@ async fn r47_flush_returns_the_file_error_then_the_backing_error() {
 #[tokio::test(start_paused = true)]
 async fn r49_a_commit_step_holds_writes_to_its_cluster_but_not_reads_of_allocated_data() {
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
-    let base = Arc::new(Counting {
-        inner: mem(filled(2 * C, 1)),
-        reads: Default::default(),
-        writes: Default::default(),
-        flush_err: None,
-        gate: Some(gate.clone()),
-    });
+    let base = Counting::with(mem(filled(2 * C, 1)), None, Some(gate.clone()));
     let bd: Device = base.clone();
     let o = over(&bd, None);
     o.write(0, Bytes::from(filled(C, 2)), WriteFlags::NONE)
