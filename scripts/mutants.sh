@@ -22,6 +22,8 @@ run_shard() {
     echo "shard $k/$SHARDS: $(wc -l <"$out/caught.txt") caught, $(wc -l <"$out/missed.txt") missed, $(wc -l <"$out/timeout.txt") timeout, $(wc -l <"$out/unviable.txt") unviable"
 }
 if [ "${1:-all}" = all ]; then
+    # A whole run replaces every earlier outcome list (explained.tsv and run.md stay).
+    find reports/mutants -mindepth 1 -maxdepth 1 -type d -exec rm -rf {} +
     for k in $(seq 0 $((SHARDS - 1))); do run_shard "$k"; done
 else
     run_shard "$1"
