@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmark scripts (bench-nbd.py, bench-colo.py)."""
+"""Helpers shared by the benchmark scripts (bench.py, bench-colo.py)."""
 
 import signal
 import subprocess

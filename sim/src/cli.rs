@@ -12,7 +12,8 @@ const USAGE: &str = "usage: cargo sim <command>
   sweep [--seeds N] [--seed-from S] [--jobs J] [--shard i/n] [--time-budget DUR] [--report DIR] [--scenarios DIR] [--only NAME] [--until-fail]
   replay --seed N [SCENARIO] [-v|-vv] [--from-op K] [--to-op K]
   shrink --seed N [SCENARIO] [--max-runs R] [--out PATH]
-  check-determinism [--seeds N] [--scenarios DIR]";
+  check-determinism [--seeds N] [--scenarios DIR]
+  report SUMMARY.json... [--out DIR]";
 
 /// Usage errors (exit 64).
 pub fn usage(msg: &str) -> i32 {
@@ -65,11 +66,17 @@ pub fn header(p: &Params, sc: &Scenario) -> String {
     )
 }
 
-fn reproduce(seed: u64, scenario: Option<&str>) -> String {
-    match scenario {
+fn reproduce(seed: u64, scenario: Option<&str>, sc: &Scenario) -> String {
+    let mut cmd = match scenario {
         Some(s) => format!("cargo sim replay --seed {seed} {s}"),
         None => format!("cargo sim replay --seed {seed}"),
+    };
+    // A grid point is the scenario plus the point's pins.
+    for set in sc.point_sets() {
+        cmd += " ";
+        cmd += &set;
     }
+    cmd
 }
 
 /// Prints a run's verdict (U7) and returns its exit code.
@@ -98,7 +105,7 @@ pub fn report(p: &Params, sc: &Scenario, path: Option<&str>, r: &RunResult) -> i
             );
             print!("{}", p.to_toml(&sc.name));
             print!("{}", r.detail);
-            println!("reproduce: {}", reproduce(p.seed, path));
+            println!("reproduce: {}", reproduce(p.seed, path, sc));
             let trace = save_trace(p, sc);
             if let Some(t) = trace {
                 println!("trace: {}", t.display());
@@ -130,6 +137,7 @@ pub fn main(args: Vec<String>) -> i32 {
         "sweep" => sweep::cmd_sweep(rest),
         "shrink" => sweep::cmd_shrink(rest),
         "check-determinism" => sweep::cmd_determinism(rest),
+        "report" => crate::report::cmd_report(rest),
         "-h" | "--help" | "help" => {
             println!("{USAGE}");
             Ok(0)

@@ -38,10 +38,12 @@ use bytes::{Bytes, BytesMut};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::measure::{fault_outcomes, latency_histograms, OpSpan};
 use crate::params::{ColoParams, Params};
 use crate::rng::Rng;
 use crate::scenario::{Expect, Scenario, When};
 use crate::trace::{Record, Trace};
+use crate::vdisk::FaultMark;
 use crate::world::{RunOpts, RunResult};
 
 const SECTOR: u64 = 512;
@@ -257,6 +259,9 @@ struct St {
     paths: BTreeMap<String, u64>,
     checks: BTreeMap<String, u64>,
     outcomes: BTreeMap<String, u64>,
+    /// Completed PVM and SVM ops and fault marks, for the report (not traced).
+    spans: Vec<OpSpan>,
+    marks: Vec<FaultMark>,
     violation: Option<(String, String)>,
     jobs_completed: u64,
     /// Set by the secondary host once built.
@@ -335,8 +340,17 @@ impl Colo {
         self.lock().violation.is_some()
     }
 
-    fn inject(&self, f: &str, note: &str) {
-        bump(&mut self.lock().injected, f);
+    fn inject(&self, f: &'static str, note: &str) {
+        let t_ns = self.start.elapsed().as_nanos() as u64;
+        let mut st = self.lock();
+        bump(&mut st.injected, f);
+        // COLO faults act on a node or link: the report charges them to the ops in flight.
+        st.marks.push(FaultMark {
+            t_ns,
+            op: 0,
+            family: f,
+        });
+        drop(st);
         self.trace("ham", "fault", 0, (0, 0), 0, format!("{f} {note}"));
     }
 
@@ -421,6 +435,8 @@ pub(crate) async fn colo_main(p: Params, sc: Scenario, opts: RunOpts) -> RunResu
             paths: BTreeMap::new(),
             checks: BTreeMap::new(),
             outcomes: BTreeMap::new(),
+            spans: Vec::new(),
+            marks: Vec::new(),
             violation: None,
             jobs_completed: 0,
             overlays: None,
@@ -663,6 +679,7 @@ async fn guest(w: Arc<Colo>, primary: bool, dev: Device) {
             "read"
         };
         let side = if primary { 1u64 } else { 2 };
+        let start_ns = w.start.elapsed().as_nanos() as u64;
         let new_tags: Vec<u64> = (0..n).map(|i| (side << 56) | (op_id << 24) | i).collect();
         let result: Result<()> = match kind {
             "read" => match dev.read(off, len as usize).await {
@@ -764,11 +781,17 @@ async fn guest(w: Arc<Colo>, primary: bool, dev: Device) {
             String::new(),
         );
         {
+            let end_ns = w.start.elapsed().as_nanos() as u64;
             let mut st = w.lock();
-            bump(
-                &mut st.outcomes,
-                &format!("{who}/{kind}/{}", if code == 0 { "ok" } else { "error" }),
-            );
+            let outcome = format!("{who}/{kind}/{}", if code == 0 { "ok" } else { "error" });
+            bump(&mut st.outcomes, &outcome);
+            st.spans.push(OpSpan {
+                id: (side << 56) | op_id,
+                start_ns,
+                end_ns,
+                kind: format!("{who}/{kind}"),
+                outcome,
+            });
             let g = if primary { &mut st.pvm } else { &mut st.svm };
             g.inflight -= 1;
             g.ops += 1;
@@ -1426,6 +1449,8 @@ async fn finish(w: &Arc<Colo>) -> RunResult {
         outcomes: st.outcomes.clone(),
         paths: st.paths.clone(),
         checks: st.checks.clone(),
+        latency: latency_histograms(&st.spans),
+        fault_outcomes: fault_outcomes(&st.spans, &st.marks),
         ..RunResult::default()
     };
     drop(st);

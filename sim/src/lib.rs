@@ -6,8 +6,10 @@
 //! runtime ([`world`]), the command line ([`cli`]) and sweeps ([`sweep`]) need madsim: build
 //! them with `cargo sim ...` (`--cfg madsim`, own target directory, W1).
 
+pub mod measure;
 pub mod oracle;
 pub mod params;
+pub mod report;
 pub mod rng;
 pub mod scenario;
 pub mod sector;

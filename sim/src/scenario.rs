@@ -158,6 +158,151 @@ pub struct Scenario {
     pub faults: Vec<FaultSpec>,
     /// Expectations.
     pub expects: Vec<Expect>,
+    /// A designed experiment (`[grid]`): a sweep runs the scenario at every point.
+    pub grid: Option<Grid>,
+    /// The pins a grid point added to this scenario's own (empty outside a grid), in the
+    /// `--set key=value` form that reproduces the point.
+    pub point: Vec<(String, Tv)>,
+    /// The grid point's (case, level), 0-based.
+    pub point_index: Option<(usize, usize)>,
+}
+
+/// A designed experiment: the scenario at every (case, level) point, `runs` seeds each
+/// (the scenario's seed, seed + 1, ...; the same seeds at every point, so points differ only in
+/// what the grid pins). Cases are usually configurations, levels fault intensities.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Grid {
+    /// Seeds per point.
+    pub runs: u64,
+    /// Pins of each case.
+    pub cases: Vec<BTreeMap<String, Tv>>,
+    /// Pins of each level.
+    pub levels: Vec<BTreeMap<String, Tv>>,
+}
+
+/// Largest number of seeds per grid point.
+pub const GRID_RUNS_MAX: u64 = 100;
+
+/// Largest number of grid points (cases × levels).
+pub const GRID_POINTS_MAX: usize = 1000;
+
+/// Pins of one grid case or level: a table shaped like the scenario file's own sections.
+fn grid_pins(v: &Tv, what: &str) -> Result<BTreeMap<String, Tv>, String> {
+    let t = v
+        .as_table()
+        .ok_or_else(|| format!("key 'grid.{what}': expected a table"))?;
+    let mut pins = BTreeMap::new();
+    for (k, v) in t {
+        match k.as_str() {
+            "budget" => {
+                pins.insert("budget".to_string(), v.clone());
+            }
+            "topology" | "workload" | "faults" | "phases" | "disk" | "nbd_client" | "network" => {
+                let inner = v
+                    .as_table()
+                    .ok_or_else(|| format!("key 'grid.{what}.{k}': expected a table"))?;
+                if inner.contains_key("step") {
+                    return Err(format!(
+                        "key 'grid.{what}.{k}.step': steps cannot vary across a grid"
+                    ));
+                }
+                flatten(k, inner, &mut pins);
+            }
+            other => {
+                return Err(format!(
+                    "key 'grid.{what}': unknown key '{other}' (a grid point pins parameters: budget, topology, workload, faults, phases, disk, nbd_client, network)"
+                ))
+            }
+        }
+    }
+    Ok(pins)
+}
+
+fn parse_grid(v: &Tv) -> Result<Grid, String> {
+    let t = v.as_table().ok_or("key 'grid': expected a table")?;
+    let mut g = Grid {
+        runs: 1,
+        cases: vec![BTreeMap::new()],
+        levels: vec![BTreeMap::new()],
+    };
+    for (k, v) in t {
+        match k.as_str() {
+            "runs" => {
+                let n = v
+                    .as_integer()
+                    .ok_or("key 'grid.runs': expected an integer")?;
+                if !(1..=GRID_RUNS_MAX as i64).contains(&n) {
+                    return Err(format!(
+                        "key 'grid.runs': {n} is not between 1 and {GRID_RUNS_MAX}"
+                    ));
+                }
+                g.runs = n as u64;
+            }
+            "cases" | "levels" => {
+                let a = v
+                    .as_array()
+                    .ok_or_else(|| format!("key 'grid.{k}': expected an array of tables"))?;
+                if a.is_empty() {
+                    return Err(format!("key 'grid.{k}': empty"));
+                }
+                let list = a
+                    .iter()
+                    .enumerate()
+                    .map(|(i, x)| grid_pins(x, &format!("{k}[{}]", i + 1)))
+                    .collect::<Result<Vec<_>, _>>()?;
+                if k == "cases" {
+                    g.cases = list;
+                } else {
+                    g.levels = list;
+                }
+            }
+            other => {
+                return Err(format!(
+                    "key 'grid': unknown key '{other}' (known: runs, cases, levels)"
+                ))
+            }
+        }
+    }
+    let points = g.cases.len() * g.levels.len();
+    if points > GRID_POINTS_MAX {
+        return Err(format!(
+            "key 'grid': {} cases x {} levels = {points} points, more than {GRID_POINTS_MAX}",
+            g.cases.len(),
+            g.levels.len()
+        ));
+    }
+    Ok(g)
+}
+
+/// Checks a scenario's pins against the topology they derive: scripted faults that the
+/// topology has, and child and range references that exist (SIMULATION.md §9).
+fn check_derived(sc: &Scenario, pins: &BTreeMap<String, Tv>) -> Result<(), String> {
+    let derived = Params::derive(sc.seed.unwrap_or(0), pins)?;
+    for f in &sc.faults {
+        let colo_fault = crate::params::COLO_FAMILIES.contains(&f.id.as_str());
+        if colo_fault != derived.colo.is_some() {
+            return Err(if colo_fault {
+                format!("key 'fault': {} needs topology.kind = \"colo\"", f.id)
+            } else {
+                format!(
+                    "key 'fault': {} is not a COLO fault (the COLO topology scripts F19-F24)",
+                    f.id
+                )
+            });
+        }
+        let net = matches!(f.id.as_str(), "F13" | "F15" | "F17" | "F18")
+            || (f.id == "F16" && f.target.is_some());
+        if net && derived.nbd.is_none() {
+            return Err(format!(
+                "key 'fault': {} on a replica needs topology.transport = \"nbd\"",
+                f.id
+            ));
+        }
+    }
+    if derived.colo.is_none() {
+        check_refs(sc, derived.children, derived.disk_size)?;
+    }
+    Ok(())
 }
 
 impl Scenario {
@@ -171,7 +316,44 @@ impl Scenario {
             steps: Vec::new(),
             faults: Vec::new(),
             expects: Vec::new(),
+            grid: None,
+            point: Vec::new(),
+            point_index: None,
         }
+    }
+
+    /// Grid points (cases × levels); 1 for a scenario without a grid.
+    pub fn points(&self) -> usize {
+        self.grid
+            .as_ref()
+            .map_or(1, |g| g.cases.len() * g.levels.len())
+    }
+
+    /// The scenario at grid point `k` (0-based, case-major): its pins plus the case's and the
+    /// level's, without the grid. Without a grid, point 0 is the scenario itself.
+    pub fn at_point(&self, k: usize) -> Scenario {
+        let mut sc = self.clone();
+        sc.grid = None;
+        if let Some(g) = &self.grid {
+            let (ci, li) = ((k / g.levels.len()) % g.cases.len(), k % g.levels.len());
+            sc.point_index = Some((ci, li));
+            let case = &g.cases[ci];
+            let level = &g.levels[li];
+            for (key, v) in case.iter().chain(level.iter()) {
+                sc.pins.insert(key.clone(), v.clone());
+                sc.point.retain(|(k2, _)| k2 != key);
+                sc.point.push((key.clone(), v.clone()));
+            }
+        }
+        sc
+    }
+
+    /// `--set key=value` arguments that reproduce this grid point (empty outside a grid).
+    pub fn point_sets(&self) -> Vec<String> {
+        self.point
+            .iter()
+            .map(|(k, v)| format!("--set '{k}={v}'"))
+            .collect()
     }
 
     /// Loads and checks `path`.
@@ -237,6 +419,7 @@ impl Scenario {
                 }
                 "fault" => sc.faults = parse_faults(v)?,
                 "expect" => sc.expects = parse_expects(v)?,
+                "grid" => sc.grid = Some(parse_grid(v)?),
                 other => return Err(format!("unknown key '{other}'")),
             }
         }
@@ -253,31 +436,23 @@ impl Scenario {
             pins.entry("topology.transport".to_string())
                 .or_insert_with(|| Tv::String("local".into()));
         }
-        // Every pinned key must be a parameter: derive once to check.
-        let derived = Params::derive(sc.seed.unwrap_or(0), &pins)?;
-        for f in &sc.faults {
-            let colo_fault = crate::params::COLO_FAMILIES.contains(&f.id.as_str());
-            if colo_fault != derived.colo.is_some() {
-                return Err(if colo_fault {
-                    format!("key 'fault': {} needs topology.kind = \"colo\"", f.id)
-                } else {
+        // Every pinned key must be a parameter: derive once to check (at every grid point).
+        check_derived(&sc, &pins)?;
+        if let Some(g) = &sc.grid {
+            let base = Scenario {
+                pins: pins.clone(),
+                ..sc.clone()
+            };
+            for k in 0..sc.points() {
+                let at = base.at_point(k);
+                check_derived(&at, &at.pins).map_err(|e| {
                     format!(
-                        "key 'fault': {} is not a COLO fault (the COLO topology scripts F19-F24)",
-                        f.id
+                        "key 'grid': case {}, level {}: {e}",
+                        k / g.levels.len() + 1,
+                        k % g.levels.len() + 1
                     )
-                });
+                })?;
             }
-            let net = matches!(f.id.as_str(), "F13" | "F15" | "F17" | "F18")
-                || (f.id == "F16" && f.target.is_some());
-            if net && derived.nbd.is_none() {
-                return Err(format!(
-                    "key 'fault': {} on a replica needs topology.transport = \"nbd\"",
-                    f.id
-                ));
-            }
-        }
-        if derived.colo.is_none() {
-            check_refs(&sc, derived.children, derived.disk_size)?;
         }
         let ids: Vec<&str> = sc.steps.iter().map(|s| s.id.as_str()).collect();
         for e in &sc.expects {
@@ -907,6 +1082,67 @@ mod tests {
     }
 
     #[test]
+    fn grid_points_are_cases_times_levels_with_the_points_pins_on_top() {
+        let text = "name = \"x\"\nseed = 40\ntopology = { children = 3, disk_size = \"1M\" }\n\
+                    [grid]\nruns = 2\n\
+                    cases = [ { topology = { vote_threshold = 2 } }, { topology = { children = 5, vote_threshold = 3 } } ]\n\
+                    levels = [ { faults = { rates = { F4 = 0.0 } } }, { faults = { rates = { F4 = 0.05 } }, budget = \"beyond\" } ]\n";
+        let sc = Scenario::parse(text, "x").expect("parse");
+        assert_eq!(sc.points(), 4);
+        assert_eq!(sc.grid.as_ref().map(|g| g.runs), Some(2));
+        let p = sc.at_point(3);
+        assert_eq!(p.point_index, Some((1, 1)));
+        assert!(p.grid.is_none());
+        let d = Params::derive(40, &p.pins).expect("derive");
+        assert_eq!((d.children, d.threshold), (5, 3));
+        assert_eq!(d.budget, crate::vdisk::Budget::Beyond);
+        assert_eq!(
+            p.point_sets(),
+            [
+                "--set 'topology.children=5'",
+                "--set 'topology.vote_threshold=3'",
+                "--set 'budget=\"beyond\"'",
+                "--set 'faults.rates.F4=0.05'",
+            ]
+        );
+        let p0 = sc.at_point(0);
+        assert_eq!(p0.point_index, Some((0, 0)));
+        assert_eq!(Params::derive(40, &p0.pins).expect("derive").children, 3);
+        // The same run again through the printed --set arguments.
+        let mut again = sc.clone();
+        for (k, v) in &p.point {
+            again.set(&format!("{k}={v}")).expect("set");
+        }
+        assert_eq!(again.pins, p.pins);
+        assert_eq!(Scenario::swarm().points(), 1);
+    }
+
+    #[test]
+    fn bad_grids_name_the_key_and_the_point() {
+        let cases: [(&str, &str); 6] = [
+            ("[grid]\nruns = 0\n", "key 'grid.runs': 0 is not between 1 and 100"),
+            ("[grid]\nrepeat = 2\n", "key 'grid': unknown key 'repeat' (known: runs, cases, levels)"),
+            ("[grid]\ncases = []\n", "key 'grid.cases': empty"),
+            (
+                "[grid]\ncases = [ { seed = 3 } ]\n",
+                "key 'grid.cases[1]': unknown key 'seed' (a grid point pins parameters: budget, topology, workload, faults, phases, disk, nbd_client, network)",
+            ),
+            (
+                "topology = { children = 2 }\n[grid]\nlevels = [ { topology = { vote_threshold = 2 } }, { topology = { vote_threshold = 3 } } ]\n",
+                "key 'grid': case 1, level 2: key 'topology.vote_threshold': 3 is out of range 1..=2",
+            ),
+            (
+                "[grid]\nlevels = [ { workload = { step = [] } } ]\n",
+                "key 'grid.levels[1].workload.step': steps cannot vary across a grid",
+            ),
+        ];
+        for (body, want) in cases {
+            let text = format!("name = \"x\"\n{body}");
+            assert_eq!(Scenario::parse(&text, "x").unwrap_err(), want, "{text}");
+        }
+    }
+
+    #[test]
     fn s4_printed_parameters_parse_back_to_the_same_run() {
         for seed in [1u64, 2, 3, 99, 12345] {
             let p = Params::derive(seed, &BTreeMap::new()).expect("derive");
@@ -940,6 +1176,6 @@ mod tests {
                 n += 1;
             }
         }
-        assert_eq!(n, 49, "scenario files");
+        assert_eq!(n, 50, "scenario files");
     }
 }

@@ -224,13 +224,20 @@ pub fn cmd_sweep(args: &[String]) -> Result<i32, String> {
     let mut jobs = Vec::new();
     let mut index = 0usize;
     for (path, sc) in &scenarios {
-        jobs.push(Job {
-            index,
-            scenario: sc.clone(),
-            path: Some(path.clone()),
-            seed: sc.seed.unwrap_or(index as u64),
-        });
-        index += 1;
+        // A grid scenario runs at every point, `runs` seeds each (the same seeds everywhere).
+        let runs = sc.grid.as_ref().map_or(1, |g| g.runs);
+        let base = sc.seed.unwrap_or(index as u64);
+        for k in 0..sc.points() {
+            for r in 0..runs {
+                jobs.push(Job {
+                    index,
+                    scenario: sc.at_point(k),
+                    path: Some(path.clone()),
+                    seed: base.wrapping_add(r),
+                });
+                index += 1;
+            }
+        }
     }
     for k in 0..seeds {
         jobs.push(Job {
@@ -265,9 +272,9 @@ pub fn cmd_sweep(args: &[String]) -> Result<i32, String> {
         serde_json::to_string_pretty(&summary).unwrap_or_default(),
     )
     .map_err(|e| format!("{}: {e}", json_path.display()))?;
+    // U8: the Markdown and the plots, exactly as `report` writes them.
+    crate::report::write(&summary, &dir)?;
     let md_path = dir.join("summary.md");
-    std::fs::write(&md_path, markdown(&summary))
-        .map_err(|e| format!("{}: {e}", md_path.display()))?;
     // Failures: print each in full (U7).
     let mut worst = 0;
     for (job, p, r) in &results {
@@ -319,6 +326,17 @@ fn more_severe(a: i32, b: i32) -> i32 {
     }
 }
 
+/// The latency table a run's ops go into.
+fn topology_class(p: &Params) -> &'static str {
+    if p.colo.is_some() {
+        "colo"
+    } else if p.nbd.is_some() {
+        "quorum-nbd"
+    } else {
+        "quorum-local"
+    }
+}
+
 /// Recovery paths the simulated topologies reach (I15); P16 needs resync.
 const PATHS: [&str; 15] = [
     "P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8", "P9", "P10", "P11", "P12", "P13", "P14", "P15",
@@ -340,6 +358,8 @@ fn summarize(
     let mut runs = Vec::new();
     let mut violations_by_rule: BTreeMap<String, u64> = BTreeMap::new();
     let mut by_scenario: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    let mut fault_outcomes: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+    let mut latency: BTreeMap<&'static str, BTreeMap<String, BTreeMap<u32, u64>>> = BTreeMap::new();
     for (job, p, r) in results {
         let add = |m: &mut BTreeMap<String, u64>, src: &BTreeMap<String, u64>| {
             for (k, v) in src {
@@ -351,6 +371,20 @@ fn summarize(
         add(&mut outcomes, &r.outcomes);
         add(&mut paths, &r.paths);
         add(&mut checks, &r.checks);
+        for (fam, by) in &r.fault_outcomes {
+            add(fault_outcomes.entry(fam.clone()).or_default(), by);
+        }
+        let class = topology_class(p);
+        for (kind, h) in &r.latency {
+            let acc = latency
+                .entry(class)
+                .or_default()
+                .entry(kind.clone())
+                .or_default();
+            for (b, n) in h {
+                *acc.entry(*b).or_default() += n;
+            }
+        }
         ops += r.ops;
         child_ops += r.child_ops;
         crashes += r.crashes;
@@ -375,6 +409,8 @@ fn summarize(
             "seed": job.seed,
             "scenario": job.scenario.name,
             "parameters": {
+                "topology": if p.colo.is_some() { "colo" } else { "quorum" },
+                "transport": if p.nbd.is_some() { "nbd" } else { "local" },
                 "children": p.children, "vote_threshold": p.threshold,
                 "read_pattern": if p.fifo { "fifo" } else { "quorum" },
                 "rewrite_corrupted": p.rewrite, "budget": p.budget.as_str(),
@@ -388,6 +424,11 @@ fn summarize(
             "virtual_s": r.virtual_s, "wall_s": r.wall_s,
             "trace_hash": r.trace_hash,
             "faults": r.injected, "skipped": r.skipped, "paths": r.paths,
+            "outcomes": r.outcomes,
+            "grid": job.scenario.point_index.map(|(case, level)| json!({
+                "case": case + 1, "level": level + 1,
+                "pins": job.scenario.point.iter().map(|(k, v)| (k.clone(), v.to_string())).collect::<BTreeMap<String, String>>(),
+            })),
             "crashes": r.crashes, "safety_errors": r.safety_errors,
         }));
     }
@@ -413,7 +454,7 @@ fn summarize(
         "seeds": results.len(),
         "operations": ops,
         "violations": viol,
-        "schema_version": 1,
+        "schema_version": 2,
         "commit": commit(),
         "arguments": args,
         "host_cores": cores,
@@ -432,6 +473,9 @@ fn summarize(
         "recovery_paths": paths,
         "invariant_checks": checks,
         "violations_by_rule": violations_by_rule,
+        "fault_outcomes": fault_outcomes,
+        "latency_buckets_per_doubling": crate::measure::BUCKETS_PER_DOUBLING,
+        "latency_ns": latency,
         "by_scenario": by_scenario.iter().map(|(k, (n, f))| (k.clone(), json!({"runs": n, "failures": f}))).collect::<serde_json::Map<String, Json>>(),
         "coverage": {
             "families": families, "paths": PATHS, "gaps": gaps,
@@ -439,100 +483,6 @@ fn summarize(
         },
         "runs": runs,
     })
-}
-
-fn markdown(s: &Json) -> String {
-    let mut m = String::new();
-    m += "# ballot-sim sweep\n\n";
-    m += &format!(
-        "commit `{}`, {} host core(s), {} job(s), arguments `{}`\n\n",
-        s["commit"].as_str().unwrap_or(""),
-        s["host_cores"],
-        s["jobs"],
-        s["arguments"]
-            .as_array()
-            .map(|a| a
-                .iter()
-                .filter_map(|x| x.as_str())
-                .collect::<Vec<_>>()
-                .join(" "))
-            .unwrap_or_default()
-    );
-    m += "| measure | value |\n|---|---|\n";
-    for (k, label) in [
-        ("seeds", "runs (scenarios + random seeds)"),
-        ("operations", "guest operations"),
-        ("child_operations", "child operations"),
-        ("violations", "violations"),
-        ("crashes", "crashes (F16)"),
-        (
-            "safety_phase_errors",
-            "errors in safety phases (counted, O7)",
-        ),
-    ] {
-        m += &format!("| {label} | {} |\n", s[k]);
-    }
-    m += &format!(
-        "| wall time | {:.1} s |\n",
-        s["wall_s"].as_f64().unwrap_or(0.0)
-    );
-    m += &format!(
-        "| guest ops per wall-second | {:.0} |\n",
-        s["guest_ops_per_wall_s"].as_f64().unwrap_or(0.0)
-    );
-    m += &format!(
-        "| child ops per wall-second | {:.0} |\n",
-        s["child_ops_per_wall_s"].as_f64().unwrap_or(0.0)
-    );
-    m += &format!(
-        "| seeds per minute | {:.1} |\n",
-        s["seeds_per_minute"].as_f64().unwrap_or(0.0)
-    );
-    m += &format!(
-        "| median virtual:wall ratio | {:.1} |\n\n",
-        s["median_virtual_to_wall"].as_f64().unwrap_or(0.0)
-    );
-    let table = |title: &str, key: &str, m: &mut String| {
-        *m += &format!("## {title}\n\n| key | count |\n|---|---|\n");
-        if let Some(o) = s[key].as_object() {
-            for (k, v) in o {
-                *m += &format!("| {k} | {v} |\n");
-            }
-        }
-        *m += "\n";
-    };
-    table("Faults injected by type", "faults_injected", &mut m);
-    table(
-        "Faults skipped by the budget (B3)",
-        "faults_skipped_by_budget",
-        &mut m,
-    );
-    table("Outcomes by operation and result", "outcomes", &mut m);
-    table("Recovery paths reached (I15)", "recovery_paths", &mut m);
-    table("Invariant checks", "invariant_checks", &mut m);
-    table("Violations by rule", "violations_by_rule", &mut m);
-    m += "## Runs by scenario\n\n| scenario | runs | failures |\n|---|---|---|\n";
-    if let Some(o) = s["by_scenario"].as_object() {
-        for (k, v) in o {
-            m += &format!("| {k} | {} | {} |\n", v["runs"], v["failures"]);
-        }
-    }
-    m += &format!(
-        "\nCoverage gaps: {}. Not modelled yet: {}.\n",
-        s["coverage"]["gaps"]
-            .as_array()
-            .map(|a| if a.is_empty() {
-                "none".to_string()
-            } else {
-                a.iter()
-                    .filter_map(|x| x.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            })
-            .unwrap_or_default(),
-        s["coverage"]["not_modelled"].as_str().unwrap_or("")
-    );
-    m
 }
 
 /// `cargo sim check-determinism` (M4, I13): each seed twice in this process and twice in

@@ -233,6 +233,23 @@ pub struct Counters {
     pub skipped: BTreeMap<&'static str, u64>,
     /// Child requests served.
     pub child_ops: u64,
+    /// Every fault as the report charges it to guest ops, in time order.
+    pub marks: Vec<FaultMark>,
+}
+
+/// A fault as the sweep report charges it to guest ops: injected into a child request of guest
+/// op `op`, or (sticky sector faults, F1, F3, F4) met again by a later read of that op. `op` 0
+/// is a fault outside any guest op's request (a crash, a torn or lost write, a replica's disk
+/// behind NBD, a harness-injected fault): the report charges it to every guest op in flight at
+/// `t_ns`. Harness bookkeeping only: marks never enter the trace or its hash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FaultMark {
+    /// Virtual nanoseconds since the run started.
+    pub t_ns: u64,
+    /// The guest op, 0 for none.
+    pub op: u64,
+    /// Fault family (`F1` ...).
+    pub family: &'static str,
 }
 
 struct Inner {
@@ -462,7 +479,9 @@ impl DiskSet {
 
     /// Counts a fault injected by the harness itself (crash, hot-add refusal, ...).
     pub fn count_injected(&self, family: &'static str) {
-        *self.lock().counters.injected.entry(family).or_default() += 1;
+        let mut g = self.lock();
+        *g.counters.injected.entry(family).or_default() += 1;
+        g.mark(family);
     }
 
     /// Arms a scripted fault on disk `index`.
@@ -877,9 +896,11 @@ impl DiskSet {
         }
         if report.lost > 0 {
             *g.counters.injected.entry("F8").or_default() += report.lost;
+            g.mark("F8");
         }
         if report.torn > 0 {
             *g.counters.injected.entry("F9").or_default() += report.torn;
+            g.mark("F9");
         }
         (report, touched.into_iter().collect())
     }
@@ -1045,8 +1066,19 @@ impl Inner {
         });
     }
 
+    /// Notes fault `family` against the current guest op (0 outside one).
+    fn mark(&mut self, family: &'static str) {
+        let t_ns = self.start.elapsed().as_nanos() as u64;
+        self.counters.marks.push(FaultMark {
+            t_ns,
+            op: current_op(),
+            family,
+        });
+    }
+
     fn injected(&mut self, disk: usize, family: &'static str, sectors: Range<u64>) {
         *self.counters.injected.entry(family).or_default() += 1;
+        self.mark(family);
         let node = self.disks[disk].name.clone();
         self.record(
             node,
@@ -1172,6 +1204,7 @@ impl VDisk {
             }
             if stalled || d.latency.factor > 1 {
                 *g.counters.injected.entry("F10").or_default() += 1;
+                g.mark("F10");
             }
             ns
         };
@@ -1404,6 +1437,7 @@ impl BlockDevice for VDisk {
             .clone()
             .find(|s| g.disks[i].sticky.get(s) == Some(&Sticky::Latent));
         if let Some(s) = latent {
+            g.mark("F4");
             let e = eio("latent sector error (F4)", &self.name, s);
             g.log(
                 op,
@@ -1454,6 +1488,7 @@ impl BlockDevice for VDisk {
         let seed = g.seed;
         let d = &g.disks[i];
         let mut buf = BytesMut::zeroed(len);
+        let (mut met_flip, mut met_rot) = (false, false);
         for (k, chunk) in buf.chunks_mut(SECTOR).enumerate() {
             let src = source + k as u64;
             let s = range.start + k as u64;
@@ -1461,12 +1496,24 @@ impl BlockDevice for VDisk {
                 Stored::V(v) => encode_into(*v, chunk),
                 Stored::Raw(b) => chunk.copy_from_slice(b),
             }
+            match d.sticky.get(&src) {
+                Some(Sticky::Flip) => met_flip = true,
+                Some(Sticky::Rot) => met_rot = true,
+                _ => {}
+            }
             if matches!(d.sticky.get(&src), Some(Sticky::Flip | Sticky::Rot)) {
                 flip_bit(seed, i, src, chunk, 1);
             }
             if transient == Some(s) {
                 flip_bit(seed, i, s, chunk, 2);
             }
+        }
+        // Sticky faults met again by this read (the injection was charged to an earlier op).
+        if met_flip {
+            g.mark("F1");
+        }
+        if met_rot {
+            g.mark("F3");
         }
         let out = buf.freeze();
         let dg = digest(&out);

@@ -15,6 +15,7 @@ use ballot::nbd::client::NbdClient;
 use ballot::{BlockDevice, Device, ErrorKind, WriteFlags, ZeroFlags};
 use bytes::Bytes;
 
+use crate::measure::{fault_outcomes, latency_histograms, OpSpan};
 use crate::net::Replica;
 use crate::oracle::{ModelCfg, OpKind, Oracle, Violation};
 use crate::params::Params;
@@ -72,6 +73,10 @@ pub struct RunResult {
     pub excused: u64,
     /// Every trace record, when captured.
     pub trace_lines: Vec<String>,
+    /// Virtual latency histograms of guest ops by kind (`measure::bucket`).
+    pub latency: BTreeMap<String, BTreeMap<u32, u64>>,
+    /// Outcomes of the guest ops each fault family touched (`measure::fault_outcomes`).
+    pub fault_outcomes: BTreeMap<String, BTreeMap<String, u64>>,
 }
 
 impl RunResult {
@@ -129,6 +134,8 @@ struct State {
     last_failed_children: Vec<usize>,
     /// Warning and fatal lines of each host incarnation (Q15, Q33).
     captured: Vec<ballot::host::Captured>,
+    /// Every completed guest op, for the report's latency and fault-outcome tables.
+    spans: Vec<OpSpan>,
 }
 
 /// One run's shared state: parameters, disks, the oracle and the hosts.
@@ -197,6 +204,22 @@ impl World {
         self.lock()
             .oracle
             .reassess(sectors, |s, v| disks.holders(s, v));
+    }
+
+    /// Notes a completed guest op for the report (harness bookkeeping, not traced).
+    fn span<T>(&self, id: u64, start_ns: u64, kind: OpKind, r: &Result<T, ErrorKind>) {
+        let end_ns = self.disks.now_ns();
+        let outcome = match r {
+            Ok(_) => format!("{}/ok", kind.as_str()),
+            Err(k) => format!("{}/{}", kind.as_str(), k.errno_name()),
+        };
+        self.lock().spans.push(OpSpan {
+            id,
+            start_ns,
+            end_ns,
+            kind: kind.as_str().into(),
+            outcome,
+        });
     }
 
     fn violate(&self, v: Violation) {
@@ -369,6 +392,7 @@ async fn world_main(p: Params, sc: Scenario, opts: RunOpts) -> RunResult {
             unrepairable: Default::default(),
             last_failed_children: Vec::new(),
             captured: Vec::new(),
+            spans: Vec::new(),
         }),
         net: Mutex::new(vec![
             Replica::default();
@@ -1150,6 +1174,7 @@ async fn run_op(
         kind as u64,
         kind.as_str().into(),
     );
+    let start_ns = w.disks.now_ns();
     let fut = async {
         let r = match kind {
             OpKind::Read => dev.read(offset, len as usize).await.map(Some),
@@ -1184,6 +1209,7 @@ async fn run_op(
         {
             Ok(r) => r,
             Err(_) => {
+                w.span::<()>(id, start_ns, kind, &Err(ErrorKind::TimedOut));
                 w.violate(Violation {
                     rule: "I14",
                     op: id,
@@ -1200,6 +1226,7 @@ async fn run_op(
     } else {
         GUEST_OP.scope(id, fut).await
     };
+    w.span(id, start_ns, kind, &r);
     let children = w.disks.take_oplog(id);
     let excused = judge && {
         let (over, latent) = w.disks.excused_sectors();
@@ -1652,6 +1679,8 @@ fn finish(w: &Arc<World>, start: tokio::time::Instant) -> RunResult {
         crashes: st.crashes,
         excused: (over.len() + latent.len() + st.racy_divergent.len()) as u64,
         trace_lines: w.disks.with_trace(|t| t.take_all()),
+        latency: latency_histograms(&st.spans),
+        fault_outcomes: fault_outcomes(&st.spans, &counters.marks),
         ..RunResult::default()
     };
     // P12: events the limiter held back or merged.

@@ -6,6 +6,8 @@
 //! bounces unaligned buffers. `cache.no-flush=on` makes flush a no-op (QEMU's meaning).
 //! `discard=unmap` punches holes, which read back as zeroes (the Q45 guarantee); with the
 //! default `discard=ignore` a discard does nothing, as in QEMU.
+//! Large buffered writes that cover whole 8 MiB chunks start those chunks' write-back at once
+//! (write-behind, [`super::writeback`]), so the flush after a copy does not pay for all of it.
 //!
 //! Real files are not simulated: ballot-sim uses its own virtual disk (SIMULATION.md §3.4).
 
@@ -61,6 +63,12 @@ pub struct FileDevice {
     /// The thread that runs this file's buffered writes (started on the first one).
     #[cfg(not(madsim))]
     lane: std::sync::OnceLock<Option<std::sync::mpsc::Sender<LaneJob>>>,
+    /// Write-behind: the chunks buffered writes have covered since their last write-back, and
+    /// the thread that starts write-back (started on the first complete chunk).
+    #[cfg(not(madsim))]
+    coverage: std::sync::Mutex<super::writeback::Coverage>,
+    #[cfg(not(madsim))]
+    writeback: std::sync::OnceLock<Option<std::sync::mpsc::Sender<u64>>>,
 }
 
 /// One buffered write (or sync) for a file's write thread.
@@ -138,6 +146,10 @@ impl FileDevice {
             read_only,
             #[cfg(not(madsim))]
             lane: std::sync::OnceLock::new(),
+            #[cfg(not(madsim))]
+            coverage: std::sync::Mutex::default(),
+            #[cfg(not(madsim))]
+            writeback: std::sync::OnceLock::new(),
             direct: opts.direct,
             no_flush: opts.no_flush,
             discard_unmap: opts.discard_unmap && regular,
@@ -209,6 +221,43 @@ impl FileDevice {
             }
         }
         self.blocking(f).await
+    }
+
+    /// Write-behind ([`super::writeback`]): notes a completed buffered write and starts the
+    /// write-back of every chunk it completed, on this file's write-back thread, so neither the
+    /// caller nor the write thread waits for the block layer. Best effort: if the thread cannot
+    /// be started the data is written back at the next flush, as it would be anyway.
+    fn wrote(&self, offset: u64, len: u64) {
+        #[cfg(not(madsim))]
+        {
+            let done = match self.coverage.lock() {
+                Ok(mut c) => c.note(offset, len),
+                Err(_) => return,
+            };
+            if done.is_empty() {
+                return;
+            }
+            let tx = self.writeback.get_or_init(|| {
+                let (tx, rx) = std::sync::mpsc::channel::<u64>();
+                let inner = self.inner.clone();
+                std::thread::Builder::new()
+                    .name("ballot-file-writeback".into())
+                    .spawn(move || {
+                        while let Ok(chunk) = rx.recv() {
+                            start_writeback(&inner, chunk * super::writeback::CHUNK_BYTES);
+                        }
+                    })
+                    .ok()
+                    .map(|_| tx)
+            });
+            if let Some(tx) = tx {
+                for chunk in done {
+                    let _ = tx.send(chunk);
+                }
+            }
+        }
+        #[cfg(madsim)]
+        let _ = (offset, len);
     }
 
     async fn blocking<T, F>(&self, f: F) -> Result<T>
@@ -396,6 +445,21 @@ fn write_full(inner: &Inner, data: &[u8], offset: u64) -> Result<()> {
         .map_err(|e| io_error(inner, "write", offset, data.len(), &e))
 }
 
+/// Starts write-back of one chunk's dirty pages without waiting for it
+/// (`SYNC_FILE_RANGE_WRITE`); errors are left to the next flush, which reports them.
+#[cfg(not(madsim))]
+fn start_writeback(inner: &Inner, offset: u64) {
+    // SAFETY: plain syscall on an fd that stays open for the call; no memory is passed.
+    let _ = unsafe {
+        libc::sync_file_range(
+            inner.file.as_raw_fd(),
+            offset as libc::off64_t,
+            super::writeback::CHUNK_BYTES as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        )
+    };
+}
+
 fn datasync(inner: &Inner) -> Result<()> {
     inner
         .file
@@ -506,6 +570,7 @@ impl BlockDevice for FileDevice {
         let align = self.align as usize;
         let bounce = self.direct && data.as_ptr() as usize % align != 0;
         let fua = flags.fua;
+        let (start, total) = (offset, data.len() as u64);
         let mut data = data;
         let mut offset = offset;
         // As for reads: a buffered write that completes without waiting (RWF_NOWAIT: page
@@ -517,6 +582,7 @@ impl BlockDevice for FileDevice {
         {
             let n = write_nowait(&self.inner, &data, offset)?;
             if n == data.len() && !fua {
+                self.wrote(start, total);
                 return Ok(());
             }
             data.advance(n);
@@ -535,6 +601,9 @@ impl BlockDevice for FileDevice {
             self.blocking(run).await?;
         } else {
             self.on_lane(run).await?;
+            if !fua {
+                self.wrote(start, total);
+            }
         }
         if fua {
             // On the blocking pool, so a sync never holds up the write thread.

@@ -8,3 +8,4 @@ pub mod overlay;
 pub mod quorum;
 pub mod raw;
 pub mod replication;
+pub mod writeback;
