@@ -551,9 +551,10 @@ fn config_of(r: &Json) -> Option<String> {
     if p["topology"].as_str() == Some("colo") {
         return None;
     }
+    let n = p["children"].as_u64()?;
     Some(format!(
-        "{} children, t={}, {}",
-        p["children"].as_u64()?,
+        "{n} {}, t={}, {}",
+        if n == 1 { "child" } else { "children" },
         p["vote_threshold"].as_u64()?,
         p["read_pattern"].as_str()?
     ))
