@@ -47,6 +47,9 @@ struct Inner {
     /// Cleared the first time the file system answers `RWF_NOWAIT` writes with EOPNOTSUPP
     /// (ext4 buffered writes do), so the attempt is not repeated on every write.
     nowait_writes: AtomicBool,
+    /// Inline small writes are off until this instant (set after a slow one).
+    #[cfg(not(madsim))]
+    inline_writes_off_until: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 /// An open image file.
@@ -78,6 +81,22 @@ type LaneJob = Box<dyn FnOnce(&Inner) + Send>;
 /// Largest read or write tried inline against the page cache (longer copies would hold an
 /// async worker).
 const INLINE_BYTES_MAX: usize = 4 << 20;
+
+/// Largest buffered write done inline where the file system cannot say whether a write would
+/// wait (no `RWF_NOWAIT` for buffered writes, as on ext4): whole pages only, so the kernel
+/// never has to read a page in first.
+const INLINE_WRITE_BYTES_MAX: usize = 64 << 10;
+
+/// The page size inline writes are aligned to.
+const PAGE_BYTES: u64 = 4096;
+
+/// An inline write that took longer than this (dirty-page throttling, a metadata wait) turns
+/// inline writes off for [`INLINE_WRITE_BACKOFF`]: they go to the write thread again.
+#[cfg(not(madsim))]
+const INLINE_WRITE_STALL: std::time::Duration = std::time::Duration::from_micros(500);
+
+#[cfg(not(madsim))]
+const INLINE_WRITE_BACKOFF: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Largest request alignment that `cache.direct=on` may need.
 const DIRECT_ALIGN_BYTES_MAX: usize = 4096;
@@ -140,6 +159,8 @@ impl FileDevice {
                 file,
                 path: opts.filename.clone(),
                 nowait_writes: AtomicBool::new(true),
+                #[cfg(not(madsim))]
+                inline_writes_off_until: std::sync::Mutex::new(None),
             }),
             length,
             align,
@@ -258,6 +279,22 @@ impl FileDevice {
         }
         #[cfg(madsim)]
         let _ = (offset, len);
+    }
+
+    /// Whether small writes may be done inline now (not within the back-off after a slow one).
+    #[cfg(not(madsim))]
+    fn inline_writes_on(&self) -> bool {
+        match self.inner.inline_writes_off_until.lock() {
+            Ok(mut off) => match *off {
+                Some(until) if std::time::Instant::now() < until => false,
+                Some(_) => {
+                    *off = None;
+                    true
+                }
+                None => true,
+            },
+            Err(_) => false,
+        }
     }
 
     async fn blocking<T, F>(&self, f: F) -> Result<T>
@@ -587,6 +624,30 @@ impl BlockDevice for FileDevice {
             }
             data.advance(n);
             offset += n as u64;
+        }
+        // Where the file system has no RWF_NOWAIT for buffered writes (ext4), a small write of
+        // whole pages is copied into the page cache right here: handing it to the write thread
+        // costs two thread wake-ups, which is most of a small write's latency. Such a write
+        // waits only under dirty-page throttling or for metadata; one that took long turns
+        // inline writes off for a while, so a throttled disk never holds the async workers.
+        #[cfg(not(madsim))]
+        if !self.direct
+            && !fua
+            && data.len() <= INLINE_WRITE_BYTES_MAX
+            && offset % PAGE_BYTES == 0
+            && data.len() as u64 % PAGE_BYTES == 0
+            && !self.inner.nowait_writes.load(Ordering::Relaxed)
+            && self.inline_writes_on()
+        {
+            let t = std::time::Instant::now();
+            write_full(&self.inner, &data, offset)?;
+            if t.elapsed() > INLINE_WRITE_STALL {
+                if let Ok(mut off) = self.inner.inline_writes_off_until.lock() {
+                    *off = Some(std::time::Instant::now() + INLINE_WRITE_BACKOFF);
+                }
+            }
+            self.wrote(start, total);
+            return Ok(());
         }
         let run = move |inner: &Inner| {
             if bounce {
