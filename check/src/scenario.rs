@@ -5,7 +5,8 @@
 //! scenario must be one the simulator can run: its parameters derive for any seed (not only
 //! the one the parser checked), the derived quorum satisfies Q7–Q12
 //! ([`crate::vote::model_validate`]), every scripted step and ranged fault lies inside the
-//! disk, and every fault target names an existing child. Parsing is a function of the text.
+//! disk, and every fault target names an existing child; for a designed experiment (`[grid]`)
+//! every point. Parsing is a function of the text.
 
 use ballot_sim::params::Params;
 use ballot_sim::scenario::Scenario;
@@ -28,6 +29,23 @@ pub fn check(stem: &str, text: &str) {
             return;
         }
     };
+    // A designed experiment (`[grid]`): every point must be such a scenario too.
+    assert_eq!(
+        sc.points() == 1,
+        sc.grid
+            .as_ref()
+            .is_none_or(|g| g.cases.len() * g.levels.len() == 1),
+        "points() disagrees with the grid"
+    );
+    for k in 0..sc.points().min(16) {
+        let at = sc.at_point(k);
+        assert!(at.grid.is_none(), "a grid point still has a grid");
+        check_point(&at);
+    }
+}
+
+/// The run-time properties of one (grid point of a) scenario.
+fn check_point(sc: &Scenario) {
     for seed in [sc.seed.unwrap_or(0), 1, 0x9E37_79B9_7F4A_7C15] {
         let p = Params::derive(seed, &sc.pins)
             .unwrap_or_else(|e| panic!("accepted, but seed {seed} does not derive: {e}"));
