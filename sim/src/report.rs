@@ -804,8 +804,9 @@ fn served_grid_plot(grid: &GridSeries) -> Result<Plot, String> {
                   budget), several seeds per level. Dot: the mean over the level's runs; bar: \
                   its lowest and highest run. Wrong data is never an option (the oracle fails \
                   the run, I7): what a configuration cannot outvote it must refuse with an \
-                  error, so this is the price of its threshold. Even without faults a quorum \
-                  with t = N fails a few reads: a read that races a write to the same sectors \
+                  error, so this is the price of its threshold. The fifo configuration gets no \
+                  bit flips (B4: a read without a vote would serve them), only the errors. Even \
+                  without faults a quorum with t = N fails a few reads: a read that races a write to the same sectors \
                   can see the children at different stages, and then no version has all N \
                   votes (Q23)."
             .into(),

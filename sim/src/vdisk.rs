@@ -1025,8 +1025,10 @@ impl Inner {
             false
         } else if free && family != "F5" {
             // B6: beyond budget, faults that fail or produce distinct wrong values are free;
-            // stale copies (F5) stay within B2 (B7).
-            true
+            // stale copies (F5) stay within B2 (B7). fifo reads the first child that answers,
+            // so a copy that starts failing must not leave a stale copy behind it to be served
+            // (B4 still holds; the B2 count does not): B7's exposure, for a read with no vote.
+            !self.fifo || self.fifo_try_mark(disk, sectors.clone(), mark)
         } else {
             sectors
                 .clone()

@@ -85,9 +85,11 @@ const INLINE_BYTES_MAX: usize = 4 << 20;
 /// Largest buffered write done inline where the file system cannot say whether a write would
 /// wait (no `RWF_NOWAIT` for buffered writes, as on ext4): whole pages only, so the kernel
 /// never has to read a page in first.
+#[cfg(not(madsim))]
 const INLINE_WRITE_BYTES_MAX: usize = 64 << 10;
 
 /// The page size inline writes are aligned to.
+#[cfg(not(madsim))]
 const PAGE_BYTES: u64 = 4096;
 
 /// An inline write that took longer than this (dirty-page throttling, a metadata wait) turns
