@@ -38,6 +38,7 @@ def main():
         "nbd_client_replies": "client reply reader: raw bytes; encoded replies vs an N35/N40 model",
         "overlay_map": "overlay chain A/H/S allocation map, reads, status, commits vs a model",
         "scenario_file": "scenario parser: error or a runnable scenario",
+        "libvirt_xml": "libvirt disk XML reader: error or a servable quorum disk",
     }
     for t in targets:
         secs, execs, crashes = rows.get(t, (0, 0, 0))

@@ -36,6 +36,30 @@ def main():
     for p in sorted((REPO / "scenarios").glob("*.toml")):
         put("scenario_file", p.stem, p.stem + "\n" + p.read_text())
     put("scenario_file", "empty", "x\n")
+    # libvirt_xml: the proposal's disk as the seed document writes it, raw and qcow2, quoted,
+    # nested, inside a domain, and broken.
+    seed = (REPO.parent / "shared" / "seeds" / "001_ffd58c94f2716c96.txt").read_text()
+    start = seed.index("<disk type='quorum'")
+    end = seed.index("bus='virtio'/>", start) + len("bus='virtio'/>")
+    prop = seed[start:end]
+    put("libvirt_xml", "proposal-qcow2", prop)
+    put("libvirt_xml", "proposal-raw", prop.replace("qcow2", "raw"))
+    child = "<backingStore type='file'><format type='raw'/><source file='{}'/></backingStore>"
+    put("libvirt_xml", "quoted", "<disk type=\"quorum\"><threshold value=\"2\"/>"
+        + "".join(child.format(f) for f in ["a.raw", "b.raw", "/c.raw"])
+        + "<target dev=\"vdb\"/></disk>")
+    put("libvirt_xml", "nested", "<disk type='quorum'><threshold value='1'/>"
+        "<backingStore type='file'><format type='raw'/><source file='a'/>"
+        "<backingStore type='file'><format type='raw'/><source file='b'/></backingStore>"
+        "</backingStore></disk>")
+    put("libvirt_xml", "domain", "<?xml version='1.0'?><domain><devices><!-- x -->"
+        "<disk type='quorum'><threshold value=1/>" + child.format("x.raw")
+        + "<target dev='vda'/></disk><disk type='file'/></devices></domain>")
+    put("libvirt_xml", "block", "<disk type='quorum'><threshold value=1/><backingStore type='block'>"
+        "<format type='raw'/><source dev='/dev/sdb'/></backingStore></disk>")
+    put("libvirt_xml", "broken", "<disk type='quorum'><threshold value=></disk")
+    put("libvirt_xml", "entities", "<disk type='quorum'><threshold value='1'/>"
+        + child.format("a&amp;b&lt;.raw") + "</disk>")
     put("scenario_file", "bad-toml", "x\nname = \n")
 
     # blockdev_options: one --blockdev per line, in both syntaxes.

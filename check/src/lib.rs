@@ -9,6 +9,7 @@
 
 pub mod blockdev;
 pub mod child;
+pub mod libvirt;
 pub mod nbd_client;
 pub mod nbd_server;
 pub mod overlay;
@@ -29,4 +30,5 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("nbd_client_replies", nbd_client::fuzz),
     ("overlay_map", overlay::fuzz),
     ("scenario_file", scenario::fuzz),
+    ("libvirt_xml", libvirt::fuzz),
 ];

@@ -12,6 +12,7 @@ pub mod events;
 pub mod graph;
 pub mod host;
 pub mod join;
+pub mod libvirt;
 pub mod nbd;
 pub mod port;
 pub mod qmp;

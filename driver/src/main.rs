@@ -3,7 +3,8 @@
 //! `ballot check --blockdev SPEC...` opens a driver graph exactly as `ballot serve` will and
 //! prints it, so a configuration can be validated without serving it. `ballot serve` takes
 //! qemu-storage-daemon's `--blockdev`, `--nbd-server` and `--export` and serves the graph over
-//! NBD until SIGINT or SIGTERM (NBD.md N33). Errors print `ballot: <message>` on stderr and
+//! NBD until SIGINT or SIGTERM (NBD.md N33). `ballot libvirt` serves the quorum disk of
+//! libvirt's quorum proposal and prints the network disk element that attaches it. Errors print `ballot: <message>` on stderr and
 //! exit 1 (ARCHITECTURE.md).
 
 use std::process::ExitCode;
@@ -15,8 +16,12 @@ use ballot::host::Host;
 #[path = "cli/serve.rs"]
 mod serve;
 
+#[path = "cli/libvirt.rs"]
+mod libvirt;
+
 const USAGE: &str = "usage: ballot check --blockdev SPEC [--blockdev SPEC]...
        ballot serve --blockdev SPEC... --nbd-server ADDR --export SPEC...
+       ballot libvirt import DISK.xml | disk-xml ...   (ballot libvirt --help)
 
   --blockdev SPEC   a node, in qemu-storage-daemon's dotted form
                     (driver=file,node-name=f0,filename=a.raw) or as JSON
@@ -33,6 +38,7 @@ fn main() -> ExitCode {
     match args.first().map(String::as_str) {
         Some("check") => {}
         Some("serve") => return serve::main(&args[1..]),
+        Some("libvirt") => return libvirt::main(&args[1..], serve::main),
         Some("-h") | Some("--help") | Some("help") => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;

@@ -1,0 +1,238 @@
+//! `ballot libvirt` end to end (issue 8): the proposal's quorum disk XML is imported, the
+//! printed `ballot serve` command is run as printed (through `sh`), and `--run` starts the same
+//! server; qemu-io writes and reads the export and every replica holds the data. The printed
+//! `<disk type='network'>` element is validated against libvirt's schema (virt-xml-validate).
+
+mod peers;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use peers::{qemu_io, scratch, start_ballot, wait_for, Served};
+
+const MIB: u64 = 1 << 20;
+
+/// The proposal's element as the seed document writes it (unquoted threshold, unclosed
+/// backingStores), with raw images at paths relative to the XML.
+fn proposal_xml(dir: &Path) -> PathBuf {
+    let seed =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/seeds/001_ffd58c94f2716c96.txt");
+    let text = std::fs::read_to_string(&seed).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (../shared must sit beside the repo)",
+            seed.display()
+        )
+    });
+    let start = text
+        .find("<disk type='quorum'")
+        .expect("the proposal's <disk>");
+    let end = text[start..].find("bus='virtio'/>").expect("its <target>") + start + 14;
+    let xml = text[start..end]
+        .replace("qcow2", "raw")
+        .replace("/var/lib/libvirt/images/", "images/");
+    std::fs::create_dir_all(dir.join("images")).expect("images dir");
+    for f in ["file1.raw", "file2.raw", "file3.raw"] {
+        std::fs::File::create(dir.join("images").join(f))
+            .and_then(|file| file.set_len(8 * MIB))
+            .expect("replica");
+    }
+    let path = dir.join("disk.xml");
+    std::fs::write(&path, xml).expect("write xml");
+    path
+}
+
+fn ballot(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_ballot"))
+        .args(args)
+        .output()
+        .expect("run ballot");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn write_and_check(served: &Served, dir: &Path, byte: u8, off: u64) {
+    let (code, out) = qemu_io(
+        &served.socket,
+        "vda",
+        &[
+            &format!("write -P {byte:#x} {off} 1M"),
+            "flush",
+            &format!("read -P {byte:#x} {off} 1M"),
+        ],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    assert!(
+        out.contains(&format!("read 1048576/1048576 bytes at offset {off}")),
+        "{out}"
+    );
+    for f in ["file1.raw", "file2.raw", "file3.raw"] {
+        let data = std::fs::read(dir.join("images").join(f)).expect("replica");
+        let r = off as usize..(off + MIB) as usize;
+        assert!(data[r].iter().all(|b| *b == byte), "{f} lacks the write");
+    }
+}
+
+#[test]
+fn the_proposals_disk_is_served_as_printed_and_with_run() {
+    if !peers::need(&["qemu-io"], "qemu-utils") {
+        return;
+    }
+    let dir = scratch("libvirt");
+    let xml = proposal_xml(&dir);
+    let socket = dir.join("vda.sock");
+    // 1. The printed command line, run by a shell exactly as printed.
+    let (code, printed, note) = ballot(&["libvirt", "import", xml.to_str().expect("utf-8")]);
+    assert_eq!(code, 0, "{note}");
+    assert!(printed.starts_with("ballot serve \\\n"), "{printed}");
+    assert!(
+        printed.contains(&format!(
+            "--nbd-server=addr.type=unix,addr.path={}",
+            socket.display()
+        )),
+        "the default socket sits beside the XML: {printed}"
+    );
+    assert_eq!(
+        note.trim(),
+        format!(
+            "# attach it to a domain with: ballot libvirt disk-xml --export vda --target vda --socket {}",
+            socket.display()
+        )
+    );
+    let bin = Path::new(env!("CARGO_BIN_EXE_ballot"));
+    let script = format!("exec {}{}", bin.display(), &printed["ballot".len()..]);
+    let child = Command::new("sh")
+        .args(["-c", &script])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("sh-stderr.log")).expect("log"))
+        .spawn()
+        .expect("sh");
+    let mut served = Served {
+        child,
+        socket: socket.clone(),
+    };
+    wait_for(&[&socket], "the printed ballot serve");
+    write_and_check(&served, &dir, 0xab, 0);
+    assert_eq!(served.terminate(), Some(0), "SIGTERM drains and exits 0");
+    let _ = std::fs::remove_file(&socket);
+    // 2. --run starts the same server itself; the data written before is still there.
+    let args: Vec<String> = ["libvirt", "import", xml.to_str().expect("utf-8"), "--run"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let mut served = start_ballot(&args, &socket, &[]);
+    let (code, out) = qemu_io(&socket, "vda", &["read -P 0xab 0 1M"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("read 1048576/1048576 bytes at offset 0"),
+        "{out}"
+    );
+    write_and_check(&served, &dir, 0x5c, 2 * MIB);
+    assert_eq!(served.terminate(), Some(0));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn import_refuses_qcow2_children_with_the_convert_command_and_exits_1() {
+    let dir = scratch("libvirt-qcow2");
+    let xml = proposal_xml(&dir);
+    let text =
+        std::fs::read_to_string(&xml)
+            .expect("xml")
+            .replacen("type='raw'", "type='qcow2'", 2);
+    std::fs::write(&xml, text).expect("rewrite");
+    let (code, out, err) = ballot(&["libvirt", "import", xml.to_str().expect("utf-8")]);
+    assert_eq!((code, out.as_str()), (1, ""));
+    let img = dir.join("images/file1.raw");
+    assert_eq!(
+        err.trim(),
+        format!(
+            "ballot: {}: child 1 ({}): format 'qcow2' is not served by ballot, which serves raw images; convert it with: qemu-img convert -f qcow2 -O raw {} {}",
+            xml.display(),
+            img.display(),
+            img.display(),
+            img.display()
+        )
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn usage_errors_exit_2_and_name_the_problem() {
+    for (args, want) in [
+        (&["libvirt"][..], "ballot: libvirt needs a command"),
+        (&["libvirt", "import"][..], "ballot: import needs DISK.xml"),
+        (
+            &["libvirt", "disk-xml", "--export", "vda", "--target", "vda"][..],
+            "ballot: give --socket PATH or --addr HOST:PORT",
+        ),
+        (
+            &[
+                "libvirt", "disk-xml", "--export", "e", "--addr", "h:1", "--socket", "/s",
+                "--target", "vda",
+            ][..],
+            "ballot: give --socket or --addr, not both",
+        ),
+        (
+            &[
+                "libvirt", "disk-xml", "--export", "e", "--addr", "h:1", "--target", "xvda",
+            ][..],
+            "ballot: --target 'xvda': no bus follows from the name (vd*, sd*, hd*); give --bus",
+        ),
+        (
+            &["libvirt", "import", "x.xml", "--frob"][..],
+            "ballot: unknown option '--frob'",
+        ),
+    ] {
+        let (code, _, err) = ballot(args);
+        assert_eq!(code, 2, "{args:?}");
+        assert_eq!(err.lines().next(), Some(want), "{args:?}");
+    }
+    let (code, _, err) = ballot(&["libvirt", "import", "/nonexistent/disk.xml"]);
+    assert_eq!(code, 1);
+    assert_eq!(
+        err.trim(),
+        "ballot: /nonexistent/disk.xml: No such file or directory (os error 2)"
+    );
+}
+
+/// The printed element in a minimal domain, checked against libvirt's own schema.
+#[test]
+fn disk_xml_validates_against_libvirts_domain_schema() {
+    if !peers::need(
+        &["virt-xml-validate", "xmllint"],
+        "libvirt-clients libxml2-utils",
+    ) {
+        return;
+    }
+    let dir = scratch("libvirt-schema");
+    for (ep, flag, target) in [
+        ("--socket", "/run/ballot/vda.sock", "vda"),
+        ("--addr", "127.0.0.1:10809", "sdb"),
+    ] {
+        let (code, disk, err) = ballot(&[
+            "libvirt", "disk-xml", "--export", "vda", ep, flag, "--target", target,
+        ]);
+        assert_eq!(code, 0, "{err}");
+        let domain = format!(
+            "<domain type='kvm'>\n<name>ballot-test</name>\n<memory unit='MiB'>64</memory>\n<os><type>hvm</type></os>\n<devices>\n{disk}</devices>\n</domain>\n"
+        );
+        let path = dir.join(format!("domain-{target}.xml"));
+        std::fs::write(&path, domain).expect("write domain");
+        let out = Command::new("virt-xml-validate")
+            .arg(&path)
+            .arg("domain")
+            .output()
+            .expect("virt-xml-validate");
+        assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
