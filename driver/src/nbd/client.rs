@@ -8,7 +8,7 @@
 //! flight, and new ones, wait for it until `reconnect-delay` seconds after the loss and are then
 //! re-sent; with `reconnect-delay` 0, or after the delay, they fail with EIO at once.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -121,7 +121,7 @@ enum Outcome {
 
 struct Conn {
     writer: tokio::sync::Mutex<Box<dyn AsyncWrite + Unpin + Send>>,
-    pending: Mutex<HashMap<u64, Pending>>,
+    pending: Mutex<BTreeMap<u64, Pending>>,
     alive: AtomicBool,
     /// Signalled once when the connection is lost, so reconnection starts at once (N42).
     lost: tokio::sync::Notify,
@@ -132,7 +132,7 @@ impl Conn {
     fn new(writer: Box<dyn AsyncWrite + Unpin + Send>) -> Arc<Conn> {
         Arc::new(Conn {
             writer: tokio::sync::Mutex::new(writer),
-            pending: Mutex::new(HashMap::new()),
+            pending: Mutex::new(BTreeMap::new()),
             alive: AtomicBool::new(true),
             lost: tokio::sync::Notify::new(),
         })
@@ -171,13 +171,13 @@ impl Conn {
         if self.alive.swap(false, Ordering::SeqCst) {
             self.lost.notify_one();
         }
-        let drained: Vec<Pending> = self
-            .pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain()
-            .map(|(_, p)| p)
-            .collect();
+        // In cookie order, the order the requests were sent: the order their callers learn of
+        // the loss (and retry) must not depend on a hasher's seed (ARCHITECTURE.md: no HashMap
+        // iteration order in decisions; a sweep's runs share a thread's hash keys).
+        let drained: Vec<Pending> =
+            std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()))
+                .into_values()
+                .collect();
         for mut p in drained {
             if let Some(tx) = p.done.take() {
                 let _ = tx.send(Outcome::Lost(why.to_string()));
