@@ -504,7 +504,10 @@ pub fn cmd_determinism(args: &[String]) -> Result<i32, String> {
     let sdir = PathBuf::from(flag(&c, "--scenarios").unwrap_or("scenarios"));
     let scenarios = scenarios_in(&sdir)?;
     let mut picks: Vec<(Option<String>, Scenario, u64)> = Vec::new();
-    for (path, sc) in scenarios.iter().take(n / 2) {
+    // Scenarios spread over the whole list (every topology: quorum, COLO, NBD), not the first
+    // ones alphabetically.
+    let step = (scenarios.len() / (n / 2).max(1)).max(1);
+    for (path, sc) in scenarios.iter().step_by(step).take(n / 2) {
         picks.push((Some(path.clone()), sc.clone(), sc.seed.unwrap_or(1)));
     }
     let mut k = 0u64;

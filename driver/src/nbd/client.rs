@@ -1189,3 +1189,41 @@ impl BlockDevice for NbdClient {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A lost connection fails its requests in cookie order (the order they were sent), so
+    /// the order their callers retry in never depends on a hasher's keys (ARCHITECTURE.md).
+    #[test]
+    fn a_lost_connection_fails_requests_in_cookie_order() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let conn = Conn::new(Box::new(tokio::io::sink()));
+            let order = Arc::new(Mutex::new(Vec::new()));
+            let mut tasks = Vec::new();
+            for cookie in [40u64, 7, 93, 12, 55, 3, 71, 28] {
+                let rx = conn.register(cookie, cmd::WRITE, 0, 512);
+                let order = order.clone();
+                tasks.push(tokio::spawn(async move {
+                    if let Ok(Outcome::Lost(_)) = rx.await {
+                        order.lock().unwrap_or_else(|p| p.into_inner()).push(cookie);
+                    }
+                }));
+            }
+            // Let every waiter park on its receiver before the loss.
+            tokio::task::yield_now().await;
+            conn.fail_all("test");
+            for t in tasks {
+                t.await.expect("waiter");
+            }
+            assert_eq!(
+                *order.lock().unwrap_or_else(|p| p.into_inner()),
+                vec![3, 7, 12, 28, 40, 55, 71, 93]
+            );
+        });
+    }
+}
