@@ -28,7 +28,8 @@ def main():
           "Measured on the 2-core machine, two targets at a time (`fuzz/run-all.sh 600`), while"
           " cargo-mutants shared the cores; `blockdev_options` and `overlay_map` were run again"
           " for 600 s after the nesting limits and the stricter preserve check landed; `libvirt_xml`"
-          " (issue 8) ran alone for 300 s (`JOBS=1 fuzz/run-all.sh 300 libvirt_xml`). The corpus"
+          " (issue 8) and `qmp_monitor` ran alone for 300 s each (`JOBS=1 fuzz/run-all.sh 300 TARGET`)."
+          " The corpus"
           " column is after `cargo fuzz cmin`.", "",
           "| target | what it checks | seconds | executions | exec/s | corpus (committed, minimised) | regressions | crashes open |",
           "|---|---|---|---|---|---|---|---|"]
@@ -40,6 +41,7 @@ def main():
         "overlay_map": "overlay chain A/H/S allocation map, reads, status, commits vs a model",
         "scenario_file": "scenario parser: error or a runnable scenario",
         "libvirt_xml": "libvirt disk XML reader: error or a servable quorum disk",
+        "qmp_monitor": "QMP monitor fed raw client bytes: greeting, well-formed replies, no hang",
     }
     for t in targets:
         secs, execs, crashes = rows.get(t, (0, 0, 0))

@@ -58,6 +58,28 @@ def main():
     put("libvirt_xml", "block", "<disk type='quorum'><threshold value=1/><backingStore type='block'>"
         "<format type='raw'/><source dev='/dev/sdb'/></backingStore></disk>")
     put("libvirt_xml", "broken", "<disk type='quorum'><threshold value=></disk")
+    # qmp_monitor: sessions as a client sends them.
+    caps = '{"execute":"qmp_capabilities"}\n'
+    put("qmp_monitor", "caps", caps)
+    put("qmp_monitor", "no-caps", '{"execute":"query-named-block-nodes","id":1}\n')
+    put("qmp_monitor", "quorum", caps
+        + '{"execute":"blockdev-add","arguments":{"driver":"null-co","node-name":"n0","size":1048576}}\n'
+        + '{"execute":"blockdev-add","arguments":{"driver":"null-co","node-name":"n1","size":1048576}}\n'
+        + '{"execute":"blockdev-add","arguments":{"driver":"quorum","node-name":"q","vote-threshold":1,"children":["n0","n1"]},"id":"a"}\n'
+        + '{"execute":"x-query-quorum-out-of-sync","arguments":{"node-name":"q"}}\n'
+        + '{"execute":"x-blockdev-change","arguments":{"parent":"q","child":"children.1"}}\n'
+        + '{"execute":"block-export-add","arguments":{"type":"nbd","id":"e","node-name":"q"}}\n'
+        + '{"execute":"block-export-del","arguments":{"id":"e"}}\n'
+        + '{"execute":"blockdev-del","arguments":{"node-name":"q"}}\n'
+        + '{"execute":"query-named-block-nodes"}\n{"execute":"quit"}\n')
+    put("qmp_monitor", "garbage", caps + '{"execute": 3}\n[1,2]\n{"arguments":{}}\n{bad json\n')
+    put("qmp_monitor", "replication", caps
+        + '{"execute":"blockdev-add","arguments":{"driver":"null-co","node-name":"n0"}}\n'
+        + '{"execute":"xen-set-replication","arguments":{"enable":true,"primary":false}}\n'
+        + '{"execute":"query-xen-replication-status"}\n{"execute":"xen-colo-do-checkpoint"}\n')
+    put("qmp_monitor", "split", '{"exec' )
+    put("qmp_monitor", "ids", caps + '{"execute":"query-version","id":{"x":[1]}}\n{"execute":"nope","id":7}\n')
+    put("qmp_monitor", "empty", "")
     put("libvirt_xml", "entities", "<disk type='quorum'><threshold value='1'/>"
         + child.format("a&amp;b&lt;.raw") + "</disk>")
     put("scenario_file", "bad-toml", "x\nname = \n")

@@ -13,6 +13,7 @@ pub mod libvirt;
 pub mod nbd_client;
 pub mod nbd_server;
 pub mod overlay;
+pub mod qmp;
 pub mod quorum_model;
 pub mod rt;
 pub mod scenario;
@@ -31,4 +32,5 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("overlay_map", overlay::fuzz),
     ("scenario_file", scenario::fuzz),
     ("libvirt_xml", libvirt::fuzz),
+    ("qmp_monitor", qmp::fuzz),
 ];
