@@ -240,8 +240,8 @@ fn recompute(s: &mut Json) {
     }
 }
 
-fn runs(s: &Json) -> Vec<Json> {
-    s["runs"].as_array().cloned().unwrap_or_default()
+fn runs(s: &Json) -> &[Json] {
+    s["runs"].as_array().map(Vec::as_slice).unwrap_or(&[])
 }
 
 /// One plot: file name, Markdown heading and what it shows.
@@ -619,12 +619,12 @@ fn mean(v: &[f64]) -> f64 {
 /// experiment when the summary has one, else the random runs.
 fn served_plot(s: &Json) -> Result<Option<Plot>, String> {
     let rs = runs(s);
-    let grid = grid_series(&rs);
+    let grid = grid_series(rs);
     if !grid.is_empty() {
         return served_grid_plot(&grid).map(Some);
     }
     let mut by: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
-    for r in &rs {
+    for r in rs {
         if let (Some(c), Some(pt)) = (config_of(r), served_point(r)) {
             by.entry(c).or_default().push(pt);
         }
@@ -961,15 +961,7 @@ fn latency_panel(
                 PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
             });
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .label_font((FONT, 12))
-        .draw()
-        .map_err(err)?;
-    Ok(())
+    legend(&mut chart, SeriesLabelPosition::LowerRight)
 }
 
 /// Runs by scenario, passed and failed (U8).
@@ -1051,7 +1043,7 @@ fn coverage_plot(s: &Json) -> Result<Option<Plot>, String> {
     let rs = runs(s);
     let mut fams: BTreeSet<String> = BTreeSet::new();
     let mut paths: BTreeSet<String> = BTreeSet::new();
-    for r in &rs {
+    for r in rs {
         fams.extend(
             r["faults"]
                 .as_object()
@@ -1120,10 +1112,9 @@ fn coverage_plot(s: &Json) -> Result<Option<Plot>, String> {
 
 /// Per-run simulation speed: guest ops per wall-second and virtual-to-wall ratio (M1, U8).
 fn speed_plot(s: &Json) -> Result<Plot, String> {
-    let rs = runs(s);
     let mut ops_rate = Vec::new();
     let mut ratio = Vec::new();
-    for r in &rs {
+    for r in runs(s) {
         let w = r["wall_s"].as_f64().unwrap_or(0.0);
         let ops = r["ops"].as_f64().unwrap_or(0.0);
         if w > 0.0 && ops >= 100.0 {
@@ -1207,13 +1198,7 @@ fn speed_panel(
             .map_err(err)?
             .label(format!("median {}", human(med)))
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], PALETTE[3]));
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .label_font((FONT, 12))
-            .draw()
-            .map_err(err)?;
+        legend(&mut chart, SeriesLabelPosition::MiddleRight)?;
     }
     Ok(())
 }
@@ -1386,7 +1371,7 @@ fn latency_table(s: &Json) -> String {
 fn served_table(s: &Json) -> String {
     let mut by: BTreeMap<(String, String), (u64, u64, u64)> = BTreeMap::new();
     for r in runs(s) {
-        let Some(c) = config_of(&r) else { continue };
+        let Some(c) = config_of(r) else { continue };
         let budget = r["parameters"]["budget"]
             .as_str()
             .unwrap_or("?")
