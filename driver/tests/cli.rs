@@ -1,19 +1,9 @@
 //! The `ballot` binary: configuration errors print `ballot: <message>` and exit non-zero
 //! (ARCHITECTURE.md, QUORUM.md §3 "Presentation"); a good configuration opens and is listed.
 
-use std::process::Command;
+mod peers;
 
-fn ballot(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_ballot"))
-        .args(args)
-        .output()
-        .expect("run ballot");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use peers::ballot;
 
 #[test]
 fn startup_error_prints_ballot_prefix_and_exits_1() {

@@ -8,13 +8,14 @@ mod peers;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use peers::{qemu_io, scratch, start_ballot, wait_for, Served};
+use ballot::libvirt::{import, parse_xml};
+use peers::{ballot, qemu_io, scratch, start_ballot, wait_for, Served};
 
 const MIB: u64 = 1 << 20;
 
-/// The proposal's element as the seed document writes it (unquoted threshold, unclosed
-/// backingStores), with raw images at paths relative to the XML.
-fn proposal_xml(dir: &Path) -> PathBuf {
+/// The proposal's element exactly as the seed document writes it: unquoted threshold,
+/// unclosed backingStores and disk, qcow2 images under /var/lib/libvirt/images.
+fn proposal() -> String {
     let seed =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/seeds/001_ffd58c94f2716c96.txt");
     let text = std::fs::read_to_string(&seed).unwrap_or_else(|e| {
@@ -27,7 +28,12 @@ fn proposal_xml(dir: &Path) -> PathBuf {
         .find("<disk type='quorum'")
         .expect("the proposal's <disk>");
     let end = text[start..].find("bus='virtio'/>").expect("its <target>") + start + 14;
-    let xml = text[start..end]
+    text[start..end].to_string()
+}
+
+/// The proposal's element with raw images at paths relative to the XML, written to `dir`.
+fn proposal_xml(dir: &Path) -> PathBuf {
+    let xml = proposal()
         .replace("qcow2", "raw")
         .replace("/var/lib/libvirt/images/", "images/");
     std::fs::create_dir_all(dir.join("images")).expect("images dir");
@@ -39,18 +45,6 @@ fn proposal_xml(dir: &Path) -> PathBuf {
     let path = dir.join("disk.xml");
     std::fs::write(&path, xml).expect("write xml");
     path
-}
-
-fn ballot(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_ballot"))
-        .args(args)
-        .output()
-        .expect("run ballot");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 fn write_and_check(served: &Served, dir: &Path, byte: u8, off: u64) {
@@ -74,6 +68,51 @@ fn write_and_check(served: &Served, dir: &Path, byte: u8, off: u64) {
         let r = off as usize..(off + MIB) as usize;
         assert!(data[r].iter().all(|b| *b == byte), "{f} lacks the write");
     }
+}
+
+#[test]
+fn the_proposals_xml_gives_three_qcow2_children_and_the_convert_command() {
+    let xml = proposal();
+    let roots = parse_xml(&xml).expect("tolerant parse");
+    let disk = &roots[0];
+    assert_eq!(disk.name, "disk");
+    assert_eq!(disk.all("backingStore").count(), 3, "siblings, not a chain");
+    assert_eq!(
+        disk.first("threshold").and_then(|t| t.attr("value")),
+        Some("2")
+    );
+    assert_eq!(
+        disk.first("target").and_then(|t| t.attr("dev")),
+        Some("vda"),
+        "the <target> after the last unclosed backingStore belongs to the disk"
+    );
+    assert!(disk.all("backingStore").all(|b| b
+        .children
+        .iter()
+        .map(|c| c.name.as_str())
+        .eq(["format", "source"])));
+    let e = import(&xml, Path::new("/x"), None).unwrap_err();
+    assert_eq!(
+        e,
+        "child 1 (/var/lib/libvirt/images/file1.qcow2): format 'qcow2' is not served by ballot, which serves raw images; convert it with: qemu-img convert -f qcow2 -O raw /var/lib/libvirt/images/file1.qcow2 /var/lib/libvirt/images/file1.raw"
+    );
+    let raw = xml.replace("qcow2", "raw");
+    let d = import(&raw, Path::new("/x"), None).expect("raw children");
+    assert_eq!(d.threshold, 2);
+    assert_eq!(d.target.as_deref(), Some("vda"));
+    let paths: Vec<String> = d
+        .replicas
+        .iter()
+        .map(|r| r.path.display().to_string())
+        .collect();
+    assert_eq!(
+        paths,
+        [
+            "/var/lib/libvirt/images/file1.raw",
+            "/var/lib/libvirt/images/file2.raw",
+            "/var/lib/libvirt/images/file3.raw"
+        ]
+    );
 }
 
 #[test]

@@ -87,14 +87,9 @@ fn endpoint(o: &Opts, default_socket: Option<PathBuf>) -> Result<Endpoint, Strin
     }
 }
 
+/// `p` against the working directory (`std::path::absolute`; as given if that fails).
 fn absolute(p: &Path) -> PathBuf {
-    if p.is_absolute() {
-        p.to_path_buf()
-    } else {
-        std::env::current_dir()
-            .map(|d| d.join(p))
-            .unwrap_or_else(|_| p.to_path_buf())
-    }
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
 /// Entry point; `args` follow `libvirt`. `serve` runs `ballot serve` with arguments (--run).

@@ -33,6 +33,19 @@ pub fn need(tools: &[&str], package: &str) -> bool {
     false
 }
 
+/// Runs the `ballot` binary with `args`: exit code, stdout, stderr.
+pub fn ballot(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_ballot"))
+        .args(args)
+        .output()
+        .expect("run ballot");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// A fresh directory for one test.
 pub fn scratch(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("ballot-peer-{name}-{}", std::process::id()));
