@@ -212,17 +212,9 @@ impl FileDevice {
         #[cfg(not(madsim))]
         {
             let lane = self.lane.get_or_init(|| {
-                let (tx, rx) = std::sync::mpsc::channel::<LaneJob>();
-                let inner = self.inner.clone();
-                std::thread::Builder::new()
-                    .name("ballot-file-write".into())
-                    .spawn(move || {
-                        while let Ok(job) = rx.recv() {
-                            job(&inner);
-                        }
-                    })
-                    .ok()
-                    .map(|_| tx)
+                file_thread(&self.inner, "ballot-file-write", |inner, job: LaneJob| {
+                    job(inner)
+                })
             });
             if let Some(lane) = lane {
                 let (tx, rx) = tokio::sync::oneshot::channel();
@@ -230,12 +222,9 @@ impl FileDevice {
                     let _ = tx.send(f(inner));
                 });
                 if lane.send(job).is_ok() {
-                    return rx.await.unwrap_or_else(|_| {
-                        Err(Error::new(
-                            ErrorKind::Io,
-                            format!("file '{}': write thread ended", self.inner.path),
-                        ))
-                    });
+                    if let Ok(r) = rx.await {
+                        return r;
+                    }
                 }
                 return Err(Error::new(
                     ErrorKind::Io,
@@ -253,6 +242,10 @@ impl FileDevice {
     fn wrote(&self, offset: u64, len: u64) {
         #[cfg(not(madsim))]
         {
+            // A write shorter than a granule covers none: no lock on the small-write path.
+            if len < super::writeback::GRANULE_BYTES {
+                return;
+            }
             let done = match self.coverage.lock() {
                 Ok(mut c) => c.note(offset, len),
                 Err(_) => return,
@@ -261,17 +254,9 @@ impl FileDevice {
                 return;
             }
             let tx = self.writeback.get_or_init(|| {
-                let (tx, rx) = std::sync::mpsc::channel::<u64>();
-                let inner = self.inner.clone();
-                std::thread::Builder::new()
-                    .name("ballot-file-writeback".into())
-                    .spawn(move || {
-                        while let Ok(chunk) = rx.recv() {
-                            start_writeback(&inner, chunk * super::writeback::CHUNK_BYTES);
-                        }
-                    })
-                    .ok()
-                    .map(|_| tx)
+                file_thread(&self.inner, "ballot-file-writeback", |inner, chunk: u64| {
+                    start_writeback(inner, chunk * super::writeback::CHUNK_BYTES)
+                })
             });
             if let Some(tx) = tx {
                 for chunk in done {
@@ -482,6 +467,27 @@ fn write_full(inner: &Inner, data: &[u8], offset: u64) -> Result<()> {
         .file
         .write_all_at(data, offset)
         .map_err(|e| io_error(inner, "write", offset, data.len(), &e))
+}
+
+/// Starts a thread `name` that runs `each` on the file for every message sent to it, in
+/// order, until the returned sender is dropped; `None` if the thread cannot be started.
+#[cfg(not(madsim))]
+fn file_thread<T: Send + 'static>(
+    inner: &Arc<Inner>,
+    name: &str,
+    each: impl Fn(&Inner, T) + Send + 'static,
+) -> Option<std::sync::mpsc::Sender<T>> {
+    let (tx, rx) = std::sync::mpsc::channel::<T>();
+    let inner = inner.clone();
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            while let Ok(m) = rx.recv() {
+                each(&inner, m);
+            }
+        })
+        .ok()
+        .map(|_| tx)
 }
 
 /// Starts write-back of one chunk's dirty pages without waiting for it
