@@ -255,14 +255,14 @@ async fn run(
             _ = tokio::signal::ctrl_c() => None,
             _ = sigterm.recv() => None,
             _ = quit.notified() => None,
-            r = accept(&listener) => Some(r),
+            r = accept_socket(&listener) => Some(r),
         };
         match accepted {
             None => break,
-            Some(Ok(stream)) => {
+            Some(Ok((stream, peer))) => {
                 let nbd = nbd.clone();
                 conns.spawn(async move {
-                    nbd.serve(stream).await;
+                    nbd.serve_socket(stream, peer).await;
                     drop(slot);
                 });
             }
@@ -313,12 +313,24 @@ async fn bind(l: &Listen) -> Result<L, String> {
 }
 
 async fn accept(l: &L) -> std::io::Result<Box<dyn Conn>> {
+    Ok(accept_socket(l).await?.0)
+}
+
+/// Accepts a connection and duplicates its descriptor, with which the NBD server sees a
+/// client that has hung up (`block-export-del` safe mode, `Server::clients`). A failed `dup`
+/// leaves the connection served without it.
+async fn accept_socket(l: &L) -> std::io::Result<(Box<dyn Conn>, Option<std::os::fd::OwnedFd>)> {
+    use std::os::fd::AsFd;
     match l {
         L::Tcp(l) => l.accept().await.map(|(s, _)| {
             let _ = s.set_nodelay(true);
-            Box::new(s) as Box<dyn Conn>
+            let fd = s.as_fd().try_clone_to_owned().ok();
+            (Box::new(s) as Box<dyn Conn>, fd)
         }),
-        L::Unix(l, _) => l.accept().await.map(|(s, _)| Box::new(s) as Box<dyn Conn>),
+        L::Unix(l, _) => l.accept().await.map(|(s, _)| {
+            let fd = s.as_fd().try_clone_to_owned().ok();
+            (Box::new(s) as Box<dyn Conn>, fd)
+        }),
     }
 }
 

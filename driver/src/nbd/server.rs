@@ -127,9 +127,42 @@ impl Export {
 pub struct Server {
     exports: RwLock<Vec<Arc<Export>>>,
     shutting_down: AtomicBool,
-    /// Connections in transmission: `(id, export name, disconnect signal)`.
-    sessions: std::sync::Mutex<Vec<(u64, String, Arc<tokio::sync::Notify>)>>,
+    /// Connections in transmission.
+    sessions: std::sync::Mutex<Vec<SessionSlot>>,
     next_session: std::sync::atomic::AtomicU64,
+}
+
+/// One connection in transmission, as the monitor sees it.
+#[derive(Debug)]
+struct SessionSlot {
+    id: u64,
+    export: String,
+    /// Stops the connection's reader (`block-export-del` hard mode, or safe mode once the
+    /// client has left).
+    kill: Arc<tokio::sync::Notify>,
+    /// A duplicate of the socket's descriptor, when the stream is a socket: it tells whether
+    /// the client has hung up before the connection's own task has run to notice.
+    peer: Option<std::os::fd::OwnedFd>,
+}
+
+impl SessionSlot {
+    /// Whether the client has closed its end (or the socket failed). A stream without a
+    /// descriptor (in-memory, simulated) is taken as still connected until its task ends.
+    fn peer_gone(&self) -> bool {
+        use std::os::fd::AsRawFd;
+        let Some(fd) = &self.peer else {
+            return false;
+        };
+        let mut p = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, zero timeout; the descriptor is owned by this slot.
+        let n = unsafe { libc::poll(&mut p, 1, 0) };
+        n == 1
+            && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
+    }
 }
 
 /// Unregisters a session when its connection ends.
@@ -141,7 +174,7 @@ impl Drop for SessionEntry<'_> {
             .sessions
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .retain(|(id, _, _)| *id != self.1);
+            .retain(|slot| slot.id != self.1);
     }
 }
 
@@ -192,27 +225,30 @@ impl Server {
     }
 
     /// Clients connected to export `name` now (`block-export-del` in safe mode refuses while
-    /// there are any, REPLICATION.md O1).
+    /// there are any, REPLICATION.md O1). A client that has already hung up is not counted,
+    /// even if its connection's task has not yet run to notice: `qemu-io` exiting and then
+    /// `block-export-del` must not race (QEMU's count includes such a client until its
+    /// coroutine runs).
     pub fn clients(&self, name: &str) -> usize {
         self.sessions
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .filter(|(_, n, _)| n == name)
+            .filter(|slot| slot.export == name && !slot.peer_gone())
             .count()
     }
 
     /// Disconnects every client of export `name` (`block-export-del` in hard mode): each stops
     /// reading requests at once; requests already read finish and are answered.
     pub fn disconnect(&self, name: &str) {
-        for (_, n, kill) in self
+        for slot in self
             .sessions
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
         {
-            if n == name {
-                kill.notify_one();
+            if slot.export == name {
+                slot.kill.notify_one();
             }
         }
     }
@@ -240,6 +276,15 @@ impl Server {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        self.serve_socket(stream, None).await;
+    }
+
+    /// [`Server::serve`] for a socket: `peer` is a duplicate of its descriptor, with which
+    /// [`Server::clients`] sees a client that has hung up before this connection's task has.
+    pub async fn serve_socket<S>(self: Arc<Self>, stream: S, peer: Option<std::os::fd::OwnedFd>)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let (rd, mut wr) = tokio::io::split(stream);
         // Headers are small: a buffer turns two reads per request into fewer; payloads larger
         // than the buffer bypass it.
@@ -252,7 +297,7 @@ impl Server {
                     return;
                 }
             };
-        self.transmission(session, rd, wr).await;
+        self.transmission(session, rd, wr, peer).await;
     }
 
     /// Fixed newstyle negotiation (N6–N18). `Ok(None)`: the client left or was closed.
@@ -457,8 +502,13 @@ impl Server {
         Ok(None) // N18: too many options
     }
 
-    async fn transmission<R, W>(self: Arc<Self>, s: Session, mut rd: R, mut wr: W)
-    where
+    async fn transmission<R, W>(
+        self: Arc<Self>,
+        s: Session,
+        mut rd: R,
+        mut wr: W,
+        peer: Option<std::os::fd::OwnedFd>,
+    ) where
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
     {
@@ -503,7 +553,12 @@ impl Server {
         self.sessions
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push((id, export.name.clone(), kill.clone()));
+            .push(SessionSlot {
+                id,
+                export: export.name.clone(),
+                kill: kill.clone(),
+                peer,
+            });
         let _entry = SessionEntry(&self, id);
         let s = Arc::new(s);
         loop {
@@ -803,7 +858,7 @@ mod tests {
     use proto::{encode_info_request, encode_option, encode_request, Request};
     use tokio::io::DuplexStream;
 
-    async fn go(client: &mut DuplexStream, structured: bool) -> u16 {
+    async fn go<C: AsyncRead + AsyncWrite + Unpin>(client: &mut C, structured: bool) -> u16 {
         let mut greet = [0u8; 18];
         client.read_exact(&mut greet).await.expect("greeting");
         assert_eq!(greet, proto::encode_greeting());
@@ -849,6 +904,44 @@ mod tests {
             proto::ReplyHeader::Simple { error, cookie } => (error, cookie),
             other => panic!("expected a simple reply, got {other:?}"),
         }
+    }
+
+    /// O1 and `block-export-del`: a client that has hung up is not "in use", even before its
+    /// connection's task has run to notice. The test's runtime has one thread, so nothing
+    /// runs between the client's close and the count.
+    #[tokio::test]
+    async fn o1_a_client_that_hung_up_is_not_counted_before_its_task_notices() {
+        use std::os::fd::AsFd;
+        async fn connected(watch: bool) -> (Arc<Server>, tokio::net::UnixStream) {
+            let (mut c, srv) = tokio::net::UnixStream::pair().expect("socketpair");
+            let s = server(false);
+            let peer = watch.then(|| srv.as_fd().try_clone_to_owned().expect("dup"));
+            tokio::spawn(s.clone().serve_socket(srv, peer));
+            go(&mut c, true).await;
+            for _ in 0..1000 {
+                if s.clients("d") == 1 {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+            assert_eq!(s.clients("d"), 1, "a connected client counts");
+            (s, c)
+        }
+        let (watched, c) = connected(true).await;
+        drop(c);
+        assert_eq!(watched.clients("d"), 0, "seen through the descriptor");
+        // Without a descriptor (in-memory and simulated streams) the client counts until its
+        // connection's task ends: what QEMU does, and the race this closes.
+        let (blind, c) = connected(false).await;
+        drop(c);
+        assert_eq!(blind.clients("d"), 1, "not yet noticed by the task");
+        for _ in 0..1000 {
+            if blind.clients("d") == 0 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(blind.clients("d"), 0, "the task noticed");
     }
 
     #[tokio::test]
