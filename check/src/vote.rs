@@ -1,4 +1,4 @@
-//! Fuzz target `quorum_vote`: the quorum read vote (QUORUM.md Q16–Q33, D1, D2, D6, D7) against
+//! Fuzz target `quorum_vote`: the quorum read vote (QUORUM.md Q16–Q33, D1, D2, D6) against
 //! a reference model written from the rules, not from the driver.
 //!
 //! The input picks a configuration (children, `vote-threshold`, `read-pattern`,

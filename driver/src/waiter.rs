@@ -1,5 +1,5 @@
 //! Waiting on shared state guarded by a mutex and signalled by a [`Notify`]: the one loop the
-//! I/O gate, the range lock and the repair fence all need (and the simulator's COLO harness).
+//! I/O gate and the range locks need (and the simulator's COLO harness).
 //!
 //! The notification is armed before the state is checked, so a change made between the check
 //! and the wait is never missed.

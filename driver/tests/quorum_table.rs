@@ -958,8 +958,8 @@ async fn q48_q50_record_changes_no_io_and_a_later_success_does_not_clear_it() {
 }
 
 /// D7: a guest write that overlaps a read with rewrite-corrupted, issued while the read is in
-/// flight, wins: the read's repair of the corrupt child is skipped, so the child keeps the
-/// newer data instead of the read's stale vote winner.
+/// flight, waits for the read and its repair (D8), so the repair cannot undo it: every child
+/// ends with the newer data, not the read's vote winner.
 #[tokio::test(start_paused = true)]
 async fn d7_a_write_during_a_repairing_read_is_not_undone_by_the_repair() {
     let f = fixture_with(
@@ -986,6 +986,146 @@ async fn d7_a_write_during_a_repairing_read_is_not_undone_by_the_repair() {
         let now = k.read(0, 4096).await.unwrap();
         assert!(now.iter().all(|&b| b == b'B'), "{} holds the write", k.name);
     }
+}
+
+const MS: fn(u64) -> Duration = Duration::from_millis;
+
+/// `(byte, run length)` of `data`: short failure messages for whole-buffer comparisons.
+fn runs(data: &[u8]) -> Vec<(u8, usize)> {
+    let mut out: Vec<(u8, usize)> = Vec::new();
+    for &b in data {
+        match out.last_mut() {
+            Some((x, n)) if *x == b => *n += 1,
+            _ => out.push((b, 1)),
+        }
+    }
+    out
+}
+
+/// D8: a read that arrives while an overlapping write is in flight waits for the write, so
+/// with t = N it sees every child at the same point: the new data and no event. QEMU's quorum
+/// reads the children mid-write here (c0 written, c1 and c2 not) and fails the read with EIO
+/// and QUORUM_FAILURE although no disk is at fault.
+#[tokio::test(start_paused = true)]
+async fn d8_a_read_arriving_during_a_write_waits_and_every_child_agrees() {
+    let f = fixture_with(&[C::D(b'A'); 3], opts(3, ReadPattern::Quorum, false), false);
+    for (k, ms) in f.kids.iter().zip([1, 10, 20]) {
+        k.set_delay(MS(ms));
+    }
+    let q = f.q.clone();
+    let w = tokio::spawn(async move {
+        q.write(0, Bytes::from(vec![b'B'; 4096]), WriteFlags::NONE)
+            .await
+    });
+    tokio::time::sleep(MS(5)).await;
+    // Mid-write: the children differ now.
+    assert_eq!(
+        f.kids
+            .iter()
+            .map(|k| k.contents(0, 1)[0])
+            .collect::<Vec<u8>>(),
+        b"BAA"
+    );
+    // Reads are fast from now on: unordered, this read would be served at once, mid-write,
+    // and fail with EIO (one B against two A with t = 3).
+    let fast = || {
+        for k in &f.kids {
+            k.set_delay(MS(1));
+        }
+    };
+    fast();
+    let started = tokio::time::Instant::now();
+    let got = f.q.read(0, 4096).await.map(|d| runs(&d));
+    assert_eq!(got, Ok(vec![(b'B', 4096)]));
+    // It waited for the write's slowest child (20 ms from the write's start), then read.
+    assert_eq!(started.elapsed(), MS(15 + 1));
+    assert_eq!(w.await.unwrap(), Ok(()));
+    assert_eq!(f.internal.events(), vec![]);
+    // A read of other sectors does not wait for a write in flight.
+    for (k, ms) in f.kids.iter().zip([1, 10, 20]) {
+        k.set_delay(MS(ms));
+    }
+    let q = f.q.clone();
+    let w = tokio::spawn(async move {
+        q.write(0, Bytes::from(vec![b'C'; 4096]), WriteFlags::NONE)
+            .await
+    });
+    tokio::time::sleep(MS(5)).await;
+    fast();
+    let started = tokio::time::Instant::now();
+    let got = f.q.read(4096, 4096).await.map(|d| runs(&d));
+    assert_eq!(got, Ok(vec![(b'A', 4096)]));
+    assert_eq!(started.elapsed(), MS(1));
+    assert_eq!(w.await.unwrap(), Ok(()));
+    assert_eq!(f.internal.events(), vec![]);
+}
+
+/// D8: a write that arrives while an overlapping read is in flight waits for the read, which
+/// therefore votes on the old data on every child; the write then lands everywhere.
+#[tokio::test(start_paused = true)]
+async fn d8_a_write_arriving_during_a_read_waits_for_it() {
+    let f = fixture_with(&[C::D(b'A'); 3], opts(3, ReadPattern::Quorum, false), false);
+    for k in &f.kids {
+        k.set_delay(MS(20));
+    }
+    let q = f.q.clone();
+    let r = tokio::spawn(async move { q.read(0, 8192).await });
+    tokio::time::sleep(MS(5)).await;
+    // c0 turns fast: unordered, the write would land on c0 before c0 serves the read.
+    f.kids[0].set_delay(MS(1));
+    f.q.write(4096, Bytes::from(vec![b'B'; 4096]), WriteFlags::NONE)
+        .await
+        .unwrap();
+    assert_eq!(runs(&r.await.unwrap().unwrap()), [(b'A', 8192)]);
+    for k in &f.kids {
+        assert_eq!(
+            runs(&k.contents(0, 8192)),
+            [(b'A', 4096), (b'B', 4096)],
+            "{}",
+            k.name
+        );
+    }
+    assert_eq!(f.internal.events(), vec![]);
+}
+
+/// D8: overlapping writes reach every child in the order they arrived, so the replicas cannot
+/// end up holding different versions. Here c2 is slow for the first write and fast for the
+/// second: unordered (QEMU), c2 would apply B before A and keep A while c0 and c1 keep B — a
+/// divergence no later vote with t = N can resolve.
+#[tokio::test(start_paused = true)]
+async fn d8_overlapping_writes_land_in_arrival_order_on_every_child() {
+    let f = fixture_with(&[C::D(b'0'); 3], opts(3, ReadPattern::Quorum, false), false);
+    for k in &f.kids {
+        k.set_delay(MS(5));
+    }
+    f.kids[2].set_delay(MS(30));
+    let q = f.q.clone();
+    let first = tokio::spawn(async move {
+        q.write(0, Bytes::from(vec![b'A'; 4096]), WriteFlags::NONE)
+            .await
+    });
+    tokio::time::sleep(MS(1)).await;
+    f.kids[2].set_delay(MS(1));
+    let q = f.q.clone();
+    let second = tokio::spawn(async move {
+        q.write(2048, Bytes::from(vec![b'B'; 4096]), WriteFlags::NONE)
+            .await
+    });
+    assert_eq!(first.await.unwrap(), Ok(()));
+    assert_eq!(second.await.unwrap(), Ok(()));
+    for k in &f.kids {
+        assert_eq!(
+            runs(&k.contents(0, 6144)),
+            [(b'A', 2048), (b'B', 4096)],
+            "{}",
+            k.name
+        );
+    }
+    assert_eq!(
+        runs(&f.q.read(0, 6144).await.unwrap()),
+        [(b'A', 2048), (b'B', 4096)]
+    );
+    assert_eq!(f.internal.events(), vec![]);
 }
 
 /// A child with a request alignment.

@@ -153,9 +153,6 @@ pub struct Oracle {
     /// In-flight reads by invoke time.
     inflight_reads: BTreeSet<(u64, u64)>,
     next_op: u64,
-    /// Sectors written by two writes whose lifetimes overlapped: the children may have
-    /// applied them in different orders, which no vote can resolve (QUORUM.md orders nothing).
-    racy: BTreeSet<u64>,
     /// Counters.
     pub tally: Tally,
 }
@@ -187,7 +184,6 @@ impl Oracle {
             observed: HashMap::new(),
             inflight_reads: BTreeSet::new(),
             next_op: 1,
-            racy: BTreeSet::new(),
             tally: Tally::default(),
         }
     }
@@ -269,21 +265,6 @@ impl Oracle {
             .filter(|o| o.outcome == Outcome::Pending && o.len > 0)
             .map(|o| (o.offset, o.len))
             .collect()
-    }
-
-    /// D7: whether a guest write touching the same 64 KiB granules as `[offset, offset+len)`
-    /// was in flight at some time since logical time `since` (repairs may then be skipped).
-    fn write_overlapped_since(&self, offset: u64, len: u64, since: u64) -> bool {
-        const G: u64 = 64 * 1024;
-        let (g0, g1) = (offset / G, (offset + len).div_ceil(G));
-        self.ops.iter().any(|(id, o)| {
-            *id != 0
-                && matches!(o.kind, OpKind::Write | OpKind::WriteZeroes | OpKind::Trim)
-                && o.len > 0
-                && o.offset / G < g1
-                && g0 < (o.offset + o.len).div_ceil(G)
-                && o.cmp.is_none_or(|c| c > since)
-        })
     }
 
     /// Ops not yet completed.
@@ -483,12 +464,10 @@ impl Oracle {
         }
         if kind == OpKind::Read {
             self.inflight_reads.remove(&(inv, id));
-        } else if kind != OpKind::Flush && kind != OpKind::BlockStatus {
-            self.note_races(id, offset, len, inv, b);
         }
         // I7/I8/I5: the vote model.
         self.check_vote(
-            id, kind, offset, len, fua, inv, &result, children, events, &mut v,
+            id, kind, offset, len, fua, &result, children, events, &mut v,
         );
         match (&result, kind) {
             (Ok(Some(data)), OpKind::Read) => {
@@ -624,7 +603,6 @@ impl Oracle {
         offset: u64,
         len: u64,
         fua: bool,
-        inv: u64,
         result: &Result<Option<&[u8]>, ErrorKind>,
         children: &[ChildOp],
         events: &[Event],
@@ -819,12 +797,9 @@ impl Oracle {
                 // which equals the write digest (same bytes, same digest function).
                 let mut want_rw = want_rewrites.clone();
                 want_rw.sort_unstable();
-                let skipped_by_fence =
-                    got_rw.is_empty() && self.write_overlapped_since(offset, len, inv);
-                if skipped_by_fence && !want_rw.is_empty() {
-                    *self.tally.paths.entry("D7").or_default() += 1;
-                }
-                if got_rw != want_rw && !skipped_by_fence {
+                // D7, D8: the read holds its range through its repairs, so no guest write
+                // can make a repair stale and none is ever skipped.
+                if got_rw != want_rw {
                     let rule = if want_rewrites.is_empty() && want.is_err() {
                         "I5"
                     } else {
@@ -1102,30 +1077,6 @@ impl Oracle {
             *self.tally.paths.entry("P8").or_default() += 1;
             Err(error_vote(&errs))
         }
-    }
-
-    fn note_races(&mut self, id: u64, offset: u64, len: u64, inv: u64, cmp: u64) {
-        for s in offset / SECTOR_U64..(offset + len) / SECTOR_U64 {
-            let Some(list) = self.sectors.get(&s) else {
-                continue;
-            };
-            let racy = list.iter().any(|&other| {
-                other != id
-                    && other != 0
-                    && self
-                        .ops
-                        .get(&other)
-                        .is_some_and(|o| o.inv < cmp && o.cmp.is_none_or(|c| c > inv))
-            });
-            if racy {
-                self.racy.insert(s);
-            }
-        }
-    }
-
-    /// Sectors that saw overlapping concurrent writes.
-    pub fn racy_sectors(&self) -> &BTreeSet<u64> {
-        &self.racy
     }
 
     /// Ops touching sector `s` (for failure reports), newest last.

@@ -805,10 +805,9 @@ fn served_grid_plot(grid: &GridSeries) -> Result<Plot, String> {
                   its lowest and highest run. Wrong data is never an option (the oracle fails \
                   the run, I7): what a configuration cannot outvote it must refuse with an \
                   error, so this is the price of its threshold. The fifo configuration gets no \
-                  bit flips (B4: a read without a vote would serve them), only the errors. Even \
-                  without faults a quorum with t = N fails a few reads: a read that races a write to the same sectors \
-                  can see the children at different stages, and then no version has all N \
-                  votes (Q23)."
+                  bit flips (B4: a read without a vote would serve them), only the errors. \
+                  Without faults every configuration serves every read: overlapping requests \
+                  are ordered (README D8), so a read never sees the children mid-write."
             .into(),
         svg,
     })

@@ -125,8 +125,6 @@ struct State {
     crash_requested: bool,
     crashes: u64,
     f11_at: Option<u64>,
-    /// Sectors where racing writes left the children divergent (excused in liveness, O7).
-    racy_divergent: Vec<u64>,
     /// (child, sector) copies a scrub read could not repair because that child failed the
     /// request (Q26 rewrites only children that returned wrong data): I6 leaves them out.
     unrepairable: std::collections::BTreeSet<(usize, u64)>,
@@ -388,7 +386,6 @@ async fn world_main(p: Params, sc: Scenario, opts: RunOpts) -> RunResult {
             crash_requested: false,
             crashes: 0,
             f11_at,
-            racy_divergent: Vec::new(),
             unrepairable: Default::default(),
             last_failed_children: Vec::new(),
             captured: Vec::new(),
@@ -1231,11 +1228,7 @@ async fn run_op(
     let excused = judge && {
         let (over, latent) = w.disks.excused_sectors();
         let r = offset / SECTOR_U64..(offset + len).div_ceil(SECTOR_U64);
-        let st = w.lock();
-        over.iter()
-            .chain(latent.iter())
-            .chain(st.racy_divergent.iter())
-            .any(|s| r.contains(s))
+        over.iter().chain(latent.iter()).any(|s| r.contains(s))
     };
     let violations = {
         let mut st = w.lock();
@@ -1298,12 +1291,6 @@ async fn liveness(w: &Arc<World>, _start: tokio::time::Instant) {
     let Some(q) = w.lock().quorum.clone() else {
         return;
     };
-    {
-        let divergent = w.disks.divergent_sectors(usize::MAX);
-        let mut st = w.lock();
-        let racy = st.oracle.racy_sectors().clone();
-        st.racy_divergent = divergent.into_iter().filter(|s| racy.contains(s)).collect();
-    }
     let dev: Device = q.clone();
     let chunk = SCRUB_CHUNK_BYTES;
     let size = w.p.disk_size;
@@ -1327,7 +1314,6 @@ async fn liveness(w: &Arc<World>, _start: tokio::time::Instant) {
             .divergent_sectors_in(0..size / SECTOR_U64, |c, s| skip.contains(&(c, s)))
             .into_iter()
             .filter(|s| !over.contains(s) && !latent.contains(s))
-            .filter(|s| !w.lock().racy_divergent.contains(s))
             .collect();
         *w.lock().oracle.tally.checks.entry("I6").or_default() += 1;
         if let Some(s) = div.first() {
@@ -1677,7 +1663,7 @@ fn finish(w: &Arc<World>, start: tokio::time::Instant) -> RunResult {
             .collect(),
         safety_errors: st.oracle.tally.safety_errors,
         crashes: st.crashes,
-        excused: (over.len() + latent.len() + st.racy_divergent.len()) as u64,
+        excused: (over.len() + latent.len()) as u64,
         trace_lines: w.disks.with_trace(|t| t.take_all()),
         latency: latency_histograms(&st.spans),
         fault_outcomes: fault_outcomes(&st.spans, &counters.marks),

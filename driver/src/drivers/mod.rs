@@ -1,6 +1,5 @@
 //! The block drivers, one file each, named after the `driver=` value.
 
-pub mod fence;
 pub mod file;
 pub mod memory;
 pub mod null;

@@ -4,7 +4,9 @@
 //! the fast compare path and the SHA-256 vote (Q16–Q28), fifo reads (Q29–Q32), blkverify
 //! (Q33–Q35), writes, write-zeroes and FUA (Q36–Q40), the flush vote (Q41), length (Q42),
 //! block status (Q43–Q44), discard (Q45–Q46), out-of-sync tracking (Q47–Q51), hot add and
-//! remove (Q52–Q56) and events (Q57–Q61); and the differences from QEMU D1–D6.
+//! remove (Q52–Q56) and events (Q57–Q61); the differences from QEMU D1–D6; and ballot's D7–D8:
+//! overlapping guest requests are ordered, so a read sees every child at the same point and a
+//! repair never races a guest write.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -24,7 +26,7 @@ use crate::events::{sectors, Event, IoType};
 use crate::host::Host;
 use crate::join::{join_all_with, BoxFuture};
 
-use super::fence::{ReadGuard, RepairFence};
+use crate::rangelock::{OrderedGuard, OrderedRangeLock};
 
 /// `read-pattern`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -212,8 +214,9 @@ pub struct Quorum {
     align: AtomicU32,
     host: Host,
     children: RwLock<Children>,
-    /// D7: present with rewrite-corrupted.
-    fence: Option<Arc<RepairFence>>,
+    /// D7, D8: overlapping guest requests in arrival order; reads shared (through their
+    /// repairs), writes, write-zeroes and forwarded discards exclusive.
+    order: Arc<OrderedRangeLock>,
 }
 
 impl Quorum {
@@ -273,9 +276,8 @@ impl Quorum {
             })
             .collect();
         let discard_zeroes = list.iter().all(|c| c.dev.discard_zeroes());
-        let fence = opts.rewrite_corrupted.then(Arc::default);
         Ok(Quorum {
-            fence,
+            order: Arc::default(),
             opts,
             length,
             align: AtomicU32::new(align),
@@ -389,11 +391,9 @@ impl Quorum {
         Ok(removed.node_name)
     }
 
-    async fn fence_write(&self, offset: u64, len: u64) -> Option<super::fence::WriteGuard> {
-        match &self.fence {
-            Some(f) => Some(f.begin_write(offset, len).await),
-            None => None,
-        }
+    /// D8: waits for earlier overlapping requests, then holds `[offset, offset + len)`.
+    async fn order(&self, offset: u64, len: u64, exclusive: bool) -> OrderedGuard {
+        self.order.lock(offset, offset + len, exclusive).await
     }
 
     fn report_bad(&self, io: IoType, error: Option<ErrorKind>, child: &Child, sn: u64, sc: u64) {
@@ -447,13 +447,7 @@ impl Quorum {
         )
     }
 
-    async fn read_quorum(
-        &self,
-        st: &Children,
-        offset: u64,
-        len: usize,
-        fence: Option<&ReadGuard>,
-    ) -> Result<Bytes> {
+    async fn read_quorum(&self, st: &Children, offset: u64, len: usize) -> Result<Bytes> {
         let (sn, sc) = sectors(offset, len as u64);
         let futs: Vec<BoxFuture<'_, Result<Bytes>>> =
             st.list.iter().map(|c| c.dev.read(offset, len)).collect();
@@ -549,32 +543,19 @@ impl Quorum {
         let data = results[winner[0]].as_ref().map_err(|e| e.clone())?.clone();
         if self.opts.rewrite_corrupted {
             // Q26–Q28.
-            self.rewrite(st, &losers, offset, &data, fence).await;
+            self.rewrite(st, &losers, offset, &data).await;
         }
         Ok(data)
     }
 
     /// Q27, Q28, Q32: write `data` over the whole request range to `targets` concurrently;
-    /// failures are recorded (Q49) and change nothing else. D7: skipped when a guest write
-    /// overlapped the range since the read started.
-    async fn rewrite(
-        &self,
-        st: &Children,
-        targets: &[usize],
-        offset: u64,
-        data: &Bytes,
-        fence: Option<&ReadGuard>,
-    ) {
+    /// failures are recorded (Q49) and change nothing else. D7: the read holds its range
+    /// (D8) until the repair has finished, so no guest write can land between the vote and the
+    /// repair and be undone by it.
+    async fn rewrite(&self, st: &Children, targets: &[usize], offset: u64, data: &Bytes) {
         if targets.is_empty() {
             return;
         }
-        let _claim = match fence {
-            Some(g) => match g.claim_repair(offset, data.len() as u64) {
-                Some(claim) => Some(claim),
-                None => return,
-            },
-            None => None,
-        };
         let futs: Vec<BoxFuture<'_, Result<()>>> = targets
             .iter()
             .map(|&i| st.list[i].dev.write(offset, data.clone(), WriteFlags::NONE))
@@ -587,13 +568,7 @@ impl Quorum {
         }
     }
 
-    async fn read_fifo(
-        &self,
-        st: &Children,
-        offset: u64,
-        len: usize,
-        fence: Option<&ReadGuard>,
-    ) -> Result<Bytes> {
+    async fn read_fifo(&self, st: &Children, offset: u64, len: usize) -> Result<Bytes> {
         let (sn, sc) = sectors(offset, len as u64);
         let mut last_err = None;
         for (k, child) in st.list.iter().enumerate() {
@@ -604,7 +579,7 @@ impl Quorum {
                         // Q32, D2: repair the children that failed before this one (none when
                         // the first child answered: rewrite returns at once).
                         let targets: Vec<usize> = (0..k).collect();
-                        self.rewrite(st, &targets, offset, &data, fence).await;
+                        self.rewrite(st, &targets, offset, &data).await;
                     }
                     return Ok(data);
                 }
@@ -714,11 +689,11 @@ impl BlockDevice for Quorum {
 
     async fn read(&self, offset: u64, len: usize) -> Result<Bytes> {
         self.check(offset, len as u64, Access::Read)?;
+        let _order = self.order(offset, len as u64, false).await;
         let st = self.children.read().await;
-        let fence = self.fence.as_ref().map(|f| f.begin_read());
         match self.opts.read_pattern {
-            ReadPattern::Quorum => self.read_quorum(&st, offset, len, fence.as_ref()).await,
-            ReadPattern::Fifo => self.read_fifo(&st, offset, len, fence.as_ref()).await,
+            ReadPattern::Quorum => self.read_quorum(&st, offset, len).await,
+            ReadPattern::Fifo => self.read_fifo(&st, offset, len).await,
         }
     }
 
@@ -726,8 +701,8 @@ impl BlockDevice for Quorum {
         self.check_writable("write")?;
         let len = data.len() as u64;
         self.check(offset, len, Access::Write)?;
+        let _order = self.order(offset, len, true).await;
         let st = self.children.read().await;
-        let _fence = self.fence_write(offset, len).await;
         // Q40: children get the write without FUA; a successful vote is followed by a flush.
         self.write_vote(&st, offset, len, "write below threshold", |dev| {
             dev.write(offset, data.clone(), WriteFlags::NONE)
@@ -751,8 +726,8 @@ impl BlockDevice for Quorum {
             may_unmap: flags.may_unmap && self.opts.discard_unmap,
             ..flags
         };
+        let _order = self.order(offset, len, true).await;
         let st = self.children.read().await;
-        let _fence = self.fence_write(offset, len).await;
         // Q36, Q40: write-zeroes passes the caller's flags, FUA included, to every child.
         self.write_vote(&st, offset, len, "write-zeroes below threshold", |dev| {
             dev.write_zeroes(offset, len, flags)
@@ -766,13 +741,18 @@ impl BlockDevice for Quorum {
 
     async fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.check(offset, len, Access::Read)?;
+        if !self.opts.discard_unmap || len == 0 {
+            return Ok(());
+        }
+        // D8 before the children's lock, as every request takes them (a hot add waiting for
+        // the children's lock must not sit between the two).
+        let _order = self.order(offset, len, true).await;
         let st = self.children.read().await;
         // Q45, Q46, D3: forward only when every child guarantees zeroes afterwards.
-        if !(self.opts.discard_unmap && st.discard_zeroes) || len == 0 {
+        if !st.discard_zeroes {
             return Ok(());
         }
         self.check_writable("discard")?;
-        let _fence = self.fence_write(offset, len).await;
         self.write_vote(&st, offset, len, "discard below threshold", |dev| {
             dev.discard(offset, len)
         })
