@@ -29,6 +29,13 @@ cargo sim check-determinism --seeds 20
 # M5: every scenario plus 200 random seeds; the report goes to a scratch directory.
 cargo sim sweep --seeds 200 --jobs 2 --report "${TMPDIR:-/tmp}/ballot-ci-sweep"
 
+echo "== planted bugs (SIMULATION.md T1): each still applies to this tree"
+# scripts/planted.sh runs them (minutes each); a patch that no longer applies would silently
+# test nothing, so the test command checks that much.
+for patch in sim/planted/*.patch; do
+    git apply --check "$patch" || { echo "planted bug $patch no longer applies"; exit 1; }
+done
+
 echo "== benchmark smoke run (quick; report to a scratch file)"
 BENCH_QUORUM_OUT="${TMPDIR:-/tmp}/bench-quorum-smoke.md" \
     cargo bench -p ballot --bench quorum_read -- --quick >/dev/null

@@ -442,6 +442,11 @@ impl DiskSet {
         self.lock().counters.clone()
     }
 
+    /// Whether any fault of any family (latency included) has been injected so far.
+    pub fn any_injected(&self) -> bool {
+        self.lock().counters.injected.values().any(|&n| n > 0)
+    }
+
     /// Appends a trace record stamped with the current virtual time.
     pub fn trace(&self, node: &str, kind: &'static str, op: u64, off: u64, len: u64, res: i64) {
         self.trace_full(node, kind, op, off, len, res, 0, String::new());

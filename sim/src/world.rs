@@ -1230,6 +1230,7 @@ async fn run_op(
         let r = offset / SECTOR_U64..(offset + len).div_ceil(SECTOR_U64);
         over.iter().chain(latent.iter()).any(|s| r.contains(s))
     };
+    let faulted = w.disks.any_injected();
     let violations = {
         let mut st = w.lock();
         st.last_failed_children = children
@@ -1240,8 +1241,27 @@ async fn run_op(
         let events = st.events_by_op.remove(&id).unwrap_or_default();
         st.completed += 1;
         let data = r.as_ref().map(|o| o.as_deref()).map_err(|k| *k);
-        st.oracle
-            .complete(id, data, &children, &events, judge && !excused)
+        let mut v = st
+            .oracle
+            .complete(id, data, &children, &events, judge && !excused);
+        // I16 (ballot's, README D8): with no fault injected so far and no crash, every guest
+        // request succeeds; in particular a read racing a write never fails a vote.
+        if let Err(k) = &r {
+            *st.oracle.tally.checks.entry("I16").or_default() += 1;
+            if st.crashes == 0 && !faulted {
+                v.push(Violation {
+                    rule: "I16",
+                    op: id,
+                    sector: None,
+                    message: format!(
+                        "{} at offset {offset} length {len} failed with {} although no fault has been injected",
+                        kind.as_str(),
+                        k.errno_name()
+                    ),
+                });
+            }
+        }
+        v
     };
     if w.p.nbd.is_some() && r.is_ok() && matches!(kind, OpKind::Write | OpKind::WriteZeroes) {
         // Children that missed the acked write (a timeout, a lost connection), or received an
