@@ -496,7 +496,10 @@ fn fault_outcome_plot(s: &Json) -> Result<Option<Plot>, String> {
                   sector fault (F1, F3, F4) also against every later op that read the damaged \
                   sector; a fault outside any op's request (crash, torn or lost writes, partition, \
                   a replica's disk behind NBD, COLO faults) against every guest op in flight at \
-                  that instant. `none`: ops no fault touched."
+                  that instant. `none`: ops no fault was charged to. A copy that an earlier \
+                  fault left stale or lost (F5, F6's target, F8, F9, F13 to F18) is not charged \
+                  to the later reads that meet it, so the errors in this row are such reads: a \
+                  run with no fault at all fails no request (I16)."
             .into(),
         svg,
     }))
