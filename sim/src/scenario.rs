@@ -1176,6 +1176,6 @@ mod tests {
                 n += 1;
             }
         }
-        assert_eq!(n, 50, "scenario files");
+        assert_eq!(n, 51, "scenario files");
     }
 }
