@@ -861,10 +861,17 @@ fn fmt_ns(ns: f64) -> String {
     }
 }
 
+/// Topology keys of the summary's `latency_ns` (the sweep writes them, the report reads them).
+pub const TOPOLOGY_LOCAL: &str = "quorum-local";
+/// See [`TOPOLOGY_LOCAL`].
+pub const TOPOLOGY_NBD: &str = "quorum-nbd";
+/// See [`TOPOLOGY_LOCAL`].
+pub const TOPOLOGY_COLO: &str = "colo";
+
 const CLASSES: [(&str, &str); 3] = [
-    ("quorum-local", "quorum over local virtual disks"),
-    ("quorum-nbd", "quorum over NBD replicas"),
-    ("colo", "COLO (PVM and SVM ops)"),
+    (TOPOLOGY_LOCAL, "quorum over local virtual disks"),
+    (TOPOLOGY_NBD, "quorum over NBD replicas"),
+    (TOPOLOGY_COLO, "COLO (PVM and SVM ops)"),
 ];
 
 /// Virtual latency CDFs by op kind, one panel per topology.

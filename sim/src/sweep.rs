@@ -328,12 +328,13 @@ fn more_severe(a: i32, b: i32) -> i32 {
 
 /// The latency table a run's ops go into.
 fn topology_class(p: &Params) -> &'static str {
+    use crate::report::{TOPOLOGY_COLO, TOPOLOGY_LOCAL, TOPOLOGY_NBD};
     if p.colo.is_some() {
-        "colo"
+        TOPOLOGY_COLO
     } else if p.nbd.is_some() {
-        "quorum-nbd"
+        TOPOLOGY_NBD
     } else {
-        "quorum-local"
+        TOPOLOGY_LOCAL
     }
 }
 
