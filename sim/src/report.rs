@@ -493,13 +493,15 @@ fn fault_outcome_plot(s: &Json) -> Result<Option<Plot>, String> {
         caption: "Each row is a fault family and the guest ops it touched (count in brackets); \
                   each cell the share of those ops that ended with that outcome. A fault injected \
                   into a child request counts against the guest op the request served; a sticky \
-                  sector fault (F1, F3, F4) also against every later op that read the damaged \
-                  sector; a fault outside any op's request (crash, torn or lost writes, partition, \
-                  a replica's disk behind NBD, COLO faults) against every guest op in flight at \
-                  that instant. `none`: ops no fault was charged to. A copy that an earlier \
-                  fault left stale or lost (F5, F6's target, F8, F9, F13 to F18) is not charged \
-                  to the later reads that meet it, so the errors in this row are such reads: a \
-                  run with no fault at all fails no request (I16)."
+                  sector fault (F1, F3, F4), and a copy that a fault left stale, lost, torn, \
+                  misdirected or emptied (F5, F6, F8, F9, F14, F18), also against every later op \
+                  that reads that copy before it is rewritten; a fault outside any op's request \
+                  (crash, partition, a replica's disk behind NBD, COLO faults) against every \
+                  guest op in flight at that instant. `none`: ops no fault was charged to. Not \
+                  charged: a copy left stale by a write the network lost (a timeout or a cut \
+                  link, F12 to F17), and ops that start while a partition or pause lasts, so \
+                  the errors in this row are such ops; a run with no fault at all fails no \
+                  request (I16)."
             .into(),
         svg,
     }))

@@ -8,7 +8,7 @@
 //! logged against the guest op that caused it (a task-local id), so the oracle can recompute
 //! the quorum's vote and events from what the children really answered.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -215,6 +215,11 @@ struct DiskState {
     pending: Vec<Pending>,
     sticky: BTreeMap<u64, Sticky>,
     marks: BTreeMap<u64, Mark>,
+    /// Sectors whose copy a fault left not holding the last write sent to it (stale, lost,
+    /// torn, misdirected, reformatted), with that fault's family; a later write to the sector
+    /// clears it. Reads that meet one are charged to the family (the report's fault ×
+    /// outcome, like the sticky faults). Harness bookkeeping: no decision reads it.
+    damage: BTreeMap<u64, &'static str>,
     /// F6: the live misdirection (intended sectors, target sectors), at most one (F6).
     misdirect: Option<(Range<u64>, Range<u64>)>,
     armed: Vec<Armed>,
@@ -238,7 +243,8 @@ pub struct Counters {
 }
 
 /// A fault as the sweep report charges it to guest ops: injected into a child request of guest
-/// op `op`, or (sticky sector faults, F1, F3, F4) met again by a later read of that op. `op` 0
+/// op `op`, or met again by a later read of that op (sticky sector faults F1, F3, F4, and
+/// copies a fault left stale, lost, torn, misdirected or emptied: F5, F6, F8, F9, F14, F18). `op` 0
 /// is a fault outside any guest op's request (a crash, a torn or lost write, a replica's disk
 /// behind NBD, a harness-injected fault): the report charges it to every guest op in flight at
 /// `t_ns`. Harness bookkeeping only: marks never enter the trace or its hash.
@@ -341,6 +347,7 @@ impl DiskSet {
                     pending: Vec::new(),
                     sticky: BTreeMap::new(),
                     marks: BTreeMap::new(),
+                    damage: BTreeMap::new(),
                     misdirect: None,
                     armed: Vec::new(),
                     latency: cfg.latency[i].clone(),
@@ -542,7 +549,7 @@ impl DiskSet {
                 && (0..index).all(|j| !g.down[j] && g.disks[j].marks.is_empty());
         }
         if ok {
-            let mut marked: std::collections::BTreeSet<u64> = std::collections::BTreeSet::new();
+            let mut marked: BTreeSet<u64> = BTreeSet::new();
             for d in &g.disks {
                 marked.extend(d.marks.keys().copied());
             }
@@ -572,6 +579,9 @@ impl DiskSet {
         self.mark_missed(index, sectors.clone());
         let mut g = self.lock();
         let end = sectors.end.min(g.disks[index].sectors);
+        for s in sectors.start..end {
+            g.disks[index].damage.insert(s, "F14");
+        }
         g.injected(index, "F14", sectors.start..end);
     }
 
@@ -609,8 +619,10 @@ impl DiskSet {
         d.misdirect = None;
         d.armed.clear();
         d.marks.clear();
+        d.damage.clear();
         for &s in &changed {
             d.marks.insert(s, Mark::Wrong);
+            d.damage.insert(s, "F18");
         }
         g.injected(index, "F18", 0..0);
         changed
@@ -653,7 +665,7 @@ impl DiskSet {
     /// them), and sectors with a sticky latent error (I6 excludes them and lists them).
     pub fn excused_sectors(&self) -> (Vec<u64>, Vec<u64>) {
         let g = self.lock();
-        let mut touched: std::collections::BTreeSet<u64> = std::collections::BTreeSet::new();
+        let mut touched: BTreeSet<u64> = BTreeSet::new();
         for d in &g.disks {
             touched.extend(d.marks.keys().copied());
         }
@@ -772,7 +784,7 @@ impl DiskSet {
         let t = g.t;
         let fifo = g.fifo;
         let seed = g.seed;
-        let mut touched: std::collections::BTreeSet<u64> = std::collections::BTreeSet::new();
+        let mut touched: BTreeSet<u64> = BTreeSet::new();
         for &(off, len) in cut_off {
             touched.extend(off / SECTOR_U64..(off + len).div_ceil(SECTOR_U64));
         }
@@ -782,6 +794,7 @@ impl DiskSet {
         for &di in which {
             let pending = std::mem::take(&mut g.disks[di].pending);
             let mut current = g.disks[di].durable.clone();
+            let mut damage = std::mem::take(&mut g.disks[di].damage);
             for (wi, p) in pending.iter().enumerate() {
                 let mut rng = g.disks[di].fault_rng.fork("crash", wi as u64);
                 touched.extend(p.first..p.first + p.data.len() as u64);
@@ -791,6 +804,9 @@ impl DiskSet {
                 };
                 if !survives {
                     report.lost += 1;
+                    for k in 0..p.data.len() as u64 {
+                        damage.insert(p.first + k, "F8");
+                    }
                     continue;
                 }
                 let tears = rates.f9.is_some_and(|p| rng.chance(p));
@@ -798,6 +814,7 @@ impl DiskSet {
                     report.intact += 1;
                     for (k, v) in p.data.iter().enumerate() {
                         current[(p.first + k as u64) as usize] = v.clone();
+                        damage.remove(&(p.first + k as u64));
                     }
                     continue;
                 }
@@ -812,13 +829,19 @@ impl DiskSet {
                     for kk in k..page_end {
                         let s = p.first + kk as u64;
                         let new = &p.data[kk];
+                        // Written whole below clears it; dropped or damaged keeps F9.
+                        damage.insert(s, "F9");
                         match fate {
-                            0 => current[s as usize] = new.clone(),
+                            0 => {
+                                current[s as usize] = new.clone();
+                                damage.remove(&s);
+                            }
                             1 => {}
                             _ => {
                                 let roll = rng.below(4);
                                 if roll == 0 {
                                     current[s as usize] = new.clone();
+                                    damage.remove(&s);
                                 } else if roll == 3 {
                                     // dropped
                                 } else {
@@ -869,6 +892,7 @@ impl DiskSet {
             }
             g.disks[di].durable = current.clone();
             g.disks[di].current = current;
+            g.disks[di].damage = damage;
         }
         // Ledger: copies differing from the most common value become wrong.
         for &s in &touched {
@@ -1267,8 +1291,10 @@ impl VDisk {
                         d.current[s as usize] = v;
                         d.sticky.remove(&s);
                         d.marks.remove(&s);
+                        d.damage.remove(&s);
                     } else {
                         d.marks.insert(s, Mark::Wrong);
+                        d.damage.insert(s, "F5");
                     }
                 }
                 // The applied part is in the cache like any write.
@@ -1316,6 +1342,7 @@ impl VDisk {
                     d.misdirect = Some((range.clone(), cand_range.clone()));
                     for s in range.clone() {
                         d.marks.insert(s, Mark::Wrong);
+                        d.damage.insert(s, "F6");
                     }
                 }
             }
@@ -1338,8 +1365,10 @@ impl VDisk {
             d.sticky.remove(&s);
             if target == first {
                 d.marks.remove(&s);
+                d.damage.remove(&s);
             } else {
                 d.marks.insert(s, Mark::Wrong);
+                d.damage.insert(s, "F6");
             }
         }
         let snapshot: Vec<Stored> = (target..target + n)
@@ -1496,9 +1525,13 @@ impl BlockDevice for VDisk {
         let d = &g.disks[i];
         let mut buf = BytesMut::zeroed(len);
         let (mut met_flip, mut met_rot) = (false, false);
+        let mut met_damage: BTreeSet<&'static str> = BTreeSet::new();
         for (k, chunk) in buf.chunks_mut(SECTOR).enumerate() {
             let src = source + k as u64;
             let s = range.start + k as u64;
+            if let Some(f) = d.damage.get(&src) {
+                met_damage.insert(f);
+            }
             match &d.current[src as usize] {
                 Stored::V(v) => encode_into(*v, chunk),
                 Stored::Raw(b) => chunk.copy_from_slice(b),
@@ -1521,6 +1554,10 @@ impl BlockDevice for VDisk {
         }
         if met_rot {
             g.mark("F3");
+        }
+        // Copies an earlier fault left stale, lost, torn or misdirected (`damage`).
+        for f in met_damage {
+            g.mark(f);
         }
         let out = buf.freeze();
         let dg = digest(&out);
@@ -1718,5 +1755,77 @@ impl BlockDevice for VDisk {
             },
         );
         r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::oracle::Oracle;
+    use crate::trace::Trace;
+
+    fn disks(n: usize) -> Arc<DiskSet> {
+        let lat = Latency {
+            read_min_ns: 0,
+            read_mean_ns: 0,
+            write_min_ns: 0,
+            write_mean_ns: 0,
+            stall_p: 0.0,
+            stall_ns: (0, 0),
+            factor: 1,
+        };
+        DiskSet::new(
+            DiskSetConfig {
+                seed: 1,
+                sectors: vec![64; n],
+                t: 2,
+                fifo: false,
+                budget: Budget::Safety,
+                rates: FaultRates::default(),
+                latency: vec![lat; n],
+                initial_pattern: false,
+                discard_zeroes: false,
+                window_sectors: 16,
+                prefix: "c",
+            },
+            Trace::new(false, (0, 0)),
+        )
+    }
+
+    /// The report's fault × outcome: a copy an F5 left stale charges the F5 to the op that
+    /// met it (the write) and to every later read of it, until a write makes it current.
+    #[tokio::test]
+    async fn a_copy_a_fault_left_stale_charges_later_reads_until_it_is_rewritten() {
+        let set = disks(3);
+        set.arm(
+            1,
+            Armed {
+                family: "F5",
+                sectors: None,
+                count: 1,
+                applied: "none",
+            },
+        );
+        let d = set.device(1);
+        let data = Oracle::write_data(5, 0, 2048);
+        let w = GUEST_OP.scope(7, d.write(0, data.clone(), WriteFlags::NONE));
+        assert!(w.await.is_err(), "the armed F5 fails the write");
+        // A read of the stale sectors, one of other sectors, a read touching one stale sector.
+        assert!(GUEST_OP.scope(8, d.read(0, 2048)).await.is_ok());
+        assert!(GUEST_OP.scope(9, d.read(4096, 512)).await.is_ok());
+        assert!(GUEST_OP.scope(10, d.read(1536, 1024)).await.is_ok());
+        // Rewritten: no longer charged.
+        assert!(GUEST_OP
+            .scope(11, d.write(0, data, WriteFlags::NONE))
+            .await
+            .is_ok());
+        assert!(GUEST_OP.scope(12, d.read(0, 2048)).await.is_ok());
+        let marks: Vec<(u64, &str)> = set
+            .counters()
+            .marks
+            .iter()
+            .map(|m| (m.op, m.family))
+            .collect();
+        assert_eq!(marks, [(7, "F5"), (8, "F5"), (10, "F5")]);
     }
 }
