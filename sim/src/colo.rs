@@ -349,6 +349,7 @@ impl Colo {
             t_ns,
             op: 0,
             family: f,
+            until_ns: t_ns,
         });
         drop(st);
         self.trace("ham", "fault", 0, (0, 0), 0, format!("{f} {note}"));

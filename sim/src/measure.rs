@@ -64,7 +64,8 @@ pub fn latency_histograms(spans: &[OpSpan]) -> BTreeMap<String, BTreeMap<u32, u6
 /// Charges faults to guest ops and counts, per fault family, the outcomes of the ops it
 /// touched; ops no fault touched count under [`NO_FAULT`]. A mark with a known op id is charged
 /// to that op; a mark with op 0 (or an op that never completed) to every op in flight at its
-/// time (`start_ns <= t_ns <= end_ns`). An op touched by several families counts once in each
+/// time (`start_ns <= t_ns <= end_ns`), or, for a lasting fault, at any time until its
+/// `until_ns`. An op touched by several families counts once in each
 /// family's row, and once per family however many faults of it touched the op.
 pub fn fault_outcomes(
     spans: &[OpSpan],
@@ -103,6 +104,15 @@ pub fn fault_outcomes(
             for &(_, i) in &active {
                 touched[i].insert(m.family);
             }
+            // A lasting fault also touches the ops that start while it lasts.
+            if m.until_ns > m.t_ns {
+                for &i in &by_start[next..] {
+                    if spans[i].start_ns > m.until_ns {
+                        break;
+                    }
+                    touched[i].insert(m.family);
+                }
+            }
         }
     }
     let mut out: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
@@ -138,7 +148,12 @@ mod tests {
     }
 
     fn mark(t_ns: u64, op: u64, family: &'static str) -> FaultMark {
-        FaultMark { t_ns, op, family }
+        FaultMark {
+            t_ns,
+            op,
+            family,
+            until_ns: t_ns,
+        }
     }
 
     #[test]
@@ -203,5 +218,31 @@ mod tests {
         assert_eq!(h[NO_FAULT], BTreeMap::from([("write/ok".into(), 1)]));
         assert!(!h.contains_key("F13"));
         assert_eq!(h.len(), 4);
+    }
+
+    #[test]
+    fn a_lasting_fault_charges_the_ops_that_start_while_it_lasts() {
+        let spans = vec![
+            span(1, 0, 100, "read/ok"),
+            span(2, 150, 160, "read/EIO"),
+            span(3, 170, 400, "write/ok"),
+            span(4, 300, 310, "read/ok"),
+        ];
+        // A partition from 50 to 200: op 1 is in flight at its start, ops 2 and 3 start during
+        // it, op 4 starts after it although op 3, which it overlaps, is touched.
+        let marks = vec![FaultMark {
+            until_ns: 200,
+            ..mark(50, 0, "F13")
+        }];
+        let h = fault_outcomes(&spans, &marks);
+        assert_eq!(
+            h["F13"],
+            BTreeMap::from([
+                ("read/ok".into(), 1),
+                ("read/EIO".into(), 1),
+                ("write/ok".into(), 1)
+            ])
+        );
+        assert_eq!(h[NO_FAULT], BTreeMap::from([("read/ok".into(), 1)]));
     }
 }

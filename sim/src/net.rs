@@ -81,6 +81,10 @@ pub struct Replica {
     pub open: std::collections::BTreeSet<u64>,
     /// The live partition, if any.
     pub cut: Option<Cut>,
+    /// The family of the live partition (F13, or F15's clog).
+    pub cut_family: &'static str,
+    /// The report's mark of the live partition, ended at the heal.
+    pub cut_mark: Option<usize>,
     /// Paused (F17).
     pub paused: bool,
     /// Crashed and not yet restarted (F16).
@@ -104,6 +108,22 @@ impl Replica {
 
     fn down(&self) -> bool {
         self.cut.is_some() || self.paused || self.crashed || self.stale_open() > 0
+    }
+
+    /// The fault family that has the replica down now, for the report's attribution.
+    fn down_family(&self) -> Option<&'static str> {
+        if self.crashed {
+            Some("F16")
+        } else if self.paused {
+            Some("F17")
+        } else if self.cut.is_some() {
+            Some(self.cut_family)
+        } else if self.stale_open() > 0 {
+            // A connection its client gave up is still open (N43): F14's state.
+            Some("F14")
+        } else {
+            None
+        }
     }
 }
 
@@ -144,6 +164,12 @@ impl std::fmt::Debug for Seen {
 
 impl Seen {
     fn log(&self, kind: ChildKind, offset: u64, len: u64, data: u64, result: ChildResult) {
+        // The report's fault × outcome: an answer from (or a timeout on) a replica that a
+        // partition, pause or crash has down now is that fault's, for the op it served.
+        let down = self.w.net_lock()[self.i].down_family();
+        if let Some(family) = down {
+            self.w.disks.charge(family);
+        }
         self.w.disks.log_seen(
             current_op(),
             ChildOp {
@@ -159,11 +185,14 @@ impl Seen {
 
     fn wrote(&self, kind: ChildKind, offset: u64, len: u64, data: u64, r: &Result<()>) {
         if r.is_err() {
-            // B1: the copy missed this write (and may receive it late, F14).
-            self.w.disks.mark_missed(
-                self.i,
-                offset / SECTOR_U64..(offset + len).div_ceil(SECTOR_U64),
-            );
+            // B1: the copy missed this write (and may receive it late, F14); later reads of
+            // it are charged to the fault that has the replica down, if one does.
+            let sectors = offset / SECTOR_U64..(offset + len).div_ceil(SECTOR_U64);
+            self.w.disks.mark_missed(self.i, sectors.clone());
+            let down = self.w.net_lock()[self.i].down_family();
+            if let Some(family) = down {
+                self.w.disks.damage(self.i, sectors, family);
+            }
         }
         self.log(kind, offset, len, data, ChildResult::of(r));
     }
@@ -461,10 +490,15 @@ pub(crate) fn partition(
     if checked && !w.disks.allow_node(family, i, Mark::Failing) {
         return false;
     }
-    w.net_lock()[i].cut = Some(cut);
+    {
+        let mut net = w.net_lock();
+        net[i].cut = Some(cut);
+        net[i].cut_family = family;
+    }
     refresh_down(w, i);
     clog(w, i, cut, true);
-    w.disks.count_injected(family);
+    let mark = w.disks.count_lasting(family, 0);
+    w.net_lock()[i].cut_mark = Some(mark);
     w.disks.trace_full(
         &format!("r{i}"),
         "cut",
@@ -480,9 +514,16 @@ pub(crate) fn partition(
 
 /// Heals replica `i`'s partition.
 pub(crate) fn heal(w: &World, i: usize) {
-    let Some(cut) = w.net_lock()[i].cut.take() else {
+    let (cut, mark) = {
+        let mut net = w.net_lock();
+        (net[i].cut.take(), net[i].cut_mark.take())
+    };
+    let Some(cut) = cut else {
         return;
     };
+    if let Some(m) = mark {
+        w.disks.ended(m);
+    }
     clog(w, i, cut, false);
     refresh_down(w, i);
     w.disks.trace(&format!("r{i}"), "heal", 0, 0, 0, 0);
@@ -503,7 +544,7 @@ pub(crate) fn pause(w: &Arc<World>, i: usize, ns: u64, checked: bool) -> bool {
     w.net_lock()[i].paused = true;
     refresh_down(w, i);
     madsim::runtime::Handle::current().pause(node);
-    w.disks.count_injected("F17");
+    w.disks.count_lasting("F17", ns);
     w.disks.trace_full(
         &format!("r{i}"),
         "pause",

@@ -258,6 +258,19 @@ impl Oracle {
         buf.freeze()
     }
 
+    /// Byte ranges of writes (write, write-zeroes, trim) not yet completed.
+    pub fn pending_write_ranges(&self) -> Vec<(u64, u64)> {
+        self.ops
+            .values()
+            .filter(|o| {
+                o.outcome == Outcome::Pending
+                    && o.len > 0
+                    && matches!(o.kind, OpKind::Write | OpKind::WriteZeroes | OpKind::Trim)
+            })
+            .map(|o| (o.offset, o.len))
+            .collect()
+    }
+
     /// Byte ranges of ops not yet completed.
     pub fn pending_ranges(&self) -> Vec<(u64, u64)> {
         self.ops

@@ -491,17 +491,18 @@ fn fault_outcome_plot(s: &Json) -> Result<Option<Plot>, String> {
         file: "fault-outcomes.svg",
         title: "Fault type × outcome",
         caption: "Each row is a fault family and the guest ops it touched (count in brackets); \
-                  each cell the share of those ops that ended with that outcome. A fault injected \
-                  into a child request counts against the guest op the request served; a sticky \
-                  sector fault (F1, F3, F4), and a copy that a fault left stale, lost, torn, \
-                  misdirected or emptied (F5, F6, F8, F9, F14, F18), also against every later op \
-                  that reads that copy before it is rewritten; a fault outside any op's request \
-                  (crash, partition, a replica's disk behind NBD, COLO faults) against every \
-                  guest op in flight at that instant. `none`: ops no fault was charged to. Not \
-                  charged: a copy left stale by a write the network lost (a timeout or a cut \
-                  link, F12 to F17), and ops that start while a partition or pause lasts, so \
-                  the errors in this row are such ops; a run with no fault at all fails no \
-                  request (I16)."
+                  each cell the share of those ops that ended with that outcome. Charged to a \
+                  guest op: a fault injected into one of its child requests; a copy its reads \
+                  meet that a fault damaged and nothing has rewritten since (sticky flips, rot \
+                  and latent errors F1, F3, F4; stale, lost, torn, misdirected or emptied copies \
+                  F5, F6, F8, F9, F14, F18; writes a crash cut off, F16); an answer from a \
+                  replica that a partition, pause, crash or given-up connection has down (F13 to \
+                  F17); a fault outside any op (a crash, a replica's disk behind NBD, COLO \
+                  faults) when the op is in flight at that instant, or, for one that lasts (a \
+                  stall F10, a partition, a pause), at any time while it lasts. `none`: ops no \
+                  fault was charged to; the few errors left there follow effects the charging \
+                  does not trace (a write a timeout lost, without a partition). A run with no \
+                  fault at all fails no request (I16)."
             .into(),
         svg,
     }))

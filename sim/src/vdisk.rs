@@ -244,7 +244,9 @@ pub struct Counters {
 
 /// A fault as the sweep report charges it to guest ops: injected into a child request of guest
 /// op `op`, or met again by a later read of that op (sticky sector faults F1, F3, F4, and
-/// copies a fault left stale, lost, torn, misdirected or emptied: F5, F6, F8, F9, F14, F18). `op` 0
+/// copies a fault left stale, lost, torn, misdirected or emptied: F5, F6, F8, F9, F14, F18, or
+/// written by a write a crash cut off, F16), or a replica down when that op's request was
+/// answered (F13 to F17). `op` 0
 /// is a fault outside any guest op's request (a crash, a torn or lost write, a replica's disk
 /// behind NBD, a harness-injected fault): the report charges it to every guest op in flight at
 /// `t_ns`. Harness bookkeeping only: marks never enter the trace or its hash.
@@ -256,6 +258,10 @@ pub struct FaultMark {
     pub op: u64,
     /// Fault family (`F1` ...).
     pub family: &'static str,
+    /// Virtual ns until which the fault lasts (a stall, a partition, a pause): an unowned
+    /// mark is charged to every op in flight at any time in `t_ns..=until_ns`. Equal to
+    /// `t_ns` for an instant.
+    pub until_ns: u64,
 }
 
 struct Inner {
@@ -491,9 +497,24 @@ impl DiskSet {
 
     /// Counts a fault injected by the harness itself (crash, hot-add refusal, ...).
     pub fn count_injected(&self, family: &'static str) {
+        self.count_lasting(family, 0);
+    }
+
+    /// [`DiskSet::count_injected`] for a fault that lasts `ns` (or until [`DiskSet::ended`]
+    /// is called with the returned mark index).
+    pub fn count_lasting(&self, family: &'static str, ns: u64) -> usize {
         let mut g = self.lock();
         *g.counters.injected.entry(family).or_default() += 1;
-        g.mark(family);
+        g.mark_lasting(family, ns)
+    }
+
+    /// The fault of mark `index` (from [`DiskSet::count_lasting`]) ends now.
+    pub fn ended(&self, index: usize) {
+        let mut g = self.lock();
+        let now = g.start.elapsed().as_nanos() as u64;
+        if let Some(m) = g.counters.marks.get_mut(index) {
+            m.until_ns = m.until_ns.max(now);
+        }
     }
 
     /// Arms a scripted fault on disk `index`.
@@ -573,16 +594,30 @@ impl DiskSet {
         }
     }
 
+    /// Charges fault `family` to the current guest op (the report's fault × outcome).
+    pub fn charge(&self, family: &'static str) {
+        self.lock().mark(family);
+    }
+
+    /// Records that fault `family` left disk `index`'s copies of `sectors` stale: later reads
+    /// of them are charged to it until they are rewritten (bookkeeping only).
+    pub fn damage(&self, index: usize, sectors: Range<u64>, family: &'static str) {
+        let mut g = self.lock();
+        let end = sectors.end.min(g.disks[index].sectors);
+        for s in sectors.start..end {
+            g.disks[index].damage.insert(s, family);
+        }
+    }
+
     /// F14: a write that reached disk `index` through a connection its client had given up
     /// (N43). The copies it wrote may be older than what the disk held: suspect (B1).
     pub fn late_landing(&self, index: usize, sectors: Range<u64>) {
         self.mark_missed(index, sectors.clone());
         let mut g = self.lock();
         let end = sectors.end.min(g.disks[index].sectors);
-        for s in sectors.start..end {
-            g.disks[index].damage.insert(s, "F14");
-        }
         g.injected(index, "F14", sectors.start..end);
+        drop(g);
+        self.damage(index, sectors, "F14");
     }
 
     /// Counts a crash of `node` (F16) and traces what it did to the unflushed writes.
@@ -1099,12 +1134,19 @@ impl Inner {
 
     /// Notes fault `family` against the current guest op (0 outside one).
     fn mark(&mut self, family: &'static str) {
+        self.mark_lasting(family, 0);
+    }
+
+    /// [`Inner::mark`] for a fault that lasts `ns` from now; returns the mark's index.
+    fn mark_lasting(&mut self, family: &'static str, ns: u64) -> usize {
         let t_ns = self.start.elapsed().as_nanos() as u64;
         self.counters.marks.push(FaultMark {
             t_ns,
             op: current_op(),
             family,
+            until_ns: t_ns.saturating_add(ns),
         });
+        self.counters.marks.len() - 1
     }
 
     fn injected(&mut self, disk: usize, family: &'static str, sectors: Range<u64>) {
@@ -1235,7 +1277,8 @@ impl VDisk {
             }
             if stalled || d.latency.factor > 1 {
                 *g.counters.injected.entry("F10").or_default() += 1;
-                g.mark("F10");
+                // Requests queued behind this one wait for it too.
+                g.mark_lasting("F10", ns);
             }
             ns
         };

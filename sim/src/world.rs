@@ -689,7 +689,18 @@ fn scripted_restart(w: &World) -> Option<(u64, u64)> {
 
 fn crash_node(w: &Arc<World>, handle: &madsim::runtime::Handle, id: madsim::task::NodeId) {
     handle.kill(id);
-    let cut_off = w.lock().oracle.pending_ranges();
+    let (cut_off, cut_writes) = {
+        let st = w.lock();
+        (st.oracle.pending_ranges(), st.oracle.pending_write_ranges())
+    };
+    // The report's fault × outcome: a write the crash cut off may have reached some children
+    // and not others; later reads of its sectors are charged to the crash until rewritten.
+    for i in 0..w.p.children {
+        for &(off, len) in &cut_writes {
+            w.disks
+                .damage(i, off / SECTOR_U64..(off + len).div_ceil(SECTOR_U64), "F16");
+        }
+    }
     w.harvest_clients();
     // Over NBD the replicas' caches live on: only the ledger of the cut-off ranges changes.
     let report = if w.p.nbd.is_some() {
