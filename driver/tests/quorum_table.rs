@@ -990,6 +990,19 @@ async fn d7_a_write_during_a_repairing_read_is_not_undone_by_the_repair() {
 
 const MS: fn(u64) -> Duration = Duration::from_millis;
 
+/// A guest write of 4 KiB of `byte` at `offset`, running in its own task.
+fn spawn_write(
+    q: &Arc<Quorum>,
+    offset: u64,
+    byte: u8,
+) -> tokio::task::JoinHandle<ballot::Result<()>> {
+    let q = q.clone();
+    tokio::spawn(async move {
+        q.write(offset, Bytes::from(vec![byte; 4096]), WriteFlags::NONE)
+            .await
+    })
+}
+
 /// `(byte, run length)` of `data`: short failure messages for whole-buffer comparisons.
 fn runs(data: &[u8]) -> Vec<(u8, usize)> {
     let mut out: Vec<(u8, usize)> = Vec::new();
@@ -1012,11 +1025,7 @@ async fn d8_a_read_arriving_during_a_write_waits_and_every_child_agrees() {
     for (k, ms) in f.kids.iter().zip([1, 10, 20]) {
         k.set_delay(MS(ms));
     }
-    let q = f.q.clone();
-    let w = tokio::spawn(async move {
-        q.write(0, Bytes::from(vec![b'B'; 4096]), WriteFlags::NONE)
-            .await
-    });
+    let w = spawn_write(&f.q, 0, b'B');
     tokio::time::sleep(MS(5)).await;
     // Mid-write: the children differ now.
     assert_eq!(
@@ -1045,11 +1054,7 @@ async fn d8_a_read_arriving_during_a_write_waits_and_every_child_agrees() {
     for (k, ms) in f.kids.iter().zip([1, 10, 20]) {
         k.set_delay(MS(ms));
     }
-    let q = f.q.clone();
-    let w = tokio::spawn(async move {
-        q.write(0, Bytes::from(vec![b'C'; 4096]), WriteFlags::NONE)
-            .await
-    });
+    let w = spawn_write(&f.q, 0, b'C');
     tokio::time::sleep(MS(5)).await;
     fast();
     let started = tokio::time::Instant::now();
@@ -1099,18 +1104,10 @@ async fn d8_overlapping_writes_land_in_arrival_order_on_every_child() {
         k.set_delay(MS(5));
     }
     f.kids[2].set_delay(MS(30));
-    let q = f.q.clone();
-    let first = tokio::spawn(async move {
-        q.write(0, Bytes::from(vec![b'A'; 4096]), WriteFlags::NONE)
-            .await
-    });
+    let first = spawn_write(&f.q, 0, b'A');
     tokio::time::sleep(MS(1)).await;
     f.kids[2].set_delay(MS(1));
-    let q = f.q.clone();
-    let second = tokio::spawn(async move {
-        q.write(2048, Bytes::from(vec![b'B'; 4096]), WriteFlags::NONE)
-            .await
-    });
+    let second = spawn_write(&f.q, 2048, b'B');
     assert_eq!(first.await.unwrap(), Ok(()));
     assert_eq!(second.await.unwrap(), Ok(()));
     for k in &f.kids {

@@ -65,6 +65,17 @@ impl Cut {
     }
 }
 
+/// A partition in force on one replica.
+#[derive(Debug, Clone, Copy)]
+pub struct LiveCut {
+    /// Which directions are cut.
+    pub kind: Cut,
+    /// The fault family (F13, or one step of F15).
+    pub family: &'static str,
+    /// The report's mark of the fault, ended at the heal.
+    pub mark: usize,
+}
+
 /// Per-replica state of the network and the replica's process.
 #[derive(Debug, Clone, Default)]
 pub struct Replica {
@@ -80,11 +91,7 @@ pub struct Replica {
     /// Connections of this incarnation still open, by sequence number.
     pub open: std::collections::BTreeSet<u64>,
     /// The live partition, if any.
-    pub cut: Option<Cut>,
-    /// The family of the live partition (F13, or F15's clog).
-    pub cut_family: &'static str,
-    /// The report's mark of the live partition, ended at the heal.
-    pub cut_mark: Option<usize>,
+    pub cut: Option<LiveCut>,
     /// Paused (F17).
     pub paused: bool,
     /// Crashed and not yet restarted (F16).
@@ -107,17 +114,17 @@ impl Replica {
     }
 
     fn down(&self) -> bool {
-        self.cut.is_some() || self.paused || self.crashed || self.stale_open() > 0
+        self.down_family().is_some()
     }
 
-    /// The fault family that has the replica down now, for the report's attribution.
+    /// The fault family that has the replica down now (the report charges it too).
     fn down_family(&self) -> Option<&'static str> {
         if self.crashed {
             Some("F16")
         } else if self.paused {
             Some("F17")
-        } else if self.cut.is_some() {
-            Some(self.cut_family)
+        } else if let Some(c) = &self.cut {
+            Some(c.family)
         } else if self.stale_open() > 0 {
             // A connection its client gave up is still open (N43): F14's state.
             Some("F14")
@@ -163,7 +170,15 @@ impl std::fmt::Debug for Seen {
 }
 
 impl Seen {
-    fn log(&self, kind: ChildKind, offset: u64, len: u64, data: u64, result: ChildResult) {
+    /// Logs the answer; returns the fault that has the replica down now, if one does.
+    fn log(
+        &self,
+        kind: ChildKind,
+        offset: u64,
+        len: u64,
+        data: u64,
+        result: ChildResult,
+    ) -> Option<&'static str> {
         // The report's fault × outcome: an answer from (or a timeout on) a replica that a
         // partition, pause or crash has down now is that fault's, for the op it served.
         let down = self.w.net_lock()[self.i].down_family();
@@ -181,20 +196,20 @@ impl Seen {
                 result,
             },
         );
+        down
     }
 
     fn wrote(&self, kind: ChildKind, offset: u64, len: u64, data: u64, r: &Result<()>) {
+        let down = self.log(kind, offset, len, data, ChildResult::of(r));
         if r.is_err() {
             // B1: the copy missed this write (and may receive it late, F14); later reads of
             // it are charged to the fault that has the replica down, if one does.
             let sectors = offset / SECTOR_U64..(offset + len).div_ceil(SECTOR_U64);
             self.w.disks.mark_missed(self.i, sectors.clone());
-            let down = self.w.net_lock()[self.i].down_family();
             if let Some(family) = down {
                 self.w.disks.damage(self.i, sectors, family);
             }
         }
-        self.log(kind, offset, len, data, ChildResult::of(r));
     }
 }
 
@@ -490,15 +505,14 @@ pub(crate) fn partition(
     if checked && !w.disks.allow_node(family, i, Mark::Failing) {
         return false;
     }
-    {
-        let mut net = w.net_lock();
-        net[i].cut = Some(cut);
-        net[i].cut_family = family;
-    }
+    let mark = w.disks.count_lasting(family, 0);
+    w.net_lock()[i].cut = Some(LiveCut {
+        kind: cut,
+        family,
+        mark,
+    });
     refresh_down(w, i);
     clog(w, i, cut, true);
-    let mark = w.disks.count_lasting(family, 0);
-    w.net_lock()[i].cut_mark = Some(mark);
     w.disks.trace_full(
         &format!("r{i}"),
         "cut",
@@ -514,17 +528,11 @@ pub(crate) fn partition(
 
 /// Heals replica `i`'s partition.
 pub(crate) fn heal(w: &World, i: usize) {
-    let (cut, mark) = {
-        let mut net = w.net_lock();
-        (net[i].cut.take(), net[i].cut_mark.take())
-    };
-    let Some(cut) = cut else {
+    let Some(cut) = w.net_lock()[i].cut.take() else {
         return;
     };
-    if let Some(m) = mark {
-        w.disks.ended(m);
-    }
-    clog(w, i, cut, false);
+    w.disks.ended(cut.mark);
+    clog(w, i, cut.kind, false);
     refresh_down(w, i);
     w.disks.trace(&format!("r{i}"), "heal", 0, 0, 0, 0);
 }

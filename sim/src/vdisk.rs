@@ -613,11 +613,10 @@ impl DiskSet {
     /// (N43). The copies it wrote may be older than what the disk held: suspect (B1).
     pub fn late_landing(&self, index: usize, sectors: Range<u64>) {
         self.mark_missed(index, sectors.clone());
+        self.damage(index, sectors.clone(), "F14");
         let mut g = self.lock();
         let end = sectors.end.min(g.disks[index].sectors);
         g.injected(index, "F14", sectors.start..end);
-        drop(g);
-        self.damage(index, sectors, "F14");
     }
 
     /// Counts a crash of `node` (F16) and traces what it did to the unflushed writes.
@@ -1567,39 +1566,33 @@ impl BlockDevice for VDisk {
         let seed = g.seed;
         let d = &g.disks[i];
         let mut buf = BytesMut::zeroed(len);
-        let (mut met_flip, mut met_rot) = (false, false);
-        let mut met_damage: BTreeSet<&'static str> = BTreeSet::new();
+        // Faults met again by this read, charged to it (their injection was charged to an
+        // earlier op): sticky flips and rot, and copies a fault damaged (`damage`).
+        let mut met: BTreeSet<&'static str> = BTreeSet::new();
         for (k, chunk) in buf.chunks_mut(SECTOR).enumerate() {
             let src = source + k as u64;
             let s = range.start + k as u64;
             if let Some(f) = d.damage.get(&src) {
-                met_damage.insert(f);
+                met.insert(f);
             }
             match &d.current[src as usize] {
                 Stored::V(v) => encode_into(*v, chunk),
                 Stored::Raw(b) => chunk.copy_from_slice(b),
             }
-            match d.sticky.get(&src) {
-                Some(Sticky::Flip) => met_flip = true,
-                Some(Sticky::Rot) => met_rot = true,
-                _ => {}
-            }
-            if matches!(d.sticky.get(&src), Some(Sticky::Flip | Sticky::Rot)) {
+            let corrupt = match d.sticky.get(&src) {
+                Some(Sticky::Flip) => Some("F1"),
+                Some(Sticky::Rot) => Some("F3"),
+                _ => None,
+            };
+            if let Some(f) = corrupt {
+                met.insert(f);
                 flip_bit(seed, i, src, chunk, 1);
             }
             if transient == Some(s) {
                 flip_bit(seed, i, s, chunk, 2);
             }
         }
-        // Sticky faults met again by this read (the injection was charged to an earlier op).
-        if met_flip {
-            g.mark("F1");
-        }
-        if met_rot {
-            g.mark("F3");
-        }
-        // Copies an earlier fault left stale, lost, torn or misdirected (`damage`).
-        for f in met_damage {
+        for f in met {
             g.mark(f);
         }
         let out = buf.freeze();

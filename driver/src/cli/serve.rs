@@ -320,17 +320,16 @@ async fn accept(l: &L) -> std::io::Result<Box<dyn Conn>> {
 /// client that has hung up (`block-export-del` safe mode, `Server::clients`). A failed `dup`
 /// leaves the connection served without it.
 async fn accept_socket(l: &L) -> std::io::Result<(Box<dyn Conn>, Option<std::os::fd::OwnedFd>)> {
-    use std::os::fd::AsFd;
+    fn watched<S: Conn + std::os::fd::AsFd>(s: S) -> (Box<dyn Conn>, Option<std::os::fd::OwnedFd>) {
+        let fd = s.as_fd().try_clone_to_owned().ok();
+        (Box::new(s), fd)
+    }
     match l {
         L::Tcp(l) => l.accept().await.map(|(s, _)| {
             let _ = s.set_nodelay(true);
-            let fd = s.as_fd().try_clone_to_owned().ok();
-            (Box::new(s) as Box<dyn Conn>, fd)
+            watched(s)
         }),
-        L::Unix(l, _) => l.accept().await.map(|(s, _)| {
-            let fd = s.as_fd().try_clone_to_owned().ok();
-            (Box::new(s) as Box<dyn Conn>, fd)
-        }),
+        L::Unix(l, _) => l.accept().await.map(|(s, _)| watched(s)),
     }
 }
 
