@@ -84,6 +84,10 @@ def main():
         + child.format("a&amp;b&lt;.raw") + "</disk>")
     put("scenario_file", "bad-toml", "x\nname = \n")
 
+    # nbd_block_sizes: arbitrary's encoding is not stable enough to hand-encode, so random
+    # bytes of several sizes; libFuzzer finds the branches from there.
+    randoms("nbd_block_sizes", [16, 24, 32, 40, 48, 64, 96, 128])
+
     # blockdev_options: one --blockdev per line, in both syntaxes.
     lines = [
         "driver=null-co,node-name=n0,size=1M\n"

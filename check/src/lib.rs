@@ -10,6 +10,7 @@
 pub mod blockdev;
 pub mod child;
 pub mod libvirt;
+pub mod nbd_block_sizes;
 pub mod nbd_client;
 pub mod nbd_server;
 pub mod overlay;
@@ -33,4 +34,5 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("scenario_file", scenario::fuzz),
     ("libvirt_xml", libvirt::fuzz),
     ("qmp_monitor", qmp::fuzz),
+    ("nbd_block_sizes", nbd_block_sizes::fuzz),
 ];

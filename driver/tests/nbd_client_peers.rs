@@ -2,7 +2,7 @@
 //! `-e 2`, `-r`), qemu-storage-daemon, nbdkit's memory plugin (also without structured replies
 //! and with plain newstyle), nbdkit's error filter playing a failing quorum replica, its delay
 //! filter beyond `request-timeout`, and a replica stopped by PID and restarted within
-//! `reconnect-delay`. Every server is daemonised with a pidfile and stopped by that PID (N50).
+//! `reconnect-delay`, and the cache and blocksize-policy filters' block sizes (N39). Every server is daemonised with a pidfile and stopped by that PID (N50).
 
 mod peers;
 
@@ -59,6 +59,12 @@ fn qemu_nbd(dir: &Path, name: &str, args: &[&str], img: &Path) -> Daemon {
 /// Writes, reads back, zeroes, trims and flushes through `c`, and reads the block status of
 /// the zeroed range: what every writable peer must carry.
 async fn round_trip(c: &NbdClient) {
+    round_trip_status(c, true).await
+}
+
+/// [`round_trip`]; `zero_status`: the server reports zeroed ranges as zero (a hint servers may
+/// omit: nbdkit's cache filter answers from its plugin, which still sees the old data).
+async fn round_trip_status(c: &NbdClient, zero_status: bool) {
     let data = Bytes::from(vec![0x5au8; MIB as usize]);
     c.write(0, data.clone(), WriteFlags { fua: true })
         .await
@@ -82,7 +88,7 @@ async fn round_trip(c: &NbdClient) {
     c.flush().await.expect("flush");
     if c.has_block_status() {
         let st = c.block_status(MIB, MIB).await.expect("block status");
-        assert!(st.zero, "zeroed range reads as zero: {st:?}");
+        assert!(!zero_status || st.zero, "zeroed range reads as zero: {st:?}");
         let st = c.block_status(0, MIB).await.expect("block status");
         assert!(st.data && !st.zero, "written range is data: {st:?}");
     }
@@ -209,6 +215,65 @@ async fn nbdkit_memory_structured_simple_and_plain_newstyle() {
         drop(c);
         d.stop();
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// N39 against the servers that broke the old check: nbdkit's cache filter advertises
+/// 1/65536/0xffffffff ("no limit"); the blocksize-policy filter advertises a maximum that is a
+/// multiple of the minimum but no power of two, and with `blocksize-error-policy=error` it
+/// fails any request that breaks its constraints, so every split the client makes is checked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nbdkit_cache_and_blocksize_policy_filters() {
+    if !need(&["nbdkit"], "nbdkit") {
+        return;
+    }
+    let dir = scratch("client-nbdkit-filters");
+    let img = image(&dir, "cache.raw", 64 * MIB);
+    let file = format!("file={}", img.display());
+    let d = nbdkit(
+        &dir,
+        "cache",
+        &["--filter=cache", "file", &file, "cache=writeback"],
+    );
+    let c = NbdClient::open(opts(&d.socket, ""))
+        .await
+        .unwrap_or_else(|e| panic!("cache filter: {e}"));
+    assert_eq!(c.request_alignment(), 1);
+    round_trip_status(&c, false).await;
+    drop(c);
+    d.stop();
+
+    let d = nbdkit(
+        &dir,
+        "policy",
+        &[
+            "--filter=blocksize-policy",
+            "memory",
+            "64M",
+            "blocksize-minimum=4096",
+            "blocksize-preferred=65536",
+            "blocksize-maximum=196608",
+            "blocksize-error-policy=error",
+        ],
+    );
+    let c = NbdClient::open(opts(&d.socket, ""))
+        .await
+        .unwrap_or_else(|e| panic!("blocksize-policy filter: {e}"));
+    assert_eq!(c.request_alignment(), 4096);
+    // 1 MiB is five 192 KiB requests and one of 64 KiB: all within the server's maximum.
+    round_trip(&c).await;
+    let data = Bytes::from((0..3 * MIB).map(|i| (i / 4096) as u8).collect::<Vec<u8>>());
+    c.write(4096, data.clone(), WriteFlags::NONE)
+        .await
+        .expect("3 MiB write split at 192 KiB");
+    assert_eq!(c.read(4096, 3 * MIB as usize).await.expect("read"), data);
+    // Not aligned to the minimum: refused locally, never sent (N39).
+    assert_eq!(
+        c.read(512, 4096).await.expect_err("unaligned").kind(),
+        ErrorKind::Inval
+    );
+    drop(c);
+    d.stop();
     let _ = std::fs::remove_dir_all(&dir);
 }
 

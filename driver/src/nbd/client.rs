@@ -380,31 +380,17 @@ async fn handshake(s: &mut Box<dyn Stream>, export: &str) -> Result<Negotiated> 
         let d = proto::encode_info_request(export, &[proto::info::BLOCK_SIZE]);
         send(s, &proto::encode_option(opt::GO, &d)).await?;
         let mut export_info = None;
-        let (mut minimum, mut maximum) = (1u32, proto::PAYLOAD_BYTES_MAX);
+        let mut block_sizes = None;
         loop {
             let (h, d) = read_option_reply(s).await?;
             match h.reply_type {
                 rep::INFO => match proto::parse_info_reply(&d).map_err(perr)? {
                     Info::Export { size, flags } => export_info = Some((size, flags)),
                     Info::BlockSize {
-                        minimum: mi,
-                        preferred: pr,
-                        maximum: ma,
-                    } => {
-                        // N39: powers of two, minimum <= preferred <= maximum, minimum <= 64 KiB.
-                        let ok = [mi, pr, ma].iter().all(|x| x.is_power_of_two())
-                            && mi <= pr
-                            && pr <= ma
-                            && mi <= 65536;
-                        if !ok {
-                            return Err(Error::new(
-                                ErrorKind::Io,
-                                format!("server sent invalid block sizes {mi}/{pr}/{ma}"),
-                            ));
-                        }
-                        minimum = mi;
-                        maximum = ma.min(proto::PAYLOAD_BYTES_MAX);
-                    }
+                        minimum,
+                        preferred,
+                        maximum,
+                    } => block_sizes = Some((minimum, preferred, maximum)),
                     Info::Other(_) => {}
                 },
                 rep::ACK => {
@@ -413,6 +399,16 @@ async fn handshake(s: &mut Box<dyn Stream>, export: &str) -> Result<Negotiated> 
                             ErrorKind::Io,
                             "server acknowledged GO without INFO(EXPORT)",
                         ));
+                    };
+                    // N39: checked once both INFO replies are in (the maximum's lower bound
+                    // depends on the export size), in whichever order they came.
+                    let (minimum, maximum) = match block_sizes {
+                        None => (1, proto::PAYLOAD_BYTES_MAX),
+                        Some((mi, pr, ma)) => {
+                            let b = proto::check_block_sizes(mi, pr, ma, size)
+                                .map_err(|m| Error::new(ErrorKind::Io, m))?;
+                            (b.minimum, b.payload_max)
+                        }
                     };
                     return finish(Negotiated {
                         size,

@@ -619,6 +619,71 @@ pub fn parse_info_reply(data: &[u8]) -> Result<Info, ProtoError> {
     Ok(i)
 }
 
+/// N39: block-size constraints a server advertised, checked as the NBD spec constrains them,
+/// and what the client obeys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockSizes {
+    /// Every request's offset and length is a multiple of this.
+    pub minimum: u32,
+    /// The largest payload the client sends or asks for in one request: the server's maximum,
+    /// at most [`PAYLOAD_BYTES_MAX`], always a multiple of `minimum`.
+    pub payload_max: u32,
+}
+
+/// The maximum block size that means "no inherent limit" (NBD spec, block size constraints).
+pub const BLOCK_SIZE_NO_LIMIT: u32 = 0xffff_ffff;
+
+/// Checks INFO(BLOCK_SIZE) `minimum`/`preferred`/`maximum` against an export of `size` bytes
+/// (N39): minimum and preferred are powers of two, minimum is at most 64 KiB and at most
+/// preferred; maximum is 0xffffffff or a non-zero multiple of minimum (not necessarily a power
+/// of two), and at least the smaller of preferred and the export size.
+///
+/// # Errors
+/// A sentence naming the constraint that the three values break.
+pub fn check_block_sizes(
+    minimum: u32,
+    preferred: u32,
+    maximum: u32,
+    size: u64,
+) -> Result<BlockSizes, String> {
+    let what = |why: &str| {
+        format!("server sent invalid block sizes {minimum}/{preferred}/{maximum}: {why}")
+    };
+    if !minimum.is_power_of_two() || minimum > 65536 {
+        return Err(what(
+            "the minimum must be a power of two no larger than 64 KiB",
+        ));
+    }
+    if !preferred.is_power_of_two() || preferred < minimum {
+        return Err(what(
+            "the preferred size must be a power of two no smaller than the minimum",
+        ));
+    }
+    if maximum != BLOCK_SIZE_NO_LIMIT {
+        if maximum == 0 || maximum % minimum != 0 {
+            return Err(what(
+                "the maximum must be 0xffffffff or a multiple of the minimum",
+            ));
+        }
+        if u64::from(maximum) < u64::from(preferred).min(size) {
+            return Err(what(
+                "the maximum must be at least the smaller of the preferred size and the export size",
+            ));
+        }
+    }
+    // PAYLOAD_BYTES_MAX is a power of two of at least 64 KiB, so a multiple of any minimum.
+    let payload_max = maximum.min(PAYLOAD_BYTES_MAX);
+    assert_eq!(
+        payload_max % minimum,
+        0,
+        "payload cap not a multiple of the minimum"
+    );
+    Ok(BlockSizes {
+        minimum,
+        payload_max,
+    })
+}
+
 /// A transmission request header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Request {
@@ -1003,5 +1068,63 @@ mod tests {
             parse_info_reply(&info_text(info::NAME, "x")),
             Ok(Info::Other(1))
         );
+    }
+
+    #[test]
+    fn n39_block_sizes_allow_no_limit_and_multiples_of_the_minimum() {
+        // nbdkit's cache filter and qemu-nbd, as each advertises them.
+        assert_eq!(
+            check_block_sizes(1, 65536, 0xffff_ffff, 1 << 30),
+            Ok(BlockSizes {
+                minimum: 1,
+                payload_max: PAYLOAD_BYTES_MAX
+            })
+        );
+        assert_eq!(
+            check_block_sizes(1, 4096, 32 << 20, 1 << 30),
+            Ok(BlockSizes {
+                minimum: 1,
+                payload_max: 32 << 20
+            })
+        );
+        // A maximum that is a multiple of the minimum but no power of two.
+        assert_eq!(
+            check_block_sizes(4096, 4096, 3 * 4096, 1 << 30),
+            Ok(BlockSizes {
+                minimum: 4096,
+                payload_max: 3 * 4096
+            })
+        );
+        // Above the client's own payload cap: capped.
+        assert_eq!(
+            check_block_sizes(512, 4096, 64 << 20, 1 << 30),
+            Ok(BlockSizes {
+                minimum: 512,
+                payload_max: PAYLOAD_BYTES_MAX
+            })
+        );
+        // A maximum below preferred is allowed when the export is smaller still.
+        assert_eq!(
+            check_block_sizes(512, 65536, 1024, 1024),
+            Ok(BlockSizes {
+                minimum: 512,
+                payload_max: 1024
+            })
+        );
+    }
+
+    #[test]
+    fn n39_block_sizes_refuse_what_the_spec_forbids() {
+        let err = |mi, pr, ma, size| check_block_sizes(mi, pr, ma, size).unwrap_err();
+        assert_eq!(
+            err(3, 4096, 4096, 1 << 20),
+            "server sent invalid block sizes 3/4096/4096: the minimum must be a power of two no larger than 64 KiB"
+        );
+        assert!(err(1 << 17, 1 << 17, 1 << 17, 1 << 20).ends_with("no larger than 64 KiB"));
+        assert!(err(4096, 512, 4096, 1 << 20).ends_with("no smaller than the minimum"));
+        assert!(err(512, 3000, 4096, 1 << 20).ends_with("no smaller than the minimum"));
+        assert!(err(4096, 4096, 6000, 1 << 20).ends_with("a multiple of the minimum"));
+        assert!(err(1, 4096, 0, 1 << 20).ends_with("a multiple of the minimum"));
+        assert!(err(512, 4096, 1024, 1 << 20).ends_with("the export size"));
     }
 }
