@@ -168,6 +168,7 @@ pub fn check(text: &str) {
                                 vote_threshold,
                                 rewrite_corrupted,
                                 read_pattern,
+                                ..
                             } => {
                                 model_validate(
                                     children.len(),

@@ -132,6 +132,20 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
         false
     }
 
+    /// A counter that changes whenever the device may have lost writes it acknowledged but
+    /// that no completed flush covers (an `nbd` device on a new connection: the server may have
+    /// restarted with its volatile cache gone). A write or flush that starts and ends under the
+    /// same value ran on one incarnation of the device. HEALING.md H7. Default: never changes.
+    fn cache_epoch(&self) -> u64 {
+        0
+    }
+
+    /// Whether requests can reach the device now (an `nbd` device: connected). A hint for
+    /// background work such as the quorum's resync (HEALING.md H14); requests still decide.
+    fn reachable(&self) -> bool {
+        true
+    }
+
     /// The status of the bytes starting at `offset`, at most `len` of them. The default says
     /// "data" over the whole range, which is always correct.
     async fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {

@@ -72,6 +72,18 @@ pub enum Event {
         offset: u64,
         /// `error`: strerror text when the job failed.
         error: Option<ErrorKind>,
+        /// `speed`: the job's speed limit, bytes per second (0: none).
+        speed: u64,
+        /// ballot's result counters of the job (HEALING.md H18: verify's `checked`,
+        /// `mismatched`, `repaired`, `unrecoverable`), after QEMU's fields.
+        result: Vec<(&'static str, u64)>,
+    },
+    /// `JOB_STATUS_CHANGE` (HEALING.md H16). Not rate limited.
+    JobStatusChange {
+        /// `id`.
+        id: String,
+        /// `status`: QEMU's name of the new status.
+        status: &'static str,
     },
 }
 
@@ -91,6 +103,7 @@ impl Event {
             Event::QuorumReportBad { .. } => "QUORUM_REPORT_BAD",
             Event::QuorumFailure { .. } => "QUORUM_FAILURE",
             Event::BlockJobCompleted { .. } => "BLOCK_JOB_COMPLETED",
+            Event::JobStatusChange { .. } => "JOB_STATUS_CHANGE",
         }
     }
 
@@ -100,7 +113,7 @@ impl Event {
         match self {
             Event::QuorumReportBad { node_name, .. } => Some(RateKey::ReportBad(node_name.clone())),
             Event::QuorumFailure { .. } => Some(RateKey::Failure),
-            Event::BlockJobCompleted { .. } => None,
+            Event::BlockJobCompleted { .. } | Event::JobStatusChange { .. } => None,
         }
     }
 
@@ -138,15 +151,24 @@ impl Event {
                 len,
                 offset,
                 error,
+                speed,
+                result,
             } => {
                 m.insert("type".into(), json!(job_type));
                 m.insert("device".into(), json!(device));
                 m.insert("len".into(), json!(len));
                 m.insert("offset".into(), json!(offset));
-                m.insert("speed".into(), json!(0));
+                m.insert("speed".into(), json!(speed));
                 if let Some(kind) = error {
                     m.insert("error".into(), json!(kind.strerror()));
                 }
+                for (k, v) in result {
+                    m.insert((*k).into(), json!(v));
+                }
+            }
+            Event::JobStatusChange { id, status } => {
+                m.insert("id".into(), json!(id));
+                m.insert("status".into(), json!(status));
             }
         }
         Value::Object(m)

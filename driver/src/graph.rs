@@ -318,6 +318,9 @@ impl Graph {
                     vote_threshold,
                     rewrite_corrupted,
                     read_pattern,
+                    resync,
+                    resync_inflight,
+                    resync_min_speed,
                 } => {
                     // Q7–Q12 before any child is opened.
                     quorum::validate(
@@ -346,6 +349,10 @@ impl Graph {
                             blkverify: *blkverify,
                             read_only: spec.read_only,
                             discard_unmap: spec.discard_unmap,
+                            resync: *resync,
+                            resync_inflight: usize::try_from(*resync_inflight)
+                                .unwrap_or(usize::MAX),
+                            resync_min_speed: *resync_min_speed,
                         },
                         devs,
                         self.host.clone(),
@@ -639,6 +646,22 @@ impl Graph {
         Ok(Value::Array(
             q.out_of_sync().await.iter().map(|r| r.to_json()).collect(),
         ))
+    }
+
+    /// The process's job registry (HEALING.md H16).
+    pub fn jobs(&self) -> crate::jobs::Jobs {
+        self.host.jobs.clone()
+    }
+
+    /// The quorum node `node`, for its jobs (HEALING.md H16, H17).
+    ///
+    /// # Errors
+    /// `Cannot find device='<n>' nor node-name='<n>'`; `Node '<n>' is not a quorum node`.
+    pub fn quorum(&self, node: &str) -> Result<Arc<Quorum>, ConfigError> {
+        let n = self.nodes.get(node).ok_or_else(|| not_found(node))?;
+        n.quorum
+            .clone()
+            .ok_or_else(|| ConfigError::new(format!("Node '{node}' is not a quorum node")))
     }
 
     /// `blockdev-del`: removes a node added by `blockdev-add`, with its implicit children.

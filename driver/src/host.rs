@@ -6,6 +6,7 @@
 use std::sync::{Arc, Mutex};
 
 use crate::events::EventBus;
+use crate::jobs::Jobs;
 
 type LineSink = Arc<dyn Fn(&str) + Send + Sync>;
 
@@ -14,7 +15,10 @@ type LineSink = Arc<dyn Fn(&str) + Send + Sync>;
 pub struct Host {
     /// The process's event bus.
     pub events: EventBus,
+    /// The process's background jobs (HEALING.md H16), reporting to `events`.
+    pub jobs: Jobs,
     warn: LineSink,
+    log: LineSink,
     fatal: LineSink,
 }
 
@@ -28,6 +32,7 @@ impl std::fmt::Debug for Host {
 #[derive(Debug, Default, Clone)]
 pub struct Captured {
     warnings: Arc<Mutex<Vec<String>>>,
+    logs: Arc<Mutex<Vec<String>>>,
     fatals: Arc<Mutex<Vec<String>>>,
 }
 
@@ -38,6 +43,11 @@ impl Captured {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// Informational lines (job progress), in order.
+    pub fn logs(&self) -> Vec<String> {
+        self.logs.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Fatal lines (each would have ended the process), in order.
@@ -53,8 +63,10 @@ impl Host {
     /// The real process: warnings go to stderr, a fatal line goes to stderr and exits with 1.
     pub fn process(events: EventBus) -> Host {
         Host {
+            jobs: Jobs::new(events.clone()),
             events,
             warn: Arc::new(|line| eprintln!("{line}")),
+            log: Arc::new(|line| eprintln!("{line}")),
             fatal: Arc::new(|line| {
                 eprintln!("{line}");
                 std::process::exit(1);
@@ -67,9 +79,12 @@ impl Host {
         let cap = Captured::default();
         let w = cap.warnings.clone();
         let f = cap.fatals.clone();
+        let l = cap.logs.clone();
         let host = Host {
+            jobs: Jobs::new(events.clone()),
             events,
             warn: Arc::new(move |l| w.lock().unwrap_or_else(|p| p.into_inner()).push(l.into())),
+            log: Arc::new(move |x| l.lock().unwrap_or_else(|p| p.into_inner()).push(x.into())),
             fatal: Arc::new(move |l| f.lock().unwrap_or_else(|p| p.into_inner()).push(l.into())),
         };
         (host, cap)
@@ -78,6 +93,11 @@ impl Host {
     /// Logs one warning line.
     pub fn warn(&self, line: &str) {
         (self.warn)(line)
+    }
+
+    /// Logs one informational line (a job's progress).
+    pub fn log(&self, line: &str) {
+        (self.log)(line)
     }
 
     /// Reports a fatal condition. In production this does not return.

@@ -11,6 +11,7 @@ pub mod error;
 pub mod events;
 pub mod graph;
 pub mod host;
+pub mod jobs;
 pub mod join;
 pub mod libvirt;
 pub mod nbd;

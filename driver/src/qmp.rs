@@ -109,6 +109,49 @@ impl Monitor {
                     Err(e) => generic(e.to_string()),
                 },
             },
+            "x-quorum-resync" | "x-quorum-verify" => self.quorum_job(cmd, args).await,
+            "query-jobs" => {
+                let jobs = self.graph.lock().await.jobs();
+                json!({"return": jobs.list().iter().map(|j| j.to_query_jobs()).collect::<Vec<_>>()})
+            }
+            "query-block-jobs" => {
+                let jobs = self.graph.lock().await.jobs();
+                json!({"return": jobs.list().iter().map(|j| j.to_query_block_jobs()).collect::<Vec<_>>()})
+            }
+            "job-pause" | "job-resume" | "job-cancel" | "job-dismiss" | "block-job-pause"
+            | "block-job-resume" | "block-job-cancel" => {
+                let key = if cmd.starts_with("job-") {
+                    "id"
+                } else {
+                    "device"
+                };
+                let Some(id) = s(key) else {
+                    return (generic(format!("Parameter '{key}' is missing")), false);
+                };
+                let jobs = self.graph.lock().await.jobs();
+                let verb = cmd.rsplit('-').next().unwrap_or_default();
+                let r = match verb {
+                    "pause" => jobs.pause(&id),
+                    "resume" => jobs.resume(&id),
+                    "cancel" => jobs.cancel(&id),
+                    _ => jobs.dismiss(&id),
+                };
+                match r {
+                    Ok(()) => json!({"return": {}}),
+                    Err(e) => generic(e),
+                }
+            }
+            "block-job-set-speed" => match (s("device"), args.get("speed")) {
+                (None, _) => generic("Parameter 'device' is missing"),
+                (_, None) => generic("Parameter 'speed' is missing"),
+                (Some(d), Some(v)) => match v.as_i64() {
+                    None => generic("Invalid parameter type for 'speed', expected: integer"),
+                    Some(speed) => match self.graph.lock().await.jobs().set_speed(&d, speed) {
+                        Ok(()) => json!({"return": {}}),
+                        Err(e) => generic(e),
+                    },
+                },
+            },
             "block-export-add" | "nbd-server-add" => self.export_add(cmd, args).await,
             "block-export-del" | "nbd-server-remove" => {
                 let key = if cmd == "block-export-del" {
@@ -182,6 +225,87 @@ impl Monitor {
             ),
         };
         (reply, false)
+    }
+
+    /// H16, H17: `x-quorum-resync` and `x-quorum-verify`.
+    async fn quorum_job(&self, cmd: &str, args: &Value) -> Value {
+        use crate::drivers::quorum::resync::ResyncRequest;
+        use crate::drivers::quorum::verify::VerifyRequest;
+        let parsed = (|| -> Result<_, String> {
+            let string = |k: &str| -> Result<Option<String>, String> {
+                match args.get(k) {
+                    None => Ok(None),
+                    Some(Value::String(v)) => Ok(Some(v.clone())),
+                    Some(_) => Err(format!(
+                        "Invalid parameter type for '{k}', expected: string"
+                    )),
+                }
+            };
+            let uint = |k: &str| -> Result<Option<u64>, String> {
+                match args.get(k) {
+                    None => Ok(None),
+                    Some(v) => match (v.as_u64(), v.as_i64()) {
+                        (Some(n), _) => Ok(Some(n)),
+                        (None, Some(_)) => {
+                            Err(format!("Parameter '{k}' expects a non-negative value"))
+                        }
+                        _ => Err(format!(
+                            "Invalid parameter type for '{k}', expected: integer"
+                        )),
+                    },
+                }
+            };
+            let boolean = |k: &str| -> Result<Option<bool>, String> {
+                match args.get(k) {
+                    None => Ok(None),
+                    Some(Value::Bool(b)) => Ok(Some(*b)),
+                    Some(_) => Err(format!(
+                        "Invalid parameter type for '{k}', expected: boolean"
+                    )),
+                }
+            };
+            let node = string("node-name")?.ok_or("Parameter 'node-name' is missing")?;
+            let job_id = string("job-id")?;
+            let speed = uint("speed")?.unwrap_or(0);
+            let auto_dismiss = boolean("auto-dismiss")?.unwrap_or(true);
+            let verify = (cmd == "x-quorum-verify").then(|| -> Result<VerifyRequest, String> {
+                Ok(VerifyRequest {
+                    job_id: job_id.clone(),
+                    start: uint("start")?.unwrap_or(0),
+                    end: uint("end")?,
+                    repair: boolean("repair")?.unwrap_or(true),
+                    speed,
+                    auto_dismiss,
+                })
+            });
+            let verify = verify.transpose()?;
+            Ok((
+                node,
+                verify,
+                ResyncRequest {
+                    job_id,
+                    speed,
+                    recover_lowest: false,
+                    auto_dismiss,
+                },
+            ))
+        })();
+        let (node, verify, resync) = match parsed {
+            Ok(p) => p,
+            Err(e) => return generic(e),
+        };
+        let q = match self.graph.lock().await.quorum(&node) {
+            Ok(q) => q,
+            Err(e) => return generic(e.to_string()),
+        };
+        let started = match verify {
+            Some(v) => q.start_verify(v),
+            None => q.start_resync(resync),
+        };
+        match started {
+            Ok(_) => json!({"return": {}}),
+            Err(e) => generic(e),
+        }
     }
 
     /// R37: `xen-set-replication`.

@@ -88,7 +88,10 @@ async fn round_trip_status(c: &NbdClient, zero_status: bool) {
     c.flush().await.expect("flush");
     if c.has_block_status() {
         let st = c.block_status(MIB, MIB).await.expect("block status");
-        assert!(!zero_status || st.zero, "zeroed range reads as zero: {st:?}");
+        assert!(
+            !zero_status || st.zero,
+            "zeroed range reads as zero: {st:?}"
+        );
         let st = c.block_status(0, MIB).await.expect("block status");
         assert!(st.data && !st.zero, "written range is data: {st:?}");
     }

@@ -306,6 +306,8 @@ async fn secondary_stop_with_failover_commits_the_view_e2_r31_r32() {
             len: IMG,
             offset: IMG,
             error: None,
+            speed: 0,
+            result: Vec::new(),
         }]
     );
     // Both overlays stay as empty nodes (R31 step 4).
@@ -736,6 +738,8 @@ async fn r13_failover_failed_splits_writes_between_a_and_s() {
             len: 2 * c,
             offset: 0,
             error: Some(ErrorKind::NoSpc),
+            speed: 0,
+            result: Vec::new(),
         }]
     );
     // The view is unchanged (R31 step 5): uncommitted clusters stay in A and H.
@@ -950,6 +954,8 @@ async fn o2_a_cluster_dirtied_during_the_first_pass_counts_in_len_and_offset() {
             len: 3 * CL,
             offset: 3 * CL,
             error: None,
+            speed: 0,
+            result: Vec::new(),
         }]
     );
     assert_eq!(s.contents(0, CL as usize), vec![0x55; CL as usize]);

@@ -1024,6 +1024,7 @@ impl Oracle {
                     "JOB {device} {offset}/{len} {}",
                     error.map(|k| k.errno_name()).unwrap_or("-")
                 ),
+                Event::JobStatusChange { id, status } => format!("JOBSTATUS {id} {status}"),
             })
             .collect();
         let mismatch_order: Vec<&String> = got_ev.iter().filter(|e| e.contains(" - ")).collect();

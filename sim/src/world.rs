@@ -594,6 +594,7 @@ fn check_qmp_stream(w: &Arc<World>) {
         Event::QuorumReportBad { node_name, .. } => format!("RB/{node_name}"),
         Event::QuorumFailure { .. } => "FAILURE".to_string(),
         Event::BlockJobCompleted { device, .. } => format!("JOB/{device}"),
+        Event::JobStatusChange { id, .. } => format!("JOBSTATUS/{id}"),
     };
     type Timed = Vec<(u64, Event)>;
     let mut groups: BTreeMap<(u64, String), (Timed, Timed)> = BTreeMap::new();
@@ -1521,6 +1522,7 @@ async fn check_expectations(w: &Arc<World>) {
                             }
                             Event::QuorumFailure { .. } => event == "QUORUM_FAILURE",
                             Event::BlockJobCompleted { .. } => event == "BLOCK_JOB_COMPLETED",
+                            Event::JobStatusChange { .. } => event == "JOB_STATUS_CHANGE",
                         })
                         .count() as u64;
                     let good = count.is_none_or(|c| n == c)

@@ -8,7 +8,7 @@
 
 use serde_json::{Map, Value};
 
-use crate::drivers::quorum::ReadPattern;
+use crate::drivers::quorum::{ReadPattern, ResyncMode};
 use crate::error::ConfigError;
 
 /// A reference to a child node: an existing node's name, or an inline definition.
@@ -77,6 +77,12 @@ pub enum DriverSpec {
         rewrite_corrupted: bool,
         /// `read-pattern`.
         read_pattern: ReadPattern,
+        /// `resync` (HEALING.md H14).
+        resync: ResyncMode,
+        /// `resync-inflight` (H15), checked at open.
+        resync_inflight: u64,
+        /// `resync-min-speed`, bytes per second (H15).
+        resync_min_speed: u64,
     },
     /// `driver=nbd` (NBD.md §7).
     Nbd {
@@ -402,12 +408,25 @@ fn parse_level(mut o: Opts) -> Result<NodeSpec, ConfigError> {
                 Some("fifo") => ReadPattern::Fifo,
                 _ => ReadPattern::Quorum,
             };
+            let resync = match o.enumeration("resync", &["auto", "manual"])? {
+                Some("manual") => ResyncMode::Manual,
+                _ => ResyncMode::Auto,
+            };
+            let resync_inflight = o
+                .uint("resync-inflight")?
+                .unwrap_or(crate::drivers::quorum::RESYNC_INFLIGHT_DEFAULT as u64);
+            let resync_min_speed = o
+                .uint("resync-min-speed")?
+                .unwrap_or(crate::drivers::quorum::RESYNC_MIN_SPEED_DEFAULT_BYTES_PER_S);
             DriverSpec::Quorum {
                 blkverify,
                 children,
                 vote_threshold,
                 rewrite_corrupted,
                 read_pattern,
+                resync,
+                resync_inflight,
+                resync_min_speed,
             }
         }
         "nbd" => {

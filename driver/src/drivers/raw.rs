@@ -138,6 +138,14 @@ impl BlockDevice for RawDevice {
         self.discard_unmap && self.child.discard_zeroes()
     }
 
+    fn cache_epoch(&self) -> u64 {
+        self.child.cache_epoch()
+    }
+
+    fn reachable(&self) -> bool {
+        self.child.reachable()
+    }
+
     async fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
         check_request(self.size, 1, offset, len, Access::Read)?;
         let mut s = self.child.block_status(self.offset + offset, len).await?;

@@ -459,6 +459,8 @@ impl Replication {
             len: len.max(done),
             offset: done,
             error,
+            speed: 0,
+            result: Vec::new(),
         });
     }
 

@@ -810,7 +810,9 @@ async fn reconnect(shared: std::sync::Weak<Shared>) {
             let ro = |f: u16| f & tflag::READ_ONLY != 0;
             let same = neg.size == first.size && ro(neg.flags) == ro(first.flags);
             if same {
-                bump(&sh.counters.reconnects);
+                // H7: SeqCst, and before the link is up, so a request on the new connection
+                // always sees the new epoch.
+                sh.counters.reconnects.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(watch(Arc::downgrade(&sh), conn.clone()));
             }
             *sh.link.lock().unwrap_or_else(|p| p.into_inner()) =
@@ -1053,6 +1055,18 @@ impl BlockDevice for NbdClient {
 
     fn request_alignment(&self) -> u32 {
         self.shared.neg.minimum
+    }
+
+    /// HEALING.md H7: every successful reconnection may be a restarted server.
+    fn cache_epoch(&self) -> u64 {
+        self.shared.counters.reconnects.load(Ordering::SeqCst)
+    }
+
+    fn reachable(&self) -> bool {
+        matches!(
+            &*self.shared.link.lock().unwrap_or_else(|p| p.into_inner()),
+            Link::Up(c) if c.alive.load(Ordering::SeqCst)
+        )
     }
 
     async fn read(&self, offset: u64, len: usize) -> Result<Bytes> {

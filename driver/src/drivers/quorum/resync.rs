@@ -1,0 +1,654 @@
+//! The resync job (HEALING.md H10–H16): copies every out-of-sync granule of every child from
+//! the voted copy, and the watcher that starts it by itself (`resync=auto`, H14).
+//!
+//! A pass walks the union of the children's out-of-sync sets in ascending offset, at most
+//! `resync-inflight` granules at once (runs of consecutive granules are read with one request
+//! per child). Each run is held exclusively in the quorum's request order (H10: no guest write
+//! can interleave between the vote and the copy, so no newer data is undone, I17), its voters
+//! are read and voted on per granule (H1, H11), and each target's own copy is compared before
+//! anything is written to it (P17). A granule leaves O_c only after a flush of the target that
+//! started after the copy completed (H12); the job flushes each target every 64 MiB copied and
+//! at the end of a pass, then rescans. A granule with no winner is counted unrecoverable, gets
+//! one FAILURE, and is not retried by this job (H13); a target whose write fails is retried
+//! after 1 s, 2 s, ... 60 s while the others go on (H14); an unreachable target is left for a
+//! later job.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::time::Instant;
+
+use super::sync::{granule_bytes, GranuleSet, GRANULE_BYTES};
+use super::vote::{self, Outcome};
+use super::{Children, Inner};
+use crate::device::WriteFlags;
+use crate::error::{ErrorKind, Result};
+use crate::events::{sectors, IoType};
+use crate::jobs::{Cancelled, JobControl};
+use crate::join::{join_all_with, BoxFuture};
+
+/// H12: a target is flushed at least every this many bytes copied to it.
+pub const FLUSH_EVERY_BYTES: u64 = 64 << 20;
+/// H14: the first retry delay of a target whose writes fail, doubled up to the maximum.
+pub const RETRY_FIRST: Duration = Duration::from_secs(1);
+/// H14: the longest retry delay.
+pub const RETRY_MAX: Duration = Duration::from_secs(60);
+/// H14: out-of-sync granules wait this long before an automatic job starts (bursts coalesce).
+pub const AUTO_START_DELAY: Duration = Duration::from_secs(1);
+/// How often the watcher looks.
+const WATCH_EVERY: Duration = Duration::from_millis(250);
+/// How often a running job logs its progress line.
+pub const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+/// What a resync (or a verify's repair) is asked to do.
+#[derive(Debug, Clone)]
+pub struct ResyncRequest {
+    /// `job-id`; default `<node>-resync`.
+    pub job_id: Option<String>,
+    /// `speed`, bytes per second, 0 = no cap.
+    pub speed: u64,
+    /// H13, H22: a granule with no winner takes the lowest-index child's copy.
+    pub recover_lowest: bool,
+    /// QEMU's `auto-dismiss`.
+    pub auto_dismiss: bool,
+}
+
+impl Default for ResyncRequest {
+    fn default() -> ResyncRequest {
+        ResyncRequest {
+            job_id: None,
+            speed: 0,
+            recover_lowest: false,
+            auto_dismiss: true,
+        }
+    }
+}
+
+/// Counters of one job's copying.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Tally {
+    /// Target granules written with the winner.
+    pub copied: u64,
+    /// Target granules found equal to the winner (nothing written, P17).
+    pub equal: u64,
+    /// Granules with no winner (H13, P20).
+    pub unrecoverable: u64,
+    /// Target granules handled, in bytes (the job's progress).
+    pub bytes_done: u64,
+}
+
+/// Paces a job at its rate (H15).
+#[derive(Debug)]
+pub(crate) struct Pacer {
+    next_at: Instant,
+}
+
+impl Pacer {
+    pub(crate) fn new() -> Pacer {
+        Pacer {
+            next_at: Instant::now(),
+        }
+    }
+
+    /// The rate now: the job's `speed` caps it; while guest requests are in flight it is at
+    /// most `resync-min-speed` (0 there means no floor is imposed).
+    fn rate(q: &Inner, ctl: &JobControl) -> Option<u64> {
+        let speed = ctl.speed();
+        let busy = q.guest_inflight.load(Ordering::SeqCst) > 0 && q.opts.resync_min_speed > 0;
+        match (speed, busy) {
+            (0, false) => None,
+            (0, true) => Some(q.opts.resync_min_speed),
+            (s, false) => Some(s),
+            (s, true) => Some(s.min(q.opts.resync_min_speed)),
+        }
+    }
+
+    /// Waits until `bytes` more may go.
+    pub(crate) async fn pace(&mut self, q: &Inner, ctl: &JobControl, bytes: u64) {
+        let now = Instant::now();
+        let Some(rate) = Pacer::rate(q, ctl) else {
+            self.next_at = now;
+            return;
+        };
+        if self.next_at > now {
+            ctl.sleep(self.next_at - now).await;
+        }
+        let start = self.next_at.max(Instant::now());
+        self.next_at = start + Duration::from_secs_f64(bytes as f64 / rate as f64);
+    }
+}
+
+/// A person-readable progress line (H16's log line).
+pub(crate) fn progress_line(
+    what: &str,
+    node: &str,
+    done: u64,
+    total: u64,
+    bytes_per_s: f64,
+) -> String {
+    let mib = |b: u64| b as f64 / f64::from(1u32 << 20);
+    let pct = if total == 0 {
+        100.0
+    } else {
+        done as f64 * 100.0 / total as f64
+    };
+    let eta = if bytes_per_s > 0.0 {
+        format!("{:.0} s", total.saturating_sub(done) as f64 / bytes_per_s)
+    } else {
+        "unknown".to_string()
+    };
+    format!(
+        "ballot: quorum '{node}' {what}: {pct:.1}% ({:.1} of {:.1} MiB), {:.1} MiB/s, ETA {eta}",
+        mib(done),
+        mib(total),
+        bytes_per_s / f64::from(1u32 << 20)
+    )
+}
+
+/// One resync's state.
+pub(crate) struct Resync {
+    q: Arc<Inner>,
+    ctl: Arc<JobControl>,
+    recover_lowest: bool,
+    /// Granules a verify asked to repair; `None`: every out-of-sync granule.
+    scope: Option<GranuleSet>,
+    /// Granules with no winner this job (H13).
+    skip: GranuleSet,
+    /// Child name → (retry at, next delay) (H14).
+    backoff: BTreeMap<String, (Instant, Duration)>,
+    /// Child name → bytes copied since its last flush (H12).
+    since_flush: BTreeMap<String, u64>,
+    pub(crate) tally: Tally,
+    pacer: Pacer,
+    /// Progress line clock.
+    log_at: Instant,
+    log_done: u64,
+    /// Report this job's progress (a verify's repair leaves progress to the verify).
+    report_progress: bool,
+}
+
+impl Resync {
+    pub(crate) fn new(
+        q: Arc<Inner>,
+        ctl: Arc<JobControl>,
+        recover_lowest: bool,
+        scope: Option<GranuleSet>,
+    ) -> Resync {
+        let report_progress = scope.is_none();
+        Resync {
+            q,
+            ctl,
+            recover_lowest,
+            scope,
+            skip: GranuleSet::default(),
+            backoff: BTreeMap::new(),
+            since_flush: BTreeMap::new(),
+            tally: Tally::default(),
+            pacer: Pacer::new(),
+            log_at: Instant::now() + PROGRESS_EVERY,
+            log_done: 0,
+            report_progress,
+        }
+    }
+
+    /// Whether child `c` may be written to now.
+    fn eligible(&self, st: &Children, i: usize) -> bool {
+        let c = &st.list[i];
+        c.dev.reachable()
+            && self
+                .backoff
+                .get(&c.name)
+                .is_none_or(|(at, _)| *at <= Instant::now())
+    }
+
+    /// Whether granule `g` is work for child `i`.
+    fn wanted(&self, st: &Children, i: usize, g: u64) -> bool {
+        !self.skip.contains(g)
+            && self.scope.as_ref().is_none_or(|s| s.contains(g))
+            && st.list[i].oos_granules() > 0
+            && !st.list[i].in_sync(g, g + 1)
+    }
+
+    /// The next granules `>= from` that are work for an eligible child, at most `n`, as runs.
+    async fn next_batch(&self, from: u64, n: u64) -> Vec<(u64, u64)> {
+        let st = self.q.children.read().await;
+        let eligible: Vec<usize> = (0..st.list.len())
+            .filter(|&i| st.list[i].oos_granules() > 0 && self.eligible(&st, i))
+            .collect();
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        let mut left = n;
+        let mut g = from;
+        let granules = self.q.granules();
+        while left > 0 && g < granules {
+            // The smallest granule >= g that some eligible child wants.
+            let next = eligible
+                .iter()
+                .filter_map(|&i| {
+                    let s = st.list[i].sync();
+                    let mut at = g;
+                    loop {
+                        let x = s.out_of_sync().next_from(at)?;
+                        if !self.skip.contains(x)
+                            && self.scope.as_ref().is_none_or(|sc| sc.contains(x))
+                        {
+                            return Some(x);
+                        }
+                        at = x + 1;
+                    }
+                })
+                .min();
+            let Some(x) = next else { break };
+            match runs.last_mut() {
+                Some(last) if last.1 == x => last.1 = x + 1,
+                _ => runs.push((x, x + 1)),
+            }
+            left -= 1;
+            g = x + 1;
+        }
+        runs
+    }
+
+    /// Bytes still to do, for `total-progress`.
+    async fn remaining(&self) -> u64 {
+        let st = self.q.children.read().await;
+        st.list
+            .iter()
+            .map(|c| c.oos_granules().saturating_mul(GRANULE_BYTES))
+            .sum()
+    }
+
+    /// Runs passes until nothing eligible is left.
+    ///
+    /// # Errors
+    /// [`Cancelled`].
+    pub(crate) async fn run(&mut self) -> std::result::Result<(), Cancelled> {
+        let inflight = self.q.opts.resync_inflight as u64;
+        loop {
+            // H14: what this scan will see; a mark after it makes the watcher start again.
+            let marks = self.q.marks.load(Ordering::SeqCst);
+            self.q.settled_marks.store(marks, Ordering::SeqCst);
+            let mut pos = 0u64;
+            let mut worked = false;
+            loop {
+                self.ctl.checkpoint().await?;
+                let batch = self.next_batch(pos, inflight).await;
+                let Some(&(_, end)) = batch.last() else { break };
+                worked = true;
+                let bytes: u64 = batch
+                    .iter()
+                    .map(|&(a, b)| granule_bytes(a, b, self.q.length))
+                    .sum();
+                self.pacer.pace(&self.q, &self.ctl, bytes).await;
+                self.ctl.set_busy(true);
+                let futs: Vec<BoxFuture<'_, Vec<RunOutcome>>> = batch
+                    .iter()
+                    .map(|&(a, b)| -> BoxFuture<'_, Vec<RunOutcome>> {
+                        Box::pin(self.run_one(a, b))
+                    })
+                    .collect();
+                let outcomes = join_all_with(futs, |_, _| {}).await;
+                self.ctl.set_busy(false);
+                for o in outcomes.into_iter().flatten() {
+                    self.absorb(o);
+                }
+                self.flush_due(false).await;
+                pos = end;
+                self.report().await;
+            }
+            self.flush_due(true).await;
+            if !worked {
+                // Nothing eligible: done, unless a target only waits for its retry delay.
+                let wait = self.retry_wait().await;
+                match wait {
+                    Some(d) => self.ctl.sleep(d).await,
+                    None => return Ok(()),
+                }
+            }
+        }
+    }
+
+    /// The delay until the earliest backed-off target with work may be retried.
+    async fn retry_wait(&self) -> Option<Duration> {
+        let st = self.q.children.read().await;
+        let now = Instant::now();
+        st.list
+            .iter()
+            .filter(|c| c.oos_granules() > 0 && c.dev.reachable())
+            .filter_map(|c| self.backoff.get(&c.name).map(|(at, _)| *at))
+            .filter(|at| *at > now)
+            .min()
+            .map(|at| at - now)
+    }
+
+    async fn report(&mut self) {
+        if !self.report_progress {
+            return;
+        }
+        let remaining = self.remaining().await;
+        let done = self.tally.bytes_done;
+        self.ctl.progress(done, done + remaining);
+        let now = Instant::now();
+        if now >= self.log_at {
+            let secs = (PROGRESS_EVERY + (now - self.log_at)).as_secs_f64();
+            let rate = (done - self.log_done) as f64 / secs;
+            self.q.host.log(&progress_line(
+                "resync",
+                &self.q.opts.node_name,
+                done,
+                done + remaining,
+                rate,
+            ));
+            self.log_at = now + PROGRESS_EVERY;
+            self.log_done = done;
+        }
+    }
+
+    fn absorb(&mut self, o: RunOutcome) {
+        match o {
+            RunOutcome::Copied { child, bytes } => {
+                self.tally.copied += bytes.div_ceil(GRANULE_BYTES);
+                self.tally.bytes_done += bytes;
+                *self.since_flush.entry(child.clone()).or_default() += bytes;
+                self.backoff.remove(&child);
+            }
+            RunOutcome::Equal { child, bytes } => {
+                self.tally.equal += bytes.div_ceil(GRANULE_BYTES);
+                self.tally.bytes_done += bytes;
+                self.since_flush.entry(child).or_default();
+            }
+            RunOutcome::WriteFailed { child } => {
+                let delay = self
+                    .backoff
+                    .get(&child)
+                    .map(|(_, d)| (*d * 2).min(RETRY_MAX))
+                    .unwrap_or(RETRY_FIRST);
+                self.backoff.insert(child, (Instant::now() + delay, delay));
+            }
+            RunOutcome::Unrecoverable { granule } => {
+                self.tally.unrecoverable += 1;
+                self.skip.insert_range(granule, granule + 1);
+            }
+        }
+    }
+
+    /// H12: flushes targets with 64 MiB copied since their last flush, or (`all`) every
+    /// target this pass touched.
+    async fn flush_due(&mut self, all: bool) {
+        let due: Vec<String> = self
+            .since_flush
+            .iter()
+            .filter(|(_, &b)| all || b >= FLUSH_EVERY_BYTES)
+            .map(|(n, _)| n.clone())
+            .collect();
+        if due.is_empty() {
+            return;
+        }
+        let st = self.q.children.read().await;
+        for name in due {
+            self.since_flush.remove(&name);
+            // A child removed meanwhile has nothing to flush (H16).
+            if let Some(c) = st.list.iter().find(|c| c.name == name) {
+                if let Err(e) = self.q.flush_child(c).await {
+                    self.q.report_bad(IoType::Flush, Some(e.kind()), c, 0, 0);
+                }
+            }
+        }
+    }
+
+    /// One run of granules `[first, end)`: held exclusively, voted per granule, compared,
+    /// copied where different.
+    async fn run_one(&self, first: u64, end: u64) -> Vec<RunOutcome> {
+        let q = &self.q;
+        let off = first * GRANULE_BYTES;
+        let len = granule_bytes(first, end, q.length);
+        let _hold = q.order(off, len, true).await;
+        let st = q.children.read().await;
+        let n = st.list.len();
+        // Per granule: voters (H1) and targets.
+        let plan: Vec<(u64, Vec<usize>, Vec<usize>)> = (first..end)
+            .map(|g| {
+                let (voters, _) = q.voters(&st, g, g + 1);
+                let targets: Vec<usize> = (0..n)
+                    .filter(|&i| self.wanted(&st, i, g) && self.eligible(&st, i))
+                    .collect();
+                (g, voters, targets)
+            })
+            .collect();
+        if plan.iter().all(|(_, _, t)| t.is_empty()) {
+            return Vec::new();
+        }
+        let readers: Vec<usize> = (0..n)
+            .filter(|i| plan.iter().any(|(_, v, t)| v.contains(i) || t.contains(i)))
+            .collect();
+        let (sn, sc) = sectors(off, len);
+        let epochs: Vec<u64> = st.list.iter().map(|c| c.dev.cache_epoch()).collect();
+        let futs: Vec<BoxFuture<'_, Result<Bytes>>> = readers
+            .iter()
+            .map(|&i| st.list[i].dev.read(off, len as usize))
+            .collect();
+        let results = join_all_with(futs, |k, r| {
+            if let Err(e) = r {
+                q.report_bad(IoType::Read, Some(e.kind()), &st.list[readers[k]], sn, sc);
+            }
+        })
+        .await;
+        let copy_of = |i: usize| -> Option<&Bytes> {
+            readers
+                .iter()
+                .position(|&r| r == i)
+                .and_then(|k| results[k].as_ref().ok())
+                .filter(|b| b.len() as u64 == len)
+        };
+        let slice = |b: &Bytes, g: u64| -> Bytes {
+            let a = ((g - first) * GRANULE_BYTES) as usize;
+            let z = (granule_bytes(first, g + 1, q.length)) as usize;
+            b.slice(a..z)
+        };
+        let mut out = Vec::new();
+        // Per target: granules to write, with their data.
+        let mut writes: BTreeMap<usize, Vec<(u64, Bytes)>> = BTreeMap::new();
+        for (g, voters, targets) in &plan {
+            if targets.is_empty() {
+                continue;
+            }
+            let (gsn, gsc) = sectors(g * GRANULE_BYTES, granule_bytes(*g, g + 1, q.length));
+            let copies: Vec<(usize, Bytes)> = voters
+                .iter()
+                .filter_map(|&i| copy_of(i).map(|b| (i, slice(b, *g))))
+                .collect();
+            let refs: Vec<(usize, &[u8])> = copies.iter().map(|(i, b)| (*i, &b[..])).collect();
+            let winner = match vote::vote(&refs, q.opts.threshold) {
+                Outcome::Winner { members, losers } => {
+                    // A voter that lost to a winner of t votes is stale: it joins O_c (and is
+                    // fixed by this job's next pass).
+                    for &l in &losers {
+                        if !targets.contains(&l) {
+                            q.report_bad(IoType::Read, None, &st.list[l], gsn, gsc);
+                            q.update(&st.list[l], |s| s.mark(*g, g + 1));
+                        }
+                    }
+                    copies
+                        .iter()
+                        .find(|(i, _)| *i == members[0])
+                        .map(|(_, b)| b.clone())
+                }
+                Outcome::Tie | Outcome::BelowThreshold if self.recover_lowest => {
+                    // H13, H22: any version is allowed; the lowest-index child's copy wins.
+                    (0..n).find_map(|i| copy_of(i).map(|b| slice(b, *g)))
+                }
+                Outcome::Tie | Outcome::BelowThreshold => None,
+            };
+            let Some(data) = winner else {
+                q.failure(gsn, gsc);
+                out.push(RunOutcome::Unrecoverable { granule: *g });
+                continue;
+            };
+            for &t in targets {
+                let c = &st.list[t];
+                let equal = copy_of(t).is_some_and(|b| slice(b, *g) == data);
+                if equal {
+                    let after = c.dev.cache_epoch();
+                    q.update(c, |s| s.compared_equal(*g, epochs[t], after));
+                    out.push(RunOutcome::Equal {
+                        child: c.name.clone(),
+                        bytes: data.len() as u64,
+                    });
+                } else {
+                    writes.entry(t).or_default().push((*g, data.clone()));
+                }
+            }
+        }
+        // Consecutive granules of one target go in one write (no FUA: H12's flush follows).
+        let mut futs: Vec<BoxFuture<'_, (usize, u64, Result<()>)>> = Vec::new();
+        for (t, list) in writes {
+            let mut k = 0;
+            while k < list.len() {
+                let mut j = k + 1;
+                while j < list.len() && list[j].0 == list[j - 1].0 + 1 {
+                    j += 1;
+                }
+                let g0 = list[k].0;
+                let data: Bytes = if j - k == 1 {
+                    list[k].1.clone()
+                } else {
+                    let mut b = BytesMut::with_capacity(list[k..j].iter().map(|x| x.1.len()).sum());
+                    for (_, d) in &list[k..j] {
+                        b.extend_from_slice(d);
+                    }
+                    b.freeze()
+                };
+                let c = &st.list[t];
+                let o = g0 * GRANULE_BYTES;
+                let l = data.len() as u64;
+                futs.push(Box::pin(async move {
+                    let r = q
+                        .write_child(c, o, l, c.dev.write(o, data, WriteFlags::NONE))
+                        .await;
+                    (t, l, r)
+                }));
+                k = j;
+            }
+        }
+        let (wsn, wsc) = (sn, sc);
+        for (t, bytes, r) in join_all_with(futs, |_, _| {}).await {
+            let c = &st.list[t];
+            match r {
+                Ok(()) => out.push(RunOutcome::Copied {
+                    child: c.name.clone(),
+                    bytes,
+                }),
+                Err(e) => {
+                    q.report_bad(IoType::Write, Some(e.kind()), c, wsn, wsc);
+                    out.push(RunOutcome::WriteFailed {
+                        child: c.name.clone(),
+                    });
+                }
+            }
+        }
+        out
+    }
+}
+
+/// What one run did to one target or granule.
+#[derive(Debug)]
+enum RunOutcome {
+    Copied { child: String, bytes: u64 },
+    Equal { child: String, bytes: u64 },
+    WriteFailed { child: String },
+    Unrecoverable { granule: u64 },
+}
+
+impl Inner {
+    /// H16: starts the resync job now. Returns its id.
+    ///
+    /// # Errors
+    /// `Quorum '<Q>' already has a resync job`; the job registry's id errors.
+    pub fn start_resync(
+        self: &Arc<Self>,
+        req: ResyncRequest,
+    ) -> std::result::Result<String, String> {
+        let mut jobs = self.jobs();
+        if jobs.resync.is_some() {
+            return Err(format!(
+                "Quorum '{}' already has a resync job",
+                self.opts.node_name
+            ));
+        }
+        let id = req
+            .job_id
+            .clone()
+            .unwrap_or_else(|| format!("{}-resync", self.opts.node_name));
+        let ctl = self
+            .host
+            .jobs
+            .create(&id, "x-resync", req.speed, req.auto_dismiss)?;
+        jobs.resync = Some(ctl.clone());
+        drop(jobs);
+        let q = self.clone();
+        tokio::spawn(async move {
+            ctl.start();
+            let mut job = Resync::new(q.clone(), ctl.clone(), req.recover_lowest, None);
+            let _ = job.run().await;
+            let remaining = job.remaining().await;
+            let done = job.tally.bytes_done;
+            ctl.progress(done, done + remaining);
+            q.jobs().resync = None;
+            let t = job.tally;
+            let error = (t.unrecoverable > 0).then_some(ErrorKind::Io);
+            ctl.finish(
+                error,
+                vec![
+                    ("copied", t.copied),
+                    ("equal", t.equal),
+                    ("unrecoverable", t.unrecoverable),
+                ],
+            );
+        });
+        Ok(id)
+    }
+}
+
+/// H14: with `resync=auto`, starts a resync job when some reachable child is out of sync on
+/// granules no job has scanned since they were marked, 1 s after it first sees them. Also
+/// notices a child's new cache epoch (H7) while the guest is idle. Ends with the quorum.
+pub(crate) async fn watch(q: Weak<Inner>) {
+    let mut seen_since: Option<Instant> = None;
+    let mut was_reachable: BTreeMap<String, bool> = BTreeMap::new();
+    loop {
+        tokio::time::sleep(WATCH_EVERY).await;
+        let Some(q) = q.upgrade() else { return };
+        let mut candidate = false;
+        let mut came_back = false;
+        {
+            let st = q.children.read().await;
+            for c in &st.list {
+                q.observe(c);
+                let reachable = c.dev.reachable();
+                let before = was_reachable.insert(c.name.clone(), reachable);
+                if c.oos_granules() > 0 && reachable {
+                    candidate = true;
+                    came_back |= before == Some(false);
+                }
+            }
+        }
+        let fresh = q.marks.load(Ordering::SeqCst) > q.settled_marks.load(Ordering::SeqCst);
+        if came_back {
+            // A target that was unreachable when the last job ended has work again.
+            q.settled_marks.store(0, Ordering::SeqCst);
+        }
+        let running = q.jobs().resync.is_some();
+        if running || !candidate || !(fresh || came_back) {
+            seen_since = None;
+            continue;
+        }
+        let since = *seen_since.get_or_insert_with(Instant::now);
+        if Instant::now() - since < AUTO_START_DELAY {
+            continue;
+        }
+        seen_since = None;
+        let _ = q.start_resync(ResyncRequest::default());
+    }
+}
