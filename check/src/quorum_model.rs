@@ -104,6 +104,11 @@ pub struct QuorumModel {
     pub faults: Vec<Faults>,
     /// Each child's out-of-sync granules.
     pub out_of_sync: Vec<BTreeSet<u64>>,
+    /// Each child's granules written since its last successful flush (HEALING.md H7).
+    pub unflushed: Vec<BTreeSet<u64>>,
+    /// Each child's out-of-sync granules a covering write made current, cleared from
+    /// `out_of_sync` by the child's next successful flush (H5).
+    pub pending: Vec<BTreeSet<u64>>,
 }
 
 fn initial() -> Vec<u8> {
@@ -118,19 +123,60 @@ impl QuorumModel {
             mem: vec![initial(); config.children],
             faults: vec![Faults::default(); config.children],
             out_of_sync: vec![BTreeSet::new(); config.children],
+            unflushed: vec![BTreeSet::new(); config.children],
+            pending: vec![BTreeSet::new(); config.children],
         }
     }
 
     fn mark(&mut self, child: usize, off: u64, len: u64) {
-        self.out_of_sync[child].extend(granules(off, len));
+        for g in granules(off, len) {
+            self.out_of_sync[child].insert(g);
+            self.pending[child].remove(&g);
+        }
     }
 
-    /// Q36–Q39: every child gets the write; failures are reported and marked; the result is
-    /// the threshold vote.
+    /// H5: the granules `[off, off + len)` covers whole (the last, shorter one counts when
+    /// the range reaches the disk's end).
+    fn whole(off: u64, len: u64) -> std::ops::Range<u64> {
+        let g = ballot::drivers::quorum::OUT_OF_SYNC_GRANULARITY_BYTES;
+        let end = off + len;
+        let last = if end >= DISK_BYTES {
+            DISK_BYTES.div_ceil(g)
+        } else {
+            end / g
+        };
+        off.div_ceil(g)..last.max(off.div_ceil(g))
+    }
+
+    /// A successful write on `child` (H5, H7): its granules are unflushed; the out-of-sync
+    /// ones it covers whole become pending.
+    fn wrote(&mut self, child: usize, off: u64, len: u64) {
+        self.unflushed[child].extend(granules(off, len));
+        for g in Self::whole(off, len) {
+            if self.out_of_sync[child].contains(&g) {
+                self.pending[child].insert(g);
+            }
+        }
+    }
+
+    /// H1: whether `child` is in sync on every granule of the range.
+    fn in_sync(&self, child: usize, off: u64, len: u64) -> bool {
+        granules(off, len).all(|g| !self.out_of_sync[child].contains(&g))
+    }
+
+    /// Q36–Q39, H3–H6: every child gets the write; failures are reported and marked; a
+    /// success counts if the child was in sync on the range, the write covers every
+    /// out-of-sync granule it touches, or the range is degraded (fewer than t in sync).
     fn write_all(&mut self, off: u64, data: &[u8]) -> Expect {
+        let len = data.len() as u64;
+        let n = self.config.children;
+        let in_sync: Vec<bool> = (0..n).map(|i| self.in_sync(i, off, len)).collect();
+        let degraded = in_sync.iter().filter(|s| **s).count() < self.config.threshold;
+        let whole = Self::whole(off, len);
         let mut events = Vec::new();
         let mut errors = Vec::new();
-        for i in 0..self.config.children {
+        let mut counted = 0;
+        for i in 0..n {
             let f = self.faults[i];
             match f.write {
                 Some(k) => {
@@ -142,18 +188,31 @@ impl QuorumModel {
                         Some(IoType::Write),
                     ));
                     errors.push(k);
-                    self.mark(i, off, data.len() as u64);
+                    self.mark(i, off, len);
                 }
-                None if f.lose_writes => {}
-                None => self.mem[i][off as usize..off as usize + data.len()].copy_from_slice(data),
+                None => {
+                    if !f.lose_writes {
+                        self.mem[i][off as usize..off as usize + data.len()].copy_from_slice(data);
+                    }
+                    self.wrote(i, off, len);
+                    let covers = granules(off, len)
+                        .filter(|g| self.out_of_sync[i].contains(g))
+                        .all(|g| whole.contains(&g));
+                    if degraded || in_sync[i] || covers {
+                        counted += 1;
+                    }
+                }
             }
         }
-        let ok = self.config.children - errors.len();
-        let result = if ok >= self.config.threshold {
+        let result = if counted >= self.config.threshold {
             Ok(Vec::new())
         } else {
             events.push((Ev::Failure, None));
-            Err(model_error_vote(&errors))
+            Err(if errors.is_empty() {
+                ErrorKind::Io
+            } else {
+                model_error_vote(&errors)
+            })
         };
         Expect { result, events }
     }
@@ -186,21 +245,31 @@ impl QuorumModel {
             }
             Step::Read { sector, sectors } => {
                 let (off, len) = ((sector * SECTOR) as usize, (sectors * SECTOR) as usize);
-                let answers: Vec<Result<Vec<u8>, ErrorKind>> = (0..self.config.children)
-                    .map(|i| match self.faults[i].read {
-                        Some(k) => Err(k),
-                        None => Ok(self.mem[i][off..off + len].to_vec()),
+                let c = self.config;
+                // H1: out-of-sync children are not read while t others are in sync.
+                let in_sync: Vec<bool> = (0..c.children)
+                    .map(|i| self.in_sync(i, off as u64, len as u64))
+                    .collect();
+                let degraded = in_sync.iter().filter(|s| **s).count() < c.threshold;
+                let answers: Vec<Option<Result<Vec<u8>, ErrorKind>>> = (0..c.children)
+                    .map(|i| {
+                        (degraded || in_sync[i]).then(|| match self.faults[i].read {
+                            Some(k) => Err(k),
+                            None => Ok(self.mem[i][off..off + len].to_vec()),
+                        })
                     })
                     .collect();
-                let c = self.config;
                 let v = model_read(c.threshold, c.fifo, c.rewrite, false, &answers);
                 if let Ok(data) = &v.result {
                     for &i in &v.rewrites {
                         let f = self.faults[i];
                         if f.write.is_some() {
                             self.mark(i, off as u64, len as u64);
-                        } else if !f.lose_writes {
-                            self.mem[i][off..off + len].copy_from_slice(data);
+                        } else {
+                            if !f.lose_writes {
+                                self.mem[i][off..off + len].copy_from_slice(data);
+                            }
+                            self.wrote(i, off as u64, len as u64);
                         }
                     }
                 }
@@ -220,8 +289,10 @@ impl QuorumModel {
                 // Q41: one child after another; never a FAILURE.
                 let mut events = Vec::new();
                 let mut errors = Vec::new();
-                for (i, f) in self.faults.iter().enumerate() {
-                    if let Some(k) = f.flush {
+                for i in 0..self.config.children {
+                    let unflushed = std::mem::take(&mut self.unflushed[i]);
+                    let pending = std::mem::take(&mut self.pending[i]);
+                    if let Some(k) = self.faults[i].flush {
                         events.push((
                             Ev::Bad {
                                 child: i,
@@ -230,6 +301,13 @@ impl QuorumModel {
                             Some(IoType::Flush),
                         ));
                         errors.push(k);
+                        // H7: what the flush should have made durable may be lost.
+                        self.out_of_sync[i].extend(unflushed);
+                    } else {
+                        // H5: covered granules leave O_c with the flush.
+                        for g in pending {
+                            self.out_of_sync[i].remove(&g);
+                        }
                     }
                 }
                 let ok = self.config.children - errors.len();
@@ -286,6 +364,8 @@ impl QuorumRig {
             ReadPattern::Quorum
         };
         opts.rewrite_corrupted = config.rewrite;
+        // The model has no background resync (HEALING.md H14).
+        opts.resync = ballot::drivers::quorum::ResyncMode::Manual;
         let children = kids
             .iter()
             .enumerate()

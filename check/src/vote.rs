@@ -137,22 +137,30 @@ pub fn model_validate(
 }
 
 /// The reference vote over every child's answer, in child order.
+///
+/// `answers[i]` is `None` for a child HEALING.md H1 leaves out (out of sync on the range while
+/// at least t others are in sync): it is not read, gets no event and is not repaired (H2).
 pub fn model_read(
     threshold: usize,
     fifo: bool,
     rewrite: bool,
     blkverify: bool,
-    answers: &[Result<Vec<u8>, ErrorKind>],
+    answers: &[Option<Result<Vec<u8>, ErrorKind>>],
 ) -> Verdict {
     let mut events = Vec::new();
+    let answers: Vec<(usize, &Result<Vec<u8>, ErrorKind>)> = answers
+        .iter()
+        .enumerate()
+        .filter_map(|(i, a)| a.as_ref().map(|a| (i, a)))
+        .collect();
     if fifo {
         // Q29–Q32: children in order until one answers; errors reported as they come.
         let mut last = ErrorKind::Io;
-        for (k, a) in answers.iter().enumerate() {
+        for (k, &(child, a)) in answers.iter().enumerate() {
             match a {
                 Ok(d) => {
                     let rewrites = if rewrite {
-                        (0..k).collect()
+                        answers[..k].iter().map(|(i, _)| *i).collect()
                     } else {
                         Vec::new()
                     };
@@ -165,7 +173,7 @@ pub fn model_read(
                 }
                 Err(e) => {
                     events.push(Ev::Bad {
-                        child: k,
+                        child,
                         error: Some(*e),
                     });
                     last = *e;
@@ -181,10 +189,10 @@ pub fn model_read(
     }
     let errors: Vec<ErrorKind> = answers
         .iter()
-        .filter_map(|a| a.as_ref().err())
+        .filter_map(|(_, a)| a.as_ref().err())
         .copied()
         .collect();
-    for (i, a) in answers.iter().enumerate() {
+    for &(i, a) in &answers {
         if let Err(e) = a {
             events.push(Ev::Bad {
                 child: i,
@@ -203,8 +211,7 @@ pub fn model_read(
     };
     let ok: Vec<(usize, &Vec<u8>)> = answers
         .iter()
-        .enumerate()
-        .filter_map(|(i, a)| a.as_ref().ok().map(|d| (i, d)))
+        .filter_map(|&(i, a)| a.as_ref().ok().map(|d| (i, d)))
         .collect();
     if ok.len() < threshold {
         return fail(events, model_error_vote(&errors)); // Q18
@@ -365,6 +372,8 @@ async fn check_async(case: &VoteCase) {
     };
     opts.rewrite_corrupted = case.rewrite;
     opts.blkverify = case.blkverify;
+    // One read's rules at a time: no background resync (HEALING.md H14).
+    opts.resync = ballot::drivers::quorum::ResyncMode::Manual;
     let children: Vec<(String, Device)> = kids
         .iter()
         .enumerate()
@@ -415,10 +424,22 @@ async fn check_async(case: &VoteCase) {
                 ..Faults::default()
             });
             kid.take_writes();
-            answers.push(match err {
+            answers.push(Some(match err {
                 Some(k) => Err(k),
                 None => Ok(model[i][off..off + len].to_vec()),
-            });
+            }));
+        }
+        // H1: children out of sync on the range do not vote while t others are in sync.
+        let touched = granules(off as u64, len as u64);
+        let stale: Vec<bool> = (0..n)
+            .map(|i| touched.clone().any(|g| out_of_sync[i].contains(&g)))
+            .collect();
+        if stale.iter().filter(|s| !**s).count() >= t {
+            for (i, a) in answers.iter_mut().enumerate() {
+                if stale[i] {
+                    *a = None;
+                }
+            }
         }
         let want = model_read(t, case.fifo, case.rewrite, case.blkverify, &answers);
         rec.clear();

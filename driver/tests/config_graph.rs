@@ -443,8 +443,8 @@ async fn q51_query_out_of_sync_lists_children_in_order_and_names_bad_nodes() {
     assert_eq!(
         g.query_out_of_sync("q0").await.unwrap(),
         serde_json::json!([
-            {"child": "children.0", "node-name": "r0", "granularity": 65536, "dirty-bytes": 0, "ranges": []},
-            {"child": "children.1", "node-name": "r1", "granularity": 65536, "dirty-bytes": 0, "ranges": []},
+            {"child": "children.0", "node-name": "r0", "granularity": 65536, "dirty-bytes": 0, "ranges": [], "state": "in-sync", "unflushed-bytes": 0},
+            {"child": "children.1", "node-name": "r1", "granularity": 65536, "dirty-bytes": 0, "ranges": [], "state": "in-sync", "unflushed-bytes": 0},
         ])
     );
     assert_eq!(

@@ -3,7 +3,8 @@
 //! `ballot serve`; the same qemu-io steps go through each export, and the QMP event sequences
 //! (event, node-name, type, presence of `error`, sector fields) are compared. Steps that
 //! produce events are more than a second apart, so the 1 s rate limit (QUORUM.md Q59) never
-//! holds one back. They match except for one event QEMU adds (see the test).
+//! holds one back. They match except for one event QEMU adds and one ballot leaves out by
+//! HEALING.md H2 (see the test).
 
 mod peers;
 
@@ -145,7 +146,15 @@ fn run_ballot(dir: &Path) -> Vec<Seen> {
     let reps = replicas(dir, &flag);
     let (nbd, qmp) = (dir.join("b.sock"), dir.join("b.qmp"));
     let mut args = vec!["serve".to_string()];
-    args.extend(command_line(&reps, &nbd, &qmp));
+    // The same command line, plus ballot's `resync=manual` (HEALING.md H14): an automatic
+    // resync would read and write n1 in the background, at times this comparison cannot pin.
+    args.extend(command_line(&reps, &nbd, &qmp).into_iter().map(|a| {
+        if a.starts_with("--blockdev=driver=quorum") {
+            format!("{a},resync=manual")
+        } else {
+            a
+        }
+    }));
     let mut served = start_ballot(&args, &nbd, &[&qmp]);
     let events = drive(&nbd, &qmp, &flag);
     assert_eq!(served.terminate(), Some(0));
@@ -154,7 +163,7 @@ fn run_ballot(dir: &Path) -> Vec<Seen> {
 }
 
 #[test]
-fn qemu_storage_daemon_and_ballot_event_sequences_differ_only_by_the_block_status_probe() {
+fn qemu_storage_daemon_and_ballot_event_sequences_differ_by_the_block_status_probe_and_h2() {
     if !need(&["nbdkit"], "nbdkit") || !need(&["qemu-storage-daemon", "qemu-io"], "qemu-utils") {
         return;
     }
@@ -179,7 +188,8 @@ fn qemu_storage_daemon_and_ballot_event_sequences_differ_only_by_the_block_statu
     // NBD server asks the quorum for block status (its trace shows BLOCK_STATUS with REQ_ONE
     // sent to the children, then the READ), and QEMU's quorum reports n1's failed block-status
     // query as a read error too. ballot's server reads without that probe, so the guest's read
-    // is reported once.
+    // is reported once. Since HEALING.md H1/H2 (README D9) ballot also leaves n1 out of the
+    // last read, which its failed write left out of sync: no mismatch report there.
     assert_eq!(
         qemu,
         vec![
@@ -192,11 +202,7 @@ fn qemu_storage_daemon_and_ballot_event_sequences_differ_only_by_the_block_statu
     );
     assert_eq!(
         ours,
-        vec![
-            rb("read", true, 0),
-            rb("write", true, 128),
-            rb("read", false, 128),
-        ],
+        vec![rb("read", true, 0), rb("write", true, 128)],
         "ballot serve"
     );
     let _ = std::fs::remove_dir_all(&base);

@@ -7,7 +7,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ballot::drivers::quorum::{Quorum, QuorumOptions, ReadPattern};
+use ballot::drivers::quorum::{Quorum, QuorumOptions, ReadPattern, ResyncMode};
 use ballot::events::{Event, EventBus, IoType, Stream};
 use ballot::host::{Captured, Host};
 use ballot::{BlockDevice, BlockStatus, ErrorKind, WriteFlags, ZeroFlags};
@@ -40,6 +40,8 @@ fn opts(t: usize, pattern: ReadPattern, rewrite: bool) -> QuorumOptions {
         read_pattern: pattern,
         rewrite_corrupted: rewrite,
         discard_unmap: true,
+        // The table isolates one request's rules: no background resync (HEALING.md H14).
+        resync: ResyncMode::Manual,
         ..QuorumOptions::new("q0", t)
     }
 }
@@ -627,13 +629,17 @@ async fn q38_q49_write_with_some_failures_succeeds_reports_and_records() {
     assert_eq!(
         oos[1].to_json(),
         serde_json::json!({"child": "children.1", "node-name": "c1", "granularity": 65536,
-            "dirty-bytes": 65536, "ranges": [{"offset": 65536, "length": 65536}]})
+            "dirty-bytes": 65536, "ranges": [{"offset": 65536, "length": 65536}],
+            "state": "out-of-sync", "unflushed-bytes": 0})
     );
     assert_eq!(
         oos[0].to_json(),
         serde_json::json!({"child": "children.0", "node-name": "c0", "granularity": 65536,
-            "dirty-bytes": 0, "ranges": []})
+            "dirty-bytes": 0, "ranges": [], "state": "in-sync", "unflushed-bytes": 65536})
     );
+    // H7, H9: the flush makes c0's write durable; c1's failed write was never unflushed.
+    f.q.flush().await.unwrap();
+    assert_eq!(f.q.out_of_sync().await[0].unflushed_bytes, 0);
 }
 
 #[tokio::test]
@@ -935,8 +941,12 @@ async fn read_only_quorum_refuses_writes_with_eperm_but_still_rewrites() {
     assert_eq!(f.kids[1].contents(0, 512), vec![0xA; 512]);
 }
 
+/// H1, H2, H4, H5: after a failed write, the child is out of sync on the granule: a later
+/// partial write to it does not clear it (and its success does not count), reads leave it out
+/// (no read, no REPORT_BAD), and a write covering the whole granule followed by a flush clears
+/// it.
 #[tokio::test]
-async fn q48_q50_record_changes_no_io_and_a_later_success_does_not_clear_it() {
+async fn h1_h5_out_of_sync_child_is_not_read_and_only_a_covering_write_and_flush_clear_it() {
     let f = fixture(&[C::D(0), C::D(0), C::D(0)], 2, ReadPattern::Quorum, false);
     f.kids[1].fail_writes(EIO);
     f.q.write(0, Bytes::from(vec![5u8; 512]), WriteFlags::NONE)
@@ -944,17 +954,58 @@ async fn q48_q50_record_changes_no_io_and_a_later_success_does_not_clear_it() {
         .unwrap();
     f.kids[1].clear_log();
     *f.kids[1].write_err.lock().unwrap() = None;
-    // Q50: a later successful write to the same range does not clear the record.
-    f.q.write(0, Bytes::from(vec![6u8; 512]), WriteFlags::NONE)
+    // H5: a partial-granule write clears nothing, even with a flush after it.
+    f.q.write(0, Bytes::from(vec![6u8; 512]), WriteFlags { fua: true })
         .await
         .unwrap();
     assert_eq!(f.q.out_of_sync().await[1].ranges, vec![(0, 65536)]);
-    // Q48: the out-of-sync child still takes part in reads and votes like any other.
+    // H1, H2: the out-of-sync child is not read and gets no event.
+    f.kids[1].clear_log();
     f.internal.take();
     let got = f.q.read(0, 512).await.unwrap();
     assert_eq!(got, Bytes::from(vec![6u8; 512]));
-    assert_eq!(f.kids[1].log()[1], Op::Read(0, 512));
+    assert_eq!(f.kids[1].log(), vec![]);
     assert_eq!(f.internal.events(), vec![]);
+    // H5: a write covering the granule, then a flush, clears it.
+    f.q.write(0, Bytes::from(vec![7u8; 65536]), WriteFlags::NONE)
+        .await
+        .unwrap();
+    assert_eq!(f.q.out_of_sync().await[1].ranges, vec![(0, 65536)]);
+    f.q.flush().await.unwrap();
+    assert_eq!(f.q.out_of_sync().await[1].ranges, vec![]);
+    assert_eq!(f.kids[1].contents(0, 512), vec![7u8; 512]);
+}
+
+/// H4: when only t - 1 in-sync children take a write and the out-of-sync one succeeds on a
+/// partial granule, the write fails: that success is a copy no read would count.
+#[tokio::test]
+async fn h4_a_success_on_a_child_that_stays_out_of_sync_does_not_count() {
+    let f = fixture(&[C::D(0), C::D(0), C::D(0)], 2, ReadPattern::Quorum, false);
+    f.kids[2].fail_writes(EIO);
+    f.q.write(0, Bytes::from(vec![5u8; 512]), WriteFlags::NONE)
+        .await
+        .unwrap();
+    *f.kids[2].write_err.lock().unwrap() = None;
+    f.kids[1].fail_writes(EIO);
+    f.internal.take();
+    // In sync on granule 0: children 0 and 1 (t = 2), so the range is not degraded; child 1
+    // fails and child 2's partial success leaves it out of sync.
+    let e =
+        f.q.write(512, Bytes::from(vec![6u8; 512]), WriteFlags::NONE)
+            .await
+            .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Io);
+    assert_eq!(
+        f.internal.events(),
+        vec![
+            rb(IoType::Write, Some(EIO), "c1", 1, 1),
+            Event::QuorumFailure {
+                reference: "q0".into(),
+                sector_num: 1,
+                sectors_count: 1
+            }
+        ]
+    );
 }
 
 /// D7: a guest write that overlaps a read with rewrite-corrupted, issued while the read is in
