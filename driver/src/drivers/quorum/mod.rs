@@ -441,6 +441,17 @@ impl Inner {
         &self.opts
     }
 
+    /// Whether no resync or verify job of this quorum is running.
+    pub fn jobs_idle(&self) -> bool {
+        let j = self.jobs();
+        j.resync.is_none() && j.verify.is_none()
+    }
+
+    /// The process's job registry this quorum's jobs are in.
+    pub fn host_jobs(&self) -> crate::jobs::Jobs {
+        self.host.jobs.clone()
+    }
+
     pub(crate) fn jobs(&self) -> MutexGuard<'_, QuorumJobs> {
         self.jobs.lock().unwrap_or_else(|p| p.into_inner())
     }
