@@ -176,7 +176,7 @@ impl QuorumModel {
         let mut events = Vec::new();
         let mut errors = Vec::new();
         let mut counted = 0;
-        for i in 0..n {
+        for (i, &was_in_sync) in in_sync.iter().enumerate() {
             let f = self.faults[i];
             match f.write {
                 Some(k) => {
@@ -198,7 +198,7 @@ impl QuorumModel {
                     let covers = granules(off, len)
                         .filter(|g| self.out_of_sync[i].contains(g))
                         .all(|g| whole.contains(&g));
-                    if degraded || in_sync[i] || covers {
+                    if degraded || was_in_sync || covers {
                         counted += 1;
                     }
                 }

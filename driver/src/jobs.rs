@@ -337,7 +337,7 @@ impl JobControl {
             total: st.total,
             speed: st.speed,
             busy: st.busy,
-            error: st.error.clone(),
+            error: st.error,
             result: st.result.clone(),
         }
     }
@@ -443,7 +443,7 @@ impl JobControl {
         }
         st.status = JobStatus::Concluded;
         st.busy = false;
-        st.error = error.clone();
+        st.error = error;
         st.result = result.clone();
         let (len, offset, speed) = (st.total, st.current, st.speed);
         drop(st);

@@ -652,22 +652,22 @@ impl Oracle {
                     // Q29–Q32: children in order until one succeeds.
                     let mut expect_err = ErrorKind::Io;
                     let mut served = None;
+                    // HEALING.md H1: children out of sync on the range are skipped, so the
+                    // order is ascending with gaps (the quorum's record decides which).
+                    let mut last: Option<usize> = None;
                     for (k, c) in reads.iter().enumerate() {
-                        if c.disk != k {
-                            bad(
-                                v,
-                                "I7",
-                                format!("fifo read child {} out of order (expected c{k})", c.disk),
-                            );
+                        if last.is_some_and(|l| c.disk <= l) || c.disk >= n {
+                            bad(v, "I7", format!("fifo read child {} out of order", c.disk));
                             return;
                         }
+                        last = Some(c.disk);
                         match c.result {
                             ChildResult::Ok(d) => {
                                 served = Some((k, d));
                                 break;
                             }
                             ChildResult::Err(e) => {
-                                want_events.push(rb("read", k, Some(e), sn, sc));
+                                want_events.push(rb("read", c.disk, Some(e), sn, sc));
                                 expect_err = e;
                             }
                         }
@@ -682,11 +682,11 @@ impl Oracle {
                                 *self.tally.paths.entry("P5").or_default() += 1;
                             }
                             if self.cfg.rewrite {
-                                want_rewrites = (0..k).map(|i| (i, d)).collect();
+                                want_rewrites = reads[..k].iter().map(|c| (c.disk, d)).collect();
                             }
                         }
                         None => {
-                            if reads.len() != n {
+                            if reads.len() < t.min(n) {
                                 bad(
                                     v,
                                     "I7",
@@ -701,12 +701,17 @@ impl Oracle {
                     }
                 } else {
                     let mut res: Vec<Option<ChildResult>> = vec![None; n];
+                    let mut twice = false;
                     for c in &reads {
                         if c.disk < n {
+                            twice |= res[c.disk].is_some();
                             res[c.disk] = Some(c.result.clone());
                         }
                     }
-                    if res.iter().any(Option::is_none) || reads.len() != n {
+                    // Q16 with HEALING.md H1: every voter once; children out of sync on the
+                    // range do not vote while at least t others are in sync.
+                    let asked = res.iter().filter(|r| r.is_some()).count();
+                    if twice || asked < t.min(n) || reads.len() != asked {
                         bad(
                             v,
                             "I7",
@@ -717,25 +722,23 @@ impl Oracle {
                         );
                         return;
                     }
-                    let res: Vec<ChildResult> =
-                        res.into_iter().map(|r| r.expect("checked")).collect();
                     let ok: Vec<(usize, u64)> = res
                         .iter()
                         .enumerate()
                         .filter_map(|(i, r)| match r {
-                            ChildResult::Ok(d) => Some((i, *d)),
-                            ChildResult::Err(_) => None,
+                            Some(ChildResult::Ok(d)) => Some((i, *d)),
+                            _ => None,
                         })
                         .collect();
                     let errs: Vec<ErrorKind> = res
                         .iter()
                         .filter_map(|r| match r {
-                            ChildResult::Err(e) => Some(*e),
-                            ChildResult::Ok(_) => None,
+                            Some(ChildResult::Err(e)) => Some(*e),
+                            _ => None,
                         })
                         .collect();
                     for (i, r) in res.iter().enumerate() {
-                        if let ChildResult::Err(e) = r {
+                        if let Some(ChildResult::Err(e)) = r {
                             want_events.push(rb("read", i, Some(*e), sn, sc));
                         }
                     }

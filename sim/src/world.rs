@@ -635,7 +635,12 @@ fn check_qmp_stream(w: &Arc<World>) {
                 }
             }
         };
-        for (t, e) in &internal {
+        // Events QEMU never limits (job events): the QMP stream is the internal one.
+        let limited = internal
+            .first()
+            .or(qmp.first())
+            .is_some_and(|(_, e)| e.rate_key().is_some());
+        for (t, e) in internal.iter().filter(|_| limited) {
             // The limiter's timer task runs a little after its instant when other tasks are
             // ready first (many NBD connections): an event that close to a window's end may
             // land on either side of it.
@@ -650,6 +655,9 @@ fn check_qmp_stream(w: &Arc<World>) {
                     win_end = Some(t + WINDOW);
                 }
             }
+        }
+        if !limited {
+            want = internal.clone();
         }
         // Windows that closed before the incarnation ended; the one open at its end is cut.
         close_until(end.saturating_sub(1), &mut win_end, &mut held, &mut want);

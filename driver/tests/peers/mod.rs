@@ -214,6 +214,12 @@ impl Daemon {
         self.wait_gone();
     }
 
+    /// SIGKILL, as a power cut of the server: whatever it held in memory is gone.
+    pub fn kill(&self) {
+        signal(self.pid, libc::SIGKILL);
+        self.wait_gone();
+    }
+
     /// Sends SIGTERM.
     pub fn terminate(&self) {
         signal(self.pid, libc::SIGTERM);
