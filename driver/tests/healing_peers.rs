@@ -93,7 +93,11 @@ async fn a_replica_killed_and_restarted_and_a_hot_added_empty_one_end_identical(
     // The client reconnects by itself (N42); the quorum sees the new connection (H7) and a
     // resync starts 1 s later (H14). Wait for it to complete, then for the record to be clean.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !rec.events().iter().any(|e| e.name() == "BLOCK_JOB_COMPLETED") {
+    while !rec
+        .events()
+        .iter()
+        .any(|e| e.name() == "BLOCK_JOB_COMPLETED")
+    {
         assert!(Instant::now() < deadline, "no resync after the restart");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
