@@ -246,20 +246,16 @@ impl QuorumModel {
             Step::Read { sector, sectors } => {
                 let (off, len) = ((sector * SECTOR) as usize, (sectors * SECTOR) as usize);
                 let c = self.config;
-                // H1: out-of-sync children are not read while t others are in sync.
-                let in_sync: Vec<bool> = (0..c.children)
-                    .map(|i| self.in_sync(i, off as u64, len as u64))
+                let stale: Vec<bool> = (0..c.children)
+                    .map(|i| !self.in_sync(i, off as u64, len as u64))
                     .collect();
-                let degraded = in_sync.iter().filter(|s| **s).count() < c.threshold;
-                let answers: Vec<Option<Result<Vec<u8>, ErrorKind>>> = (0..c.children)
-                    .map(|i| {
-                        (degraded || in_sync[i]).then(|| match self.faults[i].read {
-                            Some(k) => Err(k),
-                            None => Ok(self.mem[i][off..off + len].to_vec()),
-                        })
+                let answers: Vec<Result<Vec<u8>, ErrorKind>> = (0..c.children)
+                    .map(|i| match self.faults[i].read {
+                        Some(k) => Err(k),
+                        None => Ok(self.mem[i][off..off + len].to_vec()),
                     })
                     .collect();
-                let v = model_read(c.threshold, c.fifo, c.rewrite, false, &answers);
+                let v = model_read(c.threshold, c.fifo, c.rewrite, false, &answers, &stale);
                 if let Ok(data) = &v.result {
                     for &i in &v.rewrites {
                         let f = self.faults[i];

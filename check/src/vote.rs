@@ -138,21 +138,44 @@ pub fn model_validate(
 
 /// The reference vote over every child's answer, in child order.
 ///
-/// `answers[i]` is `None` for a child HEALING.md H1 leaves out (out of sync on the range while
-/// at least t others are in sync): it is not read, gets no event and is not repaired (H2).
+/// `stale[i]`: child i is out of sync on the range. HEALING.md H1: while at least t children
+/// are in sync, only they are read (no event, no repair for the others, H2); fifo tries the
+/// out-of-sync ones last, and a quorum read whose in-sync voters give fewer than t copies
+/// reads the others too (README D9). With fewer than t in sync, every child, in child order.
 pub fn model_read(
     threshold: usize,
     fifo: bool,
     rewrite: bool,
     blkverify: bool,
-    answers: &[Option<Result<Vec<u8>, ErrorKind>>],
+    answers: &[Result<Vec<u8>, ErrorKind>],
+    stale: &[bool],
 ) -> Verdict {
     let mut events = Vec::new();
-    let answers: Vec<(usize, &Result<Vec<u8>, ErrorKind>)> = answers
-        .iter()
-        .enumerate()
-        .filter_map(|(i, a)| a.as_ref().map(|a| (i, a)))
-        .collect();
+    let n = answers.len();
+    let in_sync: Vec<usize> = (0..n).filter(|&i| !stale[i]).collect();
+    let order: Vec<usize> = if in_sync.len() < threshold {
+        (0..n).collect()
+    } else if fifo {
+        in_sync
+            .iter()
+            .copied()
+            .chain((0..n).filter(|&i| stale[i]))
+            .collect()
+    } else {
+        let ok = in_sync.iter().filter(|&&i| answers[i].is_ok()).count();
+        if ok < threshold {
+            // Errors of the in-sync batch first, then of the rest, as they are reported.
+            in_sync
+                .iter()
+                .copied()
+                .chain((0..n).filter(|&i| stale[i]))
+                .collect()
+        } else {
+            in_sync
+        }
+    };
+    let answers: Vec<(usize, &Result<Vec<u8>, ErrorKind>)> =
+        order.iter().map(|&i| (i, &answers[i])).collect();
     if fifo {
         // Q29–Q32: children in order until one answers; errors reported as they come.
         let mut last = ErrorKind::Io;
@@ -209,10 +232,11 @@ pub fn model_read(
             fatal: false,
         }
     };
-    let ok: Vec<(usize, &Vec<u8>)> = answers
+    let mut ok: Vec<(usize, &Vec<u8>)> = answers
         .iter()
         .filter_map(|&(i, a)| a.as_ref().ok().map(|d| (i, d)))
         .collect();
+    ok.sort_by_key(|(i, _)| *i);
     if ok.len() < threshold {
         return fail(events, model_error_vote(&errors)); // Q18
     }
@@ -424,24 +448,16 @@ async fn check_async(case: &VoteCase) {
                 ..Faults::default()
             });
             kid.take_writes();
-            answers.push(Some(match err {
+            answers.push(match err {
                 Some(k) => Err(k),
                 None => Ok(model[i][off..off + len].to_vec()),
-            }));
+            });
         }
-        // H1: children out of sync on the range do not vote while t others are in sync.
         let touched = granules(off as u64, len as u64);
         let stale: Vec<bool> = (0..n)
             .map(|i| touched.clone().any(|g| out_of_sync[i].contains(&g)))
             .collect();
-        if stale.iter().filter(|s| !**s).count() >= t {
-            for (i, a) in answers.iter_mut().enumerate() {
-                if stale[i] {
-                    *a = None;
-                }
-            }
-        }
-        let want = model_read(t, case.fifo, case.rewrite, case.blkverify, &answers);
+        let want = model_read(t, case.fifo, case.rewrite, case.blkverify, &answers, &stale);
         rec.clear();
         let got = q.read(off as u64, len).await;
         let ctx = format!("read {ri} at {off}+{len}");

@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
+use ballot::drivers::quorum::Audit;
 use ballot::events::{Event, IoType};
 use ballot::ErrorKind;
 
@@ -153,6 +154,8 @@ pub struct Oracle {
     /// In-flight reads by invoke time.
     inflight_reads: BTreeSet<(u64, u64)>,
     next_op: u64,
+    /// What the quorum decided for each guest op in flight (HEALING.md H1, H4), by op id.
+    pub audits: BTreeMap<u64, ballot::drivers::quorum::Audit>,
     /// Counters.
     pub tally: Tally,
 }
@@ -184,6 +187,7 @@ impl Oracle {
             observed: HashMap::new(),
             inflight_reads: BTreeSet::new(),
             next_op: 1,
+            audits: BTreeMap::new(),
             tally: Tally::default(),
         }
     }
@@ -622,6 +626,7 @@ impl Oracle {
         v: &mut Vec<Violation>,
     ) {
         let (n, t) = (self.cfg.n, self.cfg.t);
+        let audit = self.audits.remove(&id);
         let (sn, sc) = ballot::events::sectors(offset, len);
         let mut want_events: Vec<String> = Vec::new();
         let want: Result<Option<u64>, ErrorKind>;
@@ -652,15 +657,25 @@ impl Oracle {
                     // Q29–Q32: children in order until one succeeds.
                     let mut expect_err = ErrorKind::Io;
                     let mut served = None;
-                    // HEALING.md H1: children out of sync on the range are skipped, so the
-                    // order is ascending with gaps (the quorum's record decides which).
-                    let mut last: Option<usize> = None;
+                    // HEALING.md H1: in-sync children first, in child order, then the
+                    // out-of-sync ones (README D9); the quorum's audit gives the order.
+                    let order: Vec<usize> = match &audit {
+                        Some(Audit::Read { readers, .. }) => readers.clone(),
+                        _ => (0..n).collect(),
+                    };
                     for (k, c) in reads.iter().enumerate() {
-                        if last.is_some_and(|l| c.disk <= l) || c.disk >= n {
-                            bad(v, "I7", format!("fifo read child {} out of order", c.disk));
+                        if order.get(k) != Some(&c.disk) {
+                            bad(
+                                v,
+                                "I7",
+                                format!(
+                                    "fifo read child {} out of order (expected {:?})",
+                                    c.disk,
+                                    order.get(k)
+                                ),
+                            );
                             return;
                         }
-                        last = Some(c.disk);
                         match c.result {
                             ChildResult::Ok(d) => {
                                 served = Some((k, d));
@@ -686,7 +701,7 @@ impl Oracle {
                             }
                         }
                         None => {
-                            if reads.len() < t.min(n) {
+                            if reads.len() != order.len() {
                                 bad(
                                     v,
                                     "I7",
@@ -709,9 +724,15 @@ impl Oracle {
                         }
                     }
                     // Q16 with HEALING.md H1: every voter once; children out of sync on the
-                    // range do not vote while at least t others are in sync.
+                    // range do not vote while at least t others are in sync. The quorum's
+                    // audit names the voters it chose; without one, every child.
                     let asked = res.iter().filter(|r| r.is_some()).count();
-                    if twice || asked < t.min(n) || reads.len() != asked {
+                    let voters: Vec<usize> = match &audit {
+                        Some(Audit::Read { readers, .. }) => readers.clone(),
+                        _ => (0..n).collect(),
+                    };
+                    let exact = (0..n).all(|i| res[i].is_some() == voters.contains(&i));
+                    if twice || !exact || reads.len() != asked {
                         bad(
                             v,
                             "I7",
@@ -870,7 +891,19 @@ impl Oracle {
                     for (d, e) in &errs {
                         want_events.push(rb("write", *d, Some(*e), sn, sc));
                     }
-                    let s = n - errs.len();
+                    // H4: a success counts if the quorum's audit says the child was eligible
+                    // (in sync, covering, or a degraded range) and current (one epoch).
+                    let s = writes
+                        .iter()
+                        .filter(|c| matches!(c.result, ChildResult::Ok(_)))
+                        .filter(|c| match &audit {
+                            Some(Audit::Write { eligible, current }) => {
+                                eligible.get(c.disk).copied().unwrap_or(false)
+                                    && current.get(c.disk).copied().unwrap_or(false)
+                            }
+                            _ => true,
+                        })
+                        .count();
                     if s >= t {
                         if !errs.is_empty() {
                             *self.tally.paths.entry("P6").or_default() += 1;
@@ -882,7 +915,11 @@ impl Oracle {
                         };
                     } else {
                         let kinds: Vec<ErrorKind> = errs.iter().map(|(_, e)| *e).collect();
-                        want = Err(error_vote(&kinds));
+                        want = Err(if kinds.is_empty() {
+                            ErrorKind::Io
+                        } else {
+                            error_vote(&kinds)
+                        });
                         want_events.push(fail(sn, sc));
                         *self.tally.paths.entry("P7").or_default() += 1;
                     }

@@ -843,6 +843,16 @@ async fn qhost_main(w: Arc<World>) {
         st.quorum = Some(q.clone());
         st.incarnation += 1;
     }
+    {
+        // HEALING.md H1, H4: the oracle learns which children each guest op counted.
+        let w2 = w.clone();
+        q.set_audit(Arc::new(move |a| {
+            let op = crate::vdisk::current_op();
+            if op != 0 {
+                w2.lock().oracle.audits.insert(op, a);
+            }
+        }));
+    }
     w.disks.trace("qhost", "open", 0, 0, 0, 0);
     // C4: scripted steps one after another.
     loop {
@@ -1334,6 +1344,22 @@ async fn liveness(w: &Arc<World>, _start: tokio::time::Instant) {
     let dev: Device = q.clone();
     let chunk = SCRUB_CHUNK_BYTES;
     let size = w.p.disk_size;
+    // HEALING.md H27, I12: the resync job (what the quorum knows is stale) and a verify with
+    // repair (what it does not: silent corruption, lost writes, a crash of the quorum host)
+    // bring every child back to the quorum's image and empty every out-of-sync record, with
+    // no guest read and no scrub.
+    resync_to_completion(w, &q, false).await;
+    if w.failed() {
+        return;
+    }
+    resync_to_completion(w, &q, true).await;
+    if w.failed() {
+        return;
+    }
+    check_converged(w, &q).await;
+    if w.failed() {
+        return;
+    }
     let scrub = |w: Arc<World>, dev: Device| async move {
         let mut off = 0;
         while off < size && !w.failed() {
@@ -1428,6 +1454,87 @@ async fn liveness(w: &Arc<World>, _start: tokio::time::Instant) {
     // Final full read (I4).
     scrub(w.clone(), dev.clone()).await;
     *w.lock().oracle.tally.checks.entry("I4").or_default() += 1;
+}
+
+/// H10, H16 (`verify`: H17): starts a resync job (or waits for the automatic one) or a
+/// verify job, and waits for the quorum's jobs to end, within the liveness deadline (I14).
+async fn resync_to_completion(w: &Arc<World>, q: &Arc<Quorum>, verify: bool) {
+    let start = tokio::time::Instant::now();
+    let deadline = Duration::from_nanos(w.p.deadline_ns);
+    let mut started = false;
+    while start.elapsed() < deadline {
+        if !started {
+            started = if verify {
+                q.jobs_idle()
+                    && q.start_verify(ballot::drivers::quorum::verify::VerifyRequest::default())
+                        .is_ok()
+            } else {
+                q.start_resync(ballot::drivers::quorum::resync::ResyncRequest::default())
+                    .is_ok()
+            };
+        } else if q.jobs_idle() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    w.fail(
+        "I14",
+        format!(
+            "the liveness {} did not finish within {}",
+            if verify { "verify" } else { "resync" },
+            crate::units::fmt_time(w.p.deadline_ns)
+        ),
+    );
+}
+
+/// I12: after the resync, the children agree on every sector and no out-of-sync granule is
+/// left, except where the faults went beyond the budget (B2) or a latent error hides a copy.
+async fn check_converged(w: &Arc<World>, q: &Arc<Quorum>) {
+    let size = w.p.disk_size;
+    let (over, latent) = w.disks.excused_sectors();
+    let excused: std::collections::BTreeSet<u64> = over.into_iter().chain(latent).collect();
+    let spg = ballot::drivers::quorum::OUT_OF_SYNC_GRANULARITY_BYTES / SECTOR_U64;
+    *w.lock().oracle.tally.checks.entry("I12").or_default() += 1;
+    let div: Vec<u64> = w
+        .disks
+        .divergent_sectors_in(0..size / SECTOR_U64, |_, _| false)
+        .into_iter()
+        .filter(|s| !excused.contains(s))
+        .collect();
+    if let Some(s) = div.first() {
+        w.fail(
+            "I12",
+            format!(
+                "after the resync the children still differ on {} sector(s), first {s}:{}",
+                div.len(),
+                w.disks.describe_sector(*s)
+            ),
+        );
+        return;
+    }
+    for r in q.out_of_sync().await {
+        let left: Vec<(u64, u64)> = r
+            .ranges
+            .iter()
+            .copied()
+            .filter(|&(o, l)| {
+                let (a, b) = (o / SECTOR_U64, (o + l) / SECTOR_U64);
+                !(a..b).any(|s| excused.contains(&s))
+            })
+            .collect();
+        if let Some((o, l)) = left.first() {
+            w.fail(
+                "I12",
+                format!(
+                    "after the resync {} is still out of sync on {} range(s), first {o}+{l} ({} sectors per granule)",
+                    r.node_name,
+                    left.len(),
+                    spg
+                ),
+            );
+            return;
+        }
+    }
 }
 
 /// A liveness-phase read. QUORUM.md votes on whole requests, so copies that are each within

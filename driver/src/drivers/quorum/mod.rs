@@ -266,6 +266,31 @@ impl OutOfSyncReport {
     }
 }
 
+/// What a guest request decided, for a checker that predicts results from the children's
+/// answers (the simulator's oracle). Reported, through [`Quorum::set_audit`], from within the
+/// request's own task, before it returns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Audit {
+    /// A read: the children read (H1's voters, or every child when degraded), child order.
+    Read {
+        /// Child indices read.
+        readers: Vec<usize>,
+        /// Fewer than t children were in sync on the range.
+        degraded: bool,
+    },
+    /// A write, write-zeroes or forwarded discard (H4).
+    Write {
+        /// Per child: a success would count (in sync before, covering every out-of-sync
+        /// granule it touches, or a degraded range).
+        eligible: Vec<bool>,
+        /// Per child: succeeded on one cache epoch (H7), so its data is current.
+        current: Vec<bool>,
+    },
+}
+
+/// The audit callback.
+pub type AuditFn = Arc<dyn Fn(Audit) + Send + Sync>;
+
 /// The jobs a quorum runs (H10, H17): at most one of each kind.
 #[derive(Debug, Default)]
 pub(crate) struct QuorumJobs {
@@ -298,6 +323,17 @@ pub struct Inner {
     /// `marks` when the last resync scan began: marks after it are news for the watcher.
     pub(crate) settled_marks: AtomicU64,
     pub(crate) jobs: Mutex<QuorumJobs>,
+    audit: AuditSlot,
+}
+
+/// Where the audit callback lives (a closure has no `Debug`).
+#[derive(Default)]
+struct AuditSlot(Mutex<Option<AuditFn>>);
+
+impl std::fmt::Debug for AuditSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AuditSlot")
+    }
 }
 
 impl Deref for Quorum {
@@ -409,6 +445,7 @@ impl Quorum {
             marks: AtomicU64::new(0),
             settled_marks: AtomicU64::new(0),
             jobs: Mutex::default(),
+            audit: AuditSlot::default(),
         });
         if auto {
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
@@ -416,6 +453,11 @@ impl Quorum {
             }
         }
         Ok(Quorum { inner })
+    }
+
+    /// Installs `f` to hear every guest request's decisions ([`Audit`]).
+    pub fn set_audit(&self, f: AuditFn) {
+        *self.inner.audit.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(f);
     }
 
     /// H16: starts the resync job now (`x-quorum-resync`). Returns its id.
@@ -684,6 +726,18 @@ impl Inner {
         ok && before == after
     }
 
+    fn audit(&self, a: Audit) {
+        let f = self
+            .audit
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(f) = f {
+            f(a);
+        }
+    }
+
     /// One child flush whose outcome is recorded (H7, H12).
     pub(crate) async fn flush_child(&self, child: &Child) -> Result<()> {
         let epoch = child.dev.cache_epoch();
@@ -698,18 +752,41 @@ impl Inner {
         let (sn, sc) = sectors(offset, len as u64);
         let (first, end) = touched(offset, len as u64);
         // H1: out-of-sync children are not read, unless the range is degraded.
-        let (readers, _) = self.voters(st, first, end);
-        let futs: Vec<BoxFuture<'_, Result<Bytes>>> = readers
-            .iter()
-            .map(|&i| st.list[i].dev.read(offset, len))
-            .collect();
-        // Q16, Q17: wait for every child; report each I/O error as its child completes.
-        let results = join_all_with(futs, |k, r| {
-            if let Err(e) = r {
-                self.report_bad(IoType::Read, Some(e.kind()), &st.list[readers[k]], sn, sc);
-            }
-        })
-        .await;
+        let (mut readers, mut degraded) = self.voters(st, first, end);
+        let read_some = |who: Vec<usize>| async move {
+            let futs: Vec<BoxFuture<'_, Result<Bytes>>> = who
+                .iter()
+                .map(|&i| st.list[i].dev.read(offset, len))
+                .collect();
+            // Q16, Q17: wait for every child; report each I/O error as its child completes.
+            join_all_with(futs, |k, r| {
+                if let Err(e) = r {
+                    self.report_bad(IoType::Read, Some(e.kind()), &st.list[who[k]], sn, sc);
+                }
+            })
+            .await
+        };
+        let mut results = read_some(readers.clone()).await;
+        let answered = results.iter().filter(|r| r.is_ok()).count();
+        if answered < self.opts.threshold && readers.len() < st.list.len() {
+            // ballot's addition to H1 (README D9): when the in-sync voters cannot answer with
+            // t copies, the range is treated as degraded and the out-of-sync children vote
+            // too, as in QEMU, rather than failing a read another copy could serve.
+            let rest: Vec<usize> = (0..st.list.len())
+                .filter(|i| !readers.contains(i))
+                .collect();
+            results.extend(read_some(rest.clone()).await);
+            readers.extend(rest);
+            degraded = true;
+        }
+        // Child order, as every other path reports and votes.
+        let mut pairs: Vec<(usize, Result<Bytes>)> = readers.into_iter().zip(results).collect();
+        pairs.sort_by_key(|(i, _)| *i);
+        let (readers, results): (Vec<usize>, Vec<Result<Bytes>>) = pairs.into_iter().unzip();
+        self.audit(Audit::Read {
+            readers: readers.clone(),
+            degraded,
+        });
         let ok: Vec<(usize, &Bytes)> = results
             .iter()
             .zip(&readers)
@@ -809,8 +886,18 @@ impl Inner {
     async fn read_fifo(&self, st: &Children, offset: u64, len: usize) -> Result<Bytes> {
         let (sn, sc) = sectors(offset, len as u64);
         let (first, end) = touched(offset, len as u64);
-        // H1: out-of-sync children are skipped, unless the range is degraded.
-        let (readers, _) = self.voters(st, first, end);
+        // H1: out-of-sync children are skipped, unless the range is degraded; as a last
+        // resort (README D9) they are tried after the in-sync ones, in child order.
+        let (mut readers, degraded) = self.voters(st, first, end);
+        readers.extend(
+            (0..st.list.len())
+                .filter(|i| !readers.contains(i))
+                .collect::<Vec<_>>(),
+        );
+        self.audit(Audit::Read {
+            readers: readers.clone(),
+            degraded,
+        });
         let mut last_err = None;
         for (k, &i) in readers.iter().enumerate() {
             let child = &st.list[i];
@@ -869,18 +956,20 @@ impl Inner {
             }
         })
         .await;
-        let s = (0..st.list.len())
-            .filter(|&i| {
-                current[i]
-                    && (degraded || voters.contains(&i) || {
-                        // H4, H5: every out-of-sync granule it touches is covered whole.
-                        let s = st.list[i].sync();
-                        let oos = s.out_of_sync();
-                        !oos.any_in(first, whole.0.max(first))
-                            && !oos.any_in(whole.1.max(first), end)
-                    })
+        let eligible: Vec<bool> = (0..st.list.len())
+            .map(|i| {
+                degraded || voters.contains(&i) || {
+                    // H4, H5: every out-of-sync granule it touches is covered whole.
+                    let s = st.list[i].sync();
+                    let oos = s.out_of_sync();
+                    !oos.any_in(first, whole.0.max(first)) && !oos.any_in(whole.1.max(first), end)
+                }
             })
+            .collect();
+        let s = (0..st.list.len())
+            .filter(|&i| current[i] && eligible[i])
             .count();
+        self.audit(Audit::Write { eligible, current });
         assert!(s <= st.list.len(), "write count exceeds children");
         if s >= self.opts.threshold {
             return Ok(());

@@ -22,7 +22,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::time::Instant;
 
 use super::sync::{granule_bytes, GranuleSet, GRANULE_BYTES};
-use super::vote::{self, Outcome};
+use super::vote;
 use super::{Children, Inner};
 use crate::device::WriteFlags;
 use crate::error::{ErrorKind, Result};
@@ -404,6 +404,7 @@ impl Resync {
         let q = &self.q;
         let off = first * GRANULE_BYTES;
         let len = granule_bytes(first, end, q.length);
+        let unit = q.request_alignment().max(512) as usize;
         let _hold = q.order(off, len, true).await;
         let st = q.children.read().await;
         let n = st.list.len();
@@ -425,103 +426,152 @@ impl Resync {
             .collect();
         let (sn, sc) = sectors(off, len);
         let epochs: Vec<u64> = st.list.iter().map(|c| c.dev.cache_epoch()).collect();
-        let futs: Vec<BoxFuture<'_, Result<Bytes>>> = readers
-            .iter()
-            .map(|&i| st.list[i].dev.read(off, len as usize))
-            .collect();
-        let results = join_all_with(futs, |k, r| {
-            if let Err(e) = r {
-                q.report_bad(IoType::Read, Some(e.kind()), &st.list[readers[k]], sn, sc);
-            }
-        })
-        .await;
-        let copy_of = |i: usize| -> Option<&Bytes> {
+        let copies = read_copies(q, &st, &readers, off, len, unit).await;
+        let copy_of = |i: usize| -> Option<&Piece> {
             readers
                 .iter()
                 .position(|&r| r == i)
-                .and_then(|k| results[k].as_ref().ok())
-                .filter(|b| b.len() as u64 == len)
-        };
-        let slice = |b: &Bytes, g: u64| -> Bytes {
-            let a = ((g - first) * GRANULE_BYTES) as usize;
-            let z = (granule_bytes(first, g + 1, q.length)) as usize;
-            b.slice(a..z)
+                .and_then(|k| copies[k].as_ref())
         };
         let mut out = Vec::new();
-        // Per target: granules to write, with their data.
-        let mut writes: BTreeMap<usize, Vec<(u64, Bytes)>> = BTreeMap::new();
+        // Per target: (offset, data, covers its granule whole with the full winner).
+        let mut writes: BTreeMap<usize, Vec<(u64, Bytes, bool)>> = BTreeMap::new();
+        let mut incomplete: Vec<(usize, u64)> = Vec::new();
         for (g, voters, targets) in &plan {
             if targets.is_empty() {
                 continue;
             }
-            let (gsn, gsc) = sectors(g * GRANULE_BYTES, granule_bytes(*g, g + 1, q.length));
-            let copies: Vec<(usize, Bytes)> = voters
+            let a = ((g - first) * GRANULE_BYTES) as usize;
+            let z = granule_bytes(first, g + 1, q.length) as usize;
+            let (u0, u1) = (a / unit, z.div_ceil(unit));
+            let (gsn, gsc) = sectors(g * GRANULE_BYTES, (z - a) as u64);
+            let votes: Vec<vote::Copy<'_>> = voters
                 .iter()
-                .filter_map(|&i| copy_of(i).map(|b| (i, slice(b, *g))))
+                .filter_map(|&i| copy_of(i).map(|p| p.copy(i, a, z, u0, u1)))
                 .collect();
-            let refs: Vec<(usize, &[u8])> = copies.iter().map(|(i, b)| (*i, &b[..])).collect();
-            let winner = match vote::vote(&refs, q.opts.threshold) {
-                Outcome::Winner { members, losers } => {
-                    // A voter that lost to a winner of t votes is stale: it joins O_c (and is
-                    // fixed by this job's next pass).
-                    for &l in &losers {
-                        if !targets.contains(&l) {
-                            q.report_bad(IoType::Read, None, &st.list[l], gsn, gsc);
-                            q.update(&st.list[l], |s| s.mark(*g, g + 1));
-                        }
-                    }
-                    copies
-                        .iter()
-                        .find(|(i, _)| *i == members[0])
-                        .map(|(_, b)| b.clone())
-                }
-                Outcome::Tie | Outcome::BelowThreshold if self.recover_lowest => {
-                    // H13, H22: any version is allowed; the lowest-index child's copy wins.
-                    (0..n).find_map(|i| copy_of(i).map(|b| slice(b, *g)))
-                }
-                Outcome::Tie | Outcome::BelowThreshold => None,
-            };
-            let Some(data) = winner else {
+            let all: Vec<vote::Copy<'_>> = readers
+                .iter()
+                .filter_map(|&i| copy_of(i).map(|p| p.copy(i, a, z, u0, u1)))
+                .collect();
+            let Some(mut voted) = vote::vote_with_fallback(&votes, &all, q.opts.threshold, unit)
+            else {
+                // No voter answered.
                 q.failure(gsn, gsc);
                 out.push(RunOutcome::Unrecoverable { granule: *g });
                 continue;
             };
+            if self.recover_lowest && !voted.holes.is_empty() {
+                // H13, H22: any version is allowed; the lowest-index child that has the
+                // sector fills it in.
+                for &(h0, h1) in &voted.holes.clone() {
+                    for ua in (h0..h1).step_by(unit) {
+                        let uz = (ua + unit).min(h1);
+                        let from = (0..n).find_map(|i| {
+                            copy_of(i)
+                                .filter(|p| p.good_at(u0 + ua / unit))
+                                .map(|p| &p.data[a + ua..a + uz])
+                        });
+                        if let Some(b) = from {
+                            voted.data[ua..uz].copy_from_slice(b);
+                            voted.fill(ua, uz);
+                        }
+                    }
+                }
+            }
+            // A voter that lost to the winner is stale: it joins O_c (and is fixed by this
+            // job's next pass).
+            for &l in &voted.losers {
+                if !targets.contains(&l) {
+                    q.report_bad(IoType::Read, None, &st.list[l], gsn, gsc);
+                    q.update(&st.list[l], |s| s.mark(*g, g + 1));
+                }
+            }
+            let complete = voted.holes.is_empty();
+            if !complete {
+                // H13: counted and reported once; the sectors that have a winner are still
+                // copied below, and the granule stays out of sync.
+                q.failure(gsn, gsc);
+                out.push(RunOutcome::Unrecoverable { granule: *g });
+            }
             for &t in targets {
                 let c = &st.list[t];
-                let equal = copy_of(t).is_some_and(|b| slice(b, *g) == data);
-                if equal {
-                    let after = c.dev.cache_epoch();
-                    q.update(c, |s| s.compared_equal(*g, epochs[t], after));
+                let own = copy_of(t);
+                // Units of the granule to write: a winner exists there, and the target's copy
+                // is unreadable or different.
+                let stale_unit = |ua: usize| {
+                    let uz = (ua + unit).min(z - a);
+                    !voted.in_hole(ua)
+                        && own.is_none_or(|p| {
+                            !p.good_at(u0 + ua / unit)
+                                || p.data[a + ua..a + uz] != voted.data[ua..uz]
+                        })
+                };
+                let stale: Vec<usize> = (0..z - a)
+                    .step_by(unit)
+                    .filter(|&ua| stale_unit(ua))
+                    .collect();
+                if !complete {
+                    incomplete.push((t, *g));
+                }
+                if stale.is_empty() {
+                    if complete {
+                        let after = c.dev.cache_epoch();
+                        q.update(c, |s| s.compared_equal(*g, epochs[t], after));
+                    }
                     out.push(RunOutcome::Equal {
                         child: c.name.clone(),
-                        bytes: data.len() as u64,
+                        bytes: (z - a) as u64,
                     });
+                } else if complete {
+                    writes.entry(t).or_default().push((
+                        g * GRANULE_BYTES,
+                        Bytes::from(voted.data.clone()),
+                        true,
+                    ));
                 } else {
-                    writes.entry(t).or_default().push((*g, data.clone()));
+                    // Only the stale units, in runs; the rest keeps the target's bytes.
+                    let mut k = 0;
+                    while k < stale.len() {
+                        let mut j = k + 1;
+                        while j < stale.len() && stale[j] == stale[j - 1] + unit {
+                            j += 1;
+                        }
+                        let (ra, rz) = (stale[k], (stale[j - 1] + unit).min(z - a));
+                        writes.entry(t).or_default().push((
+                            g * GRANULE_BYTES + ra as u64,
+                            Bytes::copy_from_slice(&voted.data[ra..rz]),
+                            false,
+                        ));
+                        k = j;
+                    }
                 }
             }
         }
-        // Consecutive granules of one target go in one write (no FUA: H12's flush follows).
+        // Consecutive whole granules of one target go in one write (no FUA: H12's flush
+        // follows).
         let mut futs: Vec<BoxFuture<'_, (usize, u64, Result<()>)>> = Vec::new();
         for (t, list) in writes {
             let mut k = 0;
             while k < list.len() {
                 let mut j = k + 1;
-                while j < list.len() && list[j].0 == list[j - 1].0 + 1 {
+                while j < list.len()
+                    && list[j].2
+                    && list[j - 1].2
+                    && list[j].0 == list[j - 1].0 + list[j - 1].1.len() as u64
+                {
                     j += 1;
                 }
-                let g0 = list[k].0;
+                let o = list[k].0;
                 let data: Bytes = if j - k == 1 {
                     list[k].1.clone()
                 } else {
                     let mut b = BytesMut::with_capacity(list[k..j].iter().map(|x| x.1.len()).sum());
-                    for (_, d) in &list[k..j] {
+                    for (_, d, _) in &list[k..j] {
                         b.extend_from_slice(d);
                     }
                     b.freeze()
                 };
                 let c = &st.list[t];
-                let o = g0 * GRANULE_BYTES;
                 let l = data.len() as u64;
                 futs.push(Box::pin(async move {
                     let r = q
@@ -532,8 +582,12 @@ impl Resync {
                 k = j;
             }
         }
-        let (wsn, wsc) = (sn, sc);
-        for (t, bytes, r) in join_all_with(futs, |_, _| {}).await {
+        let results = join_all_with(futs, |_, _| {}).await;
+        // A granule with holes stays out of sync whatever its writes did (H13).
+        for (t, g) in incomplete {
+            q.update(&st.list[t], |s| s.mark(g, g + 1));
+        }
+        for (t, bytes, r) in results {
             let c = &st.list[t];
             match r {
                 Ok(()) => out.push(RunOutcome::Copied {
@@ -541,7 +595,7 @@ impl Resync {
                     bytes,
                 }),
                 Err(e) => {
-                    q.report_bad(IoType::Write, Some(e.kind()), c, wsn, wsc);
+                    q.report_bad(IoType::Write, Some(e.kind()), c, sn, sc);
                     out.push(RunOutcome::WriteFailed {
                         child: c.name.clone(),
                     });
@@ -550,6 +604,110 @@ impl Resync {
         }
         out
     }
+}
+
+/// One child's copy of a run: its bytes and, per unit, whether they could be read.
+pub(crate) struct Piece {
+    pub(crate) data: Bytes,
+    /// Empty: every unit read.
+    pub(crate) good: Vec<bool>,
+}
+
+impl Piece {
+    pub(crate) fn good_at(&self, u: usize) -> bool {
+        self.good.get(u).copied().unwrap_or(true)
+    }
+
+    /// The copy of bytes `[a, z)` (units `[u0, u1)`) for the vote.
+    pub(crate) fn copy(
+        &self,
+        child: usize,
+        a: usize,
+        z: usize,
+        u0: usize,
+        u1: usize,
+    ) -> vote::Copy<'_> {
+        vote::Copy {
+            child,
+            data: &self.data[a..z],
+            good: if self.good.is_empty() {
+                &[]
+            } else {
+                &self.good[u0..u1]
+            },
+        }
+    }
+}
+
+/// Reads `[off, off + len)` from each of `readers` (one request each); a child whose read
+/// fails is read again granule by granule, and a granule that fails sector by sector, so one
+/// latent sector error costs that sector, not the run. `None`: nothing could be read.
+pub(crate) async fn read_copies(
+    q: &Inner,
+    st: &Children,
+    readers: &[usize],
+    off: u64,
+    len: u64,
+    unit: usize,
+) -> Vec<Option<Piece>> {
+    let (sn, sc) = sectors(off, len);
+    let futs: Vec<BoxFuture<'_, Result<Bytes>>> = readers
+        .iter()
+        .map(|&i| st.list[i].dev.read(off, len as usize))
+        .collect();
+    let results = join_all_with(futs, |k, r| {
+        if let Err(e) = r {
+            q.report_bad(IoType::Read, Some(e.kind()), &st.list[readers[k]], sn, sc);
+        }
+    })
+    .await;
+    let mut out = Vec::with_capacity(readers.len());
+    for (k, r) in results.into_iter().enumerate() {
+        match r {
+            Ok(b) if b.len() as u64 == len => out.push(Some(Piece {
+                data: b,
+                good: Vec::new(),
+            })),
+            _ => out.push(read_pieces(&st.list[readers[k]], off, len, unit).await),
+        }
+    }
+    out
+}
+
+async fn read_pieces(c: &super::Child, off: u64, len: u64, unit: usize) -> Option<Piece> {
+    let units = (len as usize).div_ceil(unit);
+    let mut data = BytesMut::zeroed(len as usize);
+    let mut good = vec![false; units];
+    let mut at = 0u64;
+    while at < len {
+        let gl = (GRANULE_BYTES - (off + at) % GRANULE_BYTES).min(len - at);
+        if let Ok(b) = c.dev.read(off + at, gl as usize).await {
+            if b.len() as u64 == gl {
+                data[at as usize..(at + gl) as usize].copy_from_slice(&b);
+                for u in (at as usize / unit)..((at + gl) as usize).div_ceil(unit) {
+                    good[u] = true;
+                }
+                at += gl;
+                continue;
+            }
+        }
+        let mut ua = at;
+        while ua < at + gl {
+            let ul = (unit as u64).min(at + gl - ua);
+            if let Ok(b) = c.dev.read(off + ua, ul as usize).await {
+                if b.len() as u64 == ul {
+                    data[ua as usize..(ua + ul) as usize].copy_from_slice(&b);
+                    good[ua as usize / unit] = true;
+                }
+            }
+            ua += ul;
+        }
+        at += gl;
+    }
+    good.iter().any(|g| *g).then(|| Piece {
+        data: data.freeze(),
+        good,
+    })
 }
 
 /// What one run did to one target or granule.

@@ -6,17 +6,15 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
 use tokio::time::Instant;
 
-use super::resync::{progress_line, Pacer, Resync, PROGRESS_EVERY};
+use super::resync::{progress_line, read_copies, Pacer, Resync, PROGRESS_EVERY};
 use super::sync::{granule_bytes, GranuleSet, GRANULE_BYTES};
-use super::vote::{self, Outcome};
+use super::vote;
 use super::Inner;
-use crate::error::{ErrorKind, Result};
+use crate::error::ErrorKind;
 use crate::events::{sectors, IoType};
 use crate::jobs::{Cancelled, JobControl};
-use crate::join::{join_all_with, BoxFuture};
 
 /// What `x-quorum-verify` asks.
 #[derive(Debug, Clone)]
@@ -197,51 +195,43 @@ async fn check_run(
     let len = granule_bytes(first, end, q.length);
     let _hold = q.order(off, len, false).await;
     let st = q.children.read().await;
-    let (sn, sc) = sectors(off, len);
-    let futs: Vec<BoxFuture<'_, Result<Bytes>>> = st
-        .list
-        .iter()
-        .map(|c| c.dev.read(off, len as usize))
-        .collect();
-    let results = join_all_with(futs, |i, r| {
-        if let Err(e) = r {
-            q.report_bad(IoType::Read, Some(e.kind()), &st.list[i], sn, sc);
-        }
-    })
-    .await;
+    let unit = q.request_alignment().max(512) as usize;
+    let everyone: Vec<usize> = (0..st.list.len()).collect();
+    let copies = read_copies(q, &st, &everyone, off, len, unit).await;
     for g in first..end {
         tally.checked += 1;
         let a = ((g - first) * GRANULE_BYTES) as usize;
         let z = granule_bytes(first, g + 1, q.length) as usize;
+        let (u0, u1) = (a / unit, z.div_ceil(unit));
         let (voters, degraded) = q.voters(&st, g, g + 1);
-        let copies: Vec<(usize, &[u8])> = voters
+        let votes: Vec<vote::Copy<'_>> = voters
             .iter()
-            .filter_map(|&i| {
-                results[i]
-                    .as_ref()
-                    .ok()
-                    .filter(|b| b.len() as u64 == len)
-                    .map(|b| (i, &b[a..z]))
-            })
+            .filter_map(|&i| copies[i].as_ref().map(|p| p.copy(i, a, z, u0, u1)))
+            .collect();
+        let all: Vec<vote::Copy<'_>> = everyone
+            .iter()
+            .filter_map(|&i| copies[i].as_ref().map(|p| p.copy(i, a, z, u0, u1)))
             .collect();
         let (gsn, gsc) = sectors(g * GRANULE_BYTES, (z - a) as u64);
-        match vote::vote(&copies, q.opts.threshold) {
-            Outcome::Winner { losers, .. } => {
-                if !losers.is_empty() {
-                    tally.mismatched += 1;
-                    mismatched.insert_range(g, g + 1);
-                }
-                for &l in &losers {
-                    if !degraded || st.list[l].in_sync(g, g + 1) {
-                        q.report_bad(IoType::Read, None, &st.list[l], gsn, gsc);
-                    }
-                    q.update(&st.list[l], |s| s.mark(g, g + 1));
-                }
+        let Some(voted) = vote::vote_with_fallback(&votes, &all, q.opts.threshold, unit) else {
+            // No voter answered.
+            tally.unrecoverable += 1;
+            q.failure(gsn, gsc);
+            continue;
+        };
+        if !voted.losers.is_empty() {
+            tally.mismatched += 1;
+            mismatched.insert_range(g, g + 1);
+        }
+        for &l in &voted.losers {
+            if !degraded || st.list[l].in_sync(g, g + 1) {
+                q.report_bad(IoType::Read, None, &st.list[l], gsn, gsc);
             }
-            Outcome::Tie | Outcome::BelowThreshold => {
-                tally.unrecoverable += 1;
-                q.failure(gsn, gsc);
-            }
+            q.update(&st.list[l], |s| s.mark(g, g + 1));
+        }
+        if !voted.holes.is_empty() {
+            tally.unrecoverable += 1;
+            q.failure(gsn, gsc);
         }
         // The repair also heals children already out of sync here (they did not vote).
         if st.list.iter().any(|c| !c.in_sync(g, g + 1)) {
