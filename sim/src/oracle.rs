@@ -155,7 +155,9 @@ pub struct Oracle {
     inflight_reads: BTreeSet<(u64, u64)>,
     next_op: u64,
     /// What the quorum decided for each guest op in flight (HEALING.md H1, H4), by op id.
-    pub audits: BTreeMap<u64, ballot::drivers::quorum::Audit>,
+    pub audits: BTreeMap<u64, Vec<ballot::drivers::quorum::Audit>>,
+    /// The flush decision of the op being checked (D14), for [`Oracle::flush_model`].
+    flush_audit: Option<Audit>,
     /// Counters.
     pub tally: Tally,
 }
@@ -188,6 +190,7 @@ impl Oracle {
             inflight_reads: BTreeSet::new(),
             next_op: 1,
             audits: BTreeMap::new(),
+            flush_audit: None,
             tally: Tally::default(),
         }
     }
@@ -626,7 +629,14 @@ impl Oracle {
         v: &mut Vec<Violation>,
     ) {
         let (n, t) = (self.cfg.n, self.cfg.t);
-        let audit = self.audits.remove(&id);
+        let audits = self.audits.remove(&id).unwrap_or_default();
+        let audit = audits
+            .iter()
+            .find(|a| !matches!(a, Audit::Flush { .. }))
+            .cloned();
+        self.flush_audit = audits
+            .into_iter()
+            .find(|a| matches!(a, Audit::Flush { .. }));
         let (sn, sc) = ballot::events::sectors(offset, len);
         let mut want_events: Vec<String> = Vec::new();
         let want: Result<Option<u64>, ErrorKind>;
@@ -1125,11 +1135,25 @@ impl Oracle {
         if flushes.len() != self.cfg.n {
             return Err(ErrorKind::NotSup); // forces a mismatch report: not every child flushed
         }
-        if flushes.len() - errs.len() >= self.cfg.t {
+        // D14: a success counts if the quorum found the child in sync on what the flush had to
+        // make durable.
+        let counted = flushes
+            .iter()
+            .filter(|c| matches!(c.result, ChildResult::Ok(_)))
+            .filter(|c| match &self.flush_audit {
+                Some(Audit::Flush { eligible }) => eligible.get(c.disk).copied().unwrap_or(false),
+                _ => true,
+            })
+            .count();
+        if counted >= self.cfg.t {
             Ok(None)
         } else {
             *self.tally.paths.entry("P8").or_default() += 1;
-            Err(error_vote(&errs))
+            Err(if errs.is_empty() {
+                ErrorKind::Io
+            } else {
+                error_vote(&errs)
+            })
         }
     }
 

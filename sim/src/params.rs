@@ -113,6 +113,9 @@ pub struct Params {
     pub fifo: bool,
     /// rewrite-corrupted.
     pub rewrite: bool,
+    /// The quorum's `resync=auto` (HEALING.md H14); `manual` leaves healing to the liveness
+    /// phase's jobs.
+    pub resync_auto: bool,
     /// blkverify (pinned only: it needs N = 2, t = 2 and the quorum pattern, Q9-Q11).
     pub blkverify: bool,
     /// The quorum's discard=unmap.
@@ -370,6 +373,7 @@ impl Params {
         }
         let fifo = p.choice("topology.read_pattern", &["quorum", "fifo"], &[4, 1])? == "fifo";
         let rewrite = p.boolean("topology.rewrite_corrupted", 0.5)?;
+        let resync_auto = p.choice("topology.resync", &["auto", "manual"], &[3, 1])? == "auto";
         let blkverify = p.boolean("topology.blkverify", 0.0)?;
         if blkverify && (children != 2 || threshold != 2 || fifo || rewrite) {
             return Err("key 'topology.blkverify': needs children = 2, vote_threshold = 2, read_pattern = \"quorum\" and rewrite_corrupted = false (QUORUM.md Q9-Q11)".into());
@@ -695,6 +699,7 @@ impl Params {
             threshold,
             fifo,
             rewrite,
+            resync_auto,
             blkverify,
             discard_unmap,
             discard_zeroes,
@@ -783,12 +788,13 @@ impl Params {
             return s;
         }
         s += &format!(
-            "topology = {{ kind = \"quorum\", transport = \"{}\", guest_path = \"direct\", children = {}, vote_threshold = {}, read_pattern = \"{}\", rewrite_corrupted = {}, blkverify = {}, discard_unmap = {}, discard_zeroes = {}, disk_size = \"{}\", initial = \"{}\" }}\n",
+            "topology = {{ kind = \"quorum\", transport = \"{}\", guest_path = \"direct\", children = {}, vote_threshold = {}, read_pattern = \"{}\", rewrite_corrupted = {}, resync = \"{}\", blkverify = {}, discard_unmap = {}, discard_zeroes = {}, disk_size = \"{}\", initial = \"{}\" }}\n",
             if self.nbd.is_some() { "nbd" } else { "local" },
             self.children,
             self.threshold,
             if self.fifo { "fifo" } else { "quorum" },
             self.rewrite,
+            if self.resync_auto { "auto" } else { "manual" },
             self.blkverify,
             self.discard_unmap,
             self.discard_zeroes,

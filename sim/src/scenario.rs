@@ -896,8 +896,9 @@ fn parse_expects(v: &Tv) -> Result<Vec<Expect>, String> {
             "event" => {
                 check_keys(t, w, i, &["kind", "event", "node", "type", "error", "count", "min", "max", "stream"])?;
                 let event = str_key(t, w, i, "event")?.ok_or(format!("key '{w}[{i}].event' is missing"))?;
-                if event != "QUORUM_REPORT_BAD" && event != "QUORUM_FAILURE" {
-                    return Err(format!("key '{w}[{i}].event': '{event}' is not QUORUM_REPORT_BAD or QUORUM_FAILURE"));
+                const EVENTS: [&str; 4] = ["QUORUM_REPORT_BAD", "QUORUM_FAILURE", "BLOCK_JOB_COMPLETED", "JOB_STATUS_CHANGE"];
+                if !EVENTS.contains(&event) {
+                    return Err(format!("key '{w}[{i}].event': '{event}' is not one of {}", EVENTS.join(", ")));
                 }
                 let nodes = match t.get("node") {
                     None => vec![],

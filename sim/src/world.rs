@@ -8,7 +8,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use ballot::drivers::quorum::{Quorum, QuorumOptions, ReadPattern};
+use ballot::drivers::quorum::{Quorum, QuorumOptions, ReadPattern, ResyncMode};
 use ballot::events::{Emitted, Event, EventBus, IoType, Stream};
 use ballot::host::Host;
 use ballot::nbd::client::NbdClient;
@@ -817,6 +817,11 @@ async fn qhost_main(w: Arc<World>) {
             ReadPattern::Quorum
         },
         rewrite_corrupted: p.rewrite,
+        resync: if p.resync_auto {
+            ResyncMode::Auto
+        } else {
+            ResyncMode::Manual
+        },
         discard_unmap: p.discard_unmap,
         blkverify: p.blkverify,
         ..QuorumOptions::new("q0", p.threshold)
@@ -849,7 +854,7 @@ async fn qhost_main(w: Arc<World>) {
         q.set_audit(Arc::new(move |a| {
             let op = crate::vdisk::current_op();
             if op != 0 {
-                w2.lock().oracle.audits.insert(op, a);
+                w2.lock().oracle.audits.entry(op).or_default().push(a);
             }
         }));
     }
@@ -1490,6 +1495,11 @@ async fn resync_to_completion(w: &Arc<World>, q: &Arc<Quorum>, verify: bool) {
 /// I12: after the resync, the children agree on every sector and no out-of-sync granule is
 /// left, except where the faults went beyond the budget (B2) or a latent error hides a copy.
 async fn check_converged(w: &Arc<World>, q: &Arc<Quorum>) {
+    if 2 * w.p.threshold <= w.p.children {
+        // D1, D13: with a threshold that is not a strict majority, granules no child is in
+        // sync on are left for the operator; I12 is not asserted (as I3 is not).
+        return;
+    }
     let size = w.p.disk_size;
     let (over, latent) = w.disks.excused_sectors();
     let excused: std::collections::BTreeSet<u64> = over.into_iter().chain(latent).collect();

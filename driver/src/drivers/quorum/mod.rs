@@ -286,6 +286,12 @@ pub enum Audit {
         /// Per child: succeeded on one cache epoch (H7), so its data is current.
         current: Vec<bool>,
     },
+    /// A flush (README D14): per child, whether a successful flush counts.
+    Flush {
+        /// In sync, after its flush, on every granule written since the flushes that have
+        /// not succeeded yet; or fewer than t children were in sync there (degraded).
+        eligible: Vec<bool>,
+    },
 }
 
 /// The audit callback.
@@ -324,6 +330,17 @@ pub struct Inner {
     pub(crate) settled_marks: AtomicU64,
     pub(crate) jobs: Mutex<QuorumJobs>,
     audit: AuditSlot,
+    /// Granules acknowledged written since the last successful quorum flush (D14).
+    unflushed: Mutex<QuorumUnflushed>,
+}
+
+/// D14's record: granules written by acknowledged guest writes, by flush generation.
+#[derive(Debug, Default)]
+struct QuorumUnflushed {
+    current: sync::GranuleSet,
+    /// Closed by a flush that has not succeeded yet, by ticket.
+    closed: std::collections::BTreeMap<u64, sync::GranuleSet>,
+    next: u64,
 }
 
 /// Where the audit callback lives (a closure has no `Debug`).
@@ -446,6 +463,7 @@ impl Quorum {
             settled_marks: AtomicU64::new(0),
             jobs: Mutex::default(),
             audit: AuditSlot::default(),
+            unflushed: Mutex::default(),
         });
         if auto {
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
@@ -972,6 +990,12 @@ impl Inner {
         self.audit(Audit::Write { eligible, current });
         assert!(s <= st.list.len(), "write count exceeds children");
         if s >= self.opts.threshold {
+            // D14: the next flush must make this durable on t children.
+            self.unflushed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .current
+                .insert_range(first, end);
             return Ok(());
         }
         // Q39: error vote, FAILURE after all children completed, no rollback.
@@ -985,25 +1009,57 @@ impl Inner {
         Err(self.verdict(kind, what, offset, len))
     }
 
+    /// Q41 with ballot's D14: a child's flush success counts only if, after it, the child is
+    /// in sync on every granule acknowledged written since the last successful quorum flush
+    /// (a child that missed such a write, or lost it with its cache, makes nothing durable),
+    /// unless fewer than t children were in sync there (degraded: every success counts).
     async fn flush_vote(&self, st: &Children) -> Result<()> {
+        let (ticket, written) = {
+            let mut u = self.unflushed.lock().unwrap_or_else(|p| p.into_inner());
+            let ticket = u.next;
+            u.next += 1;
+            let closed = std::mem::take(&mut u.current);
+            u.closed.insert(ticket, closed);
+            let mut all = sync::GranuleSet::default();
+            for g in u.closed.values() {
+                all.union_with(g);
+            }
+            (ticket, all.runs())
+        };
+        let in_sync_on_written = |c: &Child| written.iter().all(|&(a, b)| c.in_sync(a, b));
+        let degraded =
+            st.list.iter().filter(|c| in_sync_on_written(c)).count() < self.opts.threshold;
         let mut errors = Vec::new();
+        let mut eligible = Vec::with_capacity(st.list.len());
         let mut s = 0usize;
         // Q41: one after another, in child order.
         for child in &st.list {
-            match self.flush_child(child).await {
-                Ok(()) => s += 1,
+            let r = self.flush_child(child).await;
+            let counts = degraded || in_sync_on_written(child);
+            eligible.push(counts);
+            match r {
+                Ok(()) if counts => s += 1,
+                Ok(()) => {}
                 Err(e) => {
                     self.report_bad(IoType::Flush, Some(e.kind()), child, 0, 0);
                     errors.push(e);
                 }
             }
         }
+        self.audit(Audit::Flush { eligible });
         if s >= self.opts.threshold {
+            let mut u = self.unflushed.lock().unwrap_or_else(|p| p.into_inner());
+            let later = u.closed.split_off(&(ticket + 1));
+            u.closed = later;
             Ok(())
         } else {
             // Never FAILURE for a flush.
             Err(Error::new(
-                error_vote(errors.iter()),
+                if errors.is_empty() {
+                    ErrorKind::Io
+                } else {
+                    error_vote(errors.iter())
+                },
                 format!("quorum '{}' flush below threshold", self.opts.node_name),
             ))
         }

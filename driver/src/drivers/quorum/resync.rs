@@ -409,17 +409,34 @@ impl Resync {
         let st = q.children.read().await;
         let n = st.list.len();
         // Per granule: voters (H1) and targets.
+        // With a threshold that is not a strict majority (2t <= N, D1) a degraded granule's
+        // vote can be won by stale copies that agree, and copying it would undo an
+        // acknowledged write for good: such granules are left out of sync (README D13).
+        let weak = 2 * q.opts.threshold <= n;
         let plan: Vec<(u64, Vec<usize>, Vec<usize>)> = (first..end)
             .map(|g| {
-                let (voters, _) = q.voters(&st, g, g + 1);
-                let targets: Vec<usize> = (0..n)
-                    .filter(|&i| self.wanted(&st, i, g) && self.eligible(&st, i))
-                    .collect();
+                let (voters, degraded) = q.voters(&st, g, g + 1);
+                let targets: Vec<usize> = if degraded && weak {
+                    Vec::new()
+                } else {
+                    (0..n)
+                        .filter(|&i| self.wanted(&st, i, g) && self.eligible(&st, i))
+                        .collect()
+                };
                 (g, voters, targets)
             })
             .collect();
+        let mut out = Vec::new();
+        for (g, _, targets) in &plan {
+            let stuck = (0..n).any(|i| self.wanted(&st, i, *g));
+            if targets.is_empty() && weak && stuck && q.voters(&st, *g, g + 1).1 {
+                let (gsn, gsc) = sectors(g * GRANULE_BYTES, granule_bytes(*g, g + 1, q.length));
+                q.failure(gsn, gsc);
+                out.push(RunOutcome::Unrecoverable { granule: *g });
+            }
+        }
         if plan.iter().all(|(_, _, t)| t.is_empty()) {
-            return Vec::new();
+            return out;
         }
         let readers: Vec<usize> = (0..n)
             .filter(|i| plan.iter().any(|(_, v, t)| v.contains(i) || t.contains(i)))
@@ -433,7 +450,6 @@ impl Resync {
                 .position(|&r| r == i)
                 .and_then(|k| copies[k].as_ref())
         };
-        let mut out = Vec::new();
         // Per target: (offset, data, covers its granule whole with the full winner).
         let mut writes: BTreeMap<usize, Vec<(u64, Bytes, bool)>> = BTreeMap::new();
         let mut incomplete: Vec<(usize, u64)> = Vec::new();
