@@ -109,6 +109,8 @@ pub struct QuorumModel {
     /// Each child's out-of-sync granules a covering write made current, cleared from
     /// `out_of_sync` by the child's next successful flush (H5).
     pub pending: Vec<BTreeSet<u64>>,
+    /// Granules acknowledged written since the last successful quorum flush (README D14).
+    pub acked: BTreeSet<u64>,
 }
 
 fn initial() -> Vec<u8> {
@@ -125,6 +127,7 @@ impl QuorumModel {
             out_of_sync: vec![BTreeSet::new(); config.children],
             unflushed: vec![BTreeSet::new(); config.children],
             pending: vec![BTreeSet::new(); config.children],
+            acked: BTreeSet::new(),
         }
     }
 
@@ -205,6 +208,7 @@ impl QuorumModel {
             }
         }
         let result = if counted >= self.config.threshold {
+            self.acked.extend(granules(off, len));
             Ok(Vec::new())
         } else {
             events.push((Ev::Failure, None));
@@ -282,10 +286,19 @@ impl QuorumModel {
                 }
             }
             Step::Flush => {
-                // Q41: one child after another; never a FAILURE.
+                // Q41: one child after another; never a FAILURE. D14: a success counts if the
+                // child is in sync, after its flush, on what was acknowledged since the last
+                // successful flush, or fewer than t children were in sync there.
+                let on_acked = |m: &QuorumModel, i: usize| {
+                    m.acked.iter().all(|g| !m.out_of_sync[i].contains(g))
+                };
+                let n = self.config.children;
+                let degraded =
+                    (0..n).filter(|&i| on_acked(self, i)).count() < self.config.threshold;
                 let mut events = Vec::new();
                 let mut errors = Vec::new();
-                for i in 0..self.config.children {
+                let mut counted = 0;
+                for i in 0..n {
                     let unflushed = std::mem::take(&mut self.unflushed[i]);
                     let pending = std::mem::take(&mut self.pending[i]);
                     if let Some(k) = self.faults[i].flush {
@@ -304,17 +317,20 @@ impl QuorumModel {
                         for g in pending {
                             self.out_of_sync[i].remove(&g);
                         }
+                        if degraded || on_acked(self, i) {
+                            counted += 1;
+                        }
                     }
                 }
-                let ok = self.config.children - errors.len();
-                Expect {
-                    result: if ok >= self.config.threshold {
-                        Ok(Vec::new())
-                    } else {
-                        Err(model_error_vote(&errors))
-                    },
-                    events,
-                }
+                let result = if counted >= self.config.threshold {
+                    self.acked.clear();
+                    Ok(Vec::new())
+                } else if errors.is_empty() {
+                    Err(ErrorKind::Io)
+                } else {
+                    Err(model_error_vote(&errors))
+                };
+                Expect { result, events }
             }
             Step::Fault { child, faults } => {
                 self.faults[child] = faults;

@@ -210,7 +210,10 @@ pub fn model_read(
             fatal: false,
         };
     }
-    let errors: Vec<ErrorKind> = answers
+    // Q20 counts in child order, whatever order the children were read in.
+    let mut by_child = answers.clone();
+    by_child.sort_by_key(|(i, _)| *i);
+    let errors: Vec<ErrorKind> = by_child
         .iter()
         .filter_map(|(_, a)| a.as_ref().err())
         .copied()

@@ -700,9 +700,7 @@ async fn read_pieces(c: &super::Child, off: u64, len: u64, unit: usize) -> Optio
         if let Ok(b) = c.dev.read(off + at, gl as usize).await {
             if b.len() as u64 == gl {
                 data[at as usize..(at + gl) as usize].copy_from_slice(&b);
-                for u in (at as usize / unit)..((at + gl) as usize).div_ceil(unit) {
-                    good[u] = true;
-                }
+                good[(at as usize / unit)..((at + gl) as usize).div_ceil(unit)].fill(true);
                 at += gl;
                 continue;
             }

@@ -284,7 +284,7 @@ mod tests {
             Vec::leak(good) as &[u8],
         );
         let copies = [cp(0, a), cp(1, b), cp(2, c)];
-        assert_eq!(vote(&[(0, a), (1, b), (2, c)], 2), Outcome::BelowThreshold);
+        assert_eq!(vote(&[(0, a), (1, b), (2, c)], 2), Outcome::Tie);
         assert_eq!(
             vote_assembled(&copies, 2, 512),
             Some(Assembled {
@@ -293,8 +293,8 @@ mod tests {
                 losers: vec![0, 1]
             })
         );
-        // The first sector damaged differently on two of three: a hole there; the second
-        // sector is still voted, and child 1 loses it.
+        // The first sector damaged differently on two of three: a hole there (three versions);
+        // the second sector is still voted; nobody loses outside the hole.
         let mut d = good.to_vec();
         d[3] = 1;
         let d = Vec::leak(d) as &[u8];
@@ -302,7 +302,16 @@ mod tests {
         let got = vote_assembled(&copies, 2, 512).expect("copies");
         assert_eq!(got.holes, vec![(0, 512)]);
         assert_eq!(&got.data[512..], &good[512..]);
-        assert_eq!(got.losers, vec![1]);
+        assert_eq!(got.losers, Vec::<usize>::new());
+        // Child 1 damaged in both sectors: it loses the second one.
+        let mut e = d.to_vec();
+        e[700] = 9;
+        let e = Vec::leak(e) as &[u8];
+        let copies = [cp(0, a), cp(1, e), cp(2, c)];
+        assert_eq!(
+            vote_assembled(&copies, 2, 512).expect("copies").losers,
+            vec![1]
+        );
         assert_eq!(
             vote_assembled(&copies, 1, 512).expect("copies").holes,
             vec![(0, 512)]
