@@ -796,6 +796,12 @@ pub(crate) async fn watch(q: Weak<Inner>) {
         let mut came_back = false;
         {
             let st = q.children.read().await;
+            // COLO (REPLICATION.md): a `replication` child's secondary may change only through
+            // forwarded guest writes and checkpoints; a background copy would land between
+            // them. Its quorum heals only when asked (README D13).
+            if st.list.iter().any(|c| c.dev.driver() == "replication") {
+                continue;
+            }
             for c in &st.list {
                 q.observe(c);
                 let reachable = c.dev.reachable();
