@@ -79,6 +79,9 @@ struct SimDisk {
     name: &'static str,
     data: Mutex<Vec<u8>>,
     fail_writes: AtomicBool,
+    /// Bumped each time `fail_writes` turns on, so an op can tell whether S refused writes at
+    /// any time while it ran.
+    fail_gen: AtomicU64,
     lat: (u64, u64),
     rng: Mutex<Rng>,
     ops: AtomicU64,
@@ -91,11 +94,20 @@ impl std::fmt::Debug for SimDisk {
 }
 
 impl SimDisk {
+    /// S starts or stops refusing writes.
+    fn set_failing(&self, on: bool) {
+        if on {
+            self.fail_gen.fetch_add(1, Ordering::SeqCst);
+        }
+        self.fail_writes.store(on, Ordering::SeqCst);
+    }
+
     fn new(name: &'static str, seed: u64, bytes: Vec<u8>, lat: (u64, u64)) -> Arc<SimDisk> {
         Arc::new(SimDisk {
             name,
             data: Mutex::new(bytes),
             fail_writes: AtomicBool::new(false),
+            fail_gen: AtomicU64::new(0),
             lat,
             rng: Mutex::new(Rng::stream(seed, &format!("colo/disk/{name}"))),
             ops: AtomicU64::new(0),
@@ -681,6 +693,10 @@ async fn guest(w: Arc<Colo>, primary: bool, dev: Device) {
         };
         let side = if primary { 1u64 } else { 2 };
         let start_ns = w.start.elapsed().as_nanos() as u64;
+        let (failing0, fail_gen0) = (
+            w.sdisk.fail_writes.load(Ordering::SeqCst),
+            w.sdisk.fail_gen.load(Ordering::SeqCst),
+        );
         let new_tags: Vec<u64> = (0..n).map(|i| (side << 56) | (op_id << 24) | i).collect();
         let result: Result<()> = match kind {
             "read" => match dev.read(off, len as usize).await {
@@ -799,9 +815,12 @@ async fn guest(w: Arc<Colo>, primary: bool, dev: Device) {
         }
         w.changed.notify_waiters();
         if let Err(e) = result {
-            // PVM writes never fail (t = 1 over a fault-free P); SVM I/O fails only while S
-            // refuses writes in FAILOVER_FAILED.
-            let expected = !primary && w.sdisk.fail_writes.load(Ordering::SeqCst);
+            // PVM writes never fail (t = 1 over a fault-free P); SVM I/O fails only if S
+            // refused writes (F21) at some time while the op ran.
+            let expected = !primary
+                && (failing0
+                    || w.sdisk.fail_writes.load(Ordering::SeqCst)
+                    || w.sdisk.fail_gen.load(Ordering::SeqCst) != fail_gen0);
             if !expected {
                 w.fail("I1", format!("{who} {kind} [{off}, +{len}) failed: {e}"));
             }
@@ -1248,9 +1267,9 @@ async fn checkpoint(
                 tokio::time::sleep(hold).await;
                 clog(w, "colo-p", "colo-s", false);
             } else {
-                w.sdisk.fail_writes.store(true, Ordering::SeqCst);
+                w.sdisk.set_failing(true);
                 tokio::time::sleep(Duration::from_millis(50)).await;
-                w.sdisk.fail_writes.store(false, Ordering::SeqCst);
+                w.sdisk.set_failing(false);
             }
             return Ok(());
         }
@@ -1294,7 +1313,7 @@ async fn failover(w: &Arc<Colo>, s: &mut Side, k: u64) {
         return w.fail("harness", "ham: block-export-del fwd failed".into());
     }
     if f21.as_deref() == Some("fail") {
-        w.sdisk.fail_writes.store(true, Ordering::SeqCst);
+        w.sdisk.set_failing(true);
     }
     w.lock().sec = Sec::Promoting;
     let r = s
@@ -1353,7 +1372,7 @@ async fn failover(w: &Arc<Colo>, s: &mut Side, k: u64) {
         };
         // The SVM keeps writing (R13 split) while S still fails, then S recovers.
         tokio::time::sleep(Duration::from_millis(20)).await;
-        w.sdisk.fail_writes.store(false, Ordering::SeqCst);
+        w.sdisk.set_failing(false);
         return;
     }
     if stage != "done" {
