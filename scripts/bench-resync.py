@@ -179,14 +179,19 @@ def nbdcopy_seconds(d, src_sock):
 
 
 def fio_iops(nbd_sock):
+    out = nbd_sock + ".fio.json"
     r = subprocess.run(
-        ["fio", "--output-format=json", "--name=randread", "--ioengine=nbd",
+        ["fio", "--output-format=json", f"--output={out}", "--name=randread", "--ioengine=nbd",
          f"--uri=nbd+unix:///q0?socket={nbd_sock}", "--rw=randread", "--bs=4k",
          "--iodepth=32", f"--size={SIZE}", f"--runtime={RUNTIME}", "--time_based=1",
          "--ramp_time=1", "--randrepeat=0"], capture_output=True)
     if r.returncode != 0:
         raise SystemExit(f"fio failed: {r.stderr.decode()}")
-    return json.loads(r.stdout)["jobs"][0]["read"]["iops"]
+    with open(out) as f:
+        j = json.load(f)["jobs"][0]
+    if j["error"] != 0:
+        raise SystemExit(f"fio: error {j['error']}")
+    return j["read"]["iops"]
 
 
 def randread_iops(d, src_sock, during_resync):

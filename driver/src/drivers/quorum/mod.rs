@@ -169,6 +169,8 @@ pub(crate) struct Child {
     sync: Mutex<ChildSync>,
     /// |O_c|, mirrored so that reads of a quorum with every child in sync take no lock.
     oos_granules: AtomicU64,
+    /// The device's cache epoch when last observed (H7).
+    seen_epoch: AtomicU64,
 }
 
 impl Child {
@@ -180,6 +182,7 @@ impl Child {
             dev,
             sync: Mutex::new(ChildSync::new(epoch)),
             oos_granules: AtomicU64::new(0),
+            seen_epoch: AtomicU64::new(epoch),
         }
     }
 
@@ -576,7 +579,13 @@ impl Inner {
     /// H7: notices a new cache epoch of `child` (an `nbd` child reconnected).
     pub(crate) fn observe(&self, child: &Child) {
         let epoch = child.dev.cache_epoch();
-        self.update(child, |s| s.observe(epoch));
+        // Lock-free when nothing changed, which is every request but the first after a
+        // reconnection.
+        if child.seen_epoch.load(Ordering::SeqCst) != epoch {
+            // Recorded before the fast path may skip it (observe is idempotent).
+            self.update(child, |s| s.observe(epoch));
+            child.seen_epoch.store(epoch, Ordering::SeqCst);
+        }
     }
 
     /// Number of granules of the disk.
@@ -710,6 +719,11 @@ impl Inner {
     /// H1: the children that vote on granules `[first, end)`: those in sync on all of them
     /// when there are at least t, otherwise (a degraded range) every child. Child order.
     pub(crate) fn voters(&self, st: &Children, first: u64, end: u64) -> (Vec<usize>, bool) {
+        // H7 at once: a child that reconnected since its last request may have lost writes
+        // that no flush covered; they must not vote as if in sync.
+        for c in &st.list {
+            self.observe(c);
+        }
         let in_sync: Vec<usize> = (0..st.list.len())
             .filter(|&i| st.list[i].in_sync(first, end))
             .collect();

@@ -509,23 +509,36 @@ impl Resync {
                 q.failure(gsn, gsc);
                 out.push(RunOutcome::Unrecoverable { granule: *g });
             }
+            // One buffer for every target of a complete granule (no copy per target).
+            let whole = complete.then(|| Bytes::from(std::mem::take(&mut voted.data)));
             for &t in targets {
                 let c = &st.list[t];
                 let own = copy_of(t);
                 // Units of the granule to write: a winner exists there, and the target's copy
-                // is unreadable or different.
-                let stale_unit = |ua: usize| {
-                    let uz = (ua + unit).min(z - a);
-                    !voted.in_hole(ua)
-                        && own.is_none_or(|p| {
-                            !p.good_at(u0 + ua / unit)
-                                || p.data[a + ua..a + uz] != voted.data[ua..uz]
+                // is unreadable or different. A complete granule is written whole or not at all.
+                let stale: Vec<usize> = match &whole {
+                    Some(w) => {
+                        let same = own.is_some_and(|p| {
+                            (u0..u1).all(|u| p.good_at(u)) && p.data[a..z] == w[..]
+                        });
+                        if same {
+                            Vec::new()
+                        } else {
+                            vec![0]
+                        }
+                    }
+                    None => (0..z - a)
+                        .step_by(unit)
+                        .filter(|&ua| {
+                            let uz = (ua + unit).min(z - a);
+                            !voted.in_hole(ua)
+                                && own.is_none_or(|p| {
+                                    !p.good_at(u0 + ua / unit)
+                                        || p.data[a + ua..a + uz] != voted.data[ua..uz]
+                                })
                         })
+                        .collect(),
                 };
-                let stale: Vec<usize> = (0..z - a)
-                    .step_by(unit)
-                    .filter(|&ua| stale_unit(ua))
-                    .collect();
                 if !complete {
                     incomplete.push((t, *g));
                 }
@@ -538,12 +551,11 @@ impl Resync {
                         child: c.name.clone(),
                         bytes: (z - a) as u64,
                     });
-                } else if complete {
-                    writes.entry(t).or_default().push((
-                        g * GRANULE_BYTES,
-                        Bytes::from(voted.data.clone()),
-                        true,
-                    ));
+                } else if let Some(w) = &whole {
+                    writes
+                        .entry(t)
+                        .or_default()
+                        .push((g * GRANULE_BYTES, w.clone(), true));
                 } else {
                     // Only the stale units, in runs; the rest keeps the target's bytes.
                     let mut k = 0;
