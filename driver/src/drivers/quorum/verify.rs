@@ -197,7 +197,7 @@ async fn check_run(
     let st = q.children.read().await;
     let unit = q.request_alignment().max(512) as usize;
     let everyone: Vec<usize> = (0..st.list.len()).collect();
-    let copies = read_copies(q, &st, &everyone, off, len, unit).await;
+    let copies = read_copies(q, &st, &everyone, &[], off, len, unit).await;
     for g in first..end {
         tally.checked += 1;
         let a = ((g - first) * GRANULE_BYTES) as usize;
