@@ -291,3 +291,28 @@ async fn h16_h17_bad_requests_are_refused_with_their_reason() {
     wait_idle(&r.q, || r.q.jobs_idle()).await;
     assert!(r.q.out_of_sync().await[3].ranges.is_empty());
 }
+
+/// H16: while a job runs, the server's log gets a progress line every 5 s: percent, bytes, rate
+/// and ETA.
+#[tokio::test(start_paused = true)]
+async fn h16_a_running_job_logs_its_progress_every_five_seconds() {
+    let r = rig(&[3, 3], 1, ResyncMode::Manual);
+    r.q.add_child("e", TestChild::sized("e", 0, LEN))
+        .await
+        .expect("add");
+    // 64 KiB/s: the 16 granules take about 16 s.
+    r.q.start_resync(ResyncRequest {
+        speed: G,
+        ..ResyncRequest::default()
+    })
+    .expect("start");
+    wait_idle(&r.q, || r.q.jobs_idle()).await;
+    let logs = r.captured.logs();
+    assert_eq!(
+        logs,
+        vec![
+            "ballot: quorum 'q0' resync: 37.5% (0.4 of 1.0 MiB), 0.1 MiB/s, ETA 8 s".to_string(),
+            "ballot: quorum 'q0' resync: 75.0% (0.8 of 1.0 MiB), 0.0 MiB/s, ETA 5 s".to_string(),
+        ]
+    );
+}
