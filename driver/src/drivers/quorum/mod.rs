@@ -186,7 +186,7 @@ impl Child {
         }
     }
 
-    fn sync(&self) -> MutexGuard<'_, ChildSync> {
+    pub(crate) fn sync(&self) -> MutexGuard<'_, ChildSync> {
         self.sync.lock().unwrap_or_else(|p| p.into_inner())
     }
 

@@ -168,6 +168,8 @@ pub(crate) struct Resync {
     log_done: u64,
     /// Report this job's progress (a verify's repair leaves progress to the verify).
     report_progress: bool,
+    /// The pass's position (granule), for the progress.
+    pos: u64,
 }
 
 impl Resync {
@@ -191,6 +193,7 @@ impl Resync {
             log_at: Instant::now() + PROGRESS_EVERY,
             log_done: 0,
             report_progress,
+            pos: 0,
         }
     }
 
@@ -251,12 +254,18 @@ impl Resync {
         runs
     }
 
-    /// Bytes still to do, for `total-progress`.
+    /// Bytes still to do, for `total-progress`: out-of-sync granules the pass has not reached
+    /// yet (those behind it are done and only wait for the flush, or are next pass's work).
     async fn remaining(&self) -> u64 {
         let st = self.q.children.read().await;
         st.list
             .iter()
-            .map(|c| c.oos_granules().saturating_mul(GRANULE_BYTES))
+            .map(|c| {
+                c.sync()
+                    .out_of_sync()
+                    .count_from(self.pos)
+                    .saturating_mul(GRANULE_BYTES)
+            })
             .sum()
     }
 
@@ -271,6 +280,7 @@ impl Resync {
             let marks = self.q.marks.load(Ordering::SeqCst);
             self.q.settled_marks.store(marks, Ordering::SeqCst);
             let mut pos = 0u64;
+            self.pos = 0;
             let mut worked = false;
             loop {
                 self.ctl.checkpoint().await?;
@@ -296,6 +306,7 @@ impl Resync {
                 }
                 self.flush_due(false).await;
                 pos = end;
+                self.pos = pos;
                 self.report().await;
             }
             self.flush_due(true).await;

@@ -113,6 +113,22 @@ impl GranuleSet {
         None
     }
 
+    /// Number of granules `>= g` in the set.
+    pub fn count_from(&self, g: u64) -> u64 {
+        let w0 = g / 64;
+        self.words
+            .range(w0..)
+            .map(|(&w, &bits)| {
+                let b = if w == w0 {
+                    bits & (u64::MAX << (g % 64))
+                } else {
+                    bits
+                };
+                u64::from(b.count_ones())
+            })
+            .sum()
+    }
+
     /// Adds every granule of `other`.
     pub fn union_with(&mut self, other: &GranuleSet) {
         for (&w, &bits) in &other.words {
@@ -369,6 +385,9 @@ mod tests {
         assert!(s.any_in(129, 200));
         assert!(!s.any_in(64, 128));
         assert_eq!(s.next_from(64), Some(128));
+        assert_eq!(s.count_from(0), 63);
+        assert_eq!(s.count_from(60), 6);
+        assert_eq!(s.count_from(129), 1);
         let mut t = GranuleSet::default();
         t.insert_range(0, 10);
         s.subtract(&t);
