@@ -314,3 +314,109 @@ async fn h16_a_running_job_logs_its_progress_every_five_seconds() {
         vec!["ballot: quorum 'q0' resync: 75.0% (0.8 of 1.0 MiB), 0.1 MiB/s, ETA 3 s".to_string()]
     );
 }
+
+/// H16–H18 over QMP: the commands, their bad input (a node that is not a quorum, an unknown
+/// node, a second job, a range past the end, a negative or non-integer speed, an unknown job)
+/// and the job queries, with QEMU's error shape.
+#[tokio::test(start_paused = true)]
+async fn h16_h17_qmp_commands_and_their_errors() {
+    use serde_json::json;
+    let bus = EventBus::new();
+    let (host, _cap) = Host::recording(bus.clone());
+    let mut g = ballot::graph::Graph::new(host);
+    for i in 0..3 {
+        g.blockdev_add_arg(&format!("driver=null-co,node-name=n{i},size=1048576"))
+            .await
+            .expect("null child");
+    }
+    g.blockdev_add_arg(
+        "driver=quorum,node-name=q0,vote-threshold=2,children.0=n0,children.1=n1,children.2=n2,resync=manual",
+    )
+    .await
+    .expect("quorum");
+    let m = ballot::qmp::Monitor {
+        graph: Arc::new(tokio::sync::Mutex::new(g)),
+        nbd: ballot::nbd::server::Server::new(),
+        bus,
+        quit: Arc::new(tokio::sync::Notify::new()),
+        exports: tokio::sync::Mutex::new(Vec::new()),
+    };
+    let run = |cmd: &'static str, args: serde_json::Value| {
+        let m = &m;
+        async move { m.execute(cmd, &args).await.0 }
+    };
+    let err = |desc: &str| json!({"error": {"class": "GenericError", "desc": desc}});
+    assert_eq!(
+        run("x-quorum-resync", json!({"node-name": "n0"})).await,
+        err("Node 'n0' is not a quorum node")
+    );
+    assert_eq!(
+        run("x-quorum-verify", json!({"node-name": "zz"})).await,
+        err("Cannot find device='zz' nor node-name='zz'")
+    );
+    assert_eq!(
+        run(
+            "x-quorum-verify",
+            json!({"node-name": "q0", "end": 2 << 20})
+        )
+        .await,
+        err("Parameter 'end' (2097152) is beyond the end of quorum 'q0' (1048576 bytes)")
+    );
+    assert_eq!(
+        run("x-quorum-resync", json!({"node-name": "q0", "speed": -1})).await,
+        err("Parameter 'speed' expects a non-negative value")
+    );
+    assert_eq!(
+        run(
+            "x-quorum-resync",
+            json!({"node-name": "q0", "speed": "fast"})
+        )
+        .await,
+        err("Invalid parameter type for 'speed', expected: integer")
+    );
+    assert_eq!(
+        run(
+            "x-quorum-verify",
+            json!({"node-name": "q0", "auto-dismiss": false, "speed": 1})
+        )
+        .await,
+        json!({"return": {}})
+    );
+    assert_eq!(
+        run("x-quorum-verify", json!({"node-name": "q0"})).await,
+        err("Quorum 'q0' already has a verify job")
+    );
+    let jobs = run("query-jobs", json!({})).await;
+    assert_eq!(jobs["return"][0]["id"], "q0-verify");
+    assert_eq!(jobs["return"][0]["type"], "x-verify");
+    let block = run("query-block-jobs", json!({})).await;
+    assert_eq!(block["return"][0]["device"], "q0-verify");
+    assert_eq!(block["return"][0]["len"], 1 << 20);
+    assert_eq!(block["return"][0]["speed"], 1);
+    assert_eq!(
+        run(
+            "block-job-set-speed",
+            json!({"device": "q0-verify", "speed": 0})
+        )
+        .await,
+        json!({"return": {}})
+    );
+    assert_eq!(
+        run("job-pause", json!({"id": "nope"})).await,
+        err("Job 'nope' not found")
+    );
+    // Speed 0 now: the verify of 1 MiB of zeroes finishes and stays until dismissed.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let jobs = run("query-jobs", json!({})).await;
+    assert_eq!(
+        jobs["return"][0],
+        json!({"id": "q0-verify", "type": "x-verify", "status": "concluded",
+            "current-progress": 1 << 20, "total-progress": 1 << 20,
+            "checked": 16, "mismatched": 0, "repaired": 0, "unrecoverable": 0})
+    );
+    assert_eq!(
+        run("job-dismiss", json!({"id": "q0-verify"})).await,
+        json!({"return": {}})
+    );
+    assert_eq!(run("query-jobs", json!({})).await, json!({"return": []}));
+}

@@ -804,6 +804,10 @@ impl Inner {
             .create(&id, "x-resync", req.speed, req.auto_dismiss)?;
         jobs.resync = Some(ctl.clone());
         drop(jobs);
+        if let Ok(st) = self.children.try_read() {
+            let todo: u64 = st.list.iter().map(|c| c.oos_granules()).sum();
+            ctl.progress(0, todo.saturating_mul(GRANULE_BYTES));
+        }
         let q = self.clone();
         tokio::spawn(async move {
             ctl.start();

@@ -102,6 +102,8 @@ impl Inner {
         let q = self.clone();
         let first = req.start / GRANULE_BYTES;
         let last = end.div_ceil(GRANULE_BYTES);
+        // The length is known now, as QEMU's `len` is from the job's creation.
+        ctl.progress(0, granule_bytes(first, last, self.length));
         tokio::spawn(async move {
             ctl.start();
             let mut tally = VerifyTally::default();
