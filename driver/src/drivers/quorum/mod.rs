@@ -300,6 +300,15 @@ pub enum Audit {
 /// The audit callback.
 pub type AuditFn = Arc<dyn Fn(Audit) + Send + Sync>;
 
+/// The two kinds of job a quorum runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum JobKind {
+    /// H10.
+    Resync,
+    /// H17.
+    Verify,
+}
+
 /// The jobs a quorum runs (H10, H17): at most one of each kind.
 #[derive(Debug, Default)]
 pub(crate) struct QuorumJobs {
@@ -513,6 +522,39 @@ impl Inner {
     /// The process's job registry this quorum's jobs are in.
     pub fn host_jobs(&self) -> crate::jobs::Jobs {
         self.host.jobs.clone()
+    }
+
+    /// H16: registers this quorum's job of `kind` (id `job_id`, default `<node>-resync` or
+    /// `<node>-verify`) in status `created`.
+    ///
+    /// # Errors
+    /// `Quorum '<Q>' already has a resync job` (or verify); the registry's id errors.
+    pub(crate) fn register_job(
+        &self,
+        kind: JobKind,
+        job_id: Option<String>,
+        speed: u64,
+        auto_dismiss: bool,
+    ) -> std::result::Result<Arc<JobControl>, String> {
+        let (word, job_type) = match kind {
+            JobKind::Resync => ("resync", "x-resync"),
+            JobKind::Verify => ("verify", "x-verify"),
+        };
+        let mut jobs = self.jobs();
+        let slot = match kind {
+            JobKind::Resync => &mut jobs.resync,
+            JobKind::Verify => &mut jobs.verify,
+        };
+        if slot.is_some() {
+            return Err(format!(
+                "Quorum '{}' already has a {word} job",
+                self.opts.node_name
+            ));
+        }
+        let id = job_id.unwrap_or_else(|| format!("{}-{word}", self.opts.node_name));
+        let ctl = self.host.jobs.create(&id, job_type, speed, auto_dismiss)?;
+        *slot = Some(ctl.clone());
+        Ok(ctl)
     }
 
     pub(crate) fn jobs(&self) -> MutexGuard<'_, QuorumJobs> {

@@ -787,23 +787,13 @@ impl Inner {
         self: &Arc<Self>,
         req: ResyncRequest,
     ) -> std::result::Result<String, String> {
-        let mut jobs = self.jobs();
-        if jobs.resync.is_some() {
-            return Err(format!(
-                "Quorum '{}' already has a resync job",
-                self.opts.node_name
-            ));
-        }
-        let id = req
-            .job_id
-            .clone()
-            .unwrap_or_else(|| format!("{}-resync", self.opts.node_name));
-        let ctl = self
-            .host
-            .jobs
-            .create(&id, "x-resync", req.speed, req.auto_dismiss)?;
-        jobs.resync = Some(ctl.clone());
-        drop(jobs);
+        let ctl = self.register_job(
+            super::JobKind::Resync,
+            req.job_id.clone(),
+            req.speed,
+            req.auto_dismiss,
+        )?;
+        let id = ctl.id().to_string();
         if let Ok(st) = self.children.try_read() {
             let todo: u64 = st.list.iter().map(|c| c.oos_granules()).sum();
             ctl.progress(0, todo.saturating_mul(GRANULE_BYTES));

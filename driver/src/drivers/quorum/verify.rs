@@ -82,23 +82,13 @@ impl Inner {
                 req.start
             ));
         }
-        let mut jobs = self.jobs();
-        if jobs.verify.is_some() {
-            return Err(format!(
-                "Quorum '{}' already has a verify job",
-                self.opts.node_name
-            ));
-        }
-        let id = req
-            .job_id
-            .clone()
-            .unwrap_or_else(|| format!("{}-verify", self.opts.node_name));
-        let ctl = self
-            .host
-            .jobs
-            .create(&id, "x-verify", req.speed, req.auto_dismiss)?;
-        jobs.verify = Some(ctl.clone());
-        drop(jobs);
+        let ctl = self.register_job(
+            super::JobKind::Verify,
+            req.job_id.clone(),
+            req.speed,
+            req.auto_dismiss,
+        )?;
+        let id = ctl.id().to_string();
         let q = self.clone();
         let first = req.start / GRANULE_BYTES;
         let last = end.div_ceil(GRANULE_BYTES);
