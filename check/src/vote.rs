@@ -153,26 +153,19 @@ pub fn model_read(
     let mut events = Vec::new();
     let n = answers.len();
     let in_sync: Vec<usize> = (0..n).filter(|&i| !stale[i]).collect();
+    // In-sync children first, then the others (fifo's last resort, or a quorum read whose
+    // in-sync batch answered fewer than t copies: its errors are reported first).
+    let in_sync_first: Vec<usize> = in_sync
+        .iter()
+        .copied()
+        .chain((0..n).filter(|&i| stale[i]))
+        .collect();
     let order: Vec<usize> = if in_sync.len() < threshold {
         (0..n).collect()
-    } else if fifo {
-        in_sync
-            .iter()
-            .copied()
-            .chain((0..n).filter(|&i| stale[i]))
-            .collect()
+    } else if fifo || in_sync.iter().filter(|&&i| answers[i].is_ok()).count() < threshold {
+        in_sync_first
     } else {
-        let ok = in_sync.iter().filter(|&&i| answers[i].is_ok()).count();
-        if ok < threshold {
-            // Errors of the in-sync batch first, then of the rest, as they are reported.
-            in_sync
-                .iter()
-                .copied()
-                .chain((0..n).filter(|&i| stale[i]))
-                .collect()
-        } else {
-            in_sync
-        }
+        in_sync
     };
     let answers: Vec<(usize, &Result<Vec<u8>, ErrorKind>)> =
         order.iter().map(|&i| (i, &answers[i])).collect();

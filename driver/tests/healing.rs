@@ -334,13 +334,7 @@ async fn h16_h17_qmp_commands_and_their_errors() {
     )
     .await
     .expect("quorum");
-    let m = ballot::qmp::Monitor {
-        graph: Arc::new(tokio::sync::Mutex::new(g)),
-        nbd: ballot::nbd::server::Server::new(),
-        bus,
-        quit: Arc::new(tokio::sync::Notify::new()),
-        exports: tokio::sync::Mutex::new(Vec::new()),
-    };
+    let m = common::monitor(g, bus);
     let run = |cmd: &'static str, args: serde_json::Value| {
         let m = &m;
         async move { m.execute(cmd, &args).await.0 }

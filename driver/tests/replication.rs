@@ -798,13 +798,7 @@ async fn r17_a_checkpoint_waits_for_a_forwarded_write_in_flight() {
 async fn qmp_commands_r37_r38_r39() {
     let sec = secondary().await;
     let bus = sec.bus.clone();
-    let m = ballot::qmp::Monitor {
-        graph: Arc::new(tokio::sync::Mutex::new(sec.g)),
-        nbd: ballot::nbd::server::Server::new(),
-        bus,
-        quit: Arc::new(tokio::sync::Notify::new()),
-        exports: tokio::sync::Mutex::new(Vec::new()),
-    };
+    let m = common::monitor(sec.g, bus);
     let run = |cmd: &'static str, args: serde_json::Value| {
         let m = &m;
         async move { m.execute(cmd, &args).await.0 }

@@ -298,3 +298,14 @@ impl Drop for Scratch {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// A QMP monitor over `graph` with no NBD exports, for driving commands in-process.
+pub fn monitor(graph: ballot::graph::Graph, bus: ballot::events::EventBus) -> ballot::qmp::Monitor {
+    ballot::qmp::Monitor {
+        graph: Arc::new(tokio::sync::Mutex::new(graph)),
+        nbd: ballot::nbd::server::Server::new(),
+        bus,
+        quit: Arc::new(tokio::sync::Notify::new()),
+        exports: tokio::sync::Mutex::new(Vec::new()),
+    }
+}

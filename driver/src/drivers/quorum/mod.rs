@@ -777,8 +777,7 @@ impl Inner {
     }
 
     /// One child write whose outcome is recorded (H5–H7): `op` runs between two looks at the
-    /// device's cache epoch. Returns the result and whether the child now holds the written
-    /// data as current (success on one epoch).
+    /// device's cache epoch. Returns the write's result.
     pub(crate) async fn write_child<'a>(
         &'a self,
         child: &'a Child,
@@ -792,6 +791,8 @@ impl Inner {
         r
     }
 
+    /// Records a write's outcome on `child`; returns whether the child now holds the written
+    /// data as current (success on one epoch).
     fn record_write(&self, child: &Child, offset: u64, len: u64, ok: bool, before: u64) -> bool {
         let (first, end) = touched(offset, len);
         let whole = covered(offset, len, self.length);

@@ -122,13 +122,7 @@ impl Pacer {
 }
 
 /// A person-readable progress line (H16's log line).
-pub(crate) fn progress_line(
-    what: &str,
-    node: &str,
-    done: u64,
-    total: u64,
-    bytes_per_s: f64,
-) -> String {
+fn progress_line(what: &str, node: &str, done: u64, total: u64, bytes_per_s: f64) -> String {
     let mib = |b: u64| b as f64 / f64::from(1u32 << 20);
     let pct = if total == 0 {
         100.0
@@ -148,6 +142,44 @@ pub(crate) fn progress_line(
     )
 }
 
+/// H16's progress line for one job, written at most every [`PROGRESS_EVERY`], with the rate
+/// since the previous line.
+#[derive(Debug)]
+pub(crate) struct ProgressLog {
+    what: &'static str,
+    at: Instant,
+    done: u64,
+}
+
+impl ProgressLog {
+    pub(crate) fn new(what: &'static str) -> ProgressLog {
+        ProgressLog {
+            what,
+            at: Instant::now() + PROGRESS_EVERY,
+            done: 0,
+        }
+    }
+
+    /// `done` of `total` bytes now: logs a line if one is due.
+    pub(crate) fn tick(&mut self, q: &Inner, done: u64, total: u64) {
+        let now = Instant::now();
+        if now < self.at {
+            return;
+        }
+        let secs = (PROGRESS_EVERY + (now - self.at)).as_secs_f64();
+        let rate = (done - self.done) as f64 / secs;
+        q.host.log(&progress_line(
+            self.what,
+            &q.opts.node_name,
+            done,
+            total,
+            rate,
+        ));
+        self.at = now + PROGRESS_EVERY;
+        self.done = done;
+    }
+}
+
 /// One resync's state.
 pub(crate) struct Resync {
     q: Arc<Inner>,
@@ -163,11 +195,7 @@ pub(crate) struct Resync {
     since_flush: BTreeMap<String, u64>,
     pub(crate) tally: Tally,
     pacer: Pacer,
-    /// Progress line clock.
-    log_at: Instant,
-    log_done: u64,
-    /// Report this job's progress (a verify's repair leaves progress to the verify).
-    report_progress: bool,
+    log: ProgressLog,
     /// The pass's position (granule), for the progress.
     pos: u64,
 }
@@ -179,7 +207,6 @@ impl Resync {
         recover_lowest: bool,
         scope: Option<GranuleSet>,
     ) -> Resync {
-        let report_progress = scope.is_none();
         Resync {
             q,
             ctl,
@@ -190,9 +217,7 @@ impl Resync {
             since_flush: BTreeMap::new(),
             tally: Tally::default(),
             pacer: Pacer::new(),
-            log_at: Instant::now() + PROGRESS_EVERY,
-            log_done: 0,
-            report_progress,
+            log: ProgressLog::new("resync"),
             pos: 0,
         }
     }
@@ -335,26 +360,14 @@ impl Resync {
     }
 
     async fn report(&mut self) {
-        if !self.report_progress {
+        // A verify's repair (scoped) leaves the progress to the verify.
+        if self.scope.is_some() {
             return;
         }
         let remaining = self.remaining().await;
         let done = self.tally.bytes_done;
         self.ctl.progress(done, done + remaining);
-        let now = Instant::now();
-        if now >= self.log_at {
-            let secs = (PROGRESS_EVERY + (now - self.log_at)).as_secs_f64();
-            let rate = (done - self.log_done) as f64 / secs;
-            self.q.host.log(&progress_line(
-                "resync",
-                &self.q.opts.node_name,
-                done,
-                done + remaining,
-                rate,
-            ));
-            self.log_at = now + PROGRESS_EVERY;
-            self.log_done = done;
-        }
+        self.log.tick(&self.q, done, done + remaining);
     }
 
     fn absorb(&mut self, o: RunOutcome) {
@@ -424,10 +437,17 @@ impl Resync {
         // vote can be won by stale copies that agree, and copying it would undo an
         // acknowledged write for good: such granules are left out of sync (README D13).
         let weak = 2 * q.opts.threshold <= n;
+        let mut out = Vec::new();
         let plan: Vec<(u64, Vec<usize>, Vec<usize>)> = (first..end)
             .map(|g| {
                 let (voters, degraded) = q.voters(&st, g, g + 1);
                 let targets: Vec<usize> = if degraded && weak {
+                    if (0..n).any(|i| self.wanted(&st, i, g)) {
+                        let (gsn, gsc) =
+                            sectors(g * GRANULE_BYTES, granule_bytes(g, g + 1, q.length));
+                        q.failure(gsn, gsc);
+                        out.push(RunOutcome::Unrecoverable { granule: g });
+                    }
                     Vec::new()
                 } else {
                     (0..n)
@@ -437,15 +457,6 @@ impl Resync {
                 (g, voters, targets)
             })
             .collect();
-        let mut out = Vec::new();
-        for (g, _, targets) in &plan {
-            let stuck = (0..n).any(|i| self.wanted(&st, i, *g));
-            if targets.is_empty() && weak && stuck && q.voters(&st, *g, g + 1).1 {
-                let (gsn, gsc) = sectors(g * GRANULE_BYTES, granule_bytes(*g, g + 1, q.length));
-                q.failure(gsn, gsc);
-                out.push(RunOutcome::Unrecoverable { granule: *g });
-            }
-        }
         if plan.iter().all(|(_, _, t)| t.is_empty()) {
             return out;
         }

@@ -6,9 +6,7 @@
 
 use std::sync::Arc;
 
-use tokio::time::Instant;
-
-use super::resync::{progress_line, read_copies, Pacer, Resync, PROGRESS_EVERY};
+use super::resync::{read_copies, Pacer, ProgressLog, Resync};
 use super::sync::{granule_bytes, GranuleSet, GRANULE_BYTES};
 use super::vote;
 use super::Inner;
@@ -133,7 +131,7 @@ async fn verify(
     let mut mismatched = GranuleSet::default();
     let mut scope = GranuleSet::default();
     let mut done = 0u64;
-    let (mut log_at, mut log_done) = (Instant::now() + PROGRESS_EVERY, 0u64);
+    let mut log = ProgressLog::new("verify");
     let mut g = first;
     while g < last {
         ctl.checkpoint().await?;
@@ -145,19 +143,7 @@ async fn verify(
         ctl.set_busy(false);
         done += bytes;
         ctl.progress(done, total);
-        let now = Instant::now();
-        if now >= log_at {
-            let secs = (PROGRESS_EVERY + (now - log_at)).as_secs_f64();
-            q.host.log(&progress_line(
-                "verify",
-                &q.opts.node_name,
-                done,
-                total,
-                (done - log_done) as f64 / secs,
-            ));
-            log_at = now + PROGRESS_EVERY;
-            log_done = done;
-        }
+        log.tick(q, done, total);
         g = end;
     }
     if repair && !scope.is_empty() {
