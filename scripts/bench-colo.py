@@ -21,14 +21,13 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
-from benchlib import stop
+from benchlib import Qmp, stop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BALLOT = os.path.join(ROOT, "target", "release", "ballot")
@@ -43,34 +42,6 @@ WORKLOADS = [
     ("4k randwrite QD32 IOPS", ["--rw=randwrite", "--bs=4k", "--iodepth=32"], "iops"),
     ("1M write QD8 MiB/s", ["--rw=write", "--bs=1M", "--iodepth=8"], "bw"),
 ]
-
-
-class Qmp:
-    def __init__(self, path):
-        deadline = time.time() + 20
-        while True:
-            try:
-                self.s = socket.socket(socket.AF_UNIX)
-                self.s.connect(path)
-                break
-            except OSError:
-                if time.time() > deadline:
-                    raise
-                time.sleep(0.05)
-        self.f = self.s.makefile("rw")
-        json.loads(self.f.readline())
-        self.cmd("qmp_capabilities")
-
-    def cmd(self, name, **args):
-        self.f.write(json.dumps({"execute": name, "arguments": args}) + "\n")
-        self.f.flush()
-        while True:
-            v = json.loads(self.f.readline())
-            if "event" in v:
-                continue
-            if "error" in v:
-                raise SystemExit(f"QMP {name}: {v['error']}")
-            return v["return"]
 
 
 def start(cmd, sock, qmp):

@@ -20,12 +20,13 @@ BENCH_OUT (default reports/bench-resync.md). Argument: REPS (default 3).
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+
+from benchlib import Qmp, stop, version, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BALLOT = os.path.join(ROOT, "target", "release", "ballot")
@@ -34,15 +35,6 @@ RUNTIME = int(os.environ.get("BENCH_FIO_SECONDS", "10"))
 INFLIGHT = int(os.environ.get("BENCH_RESYNC_INFLIGHT", "4"))
 OUT = os.environ.get("BENCH_OUT", os.path.join(ROOT, "reports", "bench-resync.md"))
 MIB = 1 << 20
-
-
-def wait_for(path, p, what):
-    deadline = time.time() + 20
-    while not os.path.exists(path):
-        if p.poll() is not None or time.time() > deadline:
-            err = p.stderr.read().decode() if p.stderr else ""
-            raise SystemExit(f"{what} did not start: {err}")
-        time.sleep(0.02)
 
 
 def nbdkit(d, name, *plugin):
@@ -59,15 +51,6 @@ def uri(sock):
     return f"nbd+unix:///?socket={sock}"
 
 
-def stop(p):
-    p.terminate()
-    try:
-        p.wait(10)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        p.wait()
-
-
 def source(d):
     """An nbdkit memory replica filled with pattern data."""
     p, s = nbdkit(d, "src", "memory", f"size={SIZE}")
@@ -75,49 +58,6 @@ def source(d):
     subprocess.run(["nbdcopy", uri(ps), uri(s)], check=True)
     stop(pat)
     return p, s
-
-
-class Qmp:
-    def __init__(self, path):
-        self.s = socket.socket(socket.AF_UNIX)
-        self.s.connect(path)
-        self.f = self.s.makefile("rw")
-        self.events = []
-        self.read()
-        self.execute("qmp_capabilities")
-
-    def read(self):
-        line = self.f.readline()
-        if not line:
-            raise SystemExit("QMP connection closed")
-        return json.loads(line)
-
-    def execute(self, cmd, args=None):
-        msg = {"execute": cmd}
-        if args is not None:
-            msg["arguments"] = args
-        self.f.write(json.dumps(msg) + "\n")
-        self.f.flush()
-        while True:
-            r = self.read()
-            if "event" in r:
-                self.events.append(r)
-                continue
-            if "error" in r:
-                raise SystemExit(f"{cmd}: {r['error']['desc']}")
-            return r["return"]
-
-    def wait_event(self, name, timeout):
-        deadline = time.time() + timeout
-        self.s.settimeout(timeout)
-        while True:
-            for e in self.events:
-                if e["event"] == name:
-                    self.events.remove(e)
-                    return e
-            if time.time() > deadline:
-                raise SystemExit(f"no {name} within {timeout} s")
-            self.events.append(self.read())
 
 
 def serve(d, src_sock):
@@ -141,9 +81,9 @@ def serve(d, src_sock):
 
 def hot_add_empty(q, d, name):
     dp, ds = nbdkit(d, name, "memory", f"size={SIZE}")
-    q.execute("blockdev-add", {"driver": "nbd", "node-name": name,
-                               "server": {"type": "unix", "path": ds}})
-    q.execute("x-blockdev-change", {"parent": "q0", "node": name})
+    q.cmd("blockdev-add", driver="nbd", server={"type": "unix", "path": ds},
+          **{"node-name": name})
+    q.cmd("x-blockdev-change", parent="q0", node=name)
     return dp, ds
 
 
@@ -151,7 +91,7 @@ def resync_seconds(d, src_sock):
     p, _, q = serve(d, src_sock)
     dp, ds = hot_add_empty(q, d, "n1")
     t = time.perf_counter()
-    q.execute("x-quorum-resync", {"node-name": "q0"})
+    q.cmd("x-quorum-resync", **{"node-name": "q0"})
     done = q.wait_event("BLOCK_JOB_COMPLETED", 600)
     secs = time.perf_counter() - t
     data = done["data"]
@@ -199,23 +139,16 @@ def randread_iops(d, src_sock, during_resync):
     extra = None
     if during_resync:
         extra = hot_add_empty(q, d, "n1")
-        q.execute("x-quorum-resync", {"node-name": "q0"})
+        q.cmd("x-quorum-resync", **{"node-name": "q0"})
     iops = fio_iops(nbd)
     if during_resync:
-        jobs = q.execute("query-jobs")
+        jobs = q.cmd("query-jobs")
         if not jobs or jobs[0]["status"] not in ("running", "paused"):
             raise SystemExit(f"the resync was not running during fio: {jobs}")
     stop(p)
     if extra:
         stop(extra[0])
     return iops
-
-
-def version(cmd):
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True).stdout.strip().splitlines()[0]
-    except (OSError, IndexError):
-        return "?"
 
 
 def main():

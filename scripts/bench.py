@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 
-from benchlib import stop
+from benchlib import stop, version, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BALLOT = os.path.join(ROOT, "target", "release", "ballot")
@@ -87,15 +87,6 @@ def server_args(d, sock, replicas):
         args.append("--export=type=nbd,id=e1,node-name=qn,name=quorum3-nbd,writable=on")
     args.append("--export=type=nbd,id=e2,node-name=s0,name=file,writable=on")
     return args
-
-
-def wait_for(path, p, what):
-    deadline = time.time() + 20
-    while not os.path.exists(path):
-        if p.poll() is not None or time.time() > deadline:
-            err = p.stderr.read().decode() if p.stderr else ""
-            raise SystemExit(f"{what} did not start: {err}")
-        time.sleep(0.02)
 
 
 def start(kind, d, replicas):
@@ -228,13 +219,6 @@ def main():
         for p in replica_procs:
             stop(p)
         shutil.rmtree(d, ignore_errors=True)
-
-
-def version(cmd):
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True).stdout.splitlines()[0]
-    except (OSError, IndexError):
-        return "?"
 
 
 def fmt(v):
