@@ -162,6 +162,19 @@ impl Graph {
         Ok(())
     }
 
+    /// Adds an existing quorum as a root node named `name`, its jobs and out-of-sync record
+    /// reachable over QMP like a `blockdev-add`ed one's (embedders: the simulator).
+    ///
+    /// # Errors
+    /// An invalid or duplicate node-name.
+    pub fn insert_quorum(&mut self, name: &str, q: Arc<Quorum>) -> Result<(), ConfigError> {
+        self.insert_device(name, q.clone())?;
+        if let Some(n) = self.nodes.get_mut(name) {
+            n.quorum = Some(q);
+        }
+        Ok(())
+    }
+
     /// The process services drivers use.
     pub fn host(&self) -> &Host {
         &self.host

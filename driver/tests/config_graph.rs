@@ -440,6 +440,15 @@ async fn q56_hot_remove_waits_for_requests_in_flight() {
 async fn q51_query_out_of_sync_lists_children_in_order_and_names_bad_nodes() {
     let im = Images::new();
     let g = quorum_graph(&im, &[], 1).await;
+    // H7 at open (README D15): nothing is known to be flushed before the first flush.
+    assert_eq!(
+        g.query_out_of_sync("q0").await.unwrap(),
+        serde_json::json!([
+            {"child": "children.0", "node-name": "r0", "granularity": 65536, "dirty-bytes": 0, "ranges": [], "state": "in-sync", "unflushed-bytes": 1048576},
+            {"child": "children.1", "node-name": "r1", "granularity": 65536, "dirty-bytes": 0, "ranges": [], "state": "in-sync", "unflushed-bytes": 1048576},
+        ])
+    );
+    g.quorum("q0").unwrap().flush().await.unwrap();
     assert_eq!(
         g.query_out_of_sync("q0").await.unwrap(),
         serde_json::json!([

@@ -22,6 +22,8 @@ pub mod cli;
 #[cfg(madsim)]
 pub mod colo;
 #[cfg(madsim)]
+pub mod heal;
+#[cfg(madsim)]
 pub mod net;
 #[cfg(madsim)]
 pub mod sweep;

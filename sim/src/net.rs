@@ -602,6 +602,8 @@ pub(crate) fn crash(w: &World, i: usize, checked: bool) -> bool {
     if checked && !w.disks.allow_node("F16", i, Mark::Failing) {
         return false;
     }
+    // I18: what the quorum's record calls in sync and flushed on r{i} must survive this.
+    crate::heal::check_durable(w, Some(i), &format!("as replica r{i} crashes"));
     madsim::runtime::Handle::current().kill(node);
     {
         let mut net = w.net_lock();
@@ -632,7 +634,7 @@ pub(crate) fn restart(w: &World, i: usize, reformat: bool, checked: bool) {
         r.node
     };
     if reformat && (!checked || w.disks.allow_node("F18", i, Mark::Wrong)) {
-        let changed = w.disks.reformat(i);
+        let changed = w.disks.reformat(i, "F18");
         w.reassess(&changed);
         w.disks.trace_full(
             &format!("r{i}"),

@@ -407,6 +407,18 @@ impl Oracle {
         (allowed, all)
     }
 
+    /// HEALING.md I17, I18: whether a read of sector `s` invoked and completed now may return
+    /// `v` (the quorum's value there, as the oracle knows it).
+    pub fn allows_now(&self, s: u64, v: Value) -> bool {
+        let now = self.seq + 1;
+        self.allowed(s, now, now).0.contains(&v)
+    }
+
+    /// O5: whether acked write `id` is still guaranteed on sector `s`.
+    pub fn guaranteed(&self, s: u64, id: u64) -> bool {
+        !self.unguaranteed.contains(&(s, id))
+    }
+
     /// Drops history no current or future read can be allowed to see: writes overwritten by a
     /// durable, guaranteed write that completed before every in-flight read was invoked.
     fn prune(&mut self, s: u64) {
@@ -602,12 +614,14 @@ impl Oracle {
                 return;
             }
             // O4: once seen, a version may not flicker back. Only for the vote (fifo serves
-            // whichever child answers first) and only for writes that had completed: while a
-            // write is in flight, children that have it and children that do not are both
-            // legitimate answers.
+            // whichever child answers first), only where I3 applies (2t > N: with a weaker
+            // threshold a version one child holds may win one read and lose the next), and
+            // only for writes that had completed: while a write is in flight, children that
+            // have it and children that do not are both legitimate answers.
             if let Value::Data { id: w, .. } = got {
                 let done = self.ops.get(&w).is_some_and(|o| o.cmp.is_some());
-                if !self.cfg.fifo && done && (w != 0 || self.cfg.initial_pattern) {
+                let majority = 2 * self.cfg.t > self.cfg.n;
+                if !self.cfg.fifo && majority && done && (w != 0 || self.cfg.initial_pattern) {
                     self.observed.insert(s, (w, b));
                 }
             }
@@ -879,6 +893,11 @@ impl Oracle {
                         );
                     }
                 } else {
+                    // The children the quorum had when it wrote (F30: one may be swapped out).
+                    let n = match &audit {
+                        Some(Audit::Write { eligible, .. }) => eligible.len(),
+                        _ => n,
+                    };
                     if writes.len() != n {
                         bad(
                             v,
@@ -1132,7 +1151,12 @@ impl Oracle {
                 errs.push(e);
             }
         }
-        if flushes.len() != self.cfg.n {
+        // The children the quorum had when it flushed (HEALING.md F30: one may be swapped out).
+        let n = match &self.flush_audit {
+            Some(Audit::Flush { eligible }) => eligible.len(),
+            _ => self.cfg.n,
+        };
+        if flushes.len() != n {
             return Err(ErrorKind::NotSup); // forces a mismatch report: not every child flushed
         }
         // D14: a success counts if the quorum found the child in sync on what the flush had to

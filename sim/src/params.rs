@@ -22,13 +22,40 @@ pub const FAMILIES: [&str; 12] = [
 /// processes).
 pub const NBD_FAMILIES: [&str; 6] = ["F12", "F13", "F14", "F15", "F17", "F18"];
 
-/// Every family the quorum topologies inject: the local ones, then the NBD ones.
+/// Healing faults (HEALING.md H26): F26, F27 and F30 in both quorum topologies; F25
+/// (a resync target's partition, crash or reformat) with NBD children.
+pub const HEAL_FAMILIES: [&str; 4] = ["F25", "F26", "F27", "F30"];
+
+/// Every family the quorum topologies inject: the local ones, the NBD ones, the healing ones.
 pub fn all_families() -> Vec<&'static str> {
     FAMILIES
         .iter()
         .chain(NBD_FAMILIES.iter())
+        .chain(HEAL_FAMILIES.iter())
         .copied()
         .collect()
+}
+
+/// The healing side of a quorum run (HEALING.md H26, H16): the faults that aim at a resync
+/// in progress, and the jobs an operator starts over QMP during the safety phase.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealParams {
+    /// F25: probability that a resync job's target is cut off, crashed or reformatted
+    /// mid-copy, once per job.
+    pub f25: f64,
+    /// F26: per resync run, probability that a voter's copy flips or fails before it is read.
+    pub f26: f64,
+    /// F27: per resync run, probability that a guest write aims at the run being copied.
+    pub f27: f64,
+    /// F30: the guest op after which the last child is hot-swapped for an empty disk.
+    pub f30_at: Option<u64>,
+    /// An operator drives jobs over QMP during the safety phase (with `resync=manual` it
+    /// starts the resync; every `verify_every` it verifies a range).
+    pub operator: bool,
+    /// Virtual ns between QMP `x-quorum-verify` jobs over a random range (0: none).
+    pub verify_every_ns: u64,
+    /// Probability that a QMP job is paused and resumed once.
+    pub pause: f64,
 }
 
 /// The NBD side of a run (`topology.transport = "nbd"`): client timers (NBD.md N42–N46) and
@@ -164,6 +191,8 @@ pub struct Params {
     pub nbd: Option<NbdParams>,
     /// The COLO topology (None: quorum).
     pub colo: Option<ColoParams>,
+    /// Healing faults and QMP jobs (quorum topologies).
+    pub heal: HealParams,
 }
 
 /// Pinned values by dotted key, with a record of which were used.
@@ -448,7 +477,11 @@ impl Params {
         } else if nbd_on {
             all_families()
         } else {
-            FAMILIES.to_vec()
+            FAMILIES
+                .iter()
+                .chain(HEAL_FAMILIES.iter().filter(|f| **f != "F25"))
+                .copied()
+                .collect()
         };
         let families: Vec<String> = match p.get("faults.families") {
             Some(Tv::Array(a)) => {
@@ -499,6 +532,15 @@ impl Params {
                             .map(|s| s.to_string()),
                     );
                 }
+                // H26, on a stream of their own (the families above keep their draws).
+                let mut r = p.rng("faults.families.heal");
+                out.extend(
+                    HEAL_FAMILIES
+                        .iter()
+                        .filter(|_| r.chance(0.5))
+                        .filter(|f| nbd_on || **f != "F25")
+                        .map(|s| s.to_string()),
+                );
                 out
             }
         };
@@ -682,6 +724,30 @@ impl Params {
         } else {
             None
         };
+        let heal = {
+            let f25 = p.float("healing.F25", 0.0, 1.0, |r| r.uniform(0.3, 1.0))?;
+            let f26 = p.float("healing.F26", 0.0, 1.0, |r| r.uniform(0.0, 0.2))?;
+            let f27 = p.float("healing.F27", 0.0, 1.0, |r| r.uniform(0.0, 0.3))?;
+            let f30_at = p.int("healing.F30_at", 0, 10_000_000, |r| r.below(ops.max(1)))?;
+            let verify_every_ns = p.time("healing.verify_every", |r| {
+                if r.chance(0.5) {
+                    0
+                } else {
+                    r.range(200, 3000) * 1_000_000
+                }
+            })?;
+            let pause = p.float("healing.pause", 0.0, 1.0, |r| r.uniform(0.0, 0.3))?;
+            let operator = p.boolean("healing.operator", 0.75)?;
+            HealParams {
+                f25: if on("F25") { f25 } else { 0.0 },
+                f26: if on("F26") { f26 } else { 0.0 },
+                f27: if on("F27") { f27 } else { 0.0 },
+                f30_at: on("F30").then_some(f30_at),
+                operator: operator && !colo_on,
+                verify_every_ns,
+                pause,
+            }
+        };
         let liveness = p.boolean(
             "phases.liveness",
             if budget == Budget::Beyond { 0.0 } else { 1.0 },
@@ -724,6 +790,7 @@ impl Params {
             time_limit_ns,
             nbd,
             colo,
+            heal,
         })
     }
 
@@ -863,6 +930,19 @@ impl Params {
                 n.reformat
             );
         }
+        s += &format!(
+            "healing = {{ F25 = {:?}, F26 = {:?}, F27 = {:?}{}, operator = {}, verify_every = \"{}\", pause = {:?} }}\n",
+            self.heal.f25,
+            self.heal.f26,
+            self.heal.f27,
+            match self.heal.f30_at {
+                Some(k) => format!(", F30_at = {k}"),
+                None => String::new(),
+            },
+            self.heal.operator,
+            fmt_time(self.heal.verify_every_ns),
+            self.heal.pause
+        );
         s += &format!(
             "disk = {{ read_min = \"{}\", read_mean = \"{}\", write_min = \"{}\", write_mean = \"{}\", stall = {:?}, stall_time = \"{}..{}\"{} }}\n",
             fmt_time(self.latency.read_min_ns),

@@ -197,7 +197,8 @@ fn grid_pins(v: &Tv, what: &str) -> Result<BTreeMap<String, Tv>, String> {
             "budget" => {
                 pins.insert("budget".to_string(), v.clone());
             }
-            "topology" | "workload" | "faults" | "phases" | "disk" | "nbd_client" | "network" => {
+            "topology" | "workload" | "faults" | "phases" | "disk" | "nbd_client" | "network"
+            | "healing" => {
                 let inner = v
                     .as_table()
                     .ok_or_else(|| format!("key 'grid.{what}.{k}': expected a table"))?;
@@ -210,7 +211,7 @@ fn grid_pins(v: &Tv, what: &str) -> Result<BTreeMap<String, Tv>, String> {
             }
             other => {
                 return Err(format!(
-                    "key 'grid.{what}': unknown key '{other}' (a grid point pins parameters: budget, topology, workload, faults, phases, disk, nbd_client, network)"
+                    "key 'grid.{what}': unknown key '{other}' (a grid point pins parameters: budget, topology, workload, faults, phases, disk, nbd_client, network, healing)"
                 ))
             }
         }
@@ -405,7 +406,7 @@ impl Scenario {
                     pins.insert("budget".to_string(), v.clone());
                 }
                 "topology" | "workload" | "faults" | "phases" | "disk" | "nbd_client"
-                | "network" => {
+                | "network" | "healing" => {
                     let t = v
                         .as_table()
                         .ok_or_else(|| format!("key '{k}': expected a table"))?;
@@ -1126,7 +1127,7 @@ mod tests {
             ("[grid]\ncases = []\n", "key 'grid.cases': empty"),
             (
                 "[grid]\ncases = [ { seed = 3 } ]\n",
-                "key 'grid.cases[1]': unknown key 'seed' (a grid point pins parameters: budget, topology, workload, faults, phases, disk, nbd_client, network)",
+                "key 'grid.cases[1]': unknown key 'seed' (a grid point pins parameters: budget, topology, workload, faults, phases, disk, nbd_client, network, healing)",
             ),
             (
                 "topology = { children = 2 }\n[grid]\nlevels = [ { topology = { vote_threshold = 2 } }, { topology = { vote_threshold = 3 } } ]\n",

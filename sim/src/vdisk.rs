@@ -546,6 +546,48 @@ impl DiskSet {
         g.injected(index, family, sectors.start..end);
     }
 
+    /// F26 (HEALING.md H26): a sticky flip or latent error on disk `index`'s copies of
+    /// `sectors`, injected only if the budget (B2, B4) allows it; counted as `family`.
+    pub fn inject_sticky(
+        &self,
+        index: usize,
+        sectors: Range<u64>,
+        kind: Sticky,
+        family: &'static str,
+    ) -> bool {
+        let mut g = self.lock();
+        let end = sectors.end.min(g.disks[index].sectors);
+        if sectors.start >= end {
+            return false;
+        }
+        let (mark, silent) = if kind == Sticky::Latent {
+            (Mark::Failing, false)
+        } else {
+            (Mark::Wrong, true)
+        };
+        if !g.allow_kind(family, silent, index, sectors.start..end, mark) {
+            return false;
+        }
+        for s in sectors.start..end {
+            g.disks[index].sticky.insert(s, kind);
+            g.disks[index].marks.insert(s, mark);
+        }
+        g.injected(index, family, sectors.start..end);
+        true
+    }
+
+    /// I18: what disk `index` holds at sector `s` on its media and in its cache, and whether
+    /// a fault has marked that copy (B1: failing or possibly not the newest).
+    pub fn sector_state(&self, index: usize, s: u64) -> (Stored, Stored, bool) {
+        let g = self.lock();
+        let d = &g.disks[index];
+        (
+            d.durable[s as usize].clone(),
+            d.current[s as usize].clone(),
+            d.marks.contains_key(&s) || d.sticky.contains_key(&s) || d.damage.contains_key(&s),
+        )
+    }
+
     /// Sets whether disk `index` counts as failing on every sector (B1).
     pub fn set_down(&self, index: usize, down: bool) {
         self.lock().down[index] = down;
@@ -634,9 +676,9 @@ impl DiskSet {
         );
     }
 
-    /// F18: disk `index` comes back empty (zeros, nothing pending, no sticky faults). Returns
+    /// F18 (F30: `family`): disk `index` comes back empty (zeros, nothing pending, no sticky faults). Returns
     /// the sectors whose value changed; the ledger marks those wrong (B1).
-    pub fn reformat(&self, index: usize) -> Vec<u64> {
+    pub fn reformat(&self, index: usize, family: &'static str) -> Vec<u64> {
         let mut g = self.lock();
         let d = &mut g.disks[index];
         let zero = Stored::V(Value::Zero);
@@ -656,9 +698,9 @@ impl DiskSet {
         d.damage.clear();
         for &s in &changed {
             d.marks.insert(s, Mark::Wrong);
-            d.damage.insert(s, "F18");
+            d.damage.insert(s, family);
         }
-        g.injected(index, "F18", 0..0);
+        g.injected(index, family, 0..0);
         changed
     }
 
@@ -1081,6 +1123,18 @@ impl Inner {
         mark: Mark,
     ) -> bool {
         let silent = matches!(family, "F1" | "F2" | "F3" | "F6" | "F7");
+        self.allow_kind(family, silent, disk, sectors, mark)
+    }
+
+    /// [`Inner::allow`] for a family whose faults are `silent` (wrong data, no error) or not.
+    fn allow_kind(
+        &mut self,
+        family: &'static str,
+        silent: bool,
+        disk: usize,
+        sectors: Range<u64>,
+        mark: Mark,
+    ) -> bool {
         // B6 lets silent faults past B2 only where a vote can outnumber distinct wrong values:
         // the quorum pattern with t >= 2. With t = 1 or fifo a lone wrong copy is served.
         let free = self.budget == Budget::Beyond && (!silent || (!self.fifo && self.t >= 2));

@@ -8,7 +8,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use ballot::drivers::quorum::{Quorum, QuorumOptions, ReadPattern, ResyncMode};
+use ballot::drivers::quorum::{Audit, Quorum, QuorumOptions, ReadPattern, ResyncMode};
 use ballot::events::{Emitted, Event, EventBus, IoType, Stream};
 use ballot::host::Host;
 use ballot::nbd::client::NbdClient;
@@ -93,47 +93,51 @@ impl RunResult {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
+pub(crate) enum Phase {
     Safety,
     Liveness,
     Done,
 }
 
-struct State {
-    oracle: Oracle,
-    violations: Vec<Violation>,
-    phase: Phase,
-    next_step: usize,
-    step_results: BTreeMap<String, String>,
-    step_ops: BTreeMap<String, u64>,
-    issued: u64,
-    completed: u64,
-    inflight: u64,
-    events_by_op: BTreeMap<u64, Vec<Event>>,
-    all_events: Vec<Event>,
-    qmp_events: Vec<Emitted>,
+pub(crate) struct State {
+    pub(crate) oracle: Oracle,
+    pub(crate) violations: Vec<Violation>,
+    pub(crate) phase: Phase,
+    pub(crate) next_step: usize,
+    pub(crate) step_results: BTreeMap<String, String>,
+    pub(crate) step_ops: BTreeMap<String, u64>,
+    pub(crate) issued: u64,
+    pub(crate) completed: u64,
+    pub(crate) inflight: u64,
+    pub(crate) events_by_op: BTreeMap<u64, Vec<Event>>,
+    pub(crate) all_events: Vec<Event>,
+    pub(crate) qmp_events: Vec<Emitted>,
     /// (incarnation, virtual ns, event) of both streams, for I8's limiter check.
-    internal_timed: Vec<(u64, u64, Event)>,
-    qmp_timed: Vec<(u64, u64, Event)>,
+    pub(crate) internal_timed: Vec<(u64, u64, Event)>,
+    pub(crate) qmp_timed: Vec<(u64, u64, Event)>,
     /// Virtual ns at which each incarnation ended (crash), by incarnation.
-    incarnation_end: BTreeMap<u64, u64>,
-    quorum: Option<Arc<Quorum>>,
-    alive: bool,
-    incarnation: u64,
-    wrng: Rng,
-    fired: Vec<bool>,
-    crash_requested: bool,
-    crashes: u64,
-    f11_at: Option<u64>,
+    pub(crate) incarnation_end: BTreeMap<u64, u64>,
+    pub(crate) quorum: Option<Arc<Quorum>>,
+    pub(crate) alive: bool,
+    pub(crate) incarnation: u64,
+    pub(crate) wrng: Rng,
+    pub(crate) fired: Vec<bool>,
+    pub(crate) crash_requested: bool,
+    pub(crate) crashes: u64,
+    pub(crate) f11_at: Option<u64>,
     /// (child, sector) copies a scrub read could not repair because that child failed the
     /// request (Q26 rewrites only children that returned wrong data): I6 leaves them out.
-    unrepairable: std::collections::BTreeSet<(usize, u64)>,
+    pub(crate) unrepairable: std::collections::BTreeSet<(usize, u64)>,
     /// Children that failed the last completed op.
-    last_failed_children: Vec<usize>,
+    pub(crate) last_failed_children: Vec<usize>,
     /// Warning and fatal lines of each host incarnation (Q15, Q33).
-    captured: Vec<ballot::host::Captured>,
+    pub(crate) captured: Vec<ballot::host::Captured>,
     /// Every completed guest op, for the report's latency and fault-outcome tables.
-    spans: Vec<OpSpan>,
+    pub(crate) spans: Vec<OpSpan>,
+    /// The live qhost's QMP monitor (jobs are driven through it, H16).
+    pub(crate) monitor: Option<Arc<ballot::qmp::Monitor>>,
+    /// The healing harness (HEALING.md §7).
+    pub(crate) heal: crate::heal::HealState,
 }
 
 /// One run's shared state: parameters, disks, the oracle and the hosts.
@@ -153,7 +157,7 @@ pub(crate) struct World {
 }
 
 impl World {
-    fn lock(&self) -> MutexGuard<'_, State> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
         self.st.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -238,7 +242,7 @@ impl World {
         });
     }
 
-    fn failed(&self) -> bool {
+    pub(crate) fn failed(&self) -> bool {
         !self.lock().violations.is_empty()
     }
 }
@@ -390,6 +394,8 @@ async fn world_main(p: Params, sc: Scenario, opts: RunOpts) -> RunResult {
             last_failed_children: Vec::new(),
             captured: Vec::new(),
             spans: Vec::new(),
+            monitor: None,
+            heal: crate::heal::HealState::new(p.seed),
         }),
         net: Mutex::new(vec![
             Replica::default();
@@ -697,7 +703,17 @@ fn scripted_restart(w: &World) -> Option<(u64, u64)> {
 }
 
 fn crash_node(w: &Arc<World>, handle: &madsim::runtime::Handle, id: madsim::task::NodeId) {
+    // I18: what the record calls in sync and flushed must survive what comes next.
+    crate::heal::check_durable(w, None, "as the quorum host crashes");
     handle.kill(id);
+    {
+        // F30 cut short: the next incarnation opens every child again.
+        let mut st = w.lock();
+        if std::mem::take(&mut st.heal.swapping) {
+            drop(st);
+            w.disks.set_down(w.p.children - 1, false);
+        }
+    }
     let (cut_off, cut_writes) = {
         let st = w.lock();
         (st.oracle.pending_ranges(), st.oracle.pending_write_ranges())
@@ -761,13 +777,17 @@ async fn qhost_main(w: Arc<World>) {
         let w3 = w.clone();
         bus.subscribe(Stream::Qmp, move |e| {
             let t = w3.disks.now_ns();
-            let mut st = w3.lock();
-            st.qmp_events.push(e.clone());
-            let inc = st.incarnation;
-            st.qmp_timed.push((inc, t, e.event.clone()));
+            {
+                let mut st = w3.lock();
+                st.qmp_events.push(e.clone());
+                let inc = st.incarnation;
+                st.qmp_timed.push((inc, t, e.event.clone()));
+            }
+            crate::heal::on_qmp_event(&w3, &e.event);
         });
     }
-    let (host, captured) = Host::recording(bus);
+    let (host, captured) = Host::recording(bus.clone());
+    let graph_host = host.clone();
     w.lock().captured.push(captured);
     let p = &w.p;
     let children: Vec<(String, Device)> = match &p.nbd {
@@ -849,14 +869,36 @@ async fn qhost_main(w: Arc<World>) {
         st.incarnation += 1;
     }
     {
-        // HEALING.md H1, H4: the oracle learns which children each guest op counted.
+        // HEALING.md H1, H4: the oracle learns which children each guest op counted; the
+        // healing harness sees the vote choices and the resync's runs and writes.
         let w2 = w.clone();
-        q.set_audit(Arc::new(move |a| {
-            let op = crate::vdisk::current_op();
-            if op != 0 {
-                w2.lock().oracle.audits.entry(op).or_default().push(a);
+        q.set_audit(Arc::new(move |a| match a {
+            Audit::Voters { .. } | Audit::Copying { .. } | Audit::Copied { .. } => {
+                crate::heal::audit(&w2, &a)
+            }
+            a => {
+                let op = crate::vdisk::current_op();
+                if op != 0 {
+                    w2.lock().oracle.audits.entry(op).or_default().push(a);
+                }
             }
         }));
+    }
+    {
+        // H16: jobs are started, paused and watched over QMP, as an operator would.
+        let mut g = ballot::graph::Graph::new(graph_host);
+        if let Err(e) = g.insert_quorum("q0", q.clone()) {
+            return w.fail("harness", format!("qhost graph: {e}"));
+        }
+        let m = Arc::new(ballot::qmp::Monitor {
+            graph: Arc::new(tokio::sync::Mutex::new(g)),
+            nbd: ballot::nbd::server::Server::new(),
+            bus: bus.clone(),
+            quit: Arc::new(tokio::sync::Notify::new()),
+            exports: tokio::sync::Mutex::new(Vec::new()),
+        });
+        w.lock().monitor = Some(m);
+        tokio::spawn(crate::heal::operator(w.clone()));
     }
     w.disks.trace("qhost", "open", 0, 0, 0, 0);
     // C4: scripted steps one after another.
@@ -1131,11 +1173,19 @@ fn next_random_op(w: &Arc<World>) -> Option<(OpKind, u64, u64, bool)> {
         if f11 {
             st.f11_at = None;
         }
-        f11
+        let f30 = !st.heal.swapped && w.p.heal.f30_at == Some(st.issued);
+        if f30 {
+            st.heal.swapped = true;
+        }
+        (f11, f30)
     };
+    let (f11, f30) = f11;
     if f11 {
         let w2 = w.clone();
         tokio::spawn(async move { hot_add_mismatch(&w2, 512).await });
+    }
+    if f30 {
+        tokio::spawn(crate::heal::hot_swap(w.clone()));
     }
     let p = &w.p;
     let mut st = w.lock();
@@ -1168,6 +1218,32 @@ fn next_random_op(w: &Arc<World>) -> Option<(OpKind, u64, u64, bool)> {
     let start = r0 + r.below(limit - sectors + 1);
     let fua = matches!(kind, OpKind::Write | OpKind::WriteZeroes) && r.chance(p.fua);
     Some((kind, start * SECTOR_U64, sectors * SECTOR_U64, fua))
+}
+
+/// F27: a guest op outside the workload's count (a write racing a resync run). The safety
+/// phase ends only when it has completed too.
+pub(crate) fn extra_op(w: &Arc<World>, kind: OpKind, offset: u64, len: u64) {
+    let q = {
+        let mut st = w.lock();
+        if st.phase != Phase::Safety || !st.alive {
+            return;
+        }
+        let Some(q) = st.quorum.clone() else { return };
+        st.inflight += 1;
+        q
+    };
+    let w = w.clone();
+    tokio::spawn(async move {
+        let dev: Device = q;
+        let _ = run_op(&w, &dev, kind, offset, len, false, false, None).await;
+        let mut st = w.lock();
+        st.inflight = st.inflight.saturating_sub(1);
+        if st.phase == Phase::Safety && st.issued >= w.p.ops && st.inflight == 0 {
+            st.phase = Phase::Liveness;
+            drop(st);
+            w.wake.notify_one();
+        }
+    });
 }
 
 /// Issues one guest op through the quorum, and checks it when it completes.
@@ -1305,6 +1381,9 @@ async fn run_op(
             (offset / SECTOR_U64..(offset + len).div_ceil(SECTOR_U64)).collect();
         w.reassess(&sectors);
     }
+    if r.is_ok() && kind == OpKind::Write {
+        crate::heal::check_write_readable(w, id, offset, len);
+    }
     w.disks.trace_full(
         "guest",
         "complete",
@@ -1353,11 +1432,11 @@ async fn liveness(w: &Arc<World>, _start: tokio::time::Instant) {
     // repair (what it does not: silent corruption, lost writes, a crash of the quorum host)
     // bring every child back to the quorum's image and empty every out-of-sync record, with
     // no guest read and no scrub.
-    resync_to_completion(w, &q, false).await;
+    crate::heal::job_to_completion(w, false).await;
     if w.failed() {
         return;
     }
-    resync_to_completion(w, &q, true).await;
+    crate::heal::job_to_completion(w, true).await;
     if w.failed() {
         return;
     }
@@ -1459,37 +1538,6 @@ async fn liveness(w: &Arc<World>, _start: tokio::time::Instant) {
     // Final full read (I4).
     scrub(w.clone(), dev.clone()).await;
     *w.lock().oracle.tally.checks.entry("I4").or_default() += 1;
-}
-
-/// H10, H16 (`verify`: H17): starts a resync job (or waits for the automatic one) or a
-/// verify job, and waits for the quorum's jobs to end, within the liveness deadline (I14).
-async fn resync_to_completion(w: &Arc<World>, q: &Arc<Quorum>, verify: bool) {
-    let start = tokio::time::Instant::now();
-    let deadline = Duration::from_nanos(w.p.deadline_ns);
-    let mut started = false;
-    while start.elapsed() < deadline {
-        if !started {
-            started = if verify {
-                q.jobs_idle()
-                    && q.start_verify(ballot::drivers::quorum::verify::VerifyRequest::default())
-                        .is_ok()
-            } else {
-                q.start_resync(ballot::drivers::quorum::resync::ResyncRequest::default())
-                    .is_ok()
-            };
-        } else if q.jobs_idle() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    w.fail(
-        "I14",
-        format!(
-            "the liveness {} did not finish within {}",
-            if verify { "verify" } else { "resync" },
-            crate::units::fmt_time(w.p.deadline_ns)
-        ),
-    );
 }
 
 /// I12: after the resync, the children agree on every sector and no out-of-sync granule is

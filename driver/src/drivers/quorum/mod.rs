@@ -295,6 +295,48 @@ pub enum Audit {
         /// not succeeded yet; or fewer than t children were in sync there (degraded).
         eligible: Vec<bool>,
     },
+    /// H1: the children chosen to vote on granules `[first, end)`, reported the moment they
+    /// are chosen (by a guest read or a resync); `degraded`: fewer than t were in sync, so
+    /// every child votes.
+    Voters {
+        /// First granule.
+        first: u64,
+        /// End granule (exclusive).
+        end: u64,
+        /// Child indices, in child order.
+        voters: Vec<usize>,
+        /// Fewer than t children were in sync on the range.
+        degraded: bool,
+    },
+    /// A resync (or a verify's repair) holds `[offset, offset + len)` exclusively and is
+    /// about to read the voters' copies of it (H10). Reported from the job's task.
+    Copying {
+        /// Byte offset of the run.
+        offset: u64,
+        /// Byte length of the run.
+        len: u64,
+    },
+    /// A resync write of `data` at `offset` to child `child` succeeded; the range is still
+    /// held (H10, HEALING.md I17: the data must still be the quorum's value there).
+    Copied {
+        /// Child index.
+        child: usize,
+        /// Byte offset.
+        offset: u64,
+        /// What was written.
+        data: Bytes,
+    },
+}
+
+/// One child's sync record as it stands, in bytes (for checkers: the simulator's I18, I20).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncView {
+    /// The child's node-name.
+    pub node_name: String,
+    /// O_c: `(offset, length)` ranges that may differ (H6).
+    pub out_of_sync: Vec<(u64, u64)>,
+    /// Ranges written since the child's last completed flush (H7).
+    pub unflushed: Vec<(u64, u64)>,
 }
 
 /// The audit callback.
@@ -482,6 +524,19 @@ impl Quorum {
                 rt.spawn(resync::watch(Arc::downgrade(&inner)));
             }
         }
+        // H7 at open: a child's cache may hold writes of a previous process that no flush
+        // covered (an NBD replica outlives a crash of ours), so everything counts as unflushed
+        // until the child's first completed flush; a reconnection or a failed flush before it
+        // marks the whole child out of sync. A `replication` child (COLO) changes only through
+        // its own protocol and is left as it is.
+        if let Ok(st) = inner.children.try_read() {
+            if !st.list.iter().any(|c| c.dev.driver() == "replication") {
+                let granules = inner.granules();
+                for c in &st.list {
+                    inner.update(c, |s| s.assume_unflushed(granules));
+                }
+            }
+        }
         Ok(Quorum { inner })
     }
 
@@ -602,6 +657,32 @@ impl Inner {
                 }
             })
             .collect()
+    }
+
+    /// Every child's sync record as it stands, in child order, without waiting: `None` when
+    /// the child list is being changed (a checker samples again later). Unlike
+    /// `out_of_sync` it does not look at the devices' cache epochs first, so a
+    /// reconnection the quorum has not noticed yet is not in it.
+    pub fn sync_view(&self) -> Option<Vec<SyncView>> {
+        let st = self.children.try_read().ok()?;
+        let bytes = |runs: Vec<(u64, u64)>| -> Vec<(u64, u64)> {
+            runs.into_iter()
+                .map(|(a, b)| (a * GRANULE_BYTES, granule_bytes(a, b, self.length)))
+                .collect()
+        };
+        Some(
+            st.list
+                .iter()
+                .map(|c| {
+                    let s = c.sync();
+                    SyncView {
+                        node_name: c.node_name.clone(),
+                        out_of_sync: bytes(s.out_of_sync().runs()),
+                        unflushed: bytes(s.unflushed().runs()),
+                    }
+                })
+                .collect(),
+        )
     }
 
     /// Applies `f` to `child`'s sync record; keeps the lock-free count and H14's trigger.
@@ -769,11 +850,18 @@ impl Inner {
         let in_sync: Vec<usize> = (0..st.list.len())
             .filter(|&i| st.list[i].in_sync(first, end))
             .collect();
-        if in_sync.len() >= self.opts.threshold {
+        let (voters, degraded) = if in_sync.len() >= self.opts.threshold {
             (in_sync, false)
         } else {
             ((0..st.list.len()).collect(), true)
-        }
+        };
+        self.audit(Audit::Voters {
+            first,
+            end,
+            voters: voters.clone(),
+            degraded,
+        });
+        (voters, degraded)
     }
 
     /// One child write whose outcome is recorded (H5–H7): `op` runs between two looks at the
@@ -801,7 +889,7 @@ impl Inner {
         ok && before == after
     }
 
-    fn audit(&self, a: Audit) {
+    pub(crate) fn audit(&self, a: Audit) {
         let f = self
             .audit
             .0

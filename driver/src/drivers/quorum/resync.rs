@@ -23,7 +23,7 @@ use tokio::time::Instant;
 
 use super::sync::{granule_bytes, GranuleSet, GRANULE_BYTES};
 use super::vote;
-use super::{Children, Inner};
+use super::{Audit, Children, Inner};
 use crate::device::WriteFlags;
 use crate::error::{ErrorKind, Result};
 use crate::events::{sectors, IoType};
@@ -430,6 +430,7 @@ impl Resync {
         let len = granule_bytes(first, end, q.length);
         let unit = q.request_alignment().max(512) as usize;
         let _hold = q.order(off, len, true).await;
+        q.audit(Audit::Copying { offset: off, len });
         let st = q.children.read().await;
         let n = st.list.len();
         // Per granule: voters (H1) and targets.
@@ -604,7 +605,7 @@ impl Resync {
         }
         // Consecutive whole granules of one target go in one write (no FUA: H12's flush
         // follows).
-        let mut futs: Vec<BoxFuture<'_, (usize, u64, Result<()>)>> = Vec::new();
+        let mut futs: Vec<BoxFuture<'_, CopyWrite>> = Vec::new();
         for (t, list) in writes {
             let mut k = 0;
             while k < list.len() {
@@ -630,9 +631,9 @@ impl Resync {
                 let l = data.len() as u64;
                 futs.push(Box::pin(async move {
                     let r = q
-                        .write_child(c, o, l, c.dev.write(o, data, WriteFlags::NONE))
+                        .write_child(c, o, l, c.dev.write(o, data.clone(), WriteFlags::NONE))
                         .await;
-                    (t, l, r)
+                    (t, o, data, r)
                 }));
                 k = j;
             }
@@ -642,13 +643,21 @@ impl Resync {
         for (t, g) in incomplete {
             q.update(&st.list[t], |s| s.mark(g, g + 1));
         }
-        for (t, bytes, r) in results {
+        for (t, offset, data, r) in results {
             let c = &st.list[t];
             match r {
-                Ok(()) => out.push(RunOutcome::Copied {
-                    child: c.name.clone(),
-                    bytes,
-                }),
+                Ok(()) => {
+                    let bytes = data.len() as u64;
+                    q.audit(Audit::Copied {
+                        child: t,
+                        offset,
+                        data,
+                    });
+                    out.push(RunOutcome::Copied {
+                        child: c.name.clone(),
+                        bytes,
+                    });
+                }
                 Err(e) => {
                     q.report_bad(IoType::Write, Some(e.kind()), c, sn, sc);
                     out.push(RunOutcome::WriteFailed {
@@ -660,6 +669,9 @@ impl Resync {
         out
     }
 }
+
+/// A resync write's outcome: target index, offset, data, result.
+type CopyWrite = (usize, u64, Bytes, Result<()>);
 
 /// One child's copy of a run: its bytes and, per unit, whether they could be read.
 pub(crate) struct Piece {

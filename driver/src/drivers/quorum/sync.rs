@@ -273,6 +273,13 @@ impl ChildSync {
         }
     }
 
+    /// H7 at open: whatever the device's volatile cache holds from before (a replica that
+    /// outlived the previous process) is unflushed until the first completed flush, so a
+    /// reconnection before it marks the whole disk out of sync.
+    pub fn assume_unflushed(&mut self, granules: u64) {
+        self.current.written.insert_range(0, granules);
+    }
+
     /// H8, H23: every granule of a disk of `granules` granules may differ.
     pub fn mark_all(&mut self, granules: u64) {
         self.mark(0, granules);

@@ -1,0 +1,607 @@
+//! Healing under simulation (HEALING.md §7): the faults that aim at a resync in progress
+//! (H26: F25, F26, F27, F30), the jobs an operator runs over QMP while the guest works (H16,
+//! H17), the invariants of H27 (I17, I18, I20) and the recovery paths P16–P18 and P20.
+//!
+//! The quorum reports what it decides through its audit hook ([`Audit`]); everything here
+//! compares those decisions with what the virtual disks hold and what the oracle allows,
+//! synchronously, at the instant the quorum makes them (madsim runs one task at a time).
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ballot::drivers::quorum::{Audit, SyncView, OUT_OF_SYNC_GRANULARITY_BYTES as GRANULE};
+use ballot::events::Event;
+use serde_json::{json, Value as Json};
+
+use crate::oracle::OpKind;
+use crate::rng::Rng;
+use crate::sector::{decode, Decoded, SECTOR, SECTOR_U64};
+use crate::vdisk::{Sticky, Stored};
+use crate::world::World;
+
+/// The healing harness's part of a run's state.
+pub(crate) struct HealState {
+    /// F25: disks whose copy a fault interrupted, until they are found in sync (P16).
+    interrupted: BTreeSet<usize>,
+    /// Jobs created so far (`JOB_STATUS_CHANGE` to `created`).
+    jobs_created: u64,
+    /// F25's decision for job number `.0`: runs to let pass before it fires (None: not
+    /// this job, or fired).
+    f25: (u64, Option<u64>),
+    /// F30 under way: the last child is out of the quorum.
+    pub(crate) swapping: bool,
+    /// F30 is done (once per run).
+    pub(crate) swapped: bool,
+    rng: Rng,
+}
+
+impl HealState {
+    pub(crate) fn new(seed: u64) -> HealState {
+        HealState {
+            interrupted: BTreeSet::new(),
+            jobs_created: 0,
+            f25: (0, None),
+            swapping: false,
+            swapped: false,
+            rng: Rng::stream(seed, "faults/heal"),
+        }
+    }
+}
+
+fn overlaps(ranges: &[(u64, u64)], a: u64, z: u64) -> bool {
+    ranges.iter().any(|&(o, l)| o < z && a < o + l)
+}
+
+fn view(w: &World) -> Option<Vec<SyncView>> {
+    let q = w.lock().quorum.clone()?;
+    q.sync_view()
+}
+
+fn bump(w: &World, rule: &'static str) {
+    *w.lock().oracle.tally.checks.entry(rule).or_default() += 1;
+}
+
+fn path(w: &World, p: &'static str, n: u64) {
+    if n > 0 {
+        *w.lock().oracle.tally.paths.entry(p).or_default() += n;
+    }
+}
+
+/// Routes one of the quorum's audits that no guest op owns: the vote choice (I20), a resync
+/// run about to be read (F25–F27) and a resync write (I17).
+pub(crate) fn audit(w: &Arc<World>, a: &Audit) {
+    match a {
+        Audit::Voters {
+            first,
+            end,
+            voters,
+            degraded,
+        } => check_voters(w, *first, *end, voters, *degraded),
+        Audit::Copying { offset, len } => copying(w, *offset, *len),
+        Audit::Copied {
+            child,
+            offset,
+            data,
+        } => check_copied(w, *child, *offset, data),
+        _ => {}
+    }
+}
+
+/// I20 (H1): the children chosen to vote are exactly those the record has in sync on the
+/// range, or, when fewer than t are, every child.
+fn check_voters(w: &World, first: u64, end: u64, voters: &[usize], degraded: bool) {
+    let Some(v) = view(w) else { return };
+    let (a, z) = (first * GRANULE, end * GRANULE);
+    let in_sync: Vec<usize> = (0..v.len())
+        .filter(|&i| !overlaps(&v[i].out_of_sync, a, z))
+        .collect();
+    bump(w, "I20");
+    let t = w.p.threshold;
+    let want: Vec<usize> = if in_sync.len() >= t {
+        in_sync.clone()
+    } else {
+        (0..v.len()).collect()
+    };
+    if voters != want.as_slice() || degraded != (in_sync.len() < t) {
+        w.fail(
+            "I20",
+            format!(
+                "the vote on [{a}, {z}) chose children {voters:?} (degraded {degraded}); the out-of-sync record has {in_sync:?} in sync there, so the voters are {want:?} (HEALING.md H1)"
+            ),
+        );
+    }
+}
+
+/// I17: a resync write that succeeded, with its range still held, carries the quorum's
+/// value of every sector it wrote: no acknowledged write is undone. Where I17 is not asserted
+/// (2t <= N, D1 and D13; beyond the budget, B6, where stale copies may outnumber the newest)
+/// a stale copy the resync wrote stays marked in the ledger (B1), as any stale copy does.
+fn check_copied(w: &World, child: usize, offset: u64, data: &[u8]) {
+    let asserted = w.p.majority() && w.p.budget != crate::vdisk::Budget::Beyond;
+    let (over, latent) = w.disks.excused_sectors();
+    let excused: BTreeSet<u64> = over.into_iter().chain(latent).collect();
+    let first = offset / SECTOR_U64;
+    let stale: Vec<(u64, Decoded)> = {
+        let st = w.lock();
+        data.chunks(SECTOR)
+            .enumerate()
+            .filter(|(_, chunk)| chunk.len() == SECTOR)
+            .map(|(k, chunk)| (first + k as u64, decode(chunk)))
+            .filter(|(s, d)| match d {
+                Decoded::Value(v) => !st.oracle.allows_now(*s, *v),
+                Decoded::Garbage => true,
+            })
+            .collect()
+    };
+    if !asserted {
+        for (s, _) in &stale {
+            if child < w.p.children {
+                w.disks.mark_missed(child, *s..*s + 1);
+            }
+        }
+        return;
+    }
+    bump(w, "I17");
+    if let Some((s, got)) = stale.into_iter().find(|(s, _)| !excused.contains(s)) {
+        let history = w.lock().oracle.history(Some(s), 6).join("; ");
+        w.fail(
+            "I17",
+            format!(
+                "a resync wrote {got:?} to child {child} at sector {s}, which is not the quorum's value there any more (history: {history}); sector {s}:{}",
+                w.disks.describe_sector(s)
+            ),
+        );
+    }
+}
+
+/// I18: every granule the record has in sync and flushed on a child holds the quorum's value
+/// there, on the media as in the cache, so that a crash of the child right now loses nothing
+/// the quorum does not know about (H12, H7). `which`: one child (a replica about to crash), or
+/// every child (the quorum host about to crash, a job's end). `when` names the moment.
+pub(crate) fn check_durable(w: &World, which: Option<usize>, when: &str) {
+    let Some(v) = view(w) else { return };
+    let (over, latent) = w.disks.excused_sectors();
+    let excused: BTreeSet<u64> = over.into_iter().chain(latent).collect();
+    let pending = w.lock().oracle.pending_ranges();
+    let sectors = w.p.disk_size / SECTOR_U64;
+    bump(w, "I18");
+    for (i, c) in v.iter().enumerate() {
+        if which.is_some_and(|x| x != i) || i >= w.p.children {
+            continue;
+        }
+        for s in 0..sectors {
+            let (a, z) = (s * SECTOR_U64, (s + 1) * SECTOR_U64);
+            if overlaps(&c.out_of_sync, a, z)
+                || overlaps(&c.unflushed, a, z)
+                || overlaps(&pending, a, z)
+                || excused.contains(&s)
+            {
+                continue;
+            }
+            let (durable, current, marked) = w.disks.sector_state(i, s);
+            if marked {
+                continue;
+            }
+            let problem = if durable != current {
+                Some("its cache holds data its media does not: a crash loses it")
+            } else {
+                let ok = match &current {
+                    Stored::V(x) => w.lock().oracle.allows_now(s, *x),
+                    Stored::Raw(_) => false,
+                };
+                (!ok && w.p.majority()).then_some("it is not the quorum's value there")
+            };
+            if let Some(why) = problem {
+                w.fail(
+                    "I18",
+                    format!(
+                        "{when}: {} is in sync and flushed on sector {s} by the quorum's record, but {why}; sector {s}:{}",
+                        c.node_name,
+                        w.disks.describe_sector(s)
+                    ),
+                );
+                return;
+            }
+        }
+    }
+}
+
+/// I20 (H4): an acknowledged write is readable from t children: on every sector, at least
+/// t children that the record has in sync there (or that the write covered whole, which puts
+/// them back in sync at the next flush, H5) hold its data. Checked the instant the quorum
+/// returns, before any later write can run (D8). A shortfall that the faults explain (copies
+/// the ledger marks, a write O5 no longer guarantees, sectors beyond the budget) is excused.
+pub(crate) fn check_write_readable(w: &World, id: u64, offset: u64, len: u64) {
+    if !w.p.majority() {
+        return;
+    }
+    let Some(v) = view(w) else { return };
+    let t = w.p.threshold;
+    let (over, latent) = w.disks.excused_sectors();
+    let excused: BTreeSet<u64> = over.into_iter().chain(latent).collect();
+    bump(w, "I20");
+    let end = offset + len;
+    for s in offset / SECTOR_U64..end.div_ceil(SECTOR_U64) {
+        if excused.contains(&s) || !w.lock().oracle.guaranteed(s, id) {
+            continue;
+        }
+        let g0 = (s * SECTOR_U64) / GRANULE * GRANULE;
+        let g1 = (g0 + GRANULE).min(w.p.disk_size);
+        let covered = offset <= g0 && g1 <= end;
+        let want = Stored::V(crate::sector::Value::Data { id, sector: s });
+        let (mut candidates, mut holders, mut marked) = (0usize, 0usize, 0usize);
+        for (i, c) in v.iter().enumerate().take(w.p.children) {
+            if !covered && overlaps(&c.out_of_sync, g0, g1) {
+                continue;
+            }
+            candidates += 1;
+            let (_, current, m) = w.disks.sector_state(i, s);
+            if current == want {
+                holders += 1;
+            } else if m {
+                marked += 1;
+            }
+        }
+        if candidates < t || holders + marked >= t {
+            continue;
+        }
+        w.fail(
+            "I20",
+            format!(
+                "write op {id} was acknowledged, but only {holders} of the {candidates} children the record can count on sector {s} hold it (threshold {t}, HEALING.md H4); sector {s}:{}",
+                w.disks.describe_sector(s)
+            ),
+        );
+        return;
+    }
+}
+
+/// P16: children a fault interrupted that are in sync everywhere now.
+pub(crate) fn tally_resumed(w: &World) {
+    let Some(v) = view(w) else { return };
+    let done: Vec<usize> = {
+        let st = w.lock();
+        st.heal
+            .interrupted
+            .iter()
+            .copied()
+            .filter(|&i| v.get(i).is_some_and(|c| c.out_of_sync.is_empty()))
+            .collect()
+    };
+    for i in &done {
+        w.lock().heal.interrupted.remove(i);
+    }
+    path(w, "P16", done.len() as u64);
+}
+
+/// QMP events: job counting for F25, and P17, P18, P20 from the jobs' result counters.
+pub(crate) fn on_qmp_event(w: &World, e: &Event) {
+    match e {
+        Event::JobStatusChange { status, .. } if *status == "created" => {
+            w.lock().heal.jobs_created += 1;
+        }
+        Event::BlockJobCompleted {
+            job_type, result, ..
+        } => {
+            let get = |k: &str| {
+                result
+                    .iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| *v)
+                    .unwrap_or(0)
+            };
+            match *job_type {
+                "x-resync" => path(w, "P17", get("equal")),
+                "x-verify" => path(w, "P18", get("repaired")),
+                _ => {}
+            }
+            path(w, "P20", get("unrecoverable"));
+        }
+        _ => {}
+    }
+}
+
+/// A resync run `[offset, offset + len)` is held and about to be read: F26 (a voter's copy
+/// flips or fails before it is read), F27 (a guest write aimed at the run) and F25 (the
+/// target is cut off, crashed or reformatted while the copy is in flight).
+fn copying(w: &Arc<World>, offset: u64, len: u64) {
+    if !w.in_safety() {
+        return;
+    }
+    let h = w.p.heal.clone();
+    let (f26, f27, f25) = {
+        let mut st = w.lock();
+        let jobs = st.heal.jobs_created;
+        let hs = &mut st.heal;
+        let f26 = h.f26 > 0.0 && hs.rng.chance(h.f26);
+        let f27 = h.f27 > 0.0 && hs.rng.chance(h.f27);
+        if hs.f25.0 != jobs {
+            let fire = h.f25 > 0.0 && hs.rng.chance(h.f25);
+            hs.f25 = (jobs, fire.then(|| hs.rng.below(6)));
+        }
+        let f25 = match hs.f25.1 {
+            Some(0) => {
+                hs.f25.1 = None;
+                true
+            }
+            Some(k) => {
+                hs.f25.1 = Some(k - 1);
+                false
+            }
+            None => false,
+        };
+        (f26, f27, f25)
+    };
+    let (s0, s1) = (offset / SECTOR_U64, (offset + len) / SECTOR_U64);
+    if s1 <= s0 {
+        return;
+    }
+    let Some(v) = view(w) else { return };
+    if f26 {
+        let voters: Vec<usize> = (0..v.len().min(w.p.children))
+            .filter(|&i| !overlaps(&v[i].out_of_sync, offset, offset + len))
+            .collect();
+        if !voters.is_empty() {
+            let (c, s, k, latent) = {
+                let mut st = w.lock();
+                let r = &mut st.heal.rng;
+                let c = voters[r.below(voters.len() as u64) as usize];
+                let s = s0 + r.below(s1 - s0);
+                let k = 1 + r.below(8.min(s1 - s));
+                (c, s, k, r.chance(0.3))
+            };
+            let kind = if latent { Sticky::Latent } else { Sticky::Flip };
+            w.disks.inject_sticky(c, s..s + k, kind, "F26");
+        }
+    }
+    if f27 {
+        let (s, k) = {
+            let mut st = w.lock();
+            let r = &mut st.heal.rng;
+            let s = s0 + r.below(s1 - s0);
+            (s, 1 + r.below(16.min(s1 - s)))
+        };
+        w.disks.count_injected("F27");
+        crate::world::extra_op(w, OpKind::Write, s * SECTOR_U64, k * SECTOR_U64);
+    }
+    if f25 && w.p.nbd.is_some() {
+        let targets: Vec<usize> = (0..v.len().min(w.p.children))
+            .filter(|&i| overlaps(&v[i].out_of_sync, offset, offset + len))
+            .collect();
+        if targets.is_empty() {
+            return;
+        }
+        let (t, kind, delay_us, back_ms) = {
+            let mut st = w.lock();
+            let r = &mut st.heal.rng;
+            (
+                targets[r.below(targets.len() as u64) as usize],
+                r.below(3),
+                r.below(3000),
+                r.range(300, 3000),
+            )
+        };
+        let w = w.clone();
+        tokio::spawn(async move {
+            // Mid-copy: while the reads or the write of the run are on the wire.
+            tokio::time::sleep(Duration::from_micros(delay_us)).await;
+            if !w.in_safety() {
+                return;
+            }
+            let done = match kind {
+                0 => crate::net::partition(&w, t, crate::net::Cut::Both, "F25", true),
+                _ => crate::net::crash(&w, t, true),
+            };
+            if !done {
+                return;
+            }
+            w.disks.count_injected("F25");
+            w.lock().heal.interrupted.insert(t);
+            tokio::time::sleep(Duration::from_millis(back_ms)).await;
+            match kind {
+                0 => crate::net::heal(&w, t),
+                k => crate::net::restart(&w, t, k == 2, true),
+            }
+        });
+    }
+}
+
+/// F30: the last child is hot-removed, its disk replaced by an empty one and hot-added back
+/// (H8: it is out of sync everywhere and the resync fills it). Refused removals (Q53: no
+/// child may go below the threshold) count as skipped.
+pub(crate) async fn hot_swap(w: Arc<World>) {
+    let Some(q) = w.lock().quorum.clone() else {
+        return;
+    };
+    let n = w.p.children;
+    let last = n - 1;
+    if w.p.nbd.is_some()
+        || n <= w.p.threshold
+        || !w.disks.allow_node("F30", last, crate::vdisk::Mark::Wrong)
+    {
+        return;
+    }
+    w.lock().heal.swapping = true;
+    let name = format!("children.{last}");
+    let removed = q.remove_child(&name).await;
+    if let Err(e) = removed {
+        w.lock().heal.swapping = false;
+        w.fail(
+            "I7",
+            format!(
+                "F30: removing {name} from a quorum of {n} children with threshold {} failed: {e}",
+                w.p.threshold
+            ),
+        );
+        return;
+    }
+    w.disks.set_down(last, true);
+    let changed = w.disks.reformat(last, "F30");
+    w.reassess(&changed);
+    let back = {
+        let mut st = w.lock();
+        st.heal.rng.range(10, 1000)
+    };
+    tokio::time::sleep(Duration::from_millis(back)).await;
+    let dev: ballot::Device = w.disks.device(last);
+    let r = q.add_child(&format!("c{last}"), dev).await;
+    w.disks.set_down(last, false);
+    {
+        let mut st = w.lock();
+        st.heal.swapping = false;
+        st.heal.swapped = true;
+    }
+    match r {
+        Ok(got) if got == name => {}
+        Ok(got) => w.fail(
+            "I7",
+            format!("F30: the swapped child came back as {got}, expected {name} (Q55)"),
+        ),
+        Err(e) => w.fail("I7", format!("F30: hot add of an empty disk refused: {e}")),
+    }
+}
+
+/// One QMP command on the run's monitor; the reply's `return`, or its error text.
+pub(crate) async fn qmp(w: &World, cmd: &str, args: Json) -> Result<Json, String> {
+    let Some(m) = w.lock().monitor.clone() else {
+        return Err("no monitor".into());
+    };
+    let (reply, _) = m.execute(cmd, &args).await;
+    match reply.get("return") {
+        Some(r) => Ok(r.clone()),
+        None => Err(reply["error"]["desc"]
+            .as_str()
+            .unwrap_or("malformed reply")
+            .to_string()),
+    }
+}
+
+/// Whether `e` is the refusal of a second job (H16), which an operator retries later.
+fn busy(e: &str) -> bool {
+    e.contains("already has a")
+}
+
+/// The operator of the safety phase (H16, H17): with `resync=manual` starts `x-quorum-resync`
+/// when a child is out of sync, runs `x-quorum-verify` over a random range every
+/// `verify_every`, and pauses and resumes some jobs, all over QMP.
+pub(crate) async fn operator(w: Arc<World>) {
+    let h = w.p.heal.clone();
+    if !h.operator {
+        return;
+    }
+    let tick = Duration::from_millis(250);
+    let mut next_verify = h.verify_every_ns;
+    let mut elapsed = 0u64;
+    while w.in_safety() {
+        tokio::time::sleep(tick).await;
+        elapsed += tick.as_nanos() as u64;
+        if !w.in_safety() || w.lock().heal.swapping {
+            continue;
+        }
+        let mut started = None;
+        if !w.p.resync_auto && view(&w).is_some_and(|v| v.iter().any(|c| !c.out_of_sync.is_empty()))
+        {
+            match qmp(&w, "x-quorum-resync", json!({"node-name": "q0"})).await {
+                Ok(_) => started = Some("q0-resync"),
+                Err(e) if busy(&e) => {}
+                Err(e) => return w.fail("I7", format!("x-quorum-resync refused: {e}")),
+            }
+        }
+        if h.verify_every_ns > 0 && elapsed >= next_verify && started.is_none() {
+            next_verify = elapsed + h.verify_every_ns;
+            let (start, end) = {
+                let mut st = w.lock();
+                let r = &mut st.wrng;
+                let sectors = w.p.disk_size / SECTOR_U64;
+                let a = r.below(sectors);
+                (a * SECTOR_U64, (a + 1 + r.below(sectors - a)) * SECTOR_U64)
+            };
+            match qmp(
+                &w,
+                "x-quorum-verify",
+                json!({"node-name": "q0", "start": start, "end": end}),
+            )
+            .await
+            {
+                Ok(_) => started = Some("q0-verify"),
+                Err(e) if busy(&e) => {}
+                Err(e) => {
+                    return w.fail(
+                        "I7",
+                        format!("x-quorum-verify over [{start}, {end}) refused: {e}"),
+                    )
+                }
+            }
+        }
+        let Some(id) = started else { continue };
+        let pause = {
+            let mut st = w.lock();
+            let r = &mut st.heal.rng;
+            r.chance(h.pause).then(|| r.range(50, 500))
+        };
+        if let Some(ms) = pause {
+            // The job may already have finished; only a refusal other than that is wrong.
+            if qmp(&w, "job-pause", json!({"id": id})).await.is_ok() {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                if let Err(e) = qmp(&w, "job-resume", json!({"id": id})).await {
+                    return w.fail("I7", format!("job-resume of a paused {id} refused: {e}"));
+                }
+            }
+        }
+    }
+}
+
+/// H10, H16 (`verify`: H17): the liveness phase's job over QMP: starts it (or, with a job
+/// already running, waits for that one first) and waits until `query-jobs` is empty, within
+/// the liveness deadline (I14). Then I18 over every child.
+pub(crate) async fn job_to_completion(w: &Arc<World>, verify: bool) {
+    let start = tokio::time::Instant::now();
+    let deadline = Duration::from_nanos(w.p.deadline_ns);
+    // F30 under way: the empty disk comes back first.
+    while w.lock().heal.swapping && start.elapsed() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let what = if verify { "verify" } else { "resync" };
+    let mut started = false;
+    while start.elapsed() < deadline && !w.failed() {
+        let jobs = match qmp(w, "query-jobs", json!({})).await {
+            Ok(Json::Array(a)) => a,
+            Ok(other) => return w.fail("I7", format!("query-jobs returned {other}")),
+            Err(e) => return w.fail("I7", format!("query-jobs refused: {e}")),
+        };
+        if jobs.is_empty() {
+            if started {
+                check_durable(w, None, &format!("after the liveness {what}"));
+                tally_resumed(w);
+                return;
+            }
+            let cmd = if verify {
+                "x-quorum-verify"
+            } else {
+                "x-quorum-resync"
+            };
+            match qmp(w, cmd, json!({"node-name": "q0"})).await {
+                Ok(_) => started = true,
+                Err(e) if busy(&e) => {}
+                Err(e) => return w.fail("I7", format!("{cmd} refused: {e}")),
+            }
+        } else if !verify {
+            // A job already running (resync=auto) counts as the liveness resync once it ends.
+            started |= jobs
+                .iter()
+                .any(|j| j["type"] == "x-resync" && j["status"] != "concluded");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if w.failed() {
+        return;
+    }
+    w.fail(
+        "I14",
+        format!(
+            "the liveness {what} did not finish within {}",
+            crate::units::fmt_time(w.p.deadline_ns)
+        ),
+    );
+}
