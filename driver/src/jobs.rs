@@ -389,6 +389,13 @@ impl JobControl {
         lock(&self.state).busy = busy;
     }
 
+    /// Whether `job-pause` or `job-cancel` waits for the next [`JobControl::checkpoint`] (a
+    /// job with work in flight stops starting more).
+    pub fn stop_requested(&self) -> bool {
+        let st = lock(&self.state);
+        st.cancelled || st.pause_requested
+    }
+
     /// Between units of work: pauses here while `job-pause` holds (status `paused`), and
     /// answers whether the job must stop.
     ///

@@ -40,6 +40,63 @@ where
     outs.into_iter().flatten().collect()
 }
 
+/// A bounded set of futures in flight, polled in slot order (so a simulated run repeats);
+/// [`Window::next`] yields the output of whichever completes first.
+pub struct Window<'a, T> {
+    slots: Vec<Option<BoxFuture<'a, T>>>,
+}
+
+impl<'a, T> Default for Window<'a, T> {
+    fn default() -> Self {
+        Window::new()
+    }
+}
+
+impl<'a, T> Window<'a, T> {
+    /// An empty window.
+    pub fn new() -> Window<'a, T> {
+        Window { slots: Vec::new() }
+    }
+
+    /// Futures in flight.
+    pub fn len(&self) -> usize {
+        self.slots.iter().filter(|s| s.is_some()).count()
+    }
+
+    /// Whether nothing is in flight.
+    pub fn is_empty(&self) -> bool {
+        self.slots.iter().all(Option::is_none)
+    }
+
+    /// Adds `fut` in the first free slot.
+    pub fn push(&mut self, fut: BoxFuture<'a, T>) {
+        match self.slots.iter_mut().find(|s| s.is_none()) {
+            Some(slot) => *slot = Some(fut),
+            None => self.slots.push(Some(fut)),
+        }
+    }
+
+    /// The output of the next future to complete (the lowest slot among those ready), or
+    /// `None` at once when the window is empty.
+    pub async fn next(&mut self) -> Option<T> {
+        poll_fn(|cx| {
+            if self.is_empty() {
+                return Poll::Ready(None);
+            }
+            for slot in self.slots.iter_mut() {
+                if let Some(fut) = slot {
+                    if let Poll::Ready(out) = fut.as_mut().poll(cx) {
+                        *slot = None;
+                        return Poll::Ready(Some(out));
+                    }
+                }
+            }
+            Poll::Pending
+        })
+        .await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -61,5 +118,29 @@ mod tests {
         let outs = join_all_with(futs, |i, _| order.push(i)).await;
         assert_eq!(outs, vec![30, 10, 20]);
         assert_eq!(order, vec![1, 2, 0]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn window_yields_in_completion_order_and_refills_free_slots() {
+        let mut w: Window<'_, u64> = Window::new();
+        assert_eq!(w.next().await, None);
+        for d in [30u64, 10, 20] {
+            w.push(Box::pin(async move {
+                tokio::time::sleep(Duration::from_millis(d)).await;
+                d
+            }));
+        }
+        assert_eq!(w.len(), 3);
+        assert_eq!(w.next().await, Some(10));
+        // The freed slot takes the next future; the others keep running meanwhile.
+        w.push(Box::pin(async {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            5
+        }));
+        assert_eq!(w.next().await, Some(5));
+        assert_eq!(w.next().await, Some(20));
+        assert_eq!(w.next().await, Some(30));
+        assert!(w.is_empty());
+        assert_eq!(w.next().await, None);
     }
 }

@@ -318,7 +318,7 @@ fn copying(w: &Arc<World>, offset: u64, len: u64) {
         let f27 = h.f27 > 0.0 && hs.rng.chance(h.f27);
         if hs.f25.0 != jobs {
             let fire = h.f25 > 0.0 && hs.rng.chance(h.f25);
-            hs.f25 = (jobs, fire.then(|| hs.rng.below(6)));
+            hs.f25 = (jobs, fire.then(|| hs.rng.below(3)));
         }
         let f25 = match hs.f25.1 {
             Some(0) => {

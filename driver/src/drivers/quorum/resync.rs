@@ -28,7 +28,7 @@ use crate::device::WriteFlags;
 use crate::error::{ErrorKind, Result};
 use crate::events::{sectors, IoType};
 use crate::jobs::{Cancelled, JobControl};
-use crate::join::{join_all_with, BoxFuture};
+use crate::join::{join_all_with, BoxFuture, Window};
 
 /// H12: a target is flushed at least every this many bytes copied to it.
 pub const FLUSH_EVERY_BYTES: u64 = 64 << 20;
@@ -108,16 +108,23 @@ impl Pacer {
 
     /// Waits until `bytes` more may go.
     pub(crate) async fn pace(&mut self, q: &Inner, ctl: &JobControl, bytes: u64) {
+        let wait = self.reserve(q, ctl, bytes);
+        if !wait.is_zero() {
+            ctl.sleep(wait).await;
+        }
+    }
+
+    /// Books `bytes` at the current rate and returns how long to wait before sending them
+    /// (the caller waits, so work already in flight goes on meanwhile).
+    pub(crate) fn reserve(&mut self, q: &Inner, ctl: &JobControl, bytes: u64) -> Duration {
         let now = Instant::now();
         let Some(rate) = Pacer::rate(q, ctl) else {
             self.next_at = now;
-            return;
+            return Duration::ZERO;
         };
-        if self.next_at > now {
-            ctl.sleep(self.next_at - now).await;
-        }
-        let start = self.next_at.max(Instant::now());
+        let start = self.next_at.max(now);
         self.next_at = start + Duration::from_secs_f64(bytes as f64 / rate as f64);
+        start - now
     }
 }
 
@@ -180,10 +187,11 @@ impl ProgressLog {
     }
 }
 
-/// One resync's state.
-pub(crate) struct Resync {
+/// What the runs of a resync need from their job; the runs in flight share one, and the job
+/// changes its own copy (`Arc::make_mut`) when it learns something.
+#[derive(Clone)]
+pub(crate) struct RunCtx {
     q: Arc<Inner>,
-    ctl: Arc<JobControl>,
     recover_lowest: bool,
     /// Granules a verify asked to repair; `None`: every out-of-sync granule.
     scope: Option<GranuleSet>,
@@ -191,6 +199,12 @@ pub(crate) struct Resync {
     skip: GranuleSet,
     /// Child name → (retry at, next delay) (H14).
     backoff: BTreeMap<String, (Instant, Duration)>,
+}
+
+/// One resync's state.
+pub(crate) struct Resync {
+    ctx: Arc<RunCtx>,
+    ctl: Arc<JobControl>,
     /// Child name → bytes copied since its last flush (H12).
     since_flush: BTreeMap<String, u64>,
     pub(crate) tally: Tally,
@@ -198,6 +212,8 @@ pub(crate) struct Resync {
     log: ProgressLog,
     /// The pass's position (granule), for the progress.
     pos: u64,
+    /// Runs in flight, `[first, end)` granules.
+    flight: Vec<(u64, u64)>,
 }
 
 impl Resync {
@@ -208,48 +224,33 @@ impl Resync {
         scope: Option<GranuleSet>,
     ) -> Resync {
         Resync {
-            q,
+            ctx: Arc::new(RunCtx {
+                q,
+                recover_lowest,
+                scope,
+                skip: GranuleSet::default(),
+                backoff: BTreeMap::new(),
+            }),
             ctl,
-            recover_lowest,
-            scope,
-            skip: GranuleSet::default(),
-            backoff: BTreeMap::new(),
             since_flush: BTreeMap::new(),
             tally: Tally::default(),
             pacer: Pacer::new(),
             log: ProgressLog::new("resync"),
             pos: 0,
+            flight: Vec::new(),
         }
-    }
-
-    /// Whether child `c` may be written to now.
-    fn eligible(&self, st: &Children, i: usize) -> bool {
-        let c = &st.list[i];
-        c.dev.reachable()
-            && self
-                .backoff
-                .get(&c.name)
-                .is_none_or(|(at, _)| *at <= Instant::now())
-    }
-
-    /// Whether granule `g` is work for child `i`.
-    fn wanted(&self, st: &Children, i: usize, g: u64) -> bool {
-        !self.skip.contains(g)
-            && self.scope.as_ref().is_none_or(|s| s.contains(g))
-            && st.list[i].oos_granules() > 0
-            && !st.list[i].in_sync(g, g + 1)
     }
 
     /// The next granules `>= from` that are work for an eligible child, at most `n`, as runs.
     async fn next_batch(&self, from: u64, n: u64) -> Vec<(u64, u64)> {
-        let st = self.q.children.read().await;
+        let st = self.ctx.q.children.read().await;
         let eligible: Vec<usize> = (0..st.list.len())
-            .filter(|&i| st.list[i].oos_granules() > 0 && self.eligible(&st, i))
+            .filter(|&i| st.list[i].oos_granules() > 0 && self.ctx.eligible(&st, i))
             .collect();
         let mut runs: Vec<(u64, u64)> = Vec::new();
         let mut left = n;
         let mut g = from;
-        let granules = self.q.granules();
+        let granules = self.ctx.q.granules();
         while left > 0 && g < granules {
             // The smallest granule >= g that some eligible child wants.
             let next = eligible
@@ -259,8 +260,8 @@ impl Resync {
                     let mut at = g;
                     loop {
                         let x = s.out_of_sync().next_from(at)?;
-                        if !self.skip.contains(x)
-                            && self.scope.as_ref().is_none_or(|sc| sc.contains(x))
+                        if !self.ctx.skip.contains(x)
+                            && self.ctx.scope.as_ref().is_none_or(|sc| sc.contains(x))
                         {
                             return Some(x);
                         }
@@ -282,58 +283,83 @@ impl Resync {
     /// Bytes still to do, for `total-progress`: out-of-sync granules the pass has not reached
     /// yet (those behind it are done and only wait for the flush, or are next pass's work).
     async fn remaining(&self) -> u64 {
-        let st = self.q.children.read().await;
+        let st = self.ctx.q.children.read().await;
         st.list
             .iter()
             .map(|c| {
-                c.sync()
-                    .out_of_sync()
-                    .count_from(self.pos)
-                    .saturating_mul(GRANULE_BYTES)
+                let s = c.sync();
+                let oos = s.out_of_sync();
+                // Behind the pass position only the runs still in flight are left to do.
+                let flying: u64 = self
+                    .flight
+                    .iter()
+                    .map(|&(a, b)| oos.count_from(a) - oos.count_from(b))
+                    .sum();
+                (oos.count_from(self.pos) + flying).saturating_mul(GRANULE_BYTES)
             })
             .sum()
     }
 
-    /// Runs passes until nothing eligible is left.
+    /// Runs passes until nothing eligible is left. A pass keeps up to `resync-inflight`
+    /// granules in flight (H15) as a sliding window: a new run starts as soon as one ends, so
+    /// the reads of one run overlap the writes of another.
     ///
     /// # Errors
     /// [`Cancelled`].
     pub(crate) async fn run(&mut self) -> std::result::Result<(), Cancelled> {
-        let inflight = self.q.opts.resync_inflight as u64;
+        let inflight = self.ctx.q.opts.resync_inflight as u64;
+        // About four runs in flight: one granule each at the default, longer requests when
+        // more granules may be in flight.
+        let run_max = (inflight / 4).max(1);
         loop {
             // H14: what this scan will see; a mark after it makes the watcher start again.
-            let marks = self.q.marks.load(Ordering::SeqCst);
-            self.q.settled_marks.store(marks, Ordering::SeqCst);
+            let marks = self.ctx.q.marks.load(Ordering::SeqCst);
+            self.ctx.q.settled_marks.store(marks, Ordering::SeqCst);
             let mut pos = 0u64;
             self.pos = 0;
             let mut worked = false;
+            let mut window: Window<'static, ((u64, u64), Vec<RunOutcome>)> = Window::new();
+            let mut busy = 0u64;
             loop {
-                self.ctl.checkpoint().await?;
-                let batch = self.next_batch(pos, inflight).await;
-                let Some(&(_, end)) = batch.last() else { break };
-                worked = true;
-                let bytes: u64 = batch
-                    .iter()
-                    .map(|&(a, b)| granule_bytes(a, b, self.q.length))
-                    .sum();
-                self.pacer.pace(&self.q, &self.ctl, bytes).await;
-                self.ctl.set_busy(true);
-                let futs: Vec<BoxFuture<'_, Vec<RunOutcome>>> = batch
-                    .iter()
-                    .map(|&(a, b)| -> BoxFuture<'_, Vec<RunOutcome>> {
-                        Box::pin(self.run_one(a, b))
-                    })
-                    .collect();
-                let outcomes = join_all_with(futs, |_, _| {}).await;
-                self.ctl.set_busy(false);
-                for o in outcomes.into_iter().flatten() {
+                // Fill the window; a pause or cancel request lets what is in flight finish
+                // first (its range holds would otherwise keep guest writes waiting).
+                while busy < inflight && !self.ctl.stop_requested() {
+                    let room = (inflight - busy).min(run_max);
+                    let Some(&(a, b)) = self.next_batch(pos, room).await.first() else {
+                        break;
+                    };
+                    worked = true;
+                    let bytes = granule_bytes(a, b, self.ctx.q.length);
+                    let wait = self.pacer.reserve(&self.ctx.q, &self.ctl, bytes);
+                    let (ctx, ctl) = (self.ctx.clone(), self.ctl.clone());
+                    window.push(Box::pin(async move {
+                        if !wait.is_zero() {
+                            ctl.sleep(wait).await;
+                        }
+                        ((a, b), ctx.run_one(a, b).await)
+                    }));
+                    busy += b - a;
+                    pos = b;
+                    self.flight.push((a, b));
+                }
+                self.ctl.set_busy(!window.is_empty());
+                let Some(((a, b), outcomes)) = window.next().await else {
+                    if self.ctl.stop_requested() {
+                        self.ctl.checkpoint().await?;
+                        continue;
+                    }
+                    break;
+                };
+                busy -= b - a;
+                self.flight.retain(|&r| r != (a, b));
+                for o in outcomes {
                     self.absorb(o);
                 }
                 self.flush_due(false).await;
-                pos = end;
                 self.pos = pos;
                 self.report().await;
             }
+            self.ctl.set_busy(false);
             self.flush_due(true).await;
             if !worked {
                 // Nothing eligible: done, unless a target only waits for its retry delay.
@@ -348,12 +374,12 @@ impl Resync {
 
     /// The delay until the earliest backed-off target with work may be retried.
     async fn retry_wait(&self) -> Option<Duration> {
-        let st = self.q.children.read().await;
+        let st = self.ctx.q.children.read().await;
         let now = Instant::now();
         st.list
             .iter()
             .filter(|c| c.oos_granules() > 0 && c.dev.reachable())
-            .filter_map(|c| self.backoff.get(&c.name).map(|(at, _)| *at))
+            .filter_map(|c| self.ctx.backoff.get(&c.name).map(|(at, _)| *at))
             .filter(|at| *at > now)
             .min()
             .map(|at| at - now)
@@ -361,13 +387,13 @@ impl Resync {
 
     async fn report(&mut self) {
         // A verify's repair (scoped) leaves the progress to the verify.
-        if self.scope.is_some() {
+        if self.ctx.scope.is_some() {
             return;
         }
         let remaining = self.remaining().await;
         let done = self.tally.bytes_done;
         self.ctl.progress(done, done + remaining);
-        self.log.tick(&self.q, done, done + remaining);
+        self.log.tick(&self.ctx.q, done, done + remaining);
     }
 
     fn absorb(&mut self, o: RunOutcome) {
@@ -376,7 +402,7 @@ impl Resync {
                 self.tally.copied += bytes.div_ceil(GRANULE_BYTES);
                 self.tally.bytes_done += bytes;
                 *self.since_flush.entry(child.clone()).or_default() += bytes;
-                self.backoff.remove(&child);
+                Arc::make_mut(&mut self.ctx).backoff.remove(&child);
             }
             RunOutcome::Equal { child, bytes } => {
                 self.tally.equal += bytes.div_ceil(GRANULE_BYTES);
@@ -385,15 +411,20 @@ impl Resync {
             }
             RunOutcome::WriteFailed { child } => {
                 let delay = self
+                    .ctx
                     .backoff
                     .get(&child)
                     .map(|(_, d)| (*d * 2).min(RETRY_MAX))
                     .unwrap_or(RETRY_FIRST);
-                self.backoff.insert(child, (Instant::now() + delay, delay));
+                Arc::make_mut(&mut self.ctx)
+                    .backoff
+                    .insert(child, (Instant::now() + delay, delay));
             }
             RunOutcome::Unrecoverable { granule } => {
                 self.tally.unrecoverable += 1;
-                self.skip.insert_range(granule, granule + 1);
+                Arc::make_mut(&mut self.ctx)
+                    .skip
+                    .insert_range(granule, granule + 1);
             }
         }
     }
@@ -410,21 +441,43 @@ impl Resync {
         if due.is_empty() {
             return;
         }
-        let st = self.q.children.read().await;
+        let st = self.ctx.q.children.read().await;
         for name in due {
             self.since_flush.remove(&name);
             // A child removed meanwhile has nothing to flush (H16).
             if let Some(c) = st.list.iter().find(|c| c.name == name) {
-                if let Err(e) = self.q.flush_child(c).await {
-                    self.q.report_bad(IoType::Flush, Some(e.kind()), c, 0, 0);
+                if let Err(e) = self.ctx.q.flush_child(c).await {
+                    self.ctx
+                        .q
+                        .report_bad(IoType::Flush, Some(e.kind()), c, 0, 0);
                 }
             }
         }
     }
+}
+
+impl RunCtx {
+    /// Whether child `c` may be written to now.
+    fn eligible(&self, st: &Children, i: usize) -> bool {
+        let c = &st.list[i];
+        c.dev.reachable()
+            && self
+                .backoff
+                .get(&c.name)
+                .is_none_or(|(at, _)| *at <= Instant::now())
+    }
+
+    /// Whether granule `g` is work for child `i`.
+    fn wanted(&self, st: &Children, i: usize, g: u64) -> bool {
+        !self.skip.contains(g)
+            && self.scope.as_ref().is_none_or(|s| s.contains(g))
+            && st.list[i].oos_granules() > 0
+            && !st.list[i].in_sync(g, g + 1)
+    }
 
     /// One run of granules `[first, end)`: held exclusively, voted per granule, compared,
     /// copied where different.
-    async fn run_one(&self, first: u64, end: u64) -> Vec<RunOutcome> {
+    async fn run_one(self: Arc<Self>, first: u64, end: u64) -> Vec<RunOutcome> {
         let q = &self.q;
         let off = first * GRANULE_BYTES;
         let len = granule_bytes(first, end, q.length);
