@@ -14,8 +14,10 @@ Two figures, each alternating ballot and its reference in one run, REPS times:
 
 Only the standard library; peers from Debian: libnbd-bin (nbdcopy), nbdkit, fio.
 Environment: BENCH_RESYNC_BYTES (default 1 GiB), BENCH_FIO_SECONDS (default 10),
-BENCH_RESYNC_INFLIGHT (ballot's resync-inflight, default 4 = the quorum's default),
-BENCH_OUT (default reports/bench-resync.md). Argument: REPS (default 3).
+BENCH_RESYNC_INFLIGHT (ballot's resync-inflight, default 16 = the quorum's default),
+BENCH_OUT (default reports/bench-resync.md), BALLOT_BIN (default target/release/ballot).
+Argument: REPS (default 3); or `--once resync|nbdcopy`: one copy set up from nothing, its
+MiB/s printed (for a whole-process A/B timer comparing two ballot builds, or ballot and nbdcopy).
 """
 import json
 import os
@@ -29,10 +31,10 @@ import time
 from benchlib import Qmp, stop, version, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BALLOT = os.path.join(ROOT, "target", "release", "ballot")
+BALLOT = os.environ.get("BALLOT_BIN", os.path.join(ROOT, "target", "release", "ballot"))
 SIZE = int(os.environ.get("BENCH_RESYNC_BYTES", str(1 << 30)))
 RUNTIME = int(os.environ.get("BENCH_FIO_SECONDS", "10"))
-INFLIGHT = int(os.environ.get("BENCH_RESYNC_INFLIGHT", "4"))
+INFLIGHT = int(os.environ.get("BENCH_RESYNC_INFLIGHT", "16"))
 OUT = os.environ.get("BENCH_OUT", os.path.join(ROOT, "reports", "bench-resync.md"))
 MIB = 1 << 20
 
@@ -151,10 +153,25 @@ def randread_iops(d, src_sock, during_resync):
     return iops
 
 
+def once(what):
+    """One copy, set up from nothing, for a whole-process A/B timer: `--once resync` (the
+    ballot binary in BALLOT_BIN) or `--once nbdcopy`. Prints the copy's own seconds."""
+    d = tempfile.mkdtemp(prefix="ballot-bench-resync.")
+    src, src_sock = source(d)
+    try:
+        secs = resync_seconds(d, src_sock) if what == "resync" else nbdcopy_seconds(d, src_sock)
+    finally:
+        stop(src)
+        shutil.rmtree(d, ignore_errors=True)
+    print(f"{what} {SIZE / MIB / secs:.1f} MiB/s ({secs:.3f} s)")
+
+
 def main():
     for tool in ["nbdcopy", "nbdkit", "fio"]:
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is missing (apt-get install libnbd-bin nbdkit fio)")
+    if len(sys.argv) > 2 and sys.argv[1] == "--once":
+        return once(sys.argv[2])
     reps = int(sys.argv[1]) if len(sys.argv) > 1 else 3
     d = tempfile.mkdtemp(prefix="ballot-bench-resync.")
     src, src_sock = source(d)

@@ -332,12 +332,18 @@ impl Resync {
                     let bytes = granule_bytes(a, b, self.ctx.q.length);
                     let wait = self.pacer.reserve(&self.ctx.q, &self.ctl, bytes);
                     let (ctx, ctl) = (self.ctx.clone(), self.ctl.clone());
-                    window.push(Box::pin(async move {
+                    // Each run is a task of its own, so it goes on while the job awaits
+                    // anything else (a flush, the child list behind a hot add or remove);
+                    // a run that panicked leaves its granules out of sync.
+                    let run = tokio::spawn(async move {
                         if !wait.is_zero() {
                             ctl.sleep(wait).await;
                         }
-                        ((a, b), ctx.run_one(a, b).await)
-                    }));
+                        ctx.run_one(a, b).await
+                    });
+                    window.push(Box::pin(
+                        async move { ((a, b), run.await.unwrap_or_default()) },
+                    ));
                     busy += b - a;
                     pos = b;
                     self.flight.push((a, b));
