@@ -14,7 +14,7 @@ Two figures, each alternating ballot and its reference in one run, REPS times:
 
 Only the standard library; peers from Debian: libnbd-bin (nbdcopy), nbdkit, fio.
 Environment: BENCH_RESYNC_BYTES (default 1 GiB), BENCH_FIO_SECONDS (default 10),
-BENCH_RESYNC_INFLIGHT (ballot's resync-inflight, default 16 = the quorum's default),
+BENCH_RESYNC_INFLIGHT (ballot's resync-inflight, default 32 = the quorum's default),
 BENCH_OUT (default reports/bench-resync.md), BALLOT_BIN (default target/release/ballot).
 Argument: REPS (default 3); or `--once resync|nbdcopy`: one copy set up from nothing, its
 MiB/s printed (for a whole-process A/B timer comparing two ballot builds, or ballot and nbdcopy).
@@ -34,7 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BALLOT = os.environ.get("BALLOT_BIN", os.path.join(ROOT, "target", "release", "ballot"))
 SIZE = int(os.environ.get("BENCH_RESYNC_BYTES", str(1 << 30)))
 RUNTIME = int(os.environ.get("BENCH_FIO_SECONDS", "10"))
-INFLIGHT = int(os.environ.get("BENCH_RESYNC_INFLIGHT", "16"))
+INFLIGHT = int(os.environ.get("BENCH_RESYNC_INFLIGHT", "32"))
 OUT = os.environ.get("BENCH_OUT", os.path.join(ROOT, "reports", "bench-resync.md"))
 MIB = 1 << 20
 

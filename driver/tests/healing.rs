@@ -31,6 +31,16 @@ struct Rig {
 }
 
 fn rig(fills: &[u8], t: usize, resync: ResyncMode) -> Rig {
+    rig_with(fills, t, resync, |_| {})
+}
+
+/// [`rig`] with the quorum's options adjusted by `tweak`.
+fn rig_with(
+    fills: &[u8],
+    t: usize,
+    resync: ResyncMode,
+    tweak: impl FnOnce(&mut QuorumOptions),
+) -> Rig {
     let bus = EventBus::new();
     let rec = bus.record(Stream::Internal);
     let (host, captured) = Host::recording(bus);
@@ -39,10 +49,11 @@ fn rig(fills: &[u8], t: usize, resync: ResyncMode) -> Rig {
         .enumerate()
         .map(|(i, &f)| TestChild::sized(&format!("c{i}"), f, LEN))
         .collect();
-    let opts = QuorumOptions {
+    let mut opts = QuorumOptions {
         resync,
         ..QuorumOptions::new("q0", t)
     };
+    tweak(&mut opts);
     let children = kids
         .iter()
         .map(|k| (k.name.clone(), k.clone() as ballot::Device))
@@ -296,13 +307,13 @@ async fn h16_h17_bad_requests_are_refused_with_their_reason() {
 /// and ETA.
 #[tokio::test(start_paused = true)]
 async fn h16_a_running_job_logs_its_progress_every_five_seconds() {
-    let r = rig(&[3, 3], 1, ResyncMode::Manual);
+    let r = rig_with(&[3, 3], 1, ResyncMode::Manual, |o| o.resync_inflight = 16);
     r.q.add_child("e", TestChild::sized("e", 0, LEN))
         .await
         .expect("add");
-    // 64 KiB/s with the default 16 granules in flight: runs of four granules, one every 4 s
-    // (at 0, 4, 8 and 12 s); a line is written when a run ends 5 s or more after the last line
-    // (or the start): at 8 s, and not again before the end.
+    // 64 KiB/s with 16 granules in flight: runs of four granules, one every 4 s (at 0, 4, 8
+    // and 12 s); a line is written when a run ends 5 s or more after the last line (or the
+    // start): at 8 s, and not again before the end.
     r.q.start_resync(ResyncRequest {
         speed: G,
         ..ResyncRequest::default()
