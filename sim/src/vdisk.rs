@@ -684,8 +684,11 @@ impl DiskSet {
         let zero = Stored::V(Value::Zero);
         let mut changed = Vec::new();
         for (s, v) in d.current.iter().enumerate() {
-            if *v != zero || d.sticky.contains_key(&(s as u64)) {
-                changed.push(s as u64);
+            // A copy already marked (a write a crash just lost, say) stays suspect even where
+            // it held zeros: the empty disk does not bring the newest write back.
+            let s = s as u64;
+            if *v != zero || d.sticky.contains_key(&s) || d.marks.contains_key(&s) {
+                changed.push(s);
             }
         }
         d.current = vec![zero.clone(); d.sectors as usize];
