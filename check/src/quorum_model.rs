@@ -118,14 +118,15 @@ fn initial() -> Vec<u8> {
 }
 
 impl QuorumModel {
-    /// Every child starts with the same pattern and no faults.
+    /// Every child starts with the same pattern, no faults, and everything unflushed.
     pub fn new(config: Config) -> QuorumModel {
         QuorumModel {
             config,
             mem: vec![initial(); config.children],
             faults: vec![Faults::default(); config.children],
             out_of_sync: vec![BTreeSet::new(); config.children],
-            unflushed: vec![BTreeSet::new(); config.children],
+            // README D15 (H7 at open): nothing is known to be flushed before a first flush.
+            unflushed: vec![granules(0, DISK_BYTES).collect(); config.children],
             pending: vec![BTreeSet::new(); config.children],
             acked: BTreeSet::new(),
         }
