@@ -166,6 +166,8 @@ impl fmt::Display for ErrorKind {
 pub struct Error {
     kind: ErrorKind,
     context: String,
+    /// The context is the whole message (QEMU's wording has no strerror part there).
+    whole: bool,
 }
 
 /// Result alias used across the driver graph.
@@ -177,6 +179,16 @@ impl Error {
         Error {
             kind,
             context: context.into(),
+            whole: false,
+        }
+    }
+
+    /// An error of `kind` whose `message` is printed as it is, with no strerror after it.
+    pub fn whole(kind: ErrorKind, message: impl Into<String>) -> Error {
+        Error {
+            kind,
+            context: message.into(),
+            whole: true,
         }
     }
 
@@ -215,6 +227,8 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.context.is_empty() {
             f.write_str(self.kind.strerror())
+        } else if self.whole {
+            f.write_str(&self.context)
         } else {
             write!(f, "{}: {}", self.context, self.kind.strerror())
         }

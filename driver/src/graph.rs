@@ -272,7 +272,7 @@ impl Graph {
             let mut overlay_node = None;
             let mut replication_node = None;
             let dev: Device = match &spec.driver {
-                DriverSpec::File { filename } => {
+                DriverSpec::File { filename, locking } => {
                     let dev = FileDevice::open(&FileOptions {
                         filename: filename.clone(),
                         read_only: spec.read_only,
@@ -280,6 +280,7 @@ impl Graph {
                         direct: inherit.direct,
                         no_flush: inherit.no_flush,
                         discard_unmap: spec.discard_unmap,
+                        locking: *locking,
                     })
                     .map_err(|e| ConfigError::new(e.to_string()))?;
                     Arc::new(dev)

@@ -134,7 +134,7 @@ async fn q13_failed_open_releases_inline_children_and_claims_nothing() {
     assert_eq!(add_all(&mut g, &files(&im)).await, "");
     let before: Vec<String> = g.nodes().map(|n| n.name.clone()).collect();
     let bad = format!(
-        "driver=quorum,node-name=q,vote-threshold=1,children.0=r0,children.1.driver=file,children.1.node-name=inl,children.1.filename={},children.2=nope",
+        "driver=quorum,node-name=q,vote-threshold=1,children.0=r0,children.1.driver=file,children.1.node-name=inl,children.1.filename={},children.1.locking=off,children.2=nope",
         im.path("a")
     );
     assert_eq!(
@@ -159,7 +159,8 @@ async fn q2_children_are_named_in_order_and_inline_children_get_generated_names(
     let (mut g, cap) = graph();
     let mut args = files(&im);
     args.push(format!(
-        r#"{{"driver":"quorum","node-name":"q0","vote-threshold":2,"children":["r0",{{"driver":"raw","file":{{"driver":"file","filename":"{}"}}}},"r2"]}}"#,
+        // The same image as f1: a second writer of it is refused unless locking is off (H25).
+        r#"{{"driver":"quorum","node-name":"q0","vote-threshold":2,"children":["r0",{{"driver":"raw","file":{{"driver":"file","filename":"{}","locking":"off"}}}},"r2"]}}"#,
         im.path("b")
     ));
     assert_eq!(add_all(&mut g, &args).await, "");
@@ -362,7 +363,7 @@ async fn q53_removing_an_inline_child_deletes_it_from_the_graph() {
     let (mut g, _) = graph();
     let mut args = files(&im);
     args.push(format!(
-        "driver=quorum,node-name=q0,vote-threshold=1,children.0=r0,children.1.driver=file,children.1.node-name=inl,children.1.filename={}",
+        "driver=quorum,node-name=q0,vote-threshold=1,children.0=r0,children.1.driver=file,children.1.node-name=inl,children.1.filename={},children.1.locking=off",
         im.path("b")
     ));
     assert_eq!(add_all(&mut g, &args).await, "");

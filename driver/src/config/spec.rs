@@ -46,6 +46,8 @@ pub enum DriverSpec {
     File {
         /// `filename`.
         filename: String,
+        /// `locking` (HEALING.md H25): QEMU's image locks, `auto` and `on` take them.
+        locking: bool,
     },
     /// `driver=raw`.
     Raw {
@@ -380,7 +382,10 @@ fn parse_level(mut o: Opts) -> Result<NodeSpec, ConfigError> {
                     )));
                 }
             }
-            DriverSpec::File { filename }
+            // H25: QEMU's OnOffAuto; auto is on (Linux has OFD locks on every file system
+            // ballot opens; one that refuses them is reported at open).
+            let locking = o.enumeration("locking", &["auto", "on", "off"])? != Some("off");
+            DriverSpec::File { filename, locking }
         }
         "raw" => {
             let file = o.child("file")?.ok_or_else(|| o.missing("file"))?;

@@ -38,6 +38,8 @@ pub struct FileOptions {
     pub no_flush: bool,
     /// `discard=unmap`: discards punch holes.
     pub discard_unmap: bool,
+    /// `locking=on|auto` (HEALING.md H25): QEMU's image locks.
+    pub locking: bool,
 }
 
 #[derive(Debug)]
@@ -134,6 +136,17 @@ impl FileDevice {
             }
             Err(e) => return Err(open_error(&opts.filename, &e)),
         };
+        if opts.locking {
+            lock_image(&file, read_only).map_err(|e| {
+                Error::whole(
+                    e.kind(),
+                    format!(
+                        "Could not open '{}': {e}\nIs another process using the image [{}]?",
+                        opts.filename, opts.filename
+                    ),
+                )
+            })?;
+        }
         let meta = file
             .metadata()
             .map_err(|e| open_error(&opts.filename, &e))?;
@@ -305,6 +318,85 @@ impl FileDevice {
             )),
         }
     }
+}
+
+/// QEMU's image permissions, by the bit each one's lock bytes are offset by (H25).
+const PERM_NAMES: [&str; 4] = ["consistent read", "write", "write unchanged", "resize"];
+/// A process holding permission `i` holds a shared lock on byte `PERM_LOCK_BASE + i`.
+const PERM_LOCK_BASE: i64 = 100;
+/// A process that does not let others have permission `i` holds byte `SHARED_LOCK_BASE + i`.
+const SHARED_LOCK_BASE: i64 = 200;
+
+/// A one-byte `flock` of `kind` at byte `at`.
+fn one_byte(kind: libc::c_int, at: i64) -> libc::flock {
+    // SAFETY: `flock` is a plain C struct of integers, for which all-zero bytes are valid.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = kind as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = at;
+    fl.l_len = 1;
+    fl
+}
+
+/// Whether another open file description holds a lock on byte `at` of `file` that a write
+/// lock would conflict with (`F_OFD_GETLK`).
+fn byte_locked(file: &File, at: i64) -> std::io::Result<bool> {
+    let mut fl = one_byte(libc::F_WRLCK, at);
+    // SAFETY: the fd is open for the call's duration and `fl` is a valid flock the kernel
+    // reads and overwrites in place.
+    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(fl.l_type != libc::F_UNLCK as libc::c_short)
+}
+
+/// Takes a shared lock on byte `at` of `file` (`F_OFD_SETLK`, released when the file closes).
+fn lock_byte(file: &File, at: i64) -> std::io::Result<()> {
+    let fl = one_byte(libc::F_RDLCK, at);
+    // SAFETY: the fd is open for the call's duration and `fl` is a valid flock the kernel
+    // only reads.
+    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// H25: QEMU's image locks on an open image. A writer holds "consistent read" and "write" and
+/// lets no one else write or resize (what a QEMU guest disk does); a reader holds "consistent
+/// read" and lets no one write (what `qemu-img info` without `-U` does). Locks are taken first
+/// and then checked against everyone else's, as QEMU does, so two openers racing cannot both
+/// pass. The error is QEMU's: `Failed to get "write" lock` when someone else forbids a
+/// permission this node holds, `Failed to get shared "write" lock` when someone else holds a
+/// permission this node forbids.
+fn lock_image(file: &File, read_only: bool) -> Result<()> {
+    let held: &[usize] = if read_only { &[0] } else { &[0, 1] };
+    let unshared: &[usize] = if read_only { &[1] } else { &[1, 3] };
+    let io = |e: std::io::Error| Error::from_io(&e, "Failed to lock the image".to_string());
+    for &i in held {
+        lock_byte(file, PERM_LOCK_BASE + i as i64).map_err(io)?;
+    }
+    for &i in unshared {
+        lock_byte(file, SHARED_LOCK_BASE + i as i64).map_err(io)?;
+    }
+    for &i in held {
+        if byte_locked(file, SHARED_LOCK_BASE + i as i64).map_err(io)? {
+            return Err(Error::whole(
+                ErrorKind::Busy,
+                format!("Failed to get \"{}\" lock", PERM_NAMES[i]),
+            ));
+        }
+    }
+    for &i in unshared {
+        if byte_locked(file, PERM_LOCK_BASE + i as i64).map_err(io)? {
+            return Err(Error::whole(
+                ErrorKind::Busy,
+                format!("Failed to get shared \"{}\" lock", PERM_NAMES[i]),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn open_error(filename: &str, e: &std::io::Error) -> Error {
