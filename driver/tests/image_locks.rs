@@ -129,7 +129,7 @@ async fn h25_a_second_writer_of_an_image_is_refused_and_locking_off_lets_it_in()
 }
 
 #[tokio::test]
-async fn h25_qemu_io_cannot_write_an_image_ballot_has_open() {
+async fn h25_qemu_io_and_qemu_img_cannot_write_an_image_ballot_has_open() {
     let dir = common::Scratch::new("locks");
     let img = dir.image("a.raw", 1 << 20);
     let mut g = graph();
@@ -143,6 +143,17 @@ async fn h25_qemu_io_cannot_write_an_image_ballot_has_open() {
             1,
             format!("qemu-io: can't open device {img}: Failed to get \"write\" lock\nIs another process using the image [{img}]?\n")
         )
+    );
+    // qemu-img writing into it (a convert onto the existing image) is refused the same way.
+    let src = dir.image("src.raw", 1 << 20);
+    let out = Command::new("qemu-img")
+        .args(["convert", "-n", "-f", "raw", "-O", "raw", &src, &img])
+        .output()
+        .expect("qemu-img (qemu-utils) is installed");
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!("qemu-img: {}\n", refused(&img, "\"write\""))
     );
     g.blockdev_del("w0").await.expect("blockdev-del");
     assert_eq!(
