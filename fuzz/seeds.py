@@ -88,6 +88,36 @@ def main():
     # bytes of several sizes; libFuzzer finds the branches from there.
     randoms("nbd_block_sizes", [16, 24, 32, 40, 48, 64, 96, 128])
 
+    # metadata_header: well-formed slots (CRC32C computed here), then torn and truncated ones.
+    def crc32c(b):
+        c = 0xFFFFFFFF
+        for x in b:
+            c ^= x
+            for _ in range(8):
+                c = (c >> 1) ^ (0x82F63B78 if c & 1 else 0)
+        return c ^ 0xFFFFFFFF
+
+    def slot(seq, clean, children):
+        body = b"BALLOTMD" + struct.pack("<II", 1, 0) + struct.pack("<QQII", seq, 3 << 30, 65536, 4 << 20)
+        body += bytes([1 if clean else 0, 0, 0, 0]) + struct.pack("<I", len(children))
+        for name, length in children:
+            n = name.encode()
+            body += struct.pack("<H", len(n)) + n + struct.pack("<Q", length)
+        body = body[:12] + struct.pack("<I", len(body) + 4) + body[16:]
+        return (body + struct.pack("<I", crc32c(body))).ljust(4096, b"\0")
+
+    three = [("r0", 3 << 30), ("r1", 3 << 30), ("r2", 3 << 30)]
+    put("metadata_header", "clean", slot(2, True, three))
+    put("metadata_header", "dirty", slot(7, False, three))
+    put("metadata_header", "no-children", slot(1, True, []))
+    put("metadata_header", "utf8", slot(3, True, [("replica-é", 1 << 20)]))
+    torn = bytearray(slot(9, False, three))
+    torn[40] ^= 1
+    put("metadata_header", "torn", bytes(torn))
+    put("metadata_header", "truncated", slot(4, True, three)[:60])
+    put("metadata_header", "zeros", bytes(4096))
+    put("metadata_header", "magic-only", b"BALLOTMD" + bytes(56))
+
     # blockdev_options: one --blockdev per line, in both syntaxes.
     lines = [
         "driver=null-co,node-name=n0,size=1M\n"

@@ -10,6 +10,7 @@
 pub mod blockdev;
 pub mod child;
 pub mod libvirt;
+pub mod metadata_header;
 pub mod nbd_block_sizes;
 pub mod nbd_client;
 pub mod nbd_server;
@@ -35,4 +36,5 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("libvirt_xml", libvirt::fuzz),
     ("qmp_monitor", qmp::fuzz),
     ("nbd_block_sizes", nbd_block_sizes::fuzz),
+    ("metadata_header", metadata_header::fuzz),
 ];

@@ -14,6 +14,7 @@
 //! whole ranges (H17–H18). This file applies the record to guest I/O: out-of-sync children do
 //! not vote (H1, H2), and a write's success counts only if the child is in sync afterwards (H4).
 
+pub mod metadata;
 pub mod resync;
 pub mod sync;
 pub mod verify;
