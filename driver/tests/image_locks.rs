@@ -77,15 +77,21 @@ impl Drop for Qsd {
     }
 }
 
-#[tokio::test]
-async fn h25_a_second_writer_of_an_image_is_refused_and_locking_off_lets_it_in() {
-    let dir = common::Scratch::new("locks");
+/// A 1 MiB image in `dir` and a graph holding it open for writing as node `w0`.
+async fn writer(dir: &common::Scratch) -> (String, Graph) {
     let img = dir.image("a.raw", 1 << 20);
     let mut g = graph();
     assert_eq!(
         add(&mut g, &format!("driver=file,node-name=w0,filename={img}")).await,
         ""
     );
+    (img, g)
+}
+
+#[tokio::test]
+async fn h25_a_second_writer_of_an_image_is_refused_and_locking_off_lets_it_in() {
+    let dir = common::Scratch::new("locks");
+    let (img, mut g) = writer(&dir).await;
     // Another writer, a reader that would not let the writer write, and a bad value.
     assert_eq!(
         add(&mut g, &format!("driver=file,node-name=w1,filename={img}")).await,
@@ -131,12 +137,7 @@ async fn h25_a_second_writer_of_an_image_is_refused_and_locking_off_lets_it_in()
 #[tokio::test]
 async fn h25_qemu_io_and_qemu_img_cannot_write_an_image_ballot_has_open() {
     let dir = common::Scratch::new("locks");
-    let img = dir.image("a.raw", 1 << 20);
-    let mut g = graph();
-    assert_eq!(
-        add(&mut g, &format!("driver=file,node-name=w0,filename={img}")).await,
-        ""
-    );
+    let (img, mut g) = writer(&dir).await;
     assert_eq!(
         qemu_io_write(&img),
         (
