@@ -31,7 +31,7 @@ pub(crate) struct HealState {
     f25: (u64, Option<u64>),
     /// F30 under way: the last child is out of the quorum.
     pub(crate) swapping: bool,
-    /// F30 is done (once per run).
+    /// F30 has been triggered (once per run).
     pub(crate) swapped: bool,
     rng: Rng,
 }
@@ -119,8 +119,7 @@ fn check_voters(w: &World, first: u64, end: u64, voters: &[usize], degraded: boo
 /// a stale copy the resync wrote stays marked in the ledger (B1), as any stale copy does.
 fn check_copied(w: &World, child: usize, offset: u64, data: &[u8]) {
     let asserted = w.p.majority() && w.p.budget != crate::vdisk::Budget::Beyond;
-    let (over, latent) = w.disks.excused_sectors();
-    let excused: BTreeSet<u64> = over.into_iter().chain(latent).collect();
+    let excused = w.disks.excused_set();
     let first = offset / SECTOR_U64;
     let stale: Vec<(u64, Decoded)> = {
         let st = w.lock();
@@ -161,8 +160,7 @@ fn check_copied(w: &World, child: usize, offset: u64, data: &[u8]) {
 /// every child (the quorum host about to crash, a job's end). `when` names the moment.
 pub(crate) fn check_durable(w: &World, which: Option<usize>, when: &str) {
     let Some(v) = view(w) else { return };
-    let (over, latent) = w.disks.excused_sectors();
-    let excused: BTreeSet<u64> = over.into_iter().chain(latent).collect();
+    let excused = w.disks.excused_set();
     let pending = w.lock().oracle.pending_ranges();
     let sectors = w.p.disk_size / SECTOR_U64;
     bump(w, "I18");
@@ -218,8 +216,7 @@ pub(crate) fn check_write_readable(w: &World, id: u64, offset: u64, len: u64) {
     }
     let Some(v) = view(w) else { return };
     let t = w.p.threshold;
-    let (over, latent) = w.disks.excused_sectors();
-    let excused: BTreeSet<u64> = over.into_iter().chain(latent).collect();
+    let excused = w.disks.excused_set();
     bump(w, "I20");
     let end = offset + len;
     for s in offset / SECTOR_U64..end.div_ceil(SECTOR_U64) {
@@ -450,7 +447,6 @@ pub(crate) async fn hot_swap(w: Arc<World>) {
     {
         let mut st = w.lock();
         st.heal.swapping = false;
-        st.heal.swapped = true;
     }
     match r {
         Ok(got) if got == name => {}

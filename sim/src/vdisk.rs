@@ -768,6 +768,13 @@ impl DiskSet {
         (over, latent)
     }
 
+    /// [`DiskSet::excused_sectors`] as one set: the sectors whose copies break B2 or hide
+    /// behind a latent error.
+    pub fn excused_set(&self) -> BTreeSet<u64> {
+        let (over, latent) = self.excused_sectors();
+        over.into_iter().chain(latent).collect()
+    }
+
     /// One line per disk describing sector `s` (failure reports).
     pub fn describe_sector(&self, s: u64) -> String {
         let g = self.lock();

@@ -93,7 +93,7 @@ impl RunResult {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Phase {
+enum Phase {
     Safety,
     Liveness,
     Done,
@@ -101,39 +101,39 @@ pub(crate) enum Phase {
 
 pub(crate) struct State {
     pub(crate) oracle: Oracle,
-    pub(crate) violations: Vec<Violation>,
-    pub(crate) phase: Phase,
-    pub(crate) next_step: usize,
-    pub(crate) step_results: BTreeMap<String, String>,
-    pub(crate) step_ops: BTreeMap<String, u64>,
-    pub(crate) issued: u64,
-    pub(crate) completed: u64,
-    pub(crate) inflight: u64,
-    pub(crate) events_by_op: BTreeMap<u64, Vec<Event>>,
-    pub(crate) all_events: Vec<Event>,
-    pub(crate) qmp_events: Vec<Emitted>,
+    violations: Vec<Violation>,
+    phase: Phase,
+    next_step: usize,
+    step_results: BTreeMap<String, String>,
+    step_ops: BTreeMap<String, u64>,
+    issued: u64,
+    completed: u64,
+    inflight: u64,
+    events_by_op: BTreeMap<u64, Vec<Event>>,
+    all_events: Vec<Event>,
+    qmp_events: Vec<Emitted>,
     /// (incarnation, virtual ns, event) of both streams, for I8's limiter check.
-    pub(crate) internal_timed: Vec<(u64, u64, Event)>,
-    pub(crate) qmp_timed: Vec<(u64, u64, Event)>,
+    internal_timed: Vec<(u64, u64, Event)>,
+    qmp_timed: Vec<(u64, u64, Event)>,
     /// Virtual ns at which each incarnation ended (crash), by incarnation.
-    pub(crate) incarnation_end: BTreeMap<u64, u64>,
+    incarnation_end: BTreeMap<u64, u64>,
     pub(crate) quorum: Option<Arc<Quorum>>,
-    pub(crate) alive: bool,
-    pub(crate) incarnation: u64,
+    alive: bool,
+    incarnation: u64,
     pub(crate) wrng: Rng,
-    pub(crate) fired: Vec<bool>,
-    pub(crate) crash_requested: bool,
-    pub(crate) crashes: u64,
-    pub(crate) f11_at: Option<u64>,
+    fired: Vec<bool>,
+    crash_requested: bool,
+    crashes: u64,
+    f11_at: Option<u64>,
     /// (child, sector) copies a scrub read could not repair because that child failed the
     /// request (Q26 rewrites only children that returned wrong data): I6 leaves them out.
-    pub(crate) unrepairable: std::collections::BTreeSet<(usize, u64)>,
+    unrepairable: std::collections::BTreeSet<(usize, u64)>,
     /// Children that failed the last completed op.
-    pub(crate) last_failed_children: Vec<usize>,
+    last_failed_children: Vec<usize>,
     /// Warning and fatal lines of each host incarnation (Q15, Q33).
-    pub(crate) captured: Vec<ballot::host::Captured>,
+    captured: Vec<ballot::host::Captured>,
     /// Every completed guest op, for the report's latency and fault-outcome tables.
-    pub(crate) spans: Vec<OpSpan>,
+    spans: Vec<OpSpan>,
     /// The live qhost's QMP monitor (jobs are driven through it, H16).
     pub(crate) monitor: Option<Arc<ballot::qmp::Monitor>>,
     /// The healing harness (HEALING.md §7).
@@ -1549,8 +1549,7 @@ async fn check_converged(w: &Arc<World>, q: &Arc<Quorum>) {
         return;
     }
     let size = w.p.disk_size;
-    let (over, latent) = w.disks.excused_sectors();
-    let excused: std::collections::BTreeSet<u64> = over.into_iter().chain(latent).collect();
+    let excused = w.disks.excused_set();
     let spg = ballot::drivers::quorum::OUT_OF_SYNC_GRANULARITY_BYTES / SECTOR_U64;
     *w.lock().oracle.tally.checks.entry("I12").or_default() += 1;
     let div: Vec<u64> = w

@@ -857,7 +857,7 @@ impl Inner {
         } else {
             ((0..st.list.len()).collect(), true)
         };
-        self.audit(Audit::Voters {
+        self.audit(|| Audit::Voters {
             first,
             end,
             voters: voters.clone(),
@@ -891,7 +891,9 @@ impl Inner {
         ok && before == after
     }
 
-    pub(crate) fn audit(&self, a: Audit) {
+    /// Reports the decision `make` builds to the audit hook, if one is installed; without a
+    /// hook nothing is built (reads and writes pay no copies for it).
+    pub(crate) fn audit(&self, make: impl FnOnce() -> Audit) {
         let f = self
             .audit
             .0
@@ -899,7 +901,7 @@ impl Inner {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         if let Some(f) = f {
-            f(a);
+            f(make());
         }
     }
 
@@ -948,7 +950,7 @@ impl Inner {
         let mut pairs: Vec<(usize, Result<Bytes>)> = readers.into_iter().zip(results).collect();
         pairs.sort_by_key(|(i, _)| *i);
         let (readers, results): (Vec<usize>, Vec<Result<Bytes>>) = pairs.into_iter().unzip();
-        self.audit(Audit::Read {
+        self.audit(|| Audit::Read {
             readers: readers.clone(),
             degraded,
         });
@@ -1059,7 +1061,7 @@ impl Inner {
                 .filter(|i| !readers.contains(i))
                 .collect::<Vec<_>>(),
         );
-        self.audit(Audit::Read {
+        self.audit(|| Audit::Read {
             readers: readers.clone(),
             degraded,
         });
@@ -1134,7 +1136,7 @@ impl Inner {
         let s = (0..st.list.len())
             .filter(|&i| current[i] && eligible[i])
             .count();
-        self.audit(Audit::Write { eligible, current });
+        self.audit(|| Audit::Write { eligible, current });
         assert!(s <= st.list.len(), "write count exceeds children");
         if s >= self.opts.threshold {
             // D14: the next flush must make this durable on t children.
@@ -1193,7 +1195,7 @@ impl Inner {
                 }
             }
         }
-        self.audit(Audit::Flush { eligible });
+        self.audit(|| Audit::Flush { eligible });
         if s >= self.opts.threshold {
             let mut u = self.unflushed.lock().unwrap_or_else(|p| p.into_inner());
             let later = u.closed.split_off(&(ticket + 1));

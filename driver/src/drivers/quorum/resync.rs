@@ -308,8 +308,8 @@ impl Resync {
     /// [`Cancelled`].
     pub(crate) async fn run(&mut self) -> std::result::Result<(), Cancelled> {
         let inflight = self.ctx.q.opts.resync_inflight as u64;
-        // About four runs in flight: one granule each at the default, longer requests when
-        // more granules may be in flight.
+        // About four runs in flight: eight granules (512 KiB) each at the default of 32, one
+        // granule each at 4 or less.
         let run_max = (inflight / 4).max(1);
         loop {
             // H14: what this scan will see; a mark after it makes the watcher start again.
@@ -319,11 +319,14 @@ impl Resync {
             self.pos = 0;
             let mut worked = false;
             let mut window: Window<'static, ((u64, u64), Vec<RunOutcome>)> = Window::new();
-            let mut busy = 0u64;
             loop {
                 // Fill the window; a pause or cancel request lets what is in flight finish
                 // first (its range holds would otherwise keep guest writes waiting).
-                while busy < inflight && !self.ctl.stop_requested() {
+                loop {
+                    let busy: u64 = self.flight.iter().map(|&(a, b)| b - a).sum();
+                    if busy >= inflight || self.ctl.stop_requested() {
+                        break;
+                    }
                     let room = (inflight - busy).min(run_max);
                     let Some(&(a, b)) = self.next_batch(pos, room).await.first() else {
                         break;
@@ -344,7 +347,6 @@ impl Resync {
                     window.push(Box::pin(
                         async move { ((a, b), run.await.unwrap_or_default()) },
                     ));
-                    busy += b - a;
                     pos = b;
                     self.flight.push((a, b));
                 }
@@ -356,7 +358,6 @@ impl Resync {
                     }
                     break;
                 };
-                busy -= b - a;
                 self.flight.retain(|&r| r != (a, b));
                 for o in outcomes {
                     self.absorb(o);
@@ -489,7 +490,7 @@ impl RunCtx {
         let len = granule_bytes(first, end, q.length);
         let unit = q.request_alignment().max(512) as usize;
         let _hold = q.order(off, len, true).await;
-        q.audit(Audit::Copying { offset: off, len });
+        q.audit(|| Audit::Copying { offset: off, len });
         let st = q.children.read().await;
         let n = st.list.len();
         // Per granule: voters (H1) and targets.
@@ -707,7 +708,7 @@ impl RunCtx {
             match r {
                 Ok(()) => {
                     let bytes = data.len() as u64;
-                    q.audit(Audit::Copied {
+                    q.audit(|| Audit::Copied {
                         child: t,
                         offset,
                         data,
