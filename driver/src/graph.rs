@@ -335,6 +335,10 @@ impl Graph {
                     resync,
                     resync_inflight,
                     resync_min_speed,
+                    metadata,
+                    metadata_reset,
+                    intent_cold,
+                    intent_extents,
                 } => {
                     // Q7–Q12 before any child is opened.
                     quorum::validate(
@@ -371,6 +375,28 @@ impl Graph {
                         devs,
                         self.host.clone(),
                     )?);
+                    match metadata {
+                        Some(r) => {
+                            let (node, dev) = self
+                                .open_child(r, &name, "metadata", staging, inherit)
+                                .await?;
+                            children.push(("metadata".to_string(), node.clone()));
+                            let opts = quorum::durable::MetadataOptions {
+                                intent_cold: Duration::from_secs(*intent_cold),
+                                intent_extents: usize::try_from(*intent_extents)
+                                    .unwrap_or(usize::MAX),
+                                reset: *metadata_reset,
+                            };
+                            q.attach_metadata(&node, dev, &opts).await?;
+                        }
+                        None if refs.len() > 1 => {
+                            // H19: said once, at open.
+                            self.host.log(&format!(
+                                "ballot: note: quorum '{name}' has no metadata node: after a crash of this process, only a full x-quorum-verify restores redundancy (HEALING.md H19)"
+                            ));
+                        }
+                        None => {}
+                    }
                     quorum_node = Some(q.clone());
                     q
                 }
@@ -704,9 +730,31 @@ impl Graph {
                 "Node '{name}' is busy: Block device is in use by internal backup job"
             )));
         }
+        // H23: blockdev-del of a quorum is a clean shutdown of its metadata node.
+        if let Some(q) = n.quorum.clone() {
+            if let Err(e) = q.close().await {
+                self.host.warn(&format!(
+                    "ballot: quorum '{name}' could not be closed cleanly: {e}"
+                ));
+            }
+        }
         let closed = self.remove_subtree(name);
         self.close_replication(closed).await;
         Ok(())
+    }
+
+    /// H23: the clean shutdown of every quorum with a metadata node (SIGTERM, SIGINT, `quit`),
+    /// after the exports have drained. Returns the errors, one line each.
+    pub async fn close_quorums(&self) -> Vec<String> {
+        let mut errors = Vec::new();
+        for (name, n) in &self.nodes {
+            if let Some(q) = &n.quorum {
+                if let Err(e) = q.close().await {
+                    errors.push(format!("quorum '{name}' could not be closed cleanly: {e}"));
+                }
+            }
+        }
+        errors
     }
 
     /// R33: closes replication nodes that left the graph, and drops them from the registry.

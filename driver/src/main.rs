@@ -19,9 +19,14 @@ mod serve;
 #[path = "cli/libvirt.rs"]
 mod libvirt;
 
+#[path = "cli/metadata.rs"]
+mod metadata;
+
 const USAGE: &str = "usage: ballot check --blockdev SPEC [--blockdev SPEC]...
        ballot serve --blockdev SPEC... --nbd-server ADDR --export SPEC...
        ballot libvirt import DISK.xml | disk-xml ...   (ballot libvirt --help)
+       ballot metadata create FILE --size SIZE --children NODE,... | show FILE
+                                                       (ballot metadata --help)
 
   --blockdev SPEC   a node, in qemu-storage-daemon's dotted form
                     (driver=file,node-name=f0,filename=a.raw) or as JSON
@@ -39,6 +44,7 @@ fn main() -> ExitCode {
         Some("check") => {}
         Some("serve") => return serve::main(&args[1..]),
         Some("libvirt") => return libvirt::main(&args[1..], serve::main),
+        Some("metadata") => return metadata::main(&args[1..]),
         Some("-h") | Some("--help") | Some("help") => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;
@@ -112,6 +118,15 @@ fn main() -> ExitCode {
                 }
             );
         }
-        ExitCode::SUCCESS
+        // H23: a quorum's metadata node is left clean, as `ballot serve` leaves it.
+        let errors = graph.close_quorums().await;
+        for e in &errors {
+            eprintln!("ballot: {e}");
+        }
+        if errors.is_empty() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        }
     })
 }

@@ -209,7 +209,7 @@ async fn run(
             return fail("--export needs an --nbd-server to serve it");
         }
         if qmp.is_empty() {
-            return ExitCode::SUCCESS;
+            return close_quorums(&monitor, ExitCode::SUCCESS).await;
         }
         // A monitor-only daemon: wait for quit or a signal.
         let mut sigterm =
@@ -223,7 +223,7 @@ async fn run(
             _ = tokio::signal::ctrl_c() => {}
             _ = sigterm.recv() => {}
         }
-        return ExitCode::SUCCESS;
+        return close_quorums(&monitor, ExitCode::SUCCESS).await;
     };
     let opts = match parse_nbd_server(&server) {
         Ok(o) => o,
@@ -289,7 +289,21 @@ async fn run(
             code = ExitCode::from(1);
         }
     }
-    code
+    close_quorums(&monitor, code).await
+}
+
+/// H23: every quorum with a metadata node shuts down cleanly (children flushed, intent
+/// cleared, clean flag set); a failure is printed and makes the exit status 1.
+async fn close_quorums(monitor: &Monitor, code: ExitCode) -> ExitCode {
+    let errors = monitor.graph.lock().await.close_quorums().await;
+    for e in &errors {
+        eprintln!("ballot: {e}");
+    }
+    if errors.is_empty() {
+        code
+    } else {
+        ExitCode::from(1)
+    }
 }
 
 enum L {

@@ -85,6 +85,14 @@ pub enum DriverSpec {
         resync_inflight: u64,
         /// `resync-min-speed`, bytes per second (H15).
         resync_min_speed: u64,
+        /// `metadata` (HEALING.md H19): the metadata node.
+        metadata: Option<ChildRef>,
+        /// `metadata-reset` (H23).
+        metadata_reset: bool,
+        /// `intent-cold`, seconds (H21).
+        intent_cold: u64,
+        /// `intent-extents` (H21).
+        intent_extents: u64,
     },
     /// `driver=nbd` (NBD.md §7).
     Nbd {
@@ -423,6 +431,36 @@ fn parse_level(mut o: Opts) -> Result<NodeSpec, ConfigError> {
             let resync_min_speed = o
                 .uint("resync-min-speed")?
                 .unwrap_or(crate::drivers::quorum::RESYNC_MIN_SPEED_DEFAULT_BYTES_PER_S);
+            let metadata = o.child("metadata")?;
+            let reset = o.boolean("metadata-reset")?;
+            let cold = o.uint("intent-cold")?;
+            let extents = o.uint("intent-extents")?;
+            if metadata.is_none() {
+                // H19: these mean nothing without a metadata node; say so instead of ignoring.
+                let given = [
+                    ("metadata-reset", reset.is_some()),
+                    ("intent-cold", cold.is_some()),
+                    ("intent-extents", extents.is_some()),
+                ];
+                if let Some((k, _)) = given.iter().find(|(_, g)| *g) {
+                    return Err(ConfigError::new(format!(
+                        "Parameter '{}' needs '{}' (a metadata node)",
+                        o.full(k),
+                        o.full("metadata")
+                    )));
+                }
+            }
+            let metadata_reset = reset.unwrap_or(false);
+            let intent_cold =
+                cold.unwrap_or(crate::drivers::quorum::durable::INTENT_COLD_DEFAULT.as_secs());
+            let intent_extents =
+                extents.unwrap_or(crate::drivers::quorum::durable::INTENT_EXTENTS_DEFAULT as u64);
+            if intent_extents == 0 {
+                return Err(ConfigError::new(format!(
+                    "Parameter '{}' expects a value >= 1",
+                    o.full("intent-extents")
+                )));
+            }
             DriverSpec::Quorum {
                 blkverify,
                 children,
@@ -432,6 +470,10 @@ fn parse_level(mut o: Opts) -> Result<NodeSpec, ConfigError> {
                 resync,
                 resync_inflight,
                 resync_min_speed,
+                metadata,
+                metadata_reset,
+                intent_cold,
+                intent_extents,
             }
         }
         "nbd" => {

@@ -14,6 +14,7 @@
 //! whole ranges (H17–H18). This file applies the record to guest I/O: out-of-sync children do
 //! not vote (H1, H2), and a write's success counts only if the child is in sync afterwards (H4).
 
+pub mod durable;
 pub mod metadata;
 pub mod resync;
 pub mod sync;
@@ -388,6 +389,8 @@ pub struct Inner {
     audit: AuditSlot,
     /// Granules acknowledged written since the last successful quorum flush (D14).
     unflushed: Mutex<QuorumUnflushed>,
+    /// The metadata node, when `metadata=NODE` (HEALING.md H19).
+    pub(crate) durable: std::sync::OnceLock<Arc<durable::Durable>>,
 }
 
 /// D14's record: granules written by acknowledged guest writes, by flush generation.
@@ -520,6 +523,7 @@ impl Quorum {
             jobs: Mutex::default(),
             audit: AuditSlot::default(),
             unflushed: Mutex::default(),
+            durable: std::sync::OnceLock::new(),
         });
         if auto {
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
@@ -540,6 +544,76 @@ impl Quorum {
             }
         }
         Ok(Quorum { inner })
+    }
+
+    /// H19: opens `dev` (node `node_name`) as this quorum's metadata node, before any guest
+    /// request: loads the out-of-sync record, recovers from the intent bitmap after an unclean
+    /// shutdown (H22: a resync with `recover=lowest` starts at once), or formats a blank node
+    /// (every granule out of sync). Starts the cooler (H21) inside a runtime.
+    ///
+    /// # Errors
+    /// See [`durable::Durable::open`].
+    pub async fn attach_metadata(
+        &self,
+        node_name: &str,
+        dev: Device,
+        opts: &durable::MetadataOptions,
+    ) -> Result<durable::OpenState, ConfigError> {
+        let inner = &self.inner;
+        let st = inner.children.read().await;
+        let (d, state) = durable::Durable::open(inner, &st.list, node_name, dev, opts).await?;
+        // H7 at open assumed everything unflushed; with a metadata node the record knows:
+        // after a clean shutdown every child was flushed, after a crash the intent extents
+        // are out of sync everywhere.
+        for c in &st.list {
+            inner.update(c, |s| s.forget_unflushed());
+        }
+        drop(st);
+        let _ = inner.durable.set(d.clone());
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(d.cool(Arc::downgrade(inner)));
+        }
+        if let durable::OpenState::Recovered { extents } = state {
+            inner.host.log(&format!(
+                "ballot: quorum '{}' was not shut down cleanly: {extents} write-intent extents out of sync on every child, resync with recover=lowest (HEALING.md H22)",
+                inner.opts.node_name
+            ));
+            if extents > 0 && tokio::runtime::Handle::try_current().is_ok() {
+                inner
+                    .start_resync(resync::ResyncRequest {
+                        recover_lowest: true,
+                        ..resync::ResyncRequest::default()
+                    })
+                    .map_err(ConfigError::new)?;
+            }
+        }
+        Ok(state)
+    }
+
+    /// H23: a clean shutdown with a metadata node: waits for every request in flight, flushes
+    /// every child, makes the out-of-sync record durable, clears the intent bitmap and sets
+    /// the clean flag, in that order. Without a metadata node it does nothing.
+    ///
+    /// # Errors
+    /// A metadata write failed: the node stays unclean and the next open recovers.
+    pub async fn close(&self) -> Result<()> {
+        let inner = &self.inner;
+        let Some(d) = inner.durable.get() else {
+            return Ok(());
+        };
+        let _all = inner.order(0, inner.length.max(1), true).await;
+        let st = inner.children.read().await;
+        for c in &st.list {
+            if let Err(e) = inner.flush_child(c).await {
+                inner.report_bad(IoType::Flush, Some(e.kind()), c, 0, 0);
+            }
+        }
+        d.close(inner, &st.list).await
+    }
+
+    /// The metadata node, if any.
+    pub fn durable(&self) -> Option<&Arc<durable::Durable>> {
+        self.inner.durable.get()
     }
 
     /// Installs `f` to hear every guest request's decisions ([`Audit`]).
@@ -749,7 +823,22 @@ impl Inner {
         let child = Child::new(name.clone(), node_name.to_string(), dev);
         let granules = self.granules();
         self.update(&child, |s| s.mark_all(granules));
-        st.list.push(child);
+        let st = &mut *st;
+        match self.durable.get() {
+            // H19: the new child's bitmap (all out of sync) and the new layout are durable
+            // before the child takes a write.
+            Some(d) => {
+                let n = st.list.len() + 1;
+                if let Err(m) = d.relayout(self, &mut st.list, n, |l| l.push(child)).await {
+                    st.next -= 1;
+                    return Err(ConfigError::new(format!(
+                        "Cannot add child '{node_name}' to quorum '{}': {m}",
+                        self.opts.node_name
+                    )));
+                }
+            }
+            None => st.list.push(child),
+        }
         st.discard_zeroes = st.list.iter().all(|c| c.dev.discard_zeroes());
         Ok(name)
     }
@@ -773,7 +862,21 @@ impl Inner {
                 self.opts.threshold
             )));
         }
-        let removed = st.list.remove(pos);
+        let st = &mut *st;
+        let removed = match self.durable.get() {
+            Some(d) => {
+                let n = st.list.len() - 1;
+                d.relayout(self, &mut st.list, n, |l| l.remove(pos))
+                    .await
+                    .map_err(|m| {
+                        ConfigError::new(format!(
+                            "Cannot remove child '{child}' from quorum '{}': {m}",
+                            self.opts.node_name
+                        ))
+                    })?
+            }
+            None => st.list.remove(pos),
+        };
         // Q55: removing the most recently numbered child gives its number back.
         if st
             .next
@@ -1110,6 +1213,11 @@ impl Inner {
         let (first, end) = touched(offset, len);
         let whole = covered(offset, len, self.length);
         let (voters, degraded) = self.voters(st, first, end);
+        // H21: the write intent is durable before any child sees the write.
+        let _intent = match self.durable.get() {
+            Some(d) => Some(d.begin_write(self, &st.list, offset, len).await?),
+            None => None,
+        };
         let before: Vec<u64> = st.list.iter().map(|c| c.dev.cache_epoch()).collect();
         let futs: Vec<BoxFuture<'a, Result<()>>> = st.list.iter().map(|c| op(&c.dev)).collect();
         let mut current = vec![false; st.list.len()];
@@ -1138,6 +1246,8 @@ impl Inner {
             .count();
         self.audit(|| Audit::Write { eligible, current });
         assert!(s <= st.list.len(), "write count exceeds children");
+        // H21: the out-of-sync marks this write made are durable before it returns.
+        self.persist_marks(st).await?;
         if s >= self.opts.threshold {
             // D14: the next flush must make this durable on t children.
             self.unflushed
@@ -1196,6 +1306,8 @@ impl Inner {
             }
         }
         self.audit(|| Audit::Flush { eligible });
+        // H21: a failed child flush marked its unflushed granules; durable before returning.
+        self.persist_marks(st).await?;
         if s >= self.opts.threshold {
             let mut u = self.unflushed.lock().unwrap_or_else(|p| p.into_inner());
             let later = u.closed.split_off(&(ticket + 1));
@@ -1219,9 +1331,22 @@ impl Inner {
         let _guest = GuestRequest::new(&self.guest_inflight);
         let _order = self.order(offset, len as u64, false).await;
         let st = self.children.read().await;
-        match self.opts.read_pattern {
+        let r = match self.opts.read_pattern {
             ReadPattern::Quorum => self.read_quorum(&st, offset, len).await,
             ReadPattern::Fifo => self.read_fifo(&st, offset, len).await,
+        };
+        // H21: marks a read made (H7: a reconnection noticed, a repair that failed) are
+        // durable before it returns; the data is right either way, so a metadata error is
+        // left to the next write or flush to report.
+        let _ = self.persist_marks(&st).await;
+        r
+    }
+
+    /// H21: makes the out-of-sync marks made so far durable (nothing without a metadata node).
+    pub(crate) async fn persist_marks(&self, st: &Children) -> Result<()> {
+        match self.durable.get() {
+            Some(d) => d.persist_marks(self, &st.list).await,
+            None => Ok(()),
         }
     }
 

@@ -129,6 +129,25 @@ impl GranuleSet {
             .sum()
     }
 
+    /// The 64 granules `64 w .. 64 w + 64` as a word (bit k = granule `64 w + k`).
+    pub fn word(&self, w: u64) -> u64 {
+        self.words.get(&w).copied().unwrap_or(0)
+    }
+
+    /// Adds the granules of `bits` to word `w` (bit k = granule `64 w + k`).
+    pub fn or_word(&mut self, w: u64, bits: u64) {
+        if bits != 0 {
+            let word = self.words.entry(w).or_insert(0);
+            self.count += u64::from((bits & !*word).count_ones());
+            *word |= bits;
+        }
+    }
+
+    /// Indices of the words that hold a granule of the set, ascending.
+    pub fn word_keys(&self) -> impl Iterator<Item = u64> + '_ {
+        self.words.keys().copied()
+    }
+
     /// Adds every granule of `other`.
     pub fn union_with(&mut self, other: &GranuleSet) {
         for (&w, &bits) in &other.words {
@@ -231,7 +250,13 @@ pub struct ChildSync {
     /// Generations closed by a flush that has not completed, by ticket.
     flushing: BTreeMap<u64, Generation>,
     next_ticket: u64,
+    /// Pages of O_c's on-disk bitmap ([`PAGE_GRANULES`] granules each) changed since the
+    /// metadata node last took them (HEALING.md H21).
+    dirty_pages: std::collections::BTreeSet<u64>,
 }
+
+/// Granules in one 4 KiB page of an on-disk out-of-sync bitmap.
+pub const PAGE_GRANULES: u64 = 4096 * 8;
 
 /// A flush's ticket: [`ChildSync::flush_started`] gives it, [`ChildSync::flush_done`] takes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -241,6 +266,69 @@ pub struct FlushTicket {
 }
 
 impl ChildSync {
+    /// H21: takes the pages of O_c's bitmap changed since the last call (the metadata node
+    /// writes them); [`ChildSync::redirty`] gives them back when that write failed.
+    pub fn take_dirty_pages(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.dirty_pages).into_iter().collect()
+    }
+
+    /// Marks `pages` changed again (a metadata write that failed).
+    pub fn redirty(&mut self, pages: &[u64]) {
+        self.dirty_pages.extend(pages.iter().copied());
+    }
+
+    /// Whether some page of O_c's bitmap changed since the metadata node last took them.
+    pub fn has_dirty_pages(&self) -> bool {
+        !self.dirty_pages.is_empty()
+    }
+
+    /// Page `page` of O_c's on-disk bitmap (4 KiB; bit `i % 8` of byte `i / 8` is granule
+    /// `page * PAGE_GRANULES + i`), clipped to `granules`.
+    pub fn page_bytes(&self, page: u64) -> Vec<u8> {
+        let mut out = vec![0u8; (PAGE_GRANULES / 8) as usize];
+        let w0 = page * PAGE_GRANULES / 64;
+        for k in 0..PAGE_GRANULES / 64 {
+            let w = self.oos.word(w0 + k);
+            if w != 0 {
+                out[(k * 8) as usize..(k * 8 + 8) as usize].copy_from_slice(&w.to_le_bytes());
+            }
+        }
+        out
+    }
+
+    /// Adds the granules set in `bitmap` (an on-disk out-of-sync bitmap, granule 0 first) below
+    /// `granules` to O_c: what a metadata node recorded (H19). Returns how many were set.
+    pub fn load_out_of_sync(&mut self, bitmap: &[u8], granules: u64) -> u64 {
+        let before = self.oos.len();
+        for (w, chunk) in bitmap.chunks(8).enumerate() {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            let mut bits = u64::from_le_bytes(b);
+            let first = w as u64 * 64;
+            if first >= granules {
+                break;
+            }
+            if granules - first < 64 {
+                bits &= (1u64 << (granules - first)) - 1;
+            }
+            self.oos.or_word(w as u64, bits);
+        }
+        self.oos.len() - before
+    }
+
+    fn dirty_range(&mut self, first: u64, end: u64) {
+        if first < end {
+            self.dirty_pages
+                .extend(first / PAGE_GRANULES..=(end - 1) / PAGE_GRANULES);
+        }
+    }
+
+    fn dirty_words(&mut self, set: &GranuleSet) {
+        for w in set.word_keys() {
+            self.dirty_pages.insert(w * 64 / PAGE_GRANULES);
+        }
+    }
+
     /// A record whose device is at `epoch`.
     pub fn new(epoch: u64) -> ChildSync {
         ChildSync {
@@ -267,6 +355,7 @@ impl ChildSync {
     /// cleared by a later flush: the write that made them current is older than this news.
     pub fn mark(&mut self, first: u64, end: u64) {
         self.oos.insert_range(first, end);
+        self.dirty_range(first, end);
         self.current.pending.remove_range(first, end);
         for g in self.flushing.values_mut() {
             g.pending.remove_range(first, end);
@@ -278,6 +367,11 @@ impl ChildSync {
     /// reconnection before it marks the whole disk out of sync.
     pub fn assume_unflushed(&mut self, granules: u64) {
         self.current.written.insert_range(0, granules);
+    }
+
+    /// Forgets H7's open-time assumption (a metadata node knows better, H19).
+    pub fn forget_unflushed(&mut self) {
+        self.current.written = GranuleSet::default();
     }
 
     /// H8, H23: every granule of a disk of `granules` granules may differ.
@@ -304,6 +398,7 @@ impl ChildSync {
             lost.union_with(&g.written);
         }
         self.oos.union_with(&lost);
+        self.dirty_words(&lost);
     }
 
     /// A write to granules `[first, end)` completed: `ok`, started at device epoch `before`
@@ -371,6 +466,7 @@ impl ChildSync {
         let done = std::mem::replace(&mut self.flushing, later);
         for (_, g) in done {
             self.oos.subtract(&g.pending);
+            self.dirty_words(&g.pending);
         }
     }
 }
