@@ -111,6 +111,10 @@ pub struct ModelCfg {
     pub late_writes: bool,
     /// A beyond-budget run (B6, S7).
     pub beyond: bool,
+    /// The quorum recovers a power cut with `recover=lowest` (a metadata node, HEALING.md
+    /// H22): any version of a write that was not flushed may win, so after a crash of the
+    /// quorum host only a write every child holds stays guaranteed.
+    pub recover_any: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -309,13 +313,18 @@ impl Oracle {
         }
         self.inflight_reads.clear();
         let (n, t, fifo) = (self.cfg.n, self.cfg.t, self.cfg.fifo);
+        let any = self.cfg.recover_any;
         for id in std::mem::take(&mut self.nondurable) {
             let (off, len) = (self.ops[&id].offset, self.ops[&id].len);
             for s in off / SECTOR_U64..(off + len) / SECTOR_U64 {
                 let h = holders(s, self.value_of(id, s));
                 // Votes are over whole requests, so copies without the write may agree on
                 // any range: only when fewer than t lack it can no stale version win.
-                let guaranteed = if fifo { h == n } else { n - h.min(n) < t };
+                let guaranteed = if fifo || any {
+                    h == n
+                } else {
+                    n - h.min(n) < t
+                };
                 if !guaranteed {
                     self.unguaranteed.insert((s, id));
                 }
@@ -644,9 +653,11 @@ impl Oracle {
     ) {
         let (n, t) = (self.cfg.n, self.cfg.t);
         let audits = self.audits.remove(&id).unwrap_or_default();
+        // HEALING.md H21: the metadata node failed this request (F29).
+        let md_failed = audits.iter().any(|a| matches!(a, Audit::MetadataFailed));
         let audit = audits
             .iter()
-            .find(|a| !matches!(a, Audit::Flush { .. }))
+            .find(|a| !matches!(a, Audit::Flush { .. } | Audit::MetadataFailed))
             .cloned();
         self.flush_audit = audits
             .into_iter()
@@ -892,6 +903,9 @@ impl Oracle {
                                 .into(),
                         );
                     }
+                } else if md_failed && writes.is_empty() {
+                    // H21: the intent could not be made durable; no child saw the write.
+                    want = Err(ErrorKind::Io);
                 } else {
                     // The children the quorum had when it wrote (F30: one may be swapped out).
                     let n = match &audit {
@@ -937,7 +951,10 @@ impl Oracle {
                         if !errs.is_empty() {
                             *self.tally.paths.entry("P6").or_default() += 1;
                         }
-                        want = if fua && kind == OpKind::Write {
+                        want = if md_failed {
+                            // H21: the marks could not be made durable; no FUA flush follows.
+                            Err(ErrorKind::Io)
+                        } else if fua && kind == OpKind::Write {
                             self.flush_model(children, &mut want_events)
                         } else {
                             Ok(None)
@@ -957,6 +974,7 @@ impl Oracle {
             OpKind::Flush => {
                 want = self.flush_model(children, &mut want_events);
             }
+
             OpKind::BlockStatus => {
                 // Q43, Q44: children in order; the first failure answers DATA over the whole
                 // count with one error event; otherwise the merge of all answers. The answer
@@ -1021,6 +1039,17 @@ impl Oracle {
         *self.tally.checks.entry("I7").or_default() += 1;
         *self.tally.checks.entry("I8").or_default() += 1;
         // Result.
+        let mut want = want;
+        if md_failed
+            && want.is_ok()
+            && matches!(
+                kind,
+                OpKind::Write | OpKind::WriteZeroes | OpKind::Trim | OpKind::Flush
+            )
+        {
+            // H21: marks that could not be made durable fail a request the vote accepted.
+            want = Err(ErrorKind::Io);
+        }
         let got: Result<Option<u64>, ErrorKind> = match result {
             Ok(Some(d)) if kind == OpKind::BlockStatus => Ok(Some(u64::from_le_bytes(
                 d[..8].try_into().unwrap_or([0; 8]),
@@ -1273,6 +1302,7 @@ mod tests {
             prefix: "c",
             late_writes: false,
             beyond: false,
+            recover_any: false,
         }
     }
 

@@ -26,12 +26,18 @@ pub const NBD_FAMILIES: [&str; 6] = ["F12", "F13", "F14", "F15", "F17", "F18"];
 /// (a resync target's partition, crash or reformat) with NBD children.
 pub const HEAL_FAMILIES: [&str; 4] = ["F25", "F26", "F27", "F30"];
 
+/// Crash-safety faults (HEALING.md H26): F28 (a power cut of the quorum host with a metadata
+/// node) and F29 (the metadata disk's own faults), in both quorum topologies; either gives the
+/// quorum a metadata node.
+pub const CRASH_FAMILIES: [&str; 2] = ["F28", "F29"];
+
 /// Every family the quorum topologies inject: the local ones, the NBD ones, the healing ones.
 pub fn all_families() -> Vec<&'static str> {
     FAMILIES
         .iter()
         .chain(NBD_FAMILIES.iter())
         .chain(HEAL_FAMILIES.iter())
+        .chain(CRASH_FAMILIES.iter())
         .copied()
         .collect()
 }
@@ -56,6 +62,15 @@ pub struct HealParams {
     pub verify_every_ns: u64,
     /// Probability that a QMP job is paused and resumed once.
     pub pause: f64,
+    /// H19: the quorum has a metadata node (on a disk of its own on the quorum host).
+    pub metadata: bool,
+    /// F29: per metadata-disk request, probability that it fails (a write may land partly).
+    pub f29: f64,
+    /// H21's `intent-cold`, seconds.
+    pub intent_cold_s: u64,
+    /// F28: probability that a power cut of the quorum host falls during a clean shutdown
+    /// (H23) rather than at a random instant of the workload.
+    pub shutdown: f64,
 }
 
 /// The NBD side of a run (`topology.transport = "nbd"`): client timers (NBD.md N42–N46) and
@@ -480,6 +495,7 @@ impl Params {
             FAMILIES
                 .iter()
                 .chain(HEAL_FAMILIES.iter().filter(|f| **f != "F25"))
+                .chain(CRASH_FAMILIES.iter())
                 .copied()
                 .collect()
         };
@@ -541,6 +557,14 @@ impl Params {
                         .filter(|f| nbd_on || **f != "F25")
                         .map(|s| s.to_string()),
                 );
+                // H26's crash-safety faults, on a stream of their own too.
+                let mut r = p.rng("faults.families.crash");
+                out.extend(
+                    CRASH_FAMILIES
+                        .iter()
+                        .filter(|_| r.chance(0.5))
+                        .map(|s| s.to_string()),
+                );
                 out
             }
         };
@@ -572,7 +596,8 @@ impl Params {
             f9: families.iter().any(|x| x == "F9").then_some(r9),
         };
         let crash = p.float("faults.crash_rate", 0.0, 10.0, |r| r.uniform(0.005, 0.05))?;
-        let crash_rate = if on("F16") { crash } else { 0.0 };
+        // F28 is a power cut of the quorum host: it needs the crashes F16 makes.
+        let crash_rate = if on("F16") || on("F28") { crash } else { 0.0 };
         let restart_ns = p.pair("faults.restart", parse_time_ns, |r| {
             let hi = r.range(0, 10_000) * 1_000_000;
             (0, hi)
@@ -738,7 +763,18 @@ impl Params {
             })?;
             let pause = p.float("healing.pause", 0.0, 1.0, |r| r.uniform(0.0, 0.3))?;
             let operator = p.boolean("healing.operator", 0.75)?;
+            let metadata = p.boolean(
+                "healing.metadata",
+                if on("F28") || on("F29") { 1.0 } else { 0.0 },
+            )?;
+            let f29 = p.float("healing.F29", 0.0, 1.0, |r| r.uniform(0.0, 0.05))?;
+            let intent_cold_s = p.int("healing.intent_cold", 0, 3600, |r| r.below(3))?;
+            let shutdown = p.float("healing.shutdown", 0.0, 1.0, |r| r.uniform(0.0, 0.5))?;
             HealParams {
+                metadata: metadata && !colo_on,
+                f29: if on("F29") { f29 } else { 0.0 },
+                intent_cold_s,
+                shutdown: if on("F28") { shutdown } else { 0.0 },
                 f25: if on("F25") { f25 } else { 0.0 },
                 f26: if on("F26") { f26 } else { 0.0 },
                 f27: if on("F27") { f27 } else { 0.0 },
@@ -931,7 +967,7 @@ impl Params {
             );
         }
         s += &format!(
-            "healing = {{ F25 = {:?}, F26 = {:?}, F27 = {:?}{}, operator = {}, verify_every = \"{}\", pause = {:?} }}\n",
+            "healing = {{ F25 = {:?}, F26 = {:?}, F27 = {:?}{}, operator = {}, verify_every = \"{}\", pause = {:?}, metadata = {}, F29 = {:?}, intent_cold = {}, shutdown = {:?} }}\n",
             self.heal.f25,
             self.heal.f26,
             self.heal.f27,
@@ -941,7 +977,11 @@ impl Params {
             },
             self.heal.operator,
             fmt_time(self.heal.verify_every_ns),
-            self.heal.pause
+            self.heal.pause,
+            self.heal.metadata,
+            self.heal.f29,
+            self.heal.intent_cold_s,
+            self.heal.shutdown
         );
         s += &format!(
             "disk = {{ read_min = \"{}\", read_mean = \"{}\", write_min = \"{}\", write_mean = \"{}\", stall = {:?}, stall_time = \"{}..{}\"{} }}\n",

@@ -274,6 +274,8 @@ struct Inner {
     injecting: bool,
     /// Sectors one request can span (B4's reach for fifo).
     window_sectors: u64,
+    /// Tears fall between sectors only (runs with a metadata node, HEALING.md H22).
+    sector_atomic: bool,
     seed: u64,
     oplog: BTreeMap<u64, Vec<ChildOp>>,
     /// Disks that count as failing on every sector (B1: unreachable, paused, crashed, or
@@ -312,6 +314,10 @@ pub struct DiskSetConfig {
     pub discard_zeroes: bool,
     /// Sectors the largest request spans (guest ops and scrub reads).
     pub window_sectors: u64,
+    /// F9 tears between sectors only: a sector is old or new, never a mix (runs with a
+    /// metadata node: H22's recovery takes some child's copy where no version has t votes,
+    /// which is a version only on sector-atomic media).
+    pub sector_atomic: bool,
     /// Node-name prefix of the children: `c` for local vdisks, `r` for NBD replicas.
     pub prefix: &'static str,
 }
@@ -373,6 +379,7 @@ impl DiskSet {
                 rates: cfg.rates,
                 injecting: true,
                 window_sectors: cfg.window_sectors,
+                sector_atomic: cfg.sector_atomic,
                 seed: cfg.seed,
                 oplog: BTreeMap::new(),
                 down: vec![false; n],
@@ -425,6 +432,43 @@ impl DiskSet {
     /// Stops or resumes random fault injection (S6 stops it for the liveness phase).
     pub fn set_injecting(&self, on: bool) {
         self.lock().injecting = on;
+    }
+
+    /// Whether random faults are injected now (the metadata disk follows the children).
+    pub fn injecting(&self) -> bool {
+        self.lock().injecting
+    }
+
+    /// Sectors some disk holds damage on from a fault other than a crash (F16, F8, F9): the
+    /// silent faults only a verify finds (HEALING.md I19 leaves them to I12).
+    pub fn silently_damaged(&self) -> BTreeSet<u64> {
+        let g = self.lock();
+        g.disks
+            .iter()
+            .flat_map(|d| {
+                d.damage
+                    .iter()
+                    .filter(|(_, f)| !matches!(**f, "F16" | "F8" | "F9"))
+                    .map(|(s, _)| *s)
+                    .chain(d.sticky.keys().copied())
+            })
+            .collect()
+    }
+
+    /// The sectors of `sectors` on which the readable disks differ now.
+    pub fn divergent_among(&self, sectors: &BTreeSet<u64>) -> Vec<u64> {
+        let mut out = Vec::new();
+        // Runs of consecutive sectors, each checked as a range.
+        let mut it = sectors.iter().copied().peekable();
+        while let Some(a) = it.next() {
+            let mut z = a + 1;
+            while it.peek() == Some(&z) {
+                it.next();
+                z += 1;
+            }
+            out.extend(self.divergent_sectors_in(a..z, |_, _| false));
+        }
+        out
     }
 
     /// Sets every disk's latency (S6).
@@ -870,6 +914,7 @@ impl DiskSet {
         let t = g.t;
         let fifo = g.fifo;
         let seed = g.seed;
+        let sector_atomic = g.sector_atomic;
         let mut touched: BTreeSet<u64> = BTreeSet::new();
         for &(off, len) in cut_off {
             touched.extend(off / SECTOR_U64..(off + len).div_ceil(SECTOR_U64));
@@ -930,6 +975,12 @@ impl DiskSet {
                                     damage.remove(&s);
                                 } else if roll == 3 {
                                     // dropped
+                                } else if sector_atomic {
+                                    // Whole sectors only: written or dropped.
+                                    if rng.chance(0.5) {
+                                        current[s as usize] = new.clone();
+                                        damage.remove(&s);
+                                    }
                                 } else {
                                     let n_dmg = damaged.get(&s).copied().unwrap_or(0);
                                     // Damage is a silent fault: within B2 (at most t - 1 damaged
@@ -1887,6 +1938,7 @@ mod tests {
                 discard_zeroes: false,
                 window_sectors: 16,
                 prefix: "c",
+                sector_atomic: false,
             },
             Trace::new(false, (0, 0)),
         )

@@ -138,6 +138,9 @@ pub(crate) struct State {
     pub(crate) monitor: Option<Arc<ballot::qmp::Monitor>>,
     /// The healing harness (HEALING.md §7).
     pub(crate) heal: crate::heal::HealState,
+    /// I19: sectors a power cut may have left different on the children, until the next
+    /// open of the metadata node checks them.
+    pub(crate) crash_suspects: std::collections::BTreeSet<u64>,
 }
 
 /// One run's shared state: parameters, disks, the oracle and the hosts.
@@ -154,6 +157,10 @@ pub(crate) struct World {
     qhost: Mutex<Option<madsim::task::NodeId>>,
     /// Every NBD client qhost opened, for the P9–P11 tally.
     clients: Mutex<Vec<Arc<NbdClient>>>,
+    /// The quorum's metadata disk (HEALING.md H19), when the run has one.
+    pub(crate) meta: Option<Arc<crate::metadisk::MetaDisk>>,
+    /// F28: the live qhost starts a clean shutdown of its quorum (H23).
+    pub(crate) shutdown_now: tokio::sync::Notify,
 }
 
 impl World {
@@ -224,7 +231,7 @@ impl World {
         });
     }
 
-    fn violate(&self, v: Violation) {
+    pub(crate) fn violate(&self, v: Violation) {
         let mut st = self.lock();
         st.violations.push(v);
         st.phase = Phase::Done;
@@ -339,6 +346,7 @@ async fn world_main(p: Params, sc: Scenario, opts: RunOpts) -> RunResult {
             discard_zeroes: p.discard_zeroes,
             window_sectors: p.size.1.max(SCRUB_CHUNK_BYTES) / SECTOR_U64,
             prefix: if p.nbd.is_some() { "r" } else { "c" },
+            sector_atomic: p.heal.metadata,
         },
         {
             let mut t = Trace::new(opts.verbose, opts.window);
@@ -361,6 +369,7 @@ async fn world_main(p: Params, sc: Scenario, opts: RunOpts) -> RunResult {
         prefix: if p.nbd.is_some() { "r" } else { "c" },
         late_writes: p.nbd.is_some(),
         beyond: p.budget == Budget::Beyond,
+        recover_any: p.heal.metadata,
     });
     let mut frng = Rng::stream(p.seed, "faults/F11");
     let f11_at = (p.family_on("F11") && p.ops > 0).then(|| frng.below(p.ops));
@@ -396,6 +405,7 @@ async fn world_main(p: Params, sc: Scenario, opts: RunOpts) -> RunResult {
             spans: Vec::new(),
             monitor: None,
             heal: crate::heal::HealState::new(p.seed),
+            crash_suspects: Default::default(),
         }),
         net: Mutex::new(vec![
             Replica::default();
@@ -403,6 +413,16 @@ async fn world_main(p: Params, sc: Scenario, opts: RunOpts) -> RunResult {
         ]),
         qhost: Mutex::new(None),
         clients: Mutex::new(Vec::new()),
+        meta: p.heal.metadata.then(|| {
+            Arc::new(crate::metadisk::MetaDisk::new(
+                p.seed,
+                p.disk_size,
+                n,
+                p.heal.f29,
+                disks.clone(),
+            ))
+        }),
+        shutdown_now: tokio::sync::Notify::new(),
         p,
         sc,
         wake: tokio::sync::Notify::new(),
@@ -499,6 +519,13 @@ async fn world_main(p: Params, sc: Scenario, opts: RunOpts) -> RunResult {
         let requested = std::mem::take(&mut world.lock().crash_requested);
         if world.lock().phase != Phase::Safety || !world.lock().alive {
             continue;
+        }
+        if world.meta.is_some() && crng.chance(world.p.heal.shutdown) {
+            // F28 during a clean shutdown (H23): the cut falls somewhere in it.
+            world.shutdown_now.notify_one();
+            let us = crng.range(0, 3000);
+            tokio::time::sleep(Duration::from_micros(us)).await;
+            world.disks.trace("qhost", "shutdown", 0, us, 0, 0);
         }
         crash_node(&world, &handle, node_id);
         let restart = {
@@ -728,13 +755,20 @@ fn crash_node(w: &Arc<World>, handle: &madsim::runtime::Handle, id: madsim::task
     }
     w.harvest_clients();
     // Over NBD the replicas' caches live on: only the ledger of the cut-off ranges changes.
-    let report = if w.p.nbd.is_some() {
-        crate::net::fence_all(w);
-        w.disks.crash_disks(&[], &cut_off).0
+    let silent = if w.meta.is_some() {
+        w.disks.silently_damaged()
     } else {
-        w.disks.crash(&cut_off)
+        Default::default()
+    };
+    let (report, touched) = if w.p.nbd.is_some() {
+        crate::net::fence_all(w);
+        w.disks.crash_disks(&[], &cut_off)
+    } else {
+        let all: Vec<usize> = (0..w.p.children).collect();
+        w.disks.crash_disks(&all, &cut_off)
     };
     w.disks.record_crash("qhost", &report);
+    crate::metadisk::power_cut(w, &touched, &silent);
     w.disks.clear_oplog();
     let disks = w.disks.clone();
     let mut st = w.lock();
@@ -883,6 +917,28 @@ async fn qhost_main(w: Arc<World>) {
                 }
             }
         }));
+    }
+    // H19: the metadata node, before any guest request (a recovery resync may start).
+    crate::metadisk::attach(&w, &q).await;
+    if w.meta.is_some() {
+        // H23: a clean shutdown when the harness asks for one (F28 cuts power during it).
+        let (w2, q2) = (w.clone(), q.clone());
+        tokio::spawn(async move {
+            loop {
+                w2.shutdown_now.notified().await;
+                let r = q2.close().await;
+                w2.disks.trace_full(
+                    "qhost",
+                    "closed",
+                    0,
+                    0,
+                    0,
+                    i64::from(r.is_err()),
+                    0,
+                    r.err().map(|e| e.to_string()).unwrap_or_default(),
+                );
+            }
+        });
     }
     {
         // H16: jobs are started, paused and watched over QMP, as an operator would.
@@ -1134,6 +1190,7 @@ async fn hot_add_mismatch(w: &Arc<World>, delta: i64) {
             discard_zeroes: false,
             window_sectors: 1,
             prefix: "c",
+            sector_atomic: false,
         },
         Trace::new(false, (0, 0)),
     );

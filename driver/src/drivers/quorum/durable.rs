@@ -116,6 +116,8 @@ struct DState {
     committed: u64,
     failed: Option<(u64, ErrorKind)>,
     committing: bool,
+    /// H22: granules of the intent extents found at open.
+    recovered: super::sync::GranuleSet,
 }
 
 /// A quorum's metadata node, open.
@@ -206,6 +208,12 @@ impl Durable {
             .iter()
             .map(|w| u64::from(w.count_ones()))
             .sum()
+    }
+
+    /// H22: the granules of the intent extents found set at open (empty after a clean
+    /// shutdown).
+    pub(crate) fn recovered(&self) -> super::sync::GranuleSet {
+        self.state().recovered.clone()
     }
 
     /// Whether the newest durable header carries the clean flag.
@@ -331,6 +339,7 @@ impl Durable {
         }
         let words = layout.extents().div_ceil(64) as usize;
         let mut disk = vec![0u64; words];
+        let mut recovered = super::sync::GranuleSet::default();
         let state;
         if fresh {
             for c in children {
@@ -377,6 +386,7 @@ impl Durable {
                     if bit(&disk, e) {
                         set += 1;
                         let end = ((e + 1) * per).min(q.granules());
+                        recovered.insert_range(e * per, end);
                         for c in children {
                             q.update(c, |s| s.mark(e * per, end));
                         }
@@ -405,6 +415,7 @@ impl Durable {
                 committed: 0,
                 failed: None,
                 committing: false,
+                recovered,
             }),
             done: Notify::new(),
             wake: Notify::new(),

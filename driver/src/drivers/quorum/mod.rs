@@ -311,6 +311,10 @@ pub enum Audit {
         /// Fewer than t children were in sync on the range.
         degraded: bool,
     },
+    /// HEALING.md H21: the metadata node could not be updated for this request: a write
+    /// stopped before any child saw it, or a write or flush whose out-of-sync marks could
+    /// not be made durable; the request fails with the metadata node's error.
+    MetadataFailed,
     /// A resync (or a verify's repair) holds `[offset, offset + len)` exclusively and is
     /// about to read the voters' copies of it (H10). Reported from the job's task.
     Copying {
@@ -391,6 +395,9 @@ pub struct Inner {
     unflushed: Mutex<QuorumUnflushed>,
     /// The metadata node, when `metadata=NODE` (HEALING.md H19).
     pub(crate) durable: std::sync::OnceLock<Arc<durable::Durable>>,
+    /// H22: granules of the intent extents an unclean shutdown left, which any resync copies
+    /// with `recover=lowest` (until this process ends).
+    recovering: Mutex<sync::GranuleSet>,
 }
 
 /// D14's record: granules written by acknowledged guest writes, by flush generation.
@@ -524,6 +531,7 @@ impl Quorum {
             audit: AuditSlot::default(),
             unflushed: Mutex::default(),
             durable: std::sync::OnceLock::new(),
+            recovering: Mutex::default(),
         });
         if auto {
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
@@ -571,19 +579,19 @@ impl Quorum {
         drop(st);
         let _ = inner.durable.set(d.clone());
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(d.cool(Arc::downgrade(inner)));
+            rt.spawn(d.clone().cool(Arc::downgrade(inner)));
         }
         if let durable::OpenState::Recovered { extents } = state {
             inner.host.log(&format!(
                 "ballot: quorum '{}' was not shut down cleanly: {extents} write-intent extents out of sync on every child, resync with recover=lowest (HEALING.md H22)",
                 inner.opts.node_name
             ));
-            if extents > 0 && tokio::runtime::Handle::try_current().is_ok() {
+            *inner.recovering.lock().unwrap_or_else(|p| p.into_inner()) = d.recovered();
+            // A resync already running (resync=auto noticed the marks of an earlier attempt)
+            // copies them too, with recover=lowest on these granules.
+            if extents > 0 && tokio::runtime::Handle::try_current().is_ok() && inner.jobs_idle() {
                 inner
-                    .start_resync(resync::ResyncRequest {
-                        recover_lowest: true,
-                        ..resync::ResyncRequest::default()
-                    })
+                    .start_resync(resync::ResyncRequest::default())
                     .map_err(ConfigError::new)?;
             }
         }
@@ -639,6 +647,15 @@ impl Quorum {
 }
 
 impl Inner {
+    /// H22: whether granule `g` is one a power cut left behind (recovered with
+    /// `recover=lowest`).
+    pub(crate) fn recovering(&self, g: u64) -> bool {
+        self.recovering
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(g)
+    }
+
     /// The options this node was opened with.
     pub fn options(&self) -> &QuorumOptions {
         &self.opts
@@ -1215,7 +1232,13 @@ impl Inner {
         let (voters, degraded) = self.voters(st, first, end);
         // H21: the write intent is durable before any child sees the write.
         let _intent = match self.durable.get() {
-            Some(d) => Some(d.begin_write(self, &st.list, offset, len).await?),
+            Some(d) => match d.begin_write(self, &st.list, offset, len).await {
+                Ok(g) => Some(g),
+                Err(e) => {
+                    self.audit(|| Audit::MetadataFailed);
+                    return Err(e);
+                }
+            },
             None => None,
         };
         let before: Vec<u64> = st.list.iter().map(|c| c.dev.cache_epoch()).collect();
@@ -1246,8 +1269,15 @@ impl Inner {
             .count();
         self.audit(|| Audit::Write { eligible, current });
         assert!(s <= st.list.len(), "write count exceeds children");
-        // H21: the out-of-sync marks this write made are durable before it returns.
-        self.persist_marks(st).await?;
+        // H21: the out-of-sync marks this write made are durable before it returns; when
+        // they cannot be, a write the vote accepted fails.
+        let persisted = self.persist_marks(st).await;
+        if let Err(e) = &persisted {
+            self.audit(|| Audit::MetadataFailed);
+            if s >= self.opts.threshold {
+                return Err(e.clone());
+            }
+        }
         if s >= self.opts.threshold {
             // D14: the next flush must make this durable on t children.
             self.unflushed
@@ -1307,7 +1337,10 @@ impl Inner {
         }
         self.audit(|| Audit::Flush { eligible });
         // H21: a failed child flush marked its unflushed granules; durable before returning.
-        self.persist_marks(st).await?;
+        if let Err(e) = self.persist_marks(st).await {
+            self.audit(|| Audit::MetadataFailed);
+            return Err(e);
+        }
         if s >= self.opts.threshold {
             let mut u = self.unflushed.lock().unwrap_or_else(|p| p.into_inner());
             let later = u.closed.split_off(&(ticket + 1));

@@ -564,7 +564,10 @@ impl RunCtx {
                 out.push(RunOutcome::Unrecoverable { granule: *g });
                 continue;
             };
-            if self.recover_lowest && !voted.holes.is_empty() {
+            // H22: granules of the intent extents a power cut left behind recover with
+            // `recover=lowest` whichever resync job copies them.
+            let lowest = self.recover_lowest || q.recovering(*g);
+            if lowest && !voted.holes.is_empty() {
                 // H13, H22: any version is allowed; the lowest-index child that has the
                 // sector fills it in.
                 for &(h0, h1) in &voted.holes.clone() {
