@@ -763,18 +763,25 @@ impl Params {
             })?;
             let pause = p.float("healing.pause", 0.0, 1.0, |r| r.uniform(0.0, 0.3))?;
             let operator = p.boolean("healing.operator", 0.75)?;
+            // Listed families count even without random faults: a scripted power cut (F16
+            // at an op) with F28 listed has a metadata node.
+            let listed = |f: &str| families.iter().any(|x| x == f);
             let metadata = p.boolean(
                 "healing.metadata",
-                if on("F28") || on("F29") { 1.0 } else { 0.0 },
+                if listed("F28") || listed("F29") {
+                    1.0
+                } else {
+                    0.0
+                },
             )?;
             let f29 = p.float("healing.F29", 0.0, 1.0, |r| r.uniform(0.0, 0.05))?;
             let intent_cold_s = p.int("healing.intent_cold", 0, 3600, |r| r.below(3))?;
             let shutdown = p.float("healing.shutdown", 0.0, 1.0, |r| r.uniform(0.0, 0.5))?;
             HealParams {
                 metadata: metadata && !colo_on,
-                f29: if on("F29") { f29 } else { 0.0 },
+                f29: if listed("F29") { f29 } else { 0.0 },
                 intent_cold_s,
-                shutdown: if on("F28") { shutdown } else { 0.0 },
+                shutdown: if listed("F28") { shutdown } else { 0.0 },
                 f25: if on("F25") { f25 } else { 0.0 },
                 f26: if on("F26") { f26 } else { 0.0 },
                 f27: if on("F27") { f27 } else { 0.0 },

@@ -488,6 +488,8 @@ async fn world_main(p: Params, sc: Scenario, opts: RunOpts) -> RunResult {
     // Safety phase: crashes and restarts until the workload is done or time runs out.
     let limit = Duration::from_nanos(world.p.time_limit_ns);
     let mut crng = Rng::stream(world.p.seed, "faults/F16");
+    // F28's clean-shutdown cuts, on a stream of their own (F16's draws stay as they were).
+    let mut srng = Rng::stream(world.p.seed, "faults/F28");
     loop {
         let (done, alive) = {
             let st = world.lock();
@@ -520,12 +522,15 @@ async fn world_main(p: Params, sc: Scenario, opts: RunOpts) -> RunResult {
         if world.lock().phase != Phase::Safety || !world.lock().alive {
             continue;
         }
-        if world.meta.is_some() && crng.chance(world.p.heal.shutdown) {
+        if world.meta.is_some() && srng.chance(world.p.heal.shutdown) {
             // F28 during a clean shutdown (H23): the cut falls somewhere in it.
             world.shutdown_now.notify_one();
-            let us = crng.range(0, 3000);
-            tokio::time::sleep(Duration::from_micros(us)).await;
-            world.disks.trace("qhost", "shutdown", 0, us, 0, 0);
+            // Up to a few disk round trips: the shutdown waits for the requests in flight,
+            // flushes every child, then writes the metadata twice.
+            let span = 8 * world.p.latency.write_mean_ns + 5_000_000;
+            let ns = srng.range(0, span);
+            tokio::time::sleep(Duration::from_nanos(ns)).await;
+            world.disks.trace("qhost", "shutdown", 0, ns, 0, 0);
         }
         crash_node(&world, &handle, node_id);
         let restart = {

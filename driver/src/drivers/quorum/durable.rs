@@ -734,9 +734,7 @@ impl Durable {
         let flushed_from = self.state().ends;
         // Every child flushes: what was written into these extents is on its media, or (a
         // failed flush, a lost cache) out of sync on it (H7).
-        for c in &st.list {
-            let _ = q.flush_child(c).await;
-        }
+        q.flush_all(&st.list).await;
         let g = self.next_gen();
         if self.commit_until(q, &st.list, g).await.is_err() {
             return;

@@ -611,11 +611,7 @@ impl Quorum {
         };
         let _all = inner.order(0, inner.length.max(1), true).await;
         let st = inner.children.read().await;
-        for c in &st.list {
-            if let Err(e) = inner.flush_child(c).await {
-                inner.report_bad(IoType::Flush, Some(e.kind()), c, 0, 0);
-            }
-        }
+        inner.flush_all(&st.list).await;
         d.close(inner, &st.list).await
     }
 
@@ -1023,6 +1019,21 @@ impl Inner {
         if let Some(f) = f {
             f(make());
         }
+    }
+
+    /// Every child flushes at once, outcomes recorded (H7); failures are reported. For the
+    /// background flushes of the metadata node (H21, H23), not the guest's (Q41's order).
+    pub(crate) async fn flush_all(&self, list: &[Child]) {
+        let futs: Vec<BoxFuture<'_, Result<()>>> = list
+            .iter()
+            .map(|c| -> BoxFuture<'_, Result<()>> { Box::pin(self.flush_child(c)) })
+            .collect();
+        join_all_with(futs, |i, r| {
+            if let Err(e) = r {
+                self.report_bad(IoType::Flush, Some(e.kind()), &list[i], 0, 0);
+            }
+        })
+        .await;
     }
 
     /// One child flush whose outcome is recorded (H7, H12).
