@@ -1178,6 +1178,6 @@ mod tests {
                 n += 1;
             }
         }
-        assert_eq!(n, 57, "scenario files");
+        assert_eq!(n, 60, "scenario files");
     }
 }
