@@ -33,6 +33,9 @@ pub(crate) struct HealState {
     pub(crate) swapping: bool,
     /// F30 has been triggered (once per run).
     pub(crate) swapped: bool,
+    /// I17: sectors of the runs being copied that were beyond the budget when their copy
+    /// began (the copy's own writes clear the ledger's marks before I17 looks).
+    copy_excused: BTreeSet<u64>,
     rng: Rng,
 }
 
@@ -44,6 +47,7 @@ impl HealState {
             f25: (0, None),
             swapping: false,
             swapped: false,
+            copy_excused: BTreeSet::new(),
             rng: Rng::stream(seed, "faults/heal"),
         }
     }
@@ -142,7 +146,20 @@ fn check_copied(w: &World, child: usize, offset: u64, data: &[u8]) {
         return;
     }
     bump(w, "I17");
-    if let Some((s, got)) = stale.into_iter().find(|(s, _)| !excused.contains(s)) {
+    // Beyond the budget when the copy began (a silent fault and a power cut's split with no
+    // version left on t good copies, H22's recover=lowest): no copy is right, so whatever
+    // was copied stays charged to the faults.
+    let before: BTreeSet<u64> = w.lock().heal.copy_excused.clone();
+    for (s, _) in stale.iter().filter(|(s, _)| before.contains(s)) {
+        if child < w.p.children {
+            w.disks.mark_missed(child, *s..*s + 1);
+        }
+        w.lock().oracle.recovered_any.insert(*s);
+    }
+    if let Some((s, got)) = stale
+        .into_iter()
+        .find(|(s, _)| !excused.contains(s) && !before.contains(s))
+    {
         let history = w.lock().oracle.history(Some(s), 6).join("; ");
         w.fail(
             "I17",
@@ -303,6 +320,14 @@ pub(crate) fn on_qmp_event(w: &World, e: &Event) {
 /// flips or fails before it is read), F27 (a guest write aimed at the run) and F25 (the
 /// target is cut off, crashed or reformatted while the copy is in flight).
 fn copying(w: &Arc<World>, offset: u64, len: u64) {
+    {
+        let (s0, s1) = (offset / SECTOR_U64, (offset + len).div_ceil(SECTOR_U64));
+        let over = w.disks.excused_set();
+        let mut st = w.lock();
+        let ex = &mut st.heal.copy_excused;
+        ex.retain(|s| !(s0..s1).contains(s));
+        ex.extend(over.range(s0..s1));
+    }
     if !w.in_safety() {
         return;
     }

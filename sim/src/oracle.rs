@@ -160,6 +160,10 @@ pub struct Oracle {
     next_op: u64,
     /// What the quorum decided for each guest op in flight (HEALING.md H1, H4), by op id.
     pub audits: BTreeMap<u64, Vec<ballot::drivers::quorum::Audit>>,
+    /// Sectors a resync filled beyond the budget (no version on t good copies when its copy
+    /// began: a silent fault met a power cut's split, and H22's recover=lowest took some
+    /// child's copy): reads there are out of model until a guest write covers them.
+    pub recovered_any: BTreeSet<u64>,
     /// The flush decision of the op being checked (D14), for [`Oracle::flush_model`].
     flush_audit: Option<Audit>,
     /// Counters.
@@ -194,6 +198,7 @@ impl Oracle {
             inflight_reads: BTreeSet::new(),
             next_op: 1,
             audits: BTreeMap::new(),
+            recovered_any: BTreeSet::new(),
             flush_audit: None,
             tally: Tally::default(),
         }
@@ -515,6 +520,10 @@ impl Oracle {
                 self.check_read_data(id, offset, data, inv, b, &mut v)
             }
             (Ok(_), OpKind::Write | OpKind::WriteZeroes | OpKind::Trim) => {
+                if !self.recovered_any.is_empty() {
+                    let r = offset / SECTOR_U64..(offset + len) / SECTOR_U64;
+                    self.recovered_any.retain(|s| !r.contains(s));
+                }
                 if fua {
                     self.ops.get_mut(&id).expect("op").durable = true;
                 } else if kind != OpKind::Trim || self.cfg.discard_forwarded {
@@ -564,6 +573,10 @@ impl Oracle {
         *self.tally.checks.entry("I1").or_default() += 1;
         for (k, chunk) in data.chunks(SECTOR).enumerate() {
             let s = offset / SECTOR_U64 + k as u64;
+            if self.recovered_any.contains(&s) {
+                *self.tally.paths.entry("out-of-model").or_default() += 1;
+                continue;
+            }
             let got = match decode(chunk) {
                 Decoded::Value(Value::Data { id: w, sector }) if sector != s => {
                     v.push(Violation {
