@@ -566,8 +566,40 @@ impl RunCtx {
             };
             // H22: granules of the intent extents a power cut left behind recover with
             // `recover=lowest` whichever resync job copies them.
-            let lowest = self.recover_lowest || q.recovering(*g);
-            if lowest && !voted.holes.is_empty() {
+            let recovering = !self.recover_lowest && q.recovering(*g);
+            if recovering && !voted.holes.is_empty() {
+                // H22 after a crash, no operator asked: a hole may be a read that failed or
+                // flipped once. The granule is read again from every reader and the holes
+                // voted again; what still has no winner takes the lowest child's re-read copy.
+                let gl = (z - a) as u64;
+                let units = (gl as usize).div_ceil(unit);
+                let again = read_copies(q, &st, &readers, &[], g * GRANULE_BYTES, gl, unit).await;
+                let fresh: Vec<vote::Copy<'_>> = readers
+                    .iter()
+                    .zip(&again)
+                    .filter_map(|(&i, p)| p.as_ref().map(|p| p.copy(i, 0, gl as usize, 0, units)))
+                    .collect();
+                if let Some(v2) = vote::vote_assembled(&fresh, q.opts.threshold, unit) {
+                    for &(h0, h1) in &voted.holes.clone() {
+                        for ua in (h0..h1).step_by(unit) {
+                            let uz = (ua + unit).min(h1);
+                            let from = if v2.in_hole(ua) {
+                                fresh
+                                    .iter()
+                                    .find(|c| c.good.get(ua / unit).copied().unwrap_or(true))
+                                    .map(|c| &c.data[ua..uz])
+                            } else {
+                                Some(&v2.data[ua..uz])
+                            };
+                            if let Some(b) = from {
+                                voted.data[ua..uz].copy_from_slice(b);
+                                voted.fill(ua, uz);
+                            }
+                        }
+                    }
+                }
+            }
+            if self.recover_lowest && !voted.holes.is_empty() {
                 // H13, H22: any version is allowed; the lowest-index child that has the
                 // sector fills it in.
                 for &(h0, h1) in &voted.holes.clone() {
