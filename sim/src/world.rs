@@ -529,8 +529,27 @@ async fn world_main(p: Params, sc: Scenario, opts: RunOpts) -> RunResult {
             // flushes every child, then writes the metadata twice.
             let span = 8 * world.p.latency.write_mean_ns + 5_000_000;
             let ns = srng.range(0, span);
-            tokio::time::sleep(Duration::from_nanos(ns)).await;
-            world.disks.trace("qhost", "shutdown", 0, ns, 0, 0);
+            if srng.chance(0.5) {
+                // The adversarial instant: just as the clean flag reaches the metadata disk
+                // (H23: after it, a cut must lose nothing the record does not know about).
+                let t0 = tokio::time::Instant::now();
+                let d = world
+                    .lock()
+                    .quorum
+                    .clone()
+                    .and_then(|q| q.durable().cloned());
+                while t0.elapsed() < Duration::from_nanos(span)
+                    && !d.as_ref().is_some_and(|d| d.clean_on_disk())
+                {
+                    tokio::time::sleep(Duration::from_micros(20)).await;
+                }
+                world
+                    .disks
+                    .trace("qhost", "shutdown", 0, t0.elapsed().as_nanos() as u64, 1, 0);
+            } else {
+                tokio::time::sleep(Duration::from_nanos(ns)).await;
+                world.disks.trace("qhost", "shutdown", 0, ns, 0, 0);
+            }
         }
         crash_node(&world, &handle, node_id);
         let restart = {
