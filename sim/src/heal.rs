@@ -446,7 +446,7 @@ pub(crate) async fn hot_swap(w: Arc<World>) {
     }
     w.lock().heal.swapping = true;
     let name = format!("children.{last}");
-    let removed = q.remove_child(&name).await;
+    let removed = retry_f29(&w, || q.remove_child(&name)).await;
     if let Err(e) = removed {
         w.lock().heal.swapping = false;
         w.fail(
@@ -467,7 +467,8 @@ pub(crate) async fn hot_swap(w: Arc<World>) {
     };
     tokio::time::sleep(Duration::from_millis(back)).await;
     let dev: ballot::Device = w.disks.device(last);
-    let r = q.add_child(&format!("c{last}"), dev).await;
+    let cname = format!("c{last}");
+    let r = retry_f29(&w, || q.add_child(&cname, dev.clone())).await;
     w.disks.set_down(last, false);
     {
         let mut st = w.lock();
@@ -481,6 +482,26 @@ pub(crate) async fn hot_swap(w: Arc<World>) {
         ),
         Err(e) => w.fail("I7", format!("F30: hot add of an empty disk refused: {e}")),
     }
+}
+
+/// A hot add or remove, retried while the metadata node fails it (F29, README D17: nothing
+/// changed), as an operator would.
+async fn retry_f29<T, F, Fut>(w: &World, f: F) -> Result<T, ballot::error::ConfigError>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<T, ballot::error::ConfigError>>,
+{
+    let mut r = f().await;
+    for _ in 0..50 {
+        match &r {
+            Err(e) if w.meta.is_some() && e.message().contains("could not be updated") => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                r = f().await;
+            }
+            _ => break,
+        }
+    }
+    r
 }
 
 /// One QMP command on the run's monitor; the reply's `return`, or its error text.

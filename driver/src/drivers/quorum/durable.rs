@@ -788,9 +788,9 @@ impl Durable {
     /// intent bits back to what is hot.
     ///
     /// # Errors
-    /// The node has no room for `new_count` children (nothing changed), or a metadata write
-    /// failed (before the change: nothing changed; after it: the change stands and the
-    /// commits that follow retry the new layout).
+    /// The node has no room for `new_count` children, or the first metadata write failed:
+    /// nothing changed. A failure after the change is not an error: the change stands and the
+    /// commits that follow retry the new layout.
     pub(crate) async fn relayout<R>(
         &self,
         q: &Inner,
@@ -851,7 +851,14 @@ impl Durable {
             }
             d.want = want;
         }
-        written.map_err(|e| e.to_string())?;
+        if let Err(e) = written {
+            // The change stands (the children are what the caller asked for); the intent is
+            // all set under the old layout, and the next commits retry the new one.
+            q.host.warn(&format!(
+                "ballot: quorum '{}': {e}; retried",
+                q.opts.node_name
+            ));
+        }
         let g = self.next_gen();
         let _ = self.commit_until(q, list, g).await;
         Ok(r)

@@ -570,7 +570,8 @@ impl RunCtx {
             if recovering && !voted.holes.is_empty() {
                 // H22 after a crash, no operator asked: a hole may be a read that failed or
                 // flipped once. The granule is read again from every reader and the holes
-                // voted again; what still has no winner takes the lowest child's re-read copy.
+                // voted again; what still has no winner takes the version most children hold
+                // in the re-read, the lowest child's among equals (README D19).
                 let gl = (z - a) as u64;
                 let units = (gl as usize).div_ceil(unit);
                 let again = read_copies(q, &st, &readers, &[], g * GRANULE_BYTES, gl, unit).await;
@@ -584,10 +585,19 @@ impl RunCtx {
                         for ua in (h0..h1).step_by(unit) {
                             let uz = (ua + unit).min(h1);
                             let from = if v2.in_hole(ua) {
-                                fresh
+                                // The version most children hold (a silent fault is one
+                                // child's own), the lowest child's among equals.
+                                let good: Vec<&[u8]> = fresh
                                     .iter()
-                                    .find(|c| c.good.get(ua / unit).copied().unwrap_or(true))
+                                    .filter(|c| c.good.get(ua / unit).copied().unwrap_or(true))
                                     .map(|c| &c.data[ua..uz])
+                                    .collect();
+                                let count = |b: &[u8]| good.iter().filter(|x| **x == b).count();
+                                good.iter()
+                                    .copied()
+                                    .enumerate()
+                                    .max_by_key(|(k, b)| (count(b), std::cmp::Reverse(*k)))
+                                    .map(|(_, b)| b)
                             } else {
                                 Some(&v2.data[ua..uz])
                             };
