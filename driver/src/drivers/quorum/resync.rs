@@ -584,7 +584,16 @@ impl RunCtx {
                     for &(h0, h1) in &voted.holes.clone() {
                         for ua in (h0..h1).step_by(unit) {
                             let uz = (ua + unit).min(h1);
-                            let from = if v2.in_hole(ua) {
+                            let every = fresh.len() == n
+                                && fresh
+                                    .iter()
+                                    .all(|c| c.good.get(ua / unit).copied().unwrap_or(true));
+                            let from = if v2.in_hole(ua) && !every {
+                                // Some child's copy could not be read: another run could
+                                // choose differently, and two children would end in sync on
+                                // different data. Left for a later pass (H13).
+                                None
+                            } else if v2.in_hole(ua) {
                                 // The version most children hold (a silent fault is one
                                 // child's own), the lowest child's among equals.
                                 let good: Vec<&[u8]> = fresh
