@@ -142,6 +142,8 @@ fn check_copied(w: &World, child: usize, offset: u64, data: &[u8]) {
             if child < w.p.children {
                 w.disks.mark_missed(child, *s..*s + 1);
             }
+            // Beyond the budget a recovery may copy anything (H22, README D19).
+            w.lock().oracle.recovered_any.insert(*s);
         }
         return;
     }
@@ -150,7 +152,10 @@ fn check_copied(w: &World, child: usize, offset: u64, data: &[u8]) {
     // version left on t good copies, H22's recover=lowest): no copy is right, so whatever
     // was copied stays charged to the faults.
     let before: BTreeSet<u64> = w.lock().heal.copy_excused.clone();
-    for (s, _) in stale.iter().filter(|(s, _)| before.contains(s)) {
+    for (s, _) in stale
+        .iter()
+        .filter(|(s, _)| before.contains(s) || excused.contains(s))
+    {
         if child < w.p.children {
             w.disks.mark_missed(child, *s..*s + 1);
         }
@@ -177,7 +182,9 @@ fn check_copied(w: &World, child: usize, offset: u64, data: &[u8]) {
 /// every child (the quorum host about to crash, a job's end). `when` names the moment.
 pub(crate) fn check_durable(w: &World, which: Option<usize>, when: &str) {
     let Some(v) = view(w) else { return };
-    let excused = w.disks.excused_set();
+    let mut excused = w.disks.excused_set();
+    // Sectors a recovery filled beyond the budget hold whatever it copied (README D19).
+    excused.extend(w.lock().oracle.recovered_any.iter().copied());
     let pending = w.lock().oracle.pending_ranges();
     let sectors = w.p.disk_size / SECTOR_U64;
     bump(w, "I18");
@@ -323,10 +330,25 @@ fn copying(w: &Arc<World>, offset: u64, len: u64) {
     {
         let (s0, s1) = (offset / SECTOR_U64, (offset + len).div_ceil(SECTOR_U64));
         let over = w.disks.excused_set();
+        let silent_all = w.disks.silently_damaged();
+        let q = w.lock().quorum.clone();
+        let spg = GRANULE / SECTOR_U64;
         let mut st = w.lock();
         let ex = &mut st.heal.copy_excused;
         ex.retain(|s| !(s0..s1).contains(s));
         ex.extend(over.range(s0..s1));
+        // A power cut's granules beyond the budget: the recovery takes some child's copy
+        // (H22), which can be a silent fault's; the sector is the faults' from now on.
+        // Likewise where a silent fault sits on some child: with the cut's split there may be
+        // no version on t good copies, and the re-read cannot tell the fault's bytes apart.
+        let lost: Vec<u64> = over
+            .range(s0..s1)
+            .chain(silent_all.range(s0..s1))
+            .copied()
+            .filter(|s| q.as_ref().is_some_and(|q| q.recovering(s / spg)))
+            .collect();
+        ex.extend(lost.iter().copied());
+        st.oracle.recovered_any.extend(lost);
     }
     if !w.in_safety() {
         return;

@@ -964,11 +964,17 @@ impl Oracle {
                         if !errs.is_empty() {
                             *self.tally.paths.entry("P6").or_default() += 1;
                         }
-                        want = if md_failed {
-                            // H21: the marks could not be made durable; no FUA flush follows.
+                        want = if fua && kind == OpKind::Write {
+                            // H21: marks that could not be made durable (the write's or the
+                            // FUA flush's) fail it; the flush's events stand.
+                            let m = self.flush_model(children, &mut want_events);
+                            if md_failed {
+                                Err(ErrorKind::Io)
+                            } else {
+                                m
+                            }
+                        } else if md_failed {
                             Err(ErrorKind::Io)
-                        } else if fua && kind == OpKind::Write {
-                            self.flush_model(children, &mut want_events)
                         } else {
                             Ok(None)
                         };

@@ -1538,7 +1538,9 @@ async fn liveness(w: &Arc<World>, _start: tokio::time::Instant) {
         return;
     }
     if w.p.rewrite && !w.p.fifo {
-        let (over, latent) = w.disks.excused_sectors();
+        let (mut over, latent) = w.disks.excused_sectors();
+        // Sectors a recovery filled where a silent fault met a power cut (README D19).
+        over.extend(w.lock().oracle.recovered_any.iter().copied());
         let skip = w.lock().unrepairable.clone();
         let div: Vec<u64> = w
             .disks
@@ -1565,7 +1567,8 @@ async fn liveness(w: &Arc<World>, _start: tokio::time::Instant) {
         // A request that covers a sector whose copies broke B2 (excused above: over budget
         // or latent) may still report a mismatch there; NBD timeouts can leave t stale copies
         // that agree (B7) without any injection.
-        let (over, latent) = w.disks.excused_sectors();
+        let (mut over, latent) = w.disks.excused_sectors();
+        over.extend(w.lock().oracle.recovered_any.iter().copied());
         let excused = |a: u64, n: u64| {
             over.iter()
                 .chain(latent.iter())
@@ -1630,7 +1633,9 @@ async fn check_converged(w: &Arc<World>, q: &Arc<Quorum>) {
         return;
     }
     let size = w.p.disk_size;
-    let excused = w.disks.excused_set();
+    let mut excused = w.disks.excused_set();
+    // Sectors a recovery filled where a silent fault met a power cut (README D19).
+    excused.extend(w.lock().oracle.recovered_any.iter().copied());
     let spg = ballot::drivers::quorum::OUT_OF_SYNC_GRANULARITY_BYTES / SECTOR_U64;
     *w.lock().oracle.tally.checks.entry("I12").or_default() += 1;
     let div: Vec<u64> = w

@@ -645,7 +645,7 @@ impl Quorum {
 impl Inner {
     /// H22: whether granule `g` is one a power cut left behind (recovered with
     /// `recover=lowest`).
-    pub(crate) fn recovering(&self, g: u64) -> bool {
+    pub fn recovering(&self, g: u64) -> bool {
         self.recovering
             .lock()
             .unwrap_or_else(|p| p.into_inner())
