@@ -776,7 +776,7 @@ impl Params {
             )?;
             let f29 = p.float("healing.F29", 0.0, 1.0, |r| r.uniform(0.0, 0.05))?;
             let intent_cold_s = p.int("healing.intent_cold", 0, 3600, |r| r.below(3))?;
-            let shutdown = p.float("healing.shutdown", 0.0, 1.0, |r| r.uniform(0.0, 0.5))?;
+            let shutdown = p.float("healing.shutdown", 0.0, 1.0, |r| r.uniform(0.25, 1.0))?;
             HealParams {
                 metadata: metadata && !colo_on,
                 f29: if listed("F29") { f29 } else { 0.0 },
