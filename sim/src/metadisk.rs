@@ -200,9 +200,18 @@ pub(crate) async fn attach(w: &Arc<World>, q: &Arc<Quorum>) {
         intent_cold: Duration::from_secs(w.p.heal.intent_cold_s),
         ..MetadataOptions::default()
     };
+    let mut opts = opts;
     let state = loop {
         match q.attach_metadata(NODE, md.clone(), &opts).await {
             Ok(s) => break s,
+            Err(e) if e.message().contains("does not match") && w.lock().heal.swapped => {
+                // F30 cut short by the power cut: the node records the quorum without the
+                // swapped child, the restarted service names it again. The operator's way out
+                // (H23): metadata-reset=on, a full compare.
+                w.disks
+                    .trace_full("qhost", "open-metadata", 0, 0, 0, 5, 0, e.to_string());
+                opts.reset = true;
+            }
             Err(e) => {
                 w.disks
                     .trace_full("qhost", "open-metadata", 0, 0, 0, 5, 0, e.to_string());
