@@ -520,7 +520,9 @@ impl Oracle {
                 self.check_read_data(id, offset, data, inv, b, &mut v)
             }
             (Ok(_), OpKind::Write | OpKind::WriteZeroes | OpKind::Trim) => {
-                if !self.recovered_any.is_empty() {
+                // A discard quorum does not forward changes nothing on the children.
+                let lands = kind != OpKind::Trim || self.cfg.discard_forwarded;
+                if lands && !self.recovered_any.is_empty() {
                     let r = offset / SECTOR_U64..(offset + len) / SECTOR_U64;
                     self.recovered_any.retain(|s| !r.contains(s));
                 }
