@@ -132,7 +132,7 @@ def main():
         "(intent-cold 5 s, intent-extents 1024); qemu-storage-daemon runs the same command line "
         "without the metadata node.",
         "",
-        f"Tools: {version([BALLOT, '--version']) if False else 'ballot ' + os.path.basename(BALLOT)}; "
+        f"Tools: ballot at commit {subprocess.run(['git', '-C', ROOT, 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True).stdout.strip()}; "
         f"{version(['qemu-storage-daemon', '--version'])}; {version(['fio', '--version'])}.",
         "",
         "| workload | unit | ballot | ballot + metadata | qemu-storage-daemon | metadata / none | H24 limit | ballot / qsd | ballot + metadata / qsd |",
