@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 
-from benchlib import stop, version, wait_for
+from benchlib import fio_job, stop, version, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BALLOT = os.environ.get("BALLOT_BIN", os.path.join(ROOT, "target", "release", "ballot"))
@@ -76,17 +76,8 @@ def serve(d, mode):
 
 
 def fio(sock, extra, what):
-    out = sock + ".fio.json"
-    r = subprocess.run(
-        ["fio", "--output-format=json", f"--output={out}", "--name=w", "--ioengine=nbd",
-         f"--uri=nbd+unix:///q0?socket={sock}", f"--size={SIZE}", f"--runtime={RUNTIME}",
-         "--time_based=1", "--ramp_time=1", "--randrepeat=0", *extra], capture_output=True)
-    if r.returncode != 0:
-        raise SystemExit(f"fio failed: {r.stderr.decode()}")
-    with open(out) as f:
-        j = json.load(f)["jobs"][0]
-    if j["error"] != 0:
-        raise SystemExit(f"fio: error {j['error']}")
+    j = fio_job(sock + ".fio.json", f"nbd+unix:///q0?socket={sock}",
+                ["--name=w", f"--size={SIZE}", f"--runtime={RUNTIME}", *extra])
     w = j["write"]
     return w["iops"] if what == "iops" else w["bw_bytes"] / MIB
 

@@ -19,7 +19,6 @@ BENCH_OUT (default reports/bench-resync.md), BALLOT_BIN (default target/release/
 Argument: REPS (default 3); or `--once resync|nbdcopy`: one copy set up from nothing, its
 MiB/s printed (for a whole-process A/B timer comparing two ballot builds, or ballot and nbdcopy).
 """
-import json
 import os
 import shutil
 import statistics
@@ -28,7 +27,7 @@ import sys
 import tempfile
 import time
 
-from benchlib import Qmp, stop, version, wait_for
+from benchlib import Qmp, fio_job, stop, version, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BALLOT = os.environ.get("BALLOT_BIN", os.path.join(ROOT, "target", "release", "ballot"))
@@ -121,18 +120,9 @@ def nbdcopy_seconds(d, src_sock):
 
 
 def fio_iops(nbd_sock):
-    out = nbd_sock + ".fio.json"
-    r = subprocess.run(
-        ["fio", "--output-format=json", f"--output={out}", "--name=randread", "--ioengine=nbd",
-         f"--uri=nbd+unix:///q0?socket={nbd_sock}", "--rw=randread", "--bs=4k",
-         "--iodepth=32", f"--size={SIZE}", f"--runtime={RUNTIME}", "--time_based=1",
-         "--ramp_time=1", "--randrepeat=0"], capture_output=True)
-    if r.returncode != 0:
-        raise SystemExit(f"fio failed: {r.stderr.decode()}")
-    with open(out) as f:
-        j = json.load(f)["jobs"][0]
-    if j["error"] != 0:
-        raise SystemExit(f"fio: error {j['error']}")
+    j = fio_job(nbd_sock + ".fio.json", f"nbd+unix:///q0?socket={nbd_sock}",
+                ["--name=randread", "--rw=randread", "--bs=4k", "--iodepth=32", f"--size={SIZE}",
+                 f"--runtime={RUNTIME}"])
     return j["read"]["iops"]
 
 

@@ -25,7 +25,6 @@ BENCH_EXPORTS (comma list, default all three), BENCH_OUT.
 Only the standard library; peers from Debian: qemu-utils, libnbd-bin, nbdkit, fio.
 """
 
-import json
 import os
 import platform
 import shutil
@@ -35,7 +34,7 @@ import sys
 import tempfile
 import time
 
-from benchlib import stop, version, wait_for
+from benchlib import fio_job, stop, version, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BALLOT = os.path.join(ROOT, "target", "release", "ballot")
@@ -132,20 +131,10 @@ def timed(cmd):
 
 
 def fio(sock, name, d, rw, qd):
-    out = os.path.join(d, "fio.json")
     settle()
-    r = subprocess.run(
-        ["fio", "--output-format=json", f"--output={out}", f"--name={rw}",
-         "--ioengine=nbd", f"--uri={uri(sock, name)}", f"--rw={rw}", "--bs=4k",
-         f"--iodepth={qd}", f"--size={SIZE}", f"--runtime={RUNTIME}", "--time_based=1",
-         "--ramp_time=1", "--randrepeat=0"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    if r.returncode != 0:
-        raise SystemExit(f"fio {rw} QD{qd} on {name} failed: {r.stderr.decode()}")
-    with open(out) as f:
-        j = json.load(f)["jobs"][0]
-    if j["error"] != 0:
-        raise SystemExit(f"fio {rw} QD{qd} on {name}: error {j['error']}")
+    j = fio_job(os.path.join(d, "fio.json"), uri(sock, name),
+                [f"--name={rw}", f"--rw={rw}", "--bs=4k", f"--iodepth={qd}", f"--size={SIZE}",
+                 f"--runtime={RUNTIME}"], what=f"fio {rw} QD{qd} on {name}")
     return j["read" if rw == "randread" else "write"]["iops"]
 
 

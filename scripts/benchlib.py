@@ -36,6 +36,22 @@ def version(cmd):
         return "?"
 
 
+def fio_job(out, uri, args, what="fio"):
+    """Runs one time-based fio job (nbd engine, 1 s ramp) on `uri` with the extra `args`, its
+    JSON report written to `out`; returns the job's result. Exits naming `what` if fio fails."""
+    r = subprocess.run(
+        ["fio", "--output-format=json", f"--output={out}", "--ioengine=nbd", f"--uri={uri}",
+         "--time_based=1", "--ramp_time=1", "--randrepeat=0", *args],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    if r.returncode != 0:
+        raise SystemExit(f"{what} failed: {r.stderr.decode()}")
+    with open(out) as f:
+        j = json.load(f)["jobs"][0]
+    if j["error"] != 0:
+        raise SystemExit(f"{what}: error {j['error']}")
+    return j
+
+
 class Qmp:
     """A QMP client on a unix socket: connects (retrying for 20 s), negotiates, runs commands
     and keeps the events that arrive meanwhile for `wait_event`."""

@@ -104,6 +104,15 @@ fn node(md: &TestChild) -> ballot::drivers::quorum::durable::Summary {
     summarize(&md.contents(0, len)).expect("summary")
 }
 
+/// The node-names a metadata node's header records, in child order.
+fn names(s: &ballot::drivers::quorum::durable::Summary) -> Vec<&str> {
+    s.header
+        .children
+        .iter()
+        .map(|c| c.node_name.as_str())
+        .collect()
+}
+
 fn data(byte: u8, len: u64) -> Bytes {
     Bytes::from(vec![byte; len as usize])
 }
@@ -124,13 +133,7 @@ async fn h20_a_blank_node_is_formatted_with_every_granule_out_of_sync() {
     let s = node(&md);
     assert!(!s.header.clean, "H23: not clean while open");
     assert_eq!(s.header.disk_len, LEN);
-    let names: Vec<&str> = s
-        .header
-        .children
-        .iter()
-        .map(|c| c.node_name.as_str())
-        .collect();
-    assert_eq!(names, ["c0", "c1", "c2"]);
+    assert_eq!(names(&s), ["c0", "c1", "c2"]);
     assert_eq!(s.out_of_sync, vec![(512, LEN); 3]);
     assert_eq!(s.dirty_extents, Vec::<u64>::new());
     let oos = r.q.out_of_sync().await;
@@ -485,13 +488,7 @@ async fn hot_add_and_remove_rewrite_the_layout_and_the_names() {
     let new = TestChild::sized("c3", 0, LEN);
     r.q.add_child("c3", new.clone()).await.unwrap();
     let s = node(&r.md);
-    let names: Vec<&str> = s
-        .header
-        .children
-        .iter()
-        .map(|c| c.node_name.as_str())
-        .collect();
-    assert_eq!(names, ["c0", "c1", "c2", "c3"]);
+    assert_eq!(names(&s), ["c0", "c1", "c2", "c3"]);
     assert_eq!(s.out_of_sync, vec![(0, 0), (0, 0), (0, 0), (512, LEN)]);
     assert_eq!(
         s.dirty_extents,
@@ -513,13 +510,7 @@ async fn hot_add_and_remove_rewrite_the_layout_and_the_names() {
     );
     r.q.remove_child("children.0").await.unwrap();
     let s = node(&r.md);
-    let names: Vec<&str> = s
-        .header
-        .children
-        .iter()
-        .map(|c| c.node_name.as_str())
-        .collect();
-    assert_eq!(names, ["c1", "c2", "c3"]);
+    assert_eq!(names(&s), ["c1", "c2", "c3"]);
     assert_eq!(s.out_of_sync, vec![(0, 0), (0, 0), (512, LEN)]);
     r.q.close().await.unwrap();
     let (md, kids) = (r.md.clone(), r.kids.clone());

@@ -182,9 +182,7 @@ fn check_copied(w: &World, child: usize, offset: u64, data: &[u8]) {
 /// every child (the quorum host about to crash, a job's end). `when` names the moment.
 pub(crate) fn check_durable(w: &World, which: Option<usize>, when: &str) {
     let Some(v) = view(w) else { return };
-    let mut excused = w.disks.excused_set();
-    // Sectors a recovery filled beyond the budget hold whatever it copied (README D19).
-    excused.extend(w.lock().oracle.recovered_any.iter().copied());
+    let excused = w.excused_set();
     let pending = w.lock().oracle.pending_ranges();
     let sectors = w.p.disk_size / SECTOR_U64;
     bump(w, "I18");

@@ -249,6 +249,21 @@ impl World {
         });
     }
 
+    /// The disks' excused sectors (beyond the budget, latent: [`DiskSet::excused_sectors`]),
+    /// the first list with the sectors a recovery filled under faults it cannot tell from
+    /// data (README D19), which hold whatever it copied.
+    pub(crate) fn excused_sectors(&self) -> (Vec<u64>, Vec<u64>) {
+        let (mut over, latent) = self.disks.excused_sectors();
+        over.extend(self.lock().oracle.recovered_any.iter().copied());
+        (over, latent)
+    }
+
+    /// [`World::excused_sectors`] as one set.
+    pub(crate) fn excused_set(&self) -> std::collections::BTreeSet<u64> {
+        let (over, latent) = self.excused_sectors();
+        over.into_iter().chain(latent).collect()
+    }
+
     pub(crate) fn failed(&self) -> bool {
         !self.lock().violations.is_empty()
     }
@@ -1538,9 +1553,7 @@ async fn liveness(w: &Arc<World>, _start: tokio::time::Instant) {
         return;
     }
     if w.p.rewrite && !w.p.fifo {
-        let (mut over, latent) = w.disks.excused_sectors();
-        // Sectors a recovery filled where a silent fault met a power cut (README D19).
-        over.extend(w.lock().oracle.recovered_any.iter().copied());
+        let (over, latent) = w.excused_sectors();
         let skip = w.lock().unrepairable.clone();
         let div: Vec<u64> = w
             .disks
@@ -1567,8 +1580,7 @@ async fn liveness(w: &Arc<World>, _start: tokio::time::Instant) {
         // A request that covers a sector whose copies broke B2 (excused above: over budget
         // or latent) may still report a mismatch there; NBD timeouts can leave t stale copies
         // that agree (B7) without any injection.
-        let (mut over, latent) = w.disks.excused_sectors();
-        over.extend(w.lock().oracle.recovered_any.iter().copied());
+        let (over, latent) = w.excused_sectors();
         let excused = |a: u64, n: u64| {
             over.iter()
                 .chain(latent.iter())
@@ -1633,9 +1645,7 @@ async fn check_converged(w: &Arc<World>, q: &Arc<Quorum>) {
         return;
     }
     let size = w.p.disk_size;
-    let mut excused = w.disks.excused_set();
-    // Sectors a recovery filled where a silent fault met a power cut (README D19).
-    excused.extend(w.lock().oracle.recovered_any.iter().copied());
+    let excused = w.excused_set();
     let spg = ballot::drivers::quorum::OUT_OF_SYNC_GRANULARITY_BYTES / SECTOR_U64;
     *w.lock().oracle.tally.checks.entry("I12").or_default() += 1;
     let div: Vec<u64> = w

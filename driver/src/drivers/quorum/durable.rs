@@ -154,6 +154,17 @@ fn set_bit(words: &mut [u64], e: u64, on: bool) {
     }
 }
 
+/// The header's record of `children` (H20, H23 compares it at open).
+fn child_infos(children: &[Child], length: u64) -> Vec<ChildInfo> {
+    children
+        .iter()
+        .map(|c| ChildInfo {
+            node_name: c.node_name.clone(),
+            length,
+        })
+        .collect()
+}
+
 fn md_error(node: &str, what: &str, e: &Error) -> Error {
     Error::new(e.kind(), format!("metadata node '{node}': {what}: {e}"))
 }
@@ -262,37 +273,28 @@ impl Durable {
                 "metadata node '{node_name}': reading the header: {e}"
             ))
         })?;
-        let (s0, s1) = slots.split_at(SLOT_BYTES as usize);
         let blank = slots.iter().all(|&b| b == 0);
-        let (d0, d1) = (Header::decode(s0), Header::decode(s1));
-        let why = format!(
-            "slot 0: {}; slot 1: {}",
-            d0.as_ref().err().map_or("valid", |e| e.as_str()),
-            d1.as_ref().err().map_or("valid", |e| e.as_str())
-        );
-        let found = metadata::newest(d0, d1);
+        let decoded = metadata::read_slots(&slots);
+        let found = decoded.as_ref().ok().cloned();
         let wanted = Header {
             seq: found.as_ref().map_or(0, |h| h.seq),
             disk_len: q.length,
             granule: GRANULE_BYTES as u32,
             extent: INTENT_EXTENT_BYTES as u32,
             clean: false,
-            children: children
-                .iter()
-                .map(|c| ChildInfo {
-                    node_name: c.node_name.clone(),
-                    length: q.length,
-                })
-                .collect(),
+            children: child_infos(children, q.length),
         };
         // Refused before anything is written: the header would not fit.
         wanted.encode().map_err(cfg)?;
         let fresh = opts.reset || blank;
         if !fresh {
-            let Some(h) = &found else {
-                return Err(cfg(format!(
-                    "metadata node '{node_name}' has no valid header ({why}); metadata-reset=on starts over with a full compare"
-                )));
+            let h = match &decoded {
+                Ok(h) => h,
+                Err(why) => {
+                    return Err(cfg(format!(
+                        "metadata node '{node_name}' has no valid header ({why}); metadata-reset=on starts over with a full compare"
+                    )))
+                }
             };
             let mismatch = if h.disk_len != q.length {
                 Some(format!(
@@ -828,13 +830,7 @@ impl Durable {
             d.layout = new_layout;
             d.intent_all = true;
             d.header_dirty = true;
-            d.header.children = list
-                .iter()
-                .map(|c| ChildInfo {
-                    node_name: c.node_name.clone(),
-                    length: q.length,
-                })
-                .collect();
+            d.header.children = child_infos(list, q.length);
         }
         let pages = q.granules().div_ceil(PAGE_GRANULES);
         for c in list.iter() {
@@ -890,16 +886,7 @@ pub fn summarize(bytes: &[u8]) -> std::result::Result<Summary, String> {
             2 * SLOT_BYTES
         ));
     }
-    let (s0, s1) = (
-        Header::decode(&bytes[..SLOT_BYTES as usize]),
-        Header::decode(&bytes[SLOT_BYTES as usize..(2 * SLOT_BYTES) as usize]),
-    );
-    let why = format!(
-        "slot 0: {}; slot 1: {}",
-        s0.as_ref().err().map_or("valid", |e| e.as_str()),
-        s1.as_ref().err().map_or("valid", |e| e.as_str())
-    );
-    let header = metadata::newest(s0, s1).ok_or_else(|| format!("no valid header ({why})"))?;
+    let header = metadata::read_slots(bytes).map_err(|why| format!("no valid header ({why})"))?;
     let layout = Layout {
         disk_len: header.disk_len,
         children: header.children.len() as u64,

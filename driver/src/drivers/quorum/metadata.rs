@@ -175,6 +175,23 @@ impl Header {
     }
 }
 
+/// H20: decodes the two header slots at the start of `bytes` (at least `2 * SLOT_BYTES`)
+/// and returns the newest valid header, or why neither slot is valid
+/// (`slot 0: <why>; slot 1: <why>`).
+///
+/// # Errors
+/// Neither slot holds a valid header.
+pub fn read_slots(bytes: &[u8]) -> Result<Header, String> {
+    let (s0, s1) = bytes[..(2 * SLOT_BYTES) as usize].split_at(SLOT_BYTES as usize);
+    let (d0, d1) = (Header::decode(s0), Header::decode(s1));
+    let why = format!(
+        "slot 0: {}; slot 1: {}",
+        d0.as_ref().err().map_or("valid", |e| e.as_str()),
+        d1.as_ref().err().map_or("valid", |e| e.as_str())
+    );
+    newest(d0, d1).ok_or(why)
+}
+
 /// H20: of the two slots' decodings, the valid one with the higher sequence number (a torn
 /// write of one slot leaves the other's state); `None` when neither is valid.
 pub fn newest(slot0: Result<Header, String>, slot1: Result<Header, String>) -> Option<Header> {
