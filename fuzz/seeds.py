@@ -167,8 +167,46 @@ def main():
     randoms("nbd_client_replies", [16, 64, 256, 1024], mode=0)
     randoms("nbd_client_replies", [16, 64, 256, 1024], mode=1)
 
+    qcow2_images()
+
     randoms("quorum_vote", [8, 32, 64, 128, 256, 512, 1024, 2048])
     randoms("overlay_map", [8, 32, 64, 128, 256, 512, 1024, 2048])
+
+
+def qcow2_images():
+    """qcow2_image: small images qemu-img and qemu-io write (512-byte clusters keep them a few
+    KiB), then damaged copies. Skipped without qemu-utils; the committed files stay."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    if shutil.which("qemu-img") is None:
+        return
+    with tempfile.TemporaryDirectory() as d:
+        def img(name, opts, size, cmds=()):
+            p = f"{d}/{name}.qcow2"
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", opts, p, size], check=True)
+            for c in cmds:
+                subprocess.run(["qemu-io", "-f", "qcow2", "-c", c, p], check=True, capture_output=True)
+            data = pathlib.Path(p).read_bytes()
+            put("qcow2_image", name, data)
+            return data
+
+        img("empty-v3", "cluster_size=512", "64K")
+        img("empty-v2", "cluster_size=512,compat=0.10", "64K")
+        w = img("written", "cluster_size=512", "64K",
+                ["write -P 0x11 0 4k", "write -z 8k 2k", "write -P 0x22 20k 1k", "discard 0 1k"])
+        img("compressed", "cluster_size=512", "32K", ["write -c -P 0x33 0 512", "write -c -P 0x44 1k 512"])
+        img("refcount1", "cluster_size=512,refcount_bits=1", "16K", ["write -P 0x55 0 2k"])
+        img("refcount64", "cluster_size=512,refcount_bits=64", "16K", ["write -P 0x66 0 2k"])
+        t = bytearray(w)
+        put("qcow2_image", "truncated", bytes(t[: len(t) // 2]))
+        t = bytearray(w)
+        t[36:40] = struct.pack(">I", 0xFFFFFFFF)  # l1_size
+        put("qcow2_image", "huge-l1", bytes(t))
+        t = bytearray(w)
+        t[24:32] = struct.pack(">Q", 1 << 60)  # size
+        put("qcow2_image", "huge-size", bytes(t))
 
 
 if __name__ == "__main__":

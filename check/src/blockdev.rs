@@ -54,6 +54,12 @@ fn specs<'a>(s: &'a NodeSpec, out: &mut Vec<&'a NodeSpec>) {
                 child(f);
             }
         }
+        DriverSpec::Qcow2 { file, backing, .. } => {
+            child(file);
+            if let Some(Some(b)) = backing {
+                child(b);
+            }
+        }
         DriverSpec::File { .. } | DriverSpec::Null { .. } | DriverSpec::Nbd { .. } => {}
     }
 }

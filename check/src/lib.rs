@@ -15,6 +15,7 @@ pub mod nbd_block_sizes;
 pub mod nbd_client;
 pub mod nbd_server;
 pub mod overlay;
+pub mod qcow2_image;
 pub mod qmp;
 pub mod quorum_model;
 pub mod rt;
@@ -37,4 +38,5 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("qmp_monitor", qmp::fuzz),
     ("nbd_block_sizes", nbd_block_sizes::fuzz),
     ("metadata_header", metadata_header::fuzz),
+    ("qcow2_image", qcow2_image::fuzz),
 ];

@@ -59,6 +59,7 @@ corpus_test!(libvirt_xml, "libvirt_xml", 8);
 corpus_test!(qmp_monitor, "qmp_monitor", 8);
 corpus_test!(nbd_block_sizes, "nbd_block_sizes", 8);
 corpus_test!(metadata_header, "metadata_header", 8);
+corpus_test!(qcow2_image, "qcow2_image", 8);
 
 #[test]
 fn every_target_has_a_corpus_test_and_a_wrapper() {
@@ -75,7 +76,8 @@ fn every_target_has_a_corpus_test_and_a_wrapper() {
             "libvirt_xml",
             "qmp_monitor",
             "nbd_block_sizes",
-            "metadata_header"
+            "metadata_header",
+            "qcow2_image"
         ]
     );
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/fuzz_targets");

@@ -146,6 +146,20 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
         true
     }
 
+    /// Grows the device to `length` bytes (a format driver allocating past the end of its
+    /// file, as QEMU's file driver allows). The default cannot: `ENOSPC`.
+    async fn grow(&self, length: u64) -> Result<()> {
+        Err(Error::new(
+            ErrorKind::NoSpc,
+            format!("a {} node cannot grow to {length} bytes", self.driver()),
+        ))
+    }
+
+    /// Whether bytes [`BlockDevice::grow`] adds read as zeroes until written (a sparse file).
+    fn grows_with_zeroes(&self) -> bool {
+        false
+    }
+
     /// The status of the bytes starting at `offset`, at most `len` of them. The default says
     /// "data" over the whole range, which is always correct.
     async fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {

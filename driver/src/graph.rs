@@ -21,6 +21,7 @@ use crate::device::{BlockDevice, Device};
 use crate::drivers::file::{FileDevice, FileOptions};
 use crate::drivers::null::NullDevice;
 use crate::drivers::overlay::Overlay;
+use crate::drivers::qcow2::{Qcow2, Qcow2Options};
 use crate::drivers::quorum::{self, Quorum, QuorumOptions};
 use crate::drivers::raw::RawDevice;
 use crate::drivers::replication::{Mode, Replication, SecondaryChain, Stage};
@@ -42,6 +43,11 @@ pub struct Node {
     pub quorum: Option<Arc<Quorum>>,
     /// The same node as an overlay (REPLICATION.md §10).
     pub overlay: Option<Arc<Overlay>>,
+    /// The same node as a qcow2 image (issue 19).
+    pub qcow2: Option<Arc<Qcow2>>,
+    /// The file this node's data lives in: a `file` node's `filename`, and a format node's
+    /// file child's (the base for relative backing file names).
+    pub filename: Option<String>,
     /// The same node as a replication node (REPLICATION.md §3).
     pub replication: Option<Arc<Replication>>,
     /// What exports of this node write through (copy-before-write, the O1 fence).
@@ -109,6 +115,8 @@ struct Staging {
     /// Existing nodes this definition takes as children: node → (parent, child name).
     claimed: BTreeMap<String, (String, String)>,
     names: BTreeSet<String>,
+    /// The images of the backing chain being opened (canonical paths), to refuse loops.
+    chain: Vec<std::path::PathBuf>,
 }
 
 type OpenFuture<'a> =
@@ -151,6 +159,8 @@ impl Graph {
                 dev,
                 quorum: None,
                 overlay: None,
+                qcow2: None,
+                filename: None,
                 replication: None,
                 hooks: PortHooks::new(name),
                 children: Vec::new(),
@@ -270,11 +280,17 @@ impl Graph {
             let mut children = Vec::new();
             let mut quorum_node = None;
             let mut overlay_node = None;
+            let mut qcow2_node = None;
+            let mut filename = None;
             let mut replication_node = None;
             let dev: Device = match &spec.driver {
-                DriverSpec::File { filename, locking } => {
+                DriverSpec::File {
+                    filename: path,
+                    locking,
+                } => {
+                    filename = Some(path.clone());
                     let dev = FileDevice::open(&FileOptions {
-                        filename: filename.clone(),
+                        filename: path.clone(),
                         read_only: spec.read_only,
                         auto_read_only: spec.auto_read_only,
                         direct: inherit.direct,
@@ -317,6 +333,7 @@ impl Graph {
                     let (child_name, child) = self
                         .open_child(file, &name, "file", staging, inherit)
                         .await?;
+                    filename = self.filename_of(staging, &child_name);
                     children.push(("file".to_string(), child_name));
                     Arc::new(RawDevice::open(
                         child,
@@ -422,6 +439,71 @@ impl Graph {
                     overlay_node = Some(o.clone());
                     o
                 }
+                DriverSpec::Qcow2 {
+                    file,
+                    backing,
+                    l2_cache_size,
+                    refcount_cache_size,
+                } => {
+                    let (fname, fdev) = self
+                        .open_child(file, &name, "file", staging, inherit)
+                        .await?;
+                    filename = self.filename_of(staging, &fname);
+                    children.push(("file".to_string(), fname.clone()));
+                    let label = match &filename {
+                        Some(f) => format!("'{f}'"),
+                        None => format!("on node '{fname}'"),
+                    };
+                    let header = Qcow2::read_header(&fdev, &label)
+                        .await
+                        .map_err(|e| ConfigError::new(e.to_string()))?;
+                    let bdev = match backing {
+                        Some(Some(r)) => {
+                            let (bname, bdev) = self
+                                .open_child(r, &name, "backing", staging, inherit)
+                                .await?;
+                            children.push(("backing".to_string(), bname));
+                            Some(bdev)
+                        }
+                        Some(None) => None,
+                        None => match &header.backing_file {
+                            None => None,
+                            Some(b) => {
+                                let (bname, bdev) = self
+                                    .open_implicit_backing(
+                                        &name,
+                                        filename.as_deref(),
+                                        b,
+                                        header.backing_format.as_deref(),
+                                        staging,
+                                        inherit,
+                                    )
+                                    .await?;
+                                children.push(("backing".to_string(), bname));
+                                Some(bdev)
+                            }
+                        },
+                    };
+                    let q = Arc::new(
+                        Qcow2::open(
+                            &name,
+                            &label,
+                            fdev,
+                            header,
+                            bdev,
+                            Qcow2Options {
+                                read_only: spec.read_only,
+                                discard_unmap: spec.discard_unmap,
+                                l2_cache_bytes: *l2_cache_size,
+                                refcount_cache_bytes: *refcount_cache_size,
+                            },
+                        )
+                        .await
+                        .map_err(|e| ConfigError::new(e.to_string()))?,
+                    );
+                    qcow2_node = Some(q.clone());
+                    q
+                }
                 DriverSpec::Replication { mode, file, top_id } => {
                     // R6: `file` is opened first, then the mode's top-id checks.
                     let (fname, fdev) = self
@@ -439,6 +521,8 @@ impl Graph {
                 dev: dev.clone(),
                 quorum: quorum_node,
                 overlay: overlay_node,
+                qcow2: qcow2_node,
+                filename,
                 replication: replication_node,
                 hooks: PortHooks::new(&name),
                 children,
@@ -447,6 +531,152 @@ impl Graph {
                 exports: Vec::new(),
             });
             Ok((name, dev))
+        })
+    }
+
+    /// The file name of node `name`, opened in this definition or before it.
+    fn filename_of(&self, staging: &Staging, name: &str) -> Option<String> {
+        staging
+            .nodes
+            .iter()
+            .find(|n| n.name == name)
+            .or_else(|| self.nodes.get(name))
+            .and_then(|n| n.filename.clone())
+    }
+
+    /// Opens the backing file an image names (QEMU's implicit backing): relative to the
+    /// image's directory, read-only, in the format the image records (probed when it records
+    /// none), refusing a chain that comes back to an image already in it.
+    async fn open_implicit_backing(
+        &mut self,
+        parent: &str,
+        image: Option<&str>,
+        backing: &str,
+        format: Option<&str>,
+        staging: &mut Staging,
+        inherit: Inherit,
+    ) -> Result<(String, Device), ConfigError> {
+        let depth = staging.chain.len();
+        let r = self
+            .open_implicit_inner(parent, image, backing, format, staging, inherit)
+            .await;
+        staging.chain.truncate(depth);
+        r
+    }
+
+    async fn open_implicit_inner(
+        &mut self,
+        parent: &str,
+        image: Option<&str>,
+        backing: &str,
+        format: Option<&str>,
+        staging: &mut Staging,
+        inherit: Inherit,
+    ) -> Result<(String, Device), ConfigError> {
+        let path = match image {
+            Some(img) if !backing.starts_with('/') => {
+                let dir = std::path::Path::new(img)
+                    .parent()
+                    .filter(|d| !d.as_os_str().is_empty())
+                    .unwrap_or(std::path::Path::new("."));
+                let joined = dir.join(backing);
+                if dir == std::path::Path::new(".") {
+                    backing.to_string()
+                } else {
+                    joined.to_string_lossy().into_owned()
+                }
+            }
+            _ => backing.to_string(),
+        };
+        let fail = |m: String| ConfigError::new(format!("Could not open backing file: {m}"));
+        let canonical = std::fs::canonicalize(&path).map_err(|e| {
+            fail(format!(
+                "Could not open '{path}': {}",
+                crate::error::Error::from_io(&e, "").kind().strerror()
+            ))
+        })?;
+        if let Some(img) = image {
+            if let Ok(c) = std::fs::canonicalize(img) {
+                if !staging.chain.contains(&c) {
+                    staging.chain.push(c);
+                }
+            }
+        }
+        if staging.chain.contains(&canonical) {
+            let names: Vec<String> = staging
+                .chain
+                .iter()
+                .chain(std::iter::once(&canonical))
+                .map(|p| p.display().to_string())
+                .collect();
+            return Err(fail(format!("Backing file loop: {}", names.join(" -> "))));
+        }
+        let fmt = match format {
+            Some(f) => f.to_string(),
+            None => {
+                let mut magic = [0u8; 4];
+                let is_qcow2 = std::fs::File::open(&path)
+                    .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+                    .is_ok()
+                    && u32::from_be_bytes(magic) == crate::drivers::qcow2::format::MAGIC;
+                if is_qcow2 { "qcow2" } else { "raw" }.to_string()
+            }
+        };
+        let file = ChildRef::Inline(Box::new(NodeSpec {
+            node_name: None,
+            read_only: true,
+            auto_read_only: false,
+            discard_unmap: false,
+            cache_direct: None,
+            cache_no_flush: None,
+            driver: DriverSpec::File {
+                filename: path.clone(),
+                locking: true,
+            },
+        }));
+        let driver = match fmt.as_str() {
+            "qcow2" => DriverSpec::Qcow2 {
+                file,
+                backing: None,
+                l2_cache_size: crate::drivers::qcow2::L2_CACHE_BYTES_DEFAULT,
+                refcount_cache_size: crate::drivers::qcow2::REFCOUNT_CACHE_BYTES_DEFAULT,
+            },
+            "raw" => DriverSpec::Raw {
+                file,
+                offset: 0,
+                size: None,
+            },
+            other => {
+                return Err(fail(format!(
+                    "'{path}' has format '{other}', which ballot does not support (qcow2 and raw)"
+                )))
+            }
+        };
+        let spec = NodeSpec {
+            node_name: None,
+            read_only: true,
+            auto_read_only: false,
+            discard_unmap: false,
+            cache_direct: None,
+            cache_no_flush: None,
+            driver,
+        };
+        staging.chain.push(canonical);
+        let r = Box::pin(self.open_child(
+            &ChildRef::Inline(Box::new(spec)),
+            parent,
+            "backing",
+            staging,
+            inherit,
+        ))
+        .await;
+        r.map_err(|e| {
+            let m = e.to_string();
+            if m.starts_with("Could not open backing file") {
+                e
+            } else {
+                fail(m)
+            }
         })
     }
 

@@ -22,11 +22,16 @@ mod libvirt;
 #[path = "cli/metadata.rs"]
 mod metadata;
 
+#[path = "cli/create.rs"]
+mod create;
+
 const USAGE: &str = "usage: ballot check --blockdev SPEC [--blockdev SPEC]...
        ballot serve --blockdev SPEC... --nbd-server ADDR --export SPEC...
        ballot libvirt import DISK.xml | disk-xml ...   (ballot libvirt --help)
        ballot metadata create FILE --size SIZE --children NODE,... | show FILE
                                                        (ballot metadata --help)
+       ballot create [-f qcow2|raw] [-b BACKING [-F FMT]] [-o OPTS] FILE [SIZE]
+                                                       (ballot create --help)
 
   --blockdev SPEC   a node, in qemu-storage-daemon's dotted form
                     (driver=file,node-name=f0,filename=a.raw) or as JSON
@@ -45,6 +50,7 @@ fn main() -> ExitCode {
         Some("serve") => return serve::main(&args[1..]),
         Some("libvirt") => return libvirt::main(&args[1..], serve::main),
         Some("metadata") => return metadata::main(&args[1..]),
+        Some("create") => return create::main(&args[1..]),
         Some("-h") | Some("--help") | Some("help") => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;

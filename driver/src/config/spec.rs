@@ -114,6 +114,17 @@ pub enum DriverSpec {
         /// `file`: where cluster data lives; none keeps it in memory.
         file: Option<ChildRef>,
     },
+    /// `driver=qcow2` (issue 19).
+    Qcow2 {
+        /// `file`: the image file's node.
+        file: ChildRef,
+        /// `backing`: unset opens the image's own backing file; `null` opens none.
+        backing: Option<Option<ChildRef>>,
+        /// `l2-cache-size` in bytes.
+        l2_cache_size: u64,
+        /// `refcount-cache-size` in bytes.
+        refcount_cache_size: u64,
+    },
     /// `driver=replication` (REPLICATION.md §3).
     Replication {
         /// `mode`.
@@ -135,6 +146,7 @@ impl DriverSpec {
             DriverSpec::Quorum { .. } => "quorum",
             DriverSpec::Nbd { .. } => "nbd",
             DriverSpec::Overlay { .. } => "overlay",
+            DriverSpec::Qcow2 { .. } => "qcow2",
             DriverSpec::Replication { .. } => "replication",
         }
     }
@@ -148,6 +160,7 @@ pub const DRIVERS: &[&str] = &[
     "quorum",
     "nbd",
     "overlay",
+    "qcow2",
     "replication",
 ];
 
@@ -518,6 +531,53 @@ fn parse_level(mut o: Opts) -> Result<NodeSpec, ConfigError> {
             let backing = o.child("backing")?.ok_or_else(|| o.missing("backing"))?;
             let file = o.child("file")?;
             DriverSpec::Overlay { backing, file }
+        }
+        "qcow2" => {
+            let file = o.child("file")?.ok_or_else(|| o.missing("file"))?;
+            // QEMU's BlockdevRefOrNull: JSON null, or (dotted syntax) an empty string.
+            let backing = match o.map.get("backing") {
+                Some(Value::Null) => {
+                    o.map.remove("backing");
+                    Some(None)
+                }
+                Some(Value::String(v)) if v.is_empty() || (o.keyval && v == "null") => {
+                    o.map.remove("backing");
+                    Some(None)
+                }
+                _ => o.child("backing")?.map(Some),
+            };
+            let cache = o.uint("cache-size")?;
+            let l2 = o.uint("l2-cache-size")?;
+            let rc = o.uint("refcount-cache-size")?;
+            // QEMU: cache-size splits into L2 and refcount caches (4:1 here).
+            let (l2_cache_size, refcount_cache_size) = match (cache, l2, rc) {
+                (Some(c), None, None) => (c - c / 5, (c / 5).max(1)),
+                (Some(c), Some(l), None) => (l, c.saturating_sub(l).max(1)),
+                (Some(c), None, Some(r)) => (c.saturating_sub(r).max(1), r),
+                (Some(c), Some(l), Some(r)) if l.saturating_add(r) != c => {
+                    return Err(ConfigError::new(format!(
+                        "l2-cache-size ({l}) + refcount-cache-size ({r}) must equal cache-size ({c})"
+                    )));
+                }
+                (_, l, r) => (
+                    l.unwrap_or(crate::drivers::qcow2::L2_CACHE_BYTES_DEFAULT),
+                    r.unwrap_or(crate::drivers::qcow2::REFCOUNT_CACHE_BYTES_DEFAULT),
+                ),
+            };
+            if let Some(v) = o.boolean("lazy-refcounts")? {
+                if v {
+                    return Err(ConfigError::new(format!(
+                        "Parameter '{}' is not supported by ballot: lazy refcounts trade crash consistency for speed",
+                        o.full("lazy-refcounts")
+                    )));
+                }
+            }
+            DriverSpec::Qcow2 {
+                file,
+                backing,
+                l2_cache_size,
+                refcount_cache_size,
+            }
         }
         "replication" => {
             // R6: mode before file, in QEMU's wording.

@@ -14,7 +14,7 @@
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -49,6 +49,8 @@ struct Inner {
     /// Cleared the first time the file system answers `RWF_NOWAIT` writes with EOPNOTSUPP
     /// (ext4 buffered writes do), so the attempt is not repeated on every write.
     nowait_writes: AtomicBool,
+    /// Held while the file grows (ftruncate never shrinks it).
+    growing: std::sync::Mutex<()>,
     /// Inline small writes are off until this instant (set after a slow one).
     #[cfg(not(madsim))]
     inline_writes_off_until: std::sync::Mutex<Option<std::time::Instant>>,
@@ -58,7 +60,8 @@ struct Inner {
 #[derive(Debug)]
 pub struct FileDevice {
     inner: Arc<Inner>,
-    length: u64,
+    /// The length now (a format driver above may grow the file, [`BlockDevice::grow`]).
+    length: AtomicU64,
     align: u32,
     read_only: bool,
     direct: bool,
@@ -174,10 +177,11 @@ impl FileDevice {
                 file,
                 path: opts.filename.clone(),
                 nowait_writes: AtomicBool::new(true),
+                growing: std::sync::Mutex::new(()),
                 #[cfg(not(madsim))]
                 inline_writes_off_until: std::sync::Mutex::new(None),
             }),
-            length,
+            length: AtomicU64::new(length),
             align,
             read_only,
             #[cfg(not(madsim))]
@@ -191,6 +195,10 @@ impl FileDevice {
             discard_unmap: opts.discard_unmap && regular,
             regular,
         })
+    }
+
+    fn len(&self) -> u64 {
+        self.length.load(Ordering::SeqCst)
     }
 
     /// The file name this node was opened with.
@@ -653,7 +661,7 @@ impl BlockDevice for FileDevice {
     }
 
     fn length(&self) -> Result<u64> {
-        Ok(self.length)
+        Ok(self.len())
     }
 
     fn request_alignment(&self) -> u32 {
@@ -661,7 +669,7 @@ impl BlockDevice for FileDevice {
     }
 
     async fn read(&self, offset: u64, len: usize) -> Result<Bytes> {
-        check_request(self.length, self.align, offset, len as u64, Access::Read)?;
+        check_request(self.len(), self.align, offset, len as u64, Access::Read)?;
         if len == 0 {
             return Ok(Bytes::new());
         }
@@ -695,7 +703,7 @@ impl BlockDevice for FileDevice {
     async fn write(&self, offset: u64, data: Bytes, flags: WriteFlags) -> Result<()> {
         self.check_writable("write")?;
         check_request(
-            self.length,
+            self.len(),
             self.align,
             offset,
             data.len() as u64,
@@ -782,7 +790,7 @@ impl BlockDevice for FileDevice {
 
     async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
         self.check_writable("write-zeroes")?;
-        check_request(self.length, self.align, offset, len, Access::Write)?;
+        check_request(self.len(), self.align, offset, len, Access::Write)?;
         if len == 0 {
             return Ok(());
         }
@@ -808,7 +816,7 @@ impl BlockDevice for FileDevice {
     }
 
     async fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        check_request(self.length, self.align, offset, len, Access::Read)?;
+        check_request(self.len(), self.align, offset, len, Access::Read)?;
         if !self.discard_unmap || len == 0 {
             return Ok(());
         }
@@ -829,8 +837,53 @@ impl BlockDevice for FileDevice {
         self.discard_unmap
     }
 
+    async fn grow(&self, length: u64) -> Result<()> {
+        if length <= self.len() {
+            return Ok(());
+        }
+        self.check_writable("grow")?;
+        if !self.regular {
+            return Err(Error::new(
+                ErrorKind::NoSpc,
+                format!(
+                    "file '{}': a block device cannot grow to {length} bytes",
+                    self.inner.path
+                ),
+            ));
+        }
+        let to = i64::try_from(length).map_err(|_| {
+            Error::new(
+                ErrorKind::FBig,
+                format!("file '{}': {length} bytes", self.inner.path),
+            )
+        })?;
+        self.blocking(move |inner| {
+            // Never shrink: two grows may race, the larger one wins.
+            let _one = inner.growing.lock().unwrap_or_else(|p| p.into_inner());
+            let now = inner
+                .file
+                .metadata()
+                .map_err(|e| io_error(inner, "fstat", 0, 0, &e))?
+                .len();
+            if now < to as u64 {
+                inner
+                    .file
+                    .set_len(to as u64)
+                    .map_err(|e| io_error(inner, "ftruncate", to as u64, 0, &e))?;
+            }
+            Ok(())
+        })
+        .await?;
+        self.length.fetch_max(length, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn grows_with_zeroes(&self) -> bool {
+        self.regular
+    }
+
     async fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
-        check_request(self.length, self.align, offset, len, Access::Read)?;
+        check_request(self.len(), self.align, offset, len, Access::Read)?;
         if !self.regular || len == 0 {
             return Ok(BlockStatus::data(len));
         }

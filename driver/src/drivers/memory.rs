@@ -13,7 +13,8 @@ use crate::error::Result;
 #[derive(Debug)]
 pub struct MemoryDevice {
     data: RwLock<Vec<u8>>,
-    length: u64,
+    /// [`BlockDevice::grow`] works (an image file's stand-in under a format driver).
+    growable: bool,
 }
 
 impl MemoryDevice {
@@ -21,16 +22,27 @@ impl MemoryDevice {
     pub fn new(length: usize) -> MemoryDevice {
         MemoryDevice {
             data: RwLock::new(vec![0; length]),
-            length: length as u64,
+            growable: false,
         }
+    }
+
+    /// A zero-filled device of `length` bytes that grows on demand, like a sparse file.
+    pub fn growable(length: usize) -> MemoryDevice {
+        MemoryDevice {
+            data: RwLock::new(vec![0; length]),
+            growable: true,
+        }
+    }
+
+    fn len(&self) -> u64 {
+        self.data.read().unwrap_or_else(|p| p.into_inner()).len() as u64
     }
 
     /// A device holding `contents`.
     pub fn with_contents(contents: Vec<u8>) -> MemoryDevice {
-        let length = contents.len() as u64;
         MemoryDevice {
             data: RwLock::new(contents),
-            length,
+            growable: false,
         }
     }
 
@@ -47,11 +59,11 @@ impl BlockDevice for MemoryDevice {
     }
 
     fn length(&self) -> Result<u64> {
-        Ok(self.length)
+        Ok(self.len())
     }
 
     async fn read(&self, offset: u64, len: usize) -> Result<Bytes> {
-        check_request(self.length, 1, offset, len as u64, Access::Read)?;
+        check_request(self.len(), 1, offset, len as u64, Access::Read)?;
         let data = self.data.read().unwrap_or_else(|p| p.into_inner());
         let start = offset as usize;
         let mut buf = BytesMut::with_capacity(len);
@@ -60,7 +72,7 @@ impl BlockDevice for MemoryDevice {
     }
 
     async fn write(&self, offset: u64, data: Bytes, _flags: WriteFlags) -> Result<()> {
-        check_request(self.length, 1, offset, data.len() as u64, Access::Write)?;
+        check_request(self.len(), 1, offset, data.len() as u64, Access::Write)?;
         let mut mem = self.data.write().unwrap_or_else(|p| p.into_inner());
         let start = offset as usize;
         mem[start..start + data.len()].copy_from_slice(&data);
@@ -72,7 +84,7 @@ impl BlockDevice for MemoryDevice {
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64, _flags: ZeroFlags) -> Result<()> {
-        check_request(self.length, 1, offset, len, Access::Write)?;
+        check_request(self.len(), 1, offset, len, Access::Write)?;
         let mut mem = self.data.write().unwrap_or_else(|p| p.into_inner());
         mem[offset as usize..(offset + len) as usize].fill(0);
         Ok(())
@@ -84,7 +96,7 @@ impl BlockDevice for MemoryDevice {
 
     async fn discard(&self, offset: u64, len: u64) -> Result<()> {
         // Past the end is EINVAL for a discard (NBD.md N20), not write-zeroes' ENOSPC.
-        check_request(self.length, 1, offset, len, Access::Read)?;
+        check_request(self.len(), 1, offset, len, Access::Read)?;
         self.write_zeroes(offset, len, ZeroFlags::default()).await
     }
 
@@ -92,8 +104,26 @@ impl BlockDevice for MemoryDevice {
         true
     }
 
+    async fn grow(&self, length: u64) -> Result<()> {
+        if !self.growable {
+            return Err(crate::error::Error::new(
+                crate::error::ErrorKind::NoSpc,
+                format!("a fixed memory device cannot grow to {length} bytes"),
+            ));
+        }
+        let mut mem = self.data.write().unwrap_or_else(|p| p.into_inner());
+        if (mem.len() as u64) < length {
+            mem.resize(length as usize, 0);
+        }
+        Ok(())
+    }
+
+    fn grows_with_zeroes(&self) -> bool {
+        self.growable
+    }
+
     async fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
-        check_request(self.length, 1, offset, len, Access::Read)?;
+        check_request(self.len(), 1, offset, len, Access::Read)?;
         let mem = self.data.read().unwrap_or_else(|p| p.into_inner());
         let range = &mem[offset as usize..(offset + len) as usize];
         // Report the leading run that is all-zero or not, in 512-byte steps.

@@ -4,6 +4,7 @@ pub mod file;
 pub mod memory;
 pub mod null;
 pub mod overlay;
+pub mod qcow2;
 pub mod quorum;
 pub mod raw;
 pub mod replication;
