@@ -10,10 +10,11 @@
 //! the end of the text are closed there, and in a text that closes no `<backingStore>` at all
 //! each `<backingStore>` closes the one before it (siblings, as the proposal means them). In a
 //! text that closes its backingStores, a backingStore inside another is libvirt's backing
-//! chain, which ballot refuses by name (a quorum child is one raw image).
+//! chain: a qcow2 child's chain is the one its image names, which ballot opens as QEMU does
+//! (issue 19); a raw child cannot have one and is refused by name.
 //!
-//! [`import`] turns the disk into the `ballot serve` arguments (file + raw node per child, a
-//! quorum node, the NBD server and the export); [`disk_xml`] prints the
+//! [`import`] turns the disk into the `ballot serve` arguments (file + raw or qcow2 node per
+//! child, a quorum node, the NBD server and the export); [`disk_xml`] prints the
 //! `<disk type='network'>` element for the domain.
 
 use std::path::{Path, PathBuf};
@@ -426,11 +427,14 @@ fn quorum_disks(roots: &[Element]) -> Vec<&Element> {
     all
 }
 
+/// Image formats a quorum child may have.
+pub const FORMATS: [&str; 2] = ["raw", "qcow2"];
+
 /// The `qemu-img convert` command that makes an image of another format usable.
 fn convert_hint(path: &Path, format: &str) -> String {
-    let dst = path.with_extension("raw");
+    let dst = path.with_extension("qcow2");
     format!(
-        "qemu-img convert -f {} -O raw {} {}",
+        "qemu-img convert -f {} -O qcow2 {} {}",
         shell_quote(format),
         shell_quote(&path.display().to_string()),
         shell_quote(&dst.display().to_string())
@@ -442,7 +446,8 @@ fn convert_hint(path: &Path, format: &str) -> String {
 ///
 /// # Errors
 /// A message naming the problem: no quorum disk, several and no `target`, a child that is not
-/// a raw file (with the `qemu-img convert -O raw` command that makes it one), a backing chain,
+/// a raw or qcow2 file (with the `qemu-img convert -O qcow2` command that makes it one), a raw
+/// child with a backing chain,
 /// a missing or non-numeric threshold, and QUORUM.md's messages for the child count and
 /// threshold (Q7–Q9).
 pub fn import(text: &str, base: &Path, target: Option<&str>) -> Result<QuorumDisk, String> {
@@ -498,17 +503,19 @@ pub fn import(text: &str, base: &Path, target: Option<&str>) -> Result<QuorumDis
                     path.display()
                 )
             })?;
-        if format != "raw" {
+        if !FORMATS.contains(&format) {
             return Err(format!(
-                "child {index} ({}): format '{format}' is not served by ballot, which serves raw images; convert it with: {}",
+                "child {index} ({}): format '{format}' is not served by ballot, which serves raw and qcow2 images; convert it with: {}",
                 path.display(),
                 convert_hint(&path, format)
             ));
         }
         if let Some(chain) = b.first("backingStore") {
-            if chain.first("source").is_some() || chain.attr("type").is_some() {
+            // A qcow2 image names its own backing file, which the qcow2 driver opens.
+            if format == "raw" && (chain.first("source").is_some() || chain.attr("type").is_some())
+            {
                 return Err(format!(
-                    "child {index} ({}): has a backing chain (a <backingStore> inside it, line {}); a quorum child must be one raw image: flatten it with: {}",
+                    "child {index} ({}): a raw image with a backing chain (a <backingStore> inside it, line {}); only qcow2 images have backing files: convert it with: {}",
                     path.display(),
                     chain.line,
                     convert_hint(&path, format)
@@ -576,7 +583,10 @@ pub fn serve_args(disk: &QuorumDisk, export: &str, at: &Endpoint) -> Vec<String>
             "driver": "file", "node-name": file, "filename": r.path.display().to_string(),
         });
         args.push(format!("--blockdev={f}"));
-        args.push(format!("--blockdev=driver=raw,node-name={raw},file={file}"));
+        let driver = if r.format == "qcow2" { "qcow2" } else { "raw" };
+        args.push(format!(
+            "--blockdev=driver={driver},node-name={raw},file={file}"
+        ));
         kids.push(raw);
     }
     let q = serde_json::json!({
@@ -746,7 +756,11 @@ mod tests {
             ),
             (
                 disk("<threshold value=1/><backingStore type='file'><format type='raw'/><source file='/a.raw'/><backingStore type='file'><format type='raw'/><source file='/base.raw'/></backingStore></backingStore>"),
-                "child 1 (/a.raw): has a backing chain (a <backingStore> inside it, line 1); a quorum child must be one raw image: flatten it with: qemu-img convert -f raw -O raw /a.raw /a.raw",
+                "child 1 (/a.raw): a raw image with a backing chain (a <backingStore> inside it, line 1); only qcow2 images have backing files: convert it with: qemu-img convert -f raw -O qcow2 /a.raw /a.qcow2",
+            ),
+            (
+                disk("<threshold value=1/><backingStore type='file'><format type='vmdk'/><source file='/a.vmdk'/></backingStore>"),
+                "child 1 (/a.vmdk): format 'vmdk' is not served by ballot, which serves raw and qcow2 images; convert it with: qemu-img convert -f vmdk -O qcow2 /a.vmdk /a.qcow2",
             ),
             (
                 disk("<threshold value=1/><backingStore type='file'><source file='/a.img'/></backingStore>"),

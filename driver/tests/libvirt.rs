@@ -13,22 +13,50 @@ use peers::{ballot, qemu_io, scratch, start_ballot, wait_for, Served};
 
 const MIB: u64 = 1 << 20;
 
-/// The proposal's element exactly as the seed document writes it: unquoted threshold,
-/// unclosed backingStores and disk, qcow2 images under /var/lib/libvirt/images.
+/// The proposal's element exactly as the seed document writes it (a copy under
+/// `tests/data/`): unquoted threshold, unclosed backingStores and disk, qcow2 images under
+/// /var/lib/libvirt/images.
 fn proposal() -> String {
-    let seed =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/seeds/001_ffd58c94f2716c96.txt");
-    let text = std::fs::read_to_string(&seed).unwrap_or_else(|e| {
-        panic!(
-            "{}: {e} (../shared must sit beside the repo)",
-            seed.display()
-        )
-    });
-    let start = text
-        .find("<disk type='quorum'")
-        .expect("the proposal's <disk>");
-    let end = text[start..].find("bus='virtio'/>").expect("its <target>") + start + 14;
-    text[start..end].to_string()
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/libvirt-proposal.xml");
+    std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// The proposal's element unchanged but for the image directory (relative to the XML, in
+/// `dir`), with three qcow2 images made by qemu-img; the second is an overlay of a raw base,
+/// so its chain is followed.
+fn proposal_qcow2(dir: &Path) -> PathBuf {
+    let xml = proposal().replace("/var/lib/libvirt/images/", "images/");
+    let images = dir.join("images");
+    std::fs::create_dir_all(&images).expect("images dir");
+    let img = |n: &str| images.join(n).display().to_string();
+    let run = |args: &[&str]| {
+        let out = Command::new("qemu-img")
+            .args(args)
+            .output()
+            .expect("qemu-img");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&["create", "-q", "-f", "raw", &img("base.raw"), "8M"]);
+    run(&["create", "-q", "-f", "qcow2", &img("file1.qcow2"), "8M"]);
+    run(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        &img("file2.qcow2"),
+    ]);
+    run(&["create", "-q", "-f", "qcow2", &img("file3.qcow2"), "8M"]);
+    let path = dir.join("disk.xml");
+    std::fs::write(&path, xml).expect("write xml");
+    path
 }
 
 /// The proposal's element with raw images at paths relative to the XML, written to `dir`.
@@ -71,7 +99,7 @@ fn write_and_check(served: &Served, dir: &Path, byte: u8, off: u64) {
 }
 
 #[test]
-fn the_proposals_xml_gives_three_qcow2_children_and_the_convert_command() {
+fn the_proposals_xml_gives_three_qcow2_children() {
     let xml = proposal();
     let roots = parse_xml(&xml).expect("tolerant parse");
     let disk = &roots[0];
@@ -91,10 +119,13 @@ fn the_proposals_xml_gives_three_qcow2_children_and_the_convert_command() {
         .iter()
         .map(|c| c.name.as_str())
         .eq(["format", "source"])));
-    let e = import(&xml, Path::new("/x"), None).unwrap_err();
+    let d = import(&xml, Path::new("/x"), None).expect("qcow2 children");
     assert_eq!(
-        e,
-        "child 1 (/var/lib/libvirt/images/file1.qcow2): format 'qcow2' is not served by ballot, which serves raw images; convert it with: qemu-img convert -f qcow2 -O raw /var/lib/libvirt/images/file1.qcow2 /var/lib/libvirt/images/file1.raw"
+        d.replicas
+            .iter()
+            .map(|r| r.format.as_str())
+            .collect::<Vec<_>>(),
+        ["qcow2", "qcow2", "qcow2"]
     );
     let raw = xml.replace("qcow2", "raw");
     let d = import(&raw, Path::new("/x"), None).expect("raw children");
@@ -175,13 +206,73 @@ fn the_proposals_disk_is_served_as_printed_and_with_run() {
 }
 
 #[test]
-fn import_refuses_qcow2_children_with_the_convert_command_and_exits_1() {
+fn the_proposals_qcow2_disk_is_served_and_every_image_takes_the_writes() {
+    if !peers::need(&["qemu-io", "qemu-img"], "qemu-utils") {
+        return;
+    }
     let dir = scratch("libvirt-qcow2");
+    let xml = proposal_qcow2(&dir);
+    let socket = dir.join("vda.sock");
+    let args: Vec<String> = ["libvirt", "import", xml.to_str().expect("utf-8"), "--run"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let mut served = start_ballot(&args, &socket, &[]);
+    let (code, out) = qemu_io(
+        &socket,
+        "vda",
+        &[
+            "write -P 0x5e 1M 2M",
+            "write -P 0x6f 7M 64k",
+            "flush",
+            "read -P 0x5e 1M 2M",
+        ],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    assert_eq!(served.terminate(), Some(0), "SIGTERM drains and exits 0");
+    for f in ["file1.qcow2", "file2.qcow2", "file3.qcow2"] {
+        let img = dir.join("images").join(f).display().to_string();
+        let out = Command::new("qemu-io")
+            .args([
+                "-f",
+                "qcow2",
+                "-c",
+                "read -P 0x5e 1M 2M",
+                "-c",
+                "read -P 0x6f 7M 64k",
+                "-c",
+                "read -P 0 0 1M",
+                &img,
+            ])
+            .output()
+            .expect("qemu-io");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && !text.contains("verification failed"),
+            "{f}: {text}"
+        );
+        let out = Command::new("qemu-img")
+            .args(["check", &img])
+            .output()
+            .expect("qemu-img");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "{f}: {text}");
+        assert!(
+            text.contains("No errors were found on the image."),
+            "{f}: {text}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn import_refuses_other_formats_with_the_convert_command_and_exits_1() {
+    let dir = scratch("libvirt-vmdk");
     let xml = proposal_xml(&dir);
-    let text =
-        std::fs::read_to_string(&xml)
-            .expect("xml")
-            .replacen("type='raw'", "type='qcow2'", 2);
+    let text = std::fs::read_to_string(&xml)
+        .expect("xml")
+        .replacen("type='raw'", "type='vmdk'", 2);
     std::fs::write(&xml, text).expect("rewrite");
     let (code, out, err) = ballot(&["libvirt", "import", xml.to_str().expect("utf-8")]);
     assert_eq!((code, out.as_str()), (1, ""));
@@ -189,11 +280,11 @@ fn import_refuses_qcow2_children_with_the_convert_command_and_exits_1() {
     assert_eq!(
         err.trim(),
         format!(
-            "ballot: {}: child 1 ({}): format 'qcow2' is not served by ballot, which serves raw images; convert it with: qemu-img convert -f qcow2 -O raw {} {}",
+            "ballot: {}: child 1 ({}): format 'vmdk' is not served by ballot, which serves raw and qcow2 images; convert it with: qemu-img convert -f vmdk -O qcow2 {} {}",
             xml.display(),
             img.display(),
             img.display(),
-            img.display()
+            dir.join("images/file1.qcow2").display()
         )
     );
     let _ = std::fs::remove_dir_all(&dir);
