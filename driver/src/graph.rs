@@ -17,7 +17,8 @@ use serde_json::Value;
 
 use crate::config::parse_blockdev_arg;
 use crate::config::spec::{parse_node, ChildRef, DriverSpec, NodeSpec};
-use crate::device::{BlockDevice, Device};
+use crate::device::Device;
+use crate::drivers::cow::Layer;
 use crate::drivers::file::{FileDevice, FileOptions};
 use crate::drivers::null::NullDevice;
 use crate::drivers::overlay::Overlay;
@@ -64,6 +65,16 @@ pub struct Node {
 }
 
 impl Node {
+    /// The node as a copy-on-write layer (COLO's active or hidden disk): an `overlay`, or a
+    /// `qcow2` node with a backing node.
+    pub fn layer(&self) -> Option<Layer> {
+        match (&self.overlay, &self.qcow2) {
+            (Some(o), _) => Some(o.clone()),
+            (None, Some(q)) if q.backing().is_some() => Some(q.clone()),
+            _ => None,
+        }
+    }
+
     /// Q5: refuses a parent while a writable export uses the node.
     fn check_no_writer(&self) -> Result<(), ConfigError> {
         match self.exports.iter().find(|(_, w)| *w) {
@@ -803,14 +814,23 @@ impl Graph {
             n.and_then(|n| n.children.iter().find(|(c, _)| c == edge))
                 .and_then(|(_, name)| self.nodes.get(name))
         };
+        // A and H are copy-on-write layers: `overlay` or `qcow2` nodes (issue 19).
+        let layer = |n: &Node| n.layer();
         let a = child(node, "file");
         let active = a
-            .and_then(|a| a.overlay.clone())
+            .and_then(layer)
             .ok_or_else(|| ConfigError::new("Active disk doesn't have backing file"))?;
         let h = child(a, "backing");
         let hidden = h
-            .and_then(|h| h.overlay.clone())
+            .and_then(layer)
             .ok_or_else(|| ConfigError::new("Hidden disk doesn't have backing file"))?;
+        if active.granule() != hidden.granule() {
+            return Err(ConfigError::new(format!(
+                "Active disk and hidden disk need the same cluster size ({} and {} bytes)",
+                active.granule(),
+                hidden.granule()
+            )));
+        }
         let s = child(h, "backing")
             .ok_or_else(|| ConfigError::new("Hidden disk doesn't have backing file"))?;
         if s.exports.is_empty() {

@@ -58,12 +58,53 @@ fn cluster_bytes(path: &Path) -> Vec<u8> {
         .collect()
 }
 
+/// The `--blockdev` of COLO's active or hidden disk `name` over `backing`: an in-memory
+/// `overlay`, or a `qcow2` file made by qemu-img whose own backing file is what the node's
+/// `backing` is (the secondary disk for the hidden disk, the hidden disk for the active one).
+fn layer_spec(dir: &Path, layers: &str, name: &str, backing: &str) -> String {
+    if layers == "overlay" {
+        return format!("driver=overlay,node-name={name},backing={backing}");
+    }
+    let img = dir.join(format!("{name}.qcow2"));
+    let (b, f) = if name == "hidden0" {
+        ("secondary.raw", "raw")
+    } else {
+        ("hidden0.qcow2", "qcow2")
+    };
+    let out = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-b", b, "-F", f])
+        .arg(&img)
+        .output()
+        .expect("qemu-img");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    format!(
+        "driver=qcow2,node-name={name},file.driver=file,file.filename={},backing={backing}",
+        img.display()
+    )
+}
+
 #[test]
 fn colo_with_two_ballot_processes_checkpoint_kill_failover() {
-    if !need(&["qemu-io"], "qemu-utils") {
+    colo_e2e("overlay");
+}
+
+/// The same run with the active and hidden disks as qcow2 files, as seed 003 writes them
+/// (issue 19 item 4): the hidden disk's image is backed by the secondary disk, the active
+/// disk's by the hidden disk; both are emptied at each checkpoint and committed at failover.
+#[test]
+fn colo_with_qcow2_active_and_hidden_disks() {
+    colo_e2e("qcow2");
+}
+
+fn colo_e2e(layers: &str) {
+    if !need(&["qemu-io", "qemu-img"], "qemu-utils") {
         return;
     }
-    let dir = scratch("colo-e2e");
+    let dir = scratch(&format!("colo-e2e-{layers}"));
     let (pimg, simg) = (dir.join("primary.raw"), dir.join("secondary.raw"));
     // R1: P and S identical before replication starts: `a` everywhere.
     std::fs::write(&pimg, vec![b'a'; DISK]).unwrap();
@@ -83,9 +124,9 @@ fn colo_with_two_ballot_processes_checkpoint_kill_failover() {
         "--blockdev".into(),
         "driver=raw,node-name=parent0,file=sfile".into(),
         "--blockdev".into(),
-        "driver=overlay,node-name=hidden0,backing=parent0".into(),
+        layer_spec(&dir, layers, "hidden0", "parent0"),
         "--blockdev".into(),
-        "driver=overlay,node-name=active0,backing=hidden0".into(),
+        layer_spec(&dir, layers, "active0", "hidden0"),
         "--blockdev".into(),
         "driver=replication,node-name=childs0,mode=secondary,top-id=colo-disk0,file=active0".into(),
         "--blockdev".into(),

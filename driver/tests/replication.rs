@@ -53,13 +53,89 @@ struct Secondary {
     bus: EventBus,
 }
 
+tokio::task_local! {
+    /// What COLO's active and hidden disks are in this run: `overlay` or `qcow2`.
+    static LAYERS: &'static str;
+}
+
+/// Runs the test body `$name` once per layer kind (issue 19 item 4: the COLO tests run with
+/// in-memory overlays and with qcow2 images).
+macro_rules! both_layers {
+    ($name:ident) => {
+        mod $name {
+            #[tokio::test]
+            async fn overlay() {
+                super::LAYERS.scope("overlay", super::$name()).await
+            }
+            #[tokio::test]
+            async fn qcow2() {
+                super::LAYERS.scope("qcow2", super::$name()).await
+            }
+        }
+    };
+    ($name:ident, paused) => {
+        mod $name {
+            #[tokio::test(start_paused = true)]
+            async fn overlay() {
+                super::LAYERS.scope("overlay", super::$name()).await
+            }
+            #[tokio::test(start_paused = true)]
+            async fn qcow2() {
+                super::LAYERS.scope("qcow2", super::$name()).await
+            }
+        }
+    };
+}
+
+/// The allocated clusters of layer `name` (A or H), ascending.
+async fn clusters(sec: &Secondary, name: &str) -> Vec<u64> {
+    let l = sec.g.get(name).unwrap().layer().unwrap();
+    let g = l.granule();
+    let mut out = Vec::new();
+    let mut at = 0;
+    while let Some(o) = l.next_allocated_at(at).await.unwrap() {
+        out.push(o / g);
+        at = o + g;
+    }
+    out
+}
+
+/// The definitions of A and H: in-memory overlays, or qcow2 images (in growable memory
+/// files, made by ballot's own create) with S and H as their backing nodes.
+async fn layers(g: &mut Graph) -> [String; 2] {
+    if LAYERS.try_with(|k| *k).unwrap_or("overlay") == "overlay" {
+        return [
+            "driver=overlay,node-name=hidden0,backing=parent0".into(),
+            "driver=overlay,node-name=active0,backing=hidden0".into(),
+        ];
+    }
+    // S's length (read before a test makes it fail).
+    let size = g.get("parent0").unwrap().dev.length().unwrap();
+    for f in ["hfile", "afile"] {
+        let file: Device = Arc::new(ballot::drivers::memory::MemoryDevice::growable(0));
+        let o = ballot::drivers::qcow2::create::CreateOptions {
+            size,
+            ..Default::default()
+        };
+        ballot::drivers::qcow2::create::create(&file, &o)
+            .await
+            .unwrap();
+        g.insert_device(f, file).unwrap();
+    }
+    [
+        "driver=qcow2,node-name=hidden0,file=hfile,backing=parent0".into(),
+        "driver=qcow2,node-name=active0,file=afile,backing=hidden0".into(),
+    ]
+}
+
 async fn secondary_with(s: Arc<TestChild>, export: bool) -> Secondary {
     let (h, bus) = host();
     let mut g = Graph::new(h);
     g.insert_device("parent0", dev(&s)).unwrap();
+    let [hidden, active] = layers(&mut g).await;
     for def in [
-        "driver=overlay,node-name=hidden0,backing=parent0",
-        "driver=overlay,node-name=active0,backing=hidden0",
+        hidden.as_str(),
+        active.as_str(),
         "driver=replication,node-name=childs0,mode=secondary,top-id=colo-disk0,file=active0",
         r#"{"driver":"quorum","node-name":"colo-disk0","read-pattern":"fifo","vote-threshold":1,"children":["childs0"]}"#,
     ] {
@@ -214,7 +290,6 @@ async fn primary_start_checkpoint_get_error_stop_r24_r27_r28_r30() {
 
 // ---- QEMU's secondary cases ----
 
-#[tokio::test]
 async fn secondary_read_and_write_fail_with_eio_before_start_r9() {
     let sec = secondary().await;
     let c = childs0(&sec);
@@ -238,20 +313,10 @@ async fn secondary_read_and_write_fail_with_eio_before_start_r9() {
             .kind(),
         ErrorKind::Io
     );
-    assert_eq!(
-        sec.g
-            .get("active0")
-            .unwrap()
-            .overlay
-            .as_ref()
-            .unwrap()
-            .stats()
-            .allocated,
-        0
-    );
+    assert_eq!((clusters(&sec, "active0").await.len() as u64), 0);
 }
+both_layers!(secondary_read_and_write_fail_with_eio_before_start_r9);
 
-#[tokio::test]
 async fn secondary_start_shows_the_checkpoint_view_r19_r23() {
     let sec = secondary().await;
     sec.g.replication_start_all(Mode::Secondary).await.unwrap();
@@ -264,8 +329,7 @@ async fn secondary_start_shows_the_checkpoint_view_r19_r23() {
     assert_eq!(sec.s.contents(HALF, 1), vec![0x22]);
     assert_eq!(sec.s.contents(IMG - 1, 1), vec![0x22]);
     expect(&*sec.view, 0, IMG, 0x11).await;
-    let hidden = sec.g.get("hidden0").unwrap().overlay.clone().unwrap();
-    assert_eq!(hidden.stats().allocated, HALF / 65536);
+    assert_eq!((clusters(&sec, "hidden0").await.len() as u64), HALF / 65536);
     // The SVM writes 0x33 over [0, 32M): into A only.
     sec.view
         .write(0, fill(HALF, 0x33), WriteFlags::NONE)
@@ -276,10 +340,10 @@ async fn secondary_start_shows_the_checkpoint_view_r19_r23() {
     assert_eq!(sec.s.contents(0, 1), vec![0x11]);
     assert_eq!(sec.s.contents(HALF - 1, 1), vec![0x11]);
     // R22: SVM writes never go into H.
-    assert_eq!(hidden.stats().allocated, HALF / 65536);
+    assert_eq!((clusters(&sec, "hidden0").await.len() as u64), HALF / 65536);
 }
+both_layers!(secondary_start_shows_the_checkpoint_view_r19_r23);
 
-#[tokio::test]
 async fn secondary_stop_with_failover_commits_the_view_e2_r31_r32() {
     let sec = secondary().await;
     let rec = sec.bus.record(Stream::Internal);
@@ -312,17 +376,7 @@ async fn secondary_stop_with_failover_commits_the_view_e2_r31_r32() {
     );
     // Both overlays stay as empty nodes (R31 step 4).
     for o in ["active0", "hidden0"] {
-        assert_eq!(
-            sec.g
-                .get(o)
-                .unwrap()
-                .overlay
-                .as_ref()
-                .unwrap()
-                .stats()
-                .allocated,
-            0
-        );
+        assert_eq!((clusters(&sec, o).await.len() as u64), 0);
     }
     // After failover the node reads and writes S directly.
     sec.view
@@ -331,8 +385,8 @@ async fn secondary_stop_with_failover_commits_the_view_e2_r31_r32() {
         .unwrap();
     assert_eq!(sec.s.contents(0, 1), vec![0x44]);
 }
+both_layers!(secondary_stop_with_failover_commits_the_view_e2_r31_r32);
 
-#[tokio::test]
 async fn continuous_replication_a_promoted_secondary_ignores_start_r34() {
     let sec = secondary().await;
     e2_writes_then_failover(&sec).await;
@@ -346,8 +400,8 @@ async fn continuous_replication_a_promoted_secondary_ignores_start_r34() {
     expect(&*sec.view, 0, HALF, 0x33).await;
     expect(&*sec.view, HALF, HALF, 0x11).await;
 }
+both_layers!(continuous_replication_a_promoted_secondary_ignores_start_r34);
 
-#[tokio::test]
 async fn secondary_do_checkpoint_makes_the_view_equal_s_r27() {
     let sec = secondary().await;
     sec.g.replication_start_all(Mode::Secondary).await.unwrap();
@@ -365,22 +419,12 @@ async fn secondary_do_checkpoint_makes_the_view_equal_s_r27() {
     expect(&*sec.view, HALF, HALF, 0x22).await;
     expect(&*sec.view, 0, HALF, 0x11).await;
     for o in ["active0", "hidden0"] {
-        assert_eq!(
-            sec.g
-                .get(o)
-                .unwrap()
-                .overlay
-                .as_ref()
-                .unwrap()
-                .stats()
-                .allocated,
-            0
-        );
+        assert_eq!((clusters(&sec, o).await.len() as u64), 0);
     }
     sec.g.replication_stop_all(false).await.unwrap();
 }
+both_layers!(secondary_do_checkpoint_makes_the_view_equal_s_r27);
 
-#[tokio::test]
 async fn secondary_get_error_all_r28() {
     let sec = secondary().await;
     assert_eq!(
@@ -395,10 +439,10 @@ async fn secondary_get_error_all_r28() {
     sec.g.replication_stop_all(false).await.unwrap();
     assert_eq!(sec.g.replication_status(), (Ok(()), Some(Stage::Done)));
 }
+both_layers!(secondary_get_error_all_r28);
 
 // ---- what QEMU does not test ----
 
-#[tokio::test]
 async fn e1_stop_without_failover_empties_both_overlays_and_succeeds() {
     let sec = secondary().await;
     sec.g.replication_start_all(Mode::Secondary).await.unwrap();
@@ -413,24 +457,14 @@ async fn e1_stop_without_failover_empties_both_overlays_and_succeeds() {
     assert_eq!(sec.g.replication_stop_all(false).await, Ok(()));
     assert_eq!(sec.g.replication_status(), (Ok(()), Some(Stage::Done)));
     for o in ["active0", "hidden0"] {
-        assert_eq!(
-            sec.g
-                .get(o)
-                .unwrap()
-                .overlay
-                .as_ref()
-                .unwrap()
-                .stats()
-                .allocated,
-            0
-        );
+        assert_eq!((clusters(&sec, o).await.len() as u64), 0);
     }
     // The view is S (R9, DONE after stop(false): A → H → S with both empty).
     expect(&*sec.view, 0, MIB, 0x22).await;
     expect(&*sec.view, MIB, MIB, 0x11).await;
 }
+both_layers!(e1_stop_without_failover_empties_both_overlays_and_succeeds);
 
-#[tokio::test]
 async fn r24_wrong_mode_double_start_and_stop_before_start() {
     let sec = secondary().await;
     assert_eq!(
@@ -453,8 +487,8 @@ async fn r24_wrong_mode_double_start_and_stop_before_start() {
         "The parameter mode's value is invalid, needs 0, but got 1"
     );
 }
+both_layers!(r24_wrong_mode_double_start_and_stop_before_start);
 
-#[tokio::test]
 async fn r27_checkpoint_of_a_secondary_that_is_not_running() {
     let sec = secondary().await;
     assert_eq!(
@@ -462,8 +496,8 @@ async fn r27_checkpoint_of_a_secondary_that_is_not_running() {
         "Backup job was cancelled unexpectedly"
     );
 }
+both_layers!(r27_checkpoint_of_a_secondary_that_is_not_running);
 
-#[tokio::test]
 async fn r25_secondary_checks_in_order() {
     // 1: file is not an overlay.
     let (h, _) = host();
@@ -512,6 +546,7 @@ async fn r25_secondary_checks_in_order() {
     *sec.s.length_err.lock().unwrap() = None;
     assert_eq!(sec.g.replication_start_all(Mode::Secondary).await, Ok(()));
 }
+both_layers!(r25_secondary_checks_in_order);
 
 #[tokio::test]
 async fn r25_invalid_top_id() {
@@ -627,7 +662,6 @@ async fn r6_open_errors_in_order() {
     }
 }
 
-#[tokio::test]
 async fn r26_the_top_node_is_busy_while_copy_before_write_is_armed() {
     let mut sec = secondary().await;
     sec.g.replication_start_all(Mode::Secondary).await.unwrap();
@@ -642,6 +676,7 @@ async fn r26_the_top_node_is_busy_while_copy_before_write_is_armed() {
     sec.g.replication_stop_all(false).await.unwrap();
     assert_eq!(sec.g.blockdev_del("colo-disk0").await, Ok(()));
 }
+both_layers!(r26_the_top_node_is_busy_while_copy_before_write_is_armed);
 
 #[tokio::test]
 async fn r33_closing_a_running_primary_stops_it_and_leaves_the_registry() {
@@ -663,7 +698,6 @@ async fn r33_closing_a_running_primary_stops_it_and_leaves_the_registry() {
     assert_eq!(link.log(), vec![]);
 }
 
-#[tokio::test]
 async fn r21_a_failed_preserve_fails_the_forwarded_write_and_leaves_s_unchanged() {
     let sec = secondary().await;
     sec.g.replication_start_all(Mode::Secondary).await.unwrap();
@@ -678,8 +712,8 @@ async fn r21_a_failed_preserve_fails_the_forwarded_write_and_leaves_s_unchanged(
     // The secondary records nothing (R21).
     assert_eq!(sec.g.replication_status(), (Ok(()), Some(Stage::Running)));
 }
+both_layers!(r21_a_failed_preserve_fails_the_forwarded_write_and_leaves_s_unchanged);
 
-#[tokio::test]
 async fn o1_after_stop_the_export_of_s_refuses_writes() {
     let sec = secondary().await;
     sec.g.replication_start_all(Mode::Secondary).await.unwrap();
@@ -701,8 +735,8 @@ async fn o1_after_stop_the_export_of_s_refuses_writes() {
     // Reads through the export still work.
     assert_eq!(sec.fwd.read(0, 4).await.unwrap().to_vec(), vec![0x11; 4]);
 }
+both_layers!(o1_after_stop_the_export_of_s_refuses_writes);
 
-#[tokio::test]
 async fn r13_failover_failed_splits_writes_between_a_and_s() {
     let sec = secondary().await;
     let rec = sec.bus.record(Stream::Internal);
@@ -755,8 +789,7 @@ async fn r13_failover_failed_splits_writes_between_a_and_s() {
     let writes = s_writes(&sec);
     assert_eq!(writes, vec![(0, c as usize), (2 * c, c as usize)]);
     expect(&*sec.view, 0, 4 * c, 0x55).await;
-    let a = sec.g.get("active0").unwrap().overlay.clone().unwrap();
-    assert_eq!(a.allocated_clusters(), vec![1, 3]);
+    assert_eq!(clusters(&sec, "active0").await, vec![1, 3]);
     // A write inside one cluster allocated nowhere, with its neighbour allocated nowhere
     // either, goes to S as it is.
     sec.s.clear_log();
@@ -776,8 +809,8 @@ async fn r13_failover_failed_splits_writes_between_a_and_s() {
         "Block replication is not running"
     );
 }
+both_layers!(r13_failover_failed_splits_writes_between_a_and_s);
 
-#[tokio::test]
 async fn r17_a_checkpoint_waits_for_a_forwarded_write_in_flight() {
     let sec = secondary().await;
     sec.g.replication_start_all(Mode::Secondary).await.unwrap();
@@ -793,8 +826,8 @@ async fn r17_a_checkpoint_waits_for_a_forwarded_write_in_flight() {
     sec.s.set_delay(Duration::ZERO);
     expect(&*sec.view, 0, 4096, 0x22).await;
 }
+both_layers!(r17_a_checkpoint_waits_for_a_forwarded_write_in_flight);
 
-#[tokio::test]
 async fn qmp_commands_r37_r38_r39() {
     let sec = secondary().await;
     let bus = sec.bus.clone();
@@ -860,11 +893,11 @@ async fn qmp_commands_r37_r38_r39() {
         json!({"return": {}})
     );
 }
+both_layers!(qmp_commands_r37_r38_r39);
 
 const CL: u64 = 65536;
 
 /// Debug output names the node, its mode, and the overlays of its chain.
-#[tokio::test]
 async fn debug_names_the_node_its_mode_and_its_chain() {
     let sec = secondary().await;
     let c = childs0(&sec);
@@ -880,10 +913,10 @@ async fn debug_names_the_node_its_mode_and_its_chain() {
         r#"SecondaryChain { active: "active0", hidden: "hidden0" }"#
     );
 }
+both_layers!(debug_names_the_node_its_mode_and_its_chain);
 
 /// E1, R9: after stop without failover the node is DONE but not promoted: requests still go
 /// through A (A → H → S, both empty), so a write lands in A and S keeps its data.
-#[tokio::test]
 async fn e1_after_stop_without_failover_writes_go_through_a() {
     let sec = secondary().await;
     sec.g.replication_start_all(Mode::Secondary).await.unwrap();
@@ -895,9 +928,9 @@ async fn e1_after_stop_without_failover_writes_go_through_a() {
         .unwrap();
     expect(&*sec.view, 0, 512, 0x44).await;
     assert_eq!(sec.s.contents(0, 1), vec![0x11], "S unchanged");
-    let active = sec.g.get("active0").unwrap().overlay.clone().unwrap();
-    assert_eq!(active.allocated_clusters(), vec![0]);
+    assert_eq!(clusters(&sec, "active0").await, vec![0]);
 }
+both_layers!(e1_after_stop_without_failover_writes_go_through_a);
 
 /// `(offset, length)` of every write S received since its log was last cleared.
 fn s_writes(sec: &Secondary) -> Vec<(u64, usize)> {
@@ -929,7 +962,6 @@ async fn failover_with_slow_s(clusters: u64) -> (Secondary, ballot::events::Reco
 
 /// O2: a cluster the SVM dirties behind the first commit pass is committed by the final pass
 /// and counted in the job's len and offset.
-#[tokio::test(start_paused = true)]
 async fn o2_a_cluster_dirtied_during_the_first_pass_counts_in_len_and_offset() {
     // The first pass commits cluster 0 by t=10, cluster 1 by t=20.
     let (sec, rec) = failover_with_slow_s(2).await;
@@ -955,11 +987,14 @@ async fn o2_a_cluster_dirtied_during_the_first_pass_counts_in_len_and_offset() {
     assert_eq!(s.contents(0, CL as usize), vec![0x55; CL as usize]);
     assert_eq!(s.contents(CL, CL as usize), vec![0x33; CL as usize]);
 }
+both_layers!(
+    o2_a_cluster_dirtied_during_the_first_pass_counts_in_len_and_offset,
+    paused
+);
 
 /// R33: closing a node in FAILOVER cancels the commit at a cluster boundary: the cluster in
 /// progress completes, nothing after it reaches S, the rest stays in A, and (as for QEMU's
 /// cancelled job) no BLOCK_JOB_COMPLETED is sent.
-#[tokio::test(start_paused = true)]
 async fn r33_closing_during_failover_cancels_the_commit_at_a_cluster_boundary() {
     let (sec, rec) = failover_with_slow_s(3).await;
     let s = sec.s.clone();
@@ -975,14 +1010,16 @@ async fn r33_closing_during_failover_cancels_the_commit_at_a_cluster_boundary() 
     );
     assert_eq!(s.contents(CL, 1), vec![0x11], "nothing after it reached S");
     assert_eq!(s.contents(2 * CL, 1), vec![0x11]);
-    let active = sec.g.get("active0").unwrap().overlay.clone().unwrap();
-    assert_eq!(active.allocated_clusters(), vec![1, 2]);
+    assert_eq!(clusters(&sec, "active0").await, vec![1, 2]);
     assert_eq!(rec.events(), vec![]);
 }
+both_layers!(
+    r33_closing_during_failover_cancels_the_commit_at_a_cluster_boundary,
+    paused
+);
 
 /// R14: flush is forwarded and its error returned; R15: discard succeeds at once inside the
 /// disk and is refused past its end; the driver's name.
-#[tokio::test]
 async fn r14_r15_flush_forwards_its_error_and_discard_checks_its_range() {
     let sec = secondary().await;
     let c = childs0(&sec);
@@ -996,3 +1033,4 @@ async fn r14_r15_flush_forwards_its_error_and_discard_checks_its_range() {
         Err(ErrorKind::Inval)
     );
 }
+both_layers!(r14_r15_flush_forwards_its_error_and_discard_checks_its_range);

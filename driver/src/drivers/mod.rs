@@ -1,5 +1,6 @@
 //! The block drivers, one file each, named after the `driver=` value.
 
+pub mod cow;
 pub mod file;
 pub mod memory;
 pub mod null;

@@ -583,3 +583,64 @@ impl BlockDevice for Overlay {
 
 #[cfg(test)]
 mod tests;
+
+#[async_trait]
+impl crate::drivers::cow::CowLayer for Overlay {
+    fn layer_name(&self) -> &str {
+        &self.name
+    }
+
+    fn granule(&self) -> u64 {
+        CLUSTER_BYTES
+    }
+
+    fn as_device(self: Arc<Self>) -> Device {
+        self
+    }
+
+    async fn is_allocated_at(&self, offset: u64) -> Result<bool> {
+        Ok(self.is_allocated(offset / CLUSTER_BYTES))
+    }
+
+    async fn next_allocated_at(&self, offset: u64) -> Result<Option<u64>> {
+        Ok(self
+            .next_allocated(offset.div_ceil(CLUSTER_BYTES))
+            .map(|c| c * CLUSTER_BYTES))
+    }
+
+    async fn allocated_bytes(&self) -> Result<u64> {
+        Ok(self.stats().allocated * CLUSTER_BYTES)
+    }
+
+    async fn preserve(&self, offset: u64, len: u64) -> Result<u64> {
+        Overlay::preserve(self, offset, len).await
+    }
+
+    async fn make_empty(&self) -> Result<u64> {
+        Ok(Overlay::make_empty(self).await)
+    }
+
+    async fn lock_granule(&self, offset: u64) -> crate::rangelock::RangeGuard {
+        let c = offset / CLUSTER_BYTES;
+        self.locks.lock(c, c + 1, true).await
+    }
+
+    async fn content_locked(&self, offset: u64) -> Result<crate::drivers::cow::Content> {
+        use crate::drivers::cow::Content;
+        let c = offset / CLUSTER_BYTES;
+        let slot = self.map().get(&c).cloned();
+        Ok(match slot {
+            None => Content::Unallocated,
+            Some(Slot::Zero) => Content::Zero,
+            Some(_) => match self.cluster_content(c).await? {
+                Some(d) => Content::Data(d),
+                None => Content::Zero,
+            },
+        })
+    }
+
+    async fn drop_locked(&self, offset: u64) -> Result<()> {
+        self.drop_cluster(offset / CLUSTER_BYTES);
+        Ok(())
+    }
+}

@@ -20,7 +20,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::sync::Notify;
 
-use super::overlay::{self, Overlay, CLUSTER_BYTES};
+use super::cow::{self, Layer};
 use crate::device::{
     check_request, Access, BlockDevice, BlockStatus, Device, WriteFlags, ZeroFlags,
 };
@@ -137,10 +137,10 @@ impl Drop for GateHold {
 /// The secondary's chain, resolved from the graph at start (R25).
 #[derive(Clone)]
 pub struct SecondaryChain {
-    /// A.
-    pub active: Arc<Overlay>,
+    /// A (an `overlay` or a `qcow2` node).
+    pub active: Layer,
     /// H.
-    pub hidden: Arc<Overlay>,
+    pub hidden: Layer,
     /// S (the node itself, not its export's port).
     pub disk: Device,
     /// S's port hooks: copy-before-write and the failover fence.
@@ -150,8 +150,8 @@ pub struct SecondaryChain {
 impl fmt::Debug for SecondaryChain {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SecondaryChain")
-            .field("active", &self.active.name())
-            .field("hidden", &self.hidden.name())
+            .field("active", &self.active.layer_name())
+            .field("hidden", &self.hidden.layer_name())
             .finish()
     }
 }
@@ -321,8 +321,20 @@ impl Replication {
     }
 
     async fn empty_overlays(&self, chain: &SecondaryChain) {
-        chain.active.make_empty().await;
-        chain.hidden.make_empty().await;
+        // A qcow2 layer that cannot update its metadata keeps its clusters; the next
+        // checkpoint tries again, and reads stay correct meanwhile (they see the layer).
+        if let Err(e) = chain.active.make_empty().await {
+            self.host.warn(&format!(
+                "ballot: emptying {}: {e}",
+                chain.active.layer_name()
+            ));
+        }
+        if let Err(e) = chain.hidden.make_empty().await {
+            self.host.warn(&format!(
+                "ballot: emptying {}: {e}",
+                chain.hidden.layer_name()
+            ));
+        }
     }
 
     /// R27: do_checkpoint.
@@ -412,17 +424,11 @@ impl Replication {
     /// R31: commit A and H into S while the SVM goes on, then switch the path to S.
     async fn failover_commit(self: Arc<Self>, chain: SecondaryChain) {
         let overlays = [chain.active.clone(), chain.hidden.clone()];
-        let total = |o: &[Arc<Overlay>]| -> u64 {
-            let mut cs: Vec<u64> = o.iter().flat_map(|x| x.allocated_clusters()).collect();
-            cs.sort_unstable();
-            cs.dedup();
-            cs.len() as u64 * CLUSTER_BYTES
-        };
-        let len = total(&overlays);
+        let len = cow::chain_allocated_bytes(&overlays).await.unwrap_or(0);
         let mut done = 0u64;
         let result = async {
             // The pass while the SVM runs (step 1, 2).
-            let st = overlay::commit(&overlays, &chain.disk, Some(&self.cancel)).await?;
+            let st = cow::commit(&overlays, &chain.disk, Some(&self.cancel)).await?;
             done += st.bytes;
             if self.cancel.load(Ordering::SeqCst) {
                 return Ok(false);
@@ -431,7 +437,7 @@ impl Replication {
             // What it commits under the hold counts in both len and offset (the event reports
             // len as at least offset).
             let hold = self.gate.hold().await;
-            let st = overlay::commit(&overlays, &chain.disk, None).await?;
+            let st = cow::commit(&overlays, &chain.disk, None).await?;
             done += st.bytes;
             {
                 let mut s = self.state();
@@ -531,17 +537,22 @@ impl Replication {
         let end = offset + len;
         let mut at = offset;
         let mut first_err = None;
+        let g = chain.active.granule();
         while at < end {
-            let c = at / CLUSTER_BYTES;
-            let alloc = |c: u64| chain.active.is_allocated(c) || chain.hidden.is_allocated(c);
-            let here = alloc(c);
-            // The run of clusters with the same answer, from `at`.
+            let alloc = |o: u64| async move {
+                Ok::<bool, Error>(
+                    chain.active.is_allocated_at(o).await?
+                        || chain.hidden.is_allocated_at(o).await?,
+                )
+            };
+            let here = alloc(at).await?;
+            // The run of granules with the same answer, from `at`.
             let mut stop = at;
-            while stop < end && alloc(stop / CLUSTER_BYTES) == here {
-                stop = ((stop / CLUSTER_BYTES + 1) * CLUSTER_BYTES).min(end);
+            while stop < end && alloc(stop).await? == here {
+                stop = ((stop / g + 1) * g).min(end);
             }
             let dev: Device = if here {
-                chain.active.clone()
+                chain.active.clone().as_device()
             } else {
                 chain.disk.clone()
             };

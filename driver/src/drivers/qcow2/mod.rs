@@ -34,6 +34,7 @@ pub mod cache;
 pub mod check;
 pub mod create;
 pub mod format;
+pub mod layer;
 #[cfg(test)]
 mod tests;
 
@@ -1322,6 +1323,12 @@ impl BlockDevice for Qcow2 {
         let again = self.write_back().await?;
         if !flushed && !again {
             self.file.flush().await?;
+        }
+        // As an overlay does (REPLICATION.md R47): the backing too, which COLO's commit and
+        // copy-before-write write behind this node's back. A read-only backing has nothing
+        // to make durable and answers at once.
+        if let Some(b) = &self.backing {
+            b.flush().await?;
         }
         Ok(())
     }
