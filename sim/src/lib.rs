@@ -24,6 +24,8 @@ pub mod colo;
 #[cfg(madsim)]
 pub mod heal;
 #[cfg(madsim)]
+pub mod image;
+#[cfg(madsim)]
 pub mod metadisk;
 #[cfg(madsim)]
 pub mod net;

@@ -208,6 +208,36 @@ pub struct Params {
     pub colo: Option<ColoParams>,
     /// Healing faults and QMP jobs (quorum topologies).
     pub heal: HealParams,
+    /// A qcow2 image on a byte-exact disk instead of a quorum (issue 19; None: quorum).
+    pub image: Option<ImageParams>,
+}
+
+/// Fault families of the image topology: the same families, applied to the image file's own
+/// writes (F5), and its crashes (F16, resolved by F8 and F9 at sector granularity).
+pub const IMAGE_FAMILIES: [&str; 4] = ["F5", "F8", "F9", "F16"];
+
+/// The image side of a run (`topology.image = true`): one qcow2 node over a byte-exact disk
+/// with a volatile cache (`sim/src/image.rs`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageParams {
+    /// log2 of the cluster size.
+    pub cluster_bits: u32,
+    /// qcow2 version (2 or 3).
+    pub version: u32,
+    /// log2 of the refcount width.
+    pub refcount_order: u32,
+    /// The image has a backing node (tags of write 0 over three quarters of the disk).
+    pub backing: bool,
+    /// Guest requests in flight at once.
+    pub concurrency: u64,
+    /// F5: share of the image file's writes that fail (applied none, all or in part).
+    pub f5: f64,
+    /// F16: chance of a crash after each batch of guest requests.
+    pub f16: f64,
+    /// F8: chance that one unflushed write survives a crash.
+    pub f8: f64,
+    /// F9: share of surviving unflushed writes torn between sectors.
+    pub f9: f64,
 }
 
 /// Pinned values by dotted key, with a record of which were used.
@@ -391,6 +421,35 @@ impl Params {
             p.choice("topology.transport", &["local", "nbd"], &[3, 1])?
         };
         let nbd_on = transport == "nbd";
+        let image_on = !colo_on && !nbd_on && p.boolean("topology.image", 0.15)?;
+        let image = if image_on {
+            Some(ImageParams {
+                cluster_bits: p.int("image.cluster_bits", 9, 21, |r| {
+                    [9, 12, 16, 16][r.below(4) as usize]
+                })? as u32,
+                version: p.int(
+                    "image.version",
+                    2,
+                    3,
+                    |r| if r.chance(0.25) { 2 } else { 3 },
+                )? as u32,
+                refcount_order: p.int("image.refcount_order", 0, 6, |r| {
+                    if r.chance(0.5) {
+                        4
+                    } else {
+                        r.below(7)
+                    }
+                })? as u32,
+                backing: p.boolean("image.backing", 0.5)?,
+                concurrency: p.int("image.concurrency", 1, 64, |r| r.range(1, 9))?,
+                f5: p.float("image.F5", 0.0, 1.0, |r| r.uniform(0.0, 0.05))?,
+                f16: p.float("image.F16", 0.0, 1.0, |r| r.uniform(0.05, 0.3))?,
+                f8: p.float("image.F8", 0.0, 1.0, |r| r.uniform(0.0, 0.5))?,
+                f9: p.float("image.F9", 0.0, 1.0, |r| r.uniform(0.0, 1.0))?,
+            })
+        } else {
+            None
+        };
         let path = p.choice("topology.guest_path", &["direct", "nbd"], &[1, 0])?;
         if path == "nbd" {
             return Err("key 'topology.guest_path': \"nbd\" is not simulated yet (the guest calls qhost's quorum directly; the NBD server runs on the replica hosts)".into());
@@ -834,6 +893,7 @@ impl Params {
             nbd,
             colo,
             heal,
+            image,
         })
     }
 
@@ -895,6 +955,18 @@ impl Params {
             if let Some((f, k)) = &c.event {
                 s += &format!("# random COLO fault: {f} at checkpoint {k}\n");
             }
+            return s;
+        }
+        if let Some(i) = &self.image {
+            s += &format!(
+                "topology = {{ kind = \"quorum\", transport = \"local\", image = true, disk_size = \"{}\" }}\n",
+                fmt_size(self.disk_size)
+            );
+            s += &format!(
+                "image = {{ cluster_bits = {}, version = {}, refcount_order = {}, backing = {}, concurrency = {}, F5 = {:?}, F16 = {:?}, F8 = {:?}, F9 = {:?} }}\n",
+                i.cluster_bits, i.version, i.refcount_order, i.backing, i.concurrency, i.f5, i.f16, i.f8, i.f9
+            );
+            s += &format!("workload = {{ ops = {} }}\n", self.ops);
             return s;
         }
         s += &format!(

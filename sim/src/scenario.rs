@@ -198,7 +198,7 @@ fn grid_pins(v: &Tv, what: &str) -> Result<BTreeMap<String, Tv>, String> {
                 pins.insert("budget".to_string(), v.clone());
             }
             "topology" | "workload" | "faults" | "phases" | "disk" | "nbd_client" | "network"
-            | "healing" => {
+            | "healing" | "image" => {
                 let inner = v
                     .as_table()
                     .ok_or_else(|| format!("key 'grid.{what}.{k}': expected a table"))?;
@@ -406,7 +406,7 @@ impl Scenario {
                     pins.insert("budget".to_string(), v.clone());
                 }
                 "topology" | "workload" | "faults" | "phases" | "disk" | "nbd_client"
-                | "network" | "healing" => {
+                | "network" | "healing" | "image" => {
                     let t = v
                         .as_table()
                         .ok_or_else(|| format!("key '{k}': expected a table"))?;
@@ -1178,6 +1178,6 @@ mod tests {
                 n += 1;
             }
         }
-        assert_eq!(n, 60, "scenario files");
+        assert_eq!(n, 62, "scenario files");
     }
 }

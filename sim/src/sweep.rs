@@ -339,9 +339,9 @@ fn topology_class(p: &Params) -> &'static str {
 }
 
 /// Recovery paths the simulated topologies reach (I15), with healing's P16–P20.
-const PATHS: [&str; 20] = [
+const PATHS: [&str; 21] = [
     "P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8", "P9", "P10", "P11", "P12", "P13", "P14", "P15",
-    "P16", "P17", "P18", "P19", "P20",
+    "P16", "P17", "P18", "P19", "P20", "P21",
 ];
 
 fn summarize(
@@ -411,7 +411,7 @@ fn summarize(
             "seed": job.seed,
             "scenario": job.scenario.name,
             "parameters": {
-                "topology": if p.colo.is_some() { "colo" } else { "quorum" },
+                "topology": if p.colo.is_some() { "colo" } else if p.image.is_some() { "image" } else { "quorum" },
                 "transport": if p.nbd.is_some() { "nbd" } else { "local" },
                 "children": p.children, "vote_threshold": p.threshold,
                 "read_pattern": if p.fifo { "fifo" } else { "quorum" },

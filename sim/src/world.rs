@@ -324,6 +324,9 @@ async fn world_main(p: Params, sc: Scenario, opts: RunOpts) -> RunResult {
     if p.colo.is_some() {
         return crate::colo::colo_main(p, sc, opts).await;
     }
+    if p.image.is_some() {
+        return crate::image::image_main(p, sc, opts).await;
+    }
     let start = tokio::time::Instant::now();
     let n = p.children;
     let mut sectors = vec![p.disk_size / SECTOR_U64; n];

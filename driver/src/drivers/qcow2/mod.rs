@@ -812,7 +812,11 @@ impl Qcow2 {
             self.snapshot(&mut m)
         };
         let mut flushed = false;
-        if !wb.refblocks.is_empty() || !wb.reftable.is_empty() {
+        // Step 1 also makes durable the data written since the last flush, which the L2
+        // entries of step 2 may point to: it flushes even with no refcount change (a write
+        // into a preallocated zero cluster changes only its L2 entry). Found by the
+        // simulator's image topology (I21: old data resurfaced after a power cut).
+        if !wb.refblocks.is_empty() || !wb.reftable.is_empty() || !wb.l2.is_empty() {
             for (off, _, data) in &wb.refblocks {
                 self.file
                     .write(*off, Bytes::from(data.clone()), WriteFlags::NONE)
@@ -878,6 +882,15 @@ impl Qcow2 {
             }
         }
         Ok(flushed)
+    }
+
+    /// Whether every metadata change is on the media (nothing waits for a write-back).
+    async fn metadata_clean(&self) -> bool {
+        let m = self.meta.lock().await;
+        !m.refblocks.any_dirty()
+            && m.reftable_dirty.is_empty()
+            && !m.l2.any_dirty()
+            && m.l1_dirty.is_empty()
     }
 
     /// Runs a write-back when a cache holds more dirty tables than its budget.
@@ -1304,11 +1317,16 @@ impl BlockDevice for Qcow2 {
             return Ok(());
         }
         let (first, end) = self.guest_clusters(offset, n);
-        let changed = {
+        let (changed, direct) = {
             let _g = self.locks.lock(first, end, true).await;
-            self.write_locked(offset, &data, flags.fua).await?
+            // FUA on the file makes the data durable, not the mapping that finds it: only when
+            // no metadata change is waiting (this cluster's mapping is then on the media) may
+            // an in-place write carry FUA itself; otherwise a full flush follows (QEMU emulates
+            // FUA for qcow2 the same way). Found by the simulator's image topology (I21).
+            let direct = flags.fua && self.metadata_clean().await;
+            (self.write_locked(offset, &data, direct).await?, direct)
         };
-        if changed && flags.fua {
+        if flags.fua && (changed || !direct) {
             self.flush().await?;
         } else if changed {
             self.relieve_caches().await?;

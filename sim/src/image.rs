@@ -1,0 +1,762 @@
+//! The image topology (issue 19 item 5): one qcow2 node over a byte-exact disk with a
+//! volatile cache, driven by concurrent guest requests, with F5 on the image file's own writes
+//! and F16 crashes resolved by F8 (each unflushed write survives or not) and F9 (a surviving
+//! write torn between sectors, never inside one: the sector atomicity qcow2, like md and DRBD,
+//! relies on).
+//!
+//! Checks:
+//! - I1/I3 while running: every read returns, per sector, a value some write could have left
+//!   there (the newest write completed before the read, or one overlapping it);
+//! - I21 after every crash: the image opens, and every sector reads as the value of the last
+//!   flush that covered it or of a write issued since (I2: a flushed write is never lost);
+//! - I22 after every crash: the image's refcounts, checked on the durable bytes by
+//!   `ballot::drivers::qcow2::check`, are never below the references (leaks allowed);
+//! - P21 counts reopenings after a crash that found leaked clusters.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use ballot::device::{check_request, Access};
+use ballot::drivers::memory::MemoryDevice;
+use ballot::drivers::qcow2::check::check;
+use ballot::drivers::qcow2::create::{create, CreateOptions};
+use ballot::drivers::qcow2::{Qcow2, Qcow2Options};
+use ballot::{BlockDevice, Device, Error, ErrorKind, Result, WriteFlags, ZeroFlags};
+use bytes::{Bytes, BytesMut};
+
+use crate::params::{ImageParams, Params};
+use crate::rng::{hash_words, Rng};
+use crate::scenario::Scenario;
+use crate::sector::{decode, encode_into, Decoded, Value, SECTOR, SECTOR_U64};
+use crate::world::{RunOpts, RunResult};
+
+struct DiskState {
+    durable: Vec<u8>,
+    current: Vec<u8>,
+    /// Unflushed writes, in order: offset and bytes.
+    pending: Vec<(u64, Vec<u8>)>,
+    rng: Rng,
+    /// Latencies only (so the fault decisions do not depend on how many requests ran).
+    lat: Rng,
+    injected: BTreeMap<String, u64>,
+}
+
+/// The image file: bytes on the media, a cache on top, F5 on writes.
+struct ImageDisk {
+    st: Mutex<DiskState>,
+    f5: f64,
+}
+
+impl std::fmt::Debug for ImageDisk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ImageDisk")
+    }
+}
+
+impl ImageDisk {
+    fn lock(&self) -> MutexGuard<'_, DiskState> {
+        self.st.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Power cut: F8 decides which unflushed writes survive, F9 tears survivors between
+    /// sectors; the rest is lost. Returns how many writes were pending.
+    fn crash(&self, f8: f64, f9: f64) -> u64 {
+        let mut st = self.lock();
+        let pending = std::mem::take(&mut st.pending);
+        let n = pending.len() as u64;
+        let mut media = st.durable.clone();
+        media.resize(st.current.len(), 0);
+        for (off, data) in pending {
+            if !st.rng.chance(f8) {
+                *st.injected.entry("F8".into()).or_default() += 1;
+                continue;
+            }
+            let tear = st.rng.chance(f9);
+            if tear {
+                *st.injected.entry("F9".into()).or_default() += 1;
+            }
+            for (i, chunk) in data.chunks(SECTOR).enumerate() {
+                if tear && st.rng.chance(0.5) {
+                    continue;
+                }
+                let at = off as usize + i * SECTOR;
+                media[at..at + chunk.len()].copy_from_slice(chunk);
+            }
+        }
+        st.current = media.clone();
+        st.durable = media;
+        n
+    }
+
+    fn len(&self) -> u64 {
+        self.lock().current.len() as u64
+    }
+}
+
+/// Virtual latency of one disk request (so concurrent guest requests interleave).
+async fn latency(disk: &ImageDisk) {
+    let us = disk.lock().lat.range(5, 200);
+    tokio::time::sleep(Duration::from_micros(us)).await;
+}
+
+#[async_trait]
+impl BlockDevice for ImageDisk {
+    fn driver(&self) -> &'static str {
+        "imagedisk"
+    }
+
+    fn length(&self) -> Result<u64> {
+        Ok(self.len())
+    }
+
+    async fn read(&self, offset: u64, len: usize) -> Result<Bytes> {
+        latency(self).await;
+        let st = self.lock();
+        check_request(st.current.len() as u64, 1, offset, len as u64, Access::Read)?;
+        Ok(Bytes::copy_from_slice(
+            &st.current[offset as usize..offset as usize + len],
+        ))
+    }
+
+    async fn write(&self, offset: u64, data: Bytes, flags: WriteFlags) -> Result<()> {
+        latency(self).await;
+        let mut st = self.lock();
+        check_request(
+            st.current.len() as u64,
+            1,
+            offset,
+            data.len() as u64,
+            Access::Write,
+        )?;
+        if st.rng.chance(self.f5) {
+            // F5: applied none, all, or a random subset of sectors.
+            *st.injected.entry("F5".into()).or_default() += 1;
+            let how = st.rng.below(3);
+            for (i, chunk) in data.chunks(SECTOR).enumerate() {
+                let apply = match how {
+                    0 => false,
+                    1 => true,
+                    _ => st.rng.chance(0.5),
+                };
+                if apply {
+                    let at = offset as usize + i * SECTOR;
+                    st.current[at..at + chunk.len()].copy_from_slice(chunk);
+                    st.pending.push((at as u64, chunk.to_vec()));
+                }
+            }
+            return Err(Error::new(
+                ErrorKind::Io,
+                format!("F5 on the image file at {offset}+{}", data.len()),
+            ));
+        }
+        let at = offset as usize;
+        st.current[at..at + data.len()].copy_from_slice(&data);
+        if flags.fua {
+            let cur = st.current.clone();
+            st.durable = cur;
+            st.pending.clear();
+        } else {
+            st.pending.push((offset, data.to_vec()));
+        }
+        Ok(())
+    }
+
+    async fn flush(&self) -> Result<()> {
+        latency(self).await;
+        let mut st = self.lock();
+        let cur = st.current.clone();
+        st.durable = cur;
+        st.pending.clear();
+        Ok(())
+    }
+
+    async fn grow(&self, length: u64) -> Result<()> {
+        let mut st = self.lock();
+        if (st.current.len() as u64) < length {
+            // The new length is metadata the next flush makes durable; a crash before it keeps
+            // the bytes (a sparse file's size is journaled with the data it covers).
+            st.current.resize(length as usize, 0);
+            st.durable.resize(length as usize, 0);
+        }
+        Ok(())
+    }
+
+    fn grows_with_zeroes(&self) -> bool {
+        true
+    }
+}
+
+/// One guest write's record for the model.
+#[derive(Debug, Clone, Copy)]
+struct W {
+    value: Value,
+    start: u64,
+    end: Option<u64>,
+    /// The request succeeded (a failed one may have landed in whole, in part or not at all).
+    ok: bool,
+    /// A flush (or the write's own FUA) made it durable.
+    durable: bool,
+}
+
+/// Per sector: the values the last settlement (a flush, a FUA write, a crash) left possible,
+/// and the writes since.
+///
+/// Concurrent writes to one sector are unordered (the driver may apply them in either order,
+/// and may finish the one it applied first last), so "the newest write before t" is a set:
+/// the writes completed before t that no other completed write started after.
+struct Model {
+    base: Vec<Vec<Value>>,
+    hist: Vec<Vec<W>>,
+}
+
+/// The writes of `h` that ended before `t` and that no other successful write ended before
+/// `t` follows (started after they ended); `None` when no successful write ended before `t`.
+fn newest_before(h: &[W], t: u64) -> Option<Vec<W>> {
+    let done: Vec<&W> = h
+        .iter()
+        .filter(|w| w.ok && w.end.is_some_and(|e| e < t))
+        .collect();
+    if done.is_empty() {
+        return None;
+    }
+    Some(
+        done.iter()
+            .filter(|w| {
+                let e = w.end.unwrap_or(0);
+                !done.iter().any(|x| x.start > e)
+            })
+            .map(|w| **w)
+            .collect(),
+    )
+}
+
+impl Model {
+    /// Values a read started at `rs` and ending at `re` may return for sector `s`.
+    fn live_allowed(&self, s: usize, rs: u64, re: u64) -> Vec<Value> {
+        let h = &self.hist[s];
+        let newest = newest_before(h, rs);
+        let mut out: Vec<Value> = match &newest {
+            Some(ws) => ws.iter().map(|w| w.value).collect(),
+            None => self.base[s].clone(),
+        };
+        // A failed write may have landed whenever it ran, unless a successful write that
+        // ended before the read started began after it ended (then it is overwritten).
+        let done: Vec<&W> = h
+            .iter()
+            .filter(|w| w.ok && w.end.is_some_and(|e| e < rs))
+            .collect();
+        for w in h {
+            let overlaps = w.start < re && w.end.is_none_or(|e| e > rs);
+            let failed_open =
+                !w.ok && w.start < re && !done.iter().any(|x| w.end.is_some_and(|e| x.start > e));
+            if overlaps || failed_open {
+                out.push(w.value);
+            }
+        }
+        out
+    }
+
+    /// Drops the writes of sector `s` a durable write strictly follows (they can never be
+    /// read again, crash or not).
+    fn prune(&mut self, s: usize) {
+        let h = &mut self.hist[s];
+        let durable: Vec<u64> = h.iter().filter(|w| w.durable).map(|w| w.start).collect();
+        if durable.is_empty() {
+            return;
+        }
+        h.retain(|w| !durable.iter().any(|&st| w.end.is_some_and(|e| st > e)));
+    }
+
+    /// A flush that started at `fs` succeeded: the successful writes completed before it are
+    /// durable.
+    fn flushed(&mut self, fs: u64) {
+        for s in 0..self.base.len() {
+            let mut any = false;
+            for w in self.hist[s].iter_mut() {
+                if w.ok && w.end.is_some_and(|e| e < fs) {
+                    w.durable = true;
+                    any = true;
+                }
+            }
+            if any {
+                self.prune(s);
+            }
+        }
+    }
+
+    /// A FUA write (started at `t0`) of `n` sectors from `s` succeeded: it is durable.
+    fn fua_done(&mut self, s: usize, n: usize, t0: u64) {
+        for i in s..s + n {
+            for w in self.hist[i].iter_mut() {
+                if w.start == t0 && w.ok {
+                    w.durable = true;
+                }
+            }
+            self.prune(i);
+        }
+    }
+
+    /// Values sector `s` may hold after a crash: the durable base when no write since is
+    /// durable, and every write not strictly followed by a durable one.
+    fn crash_allowed(&self, s: usize) -> Vec<Value> {
+        let h = &self.hist[s];
+        let mut out = Vec::new();
+        if !h.iter().any(|w| w.durable) {
+            out.extend(self.base[s].iter().copied());
+        }
+        out.extend(h.iter().map(|w| w.value));
+        out
+    }
+}
+
+/// Runs one image-topology run.
+pub async fn image_main(p: Params, _sc: Scenario, _opts: RunOpts) -> RunResult {
+    let ip = p.image.clone().expect("an image run has image parameters");
+    let mut r = RunResult::default();
+    let start = tokio::time::Instant::now();
+    match run(&p, &ip, &mut r).await {
+        Ok(()) => {}
+        Err((rule, msg)) => r.violation = Some((rule.to_string(), msg)),
+    }
+    r.virtual_s = start.elapsed().as_secs_f64();
+    r
+}
+
+type Fail = (&'static str, String);
+
+/// What a guest request leaves for the checks after its batch.
+enum Done {
+    Nothing,
+    Read(u64, u64, u64, Bytes),
+    Flushed(u64),
+    Fua(usize, Vec<Value>, u64, u64),
+}
+
+fn encode(values: &[Value]) -> Bytes {
+    let mut b = BytesMut::zeroed(values.len() * SECTOR);
+    for (i, v) in values.iter().enumerate() {
+        encode_into(*v, &mut b[i * SECTOR..(i + 1) * SECTOR]);
+    }
+    b.freeze()
+}
+
+async fn open(file: &Device, backing: &Option<Device>) -> std::result::Result<Qcow2, String> {
+    let h = Qcow2::read_header(file, "'sim.qcow2'")
+        .await
+        .map_err(|e| e.to_string())?;
+    Qcow2::open(
+        "img",
+        "'sim.qcow2'",
+        file.clone(),
+        h,
+        backing.clone(),
+        Qcow2Options {
+            read_only: false,
+            discard_unmap: true,
+            // Small caches: evictions and write-backs under pressure happen too.
+            l2_cache_bytes: 64 << 10,
+            refcount_cache_bytes: 16 << 10,
+        },
+    )
+    .await
+    .map_err(|e| e.to_string())
+}
+
+async fn run(p: &Params, ip: &ImageParams, r: &mut RunResult) -> std::result::Result<(), Fail> {
+    let mut rng = Rng::stream(p.seed, "image/ops");
+    let sectors = (p.disk_size / SECTOR_U64).clamp(64, 1 << 15);
+    let size = sectors * SECTOR_U64;
+    let refcount_order = if ip.version == 2 {
+        4
+    } else {
+        ip.refcount_order
+    };
+    let disk = Arc::new(ImageDisk {
+        st: Mutex::new(DiskState {
+            durable: Vec::new(),
+            current: Vec::new(),
+            pending: Vec::new(),
+            rng: Rng::stream(p.seed, "image/disk"),
+            lat: Rng::stream(p.seed, "image/latency"),
+            injected: BTreeMap::new(),
+        }),
+        f5: 0.0,
+    });
+    let file: Device = disk.clone();
+    let backing_sectors = sectors * 3 / 4;
+    let backing: Option<Device> = ip.backing.then(|| {
+        let vals: Vec<Value> = (0..backing_sectors)
+            .map(|s| Value::Data { id: 0, sector: s })
+            .collect();
+        Arc::new(MemoryDevice::with_contents(encode(&vals).to_vec())) as Device
+    });
+    let base_value = |s: u64| {
+        if ip.backing && s < backing_sectors {
+            Value::Data { id: 0, sector: s }
+        } else {
+            Value::Zero
+        }
+    };
+    let copts = CreateOptions {
+        size,
+        cluster_bits: ip.cluster_bits,
+        version: ip.version,
+        refcount_order,
+        backing: ip.backing.then(|| ("base".into(), "raw".into())),
+    };
+    create(&file, &copts)
+        .await
+        .map_err(|e| ("harness", format!("create: {e}")))?;
+    // F5 from here on: the image exists.
+    let disk_f5 = Arc::new(ImageDisk {
+        st: Mutex::new(std::mem::replace(
+            &mut *disk.lock(),
+            DiskState {
+                durable: Vec::new(),
+                current: Vec::new(),
+                pending: Vec::new(),
+                rng: Rng::stream(p.seed, "image/unused"),
+                lat: Rng::stream(p.seed, "image/unused-latency"),
+                injected: BTreeMap::new(),
+            },
+        )),
+        f5: ip.f5,
+    });
+    let file: Device = disk_f5.clone();
+    let mut q = Arc::new(
+        open(&file, &backing)
+            .await
+            .map_err(|e| ("harness", format!("open: {e}")))?,
+    );
+    let model = Arc::new(Mutex::new(Model {
+        base: (0..sectors).map(|x| vec![base_value(x)]).collect(),
+        hist: vec![Vec::new(); sectors as usize],
+    }));
+    let clock = Arc::new(AtomicU64::new(1));
+    let cluster_sectors = 1u64 << (ip.cluster_bits - 9);
+    let mut next_id = 1u64;
+    let ops_total = p.ops.min(4000);
+    let mut done = 0u64;
+    let mut trace: Vec<u64> = Vec::new();
+    let mut checks: BTreeMap<String, u64> = BTreeMap::new();
+    let mut paths: BTreeMap<String, u64> = BTreeMap::new();
+    let mut crashes = 0u64;
+    while done < ops_total {
+        // A batch of concurrent requests.
+        let n = ip.concurrency.min(ops_total - done);
+        let mut tasks = Vec::new();
+        for _ in 0..n {
+            let kind = rng.below(20);
+            let s = rng.below(sectors);
+            let max = (sectors - s).min(3 * cluster_sectors);
+            let len = 1 + rng.below(max);
+            let id = next_id;
+            next_id += 1;
+            trace.extend([kind, s, len, id]);
+            let dbg = std::env::var("IMGDBG")
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok());
+            let q = q.clone();
+            let dbg_on = dbg.is_some_and(|d| d >= s && d < s + len);
+            let model = model.clone();
+            let clock = clock.clone();
+            let v3 = ip.version >= 3;
+            let bv: Vec<Value> = (s..s + len).map(base_value).collect();
+            let cl = cluster_sectors;
+            let dbg = std::env::var("IMGDBG")
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok());
+            if dbg.is_some_and(|d| d >= s && d < s + len) {
+                eprintln!("op id={id} kind={kind} s={s} len={len} batch_done={done}");
+            }
+            tasks.push(tokio::spawn(async move {
+                let t0 = clock.fetch_add(1, Ordering::SeqCst);
+                let record = |vals: &[Value], end: Option<u64>| {
+                    let mut m = model.lock().unwrap_or_else(|p| p.into_inner());
+                    for (i, v) in vals.iter().enumerate() {
+                        m.hist[(s + i as u64) as usize].push(W {
+                            value: *v,
+                            start: t0,
+                            end,
+                            ok: true,
+                            durable: false,
+                        });
+                    }
+                };
+                let set_end = |end: u64, ok: bool| {
+                    let mut m = model.lock().unwrap_or_else(|p| p.into_inner());
+                    for i in 0..len {
+                        if let Some(w) = m.hist[(s + i) as usize]
+                            .iter_mut()
+                            .rev()
+                            .find(|w| w.start == t0)
+                        {
+                            w.end = Some(end);
+                            w.ok = ok;
+                        }
+                    }
+                };
+                match kind {
+                    0..=8 => {
+                        let vals: Vec<Value> = (s..s + len)
+                            .map(|x| Value::Data { id, sector: x })
+                            .collect();
+                        record(&vals, None);
+                        let fua = id % 9 == 0;
+                        let res = q
+                            .write(s * SECTOR_U64, encode(&vals), WriteFlags { fua })
+                            .await;
+                        let end = clock.fetch_add(1, Ordering::SeqCst);
+                        if dbg_on {
+                            eprintln!(
+                                "write id={id} t0={t0} end={end} fua={fua} ok={}",
+                                res.is_ok()
+                            );
+                        }
+                        set_end(end, res.is_ok());
+                        if fua && res.is_ok() {
+                            return Done::Fua(s as usize, vals, t0, end);
+                        }
+                        Done::Nothing
+                    }
+                    9..=12 => {
+                        let res = q.read(s * SECTOR_U64, (len * SECTOR_U64) as usize).await;
+                        let t1 = clock.fetch_add(1, Ordering::SeqCst);
+                        match res {
+                            Ok(d) => Done::Read(s, t0, t1, d),
+                            Err(_) => Done::Nothing,
+                        }
+                    }
+                    13..=14 => {
+                        record(&vec![Value::Zero; len as usize], None);
+                        let res = q
+                            .write_zeroes(
+                                s * SECTOR_U64,
+                                len * SECTOR_U64,
+                                ZeroFlags {
+                                    fua: false,
+                                    may_unmap: id % 2 == 0,
+                                },
+                            )
+                            .await;
+                        set_end(clock.fetch_add(1, Ordering::SeqCst), res.is_ok());
+                        Done::Nothing
+                    }
+                    15 => {
+                        // Whole clusters become zero (v3) or show the backing (v2).
+                        let a = s.div_ceil(cl) * cl;
+                        let b = ((s + len) / cl * cl).max(a);
+                        let b = if s + len == sectors { s + len } else { b };
+                        let vals: Vec<Value> = (s..s + len)
+                            .map(|x| {
+                                if x >= a && x < b {
+                                    if v3 {
+                                        Value::Zero
+                                    } else {
+                                        bv[(x - s) as usize]
+                                    }
+                                } else {
+                                    Value::Zero
+                                }
+                            })
+                            .collect();
+                        // Only the whole clusters change; record those.
+                        if b > a {
+                            let mut m = model.lock().unwrap_or_else(|p| p.into_inner());
+                            for x in a..b {
+                                m.hist[x as usize].push(W {
+                                    value: vals[(x - s) as usize],
+                                    start: t0,
+                                    end: None,
+                                    ok: true,
+                                    durable: false,
+                                });
+                            }
+                        }
+                        let ok = q.discard(s * SECTOR_U64, len * SECTOR_U64).await.is_ok();
+                        let end = clock.fetch_add(1, Ordering::SeqCst);
+                        let mut m = model.lock().unwrap_or_else(|p| p.into_inner());
+                        for x in a..b {
+                            if let Some(w) =
+                                m.hist[x as usize].iter_mut().rev().find(|w| w.start == t0)
+                            {
+                                w.end = Some(end);
+                                w.ok = ok;
+                            }
+                        }
+                        Done::Nothing
+                    }
+                    _ => {
+                        let ok = q.flush().await.is_ok();
+                        clock.fetch_add(1, Ordering::SeqCst);
+                        if ok {
+                            Done::Flushed(t0)
+                        } else {
+                            Done::Nothing
+                        }
+                    }
+                }
+            }));
+        }
+        // Reads are checked against the batch's whole history first; the flushes and FUA
+        // writes that settle values are applied after (they drop history a read may need).
+        let mut settle = Vec::new();
+        let mut reads = Vec::new();
+        for t in tasks {
+            match t.await.map_err(|e| ("I16", format!("task: {e}")))? {
+                Done::Read(s, t0, t1, d) => reads.push((s, t0, t1, d)),
+                Done::Nothing => {}
+                other => settle.push(other),
+            }
+        }
+        for (s, t0, t1, data) in reads {
+            let m = model.lock().unwrap_or_else(|p| p.into_inner());
+            for (i, chunk) in data.chunks(SECTOR).enumerate() {
+                let sec = s as usize + i;
+                let got = match decode(chunk) {
+                    Decoded::Value(v) => v,
+                    Decoded::Garbage => {
+                        return Err(("I1", format!("sector {sec} reads garbage")));
+                    }
+                };
+                *checks.entry("I1".into()).or_default() += 1;
+                let allowed = m.live_allowed(sec, t0, t1);
+                if !allowed.contains(&got) {
+                    return Err((
+                        "I3",
+                        format!("sector {sec} reads {got:?}, allowed {allowed:?}"),
+                    ));
+                }
+            }
+        }
+        settle.sort_by_key(|d| match d {
+            Done::Flushed(t) => *t,
+            Done::Fua(_, _, _, end) => *end,
+            _ => 0,
+        });
+        {
+            let mut m = model.lock().unwrap_or_else(|p| p.into_inner());
+            for d in settle {
+                if std::env::var("IMGDBG").is_ok() {
+                    match &d {
+                        Done::Flushed(fs) => eprintln!("settle flush fs={fs}"),
+                        Done::Fua(s, v, t0, end) => {
+                            eprintln!("settle fua s={s} n={} t0={t0} end={end}", v.len())
+                        }
+                        _ => {}
+                    }
+                }
+                match d {
+                    Done::Flushed(fs) => m.flushed(fs),
+                    Done::Fua(s, vals, t0, _) => m.fua_done(s, vals.len(), t0),
+                    _ => {}
+                }
+            }
+        }
+        done += n;
+        // F16: a crash between batches.
+        if rng.chance(ip.f16) {
+            if std::env::var("IMGDBG").is_ok() {
+                eprintln!("crash after {done}");
+            }
+            crashes += 1;
+            *disk_f5.lock().injected.entry("F16".into()).or_default() += 1;
+            drop(q);
+            disk_f5.crash(ip.f8, ip.f9);
+            let h = Qcow2::read_header(&file, "'sim.qcow2'")
+                .await
+                .map_err(|e| {
+                    (
+                        "I21",
+                        format!("after crash {crashes}: the image does not open: {e}"),
+                    )
+                })?;
+            let report = check(&file, &h)
+                .await
+                .map_err(|e| ("I22", format!("after crash {crashes}: check failed: {e}")))?;
+            *checks.entry("I22".into()).or_default() += 1;
+            if !report.is_consistent() {
+                return Err((
+                    "I22",
+                    format!(
+                        "after crash {crashes}: refcounts below references: {}",
+                        report.messages.join("; ")
+                    ),
+                ));
+            }
+            if report.leaks > 0 {
+                *paths.entry("P21".into()).or_default() += 1;
+            }
+            // Reopening must not itself fail under F5: retry the open a few times.
+            let mut reopened = None;
+            for _ in 0..8 {
+                if let Ok(x) = open(&file, &backing).await {
+                    reopened = Some(x);
+                    break;
+                }
+            }
+            let fresh = reopened.ok_or_else(|| {
+                (
+                    "I21",
+                    format!("after crash {crashes}: the image does not reopen"),
+                )
+            })?;
+            q = Arc::new(fresh);
+            if let Some(d) = std::env::var("IMGDBG")
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok())
+            {
+                let st = q.block_status(d * SECTOR_U64, SECTOR_U64).await;
+                let v = q.read(d * SECTOR_U64, SECTOR).await.map(|b| decode(&b));
+                eprintln!("reopen {crashes}: sector {d} status {st:?} value {v:?}");
+            }
+            // Every sector: the durable value or a write since.
+            let mut all = None;
+            for _ in 0..8 {
+                if let Ok(d) = q.read(0, size as usize).await {
+                    all = Some(d);
+                    break;
+                }
+            }
+            let all = all.ok_or_else(|| ("harness", "full read keeps failing".to_string()))?;
+            let mut m = model.lock().unwrap_or_else(|p| p.into_inner());
+            for (i, chunk) in all.chunks(SECTOR).enumerate() {
+                let got = match decode(chunk) {
+                    Decoded::Value(v) => v,
+                    Decoded::Garbage => {
+                        return Err((
+                            "I21",
+                            format!("after crash {crashes}: sector {i} reads garbage"),
+                        ));
+                    }
+                };
+                let allowed = m.crash_allowed(i);
+                if !allowed.contains(&got) {
+                    return Err((
+                        "I21",
+                        format!(
+                            "after crash {crashes}: sector {i} reads {got:?}, allowed {allowed:?} (I2)"
+                        ),
+                    ));
+                }
+                m.base[i] = vec![got];
+                m.hist[i].clear();
+            }
+            *checks.entry("I21".into()).or_default() += 1;
+        }
+    }
+    // The end: a flush, then the image checks clean (no leaks after a flush).
+    let _ = q.flush().await;
+    r.ops = done;
+    r.crashes = crashes;
+    r.checks = checks;
+    r.paths = paths;
+    r.injected = disk_f5.lock().injected.clone();
+    r.child_ops = 0;
+    r.trace_hash = format!("{:016x}", hash_words(&trace));
+    r.records = trace.len() as u64 / 4;
+    Ok(())
+}
