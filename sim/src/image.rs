@@ -48,6 +48,60 @@ struct DiskState {
 struct ImageDisk {
     st: Mutex<DiskState>,
     f5: f64,
+    /// The host's life: requests of an earlier life (before a power cut) fail and change
+    /// nothing.
+    life: AtomicU64,
+}
+
+/// The image file as one life of the host sees it.
+#[derive(Debug)]
+struct Lane {
+    disk: Arc<ImageDisk>,
+    life: u64,
+}
+
+impl Lane {
+    fn alive(&self) -> Result<()> {
+        if self.disk.life.load(Ordering::SeqCst) == self.life {
+            Ok(())
+        } else {
+            Err(Error::new(ErrorKind::Io, "the host lost power"))
+        }
+    }
+}
+
+#[async_trait]
+impl BlockDevice for Lane {
+    fn driver(&self) -> &'static str {
+        "imagedisk"
+    }
+    fn length(&self) -> Result<u64> {
+        self.disk.length()
+    }
+    async fn read(&self, offset: u64, len: usize) -> Result<Bytes> {
+        self.alive()?;
+        let r = self.disk.read(offset, len).await;
+        self.alive()?;
+        r
+    }
+    async fn write(&self, offset: u64, data: Bytes, flags: WriteFlags) -> Result<()> {
+        latency(&self.disk).await;
+        self.alive()?;
+        self.disk.write_now(offset, data, flags)
+    }
+    async fn flush(&self) -> Result<()> {
+        latency(&self.disk).await;
+        self.alive()?;
+        self.disk.flush_now();
+        Ok(())
+    }
+    async fn grow(&self, length: u64) -> Result<()> {
+        self.alive()?;
+        self.disk.grow(length).await
+    }
+    fn grows_with_zeroes(&self) -> bool {
+        true
+    }
 }
 
 impl std::fmt::Debug for ImageDisk {
@@ -123,6 +177,27 @@ impl BlockDevice for ImageDisk {
 
     async fn write(&self, offset: u64, data: Bytes, flags: WriteFlags) -> Result<()> {
         latency(self).await;
+        self.write_now(offset, data, flags)
+    }
+
+    async fn flush(&self) -> Result<()> {
+        latency(self).await;
+        self.flush_now();
+        Ok(())
+    }
+
+    async fn grow(&self, length: u64) -> Result<()> {
+        self.grow_now(length);
+        Ok(())
+    }
+
+    fn grows_with_zeroes(&self) -> bool {
+        true
+    }
+}
+
+impl ImageDisk {
+    fn write_now(&self, offset: u64, data: Bytes, flags: WriteFlags) -> Result<()> {
         let mut st = self.lock();
         check_request(
             st.current.len() as u64,
@@ -164,16 +239,14 @@ impl BlockDevice for ImageDisk {
         Ok(())
     }
 
-    async fn flush(&self) -> Result<()> {
-        latency(self).await;
+    fn flush_now(&self) {
         let mut st = self.lock();
         let cur = st.current.clone();
         st.durable = cur;
         st.pending.clear();
-        Ok(())
     }
 
-    async fn grow(&self, length: u64) -> Result<()> {
+    fn grow_now(&self, length: u64) {
         let mut st = self.lock();
         if (st.current.len() as u64) < length {
             // The new length is metadata the next flush makes durable; a crash before it keeps
@@ -181,11 +254,6 @@ impl BlockDevice for ImageDisk {
             st.current.resize(length as usize, 0);
             st.durable.resize(length as usize, 0);
         }
-        Ok(())
-    }
-
-    fn grows_with_zeroes(&self) -> bool {
-        true
     }
 }
 
@@ -384,6 +452,7 @@ async fn run(p: &Params, ip: &ImageParams, r: &mut RunResult) -> std::result::Re
             injected: BTreeMap::new(),
         }),
         f5: 0.0,
+        life: AtomicU64::new(0),
     });
     let file: Device = disk.clone();
     let backing_sectors = sectors * 3 / 4;
@@ -424,10 +493,17 @@ async fn run(p: &Params, ip: &ImageParams, r: &mut RunResult) -> std::result::Re
             },
         )),
         f5: ip.f5,
+        life: AtomicU64::new(0),
     });
     let file: Device = disk_f5.clone();
+    let lane = |d: &Arc<ImageDisk>| -> Device {
+        Arc::new(Lane {
+            disk: d.clone(),
+            life: d.life.load(Ordering::SeqCst),
+        })
+    };
     let mut q = Arc::new(
-        open(&file, &backing)
+        open(&lane(&disk_f5), &backing)
             .await
             .map_err(|e| ("harness", format!("open: {e}")))?,
     );
@@ -447,6 +523,11 @@ async fn run(p: &Params, ip: &ImageParams, r: &mut RunResult) -> std::result::Re
     while done < ops_total {
         // A batch of concurrent requests.
         let n = ip.concurrency.min(ops_total - done);
+        // F16 in the middle of the batch: a power cut at a random instant while requests (and
+        // write-backs) are in flight.
+        let cut_at = rng
+            .chance(ip.f16 / 2.0)
+            .then(|| Duration::from_micros(rng.range(0, 3000)));
         let mut tasks = Vec::new();
         for _ in 0..n {
             let kind = rng.below(20);
@@ -605,11 +686,29 @@ async fn run(p: &Params, ip: &ImageParams, r: &mut RunResult) -> std::result::Re
         // writes that settle values are applied after (they drop history a read may need).
         let mut settle = Vec::new();
         let mut reads = Vec::new();
+        let mut cut = false;
+        if let Some(at) = cut_at {
+            tokio::time::sleep(at).await;
+            if tasks.iter().any(|t| !t.is_finished()) {
+                // The cut: earlier requests' I/O fails from now on, the cache is resolved,
+                // and the requests in flight never answer (their writes stay possible).
+                cut = true;
+                disk_f5.life.fetch_add(1, Ordering::SeqCst);
+                disk_f5.crash(ip.f8, ip.f9);
+                for t in &tasks {
+                    t.abort();
+                }
+            }
+        }
         for t in tasks {
-            match t.await.map_err(|e| ("I16", format!("task: {e}")))? {
-                Done::Read(s, t0, t1, d) => reads.push((s, t0, t1, d)),
-                Done::Nothing => {}
-                other => settle.push(other),
+            match t.await {
+                Ok(Done::Read(s, t0, t1, d)) => reads.push((s, t0, t1, d)),
+                Ok(Done::Nothing) => {}
+                Ok(other) => settle.push(other),
+                Err(e) if cut => {
+                    let _ = e;
+                }
+                Err(e) => return Err(("I16", format!("task: {e}"))),
             }
         }
         for (s, t0, t1, data) in reads {
@@ -657,15 +756,18 @@ async fn run(p: &Params, ip: &ImageParams, r: &mut RunResult) -> std::result::Re
             }
         }
         done += n;
-        // F16: a crash between batches.
-        if rng.chance(ip.f16) {
+        // F16: the cut in this batch, or one between batches.
+        if cut || rng.chance(ip.f16 / 2.0) {
             if std::env::var("IMGDBG").is_ok() {
-                eprintln!("crash after {done}");
+                eprintln!("crash after {done} (in flight: {cut})");
             }
             crashes += 1;
             *disk_f5.lock().injected.entry("F16".into()).or_default() += 1;
             drop(q);
-            disk_f5.crash(ip.f8, ip.f9);
+            if !cut {
+                disk_f5.life.fetch_add(1, Ordering::SeqCst);
+                disk_f5.crash(ip.f8, ip.f9);
+            }
             let h = Qcow2::read_header(&file, "'sim.qcow2'")
                 .await
                 .map_err(|e| {
@@ -693,7 +795,7 @@ async fn run(p: &Params, ip: &ImageParams, r: &mut RunResult) -> std::result::Re
             // Reopening must not itself fail under F5: retry the open a few times.
             let mut reopened = None;
             for _ in 0..8 {
-                if let Ok(x) = open(&file, &backing).await {
+                if let Ok(x) = open(&lane(&disk_f5), &backing).await {
                     reopened = Some(x);
                     break;
                 }
