@@ -41,7 +41,8 @@ Environment: BENCH_QCOW2_BYTES (virtual size of the filled images, default 512 M
 BENCH_QCOW2_FRESH_BYTES (virtual size of the fresh images, default 4 x BENCH_QCOW2_BYTES),
 BENCH_FIO_SECONDS (default 10), BENCH_DIR (a temp dir is made in it for the images and removed at
 the end; default /var/tmp: a real disk, not tmpfs), BENCH_OUT (default reports/bench-qcow2.md),
-BALLOT_BIN (default target/release/ballot).
+BALLOT_BIN (default target/release/ballot), BENCH_ONLY (run only the workloads whose name
+contains it).
 Argument: REPS (default 3).
 """
 import json
@@ -78,6 +79,9 @@ WORKLOADS = [
     ("1M seq write QD4, first write", ["--rw=write", "--bs=1M", "--iodepth=4"], "bw", "write", "fresh"),
     ("4k randwrite QD32, first write", "replay", "iops", "write", "fresh"),
 ]
+# BENCH_ONLY: a substring of the workload names to run (the others are left out).
+if os.environ.get("BENCH_ONLY"):
+    WORKLOADS = [w for w in WORKLOADS if os.environ["BENCH_ONLY"] in w[0]]
 TOPOLOGIES = [
     ("quorum3", "Quorum of three qcow2 images (vote-threshold 2)", 3, "q0"),
     ("single", "Single qcow2 image", 1, "c0"),

@@ -58,6 +58,8 @@ pub const L2_CACHE_BYTES_DEFAULT: u64 = 32 << 20;
 pub const REFCOUNT_CACHE_BYTES_DEFAULT: u64 = 8 << 20;
 /// Smallest step the image file grows by when clusters are allocated past its end.
 const GROW_STEP_BYTES: u64 = 1 << 20;
+/// Largest step the image file grows by at once.
+const GROW_STEP_MAX_BYTES: u64 = 128 << 20;
 
 /// Options of one qcow2 node.
 #[derive(Debug, Clone)]
@@ -626,7 +628,11 @@ impl Qcow2 {
         if end <= m.file_len {
             return Ok(());
         }
-        let step = GROW_STEP_BYTES.max(self.cluster);
+        // Geometric steps (an eighth of the file, at most 128 MiB) keep ftruncate calls
+        // logarithmic in the image's size; the space beyond what is used stays sparse.
+        let step = (m.file_len / 8)
+            .clamp(GROW_STEP_BYTES, GROW_STEP_MAX_BYTES)
+            .max(self.cluster);
         let target = end
             .max(m.file_len.saturating_add(step))
             .div_ceil(self.cluster)
