@@ -151,6 +151,12 @@ pub async fn check(file: &Device, h: &Header) -> Result<CheckReport> {
         let mut at = h.snapshots_offset;
         let start = at;
         for s in 0..h.nb_snapshots {
+            if at >= file_len {
+                w.report.corrupt(format!(
+                    "snapshot {s}: the snapshot table runs past the end of the file"
+                ));
+                break;
+            }
             let fixed = read_clipped(file, at, 40, file_len).await?;
             let l1_off = u64::from_be_bytes(fixed[0..8].try_into().unwrap_or([0; 8]));
             let l1_size = u64::from(u32::from_be_bytes(
@@ -182,7 +188,11 @@ pub async fn check(file: &Device, h: &Header) -> Result<CheckReport> {
         if boff == 0 {
             continue;
         }
-        if boff % cl != 0 || boff + cl > file_len.div_ceil(cl) * cl {
+        if boff % cl != 0
+            || boff
+                .checked_add(cl)
+                .is_none_or(|e| e > file_len.div_ceil(cl) * cl)
+        {
             w.report.corrupt(format!(
                 "refcount table entry {bi}: block at {boff} is invalid"
             ));

@@ -17,6 +17,8 @@ pub const CLUSTER_BITS_MAX: u32 = 21;
 pub const L1_BYTES_MAX: u64 = 32 << 20;
 /// QEMU's limit on the refcount table (8 MiB).
 pub const REFTABLE_BYTES_MAX: u64 = 8 << 20;
+/// QEMU's limit on the number of internal snapshots.
+pub const SNAPSHOTS_MAX: u32 = 65536;
 /// QEMU's limit on the backing file name.
 pub const BACKING_NAME_BYTES_MAX: u32 = 1023;
 /// The v2 header's length.
@@ -404,8 +406,17 @@ pub fn parse_header(first: &[u8], file_len: u64) -> Result<Header, FormatError> 
         ));
     }
     check_inside("refcount table", reftable_offset, reftable_bytes, file_len)?;
-    if nb_snapshots > 0 && (!aligned(snapshots_offset) || snapshots_offset == 0) {
-        return bad(format!("Invalid snapshot table offset {snapshots_offset}"));
+    if nb_snapshots > SNAPSHOTS_MAX {
+        return bad(format!(
+            "Too many internal snapshots: {nb_snapshots} (QEMU allows {SNAPSHOTS_MAX})"
+        ));
+    }
+    if nb_snapshots > 0
+        && (!aligned(snapshots_offset) || snapshots_offset == 0 || snapshots_offset >= file_len)
+    {
+        return bad(format!(
+            "Invalid snapshot table offset {snapshots_offset} (the file holds {file_len} bytes)"
+        ));
     }
     Ok(h)
 }

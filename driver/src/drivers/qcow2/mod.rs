@@ -472,6 +472,18 @@ impl Qcow2 {
         Ok(format::get_refcount(b, self.h.refcount_order, c % per))
     }
 
+    /// Whether cluster `c` holds metadata ballot knows of: the header, the L1 table, the
+    /// refcount table, a refcount block, or a cached L2 table.
+    fn is_metadata(&self, m: &Meta, c: u64) -> bool {
+        let cl = self.cluster;
+        let within = |off: u64, bytes: u64| c >= off / cl && c < (off + bytes.max(1)).div_ceil(cl);
+        c == 0
+            || (self.h.l1_size > 0 && within(self.h.l1_offset, u64::from(self.h.l1_size) * 8))
+            || within(m.reftable_off, m.reftable.len() as u64 * 8)
+            || m.reftable.contains(&(c * cl))
+            || m.l2.contains(c * cl)
+    }
+
     /// Sets the refcount of cluster `c`, whose refcount block exists.
     async fn set_refcount(&self, m: &mut Meta, c: u64, v: u64) -> Result<()> {
         if v > format::refcount_max(self.h.refcount_order) {
@@ -505,11 +517,23 @@ impl Qcow2 {
     async fn new_refblock(&self, m: &mut Meta, bi: u64) -> Result<u64> {
         let per = self.entries_per_block();
         let first = bi * per;
-        let c = first;
+        let mut c = first;
+        while self.is_metadata(m, c) {
+            c += 1;
+        }
+        if c >= first + per {
+            return Err(self.corrupt(format!(
+                "refcount block {bi} is missing and every cluster it would cover holds metadata"
+            )));
+        }
         let off = c * self.cluster;
         self.ensure_file(m, off + self.cluster).await?;
         let mut data = vec![0u8; self.cluster as usize];
         format::set_refcount(&mut data, self.h.refcount_order, c - first, 1);
+        // Metadata clusters this range holds are counted too (a damaged image left them out).
+        for x in first..c {
+            format::set_refcount(&mut data, self.h.refcount_order, x - first, 1);
+        }
         m.refblocks.insert(off, data, true);
         m.reftable[bi as usize] = off;
         let v = bump(&mut m.version);
@@ -661,17 +685,22 @@ impl Qcow2 {
         let per = self.entries_per_block();
         let has_block =
             |m: &Meta, c: u64| m.reftable.get((c / per) as usize).is_some_and(|&o| o != 0);
+        let mut c = m.free_hint;
         let start = loop {
-            let mut c = m.free_hint;
-            while self.refcount(m, c).await? != 0 {
+            // Past the end of the file no cluster can be in use (nothing there holds data or
+            // a table), whatever a damaged refcount says: the search ends there, so an image
+            // whose refcounts claim every cluster cannot make it run forever. A cluster that
+            // holds known metadata is never taken, whatever its refcount (QEMU's overlap
+            // check: a damaged image must not get its header or tables overwritten).
+            let eof = m.file_len.div_ceil(cl);
+            while (c < eof && self.refcount(m, c).await? != 0) || self.is_metadata(m, c) {
                 c += 1;
             }
-            m.free_hint = c;
             if has_block(m, c) {
                 break c;
             }
-            // The cluster's range has no refcount block: the new block takes the range's
-            // first cluster (describing itself), then the search runs again.
+            // The cluster's range has no refcount block: the new block takes the range's first
+            // cluster that holds no known metadata (describing itself); the search runs again.
             let bi = c / per;
             if bi as usize >= m.reftable.len() {
                 self.grow_reftable(m, bi).await?;
@@ -683,7 +712,8 @@ impl Qcow2 {
         let mut count = 1;
         while count < n
             && has_block(m, start + count)
-            && self.refcount(m, start + count).await? == 0
+            && (start + count >= m.file_len.div_ceil(cl)
+                || self.refcount(m, start + count).await? == 0)
         {
             count += 1;
         }
