@@ -9,7 +9,7 @@
 //! offset. Per-cluster atomicity (R49) comes from a shared/exclusive [`RangeLock`].
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
@@ -320,10 +320,8 @@ pub struct CommitStats {
 }
 
 /// R52: commits every cluster allocated in any overlay of `chain` (top first, each the backing
-/// of the one before) into `base`, the backing of the last, in ascending cluster order, one
-/// cluster at a time, atomically against I/O to that cluster on every overlay of the chain.
-/// Stops at the first error, leaving uncommitted clusters in place, or at a cluster boundary
-/// once `cancel` is set.
+/// of the one before) into `base`, the backing of the last: [`crate::drivers::cow::commit`],
+/// which the replication driver runs over any layers, with the counts in clusters.
 ///
 /// # Errors
 /// The base's write error.
@@ -332,55 +330,12 @@ pub async fn commit(
     base: &Device,
     cancel: Option<&AtomicBool>,
 ) -> Result<CommitStats> {
-    let mut stats = CommitStats::default();
-    let mut cursor = 0u64;
-    loop {
-        if cancel.is_some_and(|c| c.load(Ordering::SeqCst)) {
-            return Ok(stats);
-        }
-        let Some(c) = chain.iter().filter_map(|o| o.next_allocated(cursor)).min() else {
-            return Ok(stats);
-        };
-        cursor = c + 1;
-        stats.bytes += commit_cluster(chain, base, c).await?;
-        stats.clusters += 1;
-    }
-}
-
-/// Commits cluster `c` of the chain into `base` (one step of R52 and R31 step 1). Returns the
-/// bytes written; 0 when no overlay holds the cluster any more.
-///
-/// # Errors
-/// The base's write error (the cluster then stays in the chain).
-pub async fn commit_cluster(chain: &[Arc<Overlay>], base: &Device, c: u64) -> Result<u64> {
-    let mut guards = Vec::with_capacity(chain.len());
-    for o in chain {
-        guards.push(o.locks.lock(c, c + 1, true).await);
-    }
-    let Some(owner) = chain.iter().find(|o| o.is_allocated(c)) else {
-        return Ok(0);
-    };
-    let len = owner.cluster_len(c);
-    let offset = c * CLUSTER_BYTES;
-    match owner.cluster_content(c).await? {
-        Some(data) => base.write(offset, data, WriteFlags::NONE).await?,
-        None => {
-            base.write_zeroes(
-                offset,
-                len,
-                ZeroFlags {
-                    fua: false,
-                    may_unmap: true,
-                },
-            )
-            .await?
-        }
-    }
-    for o in chain {
-        o.drop_cluster(c);
-    }
-    drop(guards);
-    Ok(len)
+    let layers: Vec<crate::drivers::cow::Layer> = chain.iter().map(|o| o.clone() as _).collect();
+    let st = crate::drivers::cow::commit(&layers, base, cancel).await?;
+    Ok(CommitStats {
+        clusters: st.granules,
+        bytes: st.bytes,
+    })
 }
 
 #[async_trait]

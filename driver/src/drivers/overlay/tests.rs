@@ -3,6 +3,7 @@
 use super::*;
 use crate::drivers::memory::MemoryDevice;
 use crate::{Error, ErrorKind};
+use std::sync::atomic::Ordering;
 
 const C: usize = CLUSTER_BYTES as usize;
 

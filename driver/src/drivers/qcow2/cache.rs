@@ -134,12 +134,12 @@ impl TableCache {
     }
 
     /// Copies of the dirty tables: `(key, version, data)`, in key order.
-    pub fn dirty_tables(&self) -> Vec<(u64, u64, Vec<u8>)> {
+    pub fn dirty_tables(&self) -> Vec<(u64, u64, bytes::Bytes)> {
         let mut v: Vec<_> = self
             .map
             .iter()
             .filter(|(_, e)| e.dirty != 0)
-            .map(|(k, e)| (*k, e.dirty, e.data.clone()))
+            .map(|(k, e)| (*k, e.dirty, bytes::Bytes::copy_from_slice(&e.data)))
             .collect();
         v.sort_by_key(|t| t.0);
         v

@@ -120,22 +120,38 @@ struct Meta {
     cycle: u64,
 }
 
+impl Meta {
+    /// Whether every metadata change is on the media (nothing waits for a write-back).
+    fn clean(&self) -> bool {
+        !self.refblocks.any_dirty()
+            && self.reftable_dirty.is_empty()
+            && !self.l2.any_dirty()
+            && self.l1_dirty.is_empty()
+    }
+}
+
+/// A piece of metadata a write-back stores: its offset, the version it was copied at, its
+/// bytes.
+type Piece = (u64, u64, Bytes);
+
 /// A snapshot of the dirty metadata, taken under the lock, written back outside it.
 #[derive(Debug, Default)]
 struct WriteBack {
     cycle: u64,
-    refblocks: Vec<(u64, u64, Vec<u8>)>,
-    reftable: Vec<(u64, u64, Vec<u8>)>,
-    l2: Vec<(u64, u64, Vec<u8>)>,
-    l1: Vec<(u64, u64, Vec<u8>)>,
+    refblocks: Vec<Piece>,
+    reftable: Vec<Piece>,
+    l2: Vec<Piece>,
+    l1: Vec<Piece>,
 }
 
-impl WriteBack {
-    fn is_empty(&self) -> bool {
-        self.refblocks.is_empty()
-            && self.reftable.is_empty()
-            && self.l2.is_empty()
-            && self.l1.is_empty()
+/// Forgets the dirty chunks of a table the write-back stored (`base`: the table's offset),
+/// unless they changed since it copied them.
+fn settle_chunks(dirty: &mut BTreeMap<u64, u64>, base: u64, chunk: u64, stored: &[Piece]) {
+    for (off, v, _) in stored {
+        let i = (off - base) / chunk;
+        if dirty.get(&i) == Some(v) {
+            dirty.remove(&i);
+        }
     }
 }
 
@@ -789,21 +805,25 @@ impl Qcow2 {
     }
 
     async fn write_dirty_refblocks(&self, m: &mut Meta) -> Result<()> {
-        for (off, v, data) in m.refblocks.dirty_tables() {
-            self.file
-                .write(off, Bytes::from(data), WriteFlags::NONE)
-                .await?;
-            m.refblocks.mark_clean(off, v);
+        let pieces = m.refblocks.dirty_tables();
+        self.store(&pieces).await?;
+        for (off, v, _) in &pieces {
+            m.refblocks.mark_clean(*off, *v);
         }
         Ok(())
     }
 
-    fn chunks_of(
-        table: &[u64],
-        dirty: &BTreeMap<u64, u64>,
-        chunk: u64,
-        base: u64,
-    ) -> Vec<(u64, u64, Vec<u8>)> {
+    /// Writes metadata pieces (no flush).
+    async fn store(&self, pieces: &[Piece]) -> Result<()> {
+        for (off, _, data) in pieces {
+            self.file
+                .write(*off, data.clone(), WriteFlags::NONE)
+                .await?;
+        }
+        Ok(())
+    }
+
+    fn chunks_of(table: &[u64], dirty: &BTreeMap<u64, u64>, chunk: u64, base: u64) -> Vec<Piece> {
         let per = (chunk / 8) as usize;
         dirty
             .iter()
@@ -814,7 +834,7 @@ impl Qcow2 {
                     b.extend_from_slice(&e.to_be_bytes());
                 }
                 b.resize(chunk as usize, 0);
-                (base + i * chunk, v, b)
+                (base + i * chunk, v, Bytes::from(b))
             })
             .collect()
     }
@@ -837,56 +857,31 @@ impl Qcow2 {
         let _one = self.flushing.lock().await;
         let wb = {
             let mut m = self.meta.lock().await;
-            if !m.refblocks.any_dirty()
-                && m.reftable_dirty.is_empty()
-                && !m.l2.any_dirty()
-                && m.l1_dirty.is_empty()
-                && m.frees.is_empty()
-            {
+            if m.clean() && m.frees.is_empty() {
                 return Ok(false);
             }
             self.snapshot(&mut m)
         };
-        let mut flushed = false;
         // Step 1 also makes durable the data written since the last flush, which the L2
         // entries of step 2 may point to: it flushes even with no refcount change (a write
         // into a preallocated zero cluster changes only its L2 entry). Found by the
         // simulator's image topology (I21: old data resurfaced after a power cut).
-        if !wb.refblocks.is_empty() || !wb.reftable.is_empty() || !wb.l2.is_empty() {
-            for (off, _, data) in &wb.refblocks {
-                self.file
-                    .write(*off, Bytes::from(data.clone()), WriteFlags::NONE)
-                    .await?;
-            }
+        let step1 = !wb.refblocks.is_empty() || !wb.reftable.is_empty() || !wb.l2.is_empty();
+        if step1 {
+            self.store(&wb.refblocks).await?;
             if !wb.reftable.is_empty() {
                 self.file.flush().await?;
-                for (off, _, data) in &wb.reftable {
-                    self.file
-                        .write(*off, Bytes::from(data.clone()), WriteFlags::NONE)
-                        .await?;
-                }
+                self.store(&wb.reftable).await?;
             }
             self.file.flush().await?;
-            flushed = true;
         }
-        if !wb.l2.is_empty() {
-            for (off, _, data) in &wb.l2 {
-                self.file
-                    .write(*off, Bytes::from(data.clone()), WriteFlags::NONE)
-                    .await?;
+        for step in [&wb.l2, &wb.l1] {
+            if !step.is_empty() {
+                self.store(step).await?;
+                self.file.flush().await?;
             }
-            self.file.flush().await?;
-            flushed = true;
         }
-        if !wb.l1.is_empty() {
-            for (off, _, data) in &wb.l1 {
-                self.file
-                    .write(*off, Bytes::from(data.clone()), WriteFlags::NONE)
-                    .await?;
-            }
-            self.file.flush().await?;
-            flushed = true;
-        }
+        let flushed = step1 || !wb.l1.is_empty();
         let released = {
             let mut m = self.meta.lock().await;
             for (off, v, _) in &wb.refblocks {
@@ -896,19 +891,8 @@ impl Qcow2 {
                 m.l2.mark_clean(*off, *v);
             }
             let base = m.reftable_off;
-            for (off, v, _) in &wb.reftable {
-                let i = (off - base) / self.chunk;
-                if m.reftable_dirty.get(&i) == Some(v) {
-                    m.reftable_dirty.remove(&i);
-                }
-            }
-            for (off, v, _) in &wb.l1 {
-                let i = (off - self.h.l1_offset) / self.chunk;
-                if m.l1_dirty.get(&i) == Some(v) {
-                    m.l1_dirty.remove(&i);
-                }
-            }
-            let _ = wb.is_empty();
+            settle_chunks(&mut m.reftable_dirty, base, self.chunk, &wb.reftable);
+            settle_chunks(&mut m.l1_dirty, self.h.l1_offset, self.chunk, &wb.l1);
             self.apply_frees(&mut m, wb.cycle).await?
         };
         if self.opts.discard_unmap {
@@ -922,11 +906,7 @@ impl Qcow2 {
 
     /// Whether every metadata change is on the media (nothing waits for a write-back).
     async fn metadata_clean(&self) -> bool {
-        let m = self.meta.lock().await;
-        !m.refblocks.any_dirty()
-            && m.reftable_dirty.is_empty()
-            && !m.l2.any_dirty()
-            && m.l1_dirty.is_empty()
+        self.meta.lock().await.clean()
     }
 
     /// Runs a write-back when a cache holds more dirty tables than its budget.
