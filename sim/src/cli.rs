@@ -48,8 +48,13 @@ pub fn load(path: Option<&str>, sets: &[String]) -> Result<Scenario, String> {
         Some(p) => Scenario::load(Path::new(p))?,
         None => Scenario::swarm(),
     };
+    // Every --set first, then one check: a pin can depend on another given after it
+    // (`topology.child_image` exists only once `topology.kind=quorum` is pinned).
     for s in sets {
-        sc.set(s).map_err(|e| format!("--set {s}: {e}"))?;
+        sc.pin(s).map_err(|e| format!("--set {s}: {e}"))?;
+    }
+    if !sets.is_empty() {
+        Params::derive(0, &sc.pins).map_err(|e| format!("--set {}: {e}", sets.join(" --set ")))?;
     }
     Ok(sc)
 }

@@ -27,7 +27,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use ballot::device::{check_request, Access};
-use ballot::drivers::overlay::Overlay;
+use ballot::drivers::cow::Layer;
+use ballot::drivers::memory::MemoryDevice;
+use ballot::drivers::qcow2::create::{create, CreateOptions};
 use ballot::events::EventBus;
 use ballot::graph::Graph;
 use ballot::host::Host;
@@ -277,7 +279,7 @@ struct St {
     violation: Option<(String, String)>,
     jobs_completed: u64,
     /// Set by the secondary host once built.
-    overlays: Option<(Arc<Overlay>, Arc<Overlay>)>,
+    overlays: Option<(Layer, Layer)>,
     nodes: BTreeMap<&'static str, madsim::task::NodeId>,
     last_status: BTreeMap<&'static str, Value>,
 }
@@ -505,6 +507,18 @@ pub(crate) async fn colo_main(p: Params, sc: Scenario, opts: RunOpts) -> RunResu
     finish(&w).await
 }
 
+/// Bytes the secondary's active and hidden disks hold (0 before its graph is built; an
+/// error counts as not empty).
+async fn layers_allocated(w: &Colo) -> u64 {
+    let layers = w.lock().overlays.clone();
+    let Some((a, h)) = layers else { return 0 };
+    let mut n = 0;
+    for l in [a, h] {
+        n += l.allocated_bytes().await.unwrap_or(1);
+    }
+    n
+}
+
 async fn serve_qmp(m: Arc<Monitor>) {
     let Ok(l) = tokio::net::TcpListener::bind(("0.0.0.0", QMP_PORT)).await else {
         return;
@@ -524,12 +538,39 @@ async fn secondary_main(w: Arc<Colo>) {
     let mut g = Graph::new(host);
     let built = async {
         g.insert_device("parent0", w.sdisk.clone())?;
-        for def in [
-            "driver=overlay,node-name=hidden0,backing=parent0",
-            "driver=overlay,node-name=active0,backing=hidden0",
+        // The active and hidden disks: ballot's overlays, or qcow2 images as seed 003 keeps
+        // them (on growable in-memory files of the secondary, empty qcow2 images made before
+        // the graph, backed by the node below as `backing=` names it).
+        let layer_defs: [String; 2] = match &w.cp.layers {
+            None => [
+                "driver=overlay,node-name=hidden0,backing=parent0".into(),
+                "driver=overlay,node-name=active0,backing=hidden0".into(),
+            ],
+            Some(lp) => {
+                for name in ["hidden-file0", "active-file0"] {
+                    let file: Device = Arc::new(MemoryDevice::growable(0));
+                    let opts = CreateOptions {
+                        size: w.p.disk_size,
+                        cluster_bits: lp.cluster_bits,
+                        version: lp.version,
+                        refcount_order: lp.refcount_order,
+                        backing: None,
+                    };
+                    create(&file, &opts).await.map_err(|e| {
+                        ballot::error::ConfigError::new(format!("{name}: create: {e}"))
+                    })?;
+                    g.insert_device(name, file)?;
+                }
+                [
+                    "driver=qcow2,node-name=hidden0,file=hidden-file0,backing=parent0".into(),
+                    "driver=qcow2,node-name=active0,file=active-file0,backing=hidden0".into(),
+                ]
+            }
+        };
+        for def in layer_defs.iter().map(String::as_str).chain([
             "driver=replication,node-name=childs0,mode=secondary,top-id=colo-disk0,file=active0",
             r#"{"driver":"quorum","node-name":"colo-disk0","read-pattern":"fifo","vote-threshold":1,"children":["childs0"]}"#,
-        ] {
+        ]) {
             g.blockdev_add_arg(def).await?;
         }
         g.claim("parent0", "export 'fwd'", true)
@@ -539,7 +580,7 @@ async fn secondary_main(w: Arc<Colo>) {
         Ok(p) => p,
         Err(e) => return w.fail("harness", format!("colo-s graph: {e}")),
     };
-    let get = |n: &str| g.get(n).and_then(|x| x.overlay.clone());
+    let get = |n: &str| g.get(n).and_then(|x| x.layer());
     let (Some(a), Some(h)) = (get("active0"), get("hidden0")) else {
         return w.fail("harness", "colo-s: overlays missing".into());
     };
@@ -1198,12 +1239,7 @@ async fn checkpoint(
         w.inject("F20", &format!("checkpoint {k}"));
         kill(w, "colo-p");
     }
-    let nonempty = {
-        let st = w.lock();
-        st.overlays
-            .as_ref()
-            .is_some_and(|(a, h)| a.stats().allocated + h.stats().allocated > 0)
-    };
+    let nonempty = layers_allocated(w).await > 0;
     if !is_ok(&s.call("xen-colo-do-checkpoint", json!({})).await) {
         return Err(End::SecondaryLost);
     }
@@ -1212,14 +1248,8 @@ async fn checkpoint(
     }
     // Completed: R53 / I9.
     let s_tags = w.sdisk.tags();
-    let (alive, empty) = {
-        let st = w.lock();
-        let empty = st
-            .overlays
-            .as_ref()
-            .is_none_or(|(a, h)| a.stats().allocated + h.stats().allocated == 0);
-        (st.primary_alive, empty)
-    };
+    let empty = layers_allocated(w).await == 0;
+    let alive = w.lock().primary_alive;
     if let Some(d) = Colo::diff(&s_tags, &snapshot) {
         w.fail(
             "R53",

@@ -18,247 +18,22 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_trait::async_trait;
-use ballot::device::{check_request, Access};
 use ballot::drivers::memory::MemoryDevice;
 use ballot::drivers::qcow2::check::check;
 use ballot::drivers::qcow2::create::{create, CreateOptions};
-use ballot::drivers::qcow2::{Qcow2, Qcow2Options};
-use ballot::{BlockDevice, Device, Error, ErrorKind, Result, WriteFlags, ZeroFlags};
+use ballot::drivers::qcow2::Qcow2;
+use ballot::{BlockDevice, Device, WriteFlags, ZeroFlags};
 use bytes::{Bytes, BytesMut};
 
+use crate::imagedisk::{open_named, ImageDisk};
 use crate::params::{ImageParams, Params};
 use crate::rng::{hash_words, Rng};
 use crate::scenario::Scenario;
 use crate::sector::{decode, encode_into, Decoded, Value, SECTOR, SECTOR_U64};
 use crate::world::{RunOpts, RunResult};
-
-struct DiskState {
-    durable: Vec<u8>,
-    current: Vec<u8>,
-    /// Unflushed writes, in order: offset and bytes.
-    pending: Vec<(u64, Vec<u8>)>,
-    rng: Rng,
-    /// Latencies only (so the fault decisions do not depend on how many requests ran).
-    lat: Rng,
-    injected: BTreeMap<String, u64>,
-}
-
-/// The image file: bytes on the media, a cache on top, F5 on writes.
-struct ImageDisk {
-    st: Mutex<DiskState>,
-    f5: f64,
-    /// The host's life: requests of an earlier life (before a power cut) fail and change
-    /// nothing.
-    life: AtomicU64,
-}
-
-/// The image file as one life of the host sees it.
-#[derive(Debug)]
-struct Lane {
-    disk: Arc<ImageDisk>,
-    life: u64,
-}
-
-impl Lane {
-    fn alive(&self) -> Result<()> {
-        if self.disk.life.load(Ordering::SeqCst) == self.life {
-            Ok(())
-        } else {
-            Err(Error::new(ErrorKind::Io, "the host lost power"))
-        }
-    }
-}
-
-#[async_trait]
-impl BlockDevice for Lane {
-    fn driver(&self) -> &'static str {
-        "imagedisk"
-    }
-    fn length(&self) -> Result<u64> {
-        self.disk.length()
-    }
-    async fn read(&self, offset: u64, len: usize) -> Result<Bytes> {
-        self.alive()?;
-        let r = self.disk.read(offset, len).await;
-        self.alive()?;
-        r
-    }
-    async fn write(&self, offset: u64, data: Bytes, flags: WriteFlags) -> Result<()> {
-        latency(&self.disk).await;
-        self.alive()?;
-        self.disk.write_now(offset, data, flags)
-    }
-    async fn flush(&self) -> Result<()> {
-        latency(&self.disk).await;
-        self.alive()?;
-        self.disk.flush_now();
-        Ok(())
-    }
-    async fn grow(&self, length: u64) -> Result<()> {
-        self.alive()?;
-        self.disk.grow(length).await
-    }
-    fn grows_with_zeroes(&self) -> bool {
-        true
-    }
-}
-
-impl std::fmt::Debug for ImageDisk {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ImageDisk")
-    }
-}
-
-impl ImageDisk {
-    fn lock(&self) -> MutexGuard<'_, DiskState> {
-        self.st.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Power cut: F8 decides which unflushed writes survive, F9 tears survivors between
-    /// sectors; the rest is lost. Returns how many writes were pending.
-    fn crash(&self, f8: f64, f9: f64) -> u64 {
-        let mut st = self.lock();
-        let pending = std::mem::take(&mut st.pending);
-        let n = pending.len() as u64;
-        let mut media = st.durable.clone();
-        media.resize(st.current.len(), 0);
-        for (off, data) in pending {
-            if !st.rng.chance(f8) {
-                *st.injected.entry("F8".into()).or_default() += 1;
-                continue;
-            }
-            let tear = st.rng.chance(f9);
-            if tear {
-                *st.injected.entry("F9".into()).or_default() += 1;
-            }
-            for (i, chunk) in data.chunks(SECTOR).enumerate() {
-                if tear && st.rng.chance(0.5) {
-                    continue;
-                }
-                let at = off as usize + i * SECTOR;
-                media[at..at + chunk.len()].copy_from_slice(chunk);
-            }
-        }
-        st.current = media.clone();
-        st.durable = media;
-        n
-    }
-
-    fn len(&self) -> u64 {
-        self.lock().current.len() as u64
-    }
-}
-
-/// Virtual latency of one disk request (so concurrent guest requests interleave).
-async fn latency(disk: &ImageDisk) {
-    let us = disk.lock().lat.range(5, 200);
-    tokio::time::sleep(Duration::from_micros(us)).await;
-}
-
-#[async_trait]
-impl BlockDevice for ImageDisk {
-    fn driver(&self) -> &'static str {
-        "imagedisk"
-    }
-
-    fn length(&self) -> Result<u64> {
-        Ok(self.len())
-    }
-
-    async fn read(&self, offset: u64, len: usize) -> Result<Bytes> {
-        latency(self).await;
-        let st = self.lock();
-        check_request(st.current.len() as u64, 1, offset, len as u64, Access::Read)?;
-        Ok(Bytes::copy_from_slice(
-            &st.current[offset as usize..offset as usize + len],
-        ))
-    }
-
-    async fn write(&self, offset: u64, data: Bytes, flags: WriteFlags) -> Result<()> {
-        latency(self).await;
-        self.write_now(offset, data, flags)
-    }
-
-    async fn flush(&self) -> Result<()> {
-        latency(self).await;
-        self.flush_now();
-        Ok(())
-    }
-
-    async fn grow(&self, length: u64) -> Result<()> {
-        self.grow_now(length);
-        Ok(())
-    }
-
-    fn grows_with_zeroes(&self) -> bool {
-        true
-    }
-}
-
-impl ImageDisk {
-    fn write_now(&self, offset: u64, data: Bytes, flags: WriteFlags) -> Result<()> {
-        let mut st = self.lock();
-        check_request(
-            st.current.len() as u64,
-            1,
-            offset,
-            data.len() as u64,
-            Access::Write,
-        )?;
-        if st.rng.chance(self.f5) {
-            // F5: applied none, all, or a random subset of sectors.
-            *st.injected.entry("F5".into()).or_default() += 1;
-            let how = st.rng.below(3);
-            for (i, chunk) in data.chunks(SECTOR).enumerate() {
-                let apply = match how {
-                    0 => false,
-                    1 => true,
-                    _ => st.rng.chance(0.5),
-                };
-                if apply {
-                    let at = offset as usize + i * SECTOR;
-                    st.current[at..at + chunk.len()].copy_from_slice(chunk);
-                    st.pending.push((at as u64, chunk.to_vec()));
-                }
-            }
-            return Err(Error::new(
-                ErrorKind::Io,
-                format!("F5 on the image file at {offset}+{}", data.len()),
-            ));
-        }
-        let at = offset as usize;
-        st.current[at..at + data.len()].copy_from_slice(&data);
-        if flags.fua {
-            let cur = st.current.clone();
-            st.durable = cur;
-            st.pending.clear();
-        } else {
-            st.pending.push((offset, data.to_vec()));
-        }
-        Ok(())
-    }
-
-    fn flush_now(&self) {
-        let mut st = self.lock();
-        let cur = st.current.clone();
-        st.durable = cur;
-        st.pending.clear();
-    }
-
-    fn grow_now(&self, length: u64) {
-        let mut st = self.lock();
-        if (st.current.len() as u64) < length {
-            // The new length is metadata the next flush makes durable; a crash before it keeps
-            // the bytes (a sparse file's size is journaled with the data it covers).
-            st.current.resize(length as usize, 0);
-            st.durable.resize(length as usize, 0);
-        }
-    }
-}
 
 /// One guest write's record for the model.
 #[derive(Debug, Clone, Copy)]
@@ -415,25 +190,7 @@ fn encode(values: &[Value]) -> Bytes {
 }
 
 async fn open(file: &Device, backing: &Option<Device>) -> std::result::Result<Qcow2, String> {
-    let h = Qcow2::read_header(file, "'sim.qcow2'")
-        .await
-        .map_err(|e| e.to_string())?;
-    Qcow2::open(
-        "img",
-        "'sim.qcow2'",
-        file.clone(),
-        h,
-        backing.clone(),
-        Qcow2Options {
-            read_only: false,
-            discard_unmap: true,
-            // Small caches: evictions and write-backs under pressure happen too.
-            l2_cache_bytes: 64 << 10,
-            refcount_cache_bytes: 16 << 10,
-        },
-    )
-    .await
-    .map_err(|e| e.to_string())
+    open_named(file, backing, "img", "'sim.qcow2'", false).await
 }
 
 async fn run(p: &Params, ip: &ImageParams, r: &mut RunResult) -> std::result::Result<(), Fail> {
@@ -445,18 +202,7 @@ async fn run(p: &Params, ip: &ImageParams, r: &mut RunResult) -> std::result::Re
     } else {
         ip.refcount_order
     };
-    let disk = Arc::new(ImageDisk {
-        st: Mutex::new(DiskState {
-            durable: Vec::new(),
-            current: Vec::new(),
-            pending: Vec::new(),
-            rng: Rng::stream(p.seed, "image/disk"),
-            lat: Rng::stream(p.seed, "image/latency"),
-            injected: BTreeMap::new(),
-        }),
-        f5: 0.0,
-        life: AtomicU64::new(0),
-    });
+    let disk = Arc::new(ImageDisk::new(p.seed, "image", 0.0, (5, 200)));
     let file: Device = disk.clone();
     let backing_sectors = sectors * 3 / 4;
     let backing: Option<Device> = ip.backing.then(|| {
@@ -486,25 +232,19 @@ async fn run(p: &Params, ip: &ImageParams, r: &mut RunResult) -> std::result::Re
     let disk_f5 = Arc::new(ImageDisk {
         st: Mutex::new(std::mem::replace(
             &mut *disk.lock(),
-            DiskState {
-                durable: Vec::new(),
-                current: Vec::new(),
-                pending: Vec::new(),
-                rng: Rng::stream(p.seed, "image/unused"),
-                lat: Rng::stream(p.seed, "image/unused-latency"),
-                injected: BTreeMap::new(),
-            },
+            ImageDisk::new(p.seed, "image/unused", 0.0, (0, 0))
+                .st
+                .into_inner()
+                .unwrap_or_else(|p| p.into_inner()),
         )),
         f5: ip.f5,
+        lat_us: (5, 200),
+        flush_us: (0, 0),
         life: AtomicU64::new(0),
     });
     let file: Device = disk_f5.clone();
-    let lane = |d: &Arc<ImageDisk>| -> Device {
-        Arc::new(Lane {
-            disk: d.clone(),
-            life: d.life.load(Ordering::SeqCst),
-        })
-    };
+    let lane = |d: &Arc<ImageDisk>| -> Device { d.lane() };
+
     let mut q = Arc::new(
         open(&lane(&disk_f5), &backing)
             .await

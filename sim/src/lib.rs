@@ -6,6 +6,8 @@
 //! runtime ([`world`]), the command line ([`cli`]) and sweeps ([`sweep`]) need madsim: build
 //! them with `cargo sim ...` (`--cfg madsim`, own target directory, W1).
 
+pub mod childimage;
+pub mod imagedisk;
 pub mod measure;
 pub mod oracle;
 pub mod params;

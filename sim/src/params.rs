@@ -123,6 +123,9 @@ pub struct ColoParams {
     pub after_ops: u64,
     /// SVM requests issued before replication starts (each must fail with EIO, R9).
     pub svm_early: u64,
+    /// The secondary's active and hidden disks as qcow2 images with these parameters
+    /// (`topology.layers = "qcow2"`, issue 19 item 5); None: ballot's overlays.
+    pub layers: Option<ChildImageParams>,
 }
 
 /// Operation mix weights.
@@ -210,6 +213,20 @@ pub struct Params {
     pub heal: HealParams,
     /// A qcow2 image on a byte-exact disk instead of a quorum (issue 19; None: quorum).
     pub image: Option<ImageParams>,
+    /// Local quorum children over qcow2 images of their own (`topology.child_image`,
+    /// `sim/src/childimage.rs`; None: raw children).
+    pub child_image: Option<ChildImageParams>,
+}
+
+/// The qcow2 images under a local quorum's children (`topology.child_image = true`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChildImageParams {
+    /// log2 of the cluster size.
+    pub cluster_bits: u32,
+    /// qcow2 version (2 or 3).
+    pub version: u32,
+    /// log2 of the refcount width (v3; v2 has 16-bit refcounts).
+    pub refcount_order: u32,
 }
 
 /// Fault families of the image topology: the same families, applied to the image file's own
@@ -446,6 +463,31 @@ impl Params {
                 f16: p.float("image.F16", 0.0, 1.0, |r| r.uniform(0.05, 0.3))?,
                 f8: p.float("image.F8", 0.0, 1.0, |r| r.uniform(0.0, 0.5))?,
                 f9: p.float("image.F9", 0.0, 1.0, |r| r.uniform(0.0, 1.0))?,
+            })
+        } else {
+            None
+        };
+        let child_image_on =
+            !colo_on && !nbd_on && !image_on && p.boolean("topology.child_image", 0.15)?;
+        let child_image = if child_image_on {
+            Some(ChildImageParams {
+                cluster_bits: p.int("child_image.cluster_bits", 9, 21, |r| {
+                    [9, 12, 16, 16][r.below(4) as usize]
+                })? as u32,
+                version: p.int("child_image.version", 2, 3, |r| {
+                    if r.chance(0.25) {
+                        2
+                    } else {
+                        3
+                    }
+                })? as u32,
+                refcount_order: p.int("child_image.refcount_order", 0, 6, |r| {
+                    if r.chance(0.5) {
+                        4
+                    } else {
+                        r.below(7)
+                    }
+                })? as u32,
             })
         } else {
             None
@@ -804,6 +846,23 @@ impl Params {
                         0
                     }
                 })?,
+                layers: if p.choice("topology.layers", &["overlay", "qcow2"], &[1, 1])? == "qcow2" {
+                    Some(ChildImageParams {
+                        cluster_bits: p.int("layers.cluster_bits", 9, 21, |r| {
+                            [12, 16, 16][r.below(3) as usize]
+                        })? as u32,
+                        version: 3,
+                        refcount_order: p.int("layers.refcount_order", 0, 6, |r| {
+                            if r.chance(0.5) {
+                                4
+                            } else {
+                                r.below(7)
+                            }
+                        })? as u32,
+                    })
+                } else {
+                    None
+                },
             })
         } else {
             None
@@ -894,6 +953,7 @@ impl Params {
             colo,
             heal,
             image,
+            child_image,
         })
     }
 
@@ -920,13 +980,20 @@ impl Params {
         );
         if let Some(c) = &self.colo {
             s += &format!(
-                "topology = {{ kind = \"colo\", disk_size = \"{}\", initial = \"{}\", checkpoint_interval = \"{}\", heartbeat_timeout = \"{}\", checkpoints = {} }}\n",
+                "topology = {{ kind = \"colo\", disk_size = \"{}\", initial = \"{}\", checkpoint_interval = \"{}\", heartbeat_timeout = \"{}\", checkpoints = {}, layers = \"{}\" }}\n",
                 fmt_size(self.disk_size),
                 if self.initial_pattern { "pattern" } else { "zero" },
                 fmt_time(c.checkpoint_interval_ns),
                 fmt_time(c.heartbeat_timeout_ns),
-                c.checkpoints
+                c.checkpoints,
+                if c.layers.is_some() { "qcow2" } else { "overlay" }
             );
+            if let Some(l) = &c.layers {
+                s += &format!(
+                    "layers = {{ cluster_bits = {}, refcount_order = {} }}\n",
+                    l.cluster_bits, l.refcount_order
+                );
+            }
             s += &format!(
                 "nbd_client = {{ request_timeout = \"{}\" }}\nnetwork = {{ latency = \"{}..{}\" }}\n",
                 fmt_time(c.request_timeout_ns),
@@ -970,7 +1037,7 @@ impl Params {
             return s;
         }
         s += &format!(
-            "topology = {{ kind = \"quorum\", transport = \"{}\", guest_path = \"direct\", children = {}, vote_threshold = {}, read_pattern = \"{}\", rewrite_corrupted = {}, resync = \"{}\", blkverify = {}, discard_unmap = {}, discard_zeroes = {}, disk_size = \"{}\", initial = \"{}\" }}\n",
+            "topology = {{ kind = \"quorum\", transport = \"{}\", guest_path = \"direct\", children = {}, vote_threshold = {}, read_pattern = \"{}\", rewrite_corrupted = {}, resync = \"{}\", blkverify = {}, discard_unmap = {}, discard_zeroes = {}, disk_size = \"{}\", initial = \"{}\"{} }}\n",
             if self.nbd.is_some() { "nbd" } else { "local" },
             self.children,
             self.threshold,
@@ -981,8 +1048,15 @@ impl Params {
             self.discard_unmap,
             self.discard_zeroes,
             fmt_size(self.disk_size),
-            if self.initial_pattern { "pattern" } else { "zero" }
+            if self.initial_pattern { "pattern" } else { "zero" },
+            if self.child_image.is_some() { ", child_image = true" } else { "" }
         );
+        if let Some(c) = &self.child_image {
+            s += &format!(
+                "child_image = {{ cluster_bits = {}, version = {}, refcount_order = {} }}\n",
+                c.cluster_bits, c.version, c.refcount_order
+            );
+        }
         if let Some(n) = &self.nbd {
             s += &format!(
                 "nbd_client = {{ request_timeout = \"{}\", reconnect_delay = \"{}\", open_timeout = \"{}\" }}\n",

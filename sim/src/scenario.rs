@@ -198,7 +198,7 @@ fn grid_pins(v: &Tv, what: &str) -> Result<BTreeMap<String, Tv>, String> {
                 pins.insert("budget".to_string(), v.clone());
             }
             "topology" | "workload" | "faults" | "phases" | "disk" | "nbd_client" | "network"
-            | "healing" | "image" => {
+            | "healing" | "image" | "child_image" | "layers" => {
                 let inner = v
                     .as_table()
                     .ok_or_else(|| format!("key 'grid.{what}.{k}': expected a table"))?;
@@ -406,7 +406,7 @@ impl Scenario {
                     pins.insert("budget".to_string(), v.clone());
                 }
                 "topology" | "workload" | "faults" | "phases" | "disk" | "nbd_client"
-                | "network" | "healing" | "image" => {
+                | "network" | "healing" | "image" | "child_image" | "layers" => {
                     let t = v
                         .as_table()
                         .ok_or_else(|| format!("key '{k}': expected a table"))?;
@@ -481,7 +481,7 @@ impl Scenario {
     ///
     /// # Errors
     /// A message naming the key.
-    pub fn set(&mut self, kv: &str) -> Result<(), String> {
+    pub fn pin(&mut self, kv: &str) -> Result<(), String> {
         let (k, v) = kv
             .split_once('=')
             .ok_or_else(|| format!("--set '{kv}': expected key=value"))?;
@@ -493,6 +493,12 @@ impl Scenario {
         t.insert("x".into(), value);
         let v = t.remove("x").unwrap_or(Tv::Boolean(false));
         self.pins.insert(k.trim().to_string(), v);
+        Ok(())
+    }
+
+    /// [`Scenario::pin`], then a check that the pins so far derive parameters.
+    pub fn set(&mut self, kv: &str) -> Result<(), String> {
+        self.pin(kv)?;
         Params::derive(0, &self.pins).map(|_| ())
     }
 }
@@ -1178,6 +1184,6 @@ mod tests {
                 n += 1;
             }
         }
-        assert_eq!(n, 62, "scenario files");
+        assert_eq!(n, 64, "scenario files");
     }
 }

@@ -418,6 +418,7 @@ fn summarize(
                 "rewrite_corrupted": p.rewrite, "budget": p.budget.as_str(),
                 "disk_size": p.disk_size, "ops": p.ops, "queue_depth": p.queue_depth,
                 "families": p.families, "config": p.config_id(),
+                "child_image": p.child_image.is_some(),
             },
             "outcome": if r.violation.is_some() { "fail" } else { "pass" },
             "violated_rule": r.violation.as_ref().map(|(k, _)| k.clone()),

@@ -18,6 +18,7 @@ use ballot::device::{check_request, Access};
 use ballot::{BlockDevice, Error, ErrorKind, Result, WriteFlags, ZeroFlags};
 use bytes::{Bytes, BytesMut};
 
+use crate::childimage::{ChildImage, Fail, Held};
 use crate::rng::{hash_words, Rng};
 use crate::sector::{decode, digest, encode_into, Decoded, Value, SECTOR, SECTOR_U64};
 use crate::trace::{Record, Trace};
@@ -240,6 +241,10 @@ pub struct Counters {
     pub child_ops: u64,
     /// Every fault as the report charges it to guest ops, in time order.
     pub marks: Vec<FaultMark>,
+    /// Child images (`topology.child_image`): checks made (I21, I22) and crashes that
+    /// leaked clusters (P21).
+    pub image_checks: BTreeMap<&'static str, u64>,
+    pub image_leaks: u64,
 }
 
 /// A fault as the sweep report charges it to guest ops: injected into a child request of guest
@@ -284,11 +289,18 @@ struct Inner {
     counters: Counters,
     trace: Trace,
     start: tokio::time::Instant,
+    /// The write [`VDisk::apply_write`] last put in a disk's cache (disk, write): what a
+    /// child image is sent next.
+    landed: Option<(usize, Pending)>,
 }
 
 /// All child disks of one run, with their shared fault state, ledger, op log and trace.
 pub struct DiskSet {
     inner: Mutex<Inner>,
+    /// Child images by disk (`topology.child_image`, [`crate::childimage`]).
+    images: Mutex<Vec<Option<Arc<ChildImage>>>>,
+    /// The first rule a child image broke.
+    image_fail: Mutex<Option<Fail>>,
 }
 
 /// Configuration of a disk set.
@@ -386,8 +398,92 @@ impl DiskSet {
                 counters: Counters::default(),
                 trace,
                 start: tokio::time::Instant::now(),
+                landed: None,
             }),
+            images: Mutex::new(vec![None; n]),
+            image_fail: Mutex::new(None),
         })
+    }
+
+    /// Puts every disk over a qcow2 image of its own ([`crate::childimage`]); the initial
+    /// image becomes each image's raw backing node (none when it is zeroes).
+    pub async fn attach_images(
+        &self,
+        p: &crate::params::ChildImageParams,
+        initial_pattern: bool,
+    ) -> std::result::Result<(), Fail> {
+        let (seed, prefix, inits) = {
+            let g = self.lock();
+            let inits: Vec<(u64, Vec<Stored>)> = g
+                .disks
+                .iter()
+                .map(|d| (d.sectors, d.current.clone()))
+                .collect();
+            (g.seed, g.disks[0].name[..1].to_string(), inits)
+        };
+        for (i, (sectors, init)) in inits.into_iter().enumerate() {
+            let img = ChildImage::create(
+                seed,
+                i,
+                &prefix,
+                sectors,
+                initial_pattern.then_some(init),
+                p.clone(),
+            )
+            .await?;
+            self.images.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(img);
+        }
+        Ok(())
+    }
+
+    fn image(&self, index: usize) -> Option<Arc<ChildImage>> {
+        self.images.lock().unwrap_or_else(|p| p.into_inner())[index].clone()
+    }
+
+    fn images(&self) -> Vec<Option<Arc<ChildImage>>> {
+        self.images
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Whether the disks are over child images.
+    pub fn has_images(&self) -> bool {
+        self.images().iter().any(Option::is_some)
+    }
+
+    fn image_failed(&self, f: Fail) {
+        let mut g = self.image_fail.lock().unwrap_or_else(|p| p.into_inner());
+        if g.is_none() {
+            *g = Some(f);
+        }
+    }
+
+    /// No child image broke a rule.
+    pub fn failure_free(&self) -> bool {
+        self.image_failure().is_none()
+    }
+
+    /// The first rule a child image broke, if one did.
+    pub fn image_failure(&self) -> Option<Fail> {
+        self.image_fail
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The run's end: every child image, flushed, equals its disk and checks clean
+    /// ([`ChildImage::final_check`]).
+    pub async fn check_images(&self) -> std::result::Result<(), Fail> {
+        for (i, img) in self.images().into_iter().enumerate() {
+            let Some(img) = img else { continue };
+            img.final_check(|| self.lock().disks[i].current.clone())
+                .await?;
+            let mut g = self.lock();
+            *g.counters.image_checks.entry("I21").or_default() += 1;
+            *g.counters.image_checks.entry("I22").or_default() += 1;
+        }
+        Ok(())
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -723,6 +819,9 @@ impl DiskSet {
     /// F18 (F30: `family`): disk `index` comes back empty (zeros, nothing pending, no sticky faults). Returns
     /// the sectors whose value changed; the ledger marks those wrong (B1).
     pub fn reformat(&self, index: usize, family: &'static str) -> Vec<u64> {
+        if let Some(img) = self.image(index) {
+            img.reformat();
+        }
         let mut g = self.lock();
         let d = &mut g.disks[index];
         let zero = Stored::V(Value::Zero);
@@ -907,6 +1006,7 @@ impl DiskSet {
     /// [`DiskSet::crash`] for the disks in `which` only (a replica host's crash); also returns
     /// the sectors it touched.
     pub fn crash_disks(&self, which: &[usize], cut_off: &[(u64, u64)]) -> (CrashReport, Vec<u64>) {
+        let images = self.images();
         let mut g = self.lock();
         let mut report = CrashReport::default();
         let rates = g.rates.clone();
@@ -923,6 +1023,15 @@ impl DiskSet {
         // damage on one sector, so no torn version can gather t votes.
         let mut damaged: BTreeMap<u64, usize> = BTreeMap::new();
         for &di in which {
+            if let Some(img) = &images[di] {
+                let keep = rates.f8.unwrap_or(1.0);
+                let tear = rates.f9.unwrap_or(0.0);
+                if let Err(f) = image_crash(&mut g, di, img, keep, tear, &mut report, &mut touched)
+                {
+                    self.image_failed(f);
+                }
+                continue;
+            }
             let pending = std::mem::take(&mut g.disks[di].pending);
             let mut current = g.disks[di].durable.clone();
             let mut damage = std::mem::take(&mut g.disks[di].damage);
@@ -1401,6 +1510,46 @@ impl VDisk {
         }
     }
 
+    /// Waits for this disk's child image, if it has one (requests reach it one at a time).
+    async fn hold(&self) -> Result<Option<(Arc<ChildImage>, Held)>> {
+        let Some(img) = self.set.image(self.index) else {
+            return Ok(None);
+        };
+        match img.enter().await {
+            Ok(h) => Ok(Some((img, h))),
+            Err(f) => {
+                let e = eio(&f.1, &self.name, 0);
+                self.set.image_failed(f);
+                Err(e)
+            }
+        }
+    }
+
+    /// Sends the write the model just put in this disk's cache to its child image;
+    /// `durable` (a FUA write that succeeded): the image flushes after it, and only then does
+    /// the model's cache become durable (a crash before that leaves the write unflushed in
+    /// both).
+    async fn mirror(&self, held: &Option<(Arc<ChildImage>, Held)>, durable: bool) {
+        let Some((img, h)) = held else { return };
+        let landed = self.set.lock().landed.take();
+        if let Some((_, p)) = landed.filter(|(i, _)| *i == self.index) {
+            if let Err(f) = img.write(h, p.first, &p.data, durable).await {
+                if img.current(h) {
+                    self.set.image_failed(f);
+                }
+            }
+        } else if durable {
+            if let Err(f) = img.flush(h).await {
+                if img.current(h) {
+                    self.set.image_failed(f);
+                }
+            }
+        }
+        if durable && img.current(h) {
+            flush_disk(&mut self.set.lock().disks[self.index]);
+        }
+    }
+
     fn sectors_of(offset: u64, len: u64) -> Range<u64> {
         offset / SECTOR_U64..(offset + len).div_ceil(SECTOR_U64)
     }
@@ -1459,11 +1608,14 @@ impl VDisk {
                     .clone()
                     .map(|s| d.current[s as usize].clone())
                     .collect();
-                d.pending.push(Pending {
+                let p = Pending {
                     first,
                     data: snapshot,
-                });
-                return Err(eio("write failed (F5)", &d.name, first));
+                };
+                d.pending.push(p.clone());
+                let e = eio("write failed (F5)", &d.name, first);
+                g.landed = Some((i, p));
+                return Err(e);
             } else {
                 *g.counters.skipped.entry("F5").or_default() += 1;
             }
@@ -1531,10 +1683,12 @@ impl VDisk {
         let snapshot: Vec<Stored> = (target..target + n)
             .map(|s| d.current[s as usize].clone())
             .collect();
-        d.pending.push(Pending {
+        let p = Pending {
             first: target,
             data: snapshot,
-        });
+        };
+        d.pending.push(p.clone());
+        g.landed = Some((i, p));
         // F3: one sector of the write is stored corrupted.
         let armed3 = g.take_armed(i, "F3", &range);
         let rate3 = g.rates.f3;
@@ -1565,6 +1719,84 @@ impl Inner {
         self.within_budget(s, Some((disk, Some(mark))))
             && (!self.fifo || self.fifo_try_mark(disk, s..s + 1, mark))
     }
+}
+
+/// A crash of disk `di`, which is over child image `img`: the image resolves its cache
+/// (F8 with `keep`, F9 with `tear`) and the disk takes what the reopened image holds, which
+/// must be, per sector, the flushed value or a write sent since (I21). Sectors that changed
+/// are `touched` (the ledger) and damaged (F8, for the report); the image's lost and torn
+/// writes join `report`.
+fn image_crash(
+    g: &mut Inner,
+    di: usize,
+    img: &ChildImage,
+    keep: f64,
+    tear: f64,
+    report: &mut CrashReport,
+    touched: &mut BTreeSet<u64>,
+) -> std::result::Result<(), Fail> {
+    let pending = std::mem::take(&mut g.disks[di].pending);
+    for p in &pending {
+        touched.extend(p.first..p.first + p.data.len() as u64);
+    }
+    let d = &mut g.disks[di];
+    let c = match img.crash(keep, tear) {
+        Ok(c) => c,
+        Err(f) => {
+            // The image is unusable: keep the model's flushed state so the run can end.
+            d.current = d.durable.clone();
+            return Err(f);
+        }
+    };
+    report.lost += c.lost;
+    report.torn += c.torn;
+    for s in 0..d.sectors {
+        let got = &c.sectors[s as usize];
+        let su = s as usize;
+        let allowed = *got == d.durable[su]
+            || pending.iter().any(|p| {
+                s >= p.first
+                    && s < p.first + p.data.len() as u64
+                    && p.data[(s - p.first) as usize] == *got
+            });
+        if !allowed {
+            d.current = d.durable.clone();
+            return Err((
+                "I21",
+                format!(
+                    "after a crash {}'s image holds {got:?} at sector {s}: neither the flushed {:?} nor a write sent since",
+                    d.name, d.durable[su]
+                ),
+            ));
+        }
+        if std::env::var("CHILDDBG")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            == Some(s)
+        {
+            eprintln!(
+                "crash {}: sector {s} got {got:?} current {:?} durable {:?} pending {:?}",
+                d.name,
+                d.current[su],
+                d.durable[su],
+                pending
+                    .iter()
+                    .filter(|p| s >= p.first && s < p.first + p.data.len() as u64)
+                    .map(|p| p.data[(s - p.first) as usize].clone())
+                    .collect::<Vec<_>>()
+            );
+        }
+        if *got != d.current[su] {
+            d.damage.insert(s, "F8");
+            touched.insert(s);
+        }
+    }
+    d.durable = c.sectors.clone();
+    d.current = c.sectors;
+    *g.counters.image_checks.entry("I21").or_default() += 1;
+    *g.counters.image_checks.entry("I22").or_default() += 1;
+    g.counters.image_leaks += u64::from(c.leaked);
+    Ok(())
 }
 
 fn flush_disk(d: &mut DiskState) {
@@ -1600,38 +1832,124 @@ impl BlockDevice for VDisk {
         check_request(self.length, SECTOR as u32, offset, len as u64, Access::Read)?;
         let op = current_op();
         let _permit = self.admit(false).await?;
-        let mut g = self.set.lock();
-        let i = self.index;
+        let held = self.hold().await?;
         let range = Self::sectors_of(offset, len as u64);
-        if range.is_empty() {
-            return Ok(Bytes::new());
-        }
-        // F4: a sector becomes unreadable until rewritten.
-        let rate4 = g.rates.f4;
-        if g.draw(i, rate4) {
-            let s = g.pick_sector(i, &range);
-            if g.allow("F4", i, s..s + 1, Mark::Failing) {
-                g.injected(i, "F4", s..s + 1);
-                g.disks[i].sticky.insert(s, Sticky::Latent);
-                g.disks[i].marks.insert(s, Mark::Failing);
+        let (out, expect) = (|| -> Result<(Bytes, Option<Vec<Stored>>)> {
+            let mut g = self.set.lock();
+            let i = self.index;
+            let range = Self::sectors_of(offset, len as u64);
+            if range.is_empty() {
+                return Ok((Bytes::new(), None));
             }
-        }
-        // F1: a sector starts returning a flipped bit until rewritten.
-        let rate1 = g.rates.f1;
-        if g.draw(i, rate1) {
-            let s = g.pick_sector(i, &range);
-            if !g.disks[i].sticky.contains_key(&s) && g.allow("F1", i, s..s + 1, Mark::Wrong) {
-                g.injected(i, "F1", s..s + 1);
-                g.disks[i].sticky.insert(s, Sticky::Flip);
-                g.disks[i].marks.insert(s, Mark::Wrong);
+            let expect: Option<Vec<Stored>> = held
+                .as_ref()
+                .map(|_| g.disks[i].current[range.start as usize..range.end as usize].to_vec());
+            // F4: a sector becomes unreadable until rewritten.
+            let rate4 = g.rates.f4;
+            if g.draw(i, rate4) {
+                let s = g.pick_sector(i, &range);
+                if g.allow("F4", i, s..s + 1, Mark::Failing) {
+                    g.injected(i, "F4", s..s + 1);
+                    g.disks[i].sticky.insert(s, Sticky::Latent);
+                    g.disks[i].marks.insert(s, Mark::Failing);
+                }
             }
-        }
-        let latent = range
-            .clone()
-            .find(|s| g.disks[i].sticky.get(s) == Some(&Sticky::Latent));
-        if let Some(s) = latent {
-            g.mark("F4");
-            let e = eio("latent sector error (F4)", &self.name, s);
+            // F1: a sector starts returning a flipped bit until rewritten.
+            let rate1 = g.rates.f1;
+            if g.draw(i, rate1) {
+                let s = g.pick_sector(i, &range);
+                if !g.disks[i].sticky.contains_key(&s) && g.allow("F1", i, s..s + 1, Mark::Wrong) {
+                    g.injected(i, "F1", s..s + 1);
+                    g.disks[i].sticky.insert(s, Sticky::Flip);
+                    g.disks[i].marks.insert(s, Mark::Wrong);
+                }
+            }
+            let latent = range
+                .clone()
+                .find(|s| g.disks[i].sticky.get(s) == Some(&Sticky::Latent));
+            if let Some(s) = latent {
+                g.mark("F4");
+                let e = eio("latent sector error (F4)", &self.name, s);
+                g.log(
+                    op,
+                    ChildOp {
+                        disk: i,
+                        kind: ChildKind::Read,
+                        offset,
+                        len: len as u64,
+                        data: 0,
+                        result: ChildResult::Err(e.kind()),
+                    },
+                );
+                return Err(e);
+            }
+            // F7: the read returns another aligned offset's bytes, once.
+            let mut source = range.start;
+            let armed7 = g.take_armed(i, "F7", &range);
+            let rate7 = g.rates.f7;
+            let n = range.end - range.start;
+            if armed7.is_some() || g.draw(i, rate7) {
+                let sectors = g.disks[i].sectors;
+                if sectors >= n + 8 {
+                    let cand = g.disks[i].fault_rng.below((sectors - n) / 8 + 1) * 8;
+                    if cand != range.start
+                        && (armed7.is_some() || g.allow("F7", i, range.clone(), Mark::Wrong))
+                    {
+                        g.injected(i, "F7", range.clone());
+                        source = cand;
+                    }
+                }
+            }
+            // F2: one transient flipped bit in this read.
+            let armed2 = g.take_armed(i, "F2", &range);
+            let rate2 = g.rates.f2;
+            let mut transient = None;
+            if armed2.is_some() || g.draw(i, rate2) {
+                let s = match &armed2 {
+                    Some(Armed {
+                        sectors: Some(r), ..
+                    }) => r.start.max(range.start),
+                    _ => g.pick_sector(i, &range),
+                };
+                if armed2.is_some() || g.allow("F2", i, s..s + 1, Mark::Wrong) {
+                    g.injected(i, "F2", s..s + 1);
+                    transient = Some(s);
+                }
+            }
+            let seed = g.seed;
+            let d = &g.disks[i];
+            let mut buf = BytesMut::zeroed(len);
+            // Faults met again by this read, charged to it (their injection was charged to an
+            // earlier op): sticky flips and rot, and copies a fault damaged (`damage`).
+            let mut met: BTreeSet<&'static str> = BTreeSet::new();
+            for (k, chunk) in buf.chunks_mut(SECTOR).enumerate() {
+                let src = source + k as u64;
+                let s = range.start + k as u64;
+                if let Some(f) = d.damage.get(&src) {
+                    met.insert(f);
+                }
+                match &d.current[src as usize] {
+                    Stored::V(v) => encode_into(*v, chunk),
+                    Stored::Raw(b) => chunk.copy_from_slice(b),
+                }
+                let corrupt = match d.sticky.get(&src) {
+                    Some(Sticky::Flip) => Some("F1"),
+                    Some(Sticky::Rot) => Some("F3"),
+                    _ => None,
+                };
+                if let Some(f) = corrupt {
+                    met.insert(f);
+                    flip_bit(seed, i, src, chunk, 1);
+                }
+                if transient == Some(s) {
+                    flip_bit(seed, i, s, chunk, 2);
+                }
+            }
+            for f in met {
+                g.mark(f);
+            }
+            let out = buf.freeze();
+            let dg = digest(&out);
             g.log(
                 op,
                 ChildOp {
@@ -1640,89 +1958,34 @@ impl BlockDevice for VDisk {
                     offset,
                     len: len as u64,
                     data: 0,
-                    result: ChildResult::Err(e.kind()),
+                    result: ChildResult::Ok(dg),
                 },
             );
-            return Err(e);
-        }
-        // F7: the read returns another aligned offset's bytes, once.
-        let mut source = range.start;
-        let armed7 = g.take_armed(i, "F7", &range);
-        let rate7 = g.rates.f7;
-        let n = range.end - range.start;
-        if armed7.is_some() || g.draw(i, rate7) {
-            let sectors = g.disks[i].sectors;
-            if sectors >= n + 8 {
-                let cand = g.disks[i].fault_rng.below((sectors - n) / 8 + 1) * 8;
-                if cand != range.start
-                    && (armed7.is_some() || g.allow("F7", i, range.clone(), Mark::Wrong))
-                {
-                    g.injected(i, "F7", range.clone());
-                    source = cand;
+            Ok((out, expect))
+        })()?;
+        if let (Some((img, h)), Some(expect)) = (&held, expect) {
+            // I21: the image holds what the model does.
+            let got = img.read(h, range.clone()).await;
+            if img.current(h) {
+                match got {
+                    Ok(got) => {
+                        if let Some(k) = (0..got.len()).find(|&k| got[k] != expect[k]) {
+                            self.set.image_failed((
+                                "I21",
+                                format!(
+                                    "{}'s image reads {:?} at sector {}, the disk holds {:?}",
+                                    self.name,
+                                    got[k],
+                                    range.start + k as u64,
+                                    expect[k]
+                                ),
+                            ));
+                        }
+                    }
+                    Err(f) => self.set.image_failed(f),
                 }
             }
         }
-        // F2: one transient flipped bit in this read.
-        let armed2 = g.take_armed(i, "F2", &range);
-        let rate2 = g.rates.f2;
-        let mut transient = None;
-        if armed2.is_some() || g.draw(i, rate2) {
-            let s = match &armed2 {
-                Some(Armed {
-                    sectors: Some(r), ..
-                }) => r.start.max(range.start),
-                _ => g.pick_sector(i, &range),
-            };
-            if armed2.is_some() || g.allow("F2", i, s..s + 1, Mark::Wrong) {
-                g.injected(i, "F2", s..s + 1);
-                transient = Some(s);
-            }
-        }
-        let seed = g.seed;
-        let d = &g.disks[i];
-        let mut buf = BytesMut::zeroed(len);
-        // Faults met again by this read, charged to it (their injection was charged to an
-        // earlier op): sticky flips and rot, and copies a fault damaged (`damage`).
-        let mut met: BTreeSet<&'static str> = BTreeSet::new();
-        for (k, chunk) in buf.chunks_mut(SECTOR).enumerate() {
-            let src = source + k as u64;
-            let s = range.start + k as u64;
-            if let Some(f) = d.damage.get(&src) {
-                met.insert(f);
-            }
-            match &d.current[src as usize] {
-                Stored::V(v) => encode_into(*v, chunk),
-                Stored::Raw(b) => chunk.copy_from_slice(b),
-            }
-            let corrupt = match d.sticky.get(&src) {
-                Some(Sticky::Flip) => Some("F1"),
-                Some(Sticky::Rot) => Some("F3"),
-                _ => None,
-            };
-            if let Some(f) = corrupt {
-                met.insert(f);
-                flip_bit(seed, i, src, chunk, 1);
-            }
-            if transient == Some(s) {
-                flip_bit(seed, i, s, chunk, 2);
-            }
-        }
-        for f in met {
-            g.mark(f);
-        }
-        let out = buf.freeze();
-        let dg = digest(&out);
-        g.log(
-            op,
-            ChildOp {
-                disk: i,
-                kind: ChildKind::Read,
-                offset,
-                len: len as u64,
-                data: 0,
-                result: ChildResult::Ok(dg),
-            },
-        );
         Ok(out)
     }
 
@@ -1736,6 +1999,7 @@ impl BlockDevice for VDisk {
         )?;
         let op = current_op();
         let _permit = self.admit(true).await?;
+        let held = self.hold().await?;
         let stored: Vec<Stored> = data
             .chunks(SECTOR)
             .map(|c| match decode(c) {
@@ -1743,33 +2007,37 @@ impl BlockDevice for VDisk {
                 Decoded::Garbage => Stored::Raw(Arc::from(c)),
             })
             .collect();
-        let mut g = self.set.lock();
-        let r = self.apply_write(&mut g, offset / SECTOR_U64, stored, flags.fua);
-        g.log(
-            op,
-            ChildOp {
-                disk: self.index,
-                kind: ChildKind::Write,
-                offset,
-                len: data.len() as u64,
-                data: digest(&data),
-                result: ChildResult::of(&r),
-            },
-        );
+        let r = {
+            let mut g = self.set.lock();
+            let r = self.apply_write(
+                &mut g,
+                offset / SECTOR_U64,
+                stored,
+                flags.fua && held.is_none(),
+            );
+            g.log(
+                op,
+                ChildOp {
+                    disk: self.index,
+                    kind: ChildKind::Write,
+                    offset,
+                    len: data.len() as u64,
+                    data: digest(&data),
+                    result: ChildResult::of(&r),
+                },
+            );
+            r
+        };
+        self.mirror(&held, flags.fua && r.is_ok()).await;
         r
     }
 
     async fn flush(&self) -> Result<()> {
         let op = current_op();
         let _permit = self.admit(true).await?;
-        let mut g = self.set.lock();
+        let held = self.hold().await?;
         let i = self.index;
-        // F5 on a flush: the write-back fails. Only on an idle cache, so no acked data depends
-        // on it (the oracle's durability model stays exact); it drives Q41's error paths.
-        let rate5 = g.rates.f5;
-        if g.draw(i, rate5) && g.disks[i].pending.is_empty() {
-            g.injected(i, "F5", 0..0);
-            let e = eio("flush failed (F5, idle cache)", &self.name, 0);
+        let log = |g: &mut Inner, result: ChildResult| {
             g.log(
                 op,
                 ChildOp {
@@ -1778,23 +2046,34 @@ impl BlockDevice for VDisk {
                     offset: 0,
                     len: 0,
                     data: 0,
-                    result: ChildResult::Err(e.kind()),
+                    result,
                 },
             );
-            return Err(e);
+        };
+        {
+            let mut g = self.set.lock();
+            // F5 on a flush: the write-back fails. Only on an idle cache, so no acked data
+            // depends on it (the oracle's durability model stays exact); it drives Q41's
+            // error paths.
+            let rate5 = g.rates.f5;
+            if g.draw(i, rate5) && g.disks[i].pending.is_empty() {
+                g.injected(i, "F5", 0..0);
+                let e = eio("flush failed (F5, idle cache)", &self.name, 0);
+                log(&mut g, ChildResult::Err(e.kind()));
+                return Err(e);
+            }
         }
+        if let Some((img, h)) = &held {
+            // The image's flush first: the model's cache is durable only once the image's is.
+            if let Err(f) = img.flush(h).await {
+                if img.current(h) {
+                    self.set.image_failed(f);
+                }
+            }
+        }
+        let mut g = self.set.lock();
         flush_disk(&mut g.disks[i]);
-        g.log(
-            op,
-            ChildOp {
-                disk: i,
-                kind: ChildKind::Flush,
-                offset: 0,
-                len: 0,
-                data: 0,
-                result: ChildResult::Ok(0),
-            },
-        );
+        log(&mut g, ChildResult::Ok(0));
         Ok(())
     }
 
@@ -1802,25 +2081,30 @@ impl BlockDevice for VDisk {
         check_request(self.length, SECTOR as u32, offset, len, Access::Write)?;
         let op = current_op();
         let _permit = self.admit(true).await?;
+        let held = self.hold().await?;
         let n = (len / SECTOR_U64) as usize;
-        let mut g = self.set.lock();
-        let r = self.apply_write(
-            &mut g,
-            offset / SECTOR_U64,
-            vec![Stored::V(Value::Zero); n],
-            flags.fua,
-        );
-        g.log(
-            op,
-            ChildOp {
-                disk: self.index,
-                kind: ChildKind::Zero,
-                offset,
-                len,
-                data: 0,
-                result: ChildResult::of(&r),
-            },
-        );
+        let r = {
+            let mut g = self.set.lock();
+            let r = self.apply_write(
+                &mut g,
+                offset / SECTOR_U64,
+                vec![Stored::V(Value::Zero); n],
+                flags.fua && held.is_none(),
+            );
+            g.log(
+                op,
+                ChildOp {
+                    disk: self.index,
+                    kind: ChildKind::Zero,
+                    offset,
+                    len,
+                    data: 0,
+                    result: ChildResult::of(&r),
+                },
+            );
+            r
+        };
+        self.mirror(&held, flags.fua && r.is_ok()).await;
         r
     }
 
@@ -1828,29 +2112,34 @@ impl BlockDevice for VDisk {
         check_request(self.length, SECTOR as u32, offset, len, Access::Read)?;
         let op = current_op();
         let _permit = self.admit(true).await?;
-        let mut g = self.set.lock();
-        let r = if g.disks[self.index].discard_zeroes {
-            let n = (len / SECTOR_U64) as usize;
-            self.apply_write(
-                &mut g,
-                offset / SECTOR_U64,
-                vec![Stored::V(Value::Zero); n],
-                false,
-            )
-        } else {
-            Ok(())
+        let held = self.hold().await?;
+        let r = {
+            let mut g = self.set.lock();
+            let r = if g.disks[self.index].discard_zeroes {
+                let n = (len / SECTOR_U64) as usize;
+                self.apply_write(
+                    &mut g,
+                    offset / SECTOR_U64,
+                    vec![Stored::V(Value::Zero); n],
+                    false,
+                )
+            } else {
+                Ok(())
+            };
+            g.log(
+                op,
+                ChildOp {
+                    disk: self.index,
+                    kind: ChildKind::Discard,
+                    offset,
+                    len,
+                    data: 0,
+                    result: ChildResult::of(&r),
+                },
+            );
+            r
         };
-        g.log(
-            op,
-            ChildOp {
-                disk: self.index,
-                kind: ChildKind::Discard,
-                offset,
-                len,
-                data: 0,
-                result: ChildResult::of(&r),
-            },
-        );
+        self.mirror(&held, false).await;
         r
     }
 

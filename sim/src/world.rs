@@ -375,6 +375,14 @@ async fn world_main(p: Params, sc: Scenario, opts: RunOpts) -> RunResult {
         },
     );
     disks.set_start(start);
+    if let Some(ci) = &p.child_image {
+        if let Err((rule, msg)) = disks.attach_images(ci, p.initial_pattern).await {
+            return RunResult {
+                violation: Some((rule.to_string(), msg)),
+                ..RunResult::default()
+            };
+        }
+    }
     let oracle = Oracle::new(ModelCfg {
         n,
         t: p.threshold,
@@ -650,6 +658,11 @@ async fn world_main(p: Params, sc: Scenario, opts: RunOpts) -> RunResult {
     world.harvest_clients();
     if !world.failed() {
         check_expectations(&world).await;
+    }
+    if !world.failed() && world.disks.failure_free() {
+        if let Err((rule, msg)) = world.disks.check_images().await {
+            world.fail(rule, msg);
+        }
     }
     world.lock().phase = Phase::Done;
     finish(&world, start)
@@ -1917,7 +1930,13 @@ async fn check_expectations(w: &Arc<World>) {
                     .paths
                     .get(path.as_str())
                     .copied()
-                    .unwrap_or(0);
+                    .unwrap_or(0)
+                    // Child images count their leaks themselves (P21).
+                    + if path == "P21" {
+                        w.disks.counters().image_leaks
+                    } else {
+                        0
+                    };
                 if n < *min {
                     fail(format!(
                         "expect path: {path} reached {n} time(s), expected at least {min}"
@@ -1973,6 +1992,18 @@ fn finish(w: &Arc<World>, start: tokio::time::Instant) -> RunResult {
         fault_outcomes: fault_outcomes(&st.spans, &counters.marks),
         ..RunResult::default()
     };
+    // Child images: their checks and leaks; a rule one broke comes first (the model went
+    // on from the image's state).
+    for (k, v) in &counters.image_checks {
+        *r.checks.entry(k.to_string()).or_default() += v;
+    }
+    if counters.image_leaks > 0 {
+        *r.paths.entry("P21".into()).or_default() += counters.image_leaks;
+    }
+    if let Some((rule, msg)) = w.disks.image_failure() {
+        r.violation = Some((rule.to_string(), msg));
+        return r;
+    }
     // P12: events the limiter held back or merged.
     let coalesced = st.all_events.len().saturating_sub(st.qmp_events.len()) as u64;
     if coalesced > 0 {
