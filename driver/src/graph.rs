@@ -512,6 +512,12 @@ impl Graph {
                         .await
                         .map_err(|e| ConfigError::new(e.to_string()))?,
                     );
+                    if let Some(r) = q.repaired() {
+                        self.host.warn(&format!(
+                            "qcow2 image {label} was marked dirty (lazy refcounts after a crash): its refcounts were rebuilt ({} clusters fixed, {} COPIED flags)",
+                            r.refcounts_fixed, r.copied_fixed
+                        ));
+                    }
                     qcow2_node = Some(q.clone());
                     q
                 }

@@ -61,6 +61,8 @@ struct State {
     /// Inside a unit of work (QEMU's `busy`).
     busy: bool,
     error: Option<ErrorKind>,
+    /// What went wrong, in words, when the job says more than the error's kind.
+    error_message: Option<String>,
     /// Counters a finished job reports (verify's `checked`, `mismatched`...).
     result: Vec<(&'static str, u64)>,
 }
@@ -97,6 +99,8 @@ pub struct JobInfo {
     pub busy: bool,
     /// `error`, once concluded with one.
     pub error: Option<ErrorKind>,
+    /// The error in words (`blockdev-create`'s reasons), shown instead of the kind's.
+    pub error_message: Option<String>,
     /// Result counters.
     pub result: Vec<(&'static str, u64)>,
 }
@@ -111,7 +115,11 @@ impl JobInfo {
         m.insert("current-progress".into(), json!(self.current));
         m.insert("total-progress".into(), json!(self.total));
         if let Some(e) = &self.error {
-            m.insert("error".into(), json!(e.strerror()));
+            let text = self
+                .error_message
+                .clone()
+                .unwrap_or_else(|| e.strerror().into());
+            m.insert("error".into(), json!(text));
         }
         for (k, v) in &self.result {
             m.insert((*k).into(), json!(v));
@@ -200,6 +208,7 @@ impl Jobs {
                 speed,
                 busy: false,
                 error: None,
+                error_message: None,
                 result: Vec::new(),
             }),
             changed: Notify::new(),
@@ -338,6 +347,7 @@ impl JobControl {
             speed: st.speed,
             busy: st.busy,
             error: st.error,
+            error_message: st.error_message.clone(),
             result: st.result.clone(),
         }
     }
@@ -455,6 +465,13 @@ impl JobControl {
         let (len, offset, speed) = (st.total, st.current, st.speed);
         drop(st);
         self.emit_status(JobStatus::Concluded);
+        if !self.is_block_job() {
+            // A generic job (blockdev-create) reports through JOB_STATUS_CHANGE alone.
+            if self.auto_dismiss {
+                self.set_null();
+            }
+            return;
+        }
         self.events.emit(Event::BlockJobCompleted {
             job_type: self.job_type,
             device: self.id.clone(),
@@ -467,6 +484,18 @@ impl JobControl {
         if self.auto_dismiss {
             self.set_null();
         }
+    }
+
+    /// [`JobControl::finish`] with an error described in words.
+    pub fn fail(&self, error: ErrorKind, message: String) {
+        lock(&self.state).error_message = Some(message);
+        self.finish(Some(error), Vec::new());
+    }
+
+    /// Whether `query-block-jobs` lists the job and its end is a `BLOCK_JOB_COMPLETED`
+    /// (QEMU's block jobs; `create` is a generic job).
+    pub fn is_block_job(&self) -> bool {
+        self.job_type != "create"
     }
 
     fn set_null(&self) {

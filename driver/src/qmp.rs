@@ -110,13 +110,14 @@ impl Monitor {
                 },
             },
             "x-quorum-resync" | "x-quorum-verify" => self.quorum_job(cmd, args).await,
+            "blockdev-create" => self.blockdev_create(args).await,
             "query-jobs" => {
                 let jobs = self.graph.lock().await.jobs();
                 json!({"return": jobs.list().iter().map(|j| j.to_query_jobs()).collect::<Vec<_>>()})
             }
             "query-block-jobs" => {
                 let jobs = self.graph.lock().await.jobs();
-                json!({"return": jobs.list().iter().map(|j| j.to_query_block_jobs()).collect::<Vec<_>>()})
+                json!({"return": jobs.list().iter().filter(|j| j.job_type != "create").map(|j| j.to_query_block_jobs()).collect::<Vec<_>>()})
             }
             "job-pause" | "job-resume" | "job-cancel" | "job-dismiss" | "block-job-pause"
             | "block-job-resume" | "block-job-cancel" => {
@@ -306,6 +307,51 @@ impl Monitor {
             Ok(_) => json!({"return": {}}),
             Err(e) => generic(e),
         }
+    }
+
+    /// `blockdev-create` (QEMU's job of type `create`): `driver=file` makes an empty file of
+    /// `size` bytes at `filename`, `driver=qcow2` writes a new image into the node `file`.
+    /// Argument types are checked at once; the creation itself runs as a job that the caller
+    /// follows with `query-jobs` and ends with `job-dismiss`, as in QEMU.
+    async fn blockdev_create(&self, args: &Value) -> Value {
+        let plan = match create_plan(args) {
+            Ok(p) => p,
+            Err(e) => return generic(e),
+        };
+        let (id, plan) = plan;
+        let file_dev = match &plan {
+            CreatePlan::Qcow2 { node, .. } => match self.graph.lock().await.get(node) {
+                Some(n) => Some(n.dev.clone()),
+                None => {
+                    return generic(format!(
+                        "Cannot find device='{node}' nor node-name='{node}'"
+                    ))
+                }
+            },
+            CreatePlan::File { .. } => None,
+        };
+        let jobs = self.graph.lock().await.jobs();
+        let job = match jobs.create(&id, "create", 0, false) {
+            Ok(j) => j,
+            Err(e) => return generic(e),
+        };
+        tokio::spawn(async move {
+            job.start();
+            let r: Result<(), String> = match plan {
+                CreatePlan::File { filename, size } => create_file(&filename, size),
+                CreatePlan::Qcow2 { node, options } => match file_dev {
+                    Some(dev) => crate::drivers::qcow2::create::create(&dev, &options)
+                        .await
+                        .map_err(|e| format!("Could not create a qcow2 image on '{node}': {e}")),
+                    None => Err("no file node".into()),
+                },
+            };
+            match r {
+                Ok(()) => job.finish(None, Vec::new()),
+                Err(m) => job.fail(crate::error::ErrorKind::Io, m),
+            }
+        });
+        json!({"return": {}})
     }
 
     /// R37: `xen-set-replication`.
@@ -508,5 +554,229 @@ impl Monitor {
         if quitting {
             self.quit.notify_one();
         }
+    }
+}
+
+/// What a `blockdev-create` makes.
+enum CreatePlan {
+    File {
+        filename: String,
+        size: u64,
+    },
+    Qcow2 {
+        node: String,
+        options: crate::drivers::qcow2::create::CreateOptions,
+    },
+}
+
+/// `blockdev-create`'s arguments, checked as QEMU's schema checks them: the job id and the
+/// plan, or the error to reply with.
+fn create_plan(args: &Value) -> Result<(String, CreatePlan), String> {
+    use crate::drivers::qcow2::create::CreateOptions;
+    let top = args
+        .as_object()
+        .ok_or("Invalid parameter type, expected: object")?;
+    if let Some(k) = top
+        .keys()
+        .find(|k| !["job-id", "options"].contains(&k.as_str()))
+    {
+        return Err(format!("Parameter '{k}' is unexpected"));
+    }
+    let id = match top.get("job-id") {
+        None => return Err("Parameter 'job-id' is missing".into()),
+        Some(Value::String(s)) => s.clone(),
+        Some(_) => return Err("Invalid parameter type for 'job-id', expected: string".into()),
+    };
+    let o = match top.get("options") {
+        None => return Err("Parameter 'options' is missing".into()),
+        Some(Value::Object(m)) => m,
+        Some(_) => return Err("Invalid parameter type for 'options', expected: object".into()),
+    };
+    let string = |k: &str| -> Result<Option<String>, String> {
+        match o.get(k) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(_) => Err(format!(
+                "Invalid parameter type for 'options.{k}', expected: string"
+            )),
+        }
+    };
+    let uint = |k: &str| -> Result<Option<u64>, String> {
+        match o.get(k) {
+            None => Ok(None),
+            Some(v) => v.as_u64().map(Some).ok_or_else(|| {
+                format!("Invalid parameter type for 'options.{k}', expected: integer")
+            }),
+        }
+    };
+    let require = |k: &str, v: Option<u64>| -> Result<u64, String> {
+        v.ok_or_else(|| format!("Parameter 'options.{k}' is missing"))
+    };
+    let known = |allowed: &[&str]| -> Result<(), String> {
+        match o.keys().find(|k| !allowed.contains(&k.as_str())) {
+            Some(k) => Err(format!("Parameter 'options.{k}' is unexpected")),
+            None => Ok(()),
+        }
+    };
+    let prealloc = |v: Option<String>| -> Result<(), String> {
+        match v.as_deref() {
+            None | Some("off") => Ok(()),
+            Some(m) => Err(format!(
+                "Unsupported preallocation mode '{m}' (ballot creates sparse images: use 'off')"
+            )),
+        }
+    };
+    let driver = string("driver")?.ok_or("Parameter 'options.driver' is missing")?;
+    let plan = match driver.as_str() {
+        "file" => {
+            known(&[
+                "driver",
+                "filename",
+                "size",
+                "preallocation",
+                "nocow",
+                "extent-size-hint",
+            ])?;
+            prealloc(string("preallocation")?)?;
+            CreatePlan::File {
+                filename: string("filename")?.ok_or("Parameter 'options.filename' is missing")?,
+                size: require("size", uint("size")?)?,
+            }
+        }
+        "qcow2" => {
+            known(&[
+                "driver",
+                "file",
+                "size",
+                "version",
+                "backing-file",
+                "backing-fmt",
+                "cluster-size",
+                "refcount-bits",
+                "preallocation",
+                "lazy-refcounts",
+                "data-file",
+                "data-file-raw",
+                "encrypt",
+                "compression-type",
+                "extended-l2",
+            ])?;
+            prealloc(string("preallocation")?)?;
+            let node = match o.get("file") {
+                None => return Err("Parameter 'options.file' is missing".into()),
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Object(_)) => {
+                    return Err("options.file: give the node-name of a file node made with blockdev-add (inline definitions are not supported)".into())
+                }
+                Some(_) => {
+                    return Err("Invalid parameter type for 'options.file', expected: string".into())
+                }
+            };
+            for (k, why) in [
+                ("data-file", "external data files"),
+                ("data-file-raw", "external data files"),
+                ("encrypt", "encryption"),
+            ] {
+                if o.contains_key(k) {
+                    return Err(format!(
+                        "options.{k}: ballot's qcow2 driver does not support {why}"
+                    ));
+                }
+            }
+            if o.get("lazy-refcounts") == Some(&Value::Bool(true)) {
+                return Err("options.lazy-refcounts: ballot keeps refcounts up to date (lazy-refcounts=on is not supported)".into());
+            }
+            if o.get("extended-l2") == Some(&Value::Bool(true)) {
+                return Err("options.extended-l2: extended L2 entries are not supported".into());
+            }
+            match string("compression-type")?.as_deref() {
+                None | Some("zlib") => {}
+                Some(t) => {
+                    return Err(format!(
+                        "options.compression-type: '{t}' is not supported (zlib is)"
+                    ))
+                }
+            }
+            let size = require("size", uint("size")?)?;
+            if size % 512 != 0 {
+                return Err("Image size must be a multiple of 512 bytes".into());
+            }
+            let mut opts = CreateOptions {
+                size,
+                ..CreateOptions::default()
+            };
+            match string("version")?.as_deref() {
+                None | Some("v3") => {}
+                Some("v2") => opts.version = 2,
+                Some(v) => {
+                    return Err(format!(
+                        "Parameter 'options.version' does not accept value '{v}'"
+                    ))
+                }
+            }
+            if let Some(cs) = uint("cluster-size")? {
+                if !cs.is_power_of_two() {
+                    return Err("Cluster size must be a power of two between 512 and 2048k".into());
+                }
+                opts.cluster_bits = cs.trailing_zeros();
+            }
+            if let Some(rb) = uint("refcount-bits")? {
+                if !rb.is_power_of_two() || rb > 64 {
+                    return Err(
+                        "Refcount width must be a power of two and may not exceed 64 bits".into(),
+                    );
+                }
+                opts.refcount_order = rb.trailing_zeros();
+            }
+            let backing = string("backing-file")?;
+            let fmt = string("backing-fmt")?;
+            opts.backing = match (backing, fmt) {
+                (Some(b), f) => Some((b, f.unwrap_or_default())),
+                (None, Some(_)) => {
+                    return Err("Backing format cannot be used without backing file".into())
+                }
+                (None, None) => None,
+            };
+            // The layout's own refusals (cluster size range, v2 refcounts...) come now, as
+            // QEMU's option checks do, rather than from a failed job.
+            crate::drivers::qcow2::create::layout(&opts).map_err(|e| e.to_string())?;
+            CreatePlan::Qcow2 {
+                node,
+                options: opts,
+            }
+        }
+        other => {
+            return Err(format!(
+                "Driver '{other}' does not support blockdev-create (ballot creates file and qcow2)"
+            ))
+        }
+    };
+    Ok((id, plan))
+}
+
+/// `blockdev-create` with `driver=file`: the file, emptied, then `size` bytes long (sparse).
+fn create_file(filename: &str, size: u64) -> Result<(), String> {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(filename)
+        .map_err(|e| format!("Could not create '{filename}': {}", io_text(&e)))?;
+    f.set_len(size).map_err(|e| {
+        format!(
+            "Could not resize '{filename}' to {size} bytes: {}",
+            io_text(&e)
+        )
+    })?;
+    f.sync_all()
+        .map_err(|e| format!("Could not flush '{filename}': {}", io_text(&e)))
+}
+
+/// An I/O error as QEMU words it: the system's message without Rust's "(os error N)".
+fn io_text(e: &std::io::Error) -> String {
+    let s = e.to_string();
+    match s.find(" (os error") {
+        Some(i) => s[..i].to_string(),
+        None => s,
     }
 }

@@ -183,3 +183,54 @@ async fn h25_ballot_refuses_an_image_qemu_storage_daemon_holds() {
         ""
     );
 }
+
+/// How many of this process's file descriptors refer to `path`.
+fn open_fds(path: &str) -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|t| t.to_str() == Some(path))
+        .count()
+}
+
+/// H25: a node's locks go with the node. A writable file node that wrote through its write
+/// and write-back threads, then was dropped (or deleted), has closed its file by the time the
+/// drop returns (the threads are joined, not left to close it later), so the same file opens
+/// for writing again at once. Before the fix a `blockdev-del` + `blockdev-add` of one file, or
+/// a dirty qcow2 image's repair followed by another open, could meet the old node's locks.
+#[tokio::test]
+async fn h25_a_dropped_writer_releases_its_locks_before_the_next_open() {
+    use ballot::device::WriteFlags;
+    let dir = common::Scratch::new("locks-reopen");
+    let img = dir.0.join("d.raw").display().to_string();
+    std::fs::write(&img, vec![0u8; 4 << 20]).unwrap();
+    for round in 0..20u8 {
+        let mut g = graph();
+        let arg = format!("driver=file,node-name=f,filename={img}");
+        assert_eq!(add(&mut g, &arg).await, "", "round {round}");
+        let dev = g.get("f").unwrap().dev.clone();
+        // Buffered writes, small and large (the small ones run on the node's write thread,
+        // the large ones start write-back), then a flush.
+        for k in 0..16u64 {
+            let len = if k % 4 == 0 { 1 << 20 } else { 4096 };
+            dev.write(
+                k << 18,
+                bytes::Bytes::from(vec![round; len]),
+                WriteFlags::NONE,
+            )
+            .await
+            .unwrap();
+        }
+        dev.flush().await.unwrap();
+        if round % 2 == 0 {
+            drop(dev);
+            g.blockdev_del("f").await.unwrap();
+        } else {
+            drop((dev, g));
+        }
+        // The file is closed when the node goes (its locks with it).
+        assert_eq!(open_fds(&img), 0, "round {round}: the file is still open");
+    }
+    let data = std::fs::read(&img).unwrap();
+    assert!(data[..4096].iter().all(|&b| b == 19));
+}

@@ -454,3 +454,124 @@ async fn bad_images_are_refused_with_the_file_and_the_problem() {
         .unwrap();
     assert_eq!(g.get("q").unwrap().dev.length().unwrap(), 1 << 20);
 }
+
+/// Issue 19: an image QEMU left dirty (lazy refcounts, the writer killed) opens read-only as
+/// it is, and writable after the repair QEMU itself would run at open: the refcounts are
+/// rebuilt from the tables, the dirty bit is cleared, the data and an internal snapshot's
+/// data are intact, new writes land, and `qemu-img check` finds no error and no leak.
+#[tokio::test]
+async fn a_dirty_image_from_a_killed_lazy_refcount_writer_is_repaired_at_a_writable_open() {
+    let dir = Scratch::new("qcow2-dirty");
+    let d = dir.0.join("d.qcow2").display().to_string();
+    ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "lazy_refcounts=on,cluster_size=4096",
+            &d,
+            "16M",
+        ],
+    );
+    qemu_io(&d, "qcow2", &["write -P 0x11 0 1M"]);
+    ok("qemu-img", &["snapshot", "-c", "s1", &d]);
+    // Copy-on-write of shared clusters and new allocations, then SIGKILL: refcounts behind.
+    let (_, text) = run(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x22 512k 64k",
+            "-c",
+            "write -P 0x33 4M 64k",
+            "-c",
+            "sigraise 9",
+            &d,
+        ],
+    );
+    assert!(
+        text.contains("wrote 65536/65536 bytes at offset 4194304"),
+        "{text}"
+    );
+    let (code, text) = run("qemu-img", &["check", &d]);
+    assert_eq!(code, 2, "the killed writer left refcount errors: {text}");
+    let header = std::fs::read(&d).unwrap();
+    assert_eq!(header[79] & 1, 1, "the dirty bit is set");
+
+    // Read-only: served as it is, nothing written.
+    let mut g = graph();
+    let ro = open(&mut g, "ro", &d, true).await;
+    let data = ro.read(0, 5 << 20).await.unwrap();
+    assert!(data[..512 << 10].iter().all(|&b| b == 0x11));
+    assert!(data[512 << 10..576 << 10].iter().all(|&b| b == 0x22));
+    assert!(data[4 << 20..(4 << 20) + (64 << 10)]
+        .iter()
+        .all(|&b| b == 0x33));
+    drop((ro, g));
+    assert_eq!(
+        std::fs::read(&d).unwrap(),
+        header,
+        "a read-only open changes nothing"
+    );
+
+    // Writable: repaired at open, with a warning, then written.
+    let (host, captured) = Host::recording(EventBus::new());
+    let mut g = Graph::new(host);
+    let rw = open(&mut g, "rw", &d, false).await;
+    let w = captured.warnings();
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(
+        w[0].starts_with(&format!(
+            "qcow2 image '{d}' was marked dirty (lazy refcounts after a crash): its refcounts were rebuilt ("
+        )),
+        "{}",
+        w[0]
+    );
+    rw.write(
+        8 << 20,
+        Bytes::from(vec![0x44u8; 2 << 20]),
+        WriteFlags::NONE,
+    )
+    .await
+    .unwrap();
+    rw.write(0, Bytes::from(vec![0x55u8; 4096]), WriteFlags::NONE)
+        .await
+        .unwrap();
+    rw.flush().await.unwrap();
+    drop((rw, g));
+    assert_eq!(
+        std::fs::read(&d).unwrap()[79] & 1,
+        0,
+        "the dirty bit is cleared"
+    );
+    let text = ok("qemu-img", &["check", &d]);
+    assert!(
+        text.contains("No errors were found on the image."),
+        "{text}"
+    );
+    assert!(!text.contains("leaked"), "{text}");
+    qemu_io(
+        &d,
+        "qcow2",
+        &[
+            "read -P 0x55 0 4k",
+            "read -P 0x11 4k 508k",
+            "read -P 0x22 512k 64k",
+            "read -P 0x33 4M 64k",
+            "read -P 0x44 8M 2M",
+        ],
+    );
+    // The snapshot still holds what it held.
+    let snap = dir.0.join("s1.raw").display().to_string();
+    ok(
+        "qemu-img",
+        &["convert", "-l", "snapshot.name=s1", "-O", "raw", &d, &snap],
+    );
+    let s = std::fs::read(&snap).unwrap();
+    assert!(s[..1 << 20].iter().all(|&b| b == 0x11));
+    assert!(s[1 << 20..].iter().all(|&b| b == 0));
+}

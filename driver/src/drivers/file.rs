@@ -70,13 +70,55 @@ pub struct FileDevice {
     regular: bool,
     /// The thread that runs this file's buffered writes (started on the first one).
     #[cfg(not(madsim))]
-    lane: std::sync::OnceLock<Option<std::sync::mpsc::Sender<LaneJob>>>,
+    lane: std::sync::OnceLock<Option<FileThread<LaneJob>>>,
     /// Write-behind: the chunks buffered writes have covered since their last write-back, and
     /// the thread that starts write-back (started on the first complete chunk).
     #[cfg(not(madsim))]
     coverage: std::sync::Mutex<super::writeback::Coverage>,
     #[cfg(not(madsim))]
-    writeback: std::sync::OnceLock<Option<std::sync::mpsc::Sender<u64>>>,
+    writeback: std::sync::OnceLock<Option<FileThread<u64>>>,
+}
+
+/// A thread that works on one file ([`file_thread`]): its queue and its handle.
+#[cfg(not(madsim))]
+struct FileThread<T> {
+    tx: std::sync::mpsc::Sender<T>,
+    handle: std::thread::JoinHandle<()>,
+}
+
+#[cfg(not(madsim))]
+impl<T> std::fmt::Debug for FileThread<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FileThread")
+    }
+}
+
+#[cfg(not(madsim))]
+impl<T> FileThread<T> {
+    /// Ends the thread once it has run what it was sent, and waits for it: after this the
+    /// thread holds no reference to the file.
+    fn stop(self) {
+        drop(self.tx);
+        // (Never on the thread itself, should the last reference go there.)
+        if self.handle.thread().id() != std::thread::current().id() {
+            let _ = self.handle.join();
+        }
+    }
+}
+
+#[cfg(not(madsim))]
+impl Drop for FileDevice {
+    /// The file closes (and its image locks go, H25) when the node goes, not later when a
+    /// write thread notices: a `blockdev-del` then `blockdev-add` of the same file, or a
+    /// repair at open followed by another open, must not find the old node's locks.
+    fn drop(&mut self) {
+        if let Some(Some(t)) = self.lane.take() {
+            t.stop();
+        }
+        if let Some(Some(t)) = self.writeback.take() {
+            t.stop();
+        }
+    }
 }
 
 /// One buffered write (or sync) for a file's write thread.
@@ -242,7 +284,7 @@ impl FileDevice {
                 let job: LaneJob = Box::new(move |inner| {
                     let _ = tx.send(f(inner));
                 });
-                if lane.send(job).is_ok() {
+                if lane.tx.send(job).is_ok() {
                     if let Ok(r) = rx.await {
                         return r;
                     }
@@ -279,9 +321,9 @@ impl FileDevice {
                     start_writeback(inner, chunk * super::writeback::CHUNK_BYTES)
                 })
             });
-            if let Some(tx) = tx {
+            if let Some(t) = tx {
                 for chunk in done {
-                    let _ = tx.send(chunk);
+                    let _ = t.tx.send(chunk);
                 }
             }
         }
@@ -570,13 +612,14 @@ fn write_full(inner: &Inner, data: &[u8], offset: u64) -> Result<()> {
 }
 
 /// Starts a thread `name` that runs `each` on the file for every message sent to it, in
-/// order, until the returned sender is dropped; `None` if the thread cannot be started.
+/// order, until its sender is dropped ([`FileThread::stop`]); `None` if the thread cannot be
+/// started.
 #[cfg(not(madsim))]
 fn file_thread<T: Send + 'static>(
     inner: &Arc<Inner>,
     name: &str,
     each: impl Fn(&Inner, T) + Send + 'static,
-) -> Option<std::sync::mpsc::Sender<T>> {
+) -> Option<FileThread<T>> {
     let (tx, rx) = std::sync::mpsc::channel::<T>();
     let inner = inner.clone();
     std::thread::Builder::new()
@@ -587,7 +630,7 @@ fn file_thread<T: Send + 'static>(
             }
         })
         .ok()
-        .map(|_| tx)
+        .map(|handle| FileThread { tx, handle })
 }
 
 /// Starts write-back of one chunk's dirty pages without waiting for it

@@ -130,11 +130,21 @@ impl Walk<'_> {
     }
 }
 
-/// Checks the image in `file` whose header is `h`.
+/// What the metadata references, the refcount structure left out: clusters and their
+/// reference counts, the active tables (L2 offset, L1 entry, L2 entries) for the COPIED
+/// flags, and the corruptions met on the way.
+pub(super) struct References {
+    pub refs: HashMap<u64, u64>,
+    pub active: Vec<(u64, u64, Vec<u64>)>,
+    pub report: CheckReport,
+}
+
+/// Walks the header, the active L1 and L2 tables and every internal snapshot's, counting the
+/// clusters they reference.
 ///
 /// # Errors
 /// The file cannot be read.
-pub async fn check(file: &Device, h: &Header) -> Result<CheckReport> {
+pub(super) async fn references(file: &Device, h: &Header) -> Result<References> {
     let file_len = file.length()?;
     let cl = h.cluster_size();
     let mut w = Walk {
@@ -178,6 +188,29 @@ pub async fn check(file: &Device, h: &Header) -> Result<CheckReport> {
         }
         w.count("snapshot table", start, at - start);
     }
+    Ok(References {
+        refs: w.refs,
+        active,
+        report: w.report,
+    })
+}
+
+/// Checks the image in `file` whose header is `h`.
+///
+/// # Errors
+/// The file cannot be read.
+pub async fn check(file: &Device, h: &Header) -> Result<CheckReport> {
+    let file_len = file.length()?;
+    let cl = h.cluster_size();
+    let found = references(file, h).await?;
+    let active = found.active;
+    let mut w = Walk {
+        file,
+        h,
+        file_len,
+        refs: found.refs,
+        report: found.report,
+    };
     // The refcount structure itself.
     let rt_bytes = u64::from(h.reftable_clusters) * cl;
     w.count("refcount table", h.reftable_offset, rt_bytes);

@@ -21,7 +21,7 @@ pub struct CreateOptions {
     pub version: u32,
     /// log2 of the refcount width (default 4: 16 bits).
     pub refcount_order: u32,
-    /// Backing file name as stored in the image, and its format.
+    /// Backing file name as stored in the image, and its format (empty: none recorded).
     pub backing: Option<(String, String)>,
 }
 
@@ -132,12 +132,15 @@ pub fn layout(o: &CreateOptions) -> Result<(Pieces, u64)> {
             )));
         }
         // The backing format extension, then the end of the extensions, then the name.
-        let mut ext = Vec::new();
-        ext.extend_from_slice(&format::EXT_BACKING_FORMAT.to_be_bytes());
-        ext.extend_from_slice(&(fmt.len() as u32).to_be_bytes());
-        ext.extend_from_slice(fmt.as_bytes());
-        ext.resize(ext.len().div_ceil(8) * 8, 0);
-        h.extend_from_slice(&ext);
+        // An empty format records none (the opener probes the backing file, as QEMU does).
+        if !fmt.is_empty() {
+            let mut ext = Vec::new();
+            ext.extend_from_slice(&format::EXT_BACKING_FORMAT.to_be_bytes());
+            ext.extend_from_slice(&(fmt.len() as u32).to_be_bytes());
+            ext.extend_from_slice(fmt.as_bytes());
+            ext.resize(ext.len().div_ceil(8) * 8, 0);
+            h.extend_from_slice(&ext);
+        }
         h.extend_from_slice(&[0u8; 8]);
         let name_at = h.len() as u64;
         if name_at + name.len() as u64 > cl {

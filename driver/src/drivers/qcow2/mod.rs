@@ -35,6 +35,7 @@ pub mod check;
 pub mod create;
 pub mod format;
 pub mod layer;
+pub mod repair;
 #[cfg(test)]
 mod tests;
 
@@ -171,6 +172,8 @@ pub struct Qcow2 {
     locks: Arc<RangeLock>,
     meta: tokio::sync::Mutex<Meta>,
     flushing: tokio::sync::Mutex<()>,
+    /// What the open's repair of a dirty image did (None: the image was clean).
+    repaired: Option<repair::Repaired>,
 }
 
 fn be64(b: &[u8], at: usize) -> u64 {
@@ -229,6 +232,8 @@ impl Qcow2 {
         opts: Qcow2Options,
     ) -> Result<Qcow2> {
         let inval = |m: String| Error::whole(ErrorKind::Inval, format!("Image {label}: {m}"));
+        let mut h = h;
+        let mut repaired = None;
         if !opts.read_only {
             if h.incompatible & format::INCOMPAT_CORRUPT != 0 {
                 return Err(inval(
@@ -236,9 +241,11 @@ impl Qcow2 {
                 ));
             }
             if h.incompatible & format::INCOMPAT_DIRTY != 0 {
-                return Err(inval(
-                    "the image is marked dirty (lazy refcounts after a crash); repair it with 'qemu-img check -r all' or open it read-only".into(),
-                ));
+                // Lazy refcounts left behind by a crash (QEMU's writer): rebuilt before
+                // anything is allocated, as QEMU repairs at open.
+                let (fixed, done) = repair::repair_dirty(&file, &h, label).await?;
+                repaired = Some(done);
+                h = fixed;
             }
         }
         if h.compression == Compression::Zstd {
@@ -278,6 +285,7 @@ impl Qcow2 {
         }
         let per_table = |bytes: u64| (bytes / cluster).max(2) as usize;
         let mut q = Qcow2 {
+            repaired,
             name: name.to_string(),
             label: label.to_string(),
             backing,
@@ -346,6 +354,11 @@ impl Qcow2 {
     /// The header as opened.
     pub fn header(&self) -> &Header {
         &self.h
+    }
+
+    /// What the open repaired in a dirty image (QEMU's lazy refcounts after a crash).
+    pub fn repaired(&self) -> Option<&repair::Repaired> {
+        self.repaired.as_ref()
     }
 
     /// The backing node, if any.
