@@ -321,6 +321,18 @@ impl Monitor {
         let (id, plan) = plan;
         let file_dev = match &plan {
             CreatePlan::Qcow2 { node, .. } => match self.graph.lock().await.get(node) {
+                // Formatting a node someone reads or writes would pull its data from under
+                // them (QEMU's permissions refuse it the same way).
+                Some(n) if n.parent.is_some() || !n.exports.is_empty() => {
+                    let user = match (&n.parent, n.exports.first()) {
+                        (Some((p, c)), _) => format!("node '{p}' (as its '{c}')"),
+                        (None, Some((u, _))) => u.clone(),
+                        (None, None) => String::new(),
+                    };
+                    return generic(format!(
+                        "Node '{node}' is in use by {user}: blockdev-create needs a node nothing else uses"
+                    ));
+                }
                 Some(n) => Some(n.dev.clone()),
                 None => {
                     return generic(format!(

@@ -241,6 +241,11 @@ fn blockdev_create_over_qmp_makes_an_image_qemu_accepts() {
         ),
         "Driver 'vmdk' does not support blockdev-create (ballot creates file and qcow2)"
     );
+    // The image's own file node is in use now (d0 reads it): formatting it again is refused.
+    assert_eq!(
+        refuse(&mut q, json!({"driver": "qcow2", "file": "f0", "size": 1 << 20})),
+        "Node 'f0' is in use by node 'd0' (as its 'file'): blockdev-create needs a node nothing else uses"
+    );
     assert_eq!(q.execute("query-jobs", json!({})), json!([]));
     // A job that fails concludes with the reason.
     let done = run_job(
