@@ -38,8 +38,10 @@ const NODE_NAME_BYTES_MAX: usize = 31;
 pub struct Node {
     /// The node-name.
     pub name: String,
-    /// The device.
+    /// The device (requests through it are counted in `stats`).
     pub dev: Device,
+    /// The node's I/O counters (`query-blockstats`, issue 20).
+    pub stats: Arc<crate::stats::IoStats>,
     /// The same node as a quorum, for quorum-only operations.
     pub quorum: Option<Arc<Quorum>>,
     /// The same node as an overlay (REPLICATION.md §10).
@@ -163,11 +165,13 @@ impl Graph {
                 "Duplicate nodes with node-name='{name}'"
             )));
         }
+        let (dev, stats) = crate::stats::Counted::wrap(dev);
         self.nodes.insert(
             name.to_string(),
             Node {
                 name: name.to_string(),
                 dev,
+                stats,
                 quorum: None,
                 overlay: None,
                 qcow2: None,
@@ -533,9 +537,11 @@ impl Graph {
                     r
                 }
             };
+            let (dev, stats) = crate::stats::Counted::wrap(dev);
             staging.nodes.push(Node {
                 name: name.clone(),
                 dev: dev.clone(),
+                stats,
                 quorum: quorum_node,
                 overlay: overlay_node,
                 qcow2: qcow2_node,
@@ -942,6 +948,72 @@ impl Graph {
         Ok(Value::Array(
             q.out_of_sync().await.iter().map(|r| r.to_json()).collect(),
         ))
+    }
+
+    /// QEMU's `BlockStats` of node `name`: its counters, its `file` child's entry as `parent`
+    /// and its backing node's as `backing`; for a quorum, ballot's `x-quorum`: how its reads
+    /// were voted, the events it emitted, each child's counters and out-of-sync bytes, and
+    /// its resync and verify jobs.
+    pub async fn blockstats(&self, name: &str) -> Option<Value> {
+        let mut v = self.blockstats_plain(name, 0)?;
+        let n = self.nodes.get(name)?;
+        if let Some(q) = &n.quorum {
+            let vc = q.vote_counters();
+            let oos = q.out_of_sync().await;
+            let children: Vec<Value> = oos
+                .iter()
+                .map(|r| {
+                    let stats = self
+                        .nodes
+                        .get(&r.node_name)
+                        .map(|c| c.stats.snapshot().to_qmp());
+                    serde_json::json!({
+                        "child": r.child,
+                        "node-name": r.node_name,
+                        "out-of-sync-bytes": r.dirty_bytes(),
+                        "stats": stats,
+                    })
+                })
+                .collect();
+            let jobs: Vec<Value> = q.job_infos().iter().map(|j| j.to_query_jobs()).collect();
+            if let Value::Object(m) = &mut v {
+                m.insert(
+                    "x-quorum".into(),
+                    serde_json::json!({
+                        "reads-fast": vc.fast,
+                        "reads-hashed": vc.hashed,
+                        "reads-failed": vc.failed,
+                        "report-bad-events": vc.report_bad,
+                        "failure-events": vc.failures,
+                        "children": children,
+                        "jobs": jobs,
+                    }),
+                );
+            }
+        }
+        Some(v)
+    }
+
+    /// [`Graph::blockstats`] without the quorum part, `depth` levels down a chain.
+    fn blockstats_plain(&self, name: &str, depth: usize) -> Option<Value> {
+        let n = self.nodes.get(name)?;
+        let mut m = serde_json::Map::new();
+        m.insert("node-name".into(), Value::String(name.to_string()));
+        m.insert("stats".into(), n.stats.snapshot().to_qmp());
+        // Chains are finite (loops are refused), but bound the walk all the same.
+        if depth < 64 {
+            for (child, cname) in &n.children {
+                let key = match child.as_str() {
+                    "file" => "parent",
+                    "backing" => "backing",
+                    _ => continue,
+                };
+                if let Some(c) = self.blockstats_plain(cname, depth + 1) {
+                    m.insert(key.into(), c);
+                }
+            }
+        }
+        Some(Value::Object(m))
     }
 
     /// The process's job registry (HEALING.md H16).

@@ -14,11 +14,13 @@ pub mod host;
 pub mod jobs;
 pub mod join;
 pub mod libvirt;
+pub mod metrics;
 pub mod nbd;
 pub mod port;
 pub mod qmp;
 pub mod rangelock;
 pub mod serve;
+pub mod stats;
 pub mod waiter;
 
 pub use device::{BlockDevice, BlockStatus, Device, WriteFlags, ZeroFlags};

@@ -39,6 +39,8 @@ const USAGE: &str = "usage: ballot check --blockdev SPEC [--blockdev SPEC]...
                     [,max-connections=N]
   --export SPEC     type=nbd,id=ID,node-name=NODE[,name=NAME][,writable=on]
                     [,description=TEXT][,multi-conn=on|off|auto]
+  --metrics ADDR    Prometheus metrics (GET /metrics) at addr.type=inet,addr.host=H,addr.port=P
+                    | addr.type=unix,addr.path=P
 
 check opens the graph (files, quorum votes' preconditions, lengths) and prints each node;
 serve serves it over NBD until SIGINT or SIGTERM, then drains and flushes.";

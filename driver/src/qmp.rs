@@ -111,6 +111,44 @@ impl Monitor {
             },
             "x-quorum-resync" | "x-quorum-verify" => self.quorum_job(cmd, args).await,
             "blockdev-create" => self.blockdev_create(args).await,
+            "query-blockstats" => {
+                // Without query-nodes: one entry per export (QEMU's block backends, which
+                // qemu-storage-daemon's exports are, with an empty device name); with it: one per
+                // node.
+                let query_nodes = match args.get("query-nodes") {
+                    None => false,
+                    Some(Value::Bool(b)) => *b,
+                    Some(_) => {
+                        return (
+                            generic("Invalid parameter type for 'query-nodes', expected: boolean"),
+                            false,
+                        )
+                    }
+                };
+                let names: Vec<(String, Option<String>)> = if query_nodes {
+                    let g = self.graph.lock().await;
+                    g.nodes().map(|n| (n.name.clone(), None)).collect()
+                } else {
+                    self.exports
+                        .lock()
+                        .await
+                        .iter()
+                        .map(|(id, _, node)| (node.clone(), Some(id.clone())))
+                        .collect()
+                };
+                let g = self.graph.lock().await;
+                let mut list = Vec::new();
+                for (node, export) in names {
+                    if let Some(mut v) = g.blockstats(&node).await {
+                        if let (Some(id), Value::Object(m)) = (export, &mut v) {
+                            m.insert("device".into(), json!(""));
+                            m.insert("x-export".into(), json!(id));
+                        }
+                        list.push(v);
+                    }
+                }
+                json!({ "return": list })
+            }
             "query-jobs" => {
                 let jobs = self.graph.lock().await.jobs();
                 json!({"return": jobs.list().iter().map(|j| j.to_query_jobs()).collect::<Vec<_>>()})

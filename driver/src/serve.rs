@@ -101,6 +101,22 @@ pub fn parse_nbd_server(arg: &str) -> Result<NbdServerOpts, String> {
     if m.contains_key("tls-creds") {
         return Err("Parameter 'tls-creds': TLS is not supported by ballot (NBD.md N16)".into());
     }
+    let listen = parse_addr(&m)?;
+    let max_connections = match text(&m, "max-connections")? {
+        Some(s) => s
+            .parse()
+            .map_err(|_| format!("Parameter 'max-connections' expects a number, got '{s}'"))?,
+        None => 0,
+    };
+    Ok(NbdServerOpts {
+        listen,
+        max_connections,
+    })
+}
+
+/// The `addr` of `--nbd-server` or `--metrics`: `addr.type=inet,addr.host=H,addr.port=P` or
+/// `addr.type=unix,addr.path=P`.
+fn parse_addr(m: &serde_json::Map<String, Value>) -> Result<Listen, String> {
     let addr = obj(m.get("addr").ok_or("Parameter 'addr' is missing")?, "addr")?;
     let listen = match text(&addr, "type")?.as_deref() {
         Some("inet") => {
@@ -125,16 +141,18 @@ pub fn parse_nbd_server(arg: &str) -> Result<NbdServerOpts, String> {
         }
         None => return Err("Parameter 'addr.type' is missing".into()),
     };
-    let max_connections = match text(&m, "max-connections")? {
-        Some(s) => s
-            .parse()
-            .map_err(|_| format!("Parameter 'max-connections' expects a number, got '{s}'"))?,
-        None => 0,
-    };
-    Ok(NbdServerOpts {
-        listen,
-        max_connections,
-    })
+    Ok(listen)
+}
+
+/// Parses `--metrics` (issue 20): where the Prometheus scrape endpoint listens, `addr.*` as for
+/// `--nbd-server`.
+///
+/// # Errors
+/// A message naming the bad or missing parameter.
+pub fn parse_metrics(arg: &str) -> Result<Listen, String> {
+    let m = obj(&parse_arg(arg)?, "--metrics")?;
+    unknown(&m, &["addr"])?;
+    parse_addr(&m)
 }
 
 /// Parses `--export`.

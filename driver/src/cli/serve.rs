@@ -42,6 +42,7 @@ pub fn main(args: &[String]) -> ExitCode {
     keep_buffers_mapped();
     let (mut blockdevs, mut servers, mut exports) = (Vec::new(), Vec::new(), Vec::new());
     let (mut chardevs, mut monitors) = (Vec::<String>::new(), Vec::<String>::new());
+    let mut metrics = Vec::<String>::new();
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let (flag, inline) = match a.split_once('=') {
@@ -54,6 +55,7 @@ pub fn main(args: &[String]) -> ExitCode {
             "--export" => &mut exports,
             "--chardev" => &mut chardevs,
             "--monitor" => &mut monitors,
+            "--metrics" => &mut metrics,
             _ => {
                 eprintln!("ballot: unknown option '{a}'");
                 return ExitCode::from(2);
@@ -81,7 +83,14 @@ pub fn main(args: &[String]) -> ExitCode {
         Ok(q) => q,
         Err(m) => return fail(m),
     };
-    rt.block_on(run(blockdevs, servers.pop(), exports, qmp))
+    let mut scrape = Vec::new();
+    for m in &metrics {
+        match ballot::serve::parse_metrics(m) {
+            Ok(l) => scrape.push(l),
+            Err(e) => return fail(format!("--metrics: {e}")),
+        }
+    }
+    rt.block_on(run(blockdevs, servers.pop(), exports, qmp, scrape))
 }
 
 /// `--chardev socket,id=ID,path=P|host=H,port=N,server=on,wait=off` + `--monitor chardev=ID`.
@@ -142,6 +151,7 @@ async fn run(
     server: Option<String>,
     exports: Vec<String>,
     qmp: Vec<Listen>,
+    scrape: Vec<Listen>,
 ) -> ExitCode {
     let bus = EventBus::new();
     let mut graph = Graph::new(Host::process(bus.clone()));
@@ -202,6 +212,22 @@ async fn run(
                 });
             }
             Err(e) => return fail(e),
+        }
+    }
+    for l in &scrape {
+        let graph = monitor.graph.clone();
+        match bind(l).await {
+            Ok(listener) => {
+                tokio::spawn(async move {
+                    loop {
+                        let Ok(stream) = accept(&listener).await else {
+                            continue;
+                        };
+                        tokio::spawn(ballot::metrics::serve_one(stream, graph.clone()));
+                    }
+                });
+            }
+            Err(e) => return fail(format!("--metrics: {e}")),
         }
     }
     let Some(server) = server else {

@@ -163,6 +163,47 @@ pub fn validate(
     Ok(())
 }
 
+/// How the quorum's voted reads were decided, and the events it emitted.
+#[derive(Debug, Default)]
+pub(crate) struct VoteCounters {
+    /// Every copy equal: the fast compare path, no hashing (Q20).
+    fast: AtomicU64,
+    /// Copies differed and a version won the SHA-256 vote (Q22, Q25).
+    hashed: AtomicU64,
+    /// No version won: a tie or none reached the threshold (Q23, Q24).
+    failed: AtomicU64,
+    /// `QUORUM_REPORT_BAD` events.
+    report_bad: AtomicU64,
+    /// `QUORUM_FAILURE` events.
+    failures: AtomicU64,
+}
+
+impl VoteCounters {
+    fn count(&self, o: &Outcome) {
+        let c = match o {
+            Outcome::Winner { losers, .. } if losers.is_empty() => &self.fast,
+            Outcome::Winner { .. } => &self.hashed,
+            Outcome::Tie | Outcome::BelowThreshold => &self.failed,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A quorum's vote and event counters at one instant ([`Quorum::vote_counters`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VoteCounts {
+    /// Voted reads whose copies were all equal (the fast path).
+    pub fast: u64,
+    /// Voted reads a SHA-256 vote decided.
+    pub hashed: u64,
+    /// Voted reads no version won.
+    pub failed: u64,
+    /// `QUORUM_REPORT_BAD` events emitted.
+    pub report_bad: u64,
+    /// `QUORUM_FAILURE` events emitted.
+    pub failures: u64,
+}
+
 #[derive(Debug)]
 pub(crate) struct Child {
     /// `children.<i>` (Q2, Q55).
@@ -398,6 +439,8 @@ pub struct Inner {
     /// H22: granules of the intent extents an unclean shutdown left, which any resync copies
     /// with `recover=lowest` (until this process ends).
     recovering: Mutex<sync::GranuleSet>,
+    /// How reads were decided and what was reported (`query-blockstats`, issue 20).
+    pub(crate) counters: VoteCounters,
 }
 
 /// D14's record: granules written by acknowledged guest writes, by flush generation.
@@ -514,6 +557,7 @@ impl Quorum {
         let discard_zeroes = list.iter().all(|c| c.dev.discard_zeroes());
         let auto = opts.resync == ResyncMode::Auto;
         let inner = Arc::new(Inner {
+            counters: VoteCounters::default(),
             order: Arc::default(),
             opts,
             length,
@@ -716,6 +760,29 @@ impl Inner {
             .collect()
     }
 
+    /// The node's running or concluded resync and verify jobs (their progress).
+    pub fn job_infos(&self) -> Vec<crate::jobs::JobInfo> {
+        let j = self.jobs();
+        [&j.resync, &j.verify]
+            .into_iter()
+            .flatten()
+            .map(|c| c.info())
+            .collect()
+    }
+
+    /// How voted reads were decided, and the events emitted, since the node opened.
+    pub fn vote_counters(&self) -> VoteCounts {
+        let c = &self.counters;
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        VoteCounts {
+            fast: g(&c.fast),
+            hashed: g(&c.hashed),
+            failed: g(&c.failed),
+            report_bad: g(&c.report_bad),
+            failures: g(&c.failures),
+        }
+    }
+
     /// Q51, H9: the out-of-sync record of every child, in child order.
     pub async fn out_of_sync(&self) -> Vec<OutOfSyncReport> {
         let st = self.children.read().await;
@@ -915,6 +982,7 @@ impl Inner {
         sn: u64,
         sc: u64,
     ) {
+        self.counters.report_bad.fetch_add(1, Ordering::Relaxed);
         self.host.events.emit(Event::QuorumReportBad {
             io,
             error,
@@ -925,6 +993,7 @@ impl Inner {
     }
 
     pub(crate) fn failure(&self, sn: u64, sc: u64) {
+        self.counters.failures.fetch_add(1, Ordering::Relaxed);
         self.host.events.emit(Event::QuorumFailure {
             reference: self.opts.node_name.clone(),
             sector_num: sn,
@@ -1117,7 +1186,9 @@ impl Inner {
             }
         }
         let copies: Vec<(usize, &[u8])> = ok.iter().map(|(i, b)| (*i, &b[..])).collect();
-        match vote::vote(&copies, t) {
+        let outcome = vote::vote(&copies, t);
+        self.counters.count(&outcome);
+        match outcome {
             Outcome::Tie => {
                 // Q23, D1: a tie means nobody can say which data is current.
                 self.failure(sn, sc);
