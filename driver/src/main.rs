@@ -25,65 +25,35 @@ mod metadata;
 #[path = "cli/create.rs"]
 mod create;
 
-const USAGE: &str = "usage: ballot check --blockdev SPEC [--blockdev SPEC]...
-       ballot serve --blockdev SPEC... --nbd-server ADDR --export SPEC...
-       ballot libvirt import DISK.xml | disk-xml ...   (ballot libvirt --help)
-       ballot metadata create FILE --size SIZE --children NODE,... | show FILE
-                                                       (ballot metadata --help)
-       ballot create [-f qcow2|raw] [-b BACKING [-F FMT]] [-o OPTS] FILE [SIZE]
-                                                       (ballot create --help)
-
-  --blockdev SPEC   a node, in qemu-storage-daemon's dotted form
-                    (driver=file,node-name=f0,filename=a.raw) or as JSON
-  --nbd-server ADDR addr.type=inet,addr.host=H,addr.port=P | addr.type=unix,addr.path=P
-                    [,max-connections=N]
-  --export SPEC     type=nbd,id=ID,node-name=NODE[,name=NAME][,writable=on]
-                    [,description=TEXT][,multi-conn=on|off|auto]
-  --metrics ADDR    Prometheus metrics (GET /metrics) at addr.type=inet,addr.host=H,addr.port=P
-                    | addr.type=unix,addr.path=P
-
-check opens the graph (files, quorum votes' preconditions, lengths) and prints each node;
-serve serves it over NBD until SIGINT or SIGTERM, then drains and flushes.";
+#[path = "cli/args.rs"]
+mod args;
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
-        Some("check") => {}
-        Some("serve") => return serve::main(&args[1..]),
-        Some("libvirt") => return libvirt::main(&args[1..], serve::main),
-        Some("metadata") => return metadata::main(&args[1..]),
-        Some("create") => return create::main(&args[1..]),
-        Some("-h") | Some("--help") | Some("help") => {
-            println!("{USAGE}");
+    use clap::{CommandFactory, Parser};
+    let cli = match args::Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => return args::report(&e),
+    };
+    let blockdevs = match cli.cmd {
+        args::Cmd::Check { blockdev } => blockdev,
+        args::Cmd::Serve(s) => return serve::main(&s.to_args()),
+        args::Cmd::Libvirt { cmd } => {
+            let a = cmd.map(|c| c.to_args()).unwrap_or_default();
+            return libvirt::main(&a, serve::main);
+        }
+        args::Cmd::Metadata { cmd } => {
+            let a = cmd.map(|c| c.to_args()).unwrap_or_default();
+            return metadata::main(&a);
+        }
+        args::Cmd::Create(c) => return create::main(&c.to_args()),
+        args::Cmd::Completions { shell } => {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut args::Cli::command(), "ballot", &mut script);
+            use std::io::Write;
+            let _ = std::io::stdout().write_all(&script);
             return ExitCode::SUCCESS;
         }
-        Some(other) => {
-            eprintln!("ballot: unknown command '{other}'\n{USAGE}");
-            return ExitCode::from(2);
-        }
-        None => {
-            eprintln!("{USAGE}");
-            return ExitCode::from(2);
-        }
-    }
-    let mut blockdevs = Vec::new();
-    let mut it = args[1..].iter();
-    while let Some(a) = it.next() {
-        if let Some(v) = a.strip_prefix("--blockdev=") {
-            blockdevs.push(v.to_string());
-        } else if a == "--blockdev" {
-            match it.next() {
-                Some(v) => blockdevs.push(v.clone()),
-                None => {
-                    eprintln!("ballot: option '--blockdev' requires an argument");
-                    return ExitCode::from(2);
-                }
-            }
-        } else {
-            eprintln!("ballot: unknown option '{a}'");
-            return ExitCode::from(2);
-        }
-    }
+    };
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -62,3 +62,58 @@ fn usage_errors_exit_2_and_name_the_problem() {
         "{err}"
     );
 }
+
+/// Issue 20 item 5: `--version`, `--help` on every command, and completion scripts, from clap;
+/// the old usage errors keep their words.
+#[test]
+fn version_help_and_completions() {
+    let (code, out, _) = ballot(&["--version"]);
+    assert_eq!(
+        (code, out.as_str()),
+        (0, concat!("ballot ", env!("CARGO_PKG_VERSION"), "\n"))
+    );
+    let (code, out, _) = ballot(&["serve", "--help"]);
+    assert_eq!(code, 0);
+    assert!(out.starts_with("Serve a driver graph over NBD"), "{out}");
+    for opt in [
+        "--blockdev <SPEC>",
+        "--nbd-server <ADDR>",
+        "--export <SPEC>",
+        "--chardev <SPEC>",
+        "--monitor <SPEC>",
+        "--metrics <ADDR>",
+    ] {
+        assert!(out.contains(opt), "serve --help lacks {opt}: {out}");
+    }
+    let (code, out, _) = ballot(&["libvirt", "import", "--help"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("Usage: ballot libvirt import [OPTIONS] [DISK.xml]"),
+        "{out}"
+    );
+    for cmd in [
+        &["check", "--help"][..],
+        &["create", "--help"],
+        &["metadata", "create", "--help"],
+        &["metadata", "show", "--help"],
+        &["libvirt", "disk-xml", "--help"],
+        &["--help"],
+    ] {
+        let (code, out, err) = ballot(cmd);
+        assert_eq!(code, 0, "{cmd:?}: {err}");
+        assert!(out.contains("Usage: ballot"), "{cmd:?}: {out}");
+    }
+    let (code, out, _) = ballot(&["completions", "bash"]);
+    assert_eq!(code, 0);
+    assert!(out.starts_with("_ballot() {"), "{out}");
+    assert!(
+        out.contains("--nbd-server"),
+        "the script completes serve's options"
+    );
+    let (code, _, err) = ballot(&["completions", "tcsh"]);
+    assert_eq!(code, 2);
+    assert!(
+        err.starts_with("ballot: invalid value 'tcsh' for '<SHELL>'"),
+        "{err}"
+    );
+}
