@@ -518,7 +518,7 @@ impl Graph {
                     );
                     if let Some(r) = q.repaired() {
                         self.host.warn(&format!(
-                            "qcow2 image {label} was marked dirty (lazy refcounts after a crash): its refcounts were rebuilt ({} clusters fixed, {} COPIED flags)",
+                            "ballot: warning: qcow2 image {label} was marked dirty (lazy refcounts after a crash): its refcounts were rebuilt ({} clusters changed, {} COPIED flags fixed)",
                             r.refcounts_fixed, r.copied_fixed
                         ));
                     }

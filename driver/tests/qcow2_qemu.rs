@@ -526,7 +526,7 @@ async fn a_dirty_image_from_a_killed_lazy_refcount_writer_is_repaired_at_a_writa
     assert_eq!(w.len(), 1, "{w:?}");
     assert!(
         w[0].starts_with(&format!(
-            "qcow2 image '{d}' was marked dirty (lazy refcounts after a crash): its refcounts were rebuilt ("
+            "ballot: warning: qcow2 image '{d}' was marked dirty (lazy refcounts after a crash): its refcounts were rebuilt ("
         )),
         "{}",
         w[0]
