@@ -218,6 +218,20 @@ pub struct Params {
     pub child_image: Option<ChildImageParams>,
 }
 
+/// A qcow2 image's refcount width (log2): QEMU's 16 bits half the time, any other the rest.
+fn draw_refcount_order(r: &mut Rng) -> u64 {
+    if r.chance(0.5) {
+        4
+    } else {
+        r.below(7)
+    }
+}
+
+/// A qcow2 image's cluster size (log2): 512 B, 4 KiB, or QEMU's 64 KiB half the time.
+fn draw_cluster_bits(r: &mut Rng) -> u64 {
+    [9, 12, 16, 16][r.below(4) as usize]
+}
+
 /// The qcow2 images under a local quorum's children (`topology.child_image = true`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChildImageParams {
@@ -441,22 +455,14 @@ impl Params {
         let image_on = !colo_on && !nbd_on && p.boolean("topology.image", 0.15)?;
         let image = if image_on {
             Some(ImageParams {
-                cluster_bits: p.int("image.cluster_bits", 9, 21, |r| {
-                    [9, 12, 16, 16][r.below(4) as usize]
-                })? as u32,
+                cluster_bits: p.int("image.cluster_bits", 9, 21, draw_cluster_bits)? as u32,
                 version: p.int(
                     "image.version",
                     2,
                     3,
                     |r| if r.chance(0.25) { 2 } else { 3 },
                 )? as u32,
-                refcount_order: p.int("image.refcount_order", 0, 6, |r| {
-                    if r.chance(0.5) {
-                        4
-                    } else {
-                        r.below(7)
-                    }
-                })? as u32,
+                refcount_order: p.int("image.refcount_order", 0, 6, draw_refcount_order)? as u32,
                 backing: p.boolean("image.backing", 0.5)?,
                 concurrency: p.int("image.concurrency", 1, 64, |r| r.range(1, 9))?,
                 f5: p.float("image.F5", 0.0, 1.0, |r| r.uniform(0.0, 0.05))?,
@@ -471,9 +477,7 @@ impl Params {
             !colo_on && !nbd_on && !image_on && p.boolean("topology.child_image", 0.15)?;
         let child_image = if child_image_on {
             Some(ChildImageParams {
-                cluster_bits: p.int("child_image.cluster_bits", 9, 21, |r| {
-                    [9, 12, 16, 16][r.below(4) as usize]
-                })? as u32,
+                cluster_bits: p.int("child_image.cluster_bits", 9, 21, draw_cluster_bits)? as u32,
                 version: p.int("child_image.version", 2, 3, |r| {
                     if r.chance(0.25) {
                         2
@@ -481,13 +485,8 @@ impl Params {
                         3
                     }
                 })? as u32,
-                refcount_order: p.int("child_image.refcount_order", 0, 6, |r| {
-                    if r.chance(0.5) {
-                        4
-                    } else {
-                        r.below(7)
-                    }
-                })? as u32,
+                refcount_order: p.int("child_image.refcount_order", 0, 6, draw_refcount_order)?
+                    as u32,
             })
         } else {
             None
@@ -852,13 +851,8 @@ impl Params {
                             [12, 16, 16][r.below(3) as usize]
                         })? as u32,
                         version: 3,
-                        refcount_order: p.int("layers.refcount_order", 0, 6, |r| {
-                            if r.chance(0.5) {
-                                4
-                            } else {
-                                r.below(7)
-                            }
-                        })? as u32,
+                        refcount_order: p.int("layers.refcount_order", 0, 6, draw_refcount_order)?
+                            as u32,
                     })
                 } else {
                     None

@@ -200,34 +200,14 @@ async fn run(
     });
     for l in &qmp {
         let m = monitor.clone();
-        match bind(l).await {
-            Ok(listener) => {
-                tokio::spawn(async move {
-                    loop {
-                        let Ok(stream) = accept(&listener).await else {
-                            continue;
-                        };
-                        tokio::spawn(m.clone().serve(stream));
-                    }
-                });
-            }
-            Err(e) => return fail(e),
+        if let Err(e) = serve_each(l, move |s| m.clone().serve(s)).await {
+            return fail(e);
         }
     }
     for l in &scrape {
         let graph = monitor.graph.clone();
-        match bind(l).await {
-            Ok(listener) => {
-                tokio::spawn(async move {
-                    loop {
-                        let Ok(stream) = accept(&listener).await else {
-                            continue;
-                        };
-                        tokio::spawn(ballot::metrics::serve_one(stream, graph.clone()));
-                    }
-                });
-            }
-            Err(e) => return fail(format!("--metrics: {e}")),
+        if let Err(e) = serve_each(l, move |s| ballot::metrics::serve_one(s, graph.clone())).await {
+            return fail(format!("--metrics: {e}"));
         }
     }
     let Some(server) = server else {
@@ -350,6 +330,24 @@ async fn bind(l: &Listen) -> Result<L, String> {
                 .map_err(|e| format!("Failed to bind socket to {path}: {e}"))
         }
     }
+}
+
+/// Binds `l` and serves every connection on it with `each`, each in a task of its own.
+async fn serve_each<F, Fut>(l: &Listen, each: F) -> Result<(), String>
+where
+    F: Fn(Box<dyn Conn>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = bind(l).await?;
+    tokio::spawn(async move {
+        loop {
+            let Ok(stream) = accept(&listener).await else {
+                continue;
+            };
+            tokio::spawn(each(stream));
+        }
+    });
+    Ok(())
 }
 
 async fn accept(l: &L) -> std::io::Result<Box<dyn Conn>> {
