@@ -331,13 +331,34 @@ impl Graph {
                     reconnect_delay,
                     open_timeout,
                     request_timeout,
+                    tls_creds,
+                    tls_hostname,
                 } => {
+                    let tls = match tls_creds {
+                        None => None,
+                        Some(id) => {
+                            let creds = self
+                                .host
+                                .objects
+                                .tls(id, crate::tls::Endpoint::Client)
+                                .map_err(ConfigError::new)?;
+                            Some(
+                                crate::nbd::client::ClientTls::new(
+                                    creds,
+                                    tls_hostname.as_deref(),
+                                    server,
+                                )
+                                .map_err(ConfigError::new)?,
+                            )
+                        }
+                    };
                     let opts = crate::nbd::client::ClientOptions {
                         server: server.clone(),
                         export: export.clone(),
                         reconnect_delay: Duration::from_secs(*reconnect_delay),
                         open_timeout: Duration::from_secs(*open_timeout),
                         request_timeout: Duration::from_secs(*request_timeout),
+                        tls,
                     };
                     let c = crate::nbd::client::NbdClient::open(opts)
                         .await

@@ -17,6 +17,8 @@ pub struct Host {
     pub events: EventBus,
     /// The process's background jobs (HEALING.md H16), reporting to `events`.
     pub jobs: Jobs,
+    /// The process's objects (`--object`, QMP `object-add`): TLS credentials (docs/tls.md K1).
+    pub objects: crate::tls::Objects,
     warn: LineSink,
     log: LineSink,
     fatal: LineSink,
@@ -60,13 +62,16 @@ impl Captured {
 }
 
 impl Host {
-    /// The real process: warnings go to stderr, a fatal line goes to stderr and exits with 1.
+    /// The real process: warnings and progress lines go to the log (stderr unless `--log`
+    /// says otherwise), a fatal line goes to stderr and exits with 1.
     pub fn process(events: EventBus) -> Host {
         Host {
             jobs: Jobs::new(events.clone()),
+            objects: crate::tls::Objects::new(),
             events,
-            warn: Arc::new(|line| eprintln!("{line}")),
-            log: Arc::new(|line| eprintln!("{line}")),
+            // docs/serve.md L1: through the process's log subscriber (`--log`).
+            warn: Arc::new(|line| tracing::warn!(target: "ballot::host", "{line}")),
+            log: Arc::new(|line| tracing::info!(target: "ballot::host", "{line}")),
             fatal: Arc::new(|line| {
                 eprintln!("{line}");
                 std::process::exit(1);
@@ -82,6 +87,7 @@ impl Host {
         let l = cap.logs.clone();
         let host = Host {
             jobs: Jobs::new(events.clone()),
+            objects: crate::tls::Objects::new(),
             events,
             warn: Arc::new(move |l| w.lock().unwrap_or_else(|p| p.into_inner()).push(l.into())),
             log: Arc::new(move |x| l.lock().unwrap_or_else(|p| p.into_inner()).push(x.into())),

@@ -14,6 +14,7 @@ pub mod host;
 pub mod jobs;
 pub mod join;
 pub mod libvirt;
+pub mod log;
 pub mod metrics;
 pub mod nbd;
 pub mod port;
@@ -21,6 +22,7 @@ pub mod qmp;
 pub mod rangelock;
 pub mod serve;
 pub mod stats;
+pub mod tls;
 pub mod waiter;
 
 pub use device::{BlockDevice, BlockStatus, Device, WriteFlags, ZeroFlags};

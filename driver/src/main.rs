@@ -34,8 +34,17 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => return args::report(&e),
     };
-    let blockdevs = match cli.cmd {
-        args::Cmd::Check { blockdev } => blockdev,
+    let format = if cli.log_format == "json" {
+        ballot::log::Format::Json
+    } else {
+        ballot::log::Format::Text
+    };
+    if let Err(e) = ballot::log::init(cli.log.as_deref(), format) {
+        eprintln!("ballot: {e}");
+        return ExitCode::from(2);
+    }
+    let (blockdevs, objects) = match cli.cmd {
+        args::Cmd::Check { blockdev, object } => (blockdev, object),
         args::Cmd::Serve(s) => return serve::main(&s.to_args()),
         args::Cmd::Libvirt { cmd } => {
             let a = cmd.map(|c| c.to_args()).unwrap_or_default();
@@ -65,7 +74,14 @@ fn main() -> ExitCode {
         }
     };
     rt.block_on(async {
-        let mut graph = Graph::new(Host::process(EventBus::new()));
+        let host = Host::process(EventBus::new());
+        for o in &objects {
+            if let Err(e) = host.objects.add_arg(o) {
+                eprintln!("ballot: --object: {e}");
+                return ExitCode::from(1);
+            }
+        }
+        let mut graph = Graph::new(host);
         for b in &blockdevs {
             if let Err(e) = graph.blockdev_add_arg(b).await {
                 eprintln!("ballot: {e}");

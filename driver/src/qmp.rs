@@ -29,6 +29,8 @@ pub struct Monitor {
     pub quit: Arc<Notify>,
     /// Export id → (export name, node name).
     pub exports: Mutex<Vec<(String, String, String)>>,
+    /// The NBD server's socket (`nbd-server-start`, `nbd-server-stop`).
+    pub listener: crate::serve::NbdListener,
 }
 
 fn err(class: &str, desc: impl Into<String>) -> Value {
@@ -192,6 +194,52 @@ impl Monitor {
                 },
             },
             "block-export-add" | "nbd-server-add" => self.export_add(cmd, args).await,
+            // docs/tls.md K1: objects, TLS credentials only.
+            "object-add" => {
+                let Some(t) = s("qom-type") else {
+                    return (generic("Parameter 'qom-type' is missing"), false);
+                };
+                let mut props = args.as_object().cloned().unwrap_or_default();
+                props.remove("qom-type");
+                // QEMU ≤ 5 nested the properties under "props".
+                if let Some(Value::Object(inner)) = props.remove("props") {
+                    props.extend(inner);
+                }
+                let objects = self.graph.lock().await.host().objects.clone();
+                match objects.add(&t, &props) {
+                    Ok(()) => json!({"return": {}}),
+                    Err(e) => generic(e),
+                }
+            }
+            "object-del" => match s("id") {
+                None => generic("Parameter 'id' is missing"),
+                Some(id) => {
+                    let objects = self.graph.lock().await.host().objects.clone();
+                    match objects.del(&id) {
+                        Ok(()) => json!({"return": {}}),
+                        Err(e) => generic(e),
+                    }
+                }
+            },
+            "nbd-server-start" => match crate::serve::parse_nbd_server_start(args) {
+                Err(e) => generic(e),
+                Ok(opts) => {
+                    let objects = self.graph.lock().await.host().objects.clone();
+                    match self.listener.start(self.nbd.clone(), &opts, &objects).await {
+                        Ok(()) => json!({"return": {}}),
+                        Err(e) => generic(e),
+                    }
+                }
+            },
+            // Stops listening and disconnects every client; the exports stay, for a later
+            // nbd-server-start.
+            "nbd-server-stop" => match self.listener.stop(std::time::Duration::ZERO).await {
+                Ok(()) => {
+                    let _ = self.nbd.set_tls(None);
+                    json!({"return": {}})
+                }
+                Err(e) => generic(e),
+            },
             "block-export-del" | "nbd-server-remove" => {
                 let key = if cmd == "block-export-del" {
                     "id"

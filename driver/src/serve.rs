@@ -29,6 +29,9 @@ pub struct NbdServerOpts {
     pub listen: Listen,
     /// `max-connections` (0: ballot's cap of 1024, N18).
     pub max_connections: u32,
+    /// `tls-creds`: the id of a `tls-creds-x509` object with endpoint=server; every client
+    /// must then start TLS (docs/tls.md K6).
+    pub tls_creds: Option<String>,
 }
 
 /// `--export type=nbd,...`.
@@ -96,11 +99,17 @@ fn unknown(m: &serde_json::Map<String, Value>, known: &[&str]) -> Result<(), Str
 /// # Errors
 /// A message naming the bad or missing parameter.
 pub fn parse_nbd_server(arg: &str) -> Result<NbdServerOpts, String> {
+    // QMP's nbd-server-start passes JSON through here too.
     let m = obj(&parse_arg(arg)?, "--nbd-server")?;
-    unknown(&m, &["addr", "max-connections", "tls-creds"])?;
-    if m.contains_key("tls-creds") {
-        return Err("Parameter 'tls-creds': TLS is not supported by ballot (NBD.md N16)".into());
+    if m.contains_key("tls-authz") {
+        return Err(
+            "Parameter 'tls-authz' is not supported by ballot: every client whose \
+                    certificate the CA signed is admitted (docs/tls.md K3)"
+                .into(),
+        );
     }
+    unknown(&m, &["addr", "max-connections", "tls-creds"])?;
+    let tls_creds = text(&m, "tls-creds")?;
     let listen = parse_addr(&m)?;
     let max_connections = match text(&m, "max-connections")? {
         Some(s) => s
@@ -111,6 +120,7 @@ pub fn parse_nbd_server(arg: &str) -> Result<NbdServerOpts, String> {
     Ok(NbdServerOpts {
         listen,
         max_connections,
+        tls_creds,
     })
 }
 
@@ -204,6 +214,263 @@ pub fn parse_export(arg: &str) -> Result<ExportOpts, String> {
     })
 }
 
+/// QMP `nbd-server-start`'s arguments: `addr` as QEMU's legacy socket address
+/// (`{"type": "inet", "data": {"host": H, "port": P}}`) or flat (`{"type": "inet", "host": H,
+/// "port": P}`), `tls-creds`, `max-connections`.
+///
+/// # Errors
+/// A message naming the bad or missing parameter.
+pub fn parse_nbd_server_start(args: &Value) -> Result<NbdServerOpts, String> {
+    let mut m = obj(args, "arguments")?;
+    if let Some(Value::Object(addr)) = m.get("addr") {
+        if let (Some(t), Some(Value::Object(data))) = (addr.get("type"), addr.get("data")) {
+            let mut flat = data.clone();
+            flat.insert("type".into(), t.clone());
+            m.insert("addr".into(), Value::Object(flat));
+        }
+    }
+    parse_nbd_server(&Value::Object(m).to_string())
+}
+
+/// The NBD server's listening socket (`--nbd-server`, QMP `nbd-server-start` and
+/// `nbd-server-stop`): at most one runs.
+#[derive(Clone, Default)]
+pub struct NbdListener {
+    running: std::sync::Arc<tokio::sync::Mutex<Option<Running>>>,
+}
+
+impl std::fmt::Debug for NbdListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NbdListener")
+    }
+}
+
+struct Running {
+    stop: std::sync::Arc<tokio::sync::Notify>,
+    /// The accept loop; it ends once stopped and its connections drained.
+    task: tokio::task::JoinHandle<()>,
+    /// Whether the drain waits for clients (shutdown, N33) or disconnects them (QMP stop).
+    drain: std::sync::Arc<std::sync::Mutex<std::time::Duration>>,
+}
+
+/// Cap on simultaneous clients when `max-connections` is 0 (N18).
+pub const CONNECTIONS_MAX_DEFAULT: usize = 1024;
+
+impl NbdListener {
+    /// Whether a server is listening.
+    pub async fn is_running(&self) -> bool {
+        self.running.lock().await.is_some()
+    }
+
+    /// Binds `opts.listen` and serves `nbd`'s exports there, requiring TLS with
+    /// `opts.tls_creds` (docs/tls.md K6) from `objects`.
+    ///
+    /// # Errors
+    /// A server is already running, the credentials are missing or a client's, or the address
+    /// cannot be bound.
+    pub async fn start(
+        &self,
+        nbd: std::sync::Arc<crate::nbd::server::Server>,
+        opts: &NbdServerOpts,
+        objects: &crate::tls::Objects,
+    ) -> Result<(), String> {
+        let mut slot = self.running.lock().await;
+        if slot.is_some() {
+            return Err("NBD server already running".into());
+        }
+        let creds = match &opts.tls_creds {
+            Some(id) => Some(objects.tls(id, crate::tls::Endpoint::Server)?),
+            None => None,
+        };
+        let listener = listen::bind(&opts.listen).await?;
+        nbd.set_tls(creds)?;
+        let cap = if opts.max_connections == 0 {
+            CONNECTIONS_MAX_DEFAULT
+        } else {
+            opts.max_connections as usize
+        };
+        let stop = std::sync::Arc::new(tokio::sync::Notify::new());
+        let drain = std::sync::Arc::new(std::sync::Mutex::new(std::time::Duration::ZERO));
+        let task = tokio::spawn(listen::accept_loop(
+            listener,
+            nbd,
+            cap,
+            stop.clone(),
+            drain.clone(),
+        ));
+        *slot = Some(Running { stop, task, drain });
+        Ok(())
+    }
+
+    /// Stops listening; clients connected get `drain` to finish and leave (N33), after which
+    /// their connections are dropped. Returns once that is done.
+    ///
+    /// # Errors
+    /// No server is running.
+    pub async fn stop(&self, drain: std::time::Duration) -> Result<(), String> {
+        let Some(r) = self.running.lock().await.take() else {
+            return Err("NBD server not running".into());
+        };
+        *r.drain.lock().unwrap_or_else(|p| p.into_inner()) = drain;
+        r.stop.notify_one();
+        let _ = r.task.await;
+        Ok(())
+    }
+}
+
+#[cfg(not(madsim))]
+pub use listen::{serve_each, Conn};
+
+#[cfg(not(madsim))]
+mod listen {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::Listen;
+    use crate::nbd::server::Server;
+
+    pub(super) enum L {
+        Tcp(tokio::net::TcpListener),
+        Unix(tokio::net::UnixListener, String),
+    }
+
+    pub(super) async fn bind(l: &Listen) -> Result<L, String> {
+        match l {
+            Listen::Inet { host, port } => tokio::net::TcpListener::bind((host.as_str(), *port))
+                .await
+                .map(L::Tcp)
+                .map_err(|e| format!("Failed to bind socket to {host}:{port}: {e}")),
+            Listen::Unix { path } => {
+                let _ = std::fs::remove_file(path);
+                tokio::net::UnixListener::bind(path)
+                    .map(|x| L::Unix(x, path.clone()))
+                    .map_err(|e| format!("Failed to bind socket to {path}: {e}"))
+            }
+        }
+    }
+
+    /// A connected stream.
+    pub trait Conn: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static {}
+    impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static> Conn for T {}
+
+    /// An accepted client: its stream, a duplicate of its descriptor, and its address for logs.
+    type Accepted = (Box<dyn Conn>, Option<std::os::fd::OwnedFd>, String);
+
+    async fn accept(l: &L) -> std::io::Result<Accepted> {
+        fn watched<S: Conn + std::os::fd::AsFd>(s: S, who: String) -> Accepted {
+            let fd = s.as_fd().try_clone_to_owned().ok();
+            (Box::new(s), fd, who)
+        }
+        match l {
+            L::Tcp(l) => l.accept().await.map(|(s, a)| {
+                let _ = s.set_nodelay(true);
+                watched(s, a.to_string())
+            }),
+            L::Unix(l, path) => l
+                .accept()
+                .await
+                .map(|(s, _)| watched(s, format!("on {path}"))),
+        }
+    }
+
+    /// Binds `l` and serves every connection on it with `each`, each in a task of its own
+    /// (the QMP and metrics sockets).
+    pub async fn serve_each<F, Fut>(l: &Listen, each: F) -> Result<(), String>
+    where
+        F: Fn(Box<dyn Conn>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let listener = bind(l).await?;
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _, _)) = accept(&listener).await else {
+                    continue;
+                };
+                tokio::spawn(each(stream));
+            }
+        });
+        Ok(())
+    }
+
+    pub(super) async fn accept_loop(
+        listener: L,
+        nbd: Arc<Server>,
+        cap: usize,
+        stop: Arc<tokio::sync::Notify>,
+        drain: Arc<std::sync::Mutex<Duration>>,
+    ) {
+        let slots = Arc::new(tokio::sync::Semaphore::new(cap));
+        let mut conns = tokio::task::JoinSet::new();
+        loop {
+            // N18: at the cap, new connections wait in the listen queue.
+            let slot = tokio::select! {
+                biased;
+                _ = stop.notified() => break,
+                s = slots.clone().acquire_owned() => match s {
+                    Ok(s) => s,
+                    Err(_) => break,
+                },
+            };
+            let accepted = tokio::select! {
+                biased;
+                _ = stop.notified() => break,
+                r = accept(&listener) => r,
+            };
+            match accepted {
+                Ok((stream, peer, who)) => {
+                    let nbd = nbd.clone();
+                    conns.spawn(async move {
+                        nbd.serve_client(stream, peer, &who).await;
+                        drop(slot);
+                    });
+                }
+                // A failed accept (a client that left at once, descriptors exhausted) ends
+                // neither the server nor its clients.
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+            while conns.try_join_next().is_some() {}
+        }
+        if let L::Unix(_, path) = &listener {
+            let _ = std::fs::remove_file(path);
+        }
+        drop(listener);
+        let wait = *drain.lock().unwrap_or_else(|p| p.into_inner());
+        if wait.is_zero() {
+            nbd.disconnect_all();
+        }
+        let _ = tokio::time::timeout(wait.max(Duration::from_secs(1)), async {
+            while conns.join_next().await.is_some() {}
+        })
+        .await;
+        conns.abort_all();
+    }
+}
+
+#[cfg(madsim)]
+mod listen {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::Listen;
+    use crate::nbd::server::Server;
+
+    pub(super) enum L {}
+
+    pub(super) async fn bind(_: &Listen) -> Result<L, String> {
+        Err("nbd-server-start is not available in the simulator".into())
+    }
+
+    pub(super) async fn accept_loop(
+        listener: L,
+        _: Arc<Server>,
+        _: usize,
+        _: Arc<tokio::sync::Notify>,
+        _: Arc<std::sync::Mutex<Duration>>,
+    ) {
+        match listener {}
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -217,7 +484,8 @@ mod tests {
                     host: "127.0.0.1".into(),
                     port: 10809
                 },
-                max_connections: 0
+                max_connections: 0,
+                tls_creds: None,
             })
         );
         assert_eq!(
@@ -241,7 +509,21 @@ mod tests {
         );
         assert_eq!(
             parse_nbd_server("addr.type=unix,addr.path=/tmp/s,tls-creds=t"),
-            Err("Parameter 'tls-creds': TLS is not supported by ballot (NBD.md N16)".into())
+            Ok(NbdServerOpts {
+                listen: Listen::Unix {
+                    path: "/tmp/s".into()
+                },
+                max_connections: 0,
+                tls_creds: Some("t".into()),
+            })
+        );
+        assert_eq!(
+            parse_nbd_server("addr.type=unix,addr.path=/tmp/s,tls-creds=t,tls-authz=a"),
+            Err(
+                "Parameter 'tls-authz' is not supported by ballot: every client whose \
+                 certificate the CA signed is admitted (docs/tls.md K3)"
+                    .into()
+            )
         );
     }
 }

@@ -29,6 +29,7 @@ fn opts(socket: &Path, export: &str) -> ClientOptions {
         reconnect_delay: Duration::ZERO,
         open_timeout: Duration::ZERO,
         request_timeout: Duration::from_secs(10),
+        tls: None,
     }
 }
 

@@ -609,6 +609,7 @@ async fn secondary_main(w: Arc<Colo>) {
         bus,
         quit: Arc::new(tokio::sync::Notify::new()),
         exports: tokio::sync::Mutex::new(vec![("fwd".into(), "parent0".into(), "parent0".into())]),
+        listener: Default::default(),
     });
     if let Some(view) = &view {
         svm_before_start(&w, view).await;
@@ -681,6 +682,7 @@ async fn primary_main(w: Arc<Colo>) {
         bus,
         quit: Arc::new(tokio::sync::Notify::new()),
         exports: tokio::sync::Mutex::new(Vec::new()),
+        listener: Default::default(),
     });
     if let Some(view) = view {
         tokio::spawn(guest(w.clone(), true, view));

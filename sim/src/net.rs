@@ -455,6 +455,7 @@ pub async fn open_child(p: &NbdParams, i: usize) -> Result<NbdClient> {
         reconnect_delay: Duration::from_nanos(p.reconnect_delay_ns),
         open_timeout: Duration::from_nanos(p.open_timeout_ns),
         request_timeout: Duration::from_nanos(p.request_timeout_ns),
+        tls: None,
     })
     .await
 }

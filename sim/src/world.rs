@@ -1007,6 +1007,7 @@ async fn qhost_main(w: Arc<World>) {
             bus: bus.clone(),
             quit: Arc::new(tokio::sync::Notify::new()),
             exports: tokio::sync::Mutex::new(Vec::new()),
+            listener: Default::default(),
         });
         w.lock().monitor = Some(m);
         tokio::spawn(crate::heal::operator(w.clone()));

@@ -12,6 +12,14 @@ use clap::{Args, Parser, Subcommand};
 pub struct Cli {
     #[command(subcommand)]
     pub cmd: Cmd,
+    /// Which log events to print: LEVEL and TARGET=LEVEL, comma-separated
+    /// (e.g. `warn,ballot::nbd=debug`); default info, or $BALLOT_LOG.
+    #[arg(long, global = true, value_name = "FILTER")]
+    pub log: Option<String>,
+    /// How log events are printed: `text` (ballot: warning: ...) or `json` (one object per line).
+    #[arg(long = "log-format", global = true, value_name = "FORMAT", default_value = "text",
+          value_parser = ["text", "json"])]
+    pub log_format: String,
 }
 
 #[derive(Debug, Subcommand)]
@@ -22,6 +30,9 @@ pub enum Cmd {
         /// or as JSON.
         #[arg(long, value_name = "SPEC", required = true)]
         blockdev: Vec<String>,
+        /// An object the nodes use: tls-creds-x509,id=ID,dir=DIR,endpoint=client.
+        #[arg(long, value_name = "SPEC")]
+        object: Vec<String>,
     },
     /// Serve a driver graph over NBD, with qemu-storage-daemon's command line, until SIGINT or
     /// SIGTERM (then drain and flush).
@@ -70,6 +81,10 @@ pub struct ServeArgs {
     /// addr.type=unix,addr.path=P.
     #[arg(long, value_name = "ADDR")]
     pub metrics: Vec<String>,
+    /// An object, created before any node or server: tls-creds-x509,id=ID,dir=DIR,
+    /// endpoint=server|client[,verify-peer=on|off].
+    #[arg(long, value_name = "SPEC")]
+    pub object: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -190,6 +205,7 @@ impl ServeArgs {
         push_all(&mut a, "--chardev", &self.chardev);
         push_all(&mut a, "--monitor", &self.monitor);
         push_all(&mut a, "--metrics", &self.metrics);
+        push_all(&mut a, "--object", &self.object);
         a
     }
 }

@@ -10,7 +10,7 @@ use ballot::graph::Graph;
 use ballot::host::Host;
 use ballot::nbd::server::{Export, Server};
 use ballot::qmp::Monitor;
-use ballot::serve::{parse_export, parse_nbd_server, Listen};
+use ballot::serve::{parse_export, parse_nbd_server, serve_each, Listen};
 
 /// Request buffers (up to 32 MiB, typically 64 KiB–2 MiB) come and go thousands of times a
 /// second. glibc serves blocks above its mmap threshold with a fresh mapping each time and
@@ -27,8 +27,6 @@ fn keep_buffers_mapped() {
     }
 }
 
-/// Cap on simultaneous clients when `max-connections` is 0 (N18).
-const CONNECTIONS_MAX_DEFAULT: usize = 1024;
 /// How long shutdown waits for clients to leave (N33).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -43,6 +41,7 @@ pub fn main(args: &[String]) -> ExitCode {
     let (mut blockdevs, mut servers, mut exports) = (Vec::new(), Vec::new(), Vec::new());
     let (mut chardevs, mut monitors) = (Vec::<String>::new(), Vec::<String>::new());
     let mut metrics = Vec::<String>::new();
+    let mut objects = Vec::<String>::new();
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let (flag, inline) = match a.split_once('=') {
@@ -56,6 +55,7 @@ pub fn main(args: &[String]) -> ExitCode {
             "--chardev" => &mut chardevs,
             "--monitor" => &mut monitors,
             "--metrics" => &mut metrics,
+            "--object" => &mut objects,
             _ => {
                 eprintln!("ballot: unknown option '{a}'");
                 return ExitCode::from(2);
@@ -90,7 +90,7 @@ pub fn main(args: &[String]) -> ExitCode {
             Err(e) => return fail(format!("--metrics: {e}")),
         }
     }
-    rt.block_on(run(blockdevs, servers.pop(), exports, qmp, scrape))
+    rt.block_on(run(objects, blockdevs, servers.pop(), exports, qmp, scrape))
 }
 
 /// `--chardev socket,id=ID,path=P|host=H,port=N,server=on,wait=off` + `--monitor chardev=ID`.
@@ -147,6 +147,7 @@ fn monitor_sockets(chardevs: &[String], monitors: &[String]) -> Result<Vec<Liste
 }
 
 async fn run(
+    objects: Vec<String>,
     blockdevs: Vec<String>,
     server: Option<String>,
     exports: Vec<String>,
@@ -154,7 +155,15 @@ async fn run(
     scrape: Vec<Listen>,
 ) -> ExitCode {
     let bus = EventBus::new();
-    let mut graph = Graph::new(Host::process(bus.clone()));
+    let host = Host::process(bus.clone());
+    // K1: objects exist before the nodes and the server that name them.
+    for o in &objects {
+        if let Err(e) = host.objects.add_arg(o) {
+            return fail(format!("--object: {e}"));
+        }
+    }
+    let objects = host.objects.clone();
+    let mut graph = Graph::new(host);
     for b in &blockdevs {
         if let Err(e) = graph.blockdev_add_arg(b).await {
             return fail(e);
@@ -197,6 +206,7 @@ async fn run(
         bus,
         quit: quit.clone(),
         exports: tokio::sync::Mutex::new(noted),
+        listener: Default::default(),
     });
     for l in &qmp {
         let m = monitor.clone();
@@ -210,84 +220,39 @@ async fn run(
             return fail(format!("--metrics: {e}"));
         }
     }
-    let Some(server) = server else {
-        if !exports.is_empty() {
+    let opts = match &server {
+        Some(server) => match parse_nbd_server(server) {
+            Ok(o) => Some(o),
+            Err(m) => return fail(format!("--nbd-server: {m}")),
+        },
+        None if !exports.is_empty() => {
             return fail("--export needs an --nbd-server to serve it");
         }
-        if qmp.is_empty() {
-            return close_quorums(&monitor, ExitCode::SUCCESS).await;
-        }
-        // A monitor-only daemon: wait for quit or a signal.
-        let mut sigterm =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(e) => return fail(format!("cannot install SIGTERM handler: {e}")),
-            };
-        tokio::select! {
-            biased;
-            _ = quit.notified() => {}
-            _ = tokio::signal::ctrl_c() => {}
-            _ = sigterm.recv() => {}
-        }
-        return close_quorums(&monitor, ExitCode::SUCCESS).await;
+        // Nothing to serve and no monitor to be told what to serve: a dry run.
+        None if qmp.is_empty() => return close_quorums(&monitor, ExitCode::SUCCESS).await,
+        // A monitor-only daemon (QMP may start an NBD server later).
+        None => None,
     };
-    let opts = match parse_nbd_server(&server) {
-        Ok(o) => o,
-        Err(m) => return fail(format!("--nbd-server: {m}")),
-    };
-    let cap = if opts.max_connections == 0 {
-        CONNECTIONS_MAX_DEFAULT
-    } else {
-        opts.max_connections as usize
-    };
-    let slots = Arc::new(tokio::sync::Semaphore::new(cap));
-    let mut conns = tokio::task::JoinSet::new();
     let mut sigterm = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
     {
         Ok(s) => s,
         Err(e) => return fail(format!("cannot install SIGTERM handler: {e}")),
     };
-    let listener = match bind(&opts.listen).await {
-        Ok(l) => l,
-        Err(e) => return fail(e),
-    };
-    loop {
-        // N18: at the cap, new connections wait in the listen queue.
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            break;
-        };
-        let accepted = tokio::select! {
-            biased;
-            _ = tokio::signal::ctrl_c() => None,
-            _ = sigterm.recv() => None,
-            _ = quit.notified() => None,
-            r = accept_socket(&listener) => Some(r),
-        };
-        match accepted {
-            None => break,
-            Some(Ok((stream, peer))) => {
-                let nbd = nbd.clone();
-                conns.spawn(async move {
-                    nbd.serve_socket(stream, peer).await;
-                    drop(slot);
-                });
-            }
-            Some(Err(_)) => continue,
+    if let Some(opts) = &opts {
+        if let Err(e) = monitor.listener.start(nbd.clone(), opts, &objects).await {
+            return fail(format!("--nbd-server: {e}"));
         }
-        while conns.try_join_next().is_some() {}
+    }
+    tokio::select! {
+        biased;
+        _ = tokio::signal::ctrl_c() => {}
+        _ = sigterm.recv() => {}
+        _ = quit.notified() => {}
     }
     // N33: stop accepting, answer new work with ESHUTDOWN, let requests in flight finish,
-    // wait for clients to leave, flush, exit.
+    // wait for clients to leave, flush, exit. (A server stopped over QMP is not running.)
     nbd.begin_shutdown();
-    if let L::Unix(_, path) = &listener {
-        let _ = std::fs::remove_file(path);
-    }
-    drop(listener);
-    let _ = tokio::time::timeout(DRAIN_TIMEOUT, async {
-        while conns.join_next().await.is_some() {}
-    })
-    .await;
-    conns.abort_all();
+    let _ = monitor.listener.stop(DRAIN_TIMEOUT).await;
     let mut code = ExitCode::SUCCESS;
     for d in devs {
         if let Err(e) = d.flush().await {
@@ -311,65 +276,3 @@ async fn close_quorums(monitor: &Monitor, code: ExitCode) -> ExitCode {
         ExitCode::from(1)
     }
 }
-
-enum L {
-    Tcp(tokio::net::TcpListener),
-    Unix(tokio::net::UnixListener, String),
-}
-
-async fn bind(l: &Listen) -> Result<L, String> {
-    match l {
-        Listen::Inet { host, port } => tokio::net::TcpListener::bind((host.as_str(), *port))
-            .await
-            .map(L::Tcp)
-            .map_err(|e| format!("Failed to bind socket to {host}:{port}: {e}")),
-        Listen::Unix { path } => {
-            let _ = std::fs::remove_file(path);
-            tokio::net::UnixListener::bind(path)
-                .map(|x| L::Unix(x, path.clone()))
-                .map_err(|e| format!("Failed to bind socket to {path}: {e}"))
-        }
-    }
-}
-
-/// Binds `l` and serves every connection on it with `each`, each in a task of its own.
-async fn serve_each<F, Fut>(l: &Listen, each: F) -> Result<(), String>
-where
-    F: Fn(Box<dyn Conn>) -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let listener = bind(l).await?;
-    tokio::spawn(async move {
-        loop {
-            let Ok(stream) = accept(&listener).await else {
-                continue;
-            };
-            tokio::spawn(each(stream));
-        }
-    });
-    Ok(())
-}
-
-async fn accept(l: &L) -> std::io::Result<Box<dyn Conn>> {
-    Ok(accept_socket(l).await?.0)
-}
-
-/// Accepts a connection and duplicates its descriptor, with which the NBD server sees a
-/// client that has hung up (`block-export-del` safe mode, `Server::clients`). A failed `dup`
-/// leaves the connection served without it.
-async fn accept_socket(l: &L) -> std::io::Result<(Box<dyn Conn>, Option<std::os::fd::OwnedFd>)> {
-    fn watched<S: Conn + std::os::fd::AsFd>(s: S) -> (Box<dyn Conn>, Option<std::os::fd::OwnedFd>) {
-        let fd = s.as_fd().try_clone_to_owned().ok();
-        (Box::new(s), fd)
-    }
-    match l {
-        L::Tcp(l) => l.accept().await.map(|(s, _)| {
-            let _ = s.set_nodelay(true);
-            watched(s)
-        }),
-        L::Unix(l, _) => l.accept().await.map(|(s, _)| watched(s)),
-    }
-}
-
-trait Conn: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static {}
-impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static> Conn for T {}

@@ -106,6 +106,10 @@ pub enum DriverSpec {
         open_timeout: u64,
         /// `request-timeout`, seconds (ballot's extension).
         request_timeout: u64,
+        /// `tls-creds`: the id of a `tls-creds-x509` object with endpoint=client (K1).
+        tls_creds: Option<String>,
+        /// `tls-hostname`: the name the server's certificate must carry (K5).
+        tls_hostname: Option<String>,
     },
     /// `driver=overlay` (REPLICATION.md §10).
     Overlay {
@@ -511,7 +515,16 @@ fn parse_level(mut o: Opts) -> Result<NodeSpec, ConfigError> {
             };
             srv.finish()?;
             let export = o.string("export")?.unwrap_or_default();
-            for refused in ["tls-creds", "tls-hostname", "x-dirty-bitmap"] {
+            let tls_creds = o.string("tls-creds")?;
+            let tls_hostname = o.string("tls-hostname")?;
+            if tls_hostname.is_some() && tls_creds.is_none() {
+                return Err(ConfigError::new(format!(
+                    "Parameter '{}' needs '{}'",
+                    o.full("tls-hostname"),
+                    o.full("tls-creds")
+                )));
+            }
+            for refused in ["x-dirty-bitmap"] {
                 if o.map.contains_key(refused) {
                     return Err(ConfigError::new(format!(
                         "Parameter '{}' is not supported by ballot's nbd driver",
@@ -525,6 +538,8 @@ fn parse_level(mut o: Opts) -> Result<NodeSpec, ConfigError> {
                 reconnect_delay: o.uint("reconnect-delay")?.unwrap_or(0),
                 open_timeout: o.uint("open-timeout")?.unwrap_or(0),
                 request_timeout: o.uint("request-timeout")?.unwrap_or(0),
+                tls_creds,
+                tls_hostname,
             }
         }
         "overlay" => {

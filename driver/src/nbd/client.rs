@@ -77,7 +77,63 @@ pub struct ClientOptions {
     pub open_timeout: Duration,
     /// `request-timeout` (zero: off).
     pub request_timeout: Duration,
+    /// `tls-creds` (docs/tls.md K5): every connection, reconnections included, starts TLS
+    /// before anything else.
+    pub tls: Option<ClientTls>,
 }
+
+/// A client's TLS: the credentials, and the name the server's certificate is checked against.
+#[derive(Clone)]
+pub struct ClientTls {
+    creds: Arc<crate::tls::TlsCreds>,
+    connector: tokio_rustls::TlsConnector,
+    name: rustls::pki_types::ServerName<'static>,
+    hostname: Option<String>,
+}
+
+impl ClientTls {
+    /// TLS with `creds` (endpoint=client) to `server`: the certificate must name `hostname`,
+    /// else the host of a TCP address; a unix socket's server is checked against the CA
+    /// only (K5).
+    ///
+    /// # Errors
+    /// The credentials are a server's, or the name is not a DNS name or an IP address.
+    pub fn new(
+        creds: Arc<crate::tls::TlsCreds>,
+        hostname: Option<&str>,
+        server: &Address,
+    ) -> std::result::Result<ClientTls, String> {
+        let hostname = match (hostname, server) {
+            (Some(h), _) => Some(h.to_string()),
+            (None, Address::Inet { host, .. }) => Some(host.clone()),
+            (None, Address::Unix { .. }) => None,
+        };
+        let (connector, name) = creds.connector(hostname.as_deref())?;
+        Ok(ClientTls {
+            creds,
+            connector,
+            name,
+            hostname,
+        })
+    }
+}
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientTls")
+            .field("creds", &self.creds.id)
+            .field("hostname", &self.hostname)
+            .finish()
+    }
+}
+
+impl PartialEq for ClientTls {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.creds, &other.creds) && self.hostname == other.hostname
+    }
+}
+
+impl Eq for ClientTls {}
 
 trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for T {}
@@ -328,8 +384,78 @@ async fn send(s: &mut Box<dyn Stream>, bytes: &[u8]) -> Result<()> {
     s.flush().await.map_err(io_err)
 }
 
-/// N36–N39: the whole handshake on a fresh stream.
-async fn handshake(s: &mut Box<dyn Stream>, export: &str) -> Result<Negotiated> {
+/// K5: STARTTLS, then the TLS handshake; the stream that carries the rest.
+async fn start_tls(
+    mut s: Box<dyn Stream>,
+    tls: &ClientTls,
+    server: &Address,
+) -> Result<Box<dyn Stream>> {
+    send(&mut s, &proto::encode_option(opt::STARTTLS, &[])).await?;
+    let (h, d) = read_option_reply(&mut s).await?;
+    if h.reply_type != rep::ACK {
+        let why = String::from_utf8_lossy(&d);
+        let name = match h.reply_type {
+            rep::ERR_UNSUP => "ERR_UNSUP".to_string(),
+            rep::ERR_POLICY => "ERR_POLICY".to_string(),
+            rep::ERR_INVALID => "ERR_INVALID".to_string(),
+            t => format!("reply type 0x{t:x}"),
+        };
+        let why = if why.is_empty() {
+            String::new()
+        } else {
+            format!(": {why}")
+        };
+        return Err(Error::whole(
+            ErrorKind::Access,
+            format!("server {server} does not offer TLS: STARTTLS refused with {name}{why}"),
+        ));
+    }
+    let t = tls
+        .connector
+        .connect(tls.name.clone(), s)
+        .await
+        .map_err(|e| {
+            Error::whole(
+                ErrorKind::Access,
+                format!(
+                    "TLS handshake with {server} failed: {}",
+                    crate::tls::describe(&e)
+                ),
+            )
+        })?;
+    Ok(Box::new(t))
+}
+
+/// N36–N39: the whole handshake on a fresh stream; with TLS (K5), the stream it continues on.
+async fn handshake(
+    mut s: Box<dyn Stream>,
+    export: &str,
+    tls: Option<(&ClientTls, &Address)>,
+) -> Result<(Box<dyn Stream>, Negotiated)> {
+    let mut secured = false;
+    match handshake_on(&mut s, export, tls, &mut secured).await {
+        Ok(n) => Ok((s, n)),
+        // With TLS 1.3 a server checks the client's certificate after the client's side of
+        // the handshake is done: its refusal arrives as the next read failing.
+        Err(e) if secured && e.kind() == ErrorKind::Io => Err(Error::whole(
+            ErrorKind::Access,
+            format!(
+                "TLS connection to {} failed after the handshake (the server may have refused \
+                 this client's certificate): {}",
+                tls.map(|(_, a)| a.to_string()).unwrap_or_default(),
+                e
+            ),
+        )),
+        Err(e) => Err(e),
+    }
+}
+
+async fn handshake_on(
+    s: &mut Box<dyn Stream>,
+    export: &str,
+    tls: Option<(&ClientTls, &Address)>,
+    secured: &mut bool,
+) -> Result<Negotiated> {
     let mut g = [0u8; 18];
     s.read_exact(&mut g[..16]).await.map_err(io_err)?;
     if g[..8] != proto::NBDMAGIC.to_be_bytes() {
@@ -356,6 +482,19 @@ async fn handshake(s: &mut Box<dyn Stream>, export: &str) -> Result<Negotiated> 
         cf |= proto::CLIENT_NO_ZEROES;
     }
     send(s, &cf.to_be_bytes()).await?;
+    if let Some((t, server)) = tls {
+        if !fixed {
+            return Err(Error::whole(
+                ErrorKind::Access,
+                format!(
+                    "server {server} cannot do TLS: it does not speak fixed newstyle negotiation"
+                ),
+            ));
+        }
+        let raw = std::mem::replace(s, Box::new(tokio::io::duplex(1).0));
+        *s = start_tls(raw, t, server).await?;
+        *secured = true;
+    }
     let mut structured = false;
     let mut meta = None;
     if fixed {
@@ -427,7 +566,10 @@ async fn handshake(s: &mut Box<dyn Stream>, export: &str) -> Result<Negotiated> 
                     ))
                 }
                 rep::ERR_TLS_REQD => {
-                    return Err(Error::new(ErrorKind::Access, "server requires TLS"))
+                    return Err(Error::whole(
+                        ErrorKind::Access,
+                        "server requires TLS: give the nbd node tls-creds",
+                    ))
                 }
                 t => {
                     return Err(Error::new(
@@ -730,9 +872,13 @@ async fn dial(opts: &ClientOptions) -> Result<(Arc<Conn>, Negotiated)> {
         opts.request_timeout
     };
     let attempt = async {
-        let mut s = connect(&opts.server).await?;
-        let neg = handshake(&mut s, &opts.export).await?;
-        Ok::<_, Error>((s, neg))
+        let s = connect(&opts.server).await?;
+        handshake(
+            s,
+            &opts.export,
+            opts.tls.as_ref().map(|t| (t, &opts.server)),
+        )
+        .await
     };
     let (s, neg) = tokio::time::timeout(limit, attempt).await.map_err(|_| {
         Error::new(

@@ -130,6 +130,8 @@ pub struct Server {
     /// Connections in transmission.
     sessions: std::sync::Mutex<Vec<SessionSlot>>,
     next_session: std::sync::atomic::AtomicU64,
+    /// K6: when set, every client must start TLS with these credentials.
+    tls: RwLock<Option<Arc<crate::tls::TlsCreds>>>,
 }
 
 /// One connection in transmission, as the monitor sees it.
@@ -176,6 +178,30 @@ impl Drop for SessionEntry<'_> {
             .unwrap_or_else(|p| p.into_inner())
             .retain(|slot| slot.id != self.1);
     }
+}
+
+/// Where a connection's negotiation stands; it outlives STARTTLS (K6–K8).
+#[derive(Debug, Default)]
+struct NegState {
+    greeted: bool,
+    fixed: bool,
+    no_zeroes: bool,
+    /// Options read so far, before and after STARTTLS (N18).
+    options: usize,
+    tls_required: bool,
+    tls_active: bool,
+    /// Options refused with ERR_TLS_REQD (or EXPORT_NAME closed) before TLS.
+    refused_plain: u32,
+}
+
+/// How one negotiation pass ended.
+enum Negotiated {
+    /// Transmission starts.
+    Session(Session),
+    /// STARTTLS was acknowledged: the TLS handshake comes next.
+    StartTls,
+    /// The client left, or was closed.
+    Closed,
 }
 
 /// What negotiation agreed.
@@ -253,6 +279,18 @@ impl Server {
         }
     }
 
+    /// Disconnects every client of every export (QMP `nbd-server-stop`).
+    pub fn disconnect_all(&self) {
+        for slot in self
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            slot.kill.notify_one();
+        }
+    }
+
     fn find(&self, name: &str) -> Option<Arc<Export>> {
         self.exports
             .read()
@@ -285,48 +323,165 @@ impl Server {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        self.serve_client(stream, peer, "client").await;
+    }
+
+    /// Requires TLS of every client from now on (docs/tls.md K6), or no longer with `None`.
+    /// Connections already past negotiation keep what they agreed.
+    ///
+    /// # Errors
+    /// The credentials are a client's (endpoint=client).
+    pub fn set_tls(&self, creds: Option<Arc<crate::tls::TlsCreds>>) -> Result<(), String> {
+        if let Some(c) = &creds {
+            c.acceptor()?;
+        }
+        *self.tls.write().unwrap_or_else(|p| p.into_inner()) = creds;
+        Ok(())
+    }
+
+    /// The credentials clients must use, if any.
+    pub fn tls_creds(&self) -> Option<Arc<crate::tls::TlsCreds>> {
+        self.tls.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// [`Server::serve_socket`] naming the client (`who`, its address) in the warnings a
+    /// refused connection leaves (K9).
+    pub async fn serve_client<S>(
+        self: Arc<Self>,
+        stream: S,
+        peer: Option<std::os::fd::OwnedFd>,
+        who: &str,
+    ) where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let acceptor = self
+            .tls
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .and_then(|c| c.acceptor().ok());
+        let started = tokio::time::Instant::now();
         let (rd, mut wr) = tokio::io::split(stream);
         // Headers are small: a buffer turns two reads per request into fewer; payloads larger
         // than the buffer bypass it.
         let mut rd = BufReader::with_capacity(READ_BUFFER_BYTES, rd);
-        let session =
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.negotiate(&mut rd, &mut wr)).await {
-                Ok(Ok(Some(s))) => s,
-                _ => {
+        let mut st = NegState {
+            tls_required: acceptor.is_some(),
+            ..NegState::default()
+        };
+        let first =
+            tokio::time::timeout(HANDSHAKE_TIMEOUT, self.negotiate(&mut rd, &mut wr, &mut st))
+                .await;
+        let session = match first {
+            Ok(Ok(Negotiated::Session(s))) => s,
+            Ok(Ok(Negotiated::StartTls)) => {
+                let Some(acceptor) = acceptor else {
+                    return;
+                };
+                // K7: a client sends nothing after STARTTLS until the server's ACK; bytes
+                // already buffered would be plain text spliced into the TLS stream.
+                if !rd.buffer().is_empty() {
+                    crate::log::peer_warning(
+                        "nbd-tls-pipelined",
+                        &format!("NBD client {who}: refused: it sent data after STARTTLS before the server's reply"),
+                    );
                     let _ = wr.shutdown().await;
                     return;
                 }
-            };
+                let stream = rd.into_inner().unsplit(wr);
+                let left = HANDSHAKE_TIMEOUT.saturating_sub(started.elapsed());
+                let secured = tokio::time::timeout(left, async {
+                    let t = acceptor.accept(stream).await.map_err(|e| {
+                        crate::log::peer_warning(
+                            "nbd-tls-handshake",
+                            &format!(
+                                "NBD client {who}: TLS handshake failed: {}",
+                                crate::tls::describe(&e)
+                            ),
+                        );
+                    })?;
+                    let (rd, mut wr) = tokio::io::split(t);
+                    let mut rd = BufReader::with_capacity(READ_BUFFER_BYTES, rd);
+                    st.tls_active = true;
+                    match self.negotiate(&mut rd, &mut wr, &mut st).await {
+                        Ok(Negotiated::Session(s)) => Ok((s, rd, wr)),
+                        _ => {
+                            let _ = wr.shutdown().await;
+                            Err(())
+                        }
+                    }
+                })
+                .await;
+                match secured {
+                    Ok(Ok((s, rd, wr))) => {
+                        self.transmission(s, rd, wr, peer).await;
+                    }
+                    Ok(Err(())) => {}
+                    Err(_) => crate::log::peer_warning(
+                        "nbd-handshake-timeout",
+                        &format!(
+                            "NBD client {who}: negotiation did not finish within {} s",
+                            HANDSHAKE_TIMEOUT.as_secs()
+                        ),
+                    ),
+                }
+                return;
+            }
+            _ => {
+                if st.refused_plain > 0 {
+                    // K6: a client that would not start TLS was served nothing.
+                    crate::log::peer_warning(
+                        "nbd-tls-required",
+                        &format!("NBD client {who}: refused: TLS is required and the client did not start it"),
+                    );
+                }
+                let _ = wr.shutdown().await;
+                return;
+            }
+        };
         self.transmission(session, rd, wr, peer).await;
     }
 
     /// Fixed newstyle negotiation (N6–N18). `Ok(None)`: the client left or was closed.
-    async fn negotiate<R, W>(&self, rd: &mut R, wr: &mut W) -> std::io::Result<Option<Session>>
+    /// With TLS (K6, K7) negotiation runs twice: in plain text until STARTTLS, whose ACK ends
+    /// it with [`Negotiated::StartTls`], then again inside TLS, where `st` carries on.
+    async fn negotiate<R, W>(
+        &self,
+        rd: &mut R,
+        wr: &mut W,
+        st: &mut NegState,
+    ) -> std::io::Result<Negotiated>
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        wr.write_all(&proto::encode_greeting()).await?;
-        wr.flush().await?;
-        let client = rd.read_u32().await?;
-        if client & !(proto::CLIENT_FIXED_NEWSTYLE | proto::CLIENT_NO_ZEROES) != 0 {
-            return Ok(None); // N7
+        if !st.greeted {
+            wr.write_all(&proto::encode_greeting()).await?;
+            wr.flush().await?;
+            let client = rd.read_u32().await?;
+            if client & !(proto::CLIENT_FIXED_NEWSTYLE | proto::CLIENT_NO_ZEROES) != 0 {
+                return Ok(Negotiated::Closed); // N7
+            }
+            st.greeted = true;
+            st.fixed = client & proto::CLIENT_FIXED_NEWSTYLE != 0;
+            st.no_zeroes = client & proto::CLIENT_NO_ZEROES != 0;
         }
-        let fixed = client & proto::CLIENT_FIXED_NEWSTYLE != 0;
-        let no_zeroes = client & proto::CLIENT_NO_ZEROES != 0;
+        let (fixed, no_zeroes) = (st.fixed, st.no_zeroes);
+        // K8: nothing agreed in plain text survives STARTTLS.
         let mut structured = false;
         let mut meta_export: Option<String> = None;
-        for _ in 0..OPTIONS_MAX {
+        while st.options < OPTIONS_MAX {
+            st.options += 1;
             let mut hdr = [0u8; proto::OPTION_HEADER_BYTES];
             rd.read_exact(&mut hdr).await?;
             let h = match proto::decode_option_header(&hdr) {
                 Ok(h) => h,
-                Err(_) => return Ok(None), // N9: bad magic or too long: close unread
+                Err(_) => return Ok(Negotiated::Closed), // N9: bad magic or too long: close unread
             };
             let mut data = vec![0u8; h.length as usize];
             rd.read_exact(&mut data).await?;
             if !fixed && h.option != opt::EXPORT_NAME {
-                return Ok(None); // N8
+                return Ok(Negotiated::Closed); // N8
             }
             let reply = |t: u32, d: &[u8]| proto::encode_option_reply(h.option, t, d);
             let err = |t: u32, msg: &str| proto::encode_option_reply(h.option, t, msg.as_bytes());
@@ -336,11 +491,44 @@ impl Server {
                 wr.flush().await?;
                 continue;
             }
+            // K6: until TLS is up, a server that requires it answers every option but
+            // STARTTLS and ABORT with ERR_TLS_REQD, and closes on EXPORT_NAME (which cannot be
+            // refused any other way).
+            if st.tls_required && !st.tls_active {
+                match h.option {
+                    opt::STARTTLS if data.is_empty() => {
+                        wr.write_all(&reply(rep::ACK, &[])).await?;
+                        wr.flush().await?;
+                        return Ok(Negotiated::StartTls);
+                    }
+                    opt::STARTTLS => {
+                        wr.write_all(&err(rep::ERR_INVALID, "STARTTLS takes no data"))
+                            .await?;
+                        wr.flush().await?;
+                        continue;
+                    }
+                    opt::ABORT => {}
+                    opt::EXPORT_NAME => {
+                        st.refused_plain += 1;
+                        return Ok(Negotiated::Closed);
+                    }
+                    _ => {
+                        st.refused_plain += 1;
+                        wr.write_all(&err(
+                            rep::ERR_TLS_REQD,
+                            "TLS is required: send STARTTLS first",
+                        ))
+                        .await?;
+                        wr.flush().await?;
+                        continue;
+                    }
+                }
+            }
             match h.option {
                 opt::EXPORT_NAME => {
                     let name = String::from_utf8_lossy(&data).into_owned();
                     let Some(export) = self.find(&name) else {
-                        return Ok(None); // N10: the only way to refuse
+                        return Ok(Negotiated::Closed); // N10: the only way to refuse
                     };
                     let size = export.dev.length().map_err(std::io::Error::other)?;
                     let mut v = size.to_be_bytes().to_vec();
@@ -351,7 +539,7 @@ impl Server {
                     wr.write_all(&v).await?;
                     wr.flush().await?;
                     let meta = meta_export.as_deref() == Some(export.name.as_str());
-                    return Ok(Some(Session {
+                    return Ok(Negotiated::Session(Session {
                         export,
                         structured,
                         meta,
@@ -362,7 +550,7 @@ impl Server {
                     wr.flush().await?;
                     let mut sink = [0u8; 64];
                     let _ = tokio::time::timeout(Duration::from_secs(1), rd.read(&mut sink)).await;
-                    return Ok(None);
+                    return Ok(Negotiated::Closed);
                 }
                 opt::LIST => {
                     if !data.is_empty() {
@@ -427,7 +615,7 @@ impl Server {
                     wr.flush().await?;
                     if h.option == opt::GO {
                         let meta = meta_export.as_deref() == Some(export.name.as_str());
-                        return Ok(Some(Session {
+                        return Ok(Negotiated::Session(Session {
                             export,
                             structured,
                             meta,
@@ -487,9 +675,16 @@ impl Server {
                     };
                     wr.write_all(&out).await?;
                 }
-                opt::STARTTLS => {
-                    wr.write_all(&err(rep::ERR_UNSUP, "TLS is not supported"))
+                opt::STARTTLS if st.tls_active => {
+                    wr.write_all(&err(rep::ERR_INVALID, "TLS is already active"))
                         .await?;
+                }
+                opt::STARTTLS => {
+                    wr.write_all(&err(
+                        rep::ERR_UNSUP,
+                        "TLS is not configured on this server (no tls-creds)",
+                    ))
+                    .await?;
                 }
                 // N15: EXTENDED_HEADERS and every unknown option: ERR_UNSUP, go on.
                 _ => {
@@ -499,7 +694,7 @@ impl Server {
             }
             wr.flush().await?;
         }
-        Ok(None) // N18: too many options
+        Ok(Negotiated::Closed) // N18: too many options
     }
 
     async fn transmission<R, W>(

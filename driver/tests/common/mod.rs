@@ -307,5 +307,6 @@ pub fn monitor(graph: ballot::graph::Graph, bus: ballot::events::EventBus) -> ba
         bus,
         quit: Arc::new(tokio::sync::Notify::new()),
         exports: tokio::sync::Mutex::new(Vec::new()),
+        listener: Default::default(),
     }
 }

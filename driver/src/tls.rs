@@ -1,0 +1,613 @@
+//! TLS credentials (`tls-creds-x509` objects) and the rustls configurations built from them,
+//! for NBD over TLS on both sides (docs/tls.md, rules K1–K12).
+//!
+//! An object is loaded whole when it is created (K2): every file it needs is read and parsed
+//! then, so a missing or malformed file is an error of `--object` / `object-add`, never of a
+//! later connection. The configurations are built once and shared by every connection.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+use serde_json::Value;
+
+/// Which side of a connection a credentials object serves (K1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `endpoint=server`: `ballot serve --nbd-server ...,tls-creds=ID`.
+    Server,
+    /// `endpoint=client`: `driver=nbd,...,tls-creds=ID`.
+    Client,
+}
+
+impl Endpoint {
+    fn name(self) -> &'static str {
+        match self {
+            Endpoint::Server => "server",
+            Endpoint::Client => "client",
+        }
+    }
+}
+
+/// A loaded `tls-creds-x509` object.
+pub struct TlsCreds {
+    /// The object's id.
+    pub id: String,
+    /// The directory its files came from.
+    pub dir: PathBuf,
+    /// Its endpoint.
+    pub endpoint: Endpoint,
+    /// `verify-peer` (K3, K4).
+    pub verify_peer: bool,
+    server: Option<Arc<ServerConfig>>,
+    /// Checks the server's name (K5); used when the client has a host name to check.
+    client_named: Option<Arc<ClientConfig>>,
+    /// Checks the chain only; for unix sockets without `tls-hostname` (K5).
+    client_unnamed: Option<Arc<ClientConfig>>,
+}
+
+impl std::fmt::Debug for TlsCreds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsCreds")
+            .field("id", &self.id)
+            .field("dir", &self.dir)
+            .field("endpoint", &self.endpoint)
+            .field("verify_peer", &self.verify_peer)
+            .finish()
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The file names QEMU expects in a credentials directory (K2).
+pub mod files {
+    /// The certificate authority that signs the peer's certificate.
+    pub const CA_CERT: &str = "ca-cert.pem";
+    /// The server's certificate (chain).
+    pub const SERVER_CERT: &str = "server-cert.pem";
+    /// The server's private key.
+    pub const SERVER_KEY: &str = "server-key.pem";
+    /// The client's certificate (chain), optional.
+    pub const CLIENT_CERT: &str = "client-cert.pem";
+    /// The client's private key, optional with the certificate.
+    pub const CLIENT_KEY: &str = "client-key.pem";
+}
+
+fn load_certs(id: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let bytes = std::fs::read(path).map_err(|e| {
+        format!(
+            "tls-creds-x509 '{id}': cannot read '{}': {e}",
+            path.display()
+        )
+    })?;
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<_, _>>()
+        .map_err(|e| {
+            format!(
+                "tls-creds-x509 '{id}': '{}' is not a PEM certificate file: {e}",
+                path.display()
+            )
+        })?;
+    if certs.is_empty() {
+        return Err(format!(
+            "tls-creds-x509 '{id}': '{}' holds no certificate",
+            path.display()
+        ));
+    }
+    Ok(certs)
+}
+
+fn load_key(id: &str, path: &Path) -> Result<PrivateKeyDer<'static>, String> {
+    let bytes = std::fs::read(path).map_err(|e| {
+        format!(
+            "tls-creds-x509 '{id}': cannot read '{}': {e}",
+            path.display()
+        )
+    })?;
+    PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| {
+        format!(
+            "tls-creds-x509 '{id}': '{}' holds no usable private key (PKCS#8, PKCS#1 or SEC1 PEM; \
+             encrypted keys are not supported): {e}",
+            path.display()
+        )
+    })
+}
+
+fn load_roots(id: &str, dir: &Path) -> Result<Arc<RootCertStore>, String> {
+    let path = dir.join(files::CA_CERT);
+    let mut roots = RootCertStore::empty();
+    for c in load_certs(id, &path)? {
+        roots.add(c).map_err(|e| {
+            format!(
+                "tls-creds-x509 '{id}': '{}' holds a certificate that cannot be a trust anchor: {e}",
+                path.display()
+            )
+        })?;
+    }
+    Ok(Arc::new(roots))
+}
+
+/// K2: the certificate and key must belong together; found now rather than at the first
+/// handshake, where the peer would only see a failed signature.
+fn check_pair(
+    id: &str,
+    certs: &[CertificateDer<'static>],
+    key: &PrivateKeyDer<'static>,
+    cert_path: &Path,
+) -> Result<(), String> {
+    let signer = provider()
+        .key_provider
+        .load_private_key(key.clone_key())
+        .map_err(|e| {
+            format!(
+                "tls-creds-x509 '{id}': the private key for '{}' cannot be used: {e}",
+                cert_path.display()
+            )
+        })?;
+    let ck = rustls::sign::CertifiedKey::new(certs.to_vec(), signer);
+    ck.keys_match().map_err(|_| {
+        format!(
+            "tls-creds-x509 '{id}': the private key does not match the certificate in '{}'",
+            cert_path.display()
+        )
+    })
+}
+
+impl TlsCreds {
+    /// Loads a `tls-creds-x509` object (K1, K2).
+    ///
+    /// # Errors
+    /// A message naming the object and the file or parameter at fault.
+    pub fn load_x509(
+        id: &str,
+        dir: &Path,
+        endpoint: Endpoint,
+        verify_peer: bool,
+    ) -> Result<TlsCreds, String> {
+        if !dir.is_dir() {
+            return Err(format!(
+                "tls-creds-x509 '{id}': dir '{}' is not a directory",
+                dir.display()
+            ));
+        }
+        let mut creds = TlsCreds {
+            id: id.to_string(),
+            dir: dir.to_path_buf(),
+            endpoint,
+            verify_peer,
+            server: None,
+            client_named: None,
+            client_unnamed: None,
+        };
+        let versions = rustls::DEFAULT_VERSIONS;
+        match endpoint {
+            Endpoint::Server => {
+                let cert_path = dir.join(files::SERVER_CERT);
+                let certs = load_certs(id, &cert_path)?;
+                let key = load_key(id, &dir.join(files::SERVER_KEY))?;
+                check_pair(id, &certs, &key, &cert_path)?;
+                let builder = ServerConfig::builder_with_provider(provider())
+                    .with_protocol_versions(versions)
+                    .map_err(|e| format!("tls-creds-x509 '{id}': {e}"))?;
+                // K3: with verify-peer (the default) every client must show a certificate
+                // signed by ca-cert.pem.
+                let builder = if verify_peer {
+                    let roots = load_roots(id, dir)?;
+                    let v = WebPkiClientVerifier::builder_with_provider(roots, provider())
+                        .build()
+                        .map_err(|e| format!("tls-creds-x509 '{id}': {e}"))?;
+                    builder.with_client_cert_verifier(v)
+                } else {
+                    builder.with_no_client_auth()
+                };
+                let cfg = builder
+                    .with_single_cert(certs, key)
+                    .map_err(|e| format!("tls-creds-x509 '{id}': {e}"))?;
+                creds.server = Some(Arc::new(cfg));
+            }
+            Endpoint::Client => {
+                // K4: the client's certificate is optional; it is shown when both files exist.
+                let cert_path = dir.join(files::CLIENT_CERT);
+                let key_path = dir.join(files::CLIENT_KEY);
+                let pair = match (cert_path.exists(), key_path.exists()) {
+                    (true, true) => {
+                        let certs = load_certs(id, &cert_path)?;
+                        let key = load_key(id, &key_path)?;
+                        check_pair(id, &certs, &key, &cert_path)?;
+                        Some((certs, key))
+                    }
+                    (false, false) => None,
+                    (true, false) => {
+                        return Err(format!(
+                            "tls-creds-x509 '{id}': '{}' exists but '{}' does not",
+                            cert_path.display(),
+                            key_path.display()
+                        ))
+                    }
+                    (false, true) => {
+                        return Err(format!(
+                            "tls-creds-x509 '{id}': '{}' exists but '{}' does not",
+                            key_path.display(),
+                            cert_path.display()
+                        ))
+                    }
+                };
+                let (named, unnamed): (Arc<dyn ServerCertVerifier>, Arc<dyn ServerCertVerifier>) =
+                    if verify_peer {
+                        let roots = load_roots(id, dir)?;
+                        let named =
+                            WebPkiServerVerifier::builder_with_provider(roots.clone(), provider())
+                                .build()
+                                .map_err(|e| format!("tls-creds-x509 '{id}': {e}"))?;
+                        let unnamed = Arc::new(ChainOnly {
+                            roots,
+                            algs: provider().signature_verification_algorithms,
+                        });
+                        (named, unnamed)
+                    } else {
+                        let any = Arc::new(AnyServer {
+                            algs: provider().signature_verification_algorithms,
+                        });
+                        (any.clone(), any)
+                    };
+                let build = |v: Arc<dyn ServerCertVerifier>| -> Result<Arc<ClientConfig>, String> {
+                    let b = ClientConfig::builder_with_provider(provider())
+                        .with_protocol_versions(versions)
+                        .map_err(|e| format!("tls-creds-x509 '{id}': {e}"))?
+                        .dangerous()
+                        .with_custom_certificate_verifier(v);
+                    let cfg = match &pair {
+                        Some((certs, key)) => b
+                            .with_client_auth_cert(certs.clone(), key.clone_key())
+                            .map_err(|e| format!("tls-creds-x509 '{id}': {e}"))?,
+                        None => b.with_no_client_auth(),
+                    };
+                    Ok(Arc::new(cfg))
+                };
+                creds.client_named = Some(build(named)?);
+                creds.client_unnamed = Some(build(unnamed)?);
+            }
+        }
+        Ok(creds)
+    }
+
+    /// The acceptor for a server (K6).
+    ///
+    /// # Errors
+    /// The object is a client's.
+    pub fn acceptor(&self) -> Result<tokio_rustls::TlsAcceptor, String> {
+        match &self.server {
+            Some(cfg) => Ok(tokio_rustls::TlsAcceptor::from(cfg.clone())),
+            None => Err(format!(
+                "TLS credentials '{}' have endpoint=client; an NBD server needs endpoint=server",
+                self.id
+            )),
+        }
+    }
+
+    /// The connector for a client, and the name it checks the server's certificate against
+    /// (K5): `tls-hostname`, else the host of a TCP address; none for a unix socket, whose
+    /// server is checked against the CA only.
+    ///
+    /// # Errors
+    /// The object is a server's, or the host name is not a valid DNS name or IP address.
+    pub fn connector(
+        &self,
+        hostname: Option<&str>,
+    ) -> Result<(tokio_rustls::TlsConnector, ServerName<'static>), String> {
+        let (Some(named), Some(unnamed)) = (&self.client_named, &self.client_unnamed) else {
+            return Err(format!(
+                "TLS credentials '{}' have endpoint=server; an nbd node needs endpoint=client",
+                self.id
+            ));
+        };
+        match hostname {
+            Some(h) => {
+                let name = ServerName::try_from(h.to_string())
+                    .map_err(|_| format!("'{h}' is not a valid TLS host name"))?;
+                Ok((tokio_rustls::TlsConnector::from(named.clone()), name))
+            }
+            None => Ok((
+                tokio_rustls::TlsConnector::from(unnamed.clone()),
+                ServerName::try_from("localhost").map_err(|e| e.to_string())?,
+            )),
+        }
+    }
+}
+
+/// K5: a server certificate checked against the CA, without a name (unix sockets with no
+/// `tls-hostname`, as QEMU does).
+#[derive(Debug)]
+struct ChainOnly {
+    roots: Arc<RootCertStore>,
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for ChainOnly {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let cert = ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            &self.roots,
+            intermediates,
+            now,
+            self.algs.all,
+        )?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+/// K4: `verify-peer=off` on a client: any server certificate is accepted (the traffic is
+/// still encrypted, and the handshake's signatures are still checked).
+#[derive(Debug)]
+struct AnyServer {
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for AnyServer {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+/// A user-created object (`--object`, QMP `object-add`).
+#[derive(Debug, Clone)]
+pub enum Object {
+    /// `tls-creds-x509`.
+    TlsCreds(Arc<TlsCreds>),
+}
+
+/// The objects of one process, by id (K1).
+#[derive(Debug, Clone, Default)]
+pub struct Objects {
+    map: Arc<Mutex<BTreeMap<String, Object>>>,
+}
+
+fn text(m: &serde_json::Map<String, Value>, key: &str) -> Result<Option<String>, String> {
+    match m.get(key) {
+        None => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(Value::Bool(b)) => Ok(Some(b.to_string())),
+        Some(Value::Number(n)) => Ok(Some(n.to_string())),
+        Some(_) => Err(format!(
+            "Invalid parameter type for '{key}', expected: string"
+        )),
+    }
+}
+
+fn flag(m: &serde_json::Map<String, Value>, key: &str, default: bool) -> Result<bool, String> {
+    match text(m, key)?.as_deref() {
+        None => Ok(default),
+        Some("on" | "true" | "yes") => Ok(true),
+        Some("off" | "false" | "no") => Ok(false),
+        Some(v) => Err(format!(
+            "Parameter '{key}' expects 'on' or 'off', got '{v}'"
+        )),
+    }
+}
+
+impl Objects {
+    /// An empty set.
+    pub fn new() -> Objects {
+        Objects::default()
+    }
+
+    /// `--object TYPE,id=ID,...` (keyval) or its JSON form `{"qom-type": ..., "id": ...}`.
+    ///
+    /// # Errors
+    /// A message naming the bad parameter, file or duplicate id.
+    pub fn add_arg(&self, arg: &str) -> Result<(), String> {
+        let (qom_type, props) = if arg.trim_start().starts_with('{') {
+            let v: Value = serde_json::from_str(arg).map_err(|e| format!("JSON: {e}"))?;
+            let Value::Object(mut m) = v else {
+                return Err("--object: expected a JSON object".into());
+            };
+            let t = match m.remove("qom-type") {
+                Some(Value::String(t)) => t,
+                _ => return Err("Parameter 'qom-type' is missing".into()),
+            };
+            (t, m)
+        } else {
+            let (t, rest) = arg.split_once(',').unwrap_or((arg, ""));
+            let t = t.strip_prefix("qom-type=").unwrap_or(t).to_string();
+            let m = if rest.is_empty() {
+                serde_json::Map::new()
+            } else {
+                match crate::config::keyval::parse(rest).map_err(|e| e.to_string())? {
+                    Value::Object(m) => m,
+                    _ => return Err("--object: expected key=value pairs".into()),
+                }
+            };
+            (t, m)
+        };
+        self.add(&qom_type, &props)
+    }
+
+    /// QMP `object-add`: `qom-type`, `id` and the type's properties.
+    ///
+    /// # Errors
+    /// A message naming the bad parameter, file or duplicate id.
+    pub fn add(
+        &self,
+        qom_type: &str,
+        props: &serde_json::Map<String, Value>,
+    ) -> Result<(), String> {
+        let id = text(props, "id")?.ok_or("Parameter 'id' is missing")?;
+        if id.is_empty() || !id.starts_with(|c: char| c.is_ascii_alphabetic()) {
+            return Err(format!("Parameter 'id' expects an identifier, got '{id}'"));
+        }
+        if self.lock().contains_key(&id) {
+            return Err(format!(
+                "attempt to add duplicate property '{id}' to object (type 'container')"
+            ));
+        }
+        let obj = match qom_type {
+            "tls-creds-x509" => {
+                let known = ["id", "dir", "endpoint", "verify-peer"];
+                if let Some(k) = props.keys().find(|k| !known.contains(&k.as_str())) {
+                    return Err(match k.as_str() {
+                        "sanity-check" | "passwordid" | "priority" | "loaded" => format!(
+                            "tls-creds-x509 '{id}': property '{k}' is not supported by ballot"
+                        ),
+                        _ => format!("Property '{qom_type}.{k}' not found"),
+                    });
+                }
+                let dir = text(props, "dir")?
+                    .ok_or_else(|| format!("tls-creds-x509 '{id}': Parameter 'dir' is missing"))?;
+                let endpoint = match text(props, "endpoint")?.as_deref() {
+                    None | Some("client") => Endpoint::Client,
+                    Some("server") => Endpoint::Server,
+                    Some(e) => {
+                        return Err(format!(
+                            "Parameter 'endpoint' does not accept value '{e}' (client or server)"
+                        ))
+                    }
+                };
+                let verify = flag(props, "verify-peer", true)?;
+                Object::TlsCreds(Arc::new(TlsCreds::load_x509(
+                    &id,
+                    Path::new(&dir),
+                    endpoint,
+                    verify,
+                )?))
+            }
+            // K12: PSK needs external pre-shared keys, which rustls does not implement.
+            "tls-creds-psk" => {
+                return Err(format!(
+                    "tls-creds-psk '{id}': TLS pre-shared keys are not supported: ballot's TLS \
+                     stack (rustls) has no external PSK; use tls-creds-x509"
+                ))
+            }
+            "tls-creds-anon" => {
+                return Err(format!(
+                    "tls-creds-anon '{id}': anonymous TLS is not supported (it authenticates \
+                     no one); use tls-creds-x509"
+                ))
+            }
+            other => return Err(format!("invalid object type: {other}")),
+        };
+        self.lock().insert(id, obj);
+        Ok(())
+    }
+
+    /// QMP `object-del` (K1): refused while a server or node uses the object.
+    ///
+    /// # Errors
+    /// No such object, or it is in use.
+    pub fn del(&self, id: &str) -> Result<(), String> {
+        let mut m = self.lock();
+        let Some(obj) = m.get(id) else {
+            return Err(format!("object '{id}' not found"));
+        };
+        let Object::TlsCreds(c) = obj;
+        if Arc::strong_count(c) > 1 {
+            return Err(format!("object '{id}' is in use and cannot be deleted"));
+        }
+        m.remove(id);
+        Ok(())
+    }
+
+    /// The TLS credentials `id` for the given endpoint (K1).
+    ///
+    /// # Errors
+    /// No such object, or it is for the other endpoint.
+    pub fn tls(&self, id: &str, endpoint: Endpoint) -> Result<Arc<TlsCreds>, String> {
+        let m = self.lock();
+        let Some(Object::TlsCreds(c)) = m.get(id) else {
+            return Err(format!("No TLS credentials with id '{id}'"));
+        };
+        if c.endpoint != endpoint {
+            return Err(format!(
+                "Expecting TLS credentials with a {} endpoint: '{id}' has endpoint={}",
+                endpoint.name(),
+                c.endpoint.name()
+            ));
+        }
+        Ok(c.clone())
+    }
+
+    /// The ids, in order.
+    pub fn ids(&self) -> Vec<String> {
+        self.lock().keys().cloned().collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Object>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A TLS failure in words a user acts on (K9): what failed and why, from rustls's error.
+pub fn describe(e: &std::io::Error) -> String {
+    let inner = e.get_ref().and_then(|x| x.downcast_ref::<rustls::Error>());
+    match inner {
+        Some(r) => r.to_string(),
+        None => e.to_string(),
+    }
+}
