@@ -82,58 +82,73 @@ pub mod files {
     pub const CLIENT_KEY: &str = "client-key.pem";
 }
 
-fn load_certs(id: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let bytes = std::fs::read(path).map_err(|e| {
-        format!(
-            "tls-creds-x509 '{id}': cannot read '{}': {e}",
-            path.display()
-        )
-    })?;
-    let certs: Vec<_> = CertificateDer::pem_slice_iter(&bytes)
-        .collect::<Result<_, _>>()
-        .map_err(|e| {
-            format!(
-                "tls-creds-x509 '{id}': '{}' is not a PEM certificate file: {e}",
-                path.display()
-            )
-        })?;
-    if certs.is_empty() {
-        return Err(format!(
-            "tls-creds-x509 '{id}': '{}' holds no certificate",
-            path.display()
-        ));
-    }
-    Ok(certs)
+/// One PEM file's bytes and the name it is reported by.
+struct Pem<'a> {
+    name: String,
+    bytes: &'a [u8],
 }
 
-fn load_key(id: &str, path: &Path) -> Result<PrivateKeyDer<'static>, String> {
-    let bytes = std::fs::read(path).map_err(|e| {
+fn read(id: &str, path: &Path) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| {
         format!(
             "tls-creds-x509 '{id}': cannot read '{}': {e}",
-            path.display()
-        )
-    })?;
-    PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| {
-        format!(
-            "tls-creds-x509 '{id}': '{}' holds no usable private key (PKCS#8, PKCS#1 or SEC1 PEM; \
-             encrypted keys are not supported): {e}",
             path.display()
         )
     })
 }
 
-fn load_roots(id: &str, dir: &Path) -> Result<Arc<RootCertStore>, String> {
-    let path = dir.join(files::CA_CERT);
+fn load_certs(id: &str, pem: &Pem<'_>) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(pem.bytes)
+        .collect::<Result<_, _>>()
+        .map_err(|e| {
+            format!(
+                "tls-creds-x509 '{id}': '{}' is not a PEM certificate file: {e}",
+                pem.name
+            )
+        })?;
+    if certs.is_empty() {
+        return Err(format!(
+            "tls-creds-x509 '{id}': '{}' holds no certificate",
+            pem.name
+        ));
+    }
+    Ok(certs)
+}
+
+fn load_key(id: &str, pem: &Pem<'_>) -> Result<PrivateKeyDer<'static>, String> {
+    PrivateKeyDer::from_pem_slice(pem.bytes).map_err(|e| {
+        format!(
+            "tls-creds-x509 '{id}': '{}' holds no usable private key (PKCS#8, PKCS#1 or SEC1 PEM; \
+             encrypted keys are not supported): {e}",
+            pem.name
+        )
+    })
+}
+
+fn load_roots(id: &str, pem: &Pem<'_>) -> Result<Arc<RootCertStore>, String> {
     let mut roots = RootCertStore::empty();
-    for c in load_certs(id, &path)? {
+    for c in load_certs(id, pem)? {
         roots.add(c).map_err(|e| {
             format!(
                 "tls-creds-x509 '{id}': '{}' holds a certificate that cannot be a trust anchor: {e}",
-                path.display()
+                pem.name
             )
         })?;
     }
     Ok(Arc::new(roots))
+}
+
+/// The PEM texts a credentials object is built from (K2): the CA's certificates (needed to
+/// verify the peer), and this side's certificate chain and key (a server's are required, a
+/// client's optional).
+#[derive(Debug, Clone, Copy)]
+pub struct PemSet<'a> {
+    /// ca-cert.pem.
+    pub ca: Option<&'a [u8]>,
+    /// server-cert.pem or client-cert.pem.
+    pub cert: Option<&'a [u8]>,
+    /// server-key.pem or client-key.pem.
+    pub key: Option<&'a [u8]>,
 }
 
 /// K2: the certificate and key must belong together; found now rather than at the first
@@ -142,28 +157,22 @@ fn check_pair(
     id: &str,
     certs: &[CertificateDer<'static>],
     key: &PrivateKeyDer<'static>,
-    cert_path: &Path,
+    cert_name: &str,
 ) -> Result<(), String> {
     let signer = provider()
         .key_provider
         .load_private_key(key.clone_key())
         .map_err(|e| {
-            format!(
-                "tls-creds-x509 '{id}': the private key for '{}' cannot be used: {e}",
-                cert_path.display()
-            )
+            format!("tls-creds-x509 '{id}': the private key for '{cert_name}' cannot be used: {e}")
         })?;
     let ck = rustls::sign::CertifiedKey::new(certs.to_vec(), signer);
     ck.keys_match().map_err(|_| {
-        format!(
-            "tls-creds-x509 '{id}': the private key does not match the certificate in '{}'",
-            cert_path.display()
-        )
+        format!("tls-creds-x509 '{id}': the private key does not match the certificate in '{cert_name}'")
     })
 }
 
 impl TlsCreds {
-    /// Loads a `tls-creds-x509` object (K1, K2).
+    /// Loads a `tls-creds-x509` object from `dir` and QEMU's file names in it (K1, K2).
     ///
     /// # Errors
     /// A message naming the object and the file or parameter at fault.
@@ -179,9 +188,121 @@ impl TlsCreds {
                 dir.display()
             ));
         }
+        let (cert_file, key_file) = match endpoint {
+            Endpoint::Server => (files::SERVER_CERT, files::SERVER_KEY),
+            Endpoint::Client => (files::CLIENT_CERT, files::CLIENT_KEY),
+        };
+        let (cert_path, key_path) = (dir.join(cert_file), dir.join(key_file));
+        let ca_path = dir.join(files::CA_CERT);
+        // K4: a client's certificate is optional: shown when both files exist.
+        let pair = match (endpoint, cert_path.exists(), key_path.exists()) {
+            (Endpoint::Client, false, false) => None,
+            (Endpoint::Client, true, false) | (Endpoint::Client, false, true) => {
+                let (there, missing) = if cert_path.exists() {
+                    (&cert_path, &key_path)
+                } else {
+                    (&key_path, &cert_path)
+                };
+                return Err(format!(
+                    "tls-creds-x509 '{id}': '{}' exists but '{}' does not",
+                    there.display(),
+                    missing.display()
+                ));
+            }
+            _ => Some((read(id, &cert_path)?, read(id, &key_path)?)),
+        };
+        let ca = if verify_peer {
+            Some(read(id, &ca_path)?)
+        } else {
+            None
+        };
+        let names = [
+            ca_path.display().to_string(),
+            cert_path.display().to_string(),
+            key_path.display().to_string(),
+        ];
+        let mut c = TlsCreds::build(
+            id,
+            endpoint,
+            verify_peer,
+            PemSet {
+                ca: ca.as_deref(),
+                cert: pair.as_ref().map(|(c, _)| c.as_slice()),
+                key: pair.as_ref().map(|(_, k)| k.as_slice()),
+            },
+            &names,
+        )?;
+        c.dir = dir.to_path_buf();
+        Ok(c)
+    }
+
+    /// Builds credentials from PEM texts held in memory (the simulator's, K11).
+    ///
+    /// # Errors
+    /// A message naming the object and the PEM at fault.
+    pub fn from_pem(
+        id: &str,
+        endpoint: Endpoint,
+        verify_peer: bool,
+        pem: PemSet<'_>,
+    ) -> Result<TlsCreds, String> {
+        let (cert, key) = match endpoint {
+            Endpoint::Server => (files::SERVER_CERT, files::SERVER_KEY),
+            Endpoint::Client => (files::CLIENT_CERT, files::CLIENT_KEY),
+        };
+        let names = [
+            files::CA_CERT.to_string(),
+            cert.to_string(),
+            key.to_string(),
+        ];
+        TlsCreds::build(id, endpoint, verify_peer, pem, &names)
+    }
+
+    fn build(
+        id: &str,
+        endpoint: Endpoint,
+        verify_peer: bool,
+        pem: PemSet<'_>,
+        names: &[String; 3],
+    ) -> Result<TlsCreds, String> {
+        let [ca_name, cert_name, key_name] = names;
+        let missing = |what: &str| format!("tls-creds-x509 '{id}': '{what}' is missing");
+        let roots = |pem_ca: Option<&[u8]>| -> Result<Arc<RootCertStore>, String> {
+            let bytes = pem_ca.ok_or_else(|| missing(ca_name))?;
+            load_roots(
+                id,
+                &Pem {
+                    name: ca_name.clone(),
+                    bytes,
+                },
+            )
+        };
+        let pair = match (pem.cert, pem.key) {
+            (Some(c), Some(k)) => {
+                let certs = load_certs(
+                    id,
+                    &Pem {
+                        name: cert_name.clone(),
+                        bytes: c,
+                    },
+                )?;
+                let key = load_key(
+                    id,
+                    &Pem {
+                        name: key_name.clone(),
+                        bytes: k,
+                    },
+                )?;
+                check_pair(id, &certs, &key, cert_name)?;
+                Some((certs, key))
+            }
+            (None, None) if endpoint == Endpoint::Client => None,
+            (None, _) => return Err(missing(cert_name)),
+            (_, None) => return Err(missing(key_name)),
+        };
         let mut creds = TlsCreds {
             id: id.to_string(),
-            dir: dir.to_path_buf(),
+            dir: PathBuf::new(),
             endpoint,
             verify_peer,
             server: None,
@@ -191,18 +312,16 @@ impl TlsCreds {
         let versions = rustls::DEFAULT_VERSIONS;
         match endpoint {
             Endpoint::Server => {
-                let cert_path = dir.join(files::SERVER_CERT);
-                let certs = load_certs(id, &cert_path)?;
-                let key = load_key(id, &dir.join(files::SERVER_KEY))?;
-                check_pair(id, &certs, &key, &cert_path)?;
+                let Some((certs, key)) = pair else {
+                    return Err(missing(cert_name));
+                };
                 let builder = ServerConfig::builder_with_provider(provider())
                     .with_protocol_versions(versions)
                     .map_err(|e| format!("tls-creds-x509 '{id}': {e}"))?;
                 // K3: with verify-peer (the default) every client must show a certificate
                 // signed by ca-cert.pem.
                 let builder = if verify_peer {
-                    let roots = load_roots(id, dir)?;
-                    let v = WebPkiClientVerifier::builder_with_provider(roots, provider())
+                    let v = WebPkiClientVerifier::builder_with_provider(roots(pem.ca)?, provider())
                         .build()
                         .map_err(|e| format!("tls-creds-x509 '{id}': {e}"))?;
                     builder.with_client_cert_verifier(v)
@@ -215,35 +334,9 @@ impl TlsCreds {
                 creds.server = Some(Arc::new(cfg));
             }
             Endpoint::Client => {
-                // K4: the client's certificate is optional; it is shown when both files exist.
-                let cert_path = dir.join(files::CLIENT_CERT);
-                let key_path = dir.join(files::CLIENT_KEY);
-                let pair = match (cert_path.exists(), key_path.exists()) {
-                    (true, true) => {
-                        let certs = load_certs(id, &cert_path)?;
-                        let key = load_key(id, &key_path)?;
-                        check_pair(id, &certs, &key, &cert_path)?;
-                        Some((certs, key))
-                    }
-                    (false, false) => None,
-                    (true, false) => {
-                        return Err(format!(
-                            "tls-creds-x509 '{id}': '{}' exists but '{}' does not",
-                            cert_path.display(),
-                            key_path.display()
-                        ))
-                    }
-                    (false, true) => {
-                        return Err(format!(
-                            "tls-creds-x509 '{id}': '{}' exists but '{}' does not",
-                            key_path.display(),
-                            cert_path.display()
-                        ))
-                    }
-                };
                 let (named, unnamed): (Arc<dyn ServerCertVerifier>, Arc<dyn ServerCertVerifier>) =
                     if verify_peer {
-                        let roots = load_roots(id, dir)?;
+                        let roots = roots(pem.ca)?;
                         let named =
                             WebPkiServerVerifier::builder_with_provider(roots.clone(), provider())
                                 .build()

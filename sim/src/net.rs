@@ -413,6 +413,13 @@ pub(crate) async fn replica_main(w: Arc<World>, i: usize) {
         };
         refresh_down(&w, i);
         let server = Server::new();
+        if w.p.nbd.as_ref().is_some_and(|n| n.tls) {
+            let set = sim_tls(ballot::tls::Endpoint::Server).and_then(|c| server.set_tls(Some(c)));
+            if let Err(e) = set {
+                w.fail("harness", format!("r{i}: {e}"));
+                return;
+            }
+        }
         let dev: Device = Arc::new(Landing {
             w: w.clone(),
             i,
@@ -437,6 +444,9 @@ pub(crate) async fn replica_main(w: Arc<World>, i: usize) {
             inc,
             conn,
         };
+        if w.p.nbd.as_ref().is_some_and(|n| n.tls) {
+            w.note_tls_server(server.clone());
+        }
         tokio::spawn(async move {
             server.serve(stream).await;
             drop(guard);
@@ -444,18 +454,61 @@ pub(crate) async fn replica_main(w: Arc<World>, i: usize) {
     }
 }
 
+/// The name on the simulated replicas' certificate (K11).
+pub const TLS_HOSTNAME: &str = "replica.sim";
+
+/// The simulator's TLS credentials for `endpoint`, built afresh for each use so that no
+/// session state passes from one run (or connection) to the next (K11). The PEM files are in
+/// `sim/data/tls/` (made by its `make.sh`): Ed25519, valid 2020–2100, as the simulated clock
+/// starts in 2022.
+///
+/// # Errors
+/// A PEM file of the checkout does not parse (a broken checkout).
+pub fn sim_tls(
+    endpoint: ballot::tls::Endpoint,
+) -> std::result::Result<Arc<ballot::tls::TlsCreds>, String> {
+    use ballot::tls::{Endpoint, PemSet, TlsCreds};
+    const CA: &[u8] = include_bytes!("../data/tls/ca-cert.pem");
+    let pem = match endpoint {
+        Endpoint::Server => PemSet {
+            ca: Some(CA),
+            cert: Some(include_bytes!("../data/tls/server-cert.pem")),
+            key: Some(include_bytes!("../data/tls/server-key.pem")),
+        },
+        Endpoint::Client => PemSet {
+            ca: Some(CA),
+            cert: Some(include_bytes!("../data/tls/client-cert.pem")),
+            key: Some(include_bytes!("../data/tls/client-key.pem")),
+        },
+    };
+    TlsCreds::from_pem("sim-tls", endpoint, true, pem)
+        .map(Arc::new)
+        .map_err(|e| format!("sim/data/tls: {e}"))
+}
+
 /// Opens the `nbd` client of replica `i` (N44: retried until `open-timeout`).
 pub async fn open_child(p: &NbdParams, i: usize) -> Result<NbdClient> {
+    let server = Address::Inet {
+        host: replica_ip(i).to_string(),
+        port: NBD_PORT,
+    };
+    let tls = if p.tls {
+        let inval = |e: String| ballot::error::Error::whole(ballot::error::ErrorKind::Inval, e);
+        let creds = sim_tls(ballot::tls::Endpoint::Client).map_err(inval)?;
+        Some(
+            ballot::nbd::client::ClientTls::new(creds, Some(TLS_HOSTNAME), &server)
+                .map_err(inval)?,
+        )
+    } else {
+        None
+    };
     NbdClient::open(ClientOptions {
-        server: Address::Inet {
-            host: replica_ip(i).to_string(),
-            port: NBD_PORT,
-        },
+        server,
         export: String::new(),
         reconnect_delay: Duration::from_nanos(p.reconnect_delay_ns),
         open_timeout: Duration::from_nanos(p.open_timeout_ns),
         request_timeout: Duration::from_nanos(p.request_timeout_ns),
-        tls: None,
+        tls,
     })
     .await
 }

@@ -97,6 +97,9 @@ pub struct NbdParams {
     pub pause_ns: (u64, u64),
     /// F18: fraction of replica restarts that come back empty.
     pub reformat: f64,
+    /// `network.tls`: every replica requires TLS with client certificates, and every nbd
+    /// child starts it (docs/tls.md K11), so partitions and reconnects go through handshakes.
+    pub tls: bool,
 }
 
 /// Fault families of the COLO topology (SIMULATION.md §4).
@@ -792,7 +795,9 @@ impl Params {
                 (100_000_000, 30_000_000_000)
             })?;
             let reformat = p.float("faults.reformat", 0.0, 1.0, |_| 0.3)?;
+            let tls = p.boolean("network.tls", 0.5)?;
             Some(NbdParams {
+                tls,
                 request_timeout_ns,
                 reconnect_delay_ns,
                 open_timeout_ns,
@@ -1059,9 +1064,10 @@ impl Params {
                 fmt_time(n.open_timeout_ns)
             );
             s += &format!(
-                "network = {{ latency = \"{}..{}\" }}\n",
+                "network = {{ latency = \"{}..{}\", tls = {} }}\n",
                 fmt_time(n.latency_ns.0),
-                fmt_time(n.latency_ns.1)
+                fmt_time(n.latency_ns.1),
+                n.tls
             );
         }
         s += &format!(

@@ -1184,6 +1184,6 @@ mod tests {
                 n += 1;
             }
         }
-        assert_eq!(n, 64, "scenario files");
+        assert_eq!(n, 65, "scenario files");
     }
 }

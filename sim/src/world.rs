@@ -157,6 +157,9 @@ pub(crate) struct World {
     qhost: Mutex<Option<madsim::task::NodeId>>,
     /// Every NBD client qhost opened, for the P9–P11 tally.
     clients: Mutex<Vec<Arc<NbdClient>>>,
+    /// The replicas' NBD servers (one per connection) when they require TLS, whose completed
+    /// handshakes the run counts at its end (K11).
+    tls_servers: Mutex<Vec<Arc<ballot::nbd::server::Server>>>,
     /// The quorum's metadata disk (HEALING.md H19), when the run has one.
     pub(crate) meta: Option<Arc<crate::metadisk::MetaDisk>>,
     /// F28: the live qhost starts a clean shutdown of its quorum (H23).
@@ -190,6 +193,31 @@ impl World {
             *paths.entry("P10").or_default() += s.failed_lost;
             *paths.entry("P11").or_default() += u64::from(s.open_retries > 0);
             *paths.entry("NBD-losses").or_default() += s.losses;
+            *paths.entry("NBD-reconnects").or_default() += s.reconnects;
+        }
+    }
+
+    /// Keeps a replica's TLS server, to count its handshakes at the end of the run.
+    pub(crate) fn note_tls_server(&self, s: Arc<ballot::nbd::server::Server>) {
+        self.tls_servers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(s);
+    }
+
+    /// K11: the TLS handshakes every replica server completed, first connections and
+    /// reconnections alike, as the counted path `TLS-sessions`.
+    fn harvest_tls(&self) {
+        let list = std::mem::take(&mut *self.tls_servers.lock().unwrap_or_else(|p| p.into_inner()));
+        let n: u64 = list.iter().map(|s| s.tls_sessions()).sum();
+        if n > 0 {
+            *self
+                .lock()
+                .oracle
+                .tally
+                .paths
+                .entry("TLS-sessions")
+                .or_default() += n;
         }
     }
 
@@ -439,6 +467,7 @@ async fn world_main(p: Params, sc: Scenario, opts: RunOpts) -> RunResult {
         ]),
         qhost: Mutex::new(None),
         clients: Mutex::new(Vec::new()),
+        tls_servers: Mutex::new(Vec::new()),
         meta: p.heal.metadata.then(|| {
             Arc::new(crate::metadisk::MetaDisk::new(
                 p.seed,
@@ -656,6 +685,7 @@ async fn world_main(p: Params, sc: Scenario, opts: RunOpts) -> RunResult {
         check_qmp_stream(&world);
     }
     world.harvest_clients();
+    world.harvest_tls();
     if !world.failed() {
         check_expectations(&world).await;
     }

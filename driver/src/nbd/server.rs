@@ -132,6 +132,8 @@ pub struct Server {
     next_session: std::sync::atomic::AtomicU64,
     /// K6: when set, every client must start TLS with these credentials.
     tls: RwLock<Option<Arc<crate::tls::TlsCreds>>>,
+    /// TLS handshakes that succeeded.
+    tls_sessions: std::sync::atomic::AtomicU64,
 }
 
 /// One connection in transmission, as the monitor sees it.
@@ -339,6 +341,11 @@ impl Server {
         Ok(())
     }
 
+    /// TLS handshakes this server completed (K6).
+    pub fn tls_sessions(&self) -> u64 {
+        self.tls_sessions.load(Ordering::SeqCst)
+    }
+
     /// The credentials clients must use, if any.
     pub fn tls_creds(&self) -> Option<Arc<crate::tls::TlsCreds>> {
         self.tls.read().unwrap_or_else(|p| p.into_inner()).clone()
@@ -400,6 +407,7 @@ impl Server {
                             ),
                         );
                     })?;
+                    self.tls_sessions.fetch_add(1, Ordering::SeqCst);
                     let (rd, mut wr) = tokio::io::split(t);
                     let mut rd = BufReader::with_capacity(READ_BUFFER_BYTES, rd);
                     st.tls_active = true;
