@@ -918,6 +918,13 @@ async fn dial_retrying(
 /// Returns when the loss was taken.
 fn go_down(sh: &Arc<Shared>, link: &mut Link) -> tokio::time::Instant {
     bump(&sh.counters.losses);
+    crate::log::peer_warning(
+        "nbd-client-lost",
+        &format!(
+            "nbd connection to {} (export '{}') lost; reconnecting",
+            sh.opts.server, sh.opts.export
+        ),
+    );
     let since = tokio::time::Instant::now();
     *link = Link::Down { since };
     tokio::spawn(reconnect(Arc::downgrade(sh)));
@@ -952,9 +959,21 @@ async fn reconnect(shared: std::sync::Weak<Shared>) {
         drop(sh);
         let attempt = dial(&opts).await;
         let Some(sh) = shared.upgrade() else { return };
+        if let Err(e) = &attempt {
+            tracing::debug!(target: "ballot::nbd::client", "reconnecting to {}: {e}", opts.server);
+        }
         if let Ok((conn, neg)) = attempt {
             let ro = |f: u16| f & tflag::READ_ONLY != 0;
             let same = neg.size == first.size && ro(neg.flags) == ro(first.flags);
+            if same {
+                tracing::info!(target: "ballot::nbd::client", "nbd connection to {} is back", opts.server);
+            } else {
+                tracing::warn!(
+                    target: "ballot::nbd::client",
+                    "nbd connection to {} is back, but the export changed (size or read-only): the node fails every request from now on",
+                    opts.server
+                );
+            }
             if same {
                 // H7: SeqCst, and before the link is up, so a request on the new connection
                 // always sees the new epoch.

@@ -379,6 +379,7 @@ impl Server {
         let first =
             tokio::time::timeout(HANDSHAKE_TIMEOUT, self.negotiate(&mut rd, &mut wr, &mut st))
                 .await;
+        tracing::debug!(target: "ballot::nbd::server", "NBD client {who}: connected");
         let session = match first {
             Ok(Ok(Negotiated::Session(s))) => s,
             Ok(Ok(Negotiated::StartTls)) => {
@@ -422,7 +423,14 @@ impl Server {
                 .await;
                 match secured {
                     Ok(Ok((s, rd, wr))) => {
+                        tracing::debug!(
+                            target: "ballot::nbd::server",
+                            "NBD client {who}: export '{}' over TLS, structured replies {}",
+                            s.export.name,
+                            s.structured
+                        );
                         self.transmission(s, rd, wr, peer).await;
+                        tracing::debug!(target: "ballot::nbd::server", "NBD client {who}: disconnected");
                     }
                     Ok(Err(())) => {}
                     Err(_) => crate::log::peer_warning(
@@ -447,7 +455,14 @@ impl Server {
                 return;
             }
         };
+        tracing::debug!(
+            target: "ballot::nbd::server",
+            "NBD client {who}: export '{}', structured replies {}",
+            session.export.name,
+            session.structured
+        );
         self.transmission(session, rd, wr, peer).await;
+        tracing::debug!(target: "ballot::nbd::server", "NBD client {who}: disconnected");
     }
 
     /// Fixed newstyle negotiation (N6–N18). `Ok(None)`: the client left or was closed.
