@@ -38,7 +38,7 @@ def main():
     what = {
         "quorum_vote": "quorum read vote, events, rewrites, out-of-sync, Q7-Q12 vs a reference model",
         "blockdev_options": "`--blockdev` parser and graph: error or a valid graph",
-        "nbd_server": "server fed raw client bytes; negotiated sessions vs an N20-N24 model",
+        "nbd_server": "server fed raw client bytes; negotiated sessions vs an N20-N24 model; a server requiring TLS sends nothing but TLS_REQD-class replies before STARTTLS (K6)",
         "nbd_client_replies": "client reply reader: raw bytes; encoded replies vs an N35/N40 model",
         "overlay_map": "overlay chain A/H/S allocation map, reads, status, commits vs a model",
         "scenario_file": "scenario parser: error or a runnable scenario",

@@ -1,6 +1,7 @@
 //! Fuzz target `nbd_server`: the NBD server (NBD.md §3–§5) fed a client byte stream.
 //!
-//! Two modes, chosen by the first byte:
+//! Three modes, chosen by the first byte (see [`fuzz`]; the third, TLS required, is
+//! [`tls_raw`]):
 //! - **raw**: the rest of the input is the whole client stream. The server must not panic,
 //!   must send the greeting first (N6), must allocate nothing unbounded (N29: the harness runs
 //!   under libFuzzer's RSS limit), and must end once the client's stream ends (N31).
@@ -97,6 +98,11 @@ fn option(out: &mut Vec<u8>, opt: u32, data: &[u8]) {
 async fn serve(export: Export, client: Vec<u8>) -> Vec<u8> {
     let server = Server::new();
     server.add_export(export).expect("export");
+    serve_on(server, client).await
+}
+
+/// [`serve`] on a server already set up.
+async fn serve_on(server: Arc<Server>, client: Vec<u8>) -> Vec<u8> {
     let (mut c, s) = tokio::io::duplex(1 << 16);
     let task = tokio::spawn(server.clone().serve(s));
     let (mut rd, mut wr) = tokio::io::split(&mut c);
@@ -460,14 +466,119 @@ fn parse_session(
     got
 }
 
+/// TLS-required mode (docs/tls.md K6–K8): the server requires TLS, and the rest of the input
+/// is the client's stream. Before the server acknowledges STARTTLS it sends nothing but the
+/// greeting and option replies, and each reply is ERR_TLS_REQD, ERR_INVALID (to a STARTTLS
+/// with data), ERR_SHUTDOWN, or the ACK of ABORT or STARTTLS: never an export's name, size or
+/// list. After the ACK of STARTTLS only TLS records follow, which this harness does not parse.
+pub fn tls_raw(client: &[u8]) {
+    tls_replies(client);
+}
+
+/// [`tls_raw`]'s checks; returns the (option, reply type) of each option reply before TLS.
+fn tls_replies(client: &[u8]) -> Vec<(u32, u32)> {
+    crate::rt::block_on(async {
+        let dev: Device = Arc::new(FaultyChild::new(vec![0; 4096]));
+        let server = Server::new();
+        server.add_export(export(dev, true)).expect("export");
+        let creds = ballot::tls::TlsCreds::from_pem(
+            "fuzz",
+            ballot::tls::Endpoint::Server,
+            true,
+            ballot::tls::PemSet {
+                ca: Some(include_bytes!("../../sim/data/tls/ca-cert.pem")),
+                cert: Some(include_bytes!("../../sim/data/tls/server-cert.pem")),
+                key: Some(include_bytes!("../../sim/data/tls/server-key.pem")),
+            },
+        )
+        .expect("the simulator's credentials");
+        server
+            .set_tls(Some(Arc::new(creds)))
+            .expect("server credentials");
+        let out = serve_on(server, client.to_vec()).await;
+        assert!(out.len() >= 18, "N6: no greeting");
+        assert_eq!(be64(&out[..8]), NBDMAGIC, "N6: NBDMAGIC");
+        assert_eq!(be64(&out[8..16]), IHAVEOPT, "N6: IHAVEOPT");
+        let mut at = 18;
+        let mut replies = Vec::new();
+        while at < out.len() {
+            assert!(
+                out.len() - at >= 20 && be64(&out[at..]) == OPTION_REPLY_MAGIC,
+                "K6: before TLS the server sent something other than an option reply: {:?}",
+                &out[at..out.len().min(at + 32)]
+            );
+            let option = be32(&out[at + 8..]);
+            let kind = be32(&out[at + 12..]);
+            let len = be32(&out[at + 16..]) as usize;
+            assert!(out.len() - at - 20 >= len, "a truncated option reply");
+            at += 20 + len;
+            replies.push((option, kind));
+            match (option, kind) {
+                // STARTTLS acknowledged: TLS records follow.
+                (5, 1) => return replies,
+                (2, 1) => {}
+                (5, 0x8000_0003) | (_, 0x8000_0005) | (_, 0x8000_0007) => {}
+                _ => panic!("K6: option {option} got reply type {kind:#x} before TLS"),
+            }
+        }
+        replies
+    })
+}
+
 /// The fuzz target.
 pub fn fuzz(data: &[u8]) {
     let Some((&mode, rest)) = data.split_first() else {
         return;
     };
-    if mode & 1 == 0 {
-        raw(rest);
-    } else if let Ok(s) = Session::arbitrary_take_rest(Unstructured::new(rest)) {
-        session(&s);
+    match mode & 3 {
+        0 | 2 => raw(rest),
+        1 => {
+            if let Ok(s) = Session::arbitrary_take_rest(Unstructured::new(rest)) {
+                session(&s);
+            }
+        }
+        _ => tls_raw(rest),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opt(o: u32, data: &[u8]) -> Vec<u8> {
+        let mut v = IHAVEOPT.to_be_bytes().to_vec();
+        v.extend_from_slice(&o.to_be_bytes());
+        v.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        v.extend_from_slice(data);
+        v
+    }
+
+    #[test]
+    fn k6_before_tls_every_option_but_starttls_and_abort_gets_tls_reqd() {
+        let mut c = 1u32.to_be_bytes().to_vec();
+        c.extend(opt(3, &[])); // LIST
+        c.extend(opt(7, &[0, 0, 0, 1, b'e', 0, 0])); // GO "e"
+        c.extend(opt(8, &[])); // STRUCTURED_REPLY
+        c.extend(opt(5, b"x")); // STARTTLS with data
+        c.extend(opt(5, &[])); // STARTTLS
+        c.extend_from_slice(b"GET / HTTP/1.1\r\n\r\n");
+        assert_eq!(
+            tls_replies(&c),
+            vec![
+                (3, 0x8000_0005),
+                (7, 0x8000_0005),
+                (8, 0x8000_0005),
+                (5, 0x8000_0003),
+                (5, 1)
+            ]
+        );
+        // EXPORT_NAME cannot be refused with an error: the connection closes, nothing sent.
+        let mut c = 1u32.to_be_bytes().to_vec();
+        c.extend(opt(1, b"e"));
+        assert_eq!(tls_replies(&c), vec![]);
+        // ABORT is acknowledged.
+        let mut c = 1u32.to_be_bytes().to_vec();
+        c.extend(opt(2, &[]));
+        assert_eq!(tls_replies(&c), vec![(2, 1)]);
     }
 }
