@@ -445,7 +445,7 @@ impl Graph {
                         None if refs.len() > 1 => {
                             // H19: said once, at open.
                             self.host.log(&format!(
-                                "ballot: note: quorum '{name}' has no metadata node: after a crash of this process, only a full x-quorum-verify restores redundancy (HEALING.md H19)"
+                                "ballot: note: quorum '{name}' has no metadata node: after a crash of this process, only a full x-quorum-verify restores redundancy (docs/healing.md H19)"
                             ));
                         }
                         None => {}

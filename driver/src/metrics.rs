@@ -309,7 +309,7 @@ impl Collector for Figures {
         gauges(
             &mut e,
             "ballot_quorum_out_of_sync",
-            "Bytes of a quorum child that are out of sync (HEALING.md H1)",
+            "Bytes of a quorum child that are out of sync (docs/healing.md H1)",
             Some(&Unit::Bytes),
             &oos,
         )?;

@@ -119,7 +119,7 @@ impl PortHooks {
             return Err(Error::new(
                 ErrorKind::Perm,
                 format!(
-                    "node '{}' was promoted by a failover and refuses writes from its exports (REPLICATION.md O1)",
+                    "node '{}' was promoted by a failover and refuses writes from its exports (docs/colo.md O1)",
                     self.node
                 ),
             ));

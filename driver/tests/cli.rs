@@ -33,7 +33,7 @@ fn weak_threshold_warns_on_stderr_and_the_graph_is_listed() {
     assert_eq!(
         err,
         "ballot: warning: quorum node 'q0': vote-threshold 1 with 2 children is not a strict majority; stale or tied reads are possible\n\
-         ballot: note: quorum 'q0' has no metadata node: after a crash of this process, only a full x-quorum-verify restores redundancy (HEALING.md H19)\n"
+         ballot: note: quorum 'q0' has no metadata node: after a crash of this process, only a full x-quorum-verify restores redundancy (docs/healing.md H19)\n"
     );
     assert_eq!(
         out,

@@ -150,7 +150,7 @@ fn sigkill_leaves_intent_extents_that_the_next_start_recovers_and_sigterm_leaves
     }
     let log = std::fs::read_to_string(dir.join("ballot-stderr.log")).expect("stderr log");
     assert!(
-        log.contains("ballot: quorum 'q0' was not shut down cleanly: 2 write-intent extents out of sync on every child, resync with recover=lowest (HEALING.md H22)"),
+        log.contains("ballot: quorum 'q0' was not shut down cleanly: 2 write-intent extents out of sync on every child, resync with recover=lowest (docs/healing.md H22)"),
         "{log}"
     );
     assert_eq!(s.terminate(), Some(0));

@@ -111,7 +111,7 @@ fn check_voters(w: &World, first: u64, end: u64, voters: &[usize], degraded: boo
         w.fail(
             "I20",
             format!(
-                "the vote on [{a}, {z}) chose children {voters:?} (degraded {degraded}); the out-of-sync record has {in_sync:?} in sync there, so the voters are {want:?} (HEALING.md H1)"
+                "the vote on [{a}, {z}) chose children {voters:?} (degraded {degraded}); the out-of-sync record has {in_sync:?} in sync there, so the voters are {want:?} (docs/healing.md H1)"
             ),
         );
     }
@@ -268,7 +268,7 @@ pub(crate) fn check_write_readable(w: &World, id: u64, offset: u64, len: u64) {
         w.fail(
             "I20",
             format!(
-                "write op {id} was acknowledged, but only {holders} of the {candidates} children the record can count on sector {s} hold it (threshold {t}, HEALING.md H4); sector {s}:{}",
+                "write op {id} was acknowledged, but only {holders} of the {candidates} children the record can count on sector {s} hold it (threshold {t}, docs/healing.md H4); sector {s}:{}",
                 w.disks.describe_sector(s)
             ),
         );

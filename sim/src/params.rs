@@ -523,7 +523,7 @@ impl Params {
         let resync_auto = p.choice("topology.resync", &["auto", "manual"], &[3, 1])? == "auto";
         let blkverify = p.boolean("topology.blkverify", 0.0)?;
         if blkverify && (children != 2 || threshold != 2 || fifo || rewrite) {
-            return Err("key 'topology.blkverify': needs children = 2, vote_threshold = 2, read_pattern = \"quorum\" and rewrite_corrupted = false (QUORUM.md Q9-Q11)".into());
+            return Err("key 'topology.blkverify': needs children = 2, vote_threshold = 2, read_pattern = \"quorum\" and rewrite_corrupted = false (docs/quorum.md Q9-Q11)".into());
         }
         let discard_unmap = p.boolean("topology.discard_unmap", 0.5)?;
         let discard_zeroes = p.boolean("topology.discard_zeroes", 0.7)?;

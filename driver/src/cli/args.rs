@@ -43,7 +43,7 @@ pub enum Cmd {
         #[command(subcommand)]
         cmd: Option<LibvirtCmd>,
     },
-    /// Create or show a quorum's metadata node (HEALING.md H19).
+    /// Create or show a quorum's metadata node (docs/healing.md H19).
     Metadata {
         #[command(subcommand)]
         cmd: Option<MetadataCmd>,

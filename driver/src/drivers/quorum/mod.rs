@@ -627,7 +627,7 @@ impl Quorum {
         }
         if let durable::OpenState::Recovered { extents } = state {
             inner.host.log(&format!(
-                "ballot: quorum '{}' was not shut down cleanly: {extents} write-intent extents out of sync on every child, resync with recover=lowest (HEALING.md H22)",
+                "ballot: quorum '{}' was not shut down cleanly: {extents} write-intent extents out of sync on every child, resync with recover=lowest (docs/healing.md H22)",
                 inner.opts.node_name
             ));
             *inner.recovering.lock().unwrap_or_else(|p| p.into_inner()) = d.recovered();
