@@ -175,24 +175,8 @@ enum Outcome {
     Lost(String),
 }
 
-/// What the writer task of a connection sends.
-enum Out {
-    /// One request: its header, a WRITE's payload, and who to tell once it is written (the
-    /// request's timeout counts from then, as when the caller wrote it itself). Sent whole
-    /// and in the order queued.
-    Frame(Bytes, Option<Bytes>, Option<oneshot::Sender<()>>),
-    /// Close the sending side once everything queued before is sent (N45; N42's timeout).
-    Shutdown,
-}
-
-/// Requests gathered into one vectored write, at most.
-const WRITE_BATCH: usize = 64;
-
 struct Conn {
-    /// To the connection's writer task: requests leave in the order they are queued, several
-    /// per vectored write when they are queued together (one system call and one wake-up of
-    /// the server for a batch, and a request's header and payload never apart).
-    out: tokio::sync::mpsc::UnboundedSender<Out>,
+    writer: tokio::sync::Mutex<Box<dyn AsyncWrite + Unpin + Send>>,
     pending: Mutex<BTreeMap<u64, Pending>>,
     alive: AtomicBool,
     /// Signalled once when the connection is lost, so reconnection starts at once (N42).
@@ -200,32 +184,14 @@ struct Conn {
 }
 
 impl Conn {
-    /// A live connection that sends through `writer` (from a task of its own), with nothing
-    /// in flight.
+    /// A live connection that sends through `writer`, with nothing in flight.
     fn new(writer: Box<dyn AsyncWrite + Unpin + Send>) -> Arc<Conn> {
-        let (out, rx) = tokio::sync::mpsc::unbounded_channel();
-        let conn = Arc::new(Conn {
-            out,
+        Arc::new(Conn {
+            writer: tokio::sync::Mutex::new(writer),
             pending: Mutex::new(BTreeMap::new()),
             alive: AtomicBool::new(true),
             lost: tokio::sync::Notify::new(),
-        });
-        tokio::spawn(write_task(Arc::downgrade(&conn), rx, writer));
-        conn
-    }
-
-    /// Queues one request; `None` if the writer has ended (the connection is lost), else
-    /// what says when it has been written (dropped unsent if the connection fails first).
-    fn send(&self, hdr: &[u8], payload: Option<&Bytes>) -> Option<oneshot::Receiver<()>> {
-        let (tx, rx) = oneshot::channel();
-        self.out
-            .send(Out::Frame(
-                Bytes::copy_from_slice(hdr),
-                payload.cloned(),
-                Some(tx),
-            ))
-            .ok()
-            .map(|()| rx)
+        })
     }
 
     /// Puts request `cookie` in flight (N40); its outcome arrives on the returned receiver.
@@ -892,64 +858,9 @@ async fn send_disc(conn: &Conn, cookie: u64) {
         offset: 0,
         length: 0,
     });
-    let _ = conn
-        .out
-        .send(Out::Frame(Bytes::copy_from_slice(&disc), None, None));
-    let _ = conn.out.send(Out::Shutdown);
-}
-
-/// The writer task of a connection: sends what is queued, batching what is queued together,
-/// until a shutdown, a write error (which loses the connection) or the connection's end.
-async fn write_task(
-    conn: std::sync::Weak<Conn>,
-    mut rx: tokio::sync::mpsc::UnboundedReceiver<Out>,
-    mut w: Box<dyn AsyncWrite + Unpin + Send>,
-) {
-    let mut parts = std::collections::VecDeque::new();
-    let mut written = Vec::new();
-    let mut shutdown = false;
-    while let Some(first) = rx.recv().await {
-        let mut next = Some(first);
-        let mut frames = 0;
-        while let Some(o) = next.take() {
-            match o {
-                Out::Frame(h, p, done) => {
-                    parts.push_back(h);
-                    if let Some(p) = p {
-                        parts.push_back(p);
-                    }
-                    written.extend(done);
-                    frames += 1;
-                }
-                Out::Shutdown => {
-                    shutdown = true;
-                    break;
-                }
-            }
-            if frames < WRITE_BATCH {
-                next = rx.try_recv().ok();
-            }
-        }
-        let sent = async {
-            crate::nbd::proto::write_all_parts(&mut w, &mut parts).await?;
-            w.flush().await
-        }
-        .await;
-        if let Err(e) = sent {
-            if let Some(c) = conn.upgrade() {
-                c.fail_all(&e.to_string());
-            }
-            return;
-        }
-        for w in written.drain(..) {
-            let _ = w.send(());
-        }
-        if shutdown {
-            let _ = w.shutdown().await;
-            return;
-        }
-    }
-    // Every sender is gone: the connection was dropped.
+    let mut w = conn.writer.lock().await;
+    let _ = w.write_all(&disc).await;
+    let _ = w.flush().await;
     let _ = w.shutdown().await;
 }
 
@@ -1200,13 +1111,20 @@ impl NbdClient {
             offset,
             length,
         });
-        match conn.send(&hdr, payload) {
-            // Written: the reply's timeout starts now. Not written: the connection failed
-            // (its requests, this one included, are answered Lost by fail_all).
-            Some(sent) => {
-                let _ = sent.await;
+        {
+            let mut w = conn.writer.lock().await;
+            let sent = async {
+                w.write_all(&hdr).await?;
+                if let Some(p) = payload {
+                    w.write_all(p).await?;
+                }
+                w.flush().await
             }
-            None => conn.fail_all("the connection's writer has ended"),
+            .await;
+            if let Err(e) = sent {
+                drop(w);
+                conn.fail_all(&e.to_string());
+            }
         }
         let lost = || Outcome::Lost("reader ended".into());
         if self.shared.opts.request_timeout.is_zero() {
@@ -1217,7 +1135,7 @@ impl NbdClient {
             Err(_) => {
                 // N42: request-timeout declares the connection lost.
                 conn.fail_all("request timeout");
-                let _ = conn.out.send(Out::Shutdown);
+                let _ = conn.writer.lock().await.shutdown().await;
                 Outcome::Lost("request timeout".into())
             }
         }

@@ -888,44 +888,6 @@ pub fn error_kind(value: u32) -> ErrorKind {
     }
 }
 
-/// Parts handed to one vectored write, at most.
-const WRITE_BATCH_IOVECS: usize = 128;
-
-/// Writes every part in order, as many per vectored write as the stream takes (N30: a
-/// message's parts stay contiguous and in order). Used by the server for replies and by the
-/// client for requests.
-pub async fn write_all_parts<W: tokio::io::AsyncWrite + Unpin + ?Sized>(
-    wr: &mut W,
-    parts: &mut std::collections::VecDeque<bytes::Bytes>,
-) -> std::io::Result<()> {
-    use bytes::Buf;
-    use tokio::io::AsyncWriteExt;
-    while !parts.is_empty() {
-        let slices: Vec<std::io::IoSlice<'_>> = parts
-            .iter()
-            .take(WRITE_BATCH_IOVECS)
-            .map(|b| std::io::IoSlice::new(b))
-            .collect();
-        let mut n = wr.write_vectored(&slices).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        while n > 0 {
-            let Some(front) = parts.front_mut() else {
-                break;
-            };
-            if n >= front.len() {
-                n -= front.len();
-                parts.pop_front();
-            } else {
-                front.advance(n);
-                n = 0;
-            }
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, Semaphore};
 
@@ -28,6 +28,38 @@ const BUFFER_UNIT_BYTES: u32 = 4096;
 const READ_BUFFER_BYTES: usize = 64 * 1024;
 /// Replies gathered into one vectored write, at most.
 const WRITE_BATCH_PARTS: usize = 64;
+
+/// Writes whole replies, several per vectored write when they are queued together (N30: each
+/// reply's parts stay contiguous and in order).
+async fn write_parts<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    parts: &mut std::collections::VecDeque<Bytes>,
+) -> std::io::Result<()> {
+    while !parts.is_empty() {
+        let slices: Vec<std::io::IoSlice<'_>> = parts
+            .iter()
+            .take(WRITE_BATCH_PARTS * 2)
+            .map(|b| std::io::IoSlice::new(b))
+            .collect();
+        let mut n = wr.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 {
+            let Some(front) = parts.front_mut() else {
+                break;
+            };
+            if n >= front.len() {
+                n -= front.len();
+                parts.pop_front();
+            } else {
+                front.advance(n);
+                n = 0;
+            }
+        }
+    }
+    Ok(())
+}
 
 /// Budget units a payload of `len` bytes takes (at least one, so every request counts).
 fn buffer_units(len: u32) -> u32 {
@@ -718,7 +750,7 @@ impl Server {
                         Err(_) => break,
                     }
                 }
-                if proto::write_all_parts(&mut wr, &mut parts).await.is_err() {
+                if write_parts(&mut wr, &mut parts).await.is_err() {
                     return;
                 }
                 if rx.is_empty() && wr.flush().await.is_err() {
