@@ -57,7 +57,11 @@ fn obj(v: &Value, what: &str) -> Result<serde_json::Map<String, Value>, String> 
         .ok_or_else(|| format!("{what}: expected key=value pairs"))
 }
 
-fn text(m: &serde_json::Map<String, Value>, key: &str) -> Result<Option<String>, String> {
+/// A string parameter (numbers and booleans taken as their text), or `None` if absent.
+pub(crate) fn text(
+    m: &serde_json::Map<String, Value>,
+    key: &str,
+) -> Result<Option<String>, String> {
     match m.get(key) {
         None => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.clone())),

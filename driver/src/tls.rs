@@ -18,6 +18,8 @@ use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 use serde_json::Value;
 
+use crate::serve::text;
+
 /// Which side of a connection a credentials object serves (K1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
@@ -341,13 +343,14 @@ impl TlsCreds {
                             WebPkiServerVerifier::builder_with_provider(roots.clone(), provider())
                                 .build()
                                 .map_err(|e| format!("tls-creds-x509 '{id}': {e}"))?;
-                        let unnamed = Arc::new(ChainOnly {
-                            roots,
+                        let unnamed = Arc::new(Unnamed {
+                            roots: Some(roots),
                             algs: provider().signature_verification_algorithms,
                         });
                         (named, unnamed)
                     } else {
-                        let any = Arc::new(AnyServer {
+                        let any = Arc::new(Unnamed {
+                            roots: None,
                             algs: provider().signature_verification_algorithms,
                         });
                         (any.clone(), any)
@@ -417,15 +420,17 @@ impl TlsCreds {
     }
 }
 
-/// K5: a server certificate checked against the CA, without a name (unix sockets with no
-/// `tls-hostname`, as QEMU does).
+/// A server certificate checked without a name (K5: a unix socket without `tls-hostname`,
+/// as QEMU's libnbd peers do) against the CA in `roots`, or not checked at all when `roots` is
+/// `None` (K4: `verify-peer=off`; the traffic is still encrypted and the handshake's
+/// signatures are still checked).
 #[derive(Debug)]
-struct ChainOnly {
-    roots: Arc<RootCertStore>,
+struct Unnamed {
+    roots: Option<Arc<RootCertStore>>,
     algs: WebPkiSupportedAlgorithms,
 }
 
-impl ServerCertVerifier for ChainOnly {
+impl ServerCertVerifier for Unnamed {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -434,56 +439,16 @@ impl ServerCertVerifier for ChainOnly {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let cert = ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &cert,
-            &self.roots,
-            intermediates,
-            now,
-            self.algs.all,
-        )?;
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algs.supported_schemes()
-    }
-}
-
-/// K4: `verify-peer=off` on a client: any server certificate is accepted (the traffic is
-/// still encrypted, and the handshake's signatures are still checked).
-#[derive(Debug)]
-struct AnyServer {
-    algs: WebPkiSupportedAlgorithms,
-}
-
-impl ServerCertVerifier for AnyServer {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
+        if let Some(roots) = &self.roots {
+            let cert = ParsedCertificate::try_from(end_entity)?;
+            rustls::client::verify_server_cert_signed_by_trust_anchor(
+                &cert,
+                roots,
+                intermediates,
+                now,
+                self.algs.all,
+            )?;
+        }
         Ok(ServerCertVerified::assertion())
     }
 
@@ -521,18 +486,6 @@ pub enum Object {
 #[derive(Debug, Clone, Default)]
 pub struct Objects {
     map: Arc<Mutex<BTreeMap<String, Object>>>,
-}
-
-fn text(m: &serde_json::Map<String, Value>, key: &str) -> Result<Option<String>, String> {
-    match m.get(key) {
-        None => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(Value::Bool(b)) => Ok(Some(b.to_string())),
-        Some(Value::Number(n)) => Ok(Some(n.to_string())),
-        Some(_) => Err(format!(
-            "Invalid parameter type for '{key}', expected: string"
-        )),
-    }
 }
 
 fn flag(m: &serde_json::Map<String, Value>, key: &str, default: bool) -> Result<bool, String> {
