@@ -103,6 +103,8 @@ pub struct JobInfo {
     pub error_message: Option<String>,
     /// Result counters.
     pub result: Vec<(&'static str, u64)>,
+    /// `auto-dismiss`, as the job was started with.
+    pub auto_dismiss: bool,
 }
 
 impl JobInfo {
@@ -142,7 +144,7 @@ impl JobInfo {
             "ready": false,
             "status": self.status.as_str(),
             "auto-finalize": true,
-            "auto-dismiss": true,
+            "auto-dismiss": self.auto_dismiss,
         })
     }
 }
@@ -349,6 +351,7 @@ impl JobControl {
             error: st.error,
             error_message: st.error_message.clone(),
             result: st.result.clone(),
+            auto_dismiss: self.auto_dismiss,
         }
     }
 
@@ -597,6 +600,8 @@ mod tests {
         let info = &jobs.list()[0];
         assert_eq!(info.status, JobStatus::Concluded);
         assert_eq!(info.error, Some(ErrorKind::Io));
+        // query-block-jobs reports the auto-dismiss the job was started with.
+        assert_eq!(info.to_query_block_jobs()["auto-dismiss"], json!(false));
         jobs.dismiss("v").expect("dismiss");
         assert!(jobs.list().is_empty());
     }

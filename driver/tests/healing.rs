@@ -397,6 +397,7 @@ async fn h16_h17_qmp_commands_and_their_errors() {
     assert_eq!(jobs["return"][0]["type"], "x-verify");
     let block = run("query-block-jobs", json!({})).await;
     assert_eq!(block["return"][0]["device"], "q0-verify");
+    assert_eq!(block["return"][0]["auto-dismiss"], false);
     assert_eq!(block["return"][0]["len"], 1 << 20);
     assert_eq!(block["return"][0]["speed"], 1);
     assert_eq!(
