@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 
-from benchlib import fio_job, stop, version
+from benchlib import fio_job, free_port, stop, version
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BALLOT = os.environ.get("BALLOT_BIN", os.path.join(ROOT, "target", "release", "ballot"))
@@ -63,14 +63,6 @@ def make_pki(d):
         shutil.copy(f"{ca}/ca-cert.pem", f"{w}/ca-cert.pem")
         dirs[who] = w
     return dirs
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def start(server, img, pki, tls, port):

@@ -75,7 +75,7 @@ import sys
 import tempfile
 import time
 
-from benchlib import fio_job, stop, version
+from benchlib import fio_job, free_port, stop, version
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BALLOT = os.path.join(ROOT, "target", "release", "ballot")
@@ -190,14 +190,6 @@ class Setup:
                 return f.read()[-2000:]
         except OSError:
             return ""
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def wait_ready(setup, p, listen, what):

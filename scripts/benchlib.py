@@ -102,3 +102,12 @@ class Qmp:
             if time.time() > deadline:
                 raise SystemExit(f"no {name} within {timeout} s")
             self.events.append(self._read())
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that was free a moment ago (bound, then released for a server)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port

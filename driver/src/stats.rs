@@ -273,6 +273,19 @@ impl Counted {
         (dev, stats)
     }
 
+    /// Counts a write or write-zeroes of `len` bytes at `offset` that started at `t` (both are
+    /// QEMU's writes) and moves `wr_highest_offset` on success.
+    fn wrote(&self, t: Instant, offset: u64, len: u64, r: Result<()>) -> Result<()> {
+        let o = self.outcome(&r, Some((offset, len, Access::Write)));
+        if r.is_ok() {
+            self.stats
+                .wr_highest
+                .fetch_max(offset + len, Ordering::Relaxed);
+        }
+        self.stats.done(Op::Write, t, len, o);
+        r
+    }
+
     /// Failed or invalid: a request that fails the range check the device applies.
     fn outcome<T>(&self, r: &Result<T>, range: Option<(u64, u64, Access)>) -> Outcome {
         match r {
@@ -318,14 +331,7 @@ impl BlockDevice for Counted {
         let t = Instant::now();
         let len = data.len() as u64;
         let r = self.inner.write(offset, data, flags).await;
-        let o = self.outcome(&r, Some((offset, len, Access::Write)));
-        if r.is_ok() {
-            self.stats
-                .wr_highest
-                .fetch_max(offset + len, Ordering::Relaxed);
-        }
-        self.stats.done(Op::Write, t, len, o);
-        r
+        self.wrote(t, offset, len, r)
     }
     async fn flush(&self) -> Result<()> {
         let t = Instant::now();
@@ -337,14 +343,7 @@ impl BlockDevice for Counted {
     async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
         let t = Instant::now();
         let r = self.inner.write_zeroes(offset, len, flags).await;
-        let o = self.outcome(&r, Some((offset, len, Access::Write)));
-        if r.is_ok() {
-            self.stats
-                .wr_highest
-                .fetch_max(offset + len, Ordering::Relaxed);
-        }
-        self.stats.done(Op::Write, t, len, o);
-        r
+        self.wrote(t, offset, len, r)
     }
     fn can_fast_zero(&self) -> bool {
         self.inner.can_fast_zero()

@@ -455,6 +455,14 @@ fn wait_port(port: u16) {
     }
 }
 
+/// The options of an nbd node on unix socket `socket` using the credentials `tc`, plus `extra`.
+fn tls_node(socket: &Path, extra: &str) -> String {
+    format!(
+        "server.type=unix,server.path={},tls-creds=tc{extra}",
+        socket.display()
+    )
+}
+
 /// `ballot check` of an nbd node with `extra` options and client credentials `creds`.
 fn check_nbd(creds: Option<&Path>, node: &str) -> (i32, String, String) {
     let mut a = vec!["check".to_string()];
@@ -570,12 +578,7 @@ fn k5_ballot_client_reaches_qemu_nbd_and_nbdkit_over_tls_and_checks_who_they_are
             "4M",
         ],
     );
-    let unix = |extra: &str| {
-        format!(
-            "server.type=unix,server.path={},tls-creds=tc{extra}",
-            nbdkit.socket.display()
-        )
-    };
+    let unix = |extra: &str| tls_node(&nbdkit.socket, extra);
     let (rc, out, err) = check_nbd(Some(&p.client), &unix(""));
     assert_eq!(
         (rc, out.as_str()),
@@ -613,13 +616,7 @@ fn k5_ballot_client_reaches_qemu_nbd_and_nbdkit_over_tls_and_checks_who_they_are
             "4M",
         ],
     );
-    let (rc, _, err) = check_nbd(
-        Some(&p.client),
-        &format!(
-            "server.type=unix,server.path={},tls-creds=tc",
-            old.socket.display()
-        ),
-    );
+    let (rc, _, err) = check_nbd(Some(&p.client), &tls_node(&old.socket, ""));
     assert_eq!(rc, 1);
     assert!(
         err.contains("invalid peer certificate: certificate expired"),
@@ -629,13 +626,7 @@ fn k5_ballot_client_reaches_qemu_nbd_and_nbdkit_over_tls_and_checks_who_they_are
 
     // K5: tls-creds against a server without TLS: STARTTLS refused, nothing read in clear.
     let plain = peers::nbdkit(&dir, "plain", &["memory", "4M"]);
-    let (rc, _, err) = check_nbd(
-        Some(&p.client),
-        &format!(
-            "server.type=unix,server.path={},tls-creds=tc",
-            plain.socket.display()
-        ),
-    );
+    let (rc, _, err) = check_nbd(Some(&p.client), &tls_node(&plain.socket, ""));
     assert_eq!(rc, 1);
     assert_eq!(
         err,
