@@ -32,6 +32,8 @@ const UNPAYLOADED_BYTES_MAX: u64 = u32::MAX as u64 / 2 / 65536 * 65536;
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 /// See [`BACKOFF_FIRST`].
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// The read buffer of a connection's reply reader.
+const READ_BUFFER_BYTES: usize = 64 * 1024;
 /// Largest option reply accepted: a LIST entry is at most a 4 KiB name and its description.
 const OPTION_REPLY_BYTES_MAX: u32 = 64 * 1024;
 /// Longest one connection attempt (connect and handshake) may take when `request-timeout` is
@@ -167,6 +169,22 @@ struct Pending {
     done: Option<oneshot::Sender<Outcome>>,
 }
 
+impl Pending {
+    /// N40: read chunk `[off, off + len)` lies inside the request and overlaps no earlier one.
+    fn cover(&mut self, off: u64, len: u64) -> std::result::Result<(), &'static str> {
+        let (start, end) = (self.offset, self.offset + u64::from(self.length));
+        let cend = off.checked_add(len).ok_or("chunk overflows")?;
+        if off < start || cend > end {
+            return Err("read chunk outside the request");
+        }
+        if self.covered.iter().any(|&(a, b)| off < b && a < cend) {
+            return Err("overlapping read chunks");
+        }
+        self.covered.push((off, cend));
+        Ok(())
+    }
+}
+
 /// How a request sent on one connection ended.
 enum Outcome {
     /// The server answered (success or an error reply).
@@ -212,7 +230,7 @@ impl Conn {
                     kind,
                     offset,
                     length,
-                    buf: (kind == cmd::READ).then(|| BytesMut::zeroed(length as usize)),
+                    buf: None,
                     covered: Vec::new(),
                     status: Vec::new(),
                     error: None,
@@ -684,9 +702,9 @@ async fn read_one<R: AsyncRead + Unpin>(conn: &Conn, rd: &mut R, structured: boo
                 }
                 Err(Error::new(proto::error_kind(error), "server error reply"))
             } else if p.kind == cmd::READ {
-                let mut b = BytesMut::zeroed(p.length as usize);
-                rd.read_exact(&mut b).await.map_err(io_err)?;
-                Ok(Answer::Data(b.freeze()))
+                Ok(Answer::Data(
+                    read_fresh(rd, p.length as usize).await?.freeze(),
+                ))
             } else {
                 Ok(Answer::Done)
             };
@@ -702,6 +720,9 @@ async fn read_one<R: AsyncRead + Unpin>(conn: &Conn, rd: &mut R, structured: boo
         } => {
             if length > proto::PAYLOAD_BYTES_MAX + 64 {
                 return Err(bad(format!("chunk of {length} bytes")));
+            }
+            if kind == proto::chunk::OFFSET_DATA && length >= 8 {
+                return read_data_chunk(conn, rd, cookie, flags, length - 8).await;
             }
             let mut payload = vec![0u8; length as usize];
             rd.read_exact(&mut payload).await.map_err(io_err)?;
@@ -729,23 +750,7 @@ async fn read_one<R: AsyncRead + Unpin>(conn: &Conn, rd: &mut R, structured: boo
                     } else {
                         return Err(bad("OFFSET_HOLE of the wrong size".into()));
                     };
-                    let (start, end) = (p.offset, p.offset + u64::from(p.length));
-                    let cend = off
-                        .checked_add(len)
-                        .ok_or_else(|| bad("chunk overflows".into()))?;
-                    if off < start || cend > end {
-                        return Err(bad("read chunk outside the request".into()));
-                    }
-                    if p.covered.iter().any(|&(a, b)| off < b && a < cend) {
-                        return Err(bad("overlapping read chunks".into()));
-                    }
-                    p.covered.push((off, cend));
-                    if kind == proto::chunk::OFFSET_DATA {
-                        let at = (off - start) as usize;
-                        if let Some(buf) = p.buf.as_mut() {
-                            buf[at..at + len as usize].copy_from_slice(&payload[8..]);
-                        }
-                    }
+                    p.cover(off, len).map_err(|m| bad(m.into()))?;
                 }
                 proto::chunk::BLOCK_STATUS => {
                     if payload.len() < 4 || (payload.len() - 4) % 8 != 0 {
@@ -772,29 +777,115 @@ async fn read_one<R: AsyncRead + Unpin>(conn: &Conn, rd: &mut R, structured: boo
                 k => return Err(bad(format!("unknown chunk type {k}"))),
             }
             if flags & proto::chunk::FLAG_DONE != 0 {
-                let mut p = table
-                    .remove(&cookie)
-                    .ok_or_else(|| bad("vanished cookie".into()))?;
                 drop(table);
-                let answer = match p.error {
-                    Some(k) => Err(Error::new(k, "server error chunk")),
-                    None if p.kind == cmd::READ => {
-                        let total: u64 = p.covered.iter().map(|(a, b)| b - a).sum();
-                        if total != u64::from(p.length) {
-                            return Err(bad("successful read does not cover the request".into()));
-                        }
-                        Ok(Answer::Data(p.buf.take().unwrap_or_default().freeze()))
-                    }
-                    None if p.kind == cmd::BLOCK_STATUS => {
-                        Ok(Answer::Status(std::mem::take(&mut p.status)))
-                    }
-                    None => Ok(Answer::Done),
-                };
-                if let Some(tx) = p.done.take() {
-                    let _ = tx.send(Outcome::Answer(answer));
-                }
+                finish_chunks(conn, cookie)?;
             }
         }
+    }
+    Ok(())
+}
+
+/// `len` bytes from the stream into a new buffer, without zero-filling it first.
+async fn read_fresh<R: AsyncRead + Unpin>(rd: &mut R, len: usize) -> Result<BytesMut> {
+    let mut b = BytesMut::with_capacity(len);
+    let mut src = (&mut *rd).take(len as u64);
+    while b.len() < len {
+        if src.read_buf(&mut b).await.map_err(io_err)? == 0 {
+            return Err(io_err(std::io::ErrorKind::UnexpectedEof.into()));
+        }
+    }
+    Ok(b)
+}
+
+/// An OFFSET_DATA chunk of `len` data bytes (after its 8-byte offset) for read `cookie`: the
+/// data goes straight from the stream into the request's buffer (N40). A chunk that covers the
+/// whole request, the usual answer, fills a fresh buffer; otherwise the buffer starts zeroed
+/// (holes read as zeroes).
+async fn read_data_chunk<R: AsyncRead + Unpin>(
+    conn: &Conn,
+    rd: &mut R,
+    cookie: u64,
+    flags: u16,
+    len: u32,
+) -> Result<()> {
+    let bad = |m: &str| Error::new(ErrorKind::Io, format!("NBD protocol error: {m}"));
+    let mut o = [0u8; 8];
+    rd.read_exact(&mut o).await.map_err(io_err)?;
+    let off = u64::from_be_bytes(o);
+    let (whole, buf, at) = {
+        let mut table = conn.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let p = table
+            .get_mut(&cookie)
+            .ok_or_else(|| bad(&format!("chunk for unknown cookie {cookie}")))?;
+        if p.kind != cmd::READ {
+            return Err(bad("data chunk for a non-read or too short"));
+        }
+        p.cover(off, u64::from(len)).map_err(bad)?;
+        let start = p.offset;
+        let whole = p.buf.is_none() && off == start && u64::from(len) == u64::from(p.length);
+        let buf = if whole {
+            None
+        } else {
+            Some(
+                p.buf
+                    .take()
+                    .unwrap_or_else(|| BytesMut::zeroed(p.length as usize)),
+            )
+        };
+        (whole, buf, (off - start) as usize)
+    };
+    let filled = if whole {
+        read_fresh(rd, len as usize).await?
+    } else {
+        let mut b = buf.unwrap_or_default();
+        rd.read_exact(&mut b[at..at + len as usize])
+            .await
+            .map_err(io_err)?;
+        b
+    };
+    {
+        let mut table = conn.pending.lock().unwrap_or_else(|p| p.into_inner());
+        match table.get_mut(&cookie) {
+            Some(p) => p.buf = Some(filled),
+            // Failed meanwhile (a request timeout): the connection is going down.
+            None => return Ok(()),
+        }
+    }
+    if flags & proto::chunk::FLAG_DONE != 0 {
+        finish_chunks(conn, cookie)?;
+    }
+    Ok(())
+}
+
+/// The last chunk of request `cookie` arrived: its answer goes to the caller.
+fn finish_chunks(conn: &Conn, cookie: u64) -> Result<()> {
+    let bad = |m: &str| Error::new(ErrorKind::Io, format!("NBD protocol error: {m}"));
+    let Some(mut p) = conn
+        .pending
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&cookie)
+    else {
+        return Err(bad("vanished cookie"));
+    };
+    let answer = match p.error {
+        Some(k) => Err(Error::new(k, "server error chunk")),
+        None if p.kind == cmd::READ => {
+            let total: u64 = p.covered.iter().map(|(a, b)| b - a).sum();
+            if total != u64::from(p.length) {
+                return Err(bad("successful read does not cover the request"));
+            }
+            let b = p
+                .buf
+                .take()
+                .unwrap_or_else(|| BytesMut::zeroed(p.length as usize));
+            Ok(Answer::Data(b.freeze()))
+        }
+        None if p.kind == cmd::BLOCK_STATUS => Ok(Answer::Status(std::mem::take(&mut p.status))),
+        None => Ok(Answer::Done),
+    };
+    if let Some(tx) = p.done.take() {
+        let _ = tx.send(Outcome::Answer(answer));
     }
     Ok(())
 }
@@ -888,6 +979,9 @@ async fn dial(opts: &ClientOptions) -> Result<(Arc<Conn>, Negotiated)> {
     })??;
     let (rd, wr) = tokio::io::split(s);
     let conn = Conn::new(Box::new(wr));
+    // Reply headers are small: a buffer reads several per system call; payloads larger than
+    // the buffer bypass it.
+    let rd = tokio::io::BufReader::with_capacity(READ_BUFFER_BYTES, rd);
     tokio::spawn(reader(conn.clone(), rd, neg.structured));
     Ok((conn, neg))
 }
@@ -1114,10 +1208,13 @@ impl NbdClient {
         {
             let mut w = conn.writer.lock().await;
             let sent = async {
-                w.write_all(&hdr).await?;
-                if let Some(p) = payload {
-                    w.write_all(p).await?;
-                }
+                // Header and payload in one vectored write: one system call, and the server
+                // never sees a header without its payload.
+                let mut parts = [
+                    std::io::IoSlice::new(&hdr),
+                    std::io::IoSlice::new(payload.map_or(&[][..], |p| &p[..])),
+                ];
+                proto::write_all_vectored(&mut *w, &mut parts).await?;
                 w.flush().await
             }
             .await;

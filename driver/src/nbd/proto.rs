@@ -888,6 +888,23 @@ pub fn error_kind(value: u32) -> ErrorKind {
     }
 }
 
+/// Writes every slice in order, as many per vectored write as the stream takes.
+pub async fn write_all_vectored<W: tokio::io::AsyncWrite + Unpin + ?Sized>(
+    wr: &mut W,
+    mut parts: &mut [std::io::IoSlice<'_>],
+) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    std::io::IoSlice::advance_slices(&mut parts, 0);
+    while !parts.is_empty() {
+        let n = wr.write_vectored(parts).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        std::io::IoSlice::advance_slices(&mut parts, n);
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
