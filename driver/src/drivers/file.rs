@@ -53,7 +53,10 @@ struct Inner {
     growing: std::sync::Mutex<()>,
     /// Inline small writes are off until this instant (set after a slow one).
     #[cfg(not(madsim))]
-    inline_writes_off_until: std::sync::Mutex<Option<std::time::Instant>>,
+    inline_writes_off_until: InlineBackoff,
+    /// An inline write is in progress on some async worker.
+    #[cfg(not(madsim))]
+    inline_busy: AtomicBool,
 }
 
 /// An open image file.
@@ -147,6 +150,44 @@ const INLINE_WRITE_STALL: std::time::Duration = std::time::Duration::from_micros
 #[cfg(not(madsim))]
 const INLINE_WRITE_BACKOFF: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// When inline writes are off until: nanoseconds after `base`, 0 for "on". An atomic, not a
+/// mutex: every small write asks, from both async workers at once.
+#[cfg(not(madsim))]
+#[derive(Debug)]
+struct InlineBackoff {
+    base: std::time::Instant,
+    until: AtomicU64,
+}
+
+#[cfg(not(madsim))]
+impl InlineBackoff {
+    fn new() -> InlineBackoff {
+        InlineBackoff {
+            base: std::time::Instant::now(),
+            until: AtomicU64::new(0),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.base.elapsed().as_nanos())
+            .unwrap_or(u64::MAX)
+            .max(1)
+    }
+
+    /// Whether inline writes are on now.
+    fn on(&self) -> bool {
+        let until = self.until.load(Ordering::Relaxed);
+        until == 0 || self.now() >= until
+    }
+
+    /// Inline writes go off for [`INLINE_WRITE_BACKOFF`] from now.
+    fn back_off(&self) {
+        let d = u64::try_from(INLINE_WRITE_BACKOFF.as_nanos()).unwrap_or(u64::MAX);
+        self.until
+            .store(self.now().saturating_add(d), Ordering::Relaxed);
+    }
+}
+
 /// Largest request alignment that `cache.direct=on` may need.
 const DIRECT_ALIGN_BYTES_MAX: usize = 4096;
 
@@ -221,7 +262,9 @@ impl FileDevice {
                 nowait_writes: AtomicBool::new(true),
                 growing: std::sync::Mutex::new(()),
                 #[cfg(not(madsim))]
-                inline_writes_off_until: std::sync::Mutex::new(None),
+                inline_writes_off_until: InlineBackoff::new(),
+                #[cfg(not(madsim))]
+                inline_busy: AtomicBool::new(false),
             }),
             length: AtomicU64::new(length),
             align,
@@ -334,17 +377,7 @@ impl FileDevice {
     /// Whether small writes may be done inline now (not within the back-off after a slow one).
     #[cfg(not(madsim))]
     fn inline_writes_on(&self) -> bool {
-        match self.inner.inline_writes_off_until.lock() {
-            Ok(mut off) => match *off {
-                Some(until) if std::time::Instant::now() < until => false,
-                Some(_) => {
-                    *off = None;
-                    true
-                }
-                None => true,
-            },
-            Err(_) => false,
-        }
+        self.inner.inline_writes_off_until.on()
     }
 
     async fn blocking<T, F>(&self, f: F) -> Result<T>
@@ -789,13 +822,17 @@ impl BlockDevice for FileDevice {
             && data.len() as u64 % PAGE_BYTES == 0
             && !self.inner.nowait_writes.load(Ordering::Relaxed)
             && self.inline_writes_on()
+            && !self.inner.inline_busy.swap(true, Ordering::Acquire)
         {
+            // One inline write at a time: a second would only wait for the inode lock on the
+            // other async worker, and then no worker reads the sockets; it goes to the write
+            // thread instead, which takes writes in a row without wake-ups while they come.
             let t = std::time::Instant::now();
-            write_full(&self.inner, &data, offset)?;
+            let r = write_full(&self.inner, &data, offset);
+            self.inner.inline_busy.store(false, Ordering::Release);
+            r?;
             if t.elapsed() > INLINE_WRITE_STALL {
-                if let Ok(mut off) = self.inner.inline_writes_off_until.lock() {
-                    *off = Some(std::time::Instant::now() + INLINE_WRITE_BACKOFF);
-                }
+                self.inner.inline_writes_off_until.back_off();
             }
             self.wrote(start, total);
             return Ok(());

@@ -22,8 +22,8 @@ use super::proto::{self, cflag, cmd, opt, rep, tflag, Info, ReplyHeader, Request
 use crate::device::{check_request, Access, BlockDevice, BlockStatus, WriteFlags, ZeroFlags};
 use crate::error::{Error, ErrorKind, Result};
 
-/// Requests in flight per connection (N40).
-pub const INFLIGHT_MAX: usize = 16;
+/// Requests in flight per connection (N40; NBD.md says 16, as QEMU has: docs/nbd.md says why 64).
+pub const INFLIGHT_MAX: usize = 64;
 /// Largest TRIM, WRITE_ZEROES or BLOCK_STATUS length sent in one request: 32-bit lengths,
 /// kept at half the range and 64 KiB-aligned so every server's alignment divides it.
 const UNPAYLOADED_BYTES_MAX: u64 = u32::MAX as u64 / 2 / 65536 * 65536;
