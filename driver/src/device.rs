@@ -114,6 +114,15 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
         false
     }
 
+    /// Whether requests usually complete without waiting (null, memory, a file whose data is
+    /// in the page cache). The NBD server then starts each request on the connection's reader
+    /// and gives it a task of its own only if it has to wait. A hint: the default, `false`,
+    /// gives every request its own task at once, which is better for a device that fans out
+    /// (a quorum sends to every child before it waits).
+    fn completes_inline(&self) -> bool {
+        false
+    }
+
     /// A discard hint. The default ignores it and succeeds.
     async fn discard(&self, offset: u64, len: u64) -> Result<()> {
         check_request(

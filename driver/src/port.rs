@@ -213,6 +213,10 @@ impl BlockDevice for Port {
         self.inner.can_fast_zero()
     }
 
+    fn completes_inline(&self) -> bool {
+        self.inner.completes_inline()
+    }
+
     async fn discard(&self, offset: u64, len: u64) -> Result<()> {
         let pass = self.hooks.admit(offset, len).await?;
         let r = self.inner.discard(offset, len).await;

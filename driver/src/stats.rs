@@ -348,6 +348,9 @@ impl BlockDevice for Counted {
     fn can_fast_zero(&self) -> bool {
         self.inner.can_fast_zero()
     }
+    fn completes_inline(&self) -> bool {
+        self.inner.completes_inline()
+    }
     async fn discard(&self, offset: u64, len: u64) -> Result<()> {
         let t = Instant::now();
         let r = self.inner.discard(offset, len).await;

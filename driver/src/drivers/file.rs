@@ -736,6 +736,12 @@ impl BlockDevice for FileDevice {
         "file"
     }
 
+    /// Reads from the page cache and small writes complete inline (RWF_NOWAIT, see `read` and
+    /// `write`); the rest waits for a thread, and the NBD server then gives it a task.
+    fn completes_inline(&self) -> bool {
+        !self.direct
+    }
+
     fn length(&self) -> Result<u64> {
         Ok(self.len())
     }

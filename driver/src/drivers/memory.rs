@@ -94,6 +94,10 @@ impl BlockDevice for MemoryDevice {
         true
     }
 
+    fn completes_inline(&self) -> bool {
+        true
+    }
+
     async fn discard(&self, offset: u64, len: u64) -> Result<()> {
         // Past the end is EINVAL for a discard (NBD.md N20), not write-zeroes' ENOSPC.
         check_request(self.len(), 1, offset, len, Access::Read)?;

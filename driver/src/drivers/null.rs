@@ -77,6 +77,10 @@ impl BlockDevice for NullDevice {
         true
     }
 
+    fn completes_inline(&self) -> bool {
+        true
+    }
+
     async fn discard(&self, offset: u64, len: u64) -> Result<()> {
         check_request(self.length, 1, offset, len, Access::Read)?;
         self.delay().await;

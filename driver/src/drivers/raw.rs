@@ -125,6 +125,10 @@ impl BlockDevice for RawDevice {
         self.child.can_fast_zero()
     }
 
+    fn completes_inline(&self) -> bool {
+        self.child.completes_inline()
+    }
+
     async fn discard(&self, offset: u64, len: u64) -> Result<()> {
         check_request(self.size, 1, offset, len, Access::Read)?;
         if !self.discard_unmap {

@@ -779,6 +779,7 @@ impl Server {
             });
         let _entry = SessionEntry(&self, id);
         let s = Arc::new(s);
+        let inline = export.dev.completes_inline();
         loop {
             let mut hdr = [0u8; proto::REQUEST_BYTES];
             let got = tokio::select! {
@@ -830,7 +831,7 @@ impl Server {
                 break;
             }
             let (server, s, tx) = (self.clone(), s.clone(), tx.clone());
-            tokio::spawn(async move {
+            let request = async move {
                 let reply = server.handle(&s, q, payload).await;
                 let _ = tx
                     .send((
@@ -841,7 +842,20 @@ impl Server {
                         },
                     ))
                     .await;
-            });
+            };
+            // A request the device answers at once (null-co, a read from the page cache) is
+            // done here and costs no task; one that has to wait becomes a task, whose first
+            // poll registers the wakers this one did not keep. Devices that fan out (a quorum)
+            // get a task at once: their sends then overlap this reader's next receive.
+            if inline {
+                let mut request = Box::pin(request);
+                let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+                if std::future::Future::poll(request.as_mut(), &mut cx).is_pending() {
+                    tokio::spawn(request);
+                }
+            } else {
+                tokio::spawn(request);
+            }
         }
         // N21 DISC / end of stream: requests in flight finish and send their replies.
         let _ = gate.acquire_many(INFLIGHT_MAX as u32).await;
