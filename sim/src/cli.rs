@@ -9,7 +9,7 @@ use crate::world::{run, RunOpts, RunResult};
 
 const USAGE: &str = "usage: cargo sim <command>
   run [SCENARIO] [--seed N] [--set key=value]...
-  sweep [--seeds N] [--seed-from S] [--jobs J] [--shard i/n] [--time-budget DUR] [--report DIR] [--scenarios DIR] [--only NAME] [--until-fail]
+  sweep [--seeds N] [--seed-from S] [--jobs J] [--shard i/n] [--time-budget DUR] [--report DIR] [--scenarios DIR] [--only NAME] [--until-fail] [--junit FILE]
   replay --seed N [SCENARIO] [-v|-vv] [--from-op K] [--to-op K]
   shrink --seed N [SCENARIO] [--max-runs R] [--out PATH]
   check-determinism [--seeds N] [--scenarios DIR]
@@ -71,7 +71,7 @@ pub fn header(p: &Params, sc: &Scenario) -> String {
     )
 }
 
-fn reproduce(seed: u64, scenario: Option<&str>, sc: &Scenario) -> String {
+pub(crate) fn reproduce(seed: u64, scenario: Option<&str>, sc: &Scenario) -> String {
     let mut cmd = match scenario {
         Some(s) => format!("cargo sim replay --seed {seed} {s}"),
         None => format!("cargo sim replay --seed {seed}"),

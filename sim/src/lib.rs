@@ -8,6 +8,7 @@
 
 pub mod childimage;
 pub mod imagedisk;
+pub mod junit;
 pub mod measure;
 pub mod oracle;
 pub mod params;

@@ -181,6 +181,7 @@ pub fn cmd_sweep(args: &[String]) -> Result<i32, String> {
             "--report",
             "--scenarios",
             "--only",
+            "--junit",
         ],
     )?;
     if c.scenario.is_some() || c.seed.is_some() || !c.sets.is_empty() {
@@ -274,6 +275,21 @@ pub fn cmd_sweep(args: &[String]) -> Result<i32, String> {
     .map_err(|e| format!("{}: {e}", json_path.display()))?;
     // U8: the Markdown and the plots, exactly as `report` writes them.
     crate::report::write(&summary, &dir)?;
+    if let Some(path) = flag(&c, "--junit") {
+        // Issue 22 item 4: one test case per run, for a CI system's test report.
+        let cases: Vec<crate::junit::Case> = results
+            .iter()
+            .map(|(job, p, r)| crate::junit::Case {
+                scenario: job.scenario.name.clone(),
+                seed: p.seed,
+                wall_s: r.wall_s,
+                violation: r.violation.clone(),
+                reproduce: crate::cli::reproduce(p.seed, job.path.as_deref(), &job.scenario),
+            })
+            .collect();
+        let xml = crate::junit::render("ballot-sim sweep", &cases, wall_s);
+        std::fs::write(path, xml).map_err(|e| format!("--junit {path}: {e}"))?;
+    }
     let md_path = dir.join("summary.md");
     // Failures: print each in full (U7).
     let mut worst = 0;
