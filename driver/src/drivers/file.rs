@@ -51,9 +51,9 @@ struct Inner {
     nowait_writes: AtomicBool,
     /// Held while the file grows (ftruncate never shrinks it).
     growing: std::sync::Mutex<()>,
-    /// Inline small writes are off until this instant (set after a slow one).
+    /// Turns inline small writes off for a while after a slow one.
     #[cfg(not(madsim))]
-    inline_writes_off_until: InlineBackoff,
+    inline_backoff: InlineBackoff,
     /// An inline write is in progress on some async worker.
     #[cfg(not(madsim))]
     inline_busy: AtomicBool,
@@ -262,7 +262,7 @@ impl FileDevice {
                 nowait_writes: AtomicBool::new(true),
                 growing: std::sync::Mutex::new(()),
                 #[cfg(not(madsim))]
-                inline_writes_off_until: InlineBackoff::new(),
+                inline_backoff: InlineBackoff::new(),
                 #[cfg(not(madsim))]
                 inline_busy: AtomicBool::new(false),
             }),
@@ -372,12 +372,6 @@ impl FileDevice {
         }
         #[cfg(madsim)]
         let _ = (offset, len);
-    }
-
-    /// Whether small writes may be done inline now (not within the back-off after a slow one).
-    #[cfg(not(madsim))]
-    fn inline_writes_on(&self) -> bool {
-        self.inner.inline_writes_off_until.on()
     }
 
     async fn blocking<T, F>(&self, f: F) -> Result<T>
@@ -827,7 +821,7 @@ impl BlockDevice for FileDevice {
             && offset % PAGE_BYTES == 0
             && data.len() as u64 % PAGE_BYTES == 0
             && !self.inner.nowait_writes.load(Ordering::Relaxed)
-            && self.inline_writes_on()
+            && self.inner.inline_backoff.on()
             && !self.inner.inline_busy.swap(true, Ordering::Acquire)
         {
             // One inline write at a time: a second would only wait for the inode lock on the
@@ -838,7 +832,7 @@ impl BlockDevice for FileDevice {
             self.inner.inline_busy.store(false, Ordering::Release);
             r?;
             if t.elapsed() > INLINE_WRITE_STALL {
-                self.inner.inline_writes_off_until.back_off();
+                self.inner.inline_backoff.back_off();
             }
             self.wrote(start, total);
             return Ok(());

@@ -347,6 +347,11 @@ fn io_err(e: std::io::Error) -> Error {
     Error::new(ErrorKind::Io, e.to_string())
 }
 
+/// A reply that breaks the protocol: the connection ends (N40).
+fn bad(m: impl std::fmt::Display) -> Error {
+    Error::new(ErrorKind::Io, format!("NBD protocol error: {m}"))
+}
+
 fn perr(e: proto::ProtoError) -> Error {
     Error::new(ErrorKind::Io, format!("NBD protocol error: {e}"))
 }
@@ -681,7 +686,6 @@ async fn read_one<R: AsyncRead + Unpin>(conn: &Conn, rd: &mut R, structured: boo
     let n = proto::reply_header_len(&h[..4]).map_err(perr)?;
     rd.read_exact(&mut h[4..n]).await.map_err(io_err)?;
     let hdr = proto::decode_reply_header(&h[..n]).map_err(perr)?;
-    let bad = |m: String| Error::new(ErrorKind::Io, format!("NBD protocol error: {m}"));
     match hdr {
         ReplyHeader::Simple { error, cookie } => {
             let mut p = conn
@@ -691,9 +695,7 @@ async fn read_one<R: AsyncRead + Unpin>(conn: &Conn, rd: &mut R, structured: boo
                 .remove(&cookie)
                 .ok_or_else(|| bad(format!("reply to unknown cookie {cookie}")))?;
             if p.kind == cmd::READ && structured {
-                return Err(bad(
-                    "simple reply to a READ with structured replies on".into()
-                ));
+                return Err(bad("simple reply to a READ with structured replies on"));
             }
             let answer = if error != 0 {
                 if error == proto::errno::ESHUTDOWN {
@@ -735,7 +737,7 @@ async fn read_one<R: AsyncRead + Unpin>(conn: &Conn, rd: &mut R, structured: boo
                 proto::chunk::NONE => {}
                 proto::chunk::OFFSET_DATA | proto::chunk::OFFSET_HOLE => {
                     if p.kind != cmd::READ || payload.len() < 8 {
-                        return Err(bad("data chunk for a non-read or too short".into()));
+                        return Err(bad("data chunk for a non-read or too short"));
                     }
                     let off = be64(&payload);
                     let len = if kind == proto::chunk::OFFSET_DATA {
@@ -748,13 +750,13 @@ async fn read_one<R: AsyncRead + Unpin>(conn: &Conn, rd: &mut R, structured: boo
                             payload[11],
                         ]))
                     } else {
-                        return Err(bad("OFFSET_HOLE of the wrong size".into()));
+                        return Err(bad("OFFSET_HOLE of the wrong size"));
                     };
-                    p.cover(off, len).map_err(|m| bad(m.into()))?;
+                    p.cover(off, len).map_err(bad)?;
                 }
                 proto::chunk::BLOCK_STATUS => {
                     if payload.len() < 4 || (payload.len() - 4) % 8 != 0 {
-                        return Err(bad("malformed BLOCK_STATUS chunk".into()));
+                        return Err(bad("malformed BLOCK_STATUS chunk"));
                     }
                     for d in payload[4..].chunks_exact(8) {
                         p.status.push((
@@ -765,7 +767,7 @@ async fn read_one<R: AsyncRead + Unpin>(conn: &Conn, rd: &mut R, structured: boo
                 }
                 proto::chunk::ERROR | proto::chunk::ERROR_OFFSET => {
                     if payload.len() < 6 {
-                        return Err(bad("short error chunk".into()));
+                        return Err(bad("short error chunk"));
                     }
                     let e = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]);
                     if e == proto::errno::ESHUTDOWN {
@@ -808,40 +810,35 @@ async fn read_data_chunk<R: AsyncRead + Unpin>(
     flags: u16,
     len: u32,
 ) -> Result<()> {
-    let bad = |m: &str| Error::new(ErrorKind::Io, format!("NBD protocol error: {m}"));
     let mut o = [0u8; 8];
     rd.read_exact(&mut o).await.map_err(io_err)?;
     let off = u64::from_be_bytes(o);
-    let (whole, buf, at) = {
+    // `None`: the chunk covers the whole request and fills a fresh buffer.
+    let (buf, at) = {
         let mut table = conn.pending.lock().unwrap_or_else(|p| p.into_inner());
         let p = table
             .get_mut(&cookie)
-            .ok_or_else(|| bad(&format!("chunk for unknown cookie {cookie}")))?;
+            .ok_or_else(|| bad(format!("chunk for unknown cookie {cookie}")))?;
         if p.kind != cmd::READ {
             return Err(bad("data chunk for a non-read or too short"));
         }
         p.cover(off, u64::from(len)).map_err(bad)?;
-        let start = p.offset;
-        let whole = p.buf.is_none() && off == start && u64::from(len) == u64::from(p.length);
-        let buf = if whole {
-            None
-        } else {
-            Some(
-                p.buf
-                    .take()
-                    .unwrap_or_else(|| BytesMut::zeroed(p.length as usize)),
-            )
-        };
-        (whole, buf, (off - start) as usize)
+        let whole = p.buf.is_none() && off == p.offset && len == p.length;
+        let buf = (!whole).then(|| {
+            p.buf
+                .take()
+                .unwrap_or_else(|| BytesMut::zeroed(p.length as usize))
+        });
+        (buf, (off - p.offset) as usize)
     };
-    let filled = if whole {
-        read_fresh(rd, len as usize).await?
-    } else {
-        let mut b = buf.unwrap_or_default();
-        rd.read_exact(&mut b[at..at + len as usize])
-            .await
-            .map_err(io_err)?;
-        b
+    let filled = match buf {
+        None => read_fresh(rd, len as usize).await?,
+        Some(mut b) => {
+            rd.read_exact(&mut b[at..at + len as usize])
+                .await
+                .map_err(io_err)?;
+            b
+        }
     };
     {
         let mut table = conn.pending.lock().unwrap_or_else(|p| p.into_inner());
@@ -859,7 +856,6 @@ async fn read_data_chunk<R: AsyncRead + Unpin>(
 
 /// The last chunk of request `cookie` arrived: its answer goes to the caller.
 fn finish_chunks(conn: &Conn, cookie: u64) -> Result<()> {
-    let bad = |m: &str| Error::new(ErrorKind::Io, format!("NBD protocol error: {m}"));
     let Some(mut p) = conn
         .pending
         .lock()

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, Semaphore};
 
@@ -36,27 +36,16 @@ async fn write_parts<W: AsyncWrite + Unpin>(
     parts: &mut std::collections::VecDeque<Bytes>,
 ) -> std::io::Result<()> {
     while !parts.is_empty() {
-        let slices: Vec<std::io::IoSlice<'_>> = parts
-            .iter()
-            .take(WRITE_BATCH_PARTS * 2)
-            .map(|b| std::io::IoSlice::new(b))
-            .collect();
-        let mut n = wr.write_vectored(&slices).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
+        let n = parts.len().min(WRITE_BATCH_PARTS * 2);
+        {
+            let mut slices: Vec<std::io::IoSlice<'_>> = parts
+                .iter()
+                .take(n)
+                .map(|b| std::io::IoSlice::new(b))
+                .collect();
+            proto::write_all_vectored(wr, &mut slices).await?;
         }
-        while n > 0 {
-            let Some(front) = parts.front_mut() else {
-                break;
-            };
-            if n >= front.len() {
-                n -= front.len();
-                parts.pop_front();
-            } else {
-                front.advance(n);
-                n = 0;
-            }
-        }
+        parts.drain(..n);
     }
     Ok(())
 }
