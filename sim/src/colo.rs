@@ -481,6 +481,7 @@ pub(crate) async fn colo_main(p: Params, sc: Scenario, opts: RunOpts) -> RunResu
                 }
             })
             .build();
+        crate::world::track_node(node.id());
         w.lock().nodes.insert(name, node.id());
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
@@ -502,6 +503,7 @@ pub(crate) async fn colo_main(p: Params, sc: Scenario, opts: RunOpts) -> RunResu
             }
         })
         .build();
+    crate::world::track_node(ham.id());
     w.lock().nodes.insert("ham", ham.id());
     let _ = rx.await;
     finish(&w).await

@@ -123,7 +123,6 @@ fn check_voters(w: &World, first: u64, end: u64, voters: &[usize], degraded: boo
 /// a stale copy the resync wrote stays marked in the ledger (B1), as any stale copy does.
 fn check_copied(w: &World, child: usize, offset: u64, data: &[u8]) {
     let asserted = w.p.majority() && w.p.budget != crate::vdisk::Budget::Beyond;
-    let excused = w.disks.excused_set();
     let first = offset / SECTOR_U64;
     let stale: Vec<(u64, Decoded)> = {
         let st = w.lock();
@@ -137,6 +136,12 @@ fn check_copied(w: &World, child: usize, offset: u64, data: &[u8]) {
             })
             .collect()
     };
+    if stale.is_empty() {
+        if asserted {
+            bump(w, "I17");
+        }
+        return;
+    }
     if !asserted {
         for (s, _) in &stale {
             if child < w.p.children {
@@ -148,13 +153,14 @@ fn check_copied(w: &World, child: usize, offset: u64, data: &[u8]) {
         return;
     }
     bump(w, "I17");
+    let excused = |s: u64| w.disks.any_excused_in(s..s + 1);
     // Beyond the budget when the copy began (a silent fault and a power cut's split with no
     // version left on t good copies, H22's recover=lowest): no copy is right, so whatever
     // was copied stays charged to the faults.
     let before: BTreeSet<u64> = w.lock().heal.copy_excused.clone();
     for (s, _) in stale
         .iter()
-        .filter(|(s, _)| before.contains(s) || excused.contains(s))
+        .filter(|(s, _)| before.contains(s) || excused(*s))
     {
         if child < w.p.children {
             w.disks.mark_missed(child, *s..*s + 1);
@@ -163,7 +169,7 @@ fn check_copied(w: &World, child: usize, offset: u64, data: &[u8]) {
     }
     if let Some((s, got)) = stale
         .into_iter()
-        .find(|(s, _)| !excused.contains(s) && !before.contains(s))
+        .find(|(s, _)| !excused(*s) && !before.contains(s))
     {
         let history = w.lock().oracle.history(Some(s), 6).join("; ");
         w.fail(
@@ -238,11 +244,10 @@ pub(crate) fn check_write_readable(w: &World, id: u64, offset: u64, len: u64) {
     }
     let Some(v) = view(w) else { return };
     let t = w.p.threshold;
-    let excused = w.disks.excused_set();
     bump(w, "I20");
     let end = offset + len;
     for s in offset / SECTOR_U64..end.div_ceil(SECTOR_U64) {
-        if excused.contains(&s) || !w.lock().oracle.guaranteed(s, id) {
+        if w.disks.any_excused_in(s..s + 1) || !w.lock().oracle.guaranteed(s, id) {
             continue;
         }
         let g0 = (s * SECTOR_U64) / GRANULE * GRANULE;

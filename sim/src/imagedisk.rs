@@ -28,6 +28,23 @@ pub(crate) struct DiskState {
     pub(crate) injected: BTreeMap<String, u64>,
 }
 
+impl DiskState {
+    /// A flush: the pending writes reach the media in order, so the media equals the cache
+    /// (without copying the whole image at every flush, issue 22).
+    fn commit_pending(&mut self) {
+        let len = self.current.len();
+        self.durable.resize(len, 0);
+        for (off, data) in std::mem::take(&mut self.pending) {
+            let at = off as usize;
+            self.durable[at..at + data.len()].copy_from_slice(&data);
+        }
+        debug_assert!(
+            self.durable == self.current,
+            "media and cache differ after a flush"
+        );
+    }
+}
+
 /// The image file: bytes on the media, a cache on top, F5 on writes.
 pub(crate) struct ImageDisk {
     pub(crate) st: Mutex<DiskState>,
@@ -170,8 +187,9 @@ impl ImageDisk {
         let mut st = self.lock();
         let pending = std::mem::take(&mut st.pending);
         let n = pending.len() as u64;
-        let mut media = st.durable.clone();
-        media.resize(st.current.len(), 0);
+        let len = st.current.len();
+        let mut media = std::mem::take(&mut st.durable);
+        media.resize(len, 0);
         for (off, data) in pending {
             if !st.rng.chance(f8) {
                 *st.injected.entry("F8".into()).or_default() += 1;
@@ -291,21 +309,15 @@ impl ImageDisk {
         }
         let at = offset as usize;
         st.current[at..at + data.len()].copy_from_slice(&data);
+        st.pending.push((offset, data.to_vec()));
         if flags.fua {
-            let cur = st.current.clone();
-            st.durable = cur;
-            st.pending.clear();
-        } else {
-            st.pending.push((offset, data.to_vec()));
+            st.commit_pending();
         }
         Ok(())
     }
 
     fn flush_now(&self) {
-        let mut st = self.lock();
-        let cur = st.current.clone();
-        st.durable = cur;
-        st.pending.clear();
+        self.lock().commit_pending();
     }
 
     fn grow_now(&self, length: u64) {

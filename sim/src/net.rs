@@ -17,7 +17,7 @@
 //! arise without an injection; the oracle then re-derives which acknowledged writes are still
 //! guaranteed from the copies the disks really hold (O5).
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -28,7 +28,7 @@ use bytes::Bytes;
 
 use crate::params::NbdParams;
 use crate::rng::Rng;
-use crate::sector::{digest, SECTOR_U64};
+use crate::sector::{data_digest, SECTOR_U64};
 use crate::vdisk::{current_op, ChildKind, ChildOp, ChildResult, Mark, VDisk};
 use crate::world::World;
 
@@ -158,7 +158,9 @@ pub(crate) fn refresh_down(w: &World, i: usize) {
 /// The child device the quorum sees for replica `i`: the NBD client, with every request and
 /// its answer logged against the guest op (the oracle's view of the vote).
 pub(crate) struct Seen {
-    w: Arc<World>,
+    /// Weak: the quorum that owns this child is in the world (an Arc would keep every run's
+    /// world alive after it ended).
+    w: Weak<World>,
     i: usize,
     dev: Arc<NbdClient>,
 }
@@ -181,11 +183,12 @@ impl Seen {
     ) -> Option<&'static str> {
         // The report's fault × outcome: an answer from (or a timeout on) a replica that a
         // partition, pause or crash has down now is that fault's, for the op it served.
-        let down = self.w.net_lock()[self.i].down_family();
+        let w = self.w.upgrade()?;
+        let down = w.net_lock()[self.i].down_family();
         if let Some(family) = down {
-            self.w.disks.charge(family);
+            w.disks.charge(family);
         }
-        self.w.disks.log_seen(
+        w.disks.log_seen(
             current_op(),
             ChildOp {
                 disk: self.i,
@@ -201,13 +204,14 @@ impl Seen {
 
     fn wrote(&self, kind: ChildKind, offset: u64, len: u64, data: u64, r: &Result<()>) {
         let down = self.log(kind, offset, len, data, ChildResult::of(r));
+        let Some(w) = self.w.upgrade() else { return };
         if r.is_err() {
             // B1: the copy missed this write (and may receive it late, F14); later reads of
             // it are charged to the fault that has the replica down, if one does.
             let sectors = offset / SECTOR_U64..(offset + len).div_ceil(SECTOR_U64);
-            self.w.disks.mark_missed(self.i, sectors.clone());
+            w.disks.mark_missed(self.i, sectors.clone());
             if let Some(family) = down {
-                self.w.disks.damage(self.i, sectors, family);
+                w.disks.damage(self.i, sectors, family);
             }
         }
     }
@@ -230,7 +234,7 @@ impl BlockDevice for Seen {
     async fn read(&self, offset: u64, len: usize) -> Result<Bytes> {
         let r = self.dev.read(offset, len).await;
         let res = match &r {
-            Ok(b) => ChildResult::Ok(digest(b)),
+            Ok(b) => ChildResult::Ok(data_digest(b)),
             Err(e) => ChildResult::Err(e.kind()),
         };
         self.log(ChildKind::Read, offset, len as u64, 0, res);
@@ -238,7 +242,7 @@ impl BlockDevice for Seen {
     }
 
     async fn write(&self, offset: u64, data: Bytes, flags: WriteFlags) -> Result<()> {
-        let dg = digest(&data);
+        let dg = data_digest(&data);
         let len = data.len() as u64;
         let r = self.dev.write(offset, data, flags).await;
         self.wrote(ChildKind::Write, offset, len, dg, &r);
@@ -285,7 +289,8 @@ impl BlockDevice for Seen {
 /// The disk as one server connection sees it: writes that arrive after the connection went
 /// stale are late deliveries (F14).
 pub(crate) struct Landing {
-    w: Arc<World>,
+    /// Weak, as [`Seen::w`]: the server's tasks may outlive the run.
+    w: Weak<World>,
     i: usize,
     inc: u64,
     conn: u64,
@@ -300,14 +305,15 @@ impl std::fmt::Debug for Landing {
 
 impl Landing {
     fn landed(&self, offset: u64, len: u64) {
-        let stale = self.w.net_lock()[self.i].stale(self.inc, self.conn);
+        let Some(w) = self.w.upgrade() else { return };
+        let stale = w.net_lock()[self.i].stale(self.inc, self.conn);
         if !stale {
             return;
         }
         let range = offset / SECTOR_U64..(offset + len).div_ceil(SECTOR_U64);
-        self.w.disks.late_landing(self.i, range.clone());
+        w.disks.late_landing(self.i, range.clone());
         let sectors: Vec<u64> = range.collect();
-        self.w.reassess(&sectors);
+        w.reassess(&sectors);
     }
 }
 
@@ -365,7 +371,7 @@ impl BlockDevice for Landing {
 
 /// Marks a server connection closed when its task ends (or is dropped by a crash).
 struct Open {
-    w: Arc<World>,
+    w: Weak<World>,
     i: usize,
     inc: u64,
     conn: u64,
@@ -373,13 +379,14 @@ struct Open {
 
 impl Drop for Open {
     fn drop(&mut self) {
+        let Some(w) = self.w.upgrade() else { return };
         {
-            let mut net = self.w.net_lock();
+            let mut net = w.net_lock();
             if net[self.i].incarnation == self.inc {
                 net[self.i].open.remove(&self.conn);
             }
         }
-        refresh_down(&self.w, self.i);
+        refresh_down(&w, self.i);
     }
 }
 
@@ -421,7 +428,7 @@ pub(crate) async fn replica_main(w: Arc<World>, i: usize) {
             }
         }
         let dev: Device = Arc::new(Landing {
-            w: w.clone(),
+            w: Arc::downgrade(&w),
             i,
             inc,
             conn,
@@ -439,7 +446,7 @@ pub(crate) async fn replica_main(w: Arc<World>, i: usize) {
             return;
         }
         let guard = Open {
-            w: w.clone(),
+            w: Arc::downgrade(&w),
             i,
             inc,
             conn,
@@ -516,7 +523,7 @@ pub async fn open_child(p: &NbdParams, i: usize) -> Result<NbdClient> {
 /// Wraps an opened client for the quorum.
 pub(crate) fn seen(w: &Arc<World>, i: usize, dev: Arc<NbdClient>) -> Device {
     Arc::new(Seen {
-        w: w.clone(),
+        w: Arc::downgrade(w),
         i,
         dev,
     })

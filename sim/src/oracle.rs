@@ -13,7 +13,7 @@ use ballot::drivers::quorum::Audit;
 use ballot::events::{Event, IoType};
 use ballot::ErrorKind;
 
-use crate::sector::{decode, digest, Decoded, Value, SECTOR, SECTOR_U64};
+use crate::sector::{data_digest, decode, Decoded, Value, SECTOR, SECTOR_U64};
 use crate::vdisk::{ChildKind, ChildOp, ChildResult};
 
 /// A guest operation kind.
@@ -391,14 +391,19 @@ impl Oracle {
         let list = self.sectors.get(&s).unwrap_or(&empty);
         // I3 applies only when 2t > N; otherwise only durable writes overwrite (I2's floor).
         let majority = 2 * self.cfg.t > self.cfg.n;
-        let mut overwriters: Vec<(u64, u64)> = list
+        // A write is overwritten when some overwriter was invoked after it completed, that
+        // is, when it completed before the latest overwriter's invocation.
+        let mut latest = list
             .iter()
             .filter_map(|&id| self.is_overwriter(id, s, !majority))
             .filter(|&(_, cmp)| cmp < a)
-            .collect();
+            .map(|(inv, _)| inv)
+            .max();
         if let Some(&(id, at)) = self.observed.get(&s) {
-            if at < a && self.ops.contains_key(&id) && !self.unguaranteed.contains(&(s, id)) {
-                overwriters.push((self.ops[&id].inv, at));
+            if at < a && !self.unguaranteed.contains(&(s, id)) {
+                if let Some(op) = self.ops.get(&id) {
+                    latest = latest.max(Some(op.inv));
+                }
             }
         }
         let mut allowed = Vec::new();
@@ -410,9 +415,9 @@ impl Oracle {
             if op.inv >= b {
                 continue;
             }
-            let overwritten = match op.cmp {
-                Some(c) => overwriters.iter().any(|&(inv2, _)| c < inv2),
-                None => false,
+            let overwritten = match (op.cmp, latest) {
+                (Some(c), Some(inv2)) => c < inv2,
+                _ => false,
             };
             if !overwritten {
                 allowed.push(v);
@@ -1075,7 +1080,7 @@ impl Oracle {
             Ok(Some(d)) if kind == OpKind::BlockStatus => Ok(Some(u64::from_le_bytes(
                 d[..8].try_into().unwrap_or([0; 8]),
             ))),
-            Ok(Some(d)) => Ok(Some(digest(d))),
+            Ok(Some(d)) => Ok(Some(data_digest(d))),
             Ok(None) => Ok(None),
             Err(k) => Err(*k),
         };
@@ -1348,7 +1353,7 @@ mod tests {
         assert!(o.complete(w, Ok(None), &writes, &[], false).is_empty());
         let old = Oracle::write_data(0, 0, 512);
         let r = o.invoke(OpKind::Read, 0, 512, false);
-        let d = digest(&old);
+        let d = data_digest(&old);
         let reads: Vec<ChildOp> = (0..3)
             .map(|k| child(k, ChildKind::Read, 512, ChildResult::Ok(d)))
             .collect();
@@ -1363,7 +1368,7 @@ mod tests {
     fn i5_a_tie_that_returns_data_is_flagged_with_the_model_verdict() {
         let mut o = Oracle::new(cfg(4, 2));
         let data = Oracle::write_data(0, 0, 512);
-        let (a, b) = (digest(&data), 7u64);
+        let (a, b) = (data_digest(&data), 7u64);
         let r = o.invoke(OpKind::Read, 0, 512, false);
         let reads = vec![
             child(0, ChildKind::Read, 512, ChildResult::Ok(a)),

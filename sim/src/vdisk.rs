@@ -20,7 +20,10 @@ use bytes::{Bytes, BytesMut};
 
 use crate::childimage::{ChildImage, Fail, Held};
 use crate::rng::{hash_words, Rng};
-use crate::sector::{decode, digest, encode_into, Decoded, Value, SECTOR, SECTOR_U64};
+use crate::sector::{
+    data_digest, decode, digest_fingerprints, encode_into, fingerprint, fingerprint_bytes, Decoded,
+    Value, SECTOR, SECTOR_U64,
+};
 use crate::trace::{Record, Trace};
 
 tokio::task_local! {
@@ -909,6 +912,20 @@ impl DiskSet {
         latent.sort_unstable();
         latent.dedup();
         (over, latent)
+    }
+
+    /// Whether any sector of `range` is excused ([`DiskSet::excused_sectors`]), looking at the
+    /// marks and latent errors in `range` only (a guest op's judgement, once per op).
+    pub fn any_excused_in(&self, range: Range<u64>) -> bool {
+        let g = self.lock();
+        g.disks.iter().any(|d| {
+            d.marks
+                .range(range.clone())
+                .any(|(&s, _)| !g.within_budget(s, None))
+                || d.sticky
+                    .range(range.clone())
+                    .any(|(_, k)| *k == Sticky::Latent)
+        })
     }
 
     /// [`DiskSet::excused_sectors`] as one set: the sectors whose copies break B2 or hide
@@ -1807,9 +1824,9 @@ fn flush_disk(d: &mut DiskState) {
     }
 }
 
-/// V5: the bit a corrupted sector flips: a hash of seed, disk, sector and pristine bytes.
-fn flip_bit(seed: u64, disk: usize, s: u64, buf: &mut [u8], salt: u64) {
-    let pristine = digest(buf);
+/// V5: flips one bit of sector `s`'s bytes `buf`, at a position that is a hash of seed, disk,
+/// sector, the pristine bytes (`pristine`, their fingerprint) and `salt`.
+fn flip_bit(seed: u64, disk: usize, s: u64, buf: &mut [u8], pristine: u64, salt: u64) {
     let bit = hash_words(&[seed, disk as u64, s, pristine, salt]) % (SECTOR as u64 * 8);
     buf[(bit / 8) as usize] ^= 1 << (bit % 8);
 }
@@ -1922,34 +1939,47 @@ impl BlockDevice for VDisk {
             // Faults met again by this read, charged to it (their injection was charged to an
             // earlier op): sticky flips and rot, and copies a fault damaged (`damage`).
             let mut met: BTreeSet<&'static str> = BTreeSet::new();
+            // The read's digest from the sectors' fingerprints: a clean value's comes from the
+            // value, so only damaged sectors are hashed (sector::data_digest's contract).
+            let mut fps = Vec::with_capacity(buf.len() / SECTOR);
             for (k, chunk) in buf.chunks_mut(SECTOR).enumerate() {
                 let src = source + k as u64;
                 let s = range.start + k as u64;
                 if let Some(f) = d.damage.get(&src) {
                     met.insert(f);
                 }
-                match &d.current[src as usize] {
-                    Stored::V(v) => encode_into(*v, chunk),
-                    Stored::Raw(b) => chunk.copy_from_slice(b),
-                }
+                let pristine = match &d.current[src as usize] {
+                    Stored::V(v) => {
+                        encode_into(*v, chunk);
+                        fingerprint(*v)
+                    }
+                    Stored::Raw(b) => {
+                        chunk.copy_from_slice(b);
+                        fingerprint_bytes(b)
+                    }
+                };
                 let corrupt = match d.sticky.get(&src) {
                     Some(Sticky::Flip) => Some("F1"),
                     Some(Sticky::Rot) => Some("F3"),
                     _ => None,
                 };
+                let mut fp = pristine;
                 if let Some(f) = corrupt {
                     met.insert(f);
-                    flip_bit(seed, i, src, chunk, 1);
+                    flip_bit(seed, i, src, chunk, pristine, 1);
+                    fp = fingerprint_bytes(chunk);
                 }
                 if transient == Some(s) {
-                    flip_bit(seed, i, s, chunk, 2);
+                    flip_bit(seed, i, s, chunk, fp, 2);
+                    fp = fingerprint_bytes(chunk);
                 }
+                fps.push(fp);
             }
             for f in met {
                 g.mark(f);
             }
             let out = buf.freeze();
-            let dg = digest(&out);
+            let dg = digest_fingerprints(fps.into_iter());
             g.log(
                 op,
                 ChildOp {
@@ -2022,7 +2052,7 @@ impl BlockDevice for VDisk {
                     kind: ChildKind::Write,
                     offset,
                     len: data.len() as u64,
-                    data: digest(&data),
+                    data: data_digest(&data),
                     result: ChildResult::of(&r),
                 },
             );
