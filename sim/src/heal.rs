@@ -332,7 +332,7 @@ pub(crate) fn on_qmp_event(w: &World, e: &Event) {
 fn copying(w: &Arc<World>, offset: u64, len: u64) {
     {
         let (s0, s1) = (offset / SECTOR_U64, (offset + len).div_ceil(SECTOR_U64));
-        let over = w.disks.excused_set();
+        let over = w.disks.excused_in(s0..s1);
         let silent_all = w.disks.silently_damaged();
         let q = w.lock().quorum.clone();
         let spg = GRANULE / SECTOR_U64;

@@ -386,13 +386,12 @@ impl Oracle {
 
     /// The allowed values of sector `s` for a read invoked at `a` and completed at `b` (O3–O5).
     /// Returns (allowed values, every value ever written there since the floor).
-    fn allowed(&self, s: u64, a: u64, b: u64) -> (Vec<Value>, Vec<Value>) {
-        let empty = vec![0u64];
-        let list = self.sectors.get(&s).unwrap_or(&empty);
+    /// The invocation time of the latest write that overwrites older ones on sector `s` for a
+    /// read invoked at `a`: a write is overwritten when some overwriter was invoked after it
+    /// completed, that is, when it completed before this time.
+    fn latest_overwriter(&self, s: u64, list: &[u64], a: u64) -> Option<u64> {
         // I3 applies only when 2t > N; otherwise only durable writes overwrite (I2's floor).
         let majority = 2 * self.cfg.t > self.cfg.n;
-        // A write is overwritten when some overwriter was invoked after it completed, that
-        // is, when it completed before the latest overwriter's invocation.
         let mut latest = list
             .iter()
             .filter_map(|&id| self.is_overwriter(id, s, !majority))
@@ -406,6 +405,13 @@ impl Oracle {
                 }
             }
         }
+        latest
+    }
+
+    fn allowed(&self, s: u64, a: u64, b: u64) -> (Vec<Value>, Vec<Value>) {
+        let initial = [0u64];
+        let list = self.sectors.get(&s).map_or(&initial[..], |l| &l[..]);
+        let latest = self.latest_overwriter(s, list, a);
         let mut allowed = Vec::new();
         let mut all = Vec::new();
         for &id in list {
@@ -429,8 +435,18 @@ impl Oracle {
     /// HEALING.md I17, I18: whether a read of sector `s` invoked and completed now may return
     /// `v` (the quorum's value there, as the oracle knows it).
     pub fn allows_now(&self, s: u64, v: Value) -> bool {
+        // `allowed(s, now, now).0.contains(&v)` without building the lists: whole-disk checks
+        // (I18) ask this for every sector of every child.
         let now = self.seq + 1;
-        self.allowed(s, now, now).0.contains(&v)
+        let initial = [0u64];
+        let list = self.sectors.get(&s).map_or(&initial[..], |l| &l[..]);
+        let latest = self.latest_overwriter(s, list, now);
+        list.iter().any(|&id| {
+            let op = &self.ops[&id];
+            op.inv < now
+                && self.value_of(id, s) == v
+                && !matches!((op.cmp, latest), (Some(c), Some(inv2)) if c < inv2)
+        })
     }
 
     /// O5: whether acked write `id` is still guaranteed on sector `s`.

@@ -928,6 +928,27 @@ impl DiskSet {
         })
     }
 
+    /// The excused sectors ([`DiskSet::excused_set`]) within `range`, looking there only.
+    pub fn excused_in(&self, range: Range<u64>) -> BTreeSet<u64> {
+        let g = self.lock();
+        let mut out = BTreeSet::new();
+        for d in &g.disks {
+            out.extend(
+                d.marks
+                    .range(range.clone())
+                    .filter(|(&s, _)| !g.within_budget(s, None))
+                    .map(|(&s, _)| s),
+            );
+            out.extend(
+                d.sticky
+                    .range(range.clone())
+                    .filter(|(_, k)| **k == Sticky::Latent)
+                    .map(|(&s, _)| s),
+            );
+        }
+        out
+    }
+
     /// [`DiskSet::excused_sectors`] as one set: the sectors whose copies break B2 or hide
     /// behind a latent error.
     pub fn excused_set(&self) -> BTreeSet<u64> {
@@ -1942,10 +1963,15 @@ impl BlockDevice for VDisk {
             // The read's digest from the sectors' fingerprints: a clean value's comes from the
             // value, so only damaged sectors are hashed (sector::data_digest's contract).
             let mut fps = Vec::with_capacity(buf.len() / SECTOR);
+            // Most reads meet no damage and no sticky fault: look those maps up per sector
+            // only when the read's range has an entry at all.
+            let src_range = source..source + (buf.len() / SECTOR) as u64;
+            let any_damage = d.damage.range(src_range.clone()).next().is_some();
+            let any_sticky = d.sticky.range(src_range).next().is_some();
             for (k, chunk) in buf.chunks_mut(SECTOR).enumerate() {
                 let src = source + k as u64;
                 let s = range.start + k as u64;
-                if let Some(f) = d.damage.get(&src) {
+                if let Some(f) = any_damage.then(|| d.damage.get(&src)).flatten() {
                     met.insert(f);
                 }
                 let pristine = match &d.current[src as usize] {
@@ -1958,7 +1984,7 @@ impl BlockDevice for VDisk {
                         fingerprint_bytes(b)
                     }
                 };
-                let corrupt = match d.sticky.get(&src) {
+                let corrupt = match any_sticky.then(|| d.sticky.get(&src)).flatten() {
                     Some(Sticky::Flip) => Some("F1"),
                     Some(Sticky::Rot) => Some("F3"),
                     _ => None,
