@@ -28,6 +28,9 @@ cargo clippy -p ballot-sim --release --target-dir target-sim \
 cargo sim check-determinism --seeds 20
 # M5: every scenario plus 200 random seeds; the report goes to a scratch directory.
 cargo sim sweep --seeds 200 --jobs 2 --report "${TMPDIR:-/tmp}/ballot-ci-sweep"
+# U10-U12: a sweep's JUnit report validates against the JUnit schema and names a failing run;
+# a sweep cut into 3 shards and merged by `report` equals the same sweep unsharded.
+scripts/sim-ci-output.sh 3
 
 echo "== planted bugs (SIMULATION.md T1): each still applies to this tree"
 # scripts/planted.sh runs them (minutes each); a patch that no longer applies would silently

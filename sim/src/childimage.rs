@@ -35,8 +35,7 @@ use tokio::sync::OwnedMutexGuard;
 
 use crate::imagedisk::{open_named, ImageDisk};
 use crate::params::ChildImageParams;
-use crate::sector::{decode, encode_into, Decoded, Value, SECTOR, SECTOR_U64};
-use crate::vdisk::Stored;
+use crate::sector::{decode, encode_into, Decoded, Stored, Value, SECTOR, SECTOR_U64};
 
 /// A violated rule and its message.
 pub(crate) type Fail = (&'static str, String);

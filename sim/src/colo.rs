@@ -41,12 +41,12 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::measure::{fault_outcomes, latency_histograms, OpSpan};
+use crate::outcome::{RunOpts, RunResult};
 use crate::params::{ColoParams, Params};
 use crate::rng::Rng;
 use crate::scenario::{Expect, Scenario, When};
 use crate::trace::{Record, Trace};
 use crate::vdisk::FaultMark;
-use crate::world::{RunOpts, RunResult};
 
 const SECTOR: u64 = 512;
 const QMP_PORT: u16 = 4444;
@@ -481,7 +481,7 @@ pub(crate) async fn colo_main(p: Params, sc: Scenario, opts: RunOpts) -> RunResu
                 }
             })
             .build();
-        crate::world::track_node(node.id());
+        crate::nodes::track_node(node.id());
         w.lock().nodes.insert(name, node.id());
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
@@ -503,7 +503,7 @@ pub(crate) async fn colo_main(p: Params, sc: Scenario, opts: RunOpts) -> RunResu
             }
         })
         .build();
-    crate::world::track_node(ham.id());
+    crate::nodes::track_node(ham.id());
     w.lock().nodes.insert("ham", ham.id());
     let _ = rx.await;
     finish(&w).await

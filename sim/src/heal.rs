@@ -10,67 +10,17 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ballot::drivers::quorum::{Audit, SyncView, OUT_OF_SYNC_GRANULARITY_BYTES as GRANULE};
+use ballot::drivers::quorum::{Audit, OUT_OF_SYNC_GRANULARITY_BYTES as GRANULE};
 use ballot::events::Event;
 use serde_json::{json, Value as Json};
 
+use crate::healcheck::{bump, overlaps, path, view};
+pub(crate) use crate::healcheck::{check_durable, check_write_readable};
+pub(crate) use crate::healstate::HealState;
 use crate::oracle::OpKind;
-use crate::rng::Rng;
 use crate::sector::{decode, Decoded, SECTOR, SECTOR_U64};
-use crate::vdisk::{Sticky, Stored};
+use crate::vdisk::Sticky;
 use crate::world::World;
-
-/// The healing harness's part of a run's state.
-pub(crate) struct HealState {
-    /// F25: disks whose copy a fault interrupted, until they are found in sync (P16).
-    interrupted: BTreeSet<usize>,
-    /// Jobs created so far (`JOB_STATUS_CHANGE` to `created`).
-    jobs_created: u64,
-    /// F25's decision for job number `.0`: runs to let pass before it fires (None: not
-    /// this job, or fired).
-    f25: (u64, Option<u64>),
-    /// F30 under way: the last child is out of the quorum.
-    pub(crate) swapping: bool,
-    /// F30 has been triggered (once per run).
-    pub(crate) swapped: bool,
-    /// I17: sectors of the runs being copied that were beyond the budget when their copy
-    /// began (the copy's own writes clear the ledger's marks before I17 looks).
-    copy_excused: BTreeSet<u64>,
-    rng: Rng,
-}
-
-impl HealState {
-    pub(crate) fn new(seed: u64) -> HealState {
-        HealState {
-            interrupted: BTreeSet::new(),
-            jobs_created: 0,
-            f25: (0, None),
-            swapping: false,
-            swapped: false,
-            copy_excused: BTreeSet::new(),
-            rng: Rng::stream(seed, "faults/heal"),
-        }
-    }
-}
-
-fn overlaps(ranges: &[(u64, u64)], a: u64, z: u64) -> bool {
-    ranges.iter().any(|&(o, l)| o < z && a < o + l)
-}
-
-fn view(w: &World) -> Option<Vec<SyncView>> {
-    let q = w.lock().quorum.clone()?;
-    q.sync_view()
-}
-
-fn bump(w: &World, rule: &'static str) {
-    *w.lock().oracle.tally.checks.entry(rule).or_default() += 1;
-}
-
-fn path(w: &World, p: &'static str, n: u64) {
-    if n > 0 {
-        *w.lock().oracle.tally.paths.entry(p).or_default() += n;
-    }
-}
 
 /// Routes one of the quorum's audits that no guest op owns: the vote choice (I20), a resync
 /// run about to be read (F25–F27) and a resync write (I17).
@@ -179,105 +129,6 @@ fn check_copied(w: &World, child: usize, offset: u64, data: &[u8]) {
                 w.disks.describe_sector(s)
             ),
         );
-    }
-}
-
-/// I18: every granule the record has in sync and flushed on a child holds the quorum's value
-/// there, on the media as in the cache, so that a crash of the child right now loses nothing
-/// the quorum does not know about (H12, H7). `which`: one child (a replica about to crash), or
-/// every child (the quorum host about to crash, a job's end). `when` names the moment.
-pub(crate) fn check_durable(w: &World, which: Option<usize>, when: &str) {
-    let Some(v) = view(w) else { return };
-    let excused = w.excused_set();
-    let pending = w.lock().oracle.pending_ranges();
-    let sectors = w.p.disk_size / SECTOR_U64;
-    bump(w, "I18");
-    for (i, c) in v.iter().enumerate() {
-        if which.is_some_and(|x| x != i) || i >= w.p.children {
-            continue;
-        }
-        for s in 0..sectors {
-            let (a, z) = (s * SECTOR_U64, (s + 1) * SECTOR_U64);
-            if overlaps(&c.out_of_sync, a, z)
-                || overlaps(&c.unflushed, a, z)
-                || overlaps(&pending, a, z)
-                || excused.contains(&s)
-            {
-                continue;
-            }
-            let (durable, current, marked) = w.disks.sector_state(i, s);
-            if marked {
-                continue;
-            }
-            let problem = if durable != current {
-                Some("its cache holds data its media does not: a crash loses it")
-            } else {
-                let ok = match &current {
-                    Stored::V(x) => w.lock().oracle.allows_now(s, *x),
-                    Stored::Raw(_) => false,
-                };
-                (!ok && w.p.majority()).then_some("it is not the quorum's value there")
-            };
-            if let Some(why) = problem {
-                w.fail(
-                    "I18",
-                    format!(
-                        "{when}: {} is in sync and flushed on sector {s} by the quorum's record, but {why}; sector {s}:{}",
-                        c.node_name,
-                        w.disks.describe_sector(s)
-                    ),
-                );
-                return;
-            }
-        }
-    }
-}
-
-/// I20 (H4): an acknowledged write is readable from t children: on every sector, at least
-/// t children that the record has in sync there (or that the write covered whole, which puts
-/// them back in sync at the next flush, H5) hold its data. Checked the instant the quorum
-/// returns, before any later write can run (D8). A shortfall that the faults explain (copies
-/// the ledger marks, a write O5 no longer guarantees, sectors beyond the budget) is excused.
-pub(crate) fn check_write_readable(w: &World, id: u64, offset: u64, len: u64) {
-    if !w.p.majority() {
-        return;
-    }
-    let Some(v) = view(w) else { return };
-    let t = w.p.threshold;
-    bump(w, "I20");
-    let end = offset + len;
-    for s in offset / SECTOR_U64..end.div_ceil(SECTOR_U64) {
-        if w.disks.any_excused_in(s..s + 1) || !w.lock().oracle.guaranteed(s, id) {
-            continue;
-        }
-        let g0 = (s * SECTOR_U64) / GRANULE * GRANULE;
-        let g1 = (g0 + GRANULE).min(w.p.disk_size);
-        let covered = offset <= g0 && g1 <= end;
-        let want = Stored::V(crate::sector::Value::Data { id, sector: s });
-        let (mut candidates, mut holders, mut marked) = (0usize, 0usize, 0usize);
-        for (i, c) in v.iter().enumerate().take(w.p.children) {
-            if !covered && overlaps(&c.out_of_sync, g0, g1) {
-                continue;
-            }
-            candidates += 1;
-            let (_, current, m) = w.disks.sector_state(i, s);
-            if current == want {
-                holders += 1;
-            } else if m {
-                marked += 1;
-            }
-        }
-        if candidates < t || holders + marked >= t {
-            continue;
-        }
-        w.fail(
-            "I20",
-            format!(
-                "write op {id} was acknowledged, but only {holders} of the {candidates} children the record can count on sector {s} hold it (threshold {t}, docs/healing.md H4); sector {s}:{}",
-                w.disks.describe_sector(s)
-            ),
-        );
-        return;
     }
 }
 
@@ -410,7 +261,7 @@ fn copying(w: &Arc<World>, offset: u64, len: u64) {
             (s, 1 + r.below(16.min(s1 - s)))
         };
         w.disks.count_injected("F27");
-        crate::world::extra_op(w, OpKind::Write, s * SECTOR_U64, k * SECTOR_U64);
+        (w.extra_op)(w, OpKind::Write, s * SECTOR_U64, k * SECTOR_U64);
     }
     if f25 && w.p.nbd.is_some() {
         let targets: Vec<usize> = (0..v.len().min(w.p.children))

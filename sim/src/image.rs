@@ -29,11 +29,11 @@ use ballot::{BlockDevice, Device, WriteFlags, ZeroFlags};
 use bytes::{Bytes, BytesMut};
 
 use crate::imagedisk::{open_named, ImageDisk};
+use crate::outcome::{RunOpts, RunResult};
 use crate::params::{ImageParams, Params};
 use crate::rng::{hash_words, Rng};
 use crate::scenario::Scenario;
 use crate::sector::{decode, encode_into, Decoded, Value, SECTOR, SECTOR_U64};
-use crate::world::{RunOpts, RunResult};
 
 /// One guest write's record for the model.
 #[derive(Debug, Clone, Copy)]

@@ -10,8 +10,11 @@ pub mod childimage;
 pub mod imagedisk;
 pub mod junit;
 pub mod measure;
+pub mod oplog;
 pub mod oracle;
+pub mod outcome;
 pub mod params;
+pub mod progress;
 pub mod report;
 pub mod rng;
 pub mod scenario;
@@ -25,13 +28,29 @@ pub mod cli;
 #[cfg(madsim)]
 pub mod colo;
 #[cfg(madsim)]
+pub mod console;
+#[cfg(madsim)]
 pub mod heal;
+#[cfg(madsim)]
+pub mod healcheck;
+#[cfg(madsim)]
+pub mod healstate;
 #[cfg(madsim)]
 pub mod image;
 #[cfg(madsim)]
 pub mod metadisk;
 #[cfg(madsim)]
+pub mod metanode;
+#[cfg(madsim)]
 pub mod net;
+#[cfg(madsim)]
+pub mod netmodel;
+#[cfg(madsim)]
+pub mod nodes;
+#[cfg(madsim)]
+pub mod quorum;
+#[cfg(madsim)]
+pub mod runner;
 #[cfg(madsim)]
 pub mod sweep;
 #[cfg(madsim)]

@@ -13,8 +13,8 @@ use ballot::drivers::quorum::Audit;
 use ballot::events::{Event, IoType};
 use ballot::ErrorKind;
 
+use crate::oplog::{ChildKind, ChildOp, ChildResult};
 use crate::sector::{data_digest, decode, Decoded, Value, SECTOR, SECTOR_U64};
-use crate::vdisk::{ChildKind, ChildOp, ChildResult};
 
 /// A guest operation kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -1330,7 +1330,7 @@ pub fn error_vote(errs: &[ErrorKind]) -> ErrorKind {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vdisk::{ChildKind, ChildOp, ChildResult};
+    use crate::oplog::{ChildKind, ChildOp, ChildResult};
 
     fn cfg(n: usize, t: usize) -> ModelCfg {
         ModelCfg {

@@ -11,7 +11,80 @@ use toml::Value as Tv;
 
 use crate::rng::Rng;
 use crate::units::{fmt_size, fmt_time, parse_range, parse_size, parse_time_ns};
-use crate::vdisk::{Budget, FaultRates, Latency};
+
+/// Whether the fault budget is enforced (B2) or only kept for stale copies (B6, B7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Budget {
+    /// B2 enforced for every fault.
+    Safety,
+    /// B2 skipped for faults that fail or produce distinct wrong values.
+    Beyond,
+}
+
+impl Budget {
+    /// The scenario-file spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Budget::Safety => "safety",
+            Budget::Beyond => "beyond",
+        }
+    }
+}
+
+/// Per-family random fault rates of a run; `None` is a disabled family (S2).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FaultRates {
+    /// F1: probability per read of marking a sector sticky-flipped.
+    pub f1: Option<f64>,
+    /// F2: probability per read of one transient flip.
+    pub f2: Option<f64>,
+    /// F3: probability per write of storing one sector corrupted.
+    pub f3: Option<f64>,
+    /// F4: probability per read of marking a latent sector error.
+    pub f4: Option<f64>,
+    /// F5: probability per write of failing it with EIO.
+    pub f5: Option<f64>,
+    /// F6: probability per write of misdirecting it.
+    pub f6: Option<f64>,
+    /// F7: probability per read of misdirecting it.
+    pub f7: Option<f64>,
+    /// F8: probability that a pending write survives a crash (None: all survive).
+    pub f8: Option<f64>,
+    /// F9: probability that a surviving pending write tears on a crash.
+    pub f9: Option<f64>,
+}
+
+/// Latency of one disk (V4, F10), in nanoseconds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Latency {
+    /// Minimum read latency.
+    pub read_min_ns: u64,
+    /// Mean read latency (>= minimum).
+    pub read_mean_ns: u64,
+    /// Minimum write latency.
+    pub write_min_ns: u64,
+    /// Mean write latency.
+    pub write_mean_ns: u64,
+    /// F10: probability per op of a stall.
+    pub stall_p: f64,
+    /// F10: stall length range.
+    pub stall_ns: (u64, u64),
+    /// F10: slowdown factor of this disk (1: normal, 10..100: gray).
+    pub factor: u64,
+}
+
+impl Latency {
+    /// The liveness phase's latency: minimums only, no stalls (S6).
+    pub fn minimal(&self) -> Latency {
+        Latency {
+            read_mean_ns: self.read_min_ns,
+            write_mean_ns: self.write_min_ns,
+            stall_p: 0.0,
+            factor: 1,
+            ..self.clone()
+        }
+    }
+}
 
 /// Fault families this simulator injects for the quorum topology with local children.
 pub const FAMILIES: [&str; 12] = [

@@ -72,6 +72,15 @@ pub fn cmd_report(args: &[String]) -> Result<i32, String> {
         parts.push((p.display().to_string(), j));
     }
     let merged = merge(parts)?;
+    // The merged summary as JSON too, so merges can be compared and merged again.
+    std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+    let json_path = out.join("summary.json");
+    std::fs::write(
+        &json_path,
+        serde_json::to_string_pretty(&merged).unwrap_or_default(),
+    )
+    .map_err(|e| format!("{}: {e}", json_path.display()))?;
+    println!("wrote {}", json_path.display());
     let written = write(&merged, &out)?;
     for p in written {
         println!("wrote {}", p.display());
@@ -188,6 +197,13 @@ pub fn merge(parts: Vec<(String, Json)>) -> Result<Json, String> {
         }
     }
     let mut s = out.ok_or("report needs at least one summary")?;
+    // Shards of one sweep: their runs back in the unsharded order (each run carries its
+    // index in the sweep; summaries written before it did keep the order given).
+    if let Some(runs) = s["runs"].as_array_mut() {
+        if runs.iter().all(|r| r["index"].is_u64()) {
+            runs.sort_by_key(|r| r["index"].as_u64());
+        }
+    }
     let shards = args.len().max(commits.len());
     s["commit"] = json!(commits.join(", "));
     s["merged_inputs"] = json!(shards);
@@ -1467,6 +1483,32 @@ mod tests {
         assert_eq!(m["median_virtual_to_wall"], json!(20.0));
         assert_eq!(m["coverage"]["gaps"], json!(["F5"]));
         assert_eq!(m["commit"], json!("abc"));
+    }
+
+    #[test]
+    fn merge_puts_shards_runs_back_in_sweep_order() {
+        // Shard 2/2 held runs 1 and 3, shard 1/2 runs 0 and 2, given in that order.
+        let shard = |seeds: [u64; 2], idx: [u64; 2]| {
+            let mut s = summary(seeds[0], 90, 10, 3);
+            let mut second = s["runs"][0].clone();
+            second["seed"] = json!(seeds[1]);
+            s["runs"][0]["index"] = json!(idx[0]);
+            second["index"] = json!(idx[1]);
+            s["runs"].as_array_mut().expect("runs").push(second);
+            s
+        };
+        let m = merge(vec![
+            ("2of2".into(), shard([11, 13], [1, 3])),
+            ("1of2".into(), shard([10, 12], [0, 2])),
+        ])
+        .expect("merge");
+        let order: Vec<u64> = m["runs"]
+            .as_array()
+            .expect("runs")
+            .iter()
+            .filter_map(|r| r["seed"].as_u64())
+            .collect();
+        assert_eq!(order, vec![10, 11, 12, 13]);
     }
 
     #[test]

@@ -5,6 +5,8 @@
 //! decode to exactly one of: a known write for this sector, a write for another sector
 //! (misdirected), zeros, or nothing (corrupt or torn). The oracle works on decoded values only.
 
+use std::sync::Arc;
+
 use crate::rng::mix64;
 
 /// The oracle's unit (SIMULATION.md §2).
@@ -26,6 +28,15 @@ pub enum Value {
         /// The sector the data was generated for.
         sector: u64,
     },
+}
+
+/// What a sector of a disk holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stored {
+    /// A decodable value.
+    V(Value),
+    /// Bytes that decode to nothing (torn or garbage).
+    Raw(Arc<[u8]>),
 }
 
 /// The decoding of 512 bytes (V7).

@@ -1,63 +1,17 @@
 //! Sweeps, determinism checks and shrinking (SIMULATION.md U2, U4, U8, M4, I13, I15).
 
-use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Value as Json};
 
-use crate::cli::{commit, header, load, parse, report};
+use crate::console::{commit, header, load, parse, report};
+use crate::outcome::{RunOpts, RunResult};
 use crate::params::{all_families, Params};
+use crate::runner::{capture_trace, run};
 use crate::scenario::Scenario;
 use crate::units::parse_time_ns;
-use crate::world::{run, RunOpts, RunResult};
-
-thread_local! {
-    static PANIC: RefCell<Option<String>> = const { RefCell::new(None) };
-}
-
-/// Routes panic messages to the panicking thread's slot, so parallel runs keep theirs apart.
-pub fn install_panic_hook() {
-    std::panic::set_hook(Box::new(|info| {
-        let loc = info
-            .location()
-            .map(|l| format!(" at {}:{}", l.file(), l.line()))
-            .unwrap_or_default();
-        let msg = info
-            .payload()
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| info.payload().downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "panic".into());
-        PANIC.with(|p| {
-            let mut p = p.borrow_mut();
-            if p.is_none() {
-                *p = Some(format!("{msg}{loc}"));
-            }
-        });
-    }));
-}
-
-/// Takes this thread's last panic message.
-pub fn take_panic() -> Option<String> {
-    PANIC.with(|p| p.borrow_mut().take())
-}
-
-/// Runs `p` again keeping every trace record; returns them as text.
-pub fn capture_trace(p: Params, sc: &Scenario) -> String {
-    let r = run(
-        p,
-        sc,
-        &RunOpts {
-            capture: true,
-            ..RunOpts::default()
-        },
-    );
-    let mut s = r.trace_lines.join("\n");
-    s.push('\n');
-    s
-}
 
 /// One job of a sweep.
 #[derive(Clone)]
@@ -81,7 +35,7 @@ fn scenarios_in(dir: &Path) -> Result<Vec<(String, Scenario)>, String> {
         .collect()
 }
 
-fn flag<'a>(c: &'a crate::cli::Common, name: &str) -> Option<&'a str> {
+fn flag<'a>(c: &'a crate::console::Common, name: &str) -> Option<&'a str> {
     c.flags
         .iter()
         .rev()
@@ -89,7 +43,7 @@ fn flag<'a>(c: &'a crate::cli::Common, name: &str) -> Option<&'a str> {
         .map(|(_, v)| v.as_str())
 }
 
-fn num(c: &crate::cli::Common, name: &str, default: u64) -> Result<u64, String> {
+fn num(c: &crate::console::Common, name: &str, default: u64) -> Result<u64, String> {
     match flag(c, name) {
         Some(v) => v
             .parse()
@@ -106,14 +60,17 @@ fn run_jobs(
     until_fail: bool,
 ) -> Vec<(Job, Params, RunResult)> {
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let jobs_total = jobs.len();
     let queue = Arc::new(Mutex::new(jobs.into_iter().rev().collect::<Vec<_>>()));
     let out: Arc<Mutex<Vec<(Job, Params, RunResult)>>> = Arc::default();
+    let progress = Arc::new(Mutex::new(crate::progress::Progress::new(jobs_total)));
     let started = std::time::Instant::now();
     let mut handles = Vec::new();
     for _ in 0..threads.max(1) {
         let queue = queue.clone();
         let out = out.clone();
         let stop = stop.clone();
+        let progress = progress.clone();
         // Harness threads, outside any simulation: one madsim runtime per run.
         handles.push(std::thread::spawn(move || loop {
             if budget_ns.is_some_and(|b| started.elapsed().as_nanos() as u64 >= b)
@@ -144,10 +101,16 @@ fn run_jobs(
                     None => "ok".to_string(),
                     Some((rule, m)) => format!("FAIL {rule} {m}"),
                 };
+                // The progress line (a terminal only) is cleared, the run's line printed
+                // where it was, and the progress line drawn again below it.
+                let mut pr = progress.lock().unwrap_or_else(|p| p.into_inner());
+                pr.clear();
                 println!(
                     "[{:>4}] {:<40} seed={:<20} ops={:<5} wall={:.2}s {}",
                     job.index, job.scenario.name, job.seed, r.ops, r.wall_s, verdict
                 );
+                pr.record(r.ops, r.violation.is_some());
+                pr.draw();
             }
             if until_fail && r.violation.is_some() {
                 stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -160,6 +123,7 @@ fn run_jobs(
     for h in handles {
         let _ = h.join();
     }
+    progress.lock().unwrap_or_else(|p| p.into_inner()).end();
     let mut v = std::mem::take(&mut *out.lock().unwrap_or_else(|p| p.into_inner()));
     v.sort_by_key(|(j, _, _)| j.index);
     v
@@ -284,7 +248,7 @@ pub fn cmd_sweep(args: &[String]) -> Result<i32, String> {
                 seed: p.seed,
                 wall_s: r.wall_s,
                 violation: r.violation.clone(),
-                reproduce: crate::cli::reproduce(p.seed, job.path.as_deref(), &job.scenario),
+                reproduce: crate::console::reproduce(p.seed, job.path.as_deref(), &job.scenario),
             })
             .collect();
         let xml = crate::junit::render("ballot-sim sweep", &cases, wall_s);
@@ -424,6 +388,8 @@ fn summarize(
             *violations_by_rule.entry(rule.clone()).or_default() += 1;
         }
         runs.push(json!({
+            // The run's place in the unsharded sweep: `report` puts shards' runs back in order.
+            "index": job.index,
             "seed": job.seed,
             "scenario": job.scenario.name,
             "parameters": {

@@ -19,7 +19,10 @@ use ballot::{BlockDevice, Error, ErrorKind, Result, WriteFlags, ZeroFlags};
 use bytes::{Bytes, BytesMut};
 
 use crate::childimage::{ChildImage, Fail, Held};
+pub use crate::oplog::{ChildKind, ChildOp, ChildResult};
+pub use crate::params::{Budget, FaultRates, Latency};
 use crate::rng::{hash_words, Rng};
+pub use crate::sector::Stored;
 use crate::sector::{
     data_digest, decode, digest_fingerprints, encode_into, fingerprint, fingerprint_bytes, Decoded,
     Value, SECTOR, SECTOR_U64,
@@ -34,15 +37,6 @@ tokio::task_local! {
 /// The current guest op id, 0 outside one.
 pub fn current_op() -> u64 {
     GUEST_OP.try_with(|id| *id).unwrap_or(0)
-}
-
-/// What a sector of a disk holds.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Stored {
-    /// A decodable value.
-    V(Value),
-    /// Bytes that decode to nothing (torn or garbage).
-    Raw(Arc<[u8]>),
 }
 
 /// A sector fault that persists until the sector is rewritten.
@@ -63,133 +57,6 @@ pub enum Mark {
     Failing,
     /// The copy can answer with a value that is not the newest.
     Wrong,
-}
-
-/// Whether the fault budget is enforced (B2) or only kept for stale copies (B6, B7).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Budget {
-    /// B2 enforced for every fault.
-    Safety,
-    /// B2 skipped for faults that fail or produce distinct wrong values.
-    Beyond,
-}
-
-impl Budget {
-    /// The scenario-file spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Budget::Safety => "safety",
-            Budget::Beyond => "beyond",
-        }
-    }
-}
-
-/// Per-family random fault rates of a run; `None` is a disabled family (S2).
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct FaultRates {
-    /// F1: probability per read of marking a sector sticky-flipped.
-    pub f1: Option<f64>,
-    /// F2: probability per read of one transient flip.
-    pub f2: Option<f64>,
-    /// F3: probability per write of storing one sector corrupted.
-    pub f3: Option<f64>,
-    /// F4: probability per read of marking a latent sector error.
-    pub f4: Option<f64>,
-    /// F5: probability per write of failing it with EIO.
-    pub f5: Option<f64>,
-    /// F6: probability per write of misdirecting it.
-    pub f6: Option<f64>,
-    /// F7: probability per read of misdirecting it.
-    pub f7: Option<f64>,
-    /// F8: probability that a pending write survives a crash (None: all survive).
-    pub f8: Option<f64>,
-    /// F9: probability that a surviving pending write tears on a crash.
-    pub f9: Option<f64>,
-}
-
-/// Latency of one disk (V4, F10), in nanoseconds.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Latency {
-    /// Minimum read latency.
-    pub read_min_ns: u64,
-    /// Mean read latency (>= minimum).
-    pub read_mean_ns: u64,
-    /// Minimum write latency.
-    pub write_min_ns: u64,
-    /// Mean write latency.
-    pub write_mean_ns: u64,
-    /// F10: probability per op of a stall.
-    pub stall_p: f64,
-    /// F10: stall length range.
-    pub stall_ns: (u64, u64),
-    /// F10: slowdown factor of this disk (1: normal, 10..100: gray).
-    pub factor: u64,
-}
-
-impl Latency {
-    /// The liveness phase's latency: minimums only, no stalls (S6).
-    pub fn minimal(&self) -> Latency {
-        Latency {
-            read_mean_ns: self.read_min_ns,
-            write_mean_ns: self.write_min_ns,
-            stall_p: 0.0,
-            factor: 1,
-            ..self.clone()
-        }
-    }
-}
-
-/// The outcome of one child request, as the oracle sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ChildResult {
-    /// Succeeded; for reads, the digest of the returned bytes.
-    Ok(u64),
-    /// Failed with this kind.
-    Err(ErrorKind),
-}
-
-impl ChildResult {
-    /// The log entry of a request without data to report.
-    pub fn of(r: &Result<()>) -> ChildResult {
-        match r {
-            Ok(()) => ChildResult::Ok(0),
-            Err(e) => ChildResult::Err(e.kind()),
-        }
-    }
-}
-
-/// Kind of a child request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ChildKind {
-    /// Read.
-    Read,
-    /// Write (data digest in `data`).
-    Write,
-    /// Write-zeroes.
-    Zero,
-    /// Discard.
-    Discard,
-    /// Flush.
-    Flush,
-    /// Block status (`Ok` carries `zero << 63 | length`).
-    Status,
-}
-
-/// One child request logged against a guest op.
-#[derive(Debug, Clone)]
-pub struct ChildOp {
-    /// Child index.
-    pub disk: usize,
-    /// What it was.
-    pub kind: ChildKind,
-    /// Byte offset.
-    pub offset: u64,
-    /// Byte length.
-    pub len: u64,
-    /// Digest of the written data (writes only).
-    pub data: u64,
-    /// What the child answered.
-    pub result: ChildResult,
 }
 
 /// A scripted fault armed on one disk (scenario `fault` entries, C3).
