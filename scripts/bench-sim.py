@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import resource
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -48,10 +47,16 @@ def sweep(binary, tree, seeds, report):
     return wall, cpu, s
 
 
+def numbered(names, letter):
+    """The names of the form LETTER + number (F13, P4, I18), in numeric order."""
+    keep = [n for n in names if n[:1] == letter and n[1:].isdigit()]
+    return sorted(keep, key=lambda x: int(x[1:]))
+
+
 def coverage(s):
-    fams = sorted((k for k, v in s["faults_injected"].items() if v > 0), key=lambda x: int(x[1:]))
-    paths = sorted((k for k, v in s["recovery_paths"].items() if v > 0), key=lambda x: int(x[1:]))
-    checks = sorted(s["invariant_checks"], key=lambda x: (x[0], int(x[1:]) if x[1:].isdigit() else 0))
+    fams = numbered([k for k, v in s["faults_injected"].items() if v > 0], "F")
+    paths = numbered([k for k, v in s["recovery_paths"].items() if v > 0], "P")
+    checks = numbered(list(s["invariant_checks"]), "I") + numbered(list(s["invariant_checks"]), "R")
     return fams, paths, checks
 
 
@@ -68,6 +73,7 @@ def main():
                           capture_output=True, text=True).stdout.strip()
     wt = tempfile.mkdtemp(prefix="ballot-bench-sim.")
     scratch = tempfile.mkdtemp(prefix="ballot-bench-sim-out.")
+    print(f"summaries in {scratch}", file=sys.stderr)
     try:
         subprocess.run(["git", "worktree", "add", "--detach", wt, base], cwd=ROOT, check=True,
                        stdout=subprocess.DEVNULL)
@@ -83,7 +89,6 @@ def main():
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", wt], cwd=ROOT,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        shutil.rmtree(scratch, ignore_errors=True)
     ratios = sorted(r[0] / r[3] for r in rows)
     med = ratios[len(ratios) // 2]
     osum, nsum = rows[-1][2], rows[-1][5]

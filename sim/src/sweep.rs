@@ -155,24 +155,7 @@ pub fn cmd_sweep(args: &[String]) -> Result<i32, String> {
     let seeds = num(&c, "--seeds", 200)?;
     let from = num(&c, "--seed-from", 1)?;
     let jobs_n = num(&c, "--jobs", 2)? as usize;
-    let (shard_i, shard_n) = match flag(&c, "--shard") {
-        Some(s) => {
-            let (a, b) = s
-                .split_once('/')
-                .ok_or(format!("--shard '{s}': expected i/n"))?;
-            let (a, b): (u64, u64) = (
-                a.parse()
-                    .map_err(|_| format!("--shard '{s}': expected i/n"))?,
-                b.parse()
-                    .map_err(|_| format!("--shard '{s}': expected i/n"))?,
-            );
-            if a == 0 || a > b {
-                return Err(format!("--shard '{s}': need 1 <= i <= n"));
-            }
-            (a, b)
-        }
-        None => (1, 1),
-    };
+    let (shard_i, shard_n) = flag(&c, "--shard").map_or(Ok((1, 1)), parse_shard)?;
     let budget = flag(&c, "--time-budget").map(parse_time_ns).transpose()?;
     let dir = PathBuf::from(flag(&c, "--report").unwrap_or("reports/sweep"));
     let sdir = PathBuf::from(flag(&c, "--scenarios").unwrap_or("scenarios"));
@@ -186,33 +169,7 @@ pub fn cmd_sweep(args: &[String]) -> Result<i32, String> {
             ));
         }
     }
-    let mut jobs = Vec::new();
-    let mut index = 0usize;
-    for (path, sc) in &scenarios {
-        // A grid scenario runs at every point, `runs` seeds each (the same seeds everywhere).
-        let runs = sc.grid.as_ref().map_or(1, |g| g.runs);
-        let base = sc.seed.unwrap_or(index as u64);
-        for k in 0..sc.points() {
-            for r in 0..runs {
-                jobs.push(Job {
-                    index,
-                    scenario: sc.at_point(k),
-                    path: Some(path.clone()),
-                    seed: base.wrapping_add(r),
-                });
-                index += 1;
-            }
-        }
-    }
-    for k in 0..seeds {
-        jobs.push(Job {
-            index,
-            scenario: Scenario::swarm(),
-            path: None,
-            seed: from + k,
-        });
-        index += 1;
-    }
+    let mut jobs = sweep_jobs(&scenarios, seeds, from);
     jobs.retain(|j| (j.index as u64) % shard_n == shard_i - 1);
     println!(
         "ballot-sim {} commit={} sweep: {} scenario(s) + {} random seed(s) from {} = {} run(s) in this shard {}/{} with {} job(s)",
@@ -230,30 +187,7 @@ pub fn cmd_sweep(args: &[String]) -> Result<i32, String> {
     let results = run_jobs(jobs, jobs_n, false, budget, until_fail);
     let wall_s = wall.elapsed().as_secs_f64();
     let summary = summarize(&results, &args, wall_s, jobs_n);
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let json_path = dir.join("summary.json");
-    std::fs::write(
-        &json_path,
-        serde_json::to_string_pretty(&summary).unwrap_or_default(),
-    )
-    .map_err(|e| format!("{}: {e}", json_path.display()))?;
-    // U8: the Markdown and the plots, exactly as `report` writes them.
-    crate::report::write(&summary, &dir)?;
-    if let Some(path) = flag(&c, "--junit") {
-        // Issue 22 item 4: one test case per run, for a CI system's test report.
-        let cases: Vec<crate::junit::Case> = results
-            .iter()
-            .map(|(job, p, r)| crate::junit::Case {
-                scenario: job.scenario.name.clone(),
-                seed: p.seed,
-                wall_s: r.wall_s,
-                violation: r.violation.clone(),
-                reproduce: crate::console::reproduce(p.seed, job.path.as_deref(), &job.scenario),
-            })
-            .collect();
-        let xml = crate::junit::render("ballot-sim sweep", &cases, wall_s);
-        std::fs::write(path, xml).map_err(|e| format!("--junit {path}: {e}"))?;
-    }
+    write_outputs(&summary, &results, &dir, flag(&c, "--junit"), wall_s)?;
     let md_path = dir.join("summary.md");
     // Failures: print each in full (U7).
     let mut worst = 0;
@@ -287,6 +221,80 @@ pub fn cmd_sweep(args: &[String]) -> Result<i32, String> {
         md_path.display()
     );
     Ok(worst)
+}
+
+/// `--shard i/n`, checked.
+fn parse_shard(s: &str) -> Result<(u64, u64), String> {
+    let bad = || format!("--shard '{s}': expected i/n");
+    let (a, b) = s.split_once('/').ok_or_else(bad)?;
+    let (a, b): (u64, u64) = (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+    if a == 0 || a > b {
+        return Err(format!("--shard '{s}': need 1 <= i <= n"));
+    }
+    Ok((a, b))
+}
+
+/// The runs of the unsharded sweep, in order (U2): every scenario (a grid scenario at every
+/// point, `runs` seeds each, the same seeds everywhere), then `seeds` swarm seeds from `from`.
+fn sweep_jobs(scenarios: &[(String, Scenario)], seeds: u64, from: u64) -> Vec<Job> {
+    let mut jobs = Vec::new();
+    for (path, sc) in scenarios {
+        let runs = sc.grid.as_ref().map_or(1, |g| g.runs);
+        let base = sc.seed.unwrap_or(jobs.len() as u64);
+        for k in 0..sc.points() {
+            for r in 0..runs {
+                jobs.push(Job {
+                    index: jobs.len(),
+                    scenario: sc.at_point(k),
+                    path: Some(path.clone()),
+                    seed: base.wrapping_add(r),
+                });
+            }
+        }
+    }
+    for k in 0..seeds {
+        jobs.push(Job {
+            index: jobs.len(),
+            scenario: Scenario::swarm(),
+            path: None,
+            seed: from + k,
+        });
+    }
+    jobs
+}
+
+/// The summary's JSON, Markdown and plots in `dir` (U8, exactly as `report` writes the last
+/// two), and with `--junit` the JUnit report (U10).
+fn write_outputs(
+    summary: &Json,
+    results: &[(Job, Params, RunResult)],
+    dir: &Path,
+    junit: Option<&str>,
+    wall_s: f64,
+) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let json_path = dir.join("summary.json");
+    std::fs::write(
+        &json_path,
+        serde_json::to_string_pretty(summary).unwrap_or_default(),
+    )
+    .map_err(|e| format!("{}: {e}", json_path.display()))?;
+    crate::report::write(summary, dir)?;
+    if let Some(path) = junit {
+        let cases: Vec<crate::junit::Case> = results
+            .iter()
+            .map(|(job, p, r)| crate::junit::Case {
+                scenario: job.scenario.name.clone(),
+                seed: p.seed,
+                wall_s: r.wall_s,
+                violation: r.violation.clone(),
+                reproduce: crate::console::reproduce(p.seed, job.path.as_deref(), &job.scenario),
+            })
+            .collect();
+        let xml = crate::junit::render("ballot-sim sweep", &cases, wall_s);
+        std::fs::write(path, xml).map_err(|e| format!("--junit {path}: {e}"))?;
+    }
+    Ok(())
 }
 
 /// Exit-code severity: 3, then 1, then 2, then 4 (§10).
@@ -387,35 +395,7 @@ fn summarize(
             e.1 += 1;
             *violations_by_rule.entry(rule.clone()).or_default() += 1;
         }
-        runs.push(json!({
-            // The run's place in the unsharded sweep: `report` puts shards' runs back in order.
-            "index": job.index,
-            "seed": job.seed,
-            "scenario": job.scenario.name,
-            "parameters": {
-                "topology": if p.colo.is_some() { "colo" } else if p.image.is_some() { "image" } else { "quorum" },
-                "transport": if p.nbd.is_some() { "nbd" } else { "local" },
-                "children": p.children, "vote_threshold": p.threshold,
-                "read_pattern": if p.fifo { "fifo" } else { "quorum" },
-                "rewrite_corrupted": p.rewrite, "budget": p.budget.as_str(),
-                "disk_size": p.disk_size, "ops": p.ops, "queue_depth": p.queue_depth,
-                "families": p.families, "config": p.config_id(),
-                "child_image": p.child_image.is_some(),
-            },
-            "outcome": if r.violation.is_some() { "fail" } else { "pass" },
-            "violated_rule": r.violation.as_ref().map(|(k, _)| k.clone()),
-            "message": r.violation.as_ref().map(|(_, m)| m.clone()),
-            "ops": r.ops, "child_ops": r.child_ops,
-            "virtual_s": r.virtual_s, "wall_s": r.wall_s,
-            "trace_hash": r.trace_hash,
-            "faults": r.injected, "skipped": r.skipped, "paths": r.paths,
-            "outcomes": r.outcomes,
-            "grid": job.scenario.point_index.map(|(case, level)| json!({
-                "case": case + 1, "level": level + 1,
-                "pins": job.scenario.point.iter().map(|(k, v)| (k.clone(), v.to_string())).collect::<BTreeMap<String, String>>(),
-            })),
-            "crashes": r.crashes, "safety_errors": r.safety_errors,
-        }));
+        runs.push(run_json(job, p, r));
     }
     ratios.sort_by(|a, b| a.total_cmp(b));
     let median_ratio = ratios.get(ratios.len() / 2).copied().unwrap_or(0.0);
@@ -466,6 +446,39 @@ fn summarize(
             "families": families, "paths": PATHS, "gaps": gaps,
         },
         "runs": runs,
+    })
+}
+
+/// One run of a sweep as its summary lists it.
+fn run_json(job: &Job, p: &Params, r: &RunResult) -> Json {
+    json!({
+        // The run's place in the unsharded sweep: `report` puts shards' runs back in order.
+        "index": job.index,
+        "seed": job.seed,
+        "scenario": job.scenario.name,
+        "parameters": {
+            "topology": if p.colo.is_some() { "colo" } else if p.image.is_some() { "image" } else { "quorum" },
+            "transport": if p.nbd.is_some() { "nbd" } else { "local" },
+            "children": p.children, "vote_threshold": p.threshold,
+            "read_pattern": if p.fifo { "fifo" } else { "quorum" },
+            "rewrite_corrupted": p.rewrite, "budget": p.budget.as_str(),
+            "disk_size": p.disk_size, "ops": p.ops, "queue_depth": p.queue_depth,
+            "families": p.families, "config": p.config_id(),
+            "child_image": p.child_image.is_some(),
+        },
+        "outcome": if r.violation.is_some() { "fail" } else { "pass" },
+        "violated_rule": r.violation.as_ref().map(|(k, _)| k.clone()),
+        "message": r.violation.as_ref().map(|(_, m)| m.clone()),
+        "ops": r.ops, "child_ops": r.child_ops,
+        "virtual_s": r.virtual_s, "wall_s": r.wall_s,
+        "trace_hash": r.trace_hash,
+        "faults": r.injected, "skipped": r.skipped, "paths": r.paths,
+        "outcomes": r.outcomes,
+        "grid": job.scenario.point_index.map(|(case, level)| json!({
+            "case": case + 1, "level": level + 1,
+            "pins": job.scenario.point.iter().map(|(k, v)| (k.clone(), v.to_string())).collect::<BTreeMap<String, String>>(),
+        })),
+        "crashes": r.crashes, "safety_errors": r.safety_errors,
     })
 }
 
