@@ -177,33 +177,37 @@ pub(crate) fn on_qmp_event(w: &World, e: &Event) {
     }
 }
 
+/// I17's bookkeeping as a resync run begins: its sectors beyond the budget now, and those a
+/// power cut's recovery may have filled from a silent fault, are the faults' from now on.
+fn note_copy_excused(w: &World, offset: u64, len: u64) {
+    let (s0, s1) = (offset / SECTOR_U64, (offset + len).div_ceil(SECTOR_U64));
+    let over = w.disks.excused_in(s0..s1);
+    let silent_all = w.disks.silently_damaged();
+    let q = w.lock().quorum.clone();
+    let spg = GRANULE / SECTOR_U64;
+    let mut st = w.lock();
+    let ex = &mut st.heal.copy_excused;
+    ex.retain(|s| !(s0..s1).contains(s));
+    ex.extend(over.range(s0..s1));
+    // A power cut's granules beyond the budget: the recovery takes some child's copy
+    // (H22), which can be a silent fault's; the sector is the faults' from now on.
+    // Likewise where a silent fault sits on some child: with the cut's split there may be
+    // no version on t good copies, and the re-read cannot tell the fault's bytes apart.
+    let lost: Vec<u64> = over
+        .range(s0..s1)
+        .chain(silent_all.range(s0..s1))
+        .copied()
+        .filter(|s| q.as_ref().is_some_and(|q| q.recovering(s / spg)))
+        .collect();
+    ex.extend(lost.iter().copied());
+    st.oracle.recovered_any.extend(lost);
+}
+
 /// A resync run `[offset, offset + len)` is held and about to be read: F26 (a voter's copy
 /// flips or fails before it is read), F27 (a guest write aimed at the run) and F25 (the
 /// target is cut off, crashed or reformatted while the copy is in flight).
 fn copying(w: &Arc<World>, offset: u64, len: u64) {
-    {
-        let (s0, s1) = (offset / SECTOR_U64, (offset + len).div_ceil(SECTOR_U64));
-        let over = w.disks.excused_in(s0..s1);
-        let silent_all = w.disks.silently_damaged();
-        let q = w.lock().quorum.clone();
-        let spg = GRANULE / SECTOR_U64;
-        let mut st = w.lock();
-        let ex = &mut st.heal.copy_excused;
-        ex.retain(|s| !(s0..s1).contains(s));
-        ex.extend(over.range(s0..s1));
-        // A power cut's granules beyond the budget: the recovery takes some child's copy
-        // (H22), which can be a silent fault's; the sector is the faults' from now on.
-        // Likewise where a silent fault sits on some child: with the cut's split there may be
-        // no version on t good copies, and the re-read cannot tell the fault's bytes apart.
-        let lost: Vec<u64> = over
-            .range(s0..s1)
-            .chain(silent_all.range(s0..s1))
-            .copied()
-            .filter(|s| q.as_ref().is_some_and(|q| q.recovering(s / spg)))
-            .collect();
-        ex.extend(lost.iter().copied());
-        st.oracle.recovered_any.extend(lost);
-    }
+    note_copy_excused(w, offset, len);
     if !w.in_safety() {
         return;
     }

@@ -1245,7 +1245,6 @@ async fn liveness(w: &Arc<World>, _start: tokio::time::Instant) {
         return;
     };
     let dev: Device = q.clone();
-    let chunk = SCRUB_CHUNK_BYTES;
     let size = w.p.disk_size;
     // HEALING.md H27, I12: the resync job (what the quorum knows is stale) and a verify with
     // repair (what it does not: silent corruption, lost writes, a crash of the quorum host)
@@ -1263,77 +1262,12 @@ async fn liveness(w: &Arc<World>, _start: tokio::time::Instant) {
     if w.failed() {
         return;
     }
-    let scrub = |w: Arc<World>, dev: Device| async move {
-        let mut off = 0;
-        while off < size && !w.failed() {
-            let len = chunk.min(size - off);
-            checked_read(&w, &dev, off, len).await;
-            off += len;
-        }
-    };
-    scrub(w.clone(), dev.clone()).await;
+    scrub(w, &dev).await;
     if w.failed() {
         return;
     }
-    if w.p.rewrite && !w.p.fifo {
-        let (over, latent) = w.excused_sectors();
-        let skip = w.lock().unrepairable.clone();
-        let div: Vec<u64> = w
-            .disks
-            .divergent_sectors_in(0..size / SECTOR_U64, |c, s| skip.contains(&(c, s)))
-            .into_iter()
-            .filter(|s| !over.contains(s) && !latent.contains(s))
-            .collect();
-        *w.lock().oracle.tally.checks.entry("I6").or_default() += 1;
-        if let Some(s) = div.first() {
-            w.violate(Violation {
-                rule: "I6",
-                op: 0,
-                sector: Some(*s),
-                message: format!(
-                    "after a scrub with rewrite-corrupted the readable children still differ on {} sector(s), first {s}:{}",
-                    div.len(),
-                    w.disks.describe_sector(*s)
-                ),
-            });
-            return;
-        }
-        let before = w.lock().all_events.len();
-        scrub(w.clone(), dev.clone()).await;
-        // A request that covers a sector whose copies broke B2 (excused above: over budget
-        // or latent) may still report a mismatch there; NBD timeouts can leave t stale copies
-        // that agree (B7) without any injection.
-        let (over, latent) = w.excused_sectors();
-        let excused = |a: u64, n: u64| {
-            over.iter()
-                .chain(latent.iter())
-                .any(|s| (a..a + n).contains(s))
-        };
-        let mismatch: Vec<String> = w.lock().all_events[before..]
-            .iter()
-            .filter_map(|e| match e {
-                Event::QuorumReportBad {
-                    io: IoType::Read,
-                    error: None,
-                    node_name,
-                    sector_num,
-                    sectors_count,
-                } if !excused(*sector_num, *sectors_count) => {
-                    Some(format!("{node_name}@{sector_num}"))
-                }
-                _ => None,
-            })
-            .collect();
-        if let Some(m) = mismatch.first() {
-            w.fail(
-                "I6",
-                format!(
-                    "a second scrub still reported {} mismatch(es), first {m}",
-                    mismatch.len()
-                ),
-            );
-            return;
-        }
+    if w.p.rewrite && !w.p.fifo && !scrubs_repaired(w, &dev).await {
+        return;
     }
     // Verify workload: writes, reads and flushes without faults.
     for i in 0..48u64 {
@@ -1355,8 +1289,82 @@ async fn liveness(w: &Arc<World>, _start: tokio::time::Instant) {
         }
     }
     // Final full read (I4).
-    scrub(w.clone(), dev.clone()).await;
+    scrub(w, &dev).await;
     *w.lock().oracle.tally.checks.entry("I4").or_default() += 1;
+}
+
+/// Reads the whole disk through the quorum in scrub-sized requests, each checked (I1).
+async fn scrub(w: &Arc<World>, dev: &Device) {
+    let size = w.p.disk_size;
+    let mut off = 0;
+    while off < size && !w.failed() {
+        let len = SCRUB_CHUNK_BYTES.min(size - off);
+        checked_read(w, dev, off, len).await;
+        off += len;
+    }
+}
+
+/// I6 with rewrite-corrupted: after the first scrub the readable children agree wherever the
+/// budget held, and a second scrub reports no mismatch there. False after a violation.
+async fn scrubs_repaired(w: &Arc<World>, dev: &Device) -> bool {
+    let size = w.p.disk_size;
+    let (over, latent) = w.excused_sectors();
+    let skip = w.lock().unrepairable.clone();
+    let div: Vec<u64> = w
+        .disks
+        .divergent_sectors_in(0..size / SECTOR_U64, |c, s| skip.contains(&(c, s)))
+        .into_iter()
+        .filter(|s| !over.contains(s) && !latent.contains(s))
+        .collect();
+    *w.lock().oracle.tally.checks.entry("I6").or_default() += 1;
+    if let Some(s) = div.first() {
+        w.violate(Violation {
+            rule: "I6",
+            op: 0,
+            sector: Some(*s),
+            message: format!(
+                "after a scrub with rewrite-corrupted the readable children still differ on {} sector(s), first {s}:{}",
+                div.len(),
+                w.disks.describe_sector(*s)
+            ),
+        });
+        return false;
+    }
+    let before = w.lock().all_events.len();
+    scrub(w, dev).await;
+    // A request that covers a sector whose copies broke B2 (excused above: over budget
+    // or latent) may still report a mismatch there; NBD timeouts can leave t stale copies
+    // that agree (B7) without any injection.
+    let (over, latent) = w.excused_sectors();
+    let excused = |a: u64, n: u64| {
+        over.iter()
+            .chain(latent.iter())
+            .any(|s| (a..a + n).contains(s))
+    };
+    let mismatch: Vec<String> = w.lock().all_events[before..]
+        .iter()
+        .filter_map(|e| match e {
+            Event::QuorumReportBad {
+                io: IoType::Read,
+                error: None,
+                node_name,
+                sector_num,
+                sectors_count,
+            } if !excused(*sector_num, *sectors_count) => Some(format!("{node_name}@{sector_num}")),
+            _ => None,
+        })
+        .collect();
+    if let Some(m) = mismatch.first() {
+        w.fail(
+            "I6",
+            format!(
+                "a second scrub still reported {} mismatch(es), first {m}",
+                mismatch.len()
+            ),
+        );
+        return false;
+    }
+    true
 }
 
 /// I12: after the resync, the children agree on every sector and no out-of-sync granule is
