@@ -129,6 +129,12 @@ struct Op {
     durable: bool,
 }
 
+/// Whether write `op` is overwritten for a read that `latest` overwriter precedes
+/// ([`Oracle::latest_overwriter`]): it completed before that overwriter was invoked.
+fn overwritten(op: &Op, latest: Option<u64>) -> bool {
+    matches!((op.cmp, latest), (Some(c), Some(inv2)) if c < inv2)
+}
+
 /// Counters of outcomes and recovery paths (for the sweep report and I15).
 #[derive(Debug, Clone, Default)]
 pub struct Tally {
@@ -421,11 +427,7 @@ impl Oracle {
             if op.inv >= b {
                 continue;
             }
-            let overwritten = match (op.cmp, latest) {
-                (Some(c), Some(inv2)) => c < inv2,
-                _ => false,
-            };
-            if !overwritten {
+            if !overwritten(op, latest) {
                 allowed.push(v);
             }
         }
@@ -443,9 +445,7 @@ impl Oracle {
         let latest = self.latest_overwriter(s, list, now);
         list.iter().any(|&id| {
             let op = &self.ops[&id];
-            op.inv < now
-                && self.value_of(id, s) == v
-                && !matches!((op.cmp, latest), (Some(c), Some(inv2)) if c < inv2)
+            op.inv < now && self.value_of(id, s) == v && !overwritten(op, latest)
         })
     }
 

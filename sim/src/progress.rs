@@ -1,10 +1,12 @@
 //! The sweep's progress line (issue 22 item 4): runs done of the total, violations so far,
 //! guest operations per wall-second and the time left, redrawn in place on a terminal and
 //! silent otherwise (a CI log gets the per-run lines only). Depends on nothing else in the
-//! simulator.
+//! simulator but a unit formatter.
 
 use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
+
+use crate::units::thousands;
 
 /// Progress of a sweep of `total` runs.
 #[derive(Debug)]
@@ -127,19 +129,6 @@ impl Progress {
     }
 }
 
-/// 1234567 as "1,234,567".
-fn thousands(n: u64) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -165,11 +154,7 @@ mod tests {
     }
 
     #[test]
-    fn thousands_and_clock_read_as_people_write_them() {
-        assert_eq!(thousands(0), "0");
-        assert_eq!(thousands(999), "999");
-        assert_eq!(thousands(1000), "1,000");
-        assert_eq!(thousands(1_234_567), "1,234,567");
+    fn clock_reads_as_people_write_it() {
         assert_eq!(clock(Duration::from_secs(59)), "59s");
         assert_eq!(clock(Duration::from_secs(61)), "1m01s");
         assert_eq!(clock(Duration::from_secs(3_725)), "1h02m");

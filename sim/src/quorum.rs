@@ -1157,9 +1157,8 @@ async fn run_op(
     };
     w.span(id, start_ns, kind, &r);
     let children = w.disks.take_oplog(id);
-    let excused = judge
-        && w.disks
-            .any_excused_in(offset / SECTOR_U64..(offset + len).div_ceil(SECTOR_U64));
+    let op_sectors = offset / SECTOR_U64..(offset + len).div_ceil(SECTOR_U64);
+    let excused = judge && !w.disks.excused_in(op_sectors).is_empty();
     let faulted = w.disks.any_injected();
     let violations = {
         let mut st = w.lock();

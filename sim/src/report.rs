@@ -18,6 +18,8 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 use serde_json::{json, Value as Json};
 
+use crate::units::thousands;
+
 /// Summary schema versions this renderer reads (1 lacks latency and fault outcomes).
 const SCHEMAS: [u64; 2] = [1, 2];
 
@@ -73,14 +75,7 @@ pub fn cmd_report(args: &[String]) -> Result<i32, String> {
     }
     let merged = merge(parts)?;
     // The merged summary as JSON too, so merges can be compared and merged again.
-    std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
-    let json_path = out.join("summary.json");
-    std::fs::write(
-        &json_path,
-        serde_json::to_string_pretty(&merged).unwrap_or_default(),
-    )
-    .map_err(|e| format!("{}: {e}", json_path.display()))?;
-    println!("wrote {}", json_path.display());
+    println!("wrote {}", write_json(&merged, &out)?.display());
     let written = write(&merged, &out)?;
     for p in written {
         println!("wrote {}", p.display());
@@ -266,6 +261,15 @@ struct Plot {
     title: &'static str,
     caption: String,
     svg: String,
+}
+
+/// Writes the summary itself, `DIR/summary.json` (U8); returns its path.
+pub fn write_json(s: &Json, dir: &Path) -> Result<PathBuf, String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let path = dir.join("summary.json");
+    std::fs::write(&path, serde_json::to_string_pretty(s).unwrap_or_default())
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(path)
 }
 
 /// Writes `dir/summary.md` and the plots; returns the paths written.
@@ -522,18 +526,6 @@ fn fault_outcome_plot(s: &Json) -> Result<Option<Plot>, String> {
             .into(),
         svg,
     }))
-}
-
-fn thousands(n: u64) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, ch) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(ch);
-    }
-    out
 }
 
 /// A run's fault rate (non-slow faults per 1000 child requests) and fraction of reads served.

@@ -272,13 +272,7 @@ fn write_outputs(
     junit: Option<&str>,
     wall_s: f64,
 ) -> Result<(), String> {
-    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let json_path = dir.join("summary.json");
-    std::fs::write(
-        &json_path,
-        serde_json::to_string_pretty(summary).unwrap_or_default(),
-    )
-    .map_err(|e| format!("{}: {e}", json_path.display()))?;
+    crate::report::write_json(summary, dir)?;
     crate::report::write(summary, dir)?;
     if let Some(path) = junit {
         let cases: Vec<crate::junit::Case> = results

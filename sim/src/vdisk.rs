@@ -781,20 +781,6 @@ impl DiskSet {
         (over, latent)
     }
 
-    /// Whether any sector of `range` is excused ([`DiskSet::excused_sectors`]), looking at the
-    /// marks and latent errors in `range` only (a guest op's judgement, once per op).
-    pub fn any_excused_in(&self, range: Range<u64>) -> bool {
-        let g = self.lock();
-        g.disks.iter().any(|d| {
-            d.marks
-                .range(range.clone())
-                .any(|(&s, _)| !g.within_budget(s, None))
-                || d.sticky
-                    .range(range.clone())
-                    .any(|(_, k)| *k == Sticky::Latent)
-        })
-    }
-
     /// The excused sectors ([`DiskSet::excused_set`]) within `range`, looking there only.
     pub fn excused_in(&self, range: Range<u64>) -> BTreeSet<u64> {
         let g = self.lock();
