@@ -21,6 +21,8 @@ use ballot::events::{Event, EventBus, IoType, Stream};
 use ballot::host::Host;
 use ballot::{BlockDevice, Device, ErrorKind};
 
+use ballot_sim::votemodel::{self, VoteRules};
+
 use crate::child::{Faults, FaultyChild};
 
 /// Each child's length: two 64 KiB out-of-sync granules and a shorter third.
@@ -67,20 +69,8 @@ pub struct VoteCase {
     pub reads: Vec<ReadCase>,
 }
 
-/// An event as the model predicts it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Ev {
-    /// `QUORUM_REPORT_BAD` for child `child`, with `error` for an I/O error, none for a
-    /// mismatch.
-    Bad {
-        /// Child index.
-        child: usize,
-        /// The error kind.
-        error: Option<ErrorKind>,
-    },
-    /// `QUORUM_FAILURE`.
-    Failure,
-}
+/// An event as the model predicts it: the shared vote model's ([`ballot_sim::votemodel`]).
+pub use ballot_sim::votemodel::Event as Ev;
 
 /// What a read must do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,21 +85,8 @@ pub struct Verdict {
     pub fatal: bool,
 }
 
-/// Q20's error vote, stated independently: the kind reported by the most children; among
-/// kinds with that count, the one first reported by the latest child.
-pub fn model_error_vote(errors: &[ErrorKind]) -> ErrorKind {
-    let mut best: Option<(usize, usize, ErrorKind)> = None; // (count, first index, kind)
-    for (i, k) in errors.iter().enumerate() {
-        if errors[..i].contains(k) {
-            continue;
-        }
-        let count = errors.iter().filter(|x| *x == k).count();
-        if best.is_none_or(|(c, f, _)| (count, i) > (c, f)) {
-            best = Some((count, i, *k));
-        }
-    }
-    best.map_or(ErrorKind::Io, |(_, _, k)| k)
-}
+/// Q20's error vote: the shared vote model's.
+pub use ballot_sim::votemodel::error_vote as model_error_vote;
 
 /// Q7–Q12 in QUORUM.md §3's order: the message a configuration is refused with.
 pub fn model_validate(
@@ -150,7 +127,6 @@ pub fn model_read(
     answers: &[Result<Vec<u8>, ErrorKind>],
     stale: &[bool],
 ) -> Verdict {
-    let mut events = Vec::new();
     let n = answers.len();
     let in_sync: Vec<usize> = (0..n).filter(|&i| !stale[i]).collect();
     // In-sync children first, then the others (fifo's last resort, or a quorum read whose
@@ -167,123 +143,24 @@ pub fn model_read(
     } else {
         in_sync
     };
-    let answers: Vec<(usize, &Result<Vec<u8>, ErrorKind>)> =
-        order.iter().map(|&i| (i, &answers[i])).collect();
-    if fifo {
-        // Q29–Q32: children in order until one answers; errors reported as they come.
-        let mut last = ErrorKind::Io;
-        for (k, &(child, a)) in answers.iter().enumerate() {
-            match a {
-                Ok(d) => {
-                    let rewrites = if rewrite {
-                        answers[..k].iter().map(|(i, _)| *i).collect()
-                    } else {
-                        Vec::new()
-                    };
-                    return Verdict {
-                        result: Ok(d.clone()),
-                        events,
-                        rewrites,
-                        fatal: false,
-                    };
-                }
-                Err(e) => {
-                    events.push(Ev::Bad {
-                        child,
-                        error: Some(*e),
-                    });
-                    last = *e;
-                }
-            }
-        }
-        return Verdict {
-            result: Err(last),
-            events,
-            rewrites: Vec::new(),
-            fatal: false,
-        };
-    }
-    // Q20 counts in child order, whatever order the children were read in.
-    let mut by_child = answers.clone();
-    by_child.sort_by_key(|(i, _)| *i);
-    let errors: Vec<ErrorKind> = by_child
-        .iter()
-        .filter_map(|(_, a)| a.as_ref().err())
-        .copied()
-        .collect();
-    for &(i, a) in &answers {
-        if let Err(e) = a {
-            events.push(Ev::Bad {
-                child: i,
-                error: Some(*e),
-            });
-        }
-    }
-    let fail = |mut events: Vec<Ev>, kind| {
-        events.push(Ev::Failure);
-        Verdict {
-            result: Err(kind),
-            events,
-            rewrites: Vec::new(),
-            fatal: false,
-        }
+    let answers: Vec<(usize, Result<Vec<u8>, ErrorKind>)> =
+        order.iter().map(|&i| (i, answers[i].clone())).collect();
+    // The vote itself is the model the simulator's oracle uses too.
+    let rules = VoteRules {
+        threshold,
+        rewrite,
+        blkverify,
     };
-    let mut ok: Vec<(usize, &Vec<u8>)> = answers
-        .iter()
-        .filter_map(|&(i, a)| a.as_ref().ok().map(|d| (i, d)))
-        .collect();
-    ok.sort_by_key(|(i, _)| *i);
-    if ok.len() < threshold {
-        return fail(events, model_error_vote(&errors)); // Q18
-    }
-    // Versions by content, in order of their first member (Q22).
-    let mut versions: Vec<(&Vec<u8>, Vec<usize>)> = Vec::new();
-    for (i, d) in &ok {
-        match versions.iter_mut().find(|(v, _)| v == d) {
-            Some((_, m)) => m.push(*i),
-            None => versions.push((d, vec![*i])),
-        }
-    }
-    if versions.len() == 1 {
-        return Verdict {
-            result: Ok(versions[0].0.clone()),
-            events,
-            rewrites: Vec::new(),
-            fatal: false,
-        };
-    }
-    if blkverify {
-        // Q33, D6: a mismatch ends the process; the request fails.
-        return Verdict {
-            result: Err(ErrorKind::Io),
-            events,
-            rewrites: Vec::new(),
-            fatal: true,
-        };
-    }
-    let top = versions.iter().map(|(_, m)| m.len()).max().unwrap_or(0);
-    let leaders: Vec<&(&Vec<u8>, Vec<usize>)> =
-        versions.iter().filter(|(_, m)| m.len() == top).collect();
-    if leaders.len() > 1 || top < threshold {
-        return fail(events, ErrorKind::Io); // Q23/D1, Q24
-    }
-    let (data, members) = leaders[0];
-    let losers: Vec<usize> = ok
-        .iter()
-        .map(|(i, _)| *i)
-        .filter(|i| !members.contains(i))
-        .collect();
-    for &i in &losers {
-        events.push(Ev::Bad {
-            child: i,
-            error: None,
-        });
-    }
+    let v = if fifo {
+        votemodel::fifo(rules, &answers)
+    } else {
+        votemodel::quorum(rules, &answers)
+    };
     Verdict {
-        result: Ok((*data).clone()),
-        events,
-        rewrites: if rewrite { losers } else { Vec::new() },
-        fatal: false,
+        result: v.result,
+        events: v.events,
+        rewrites: v.rewrites,
+        fatal: v.fatal,
     }
 }
 

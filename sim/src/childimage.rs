@@ -20,6 +20,7 @@
 //! what each child's image holds at that sector beside the model's current, flushed and
 //! pending values.
 
+use crate::ids::{Fault, Rule};
 use std::future::Future;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
@@ -38,7 +39,7 @@ use crate::params::ChildImageParams;
 use crate::sector::{decode, encode_into, Decoded, Stored, Value, SECTOR, SECTOR_U64};
 
 /// A violated rule and its message.
-pub(crate) type Fail = (&'static str, String);
+pub(crate) type Fail = (Rule, String);
 
 /// Whether the node of a generation is open yet.
 enum State {
@@ -190,7 +191,7 @@ impl ChildImage {
             };
             create(&self.disk.lane(), &opts)
                 .await
-                .map_err(|e| ("harness", format!("{}: create: {e}", self.what)))?;
+                .map_err(|e| (Rule::Harness, format!("{}: create: {e}", self.what)))?;
             *guard = State::Closed;
         }
         if matches!(*guard, State::Closed) {
@@ -202,7 +203,7 @@ impl ChildImage {
                 false,
             )
             .await
-            .map_err(|e| ("I21", format!("{} does not open: {e}", self.what)))?;
+            .map_err(|e| (Rule::I21, format!("{} does not open: {e}", self.what)))?;
             *guard = State::Open(Arc::new(q));
         }
         Ok(Held { guard, generation })
@@ -250,7 +251,7 @@ impl ChildImage {
         };
         r.map_err(|e| {
             (
-                "I21",
+                Rule::I21,
                 format!("{}: a write at sector {first} failed: {e}", self.what),
             )
         })?;
@@ -265,7 +266,7 @@ impl ChildImage {
         Self::node(h)
             .flush()
             .await
-            .map_err(|e| ("I21", format!("{}: a flush failed: {e}", self.what)))
+            .map_err(|e| (Rule::I21, format!("{}: a flush failed: {e}", self.what)))
     }
 
     /// The image's sectors `range`.
@@ -276,7 +277,7 @@ impl ChildImage {
             .await
             .map_err(|e| {
                 (
-                    "I21",
+                    Rule::I21,
                     format!(
                         "{}: a read at sector {} failed: {e}",
                         self.what, range.start
@@ -296,8 +297,8 @@ impl ChildImage {
         self.disk.cut(f8, f9);
         let after = self.disk.injected();
         let delta =
-            |k: &str| after.get(k).copied().unwrap_or(0) - before.get(k).copied().unwrap_or(0);
-        let (lost, torn) = (delta("F8"), delta("F9"));
+            |k: Fault| after.get(&k).copied().unwrap_or(0) - before.get(&k).copied().unwrap_or(0);
+        let (lost, torn) = (delta(Fault::F8), delta(Fault::F9));
         let file: Device = Arc::new(MemoryDevice::with_contents(self.disk.durable_bytes()));
         let backing = self.backing();
         let sectors = self.sectors;
@@ -305,18 +306,21 @@ impl ChildImage {
         let node = self.node.clone();
         let leaked = &self.leaked;
         let checked = async move {
-            let h = Qcow2::read_header(&file, &what)
-                .await
-                .map_err(|e| ("I21", format!("after a crash {what} does not open: {e}")))?;
+            let h = Qcow2::read_header(&file, &what).await.map_err(|e| {
+                (
+                    Rule::I21,
+                    format!("after a crash {what} does not open: {e}"),
+                )
+            })?;
             let report = check(&file, &h).await.map_err(|e| {
                 (
-                    "I22",
+                    Rule::I22,
                     format!("after a crash the check of {what} failed: {e}"),
                 )
             })?;
             if !report.is_consistent() {
                 return Err((
-                    "I22",
+                    Rule::I22,
                     format!(
                         "after a crash {what} has refcounts below references: {}",
                         report.messages.join("; ")
@@ -325,11 +329,21 @@ impl ChildImage {
             }
             let q = open_named(&file, &backing, &node, &what, true)
                 .await
-                .map_err(|e| ("I21", format!("after a crash {what} does not open: {e}")))?;
+                .map_err(|e| {
+                    (
+                        Rule::I21,
+                        format!("after a crash {what} does not open: {e}"),
+                    )
+                })?;
             let all = q
                 .read(0, (sectors * SECTOR_U64) as usize)
                 .await
-                .map_err(|e| ("I21", format!("after a crash {what} does not read: {e}")))?;
+                .map_err(|e| {
+                    (
+                        Rule::I21,
+                        format!("after a crash {what} does not read: {e}"),
+                    )
+                })?;
             if report.leaks > 0 {
                 leaked.store(true, std::sync::atomic::Ordering::Relaxed);
             }
@@ -342,7 +356,7 @@ impl ChildImage {
         };
         poll_now(checked).unwrap_or_else(|| {
             Err((
-                "harness",
+                Rule::Harness,
                 format!("the crash check of {} waited", self.what),
             ))
         })
@@ -369,7 +383,7 @@ impl ChildImage {
         let got = self.read(&h, 0..self.sectors).await?;
         if let Some(s) = (0..got.len()).find(|&s| got[s] != model[s]) {
             return Err((
-                "I21",
+                Rule::I21,
                 format!(
                     "at the end {} holds {:?} at sector {s}, the child {:?}",
                     self.what, got[s], model[s]
@@ -379,14 +393,14 @@ impl ChildImage {
         let file: Device = Arc::new(MemoryDevice::with_contents(self.disk.durable_bytes()));
         let hdr = Qcow2::read_header(&file, &self.what)
             .await
-            .map_err(|e| ("I21", format!("{}: {e}", self.what)))?;
+            .map_err(|e| (Rule::I21, format!("{}: {e}", self.what)))?;
         let report = check(&file, &hdr)
             .await
-            .map_err(|e| ("I22", format!("{}: check failed: {e}", self.what)))?;
+            .map_err(|e| (Rule::I22, format!("{}: check failed: {e}", self.what)))?;
         let leaks_allowed = self.leaked.load(std::sync::atomic::Ordering::Relaxed);
         if !report.is_consistent() || (report.leaks > 0 && !leaks_allowed) {
             return Err((
-                "I22",
+                Rule::I22,
                 format!(
                     "at the end, flushed, {} does not check clean: {} corruptions, {} leaks: {}",
                     self.what,

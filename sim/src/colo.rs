@@ -20,6 +20,7 @@
 //! Disks here are plain in-memory devices with seeded latency and a write-failure switch: the
 //! local disk faults F1–F11 are the quorum topology's subject; here faults are COLO races.
 
+use crate::ids::{Fault, Path, Rule, Violation};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -197,7 +198,7 @@ impl Tap {
         let stopped = self.w.lock().stop_at_ns;
         if let Some(t) = stopped {
             self.w.fail(
-                "I11",
+                Rule::I11,
                 format!("a forwarded write [{offset}, +{len}) landed on S after the secondary's stop at {t} ns"),
             );
         }
@@ -269,14 +270,14 @@ struct St {
     svm: Guest,
     paused: bool,
     stop_at_ns: Option<u64>,
-    injected: BTreeMap<String, u64>,
-    paths: BTreeMap<String, u64>,
-    checks: BTreeMap<String, u64>,
+    injected: BTreeMap<Fault, u64>,
+    paths: BTreeMap<Path, u64>,
+    checks: BTreeMap<Rule, u64>,
     outcomes: BTreeMap<String, u64>,
     /// Completed PVM and SVM ops and fault marks, for the report (not traced).
     spans: Vec<OpSpan>,
     marks: Vec<FaultMark>,
-    violation: Option<(String, String)>,
+    violation: Option<Violation>,
     jobs_completed: u64,
     /// Set by the secondary host once built.
     overlays: Option<(Layer, Layer)>,
@@ -297,8 +298,8 @@ pub(crate) struct Colo {
     changed: tokio::sync::Notify,
 }
 
-fn bump(m: &mut BTreeMap<String, u64>, k: &str) {
-    *m.entry(k.to_string()).or_default() += 1;
+fn bump<K: Ord>(m: &mut BTreeMap<K, u64>, k: K) {
+    *m.entry(k).or_default() += 1;
 }
 
 impl Colo {
@@ -333,7 +334,7 @@ impl Colo {
         self.trace.lock().unwrap_or_else(|p| p.into_inner()).push(r);
     }
 
-    fn fail(&self, rule: &str, message: String) {
+    fn fail(&self, rule: Rule, message: String) {
         self.trace(
             "oracle",
             "violation",
@@ -344,7 +345,7 @@ impl Colo {
         );
         let mut st = self.lock();
         if st.violation.is_none() {
-            st.violation = Some((rule.to_string(), message));
+            st.violation = Some(Violation::new(rule, message));
         }
         drop(st);
         self.changed.notify_waiters();
@@ -354,7 +355,7 @@ impl Colo {
         self.lock().violation.is_some()
     }
 
-    fn inject(&self, f: &'static str, note: &str) {
+    fn inject(&self, f: Fault, note: &str) {
         let t_ns = self.start.elapsed().as_nanos() as u64;
         let mut st = self.lock();
         bump(&mut st.injected, f);
@@ -369,11 +370,11 @@ impl Colo {
         self.trace("ham", "fault", 0, (0, 0), 0, format!("{f} {note}"));
     }
 
-    fn path(&self, p: &str) {
+    fn path(&self, p: Path) {
         bump(&mut self.lock().paths, p);
     }
 
-    fn check(&self, rule: &str) {
+    fn check(&self, rule: Rule) {
         bump(&mut self.lock().checks, rule);
     }
 
@@ -580,11 +581,11 @@ async fn secondary_main(w: Arc<Colo>) {
     .await;
     let port = match built {
         Ok(p) => p,
-        Err(e) => return w.fail("harness", format!("colo-s graph: {e}")),
+        Err(e) => return w.fail(Rule::Harness, format!("colo-s graph: {e}")),
     };
     let get = |n: &str| g.get(n).and_then(|x| x.layer());
     let (Some(a), Some(h)) = (get("active0"), get("hidden0")) else {
-        return w.fail("harness", "colo-s: overlays missing".into());
+        return w.fail(Rule::Harness, "colo-s: overlays missing".into());
     };
     let view = g.get("colo-disk0").map(|n| n.dev.clone());
     {
@@ -603,7 +604,7 @@ async fn secondary_main(w: Arc<Colo>) {
         writable: true,
         multi_conn: false,
     }) {
-        return w.fail("harness", format!("colo-s export: {e}"));
+        return w.fail(Rule::Harness, format!("colo-s export: {e}"));
     }
     let m = Arc::new(Monitor {
         graph: Arc::new(tokio::sync::Mutex::new(g)),
@@ -621,7 +622,7 @@ async fn secondary_main(w: Arc<Colo>) {
         tokio::spawn(guest(w.clone(), false, view));
     }
     let Ok(l) = tokio::net::TcpListener::bind(("0.0.0.0", NBD_PORT)).await else {
-        return w.fail("harness", "colo-s: cannot listen for NBD".into());
+        return w.fail(Rule::Harness, "colo-s: cannot listen for NBD".into());
     };
     loop {
         let Ok((s, _)) = l.accept().await else {
@@ -653,9 +654,9 @@ async fn svm_before_start(w: &Colo, view: &Device) {
             String::new(),
         );
         match res {
-            Err(e) if e.kind() == ErrorKind::Io => w.check("R9"),
+            Err(e) if e.kind() == ErrorKind::Io => w.check(Rule::R9),
             other => w.fail(
-                "R9",
+                Rule::R9,
                 format!(
                     "an SVM request before start returned {other:?}, expected EIO (stage NONE)"
                 ),
@@ -675,7 +676,7 @@ async fn primary_main(w: Arc<Colo>) {
     }
     .await;
     if let Err(e) = built {
-        return w.fail("harness", format!("colo-p graph: {e}"));
+        return w.fail(Rule::Harness, format!("colo-p graph: {e}"));
     }
     let view = g.get("colo-disk0").map(|n| n.dev.clone());
     let m = Arc::new(Monitor {
@@ -690,6 +691,104 @@ async fn primary_main(w: Arc<Colo>) {
         tokio::spawn(guest(w.clone(), true, view));
     }
     serve_qmp(m).await;
+}
+
+/// One guest read: the primary's must match its model (I1), the secondary's the view O6
+/// predicts (I9).
+async fn guest_read(w: &Colo, primary: bool, dev: &Device, first: u64, n: u64) -> Result<()> {
+    let who = if primary { "pvm" } else { "svm" };
+    let (off, len) = (first * SECTOR, n * SECTOR);
+    match dev.read(off, len as usize).await {
+        Ok(data) => {
+            let got = tags(&data);
+            let st = w.lock();
+            let want = if primary { &st.p_model } else { &st.view };
+            let want = &want[first as usize..(first + n) as usize];
+            if let Some(d) = Colo::diff(&got, want) {
+                let rule = if primary { Rule::I1 } else { Rule::I9 };
+                let stage = if primary { "primary" } else { "view" };
+                drop(st);
+                w.fail(
+                    rule,
+                    format!("{who} read [{off}, +{len}) of the {stage}: {d}"),
+                );
+            } else {
+                drop(st);
+                w.check(if primary { Rule::I1 } else { Rule::I9 });
+            }
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// One guest write (`data`) or write-zeroes of sectors `first..` with the op's tags: on
+/// success the model takes them; a failed one leaves each sector old or new (I9).
+async fn guest_write(
+    w: &Colo,
+    primary: bool,
+    dev: &Device,
+    data: bool,
+    first: u64,
+    new_tags: &[u64],
+) -> Result<()> {
+    let who = if primary { "pvm" } else { "svm" };
+    let n = new_tags.len() as u64;
+    let (off, len) = (first * SECTOR, n * SECTOR);
+    let r = if data {
+        let mut b = BytesMut::zeroed(len as usize);
+        for (i, t) in new_tags.iter().enumerate() {
+            sector_bytes(*t, &mut b[i * SECTOR as usize..(i + 1) * SECTOR as usize]);
+        }
+        dev.write(off, b.freeze(), WriteFlags::NONE).await
+    } else {
+        dev.write_zeroes(off, len, ZeroFlags::default()).await
+    };
+    let put: Vec<u64> = if data {
+        new_tags.to_vec()
+    } else {
+        vec![0; n as usize]
+    };
+    match r {
+        Ok(()) => {
+            let mut st = w.lock();
+            let split = !primary && st.sec == Sec::FailoverFailed;
+            let m = if primary {
+                &mut st.p_model
+            } else {
+                &mut st.view
+            };
+            m[first as usize..(first + n) as usize].copy_from_slice(&put);
+            if split {
+                bump(&mut st.paths, Path::P15);
+            }
+            Ok(())
+        }
+        Err(e) => {
+            // A failed write leaves each sector old or new; adopt what is there.
+            if let Ok(data) = dev.read(off, len as usize).await {
+                let got = tags(&data);
+                let mut st = w.lock();
+                let m = if primary {
+                    &mut st.p_model
+                } else {
+                    &mut st.view
+                };
+                for (i, t) in got.iter().enumerate() {
+                    let s = first as usize + i;
+                    if *t == put[i] || *t == m[s] {
+                        m[s] = *t;
+                    } else {
+                        let (old, new) = (m[s], put[i]);
+                        drop(st);
+                        w.fail(Rule::I9, format!("{who}: failed write left sector {s} holding {t:#x}, neither old {old:#x} nor new {new:#x}"));
+                        break;
+                    }
+                }
+            }
+            Err(e)
+        }
+    }
 }
 
 /// The PVM (`primary`) or SVM workload: one op at a time, paused by ham for checkpoints.
@@ -744,83 +843,9 @@ async fn guest(w: Arc<Colo>, primary: bool, dev: Device) {
         );
         let new_tags: Vec<u64> = (0..n).map(|i| (side << 56) | (op_id << 24) | i).collect();
         let result: Result<()> = match kind {
-            "read" => match dev.read(off, len as usize).await {
-                Ok(data) => {
-                    let got = tags(&data);
-                    let st = w.lock();
-                    let want = if primary { &st.p_model } else { &st.view };
-                    let want = &want[first as usize..(first + n) as usize];
-                    if let Some(d) = Colo::diff(&got, want) {
-                        let rule = if primary { "I1" } else { "I9" };
-                        let stage = if primary { "primary" } else { "view" };
-                        drop(st);
-                        w.fail(
-                            rule,
-                            format!("{who} read [{off}, +{len}) of the {stage}: {d}"),
-                        );
-                    } else {
-                        drop(st);
-                        w.check(if primary { "I1" } else { "I9" });
-                    }
-                    Ok(())
-                }
-                Err(e) => Err(e),
-            },
+            "read" => guest_read(&w, primary, &dev, first, n).await,
             "write" | "write_zeroes" => {
-                let r = if kind == "write" {
-                    let mut b = BytesMut::zeroed(len as usize);
-                    for (i, t) in new_tags.iter().enumerate() {
-                        sector_bytes(*t, &mut b[i * SECTOR as usize..(i + 1) * SECTOR as usize]);
-                    }
-                    dev.write(off, b.freeze(), WriteFlags::NONE).await
-                } else {
-                    dev.write_zeroes(off, len, ZeroFlags::default()).await
-                };
-                let put: Vec<u64> = if kind == "write" {
-                    new_tags.clone()
-                } else {
-                    vec![0; n as usize]
-                };
-                match r {
-                    Ok(()) => {
-                        let mut st = w.lock();
-                        let split = !primary && st.sec == Sec::FailoverFailed;
-                        let m = if primary {
-                            &mut st.p_model
-                        } else {
-                            &mut st.view
-                        };
-                        m[first as usize..(first + n) as usize].copy_from_slice(&put);
-                        if split {
-                            bump(&mut st.paths, "P15");
-                        }
-                        Ok(())
-                    }
-                    Err(e) => {
-                        // A failed write leaves each sector old or new; adopt what is there.
-                        if let Ok(data) = dev.read(off, len as usize).await {
-                            let got = tags(&data);
-                            let mut st = w.lock();
-                            let m = if primary {
-                                &mut st.p_model
-                            } else {
-                                &mut st.view
-                            };
-                            for (i, t) in got.iter().enumerate() {
-                                let s = first as usize + i;
-                                if *t == put[i] || *t == m[s] {
-                                    m[s] = *t;
-                                } else {
-                                    let (old, new) = (m[s], put[i]);
-                                    drop(st);
-                                    w.fail("I9", format!("{who}: failed write left sector {s} holding {t:#x}, neither old {old:#x} nor new {new:#x}"));
-                                    break;
-                                }
-                            }
-                        }
-                        Err(e)
-                    }
-                }
+                guest_write(&w, primary, &dev, kind == "write", first, &new_tags).await
             }
             _ => dev.flush().await,
         };
@@ -846,7 +871,7 @@ async fn guest(w: Arc<Colo>, primary: bool, dev: Device) {
             let end_ns = w.start.elapsed().as_nanos() as u64;
             let mut st = w.lock();
             let outcome = format!("{who}/{kind}/{}", if code == 0 { "ok" } else { "error" });
-            bump(&mut st.outcomes, &outcome);
+            bump(&mut st.outcomes, outcome.clone());
             st.spans.push(OpSpan {
                 id: (side << 56) | op_id,
                 start_ns,
@@ -867,7 +892,10 @@ async fn guest(w: Arc<Colo>, primary: bool, dev: Device) {
                     || w.sdisk.fail_writes.load(Ordering::SeqCst)
                     || w.sdisk.fail_gen.load(Ordering::SeqCst) != fail_gen0);
             if !expected {
-                w.fail("I1", format!("{who} {kind} [{off}, +{len}) failed: {e}"));
+                w.fail(
+                    Rule::I1,
+                    format!("{who} {kind} [{off}, +{len}) failed: {e}"),
+                );
             }
         }
         let think = rng.range(0, 200_000);
@@ -967,7 +995,7 @@ fn is_ok(v: &Option<Value>) -> bool {
 }
 
 /// Scripted or random COLO fault aimed at checkpoint `k`: (family, kind).
-fn fault_at(w: &Colo, k: u64) -> Option<(String, String)> {
+fn fault_at(w: &Colo, k: u64) -> Option<(Fault, String)> {
     for f in &w.sc.faults {
         if f.when == When::AtCheckpoint(k) {
             let kind = f
@@ -976,19 +1004,19 @@ fn fault_at(w: &Colo, k: u64) -> Option<(String, String)> {
                 .and_then(|v| v.as_str())
                 .unwrap_or("")
                 .to_string();
-            return Some((f.id.clone(), kind));
+            return Some((f.id, kind));
         }
     }
     match &w.cp.event {
         Some((f, at)) if *at == k && w.p.random_faults => {
             let mut r = Rng::stream(w.p.seed, "colo/event-kind");
-            let kind = match f.as_str() {
-                "F21" => ["fail", "second", "crash"][r.below(3) as usize],
-                "F22" => ["error", "partition"][r.below(2) as usize],
-                "F23" => ["lose-primary", "lose-secondary"][r.below(2) as usize],
+            let kind = match f {
+                Fault::F21 => ["fail", "second", "crash"][r.below(3) as usize],
+                Fault::F22 => ["error", "partition"][r.below(2) as usize],
+                Fault::F23 => ["lose-primary", "lose-secondary"][r.below(2) as usize],
                 _ => "",
             };
-            Some((f.clone(), kind.to_string()))
+            Some((*f, kind.to_string()))
         }
         _ => None,
     }
@@ -1073,7 +1101,7 @@ async fn ham_main(w: Arc<Colo>) {
         && is_ok(&p.call("x-blockdev-change", json!({"parent": "colo-disk0", "node": "replication0"})).await)
         && is_ok(&p.call("xen-set-replication", json!({"enable": true, "primary": true})).await);
     if !started {
-        return w.fail("harness", "ham: the start sequence failed".into());
+        return w.fail(Rule::Harness, "ham: the start sequence failed".into());
     }
     w.trace("ham", "start", 0, (0, 0), 0, String::new());
     resume(&w);
@@ -1202,13 +1230,13 @@ async fn checkpoint(
     k: u64,
 ) -> std::result::Result<(), End> {
     let fault = fault_at(w, k);
-    let f = |id: &str| fault.as_ref().is_some_and(|(x, _)| x == id);
+    let f = |id: Fault| fault.as_ref().is_some_and(|(x, _)| *x == id);
     let kind = fault.as_ref().map(|(_, k)| k.clone()).unwrap_or_default();
     quiesce(w).await;
     w.trace("ham", "pause", k, (0, 0), 0, String::new());
-    if f("F19") {
+    if f(Fault::F19) {
         // The primary dies while checkpoint k's VM state is in flight.
-        w.inject("F19", &format!("checkpoint {k}"));
+        w.inject(Fault::F19, &format!("checkpoint {k}"));
         kill(w, "colo-p");
         return Err(End::PrimaryLost);
     }
@@ -1235,12 +1263,12 @@ async fn checkpoint(
             format!("{} / {}", ps["return"], ss["return"]),
         );
         w.lock().sec = Sec::Unusable;
-        bump(&mut w.lock().outcomes, "colo/stopped-on-error");
+        bump(&mut w.lock().outcomes, "colo/stopped-on-error".to_string());
         return Err(End::Unusable);
     }
-    if f("F20") {
+    if f(Fault::F20) {
         // The VM state arrived; the primary dies before the secondary's checkpoint runs.
-        w.inject("F20", &format!("checkpoint {k}"));
+        w.inject(Fault::F20, &format!("checkpoint {k}"));
         kill(w, "colo-p");
     }
     let nonempty = layers_allocated(w).await > 0;
@@ -1248,7 +1276,7 @@ async fn checkpoint(
         return Err(End::SecondaryLost);
     }
     if nonempty {
-        w.path("P13");
+        w.path(Path::P13);
     }
     // Completed: R53 / I9.
     let s_tags = w.sdisk.tags();
@@ -1256,21 +1284,21 @@ async fn checkpoint(
     let alive = w.lock().primary_alive;
     if let Some(d) = Colo::diff(&s_tags, &snapshot) {
         w.fail(
-            "R53",
+            Rule::R53,
             format!("after checkpoint {k}, S differs from P at the pause point: {d}"),
         );
     }
     if alive {
         if let Some(d) = Colo::diff(&w.pdisk.tags(), &snapshot) {
             w.fail(
-                "R53",
+                Rule::R53,
                 format!("after checkpoint {k}, P differs from the primary model: {d}"),
             );
         }
     }
     if !empty {
         w.fail(
-            "I9",
+            Rule::I9,
             format!("after checkpoint {k}, an overlay is not empty"),
         );
     }
@@ -1280,20 +1308,20 @@ async fn checkpoint(
         st.snapshots.push(snapshot.clone());
         st.view = snapshot;
     }
-    w.check("R53");
+    w.check(Rule::R53);
     w.trace("ham", "checkpoint", k, (0, 0), 0, String::new());
-    if f("F20") {
+    if f(Fault::F20) {
         return Err(End::PrimaryLost);
     }
-    match fault.as_ref().map(|(x, _)| x.as_str()) {
-        Some("F21") => {
-            w.inject("F21", &kind);
+    match fault.as_ref().map(|(x, _)| *x) {
+        Some(Fault::F21) => {
+            w.inject(Fault::F21, &kind);
             kill(w, "colo-p");
             resume(w);
             return Err(End::PrimaryLost);
         }
-        Some("F22") => {
-            w.inject("F22", &kind);
+        Some(Fault::F22) => {
+            w.inject(Fault::F22, &kind);
             resume(w);
             let hold = Duration::from_nanos(w.cp.request_timeout_ns * 2 + 100_000_000);
             if kind == "partition" {
@@ -1307,8 +1335,8 @@ async fn checkpoint(
             }
             return Ok(());
         }
-        Some("F23") => {
-            w.inject("F23", &kind);
+        Some(Fault::F23) => {
+            w.inject(Fault::F23, &kind);
             resume(w);
             let other = if kind == "lose-secondary" {
                 "colo-s"
@@ -1318,8 +1346,8 @@ async fn checkpoint(
             clog(w, "ham", other, true);
             return Ok(());
         }
-        Some("F24") => {
-            w.inject("F24", &format!("checkpoint {k}"));
+        Some(Fault::F24) => {
+            w.inject(Fault::F24, &format!("checkpoint {k}"));
             if let Some(id) = w.node("colo-p") {
                 madsim::runtime::Handle::current().pause(id);
             }
@@ -1338,13 +1366,13 @@ async fn failover(w: &Arc<Colo>, s: &mut Side, k: u64) {
     let fault = fault_at(w, k);
     let f21 = fault
         .as_ref()
-        .filter(|(f, _)| f == "F21")
+        .filter(|(f, _)| *f == Fault::F21)
         .map(|(_, kind)| kind.clone());
     if !is_ok(
         &s.call("block-export-del", json!({"id": "fwd", "mode": "hard"}))
             .await,
     ) {
-        return w.fail("harness", "ham: block-export-del fwd failed".into());
+        return w.fail(Rule::Harness, "ham: block-export-del fwd failed".into());
     }
     if f21.as_deref() == Some("fail") {
         w.sdisk.set_failing(true);
@@ -1358,7 +1386,7 @@ async fn failover(w: &Arc<Colo>, s: &mut Side, k: u64) {
         .await;
     w.lock().stop_at_ns = Some(w.now_ns());
     if !is_ok(&r) {
-        return w.fail("I10", format!("failover refused: {r:?}"));
+        return w.fail(Rule::I10, format!("failover refused: {r:?}"));
     }
     w.trace("ham", "failover", k, (0, 0), 0, String::new());
     match f21.as_deref() {
@@ -1371,7 +1399,7 @@ async fn failover(w: &Arc<Colo>, s: &mut Side, k: u64) {
                 .await;
             if !is_ok(&r) {
                 w.fail(
-                    "R30",
+                    Rule::R30,
                     format!("a second failover request during the commit: {r:?}"),
                 );
             }
@@ -1410,9 +1438,9 @@ async fn failover(w: &Arc<Colo>, s: &mut Side, k: u64) {
         return;
     }
     if stage != "done" {
-        return w.fail("I10", format!("failover ended in stage '{stage}'"));
+        return w.fail(Rule::I10, format!("failover ended in stage '{stage}'"));
     }
-    w.path("P14");
+    w.path(Path::P14);
     w.lock().sec = Sec::Promoted;
     quiesce(w).await;
     let (view, epoch) = {
@@ -1421,12 +1449,12 @@ async fn failover(w: &Arc<Colo>, s: &mut Side, k: u64) {
     };
     match Colo::diff(&w.sdisk.tags(), &view) {
         Some(d) => w.fail(
-            "I10",
+            Rule::I10,
             format!("after failover S is not checkpoint {epoch} plus the SVM's writes: {d}"),
         ),
-        None => w.check("I10"),
+        None => w.check(Rule::I10),
     }
-    if fault.as_ref().is_some_and(|(f, _)| f == "F24") {
+    if fault.as_ref().is_some_and(|(f, _)| *f == Fault::F24) {
         // The stale primary resumes, still forwarding: nothing may land on S (I11).
         if let Some(id) = w.node("colo-p") {
             madsim::runtime::Handle::current().resume(id);
@@ -1459,7 +1487,7 @@ async fn continue_primary(w: &Arc<Colo>, p: &mut Side) {
         // With the link to the primary cut (F23), ham cannot reach it: not a driver fault.
         if w.lock().primary_alive && r1.is_some() {
             w.fail(
-                "harness",
+                Rule::Harness,
                 format!("primary continuation refused: {r1:?} {r2:?}"),
             );
         }
@@ -1480,14 +1508,17 @@ async fn finish(w: &Arc<Colo>) -> RunResult {
     if sec == Sec::Promoted && !w.failed() {
         let view = w.lock().view.clone();
         if let Some(d) = Colo::diff(&w.sdisk.tags(), &view) {
-            w.fail("I10", format!("at the end S differs from the view: {d}"));
+            w.fail(
+                Rule::I10,
+                format!("at the end S differs from the view: {d}"),
+            );
         }
     }
     if alive && !paused && !w.failed() {
         let pm = w.lock().p_model.clone();
         if let Some(d) = Colo::diff(&w.pdisk.tags(), &pm) {
             w.fail(
-                "I1",
+                Rule::I1,
                 format!("at the end P differs from the primary model: {d}"),
             );
         }
@@ -1559,7 +1590,7 @@ fn check_expectations(w: &Colo) {
                         Ok(k) if k != st.epoch => {
                             drop(st);
                             w.fail(
-                                "C5",
+                                Rule::C5,
                                 format!(
                                     "{equals}: the last completed checkpoint is {}",
                                     w.lock().epoch
@@ -1586,7 +1617,7 @@ fn check_expectations(w: &Colo) {
         };
         drop(st);
         if let Some(m) = problem {
-            w.fail("C5", m);
+            w.fail(Rule::C5, m);
         }
     }
 }

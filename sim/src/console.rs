@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::ids::Violation;
 use crate::outcome::RunResult;
 use crate::params::Params;
 use crate::runner::capture_trace;
@@ -87,7 +88,7 @@ pub fn report(p: &Params, sc: &Scenario, path: Option<&str>, r: &RunResult) -> i
                 &r.trace_hash[..16.min(r.trace_hash.len())]
             );
         }
-        Some((rule, msg)) => {
+        Some(Violation { rule, message: msg }) => {
             println!("FAIL {rule} {msg}");
             println!(
                 "seed={} commit={} scenario={} config={}",

@@ -6,6 +6,7 @@
 //! compares those decisions with what the virtual disks hold and what the oracle allows,
 //! synchronously, at the instant the quorum makes them (madsim runs one task at a time).
 
+use crate::ids::{Fault, Path, Rule};
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -50,7 +51,7 @@ fn check_voters(w: &World, first: u64, end: u64, voters: &[usize], degraded: boo
     let in_sync: Vec<usize> = (0..v.len())
         .filter(|&i| !overlaps(&v[i].out_of_sync, a, z))
         .collect();
-    bump(w, "I20");
+    bump(w, Rule::I20);
     let t = w.p.threshold;
     let want: Vec<usize> = if in_sync.len() >= t {
         in_sync.clone()
@@ -59,7 +60,7 @@ fn check_voters(w: &World, first: u64, end: u64, voters: &[usize], degraded: boo
     };
     if voters != want.as_slice() || degraded != (in_sync.len() < t) {
         w.fail(
-            "I20",
+            Rule::I20,
             format!(
                 "the vote on [{a}, {z}) chose children {voters:?} (degraded {degraded}); the out-of-sync record has {in_sync:?} in sync there, so the voters are {want:?} (docs/healing.md H1)"
             ),
@@ -88,7 +89,7 @@ fn check_copied(w: &World, child: usize, offset: u64, data: &[u8]) {
     };
     if stale.is_empty() {
         if asserted {
-            bump(w, "I17");
+            bump(w, Rule::I17);
         }
         return;
     }
@@ -102,7 +103,7 @@ fn check_copied(w: &World, child: usize, offset: u64, data: &[u8]) {
         }
         return;
     }
-    bump(w, "I17");
+    bump(w, Rule::I17);
     let excused = |s: u64| !w.disks.excused_in(s..s + 1).is_empty();
     // Beyond the budget when the copy began (a silent fault and a power cut's split with no
     // version left on t good copies, H22's recover=lowest): no copy is right, so whatever
@@ -123,7 +124,7 @@ fn check_copied(w: &World, child: usize, offset: u64, data: &[u8]) {
     {
         let history = w.lock().oracle.history(Some(s), 6).join("; ");
         w.fail(
-            "I17",
+            Rule::I17,
             format!(
                 "a resync wrote {got:?} to child {child} at sector {s}, which is not the quorum's value there any more (history: {history}); sector {s}:{}",
                 w.disks.describe_sector(s)
@@ -147,7 +148,7 @@ pub(crate) fn tally_resumed(w: &World) {
     for i in &done {
         w.lock().heal.interrupted.remove(i);
     }
-    path(w, "P16", done.len() as u64);
+    path(w, Path::P16, done.len() as u64);
 }
 
 /// QMP events: job counting for F25, and P17, P18, P20 from the jobs' result counters.
@@ -167,11 +168,11 @@ pub(crate) fn on_qmp_event(w: &World, e: &Event) {
                     .unwrap_or(0)
             };
             match *job_type {
-                "x-resync" => path(w, "P17", get("equal")),
-                "x-verify" => path(w, "P18", get("repaired")),
+                "x-resync" => path(w, Path::P17, get("equal")),
+                "x-verify" => path(w, Path::P18, get("repaired")),
                 _ => {}
             }
-            path(w, "P20", get("unrecoverable"));
+            path(w, Path::P20, get("unrecoverable"));
         }
         _ => {}
     }
@@ -254,7 +255,7 @@ fn copying(w: &Arc<World>, offset: u64, len: u64) {
                 (c, s, k, r.chance(0.3))
             };
             let kind = if latent { Sticky::Latent } else { Sticky::Flip };
-            w.disks.inject_sticky(c, s..s + k, kind, "F26");
+            w.disks.inject_sticky(c, s..s + k, kind, Fault::F26);
         }
     }
     if f27 {
@@ -264,7 +265,7 @@ fn copying(w: &Arc<World>, offset: u64, len: u64) {
             let s = s0 + r.below(s1 - s0);
             (s, 1 + r.below(16.min(s1 - s)))
         };
-        w.disks.count_injected("F27");
+        w.disks.count_injected(Fault::F27);
         (w.extra_op)(w, OpKind::Write, s * SECTOR_U64, k * SECTOR_U64);
     }
     if f25 && w.p.nbd.is_some() {
@@ -292,13 +293,13 @@ fn copying(w: &Arc<World>, offset: u64, len: u64) {
                 return;
             }
             let done = match kind {
-                0 => crate::net::partition(&w, t, crate::net::Cut::Both, "F25", true),
+                0 => crate::net::partition(&w, t, crate::net::Cut::Both, Fault::F25, true),
                 _ => crate::net::crash(&w, t, true),
             };
             if !done {
                 return;
             }
-            w.disks.count_injected("F25");
+            w.disks.count_injected(Fault::F25);
             w.lock().heal.interrupted.insert(t);
             tokio::time::sleep(Duration::from_millis(back_ms)).await;
             match kind {
@@ -320,7 +321,9 @@ pub(crate) async fn hot_swap(w: Arc<World>) {
     let last = n - 1;
     if w.p.nbd.is_some()
         || n <= w.p.threshold
-        || !w.disks.allow_node("F30", last, crate::vdisk::Mark::Wrong)
+        || !w
+            .disks
+            .allow_node(Fault::F30, last, crate::vdisk::Mark::Wrong)
     {
         return;
     }
@@ -330,7 +333,7 @@ pub(crate) async fn hot_swap(w: Arc<World>) {
     if let Err(e) = removed {
         w.lock().heal.swapping = false;
         w.fail(
-            "I7",
+            Rule::I7,
             format!(
                 "F30: removing {name} from a quorum of {n} children with threshold {} failed: {e}",
                 w.p.threshold
@@ -339,7 +342,7 @@ pub(crate) async fn hot_swap(w: Arc<World>) {
         return;
     }
     w.disks.set_down(last, true);
-    let changed = w.disks.reformat(last, "F30");
+    let changed = w.disks.reformat(last, Fault::F30);
     w.reassess(&changed);
     let back = {
         let mut st = w.lock();
@@ -357,10 +360,13 @@ pub(crate) async fn hot_swap(w: Arc<World>) {
     match r {
         Ok(got) if got == name => {}
         Ok(got) => w.fail(
-            "I7",
+            Rule::I7,
             format!("F30: the swapped child came back as {got}, expected {name} (Q55)"),
         ),
-        Err(e) => w.fail("I7", format!("F30: hot add of an empty disk refused: {e}")),
+        Err(e) => w.fail(
+            Rule::I7,
+            format!("F30: hot add of an empty disk refused: {e}"),
+        ),
     }
 }
 
@@ -427,7 +433,7 @@ pub(crate) async fn operator(w: Arc<World>) {
             match qmp(&w, "x-quorum-resync", json!({"node-name": "q0"})).await {
                 Ok(_) => started = Some("q0-resync"),
                 Err(e) if busy(&e) => {}
-                Err(e) => return w.fail("I7", format!("x-quorum-resync refused: {e}")),
+                Err(e) => return w.fail(Rule::I7, format!("x-quorum-resync refused: {e}")),
             }
         }
         if h.verify_every_ns > 0 && elapsed >= next_verify && started.is_none() {
@@ -450,7 +456,7 @@ pub(crate) async fn operator(w: Arc<World>) {
                 Err(e) if busy(&e) => {}
                 Err(e) => {
                     return w.fail(
-                        "I7",
+                        Rule::I7,
                         format!("x-quorum-verify over [{start}, {end}) refused: {e}"),
                     )
                 }
@@ -467,7 +473,10 @@ pub(crate) async fn operator(w: Arc<World>) {
             if qmp(&w, "job-pause", json!({"id": id})).await.is_ok() {
                 tokio::time::sleep(Duration::from_millis(ms)).await;
                 if let Err(e) = qmp(&w, "job-resume", json!({"id": id})).await {
-                    return w.fail("I7", format!("job-resume of a paused {id} refused: {e}"));
+                    return w.fail(
+                        Rule::I7,
+                        format!("job-resume of a paused {id} refused: {e}"),
+                    );
                 }
             }
         }
@@ -489,8 +498,8 @@ pub(crate) async fn job_to_completion(w: &Arc<World>, verify: bool) {
     while start.elapsed() < deadline && !w.failed() {
         let jobs = match qmp(w, "query-jobs", json!({})).await {
             Ok(Json::Array(a)) => a,
-            Ok(other) => return w.fail("I7", format!("query-jobs returned {other}")),
-            Err(e) => return w.fail("I7", format!("query-jobs refused: {e}")),
+            Ok(other) => return w.fail(Rule::I7, format!("query-jobs returned {other}")),
+            Err(e) => return w.fail(Rule::I7, format!("query-jobs refused: {e}")),
         };
         if jobs.is_empty() {
             if started {
@@ -506,7 +515,7 @@ pub(crate) async fn job_to_completion(w: &Arc<World>, verify: bool) {
             match qmp(w, cmd, json!({"node-name": "q0"})).await {
                 Ok(_) => started = true,
                 Err(e) if busy(&e) => {}
-                Err(e) => return w.fail("I7", format!("{cmd} refused: {e}")),
+                Err(e) => return w.fail(Rule::I7, format!("{cmd} refused: {e}")),
             }
         } else if !verify {
             // A job already running (resync=auto) counts as the liveness resync once it ends.
@@ -520,7 +529,7 @@ pub(crate) async fn job_to_completion(w: &Arc<World>, verify: bool) {
         return;
     }
     w.fail(
-        "I14",
+        Rule::I14,
         format!(
             "the liveness {what} did not finish within {}",
             crate::units::fmt_time(w.p.deadline_ns)

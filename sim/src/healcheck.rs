@@ -2,6 +2,7 @@
 //! replica or the quorum host crashes and at a job's end, I20 as each write returns. Below
 //! the harness (`heal`) and the network faults (`net`), which both call them.
 
+use crate::ids::{Path, Rule};
 use ballot::drivers::quorum::{SyncView, OUT_OF_SYNC_GRANULARITY_BYTES as GRANULE};
 
 use crate::sector::SECTOR_U64;
@@ -17,11 +18,11 @@ pub(crate) fn view(w: &World) -> Option<Vec<SyncView>> {
     q.sync_view()
 }
 
-pub(crate) fn bump(w: &World, rule: &'static str) {
+pub(crate) fn bump(w: &World, rule: Rule) {
     *w.lock().oracle.tally.checks.entry(rule).or_default() += 1;
 }
 
-pub(crate) fn path(w: &World, p: &'static str, n: u64) {
+pub(crate) fn path(w: &World, p: Path, n: u64) {
     if n > 0 {
         *w.lock().oracle.tally.paths.entry(p).or_default() += n;
     }
@@ -36,7 +37,7 @@ pub(crate) fn check_durable(w: &World, which: Option<usize>, when: &str) {
     let excused = w.excused_set();
     let pending = w.lock().oracle.pending_ranges();
     let sectors = w.p.disk_size / SECTOR_U64;
-    bump(w, "I18");
+    bump(w, Rule::I18);
     for (i, c) in v.iter().enumerate() {
         if which.is_some_and(|x| x != i) || i >= w.p.children {
             continue;
@@ -65,7 +66,7 @@ pub(crate) fn check_durable(w: &World, which: Option<usize>, when: &str) {
             };
             if let Some(why) = problem {
                 w.fail(
-                    "I18",
+                    Rule::I18,
                     format!(
                         "{when}: {} is in sync and flushed on sector {s} by the quorum's record, but {why}; sector {s}:{}",
                         c.node_name,
@@ -89,7 +90,7 @@ pub(crate) fn check_write_readable(w: &World, id: u64, offset: u64, len: u64) {
     }
     let Some(v) = view(w) else { return };
     let t = w.p.threshold;
-    bump(w, "I20");
+    bump(w, Rule::I20);
     let end = offset + len;
     for s in offset / SECTOR_U64..end.div_ceil(SECTOR_U64) {
         if !w.disks.excused_in(s..s + 1).is_empty() || !w.lock().oracle.guaranteed(s, id) {
@@ -116,7 +117,7 @@ pub(crate) fn check_write_readable(w: &World, id: u64, offset: u64, len: u64) {
             continue;
         }
         w.fail(
-            "I20",
+            Rule::I20,
             format!(
                 "write op {id} was acknowledged, but only {holders} of the {candidates} children the record can count on sector {s} hold it (threshold {t}, docs/healing.md H4); sector {s}:{}",
                 w.disks.describe_sector(s)

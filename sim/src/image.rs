@@ -16,6 +16,7 @@
 //! Chasing a failure: `IMGDBG=SECTOR cargo sim replay --seed N` prints (stderr) the requests
 //! that touch the sector, the flushes and FUA writes that settle values, and the cuts.
 
+use crate::ids::{Fault, Path, Rule, Violation};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -165,13 +166,13 @@ pub async fn image_main(p: Params, _sc: Scenario, _opts: RunOpts) -> RunResult {
     let start = tokio::time::Instant::now();
     match run(&p, &ip, &mut r).await {
         Ok(()) => {}
-        Err((rule, msg)) => r.violation = Some((rule.to_string(), msg)),
+        Err((rule, msg)) => r.violation = Some(Violation::new(rule, msg)),
     }
     r.virtual_s = start.elapsed().as_secs_f64();
     r
 }
 
-type Fail = (&'static str, String);
+type Fail = (Rule, String);
 
 /// What a guest request leaves for the checks after its batch.
 enum Done {
@@ -191,6 +192,134 @@ fn encode(values: &[Value]) -> Bytes {
 
 async fn open(file: &Device, backing: &Option<Device>) -> std::result::Result<Qcow2, String> {
     open_named(file, backing, "img", "'sim.qcow2'", false).await
+}
+
+/// Checks a batch's reads against the model (I1: each sector decodes; I3: to a value the
+/// writes overlapping the read allow).
+fn check_reads(
+    model: &Mutex<Model>,
+    reads: Vec<(u64, u64, u64, Bytes)>,
+    checks: &mut BTreeMap<Rule, u64>,
+) -> std::result::Result<(), Fail> {
+    for (s, t0, t1, data) in reads {
+        let m = model.lock().unwrap_or_else(|p| p.into_inner());
+        for (i, chunk) in data.chunks(SECTOR).enumerate() {
+            let sec = s as usize + i;
+            let got = match decode(chunk) {
+                Decoded::Value(v) => v,
+                Decoded::Garbage => {
+                    return Err((Rule::I1, format!("sector {sec} reads garbage")));
+                }
+            };
+            *checks.entry(Rule::I1).or_default() += 1;
+            let allowed = m.live_allowed(sec, t0, t1);
+            if !allowed.contains(&got) {
+                return Err((
+                    Rule::I3,
+                    format!("sector {sec} reads {got:?}, allowed {allowed:?}"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// After a crash (F16): the image opens and its refcounts hold (I21, I22; a leak is P21), it
+/// reopens through F5's lane, and every sector reads the durable value or a later write (I21,
+/// I2); the model restarts from what it read.
+#[allow(clippy::too_many_arguments)]
+async fn recover(
+    file: &Device,
+    lane: &Device,
+    backing: &Option<Device>,
+    model: &Mutex<Model>,
+    size: u64,
+    crashes: u64,
+    checks: &mut BTreeMap<Rule, u64>,
+    paths: &mut BTreeMap<Path, u64>,
+) -> std::result::Result<Qcow2, Fail> {
+    let h = Qcow2::read_header(file, "'sim.qcow2'").await.map_err(|e| {
+        (
+            Rule::I21,
+            format!("after crash {crashes}: the image does not open: {e}"),
+        )
+    })?;
+    let report = check(file, &h).await.map_err(|e| {
+        (
+            Rule::I22,
+            format!("after crash {crashes}: check failed: {e}"),
+        )
+    })?;
+    *checks.entry(Rule::I22).or_default() += 1;
+    if !report.is_consistent() {
+        return Err((
+            Rule::I22,
+            format!(
+                "after crash {crashes}: refcounts below references: {}",
+                report.messages.join("; ")
+            ),
+        ));
+    }
+    if report.leaks > 0 {
+        *paths.entry(Path::P21).or_default() += 1;
+    }
+    // Reopening must not itself fail under F5: retry the open a few times.
+    let mut reopened = None;
+    for _ in 0..8 {
+        if let Ok(x) = open(lane, backing).await {
+            reopened = Some(x);
+            break;
+        }
+    }
+    let fresh = reopened.ok_or_else(|| {
+        (
+            Rule::I21,
+            format!("after crash {crashes}: the image does not reopen"),
+        )
+    })?;
+
+    if let Some(d) = std::env::var("IMGDBG")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        let st = fresh.block_status(d * SECTOR_U64, SECTOR_U64).await;
+        let v = fresh.read(d * SECTOR_U64, SECTOR).await.map(|b| decode(&b));
+        eprintln!("reopen {crashes}: sector {d} status {st:?} value {v:?}");
+    }
+    // Every sector: the durable value or a write since.
+    let mut all = None;
+    for _ in 0..8 {
+        if let Ok(d) = fresh.read(0, size as usize).await {
+            all = Some(d);
+            break;
+        }
+    }
+    let all = all.ok_or_else(|| (Rule::Harness, "full read keeps failing".to_string()))?;
+    let mut m = model.lock().unwrap_or_else(|p| p.into_inner());
+    for (i, chunk) in all.chunks(SECTOR).enumerate() {
+        let got = match decode(chunk) {
+            Decoded::Value(v) => v,
+            Decoded::Garbage => {
+                return Err((
+                    Rule::I21,
+                    format!("after crash {crashes}: sector {i} reads garbage"),
+                ));
+            }
+        };
+        let allowed = m.crash_allowed(i);
+        if !allowed.contains(&got) {
+            return Err((
+                Rule::I21,
+                format!(
+                    "after crash {crashes}: sector {i} reads {got:?}, allowed {allowed:?} (I2)"
+                ),
+            ));
+        }
+        m.base[i] = vec![got];
+        m.hist[i].clear();
+    }
+    *checks.entry(Rule::I21).or_default() += 1;
+    Ok(fresh)
 }
 
 async fn run(p: &Params, ip: &ImageParams, r: &mut RunResult) -> std::result::Result<(), Fail> {
@@ -227,7 +356,7 @@ async fn run(p: &Params, ip: &ImageParams, r: &mut RunResult) -> std::result::Re
     };
     create(&file, &copts)
         .await
-        .map_err(|e| ("harness", format!("create: {e}")))?;
+        .map_err(|e| (Rule::Harness, format!("create: {e}")))?;
     // F5 from here on: the image exists.
     let disk_f5 = Arc::new(ImageDisk {
         st: Mutex::new(std::mem::replace(
@@ -248,7 +377,7 @@ async fn run(p: &Params, ip: &ImageParams, r: &mut RunResult) -> std::result::Re
     let mut q = Arc::new(
         open(&lane(&disk_f5), &backing)
             .await
-            .map_err(|e| ("harness", format!("open: {e}")))?,
+            .map_err(|e| (Rule::Harness, format!("open: {e}")))?,
     );
     let model = Arc::new(Mutex::new(Model {
         base: (0..sectors).map(|x| vec![base_value(x)]).collect(),
@@ -260,8 +389,8 @@ async fn run(p: &Params, ip: &ImageParams, r: &mut RunResult) -> std::result::Re
     let ops_total = p.ops.min(4000);
     let mut done = 0u64;
     let mut trace: Vec<u64> = Vec::new();
-    let mut checks: BTreeMap<String, u64> = BTreeMap::new();
-    let mut paths: BTreeMap<String, u64> = BTreeMap::new();
+    let mut checks: BTreeMap<Rule, u64> = BTreeMap::new();
+    let mut paths: BTreeMap<Path, u64> = BTreeMap::new();
     let mut crashes = 0u64;
     while done < ops_total {
         // A batch of concurrent requests.
@@ -450,29 +579,10 @@ async fn run(p: &Params, ip: &ImageParams, r: &mut RunResult) -> std::result::Re
                 Ok(other) => settle.push(other),
                 // Aborted by the cut: it never answered.
                 Err(_) if cut => {}
-                Err(e) => return Err(("I16", format!("task: {e}"))),
+                Err(e) => return Err((Rule::I16, format!("task: {e}"))),
             }
         }
-        for (s, t0, t1, data) in reads {
-            let m = model.lock().unwrap_or_else(|p| p.into_inner());
-            for (i, chunk) in data.chunks(SECTOR).enumerate() {
-                let sec = s as usize + i;
-                let got = match decode(chunk) {
-                    Decoded::Value(v) => v,
-                    Decoded::Garbage => {
-                        return Err(("I1", format!("sector {sec} reads garbage")));
-                    }
-                };
-                *checks.entry("I1".into()).or_default() += 1;
-                let allowed = m.live_allowed(sec, t0, t1);
-                if !allowed.contains(&got) {
-                    return Err((
-                        "I3",
-                        format!("sector {sec} reads {got:?}, allowed {allowed:?}"),
-                    ));
-                }
-            }
-        }
+        check_reads(&model, reads, &mut checks)?;
         settle.sort_by_key(|d| match d {
             Done::Flushed(t) => *t,
             Done::Fua(_, _, _, end) => *end,
@@ -504,92 +614,25 @@ async fn run(p: &Params, ip: &ImageParams, r: &mut RunResult) -> std::result::Re
                 eprintln!("crash after {done} (in flight: {cut})");
             }
             crashes += 1;
-            *disk_f5.lock().injected.entry("F16".into()).or_default() += 1;
+            *disk_f5.lock().injected.entry(Fault::F16).or_default() += 1;
             drop(q);
             if !cut {
                 disk_f5.life.fetch_add(1, Ordering::SeqCst);
                 disk_f5.crash(ip.f8, ip.f9);
             }
-            let h = Qcow2::read_header(&file, "'sim.qcow2'")
-                .await
-                .map_err(|e| {
-                    (
-                        "I21",
-                        format!("after crash {crashes}: the image does not open: {e}"),
-                    )
-                })?;
-            let report = check(&file, &h)
-                .await
-                .map_err(|e| ("I22", format!("after crash {crashes}: check failed: {e}")))?;
-            *checks.entry("I22".into()).or_default() += 1;
-            if !report.is_consistent() {
-                return Err((
-                    "I22",
-                    format!(
-                        "after crash {crashes}: refcounts below references: {}",
-                        report.messages.join("; ")
-                    ),
-                ));
-            }
-            if report.leaks > 0 {
-                *paths.entry("P21".into()).or_default() += 1;
-            }
-            // Reopening must not itself fail under F5: retry the open a few times.
-            let mut reopened = None;
-            for _ in 0..8 {
-                if let Ok(x) = open(&lane(&disk_f5), &backing).await {
-                    reopened = Some(x);
-                    break;
-                }
-            }
-            let fresh = reopened.ok_or_else(|| {
-                (
-                    "I21",
-                    format!("after crash {crashes}: the image does not reopen"),
+            q = Arc::new(
+                recover(
+                    &file,
+                    &lane(&disk_f5),
+                    &backing,
+                    &model,
+                    size,
+                    crashes,
+                    &mut checks,
+                    &mut paths,
                 )
-            })?;
-            q = Arc::new(fresh);
-            if let Some(d) = std::env::var("IMGDBG")
-                .ok()
-                .and_then(|v| v.parse::<u64>().ok())
-            {
-                let st = q.block_status(d * SECTOR_U64, SECTOR_U64).await;
-                let v = q.read(d * SECTOR_U64, SECTOR).await.map(|b| decode(&b));
-                eprintln!("reopen {crashes}: sector {d} status {st:?} value {v:?}");
-            }
-            // Every sector: the durable value or a write since.
-            let mut all = None;
-            for _ in 0..8 {
-                if let Ok(d) = q.read(0, size as usize).await {
-                    all = Some(d);
-                    break;
-                }
-            }
-            let all = all.ok_or_else(|| ("harness", "full read keeps failing".to_string()))?;
-            let mut m = model.lock().unwrap_or_else(|p| p.into_inner());
-            for (i, chunk) in all.chunks(SECTOR).enumerate() {
-                let got = match decode(chunk) {
-                    Decoded::Value(v) => v,
-                    Decoded::Garbage => {
-                        return Err((
-                            "I21",
-                            format!("after crash {crashes}: sector {i} reads garbage"),
-                        ));
-                    }
-                };
-                let allowed = m.crash_allowed(i);
-                if !allowed.contains(&got) {
-                    return Err((
-                        "I21",
-                        format!(
-                            "after crash {crashes}: sector {i} reads {got:?}, allowed {allowed:?} (I2)"
-                        ),
-                    ));
-                }
-                m.base[i] = vec![got];
-                m.hist[i].clear();
-            }
-            *checks.entry("I21".into()).or_default() += 1;
+                .await?,
+            );
         }
     }
     // The end: a flush, then the image checks clean (no leaks after a flush).

@@ -3,6 +3,7 @@
 //! and F9 (a surviving write torn between sectors, never inside one). Used by the image
 //! topology ([`crate::image`]) and by child images ([`crate::childimage`]).
 
+use crate::ids::Fault;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -25,7 +26,7 @@ pub(crate) struct DiskState {
     pub(crate) rng: Rng,
     /// Latencies only (so the fault decisions do not depend on how many requests ran).
     pub(crate) lat: Rng,
-    pub(crate) injected: BTreeMap<String, u64>,
+    pub(crate) injected: BTreeMap<Fault, u64>,
 }
 
 impl DiskState {
@@ -169,7 +170,7 @@ impl ImageDisk {
     }
 
     /// Faults injected so far, by family.
-    pub(crate) fn injected(&self) -> BTreeMap<String, u64> {
+    pub(crate) fn injected(&self) -> BTreeMap<Fault, u64> {
         self.lock().injected.clone()
     }
 
@@ -192,12 +193,12 @@ impl ImageDisk {
         media.resize(len, 0);
         for (off, data) in pending {
             if !st.rng.chance(f8) {
-                *st.injected.entry("F8".into()).or_default() += 1;
+                *st.injected.entry(Fault::F8).or_default() += 1;
                 continue;
             }
             let tear = st.rng.chance(f9);
             if tear {
-                *st.injected.entry("F9".into()).or_default() += 1;
+                *st.injected.entry(Fault::F9).or_default() += 1;
             }
             for (i, chunk) in data.chunks(SECTOR).enumerate() {
                 if tear && st.rng.chance(0.5) {
@@ -288,7 +289,7 @@ impl ImageDisk {
         )?;
         if st.rng.chance(self.f5) {
             // F5: applied none, all, or a random subset of sectors.
-            *st.injected.entry("F5".into()).or_default() += 1;
+            *st.injected.entry(Fault::F5).or_default() += 1;
             let how = st.rng.below(3);
             for (i, chunk) in data.chunks(SECTOR).enumerate() {
                 let apply = match how {

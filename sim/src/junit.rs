@@ -5,6 +5,7 @@
 //! per run, with a `<failure message type>` child when the run broke a rule. This module
 //! depends on nothing else in the simulator: the sweep hands it plain values.
 
+use crate::ids::Violation;
 use std::fmt::Write as _;
 
 /// One run, as a test case.
@@ -17,7 +18,7 @@ pub struct Case {
     /// Wall seconds the run took.
     pub wall_s: f64,
     /// The rule broken and its message, for a failing run.
-    pub violation: Option<(String, String)>,
+    pub violation: Option<Violation>,
     /// The command that replays the run.
     pub reproduce: String,
 }
@@ -67,7 +68,8 @@ pub fn render(suite: &str, cases: &[Case], wall_s: f64) -> String {
         );
         match &c.violation {
             None => x.push_str("/>\n"),
-            Some((rule, msg)) => {
+            Some(Violation { rule, message: msg }) => {
+                let rule = rule.as_str();
                 let _ = writeln!(
                     x,
                     ">\n      <failure message=\"{}: {}\" type=\"{}\">{} {}\nreproduce: {}</failure>\n    </testcase>",
@@ -103,7 +105,10 @@ mod tests {
                 scenario: "nbd3-<odd>".into(),
                 seed: 9,
                 wall_s: 1.5,
-                violation: Some(("I3".into(), "read 0 & 1 differ \"here\"\u{1}".into())),
+                violation: Some(Violation::new(
+                    crate::ids::Rule::I3,
+                    "read 0 & 1 differ \"here\"\u{1}",
+                )),
                 reproduce: "cargo sim replay --seed 9 scenarios/x.toml".into(),
             },
         ];

@@ -7,6 +7,7 @@
 //! them with `cargo sim ...` (`--cfg madsim`, own target directory, W1).
 
 pub mod childimage;
+pub mod ids;
 pub mod imagedisk;
 pub mod junit;
 pub mod measure;
@@ -22,6 +23,8 @@ pub mod sector;
 pub mod trace;
 pub mod units;
 pub mod vdisk;
+pub mod verdict;
+pub mod votemodel;
 
 #[cfg(madsim)]
 pub mod cli;

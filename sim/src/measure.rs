@@ -6,6 +6,7 @@
 //! latencies in `(2^((b-1)/4), 2^(b/4)]` ns (four buckets per doubling, at most 19 % wide), so
 //! histograms of shards and runs merge by adding counts.
 
+use crate::ids::Fault;
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::vdisk::FaultMark;
@@ -72,7 +73,7 @@ pub fn fault_outcomes(
     marks: &[FaultMark],
 ) -> BTreeMap<String, BTreeMap<String, u64>> {
     let index: BTreeMap<u64, usize> = spans.iter().enumerate().map(|(i, s)| (s.id, i)).collect();
-    let mut touched: Vec<BTreeSet<&'static str>> = vec![BTreeSet::new(); spans.len()];
+    let mut touched: Vec<BTreeSet<Fault>> = vec![BTreeSet::new(); spans.len()];
     let mut unowned: Vec<&FaultMark> = Vec::new();
     for m in marks {
         match index.get(&m.op) {
@@ -124,7 +125,7 @@ pub fn fault_outcomes(
                 .or_default() += 1;
         }
         for f in fams {
-            *out.entry((*f).into())
+            *out.entry(f.to_string())
                 .or_default()
                 .entry(s.outcome.clone())
                 .or_default() += 1;
@@ -147,7 +148,7 @@ mod tests {
         }
     }
 
-    fn mark(t_ns: u64, op: u64, family: &'static str) -> FaultMark {
+    fn mark(t_ns: u64, op: u64, family: Fault) -> FaultMark {
         FaultMark {
             t_ns,
             op,
@@ -199,11 +200,11 @@ mod tests {
             span(4, 300, 400, "write/ok"),
         ];
         let marks = vec![
-            mark(10, 1, "F2"),   // op 1 only
-            mark(20, 1, "F2"),   // same family twice: one count
-            mark(100, 0, "F16"), // ops 1 (ends at 100) and 2
-            mark(130, 9, "F10"), // unknown op: in flight at 130 are ops 2 and 3
-            mark(250, 0, "F13"), // nothing in flight
+            mark(10, 1, Fault::F2),   // op 1 only
+            mark(20, 1, Fault::F2),   // same family twice: one count
+            mark(100, 0, Fault::F16), // ops 1 (ends at 100) and 2
+            mark(130, 9, Fault::F10), // unknown op: in flight at 130 are ops 2 and 3
+            mark(250, 0, Fault::F13), // nothing in flight
         ];
         let h = fault_outcomes(&spans, &marks);
         assert_eq!(h["F2"], BTreeMap::from([("read/ok".into(), 1)]));
@@ -232,7 +233,7 @@ mod tests {
         // it, op 4 starts after it although op 3, which it overlaps, is touched.
         let marks = vec![FaultMark {
             until_ns: 200,
-            ..mark(50, 0, "F13")
+            ..mark(50, 0, Fault::F13)
         }];
         let h = fault_outcomes(&spans, &marks);
         assert_eq!(

@@ -9,6 +9,7 @@
 //! inside one (the sector atomicity md's bitmap and DRBD's activity log also assume); its
 //! header's CRC is what protects against a torn header.
 
+use crate::ids::Fault;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -157,7 +158,7 @@ impl BlockDevice for MetaDisk {
             // A failed write may have landed in part: a prefix of whole sectors.
             let sectors = data.len() as u64 / SECTOR_U64;
             keep = (self.lock().rng.below(sectors + 1) * SECTOR_U64) as usize;
-            self.disks.count_injected("F29");
+            self.disks.count_injected(Fault::F29);
         }
         {
             let mut st = self.lock();
@@ -176,7 +177,7 @@ impl BlockDevice for MetaDisk {
         self.latency(50, 1000).await;
         if self.fails() {
             // The cache keeps what it held: a crash decides its fate.
-            self.disks.count_injected("F29");
+            self.disks.count_injected(Fault::F29);
             return Err(Error::new(ErrorKind::Io, "metadisk flush (F29)"));
         }
         let mut st = self.lock();

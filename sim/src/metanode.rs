@@ -2,6 +2,7 @@
 //! checking what a recovery found, and what a power cut does to it. The disk itself is
 //! `metadisk`; this module is where it meets the world.
 
+use crate::ids::{Fault, Path, Rule};
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,7 +10,7 @@ use std::time::Duration;
 use ballot::drivers::quorum::durable::{MetadataOptions, OpenState};
 use ballot::drivers::quorum::Quorum;
 
-use crate::oracle::Violation;
+use crate::oracle::Finding;
 use crate::sector::SECTOR_U64;
 use crate::world::World;
 
@@ -41,7 +42,7 @@ pub(crate) async fn attach(w: &Arc<World>, q: &Arc<Quorum>) {
                 w.disks
                     .trace_full("qhost", "open-metadata", 0, 0, 0, 5, 0, e.to_string());
                 if !e.message().contains("F29") && !e.message().contains("could not be updated") {
-                    return w.fail("harness", format!("metadata node refused: {e}"));
+                    return w.fail(Rule::Harness, format!("metadata node refused: {e}"));
                 }
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
@@ -59,7 +60,7 @@ pub(crate) async fn attach(w: &Arc<World>, q: &Arc<Quorum>) {
     );
     if let OpenState::Recovered { extents } = state {
         if extents > 0 {
-            *w.lock().oracle.tally.paths.entry("P19").or_default() += 1;
+            *w.lock().oracle.tally.paths.entry(Path::P19).or_default() += 1;
         }
     }
     check_recovered(w, q);
@@ -74,9 +75,9 @@ fn check_recovered(w: &Arc<World>, q: &Arc<Quorum>) {
         return;
     }
     let Some(view) = q.sync_view() else {
-        return w.fail("harness", "I19: the child list was busy at open".into());
+        return w.fail(Rule::Harness, "I19: the child list was busy at open".into());
     };
-    *w.lock().oracle.tally.checks.entry("I19").or_default() += 1;
+    *w.lock().oracle.tally.checks.entry(Rule::I19).or_default() += 1;
     let excused = w.disks.excused_set();
     let silent = w.disks.silently_damaged();
     for s in w.disks.divergent_among(&candidates) {
@@ -94,8 +95,8 @@ fn check_recovered(w: &Arc<World>, q: &Arc<Quorum>) {
             .collect();
         let copies: Vec<_> = in_sync.iter().map(|&i| w.disks.stored(i, s)).collect();
         if copies.windows(2).any(|c| c[0] != c[1]) {
-            w.violate(Violation {
-                rule: "I19",
+            w.violate(Finding {
+                rule: Rule::I19,
                 op: 0,
                 sector: Some(s),
                 message: format!(
@@ -122,7 +123,7 @@ pub(crate) fn power_cut(w: &World, touched: &[u64], silent_before: &BTreeSet<u64
     };
     let rates = w.p.rates.clone();
     let (intact, lost, torn) = md.crash(rates.f8, rates.f9);
-    w.disks.count_injected("F28");
+    w.disks.count_injected(Fault::F28);
     w.disks.trace_full(
         "md",
         "crash",

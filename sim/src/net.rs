@@ -17,6 +17,7 @@
 //! arise without an injection; the oracle then re-derives which acknowledged writes are still
 //! guaranteed from the copies the disks really hold (O5).
 
+use crate::ids::{Fault, Rule};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -79,7 +80,7 @@ impl Seen {
         len: u64,
         data: u64,
         result: ChildResult,
-    ) -> Option<&'static str> {
+    ) -> Option<Fault> {
         // The report's fault × outcome: an answer from (or a timeout on) a replica that a
         // partition, pause or crash has down now is that fault's, for the op it served.
         let w = self.w.upgrade()?;
@@ -297,7 +298,7 @@ pub(crate) async fn replica_main(w: Arc<World>, i: usize) {
         Ok(l) => l,
         Err(e) => {
             w.fail(
-                "harness",
+                Rule::Harness,
                 format!("r{i}: cannot listen on port {NBD_PORT}: {e}"),
             );
             return;
@@ -322,7 +323,7 @@ pub(crate) async fn replica_main(w: Arc<World>, i: usize) {
         if w.p.nbd.as_ref().is_some_and(|n| n.tls) {
             let set = sim_tls(ballot::tls::Endpoint::Server).and_then(|c| server.set_tls(Some(c)));
             if let Err(e) = set {
-                w.fail("harness", format!("r{i}: {e}"));
+                w.fail(Rule::Harness, format!("r{i}: {e}"));
                 return;
             }
         }
@@ -341,7 +342,7 @@ pub(crate) async fn replica_main(w: Arc<World>, i: usize) {
             multi_conn: false,
         });
         if let Err(e) = added {
-            w.fail("harness", format!("r{i}: {e}"));
+            w.fail(Rule::Harness, format!("r{i}: {e}"));
             return;
         }
         let guard = Open {
@@ -452,13 +453,7 @@ fn clog(w: &World, i: usize, cut: Cut, on: bool) {
 }
 
 /// Starts a partition of replica `i` (F13, or one step of F15); `checked` applies B3.
-pub(crate) fn partition(
-    w: &World,
-    i: usize,
-    cut: Cut,
-    family: &'static str,
-    checked: bool,
-) -> bool {
+pub(crate) fn partition(w: &World, i: usize, cut: Cut, family: Fault, checked: bool) -> bool {
     if w.net_lock()[i].cut.is_some() {
         return false;
     }
@@ -506,13 +501,13 @@ pub(crate) fn pause(w: &Arc<World>, i: usize, ns: u64, checked: bool) -> bool {
             _ => return false,
         }
     };
-    if checked && !w.disks.allow_node("F17", i, Mark::Failing) {
+    if checked && !w.disks.allow_node(Fault::F17, i, Mark::Failing) {
         return false;
     }
     w.net_lock()[i].paused = true;
     refresh_down(w, i);
     madsim::runtime::Handle::current().pause(node);
-    w.disks.count_lasting("F17", ns);
+    w.disks.count_lasting(Fault::F17, ns);
     w.disks.trace_full(
         &format!("r{i}"),
         "pause",
@@ -559,7 +554,7 @@ pub(crate) fn crash(w: &World, i: usize, checked: bool) -> bool {
         r.node
     };
     let Some(node) = node else { return false };
-    if checked && !w.disks.allow_node("F16", i, Mark::Failing) {
+    if checked && !w.disks.allow_node(Fault::F16, i, Mark::Failing) {
         return false;
     }
     // I18: what the quorum's record calls in sync and flushed on r{i} must survive this.
@@ -593,8 +588,8 @@ pub(crate) fn restart(w: &World, i: usize, reformat: bool, checked: bool) {
         r.open.clear();
         r.node
     };
-    if reformat && (!checked || w.disks.allow_node("F18", i, Mark::Wrong)) {
-        let changed = w.disks.reformat(i, "F18");
+    if reformat && (!checked || w.disks.allow_node(Fault::F18, i, Mark::Wrong)) {
+        let changed = w.disks.reformat(i, Fault::F18);
         w.reassess(&changed);
         w.disks.trace_full(
             &format!("r{i}"),
@@ -604,7 +599,7 @@ pub(crate) fn restart(w: &World, i: usize, reformat: bool, checked: bool) {
             changed.len() as u64,
             0,
             0,
-            "F18".into(),
+            Fault::F18.to_string(),
         );
     }
     refresh_down(w, i);
@@ -620,7 +615,7 @@ pub(crate) async fn random_faults(w: Arc<World>, p: NbdParams) {
     const TICK: Duration = Duration::from_millis(100);
     let n = w.p.children;
     let mut rng = Rng::stream(w.p.seed, "faults/net");
-    let crash_rate = if w.p.family_on("F16") {
+    let crash_rate = if w.p.family_on(Fault::F16) {
         w.p.crash_rate
     } else {
         0.0
@@ -643,7 +638,7 @@ pub(crate) async fn random_faults(w: Arc<World>, p: NbdParams) {
                 }
             } else if p.partition.0 > 0.0 && rng.chance(p.partition.0) {
                 let cut = [Cut::Both, Cut::In, Cut::Out, Cut::Isolate][rng.below(4) as usize];
-                partition(&w, i, cut, "F13", true);
+                partition(&w, i, cut, Fault::F13, true);
             }
             if p.pause_rate > 0.0 && rng.chance(p.pause_rate * tick_s) {
                 let ns = rng.range(p.pause_ns.0, p.pause_ns.1.max(p.pause_ns.0));
@@ -703,7 +698,7 @@ pub(crate) async fn swizzle(
     let mut mine = Vec::new();
     for (at, i) in on {
         tokio::time::sleep_until(start + Duration::from_nanos(at)).await;
-        if w.in_safety() && partition(&w, i, Cut::Isolate, "F15", checked) {
+        if w.in_safety() && partition(&w, i, Cut::Isolate, Fault::F15, checked) {
             mine.push(i);
         }
     }

@@ -1,7 +1,9 @@
 //! The network model of quorum over NBD (SIMULATION.md §3 Network): where replicas listen,
 //! the partitions in force (F13, F15) and each replica's process and connection state (F14,
 //! F16, F17). Plain state: the fault actions that change it live in `net`, which owns the
-//! world; this module imports nothing of the simulator.
+//! world; this module imports nothing of the simulator but the fault ids.
+
+use crate::ids::Fault;
 
 /// The port every replica's NBD server listens on.
 pub const NBD_PORT: u16 = 10809;
@@ -42,7 +44,7 @@ pub struct LiveCut {
     /// Which directions are cut.
     pub kind: Cut,
     /// The fault family (F13, or one step of F15).
-    pub family: &'static str,
+    pub family: Fault,
     /// The report's mark of the fault, ended at the heal.
     pub mark: usize,
 }
@@ -89,16 +91,16 @@ impl Replica {
     }
 
     /// The fault family that has the replica down now (the report charges it too).
-    pub(crate) fn down_family(&self) -> Option<&'static str> {
+    pub(crate) fn down_family(&self) -> Option<Fault> {
         if self.crashed {
-            Some("F16")
+            Some(Fault::F16)
         } else if self.paused {
-            Some("F17")
+            Some(Fault::F17)
         } else if let Some(c) = &self.cut {
             Some(c.family)
         } else if self.stale_open() > 0 {
             // A connection its client gave up is still open (N43): F14's state.
-            Some("F14")
+            Some(Fault::F14)
         } else {
             None
         }

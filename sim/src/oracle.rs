@@ -7,59 +7,16 @@
 //! events, repairs: I5, I7, I8); from the history it computes the allowed set of each sector a
 //! read returns (O3–O5: I1, I2, I3).
 
+use crate::ids::{Path, Rule};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use ballot::drivers::quorum::Audit;
-use ballot::events::{Event, IoType};
+use ballot::events::Event;
 use ballot::ErrorKind;
 
-use crate::oplog::{ChildKind, ChildOp, ChildResult};
-use crate::sector::{data_digest, decode, Decoded, Value, SECTOR, SECTOR_U64};
-
-/// A guest operation kind.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum OpKind {
-    /// Read.
-    Read,
-    /// Write of generated data.
-    Write,
-    /// Write-zeroes.
-    WriteZeroes,
-    /// Discard (trim).
-    Trim,
-    /// Flush.
-    Flush,
-    /// Block status (scripted steps only).
-    BlockStatus,
-}
-
-impl OpKind {
-    /// Scenario spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            OpKind::Read => "read",
-            OpKind::Write => "write",
-            OpKind::WriteZeroes => "write_zeroes",
-            OpKind::Trim => "trim",
-            OpKind::Flush => "flush",
-            OpKind::BlockStatus => "block_status",
-        }
-    }
-
-    /// Parses the scenario spelling.
-    pub fn parse(s: &str) -> Option<OpKind> {
-        [
-            OpKind::Read,
-            OpKind::Write,
-            OpKind::WriteZeroes,
-            OpKind::Trim,
-            OpKind::Flush,
-            OpKind::BlockStatus,
-        ]
-        .into_iter()
-        .find(|k| k.as_str() == s)
-    }
-}
+use crate::oplog::ChildOp;
+use crate::sector::{decode, Decoded, Value, SECTOR, SECTOR_U64};
+pub use crate::verdict::{Finding, ModelCfg, OpKind, Tally};
 
 /// How a guest op ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,49 +29,6 @@ pub enum Outcome {
     Fail(ErrorKind),
     /// Indeterminate: the issuing node crashed.
     Info,
-}
-
-/// One violated invariant.
-#[derive(Debug, Clone)]
-pub struct Violation {
-    /// Rule id (`I1`, `I7`, ...).
-    pub rule: &'static str,
-    /// Guest op.
-    pub op: u64,
-    /// Sector concerned, if any.
-    pub sector: Option<u64>,
-    /// What was wrong.
-    pub message: String,
-}
-
-/// What the model needs to know about the configuration.
-#[derive(Debug, Clone)]
-pub struct ModelCfg {
-    /// Children N.
-    pub n: usize,
-    /// Threshold t.
-    pub t: usize,
-    /// fifo read pattern.
-    pub fifo: bool,
-    /// rewrite-corrupted.
-    pub rewrite: bool,
-    /// Whether guest discards reach the children (Q46: discard=unmap and every child zeroes).
-    pub discard_forwarded: bool,
-    /// Initial image: write 0's pattern (true) or zeros.
-    pub initial_pattern: bool,
-    /// blkverify mode (Q33, Q34).
-    pub blkverify: bool,
-    /// Children's node-name prefix: `c` (local vdisks) or `r` (NBD replicas).
-    pub prefix: &'static str,
-    /// Writes may land late (NBD children, N43): history is never pruned, since a copy of
-    /// any earlier write can still reach a disk.
-    pub late_writes: bool,
-    /// A beyond-budget run (B6, S7).
-    pub beyond: bool,
-    /// The quorum recovers a power cut with `recover=lowest` (a metadata node, HEALING.md
-    /// H22): any version of a write that was not flushed may win, so after a crash of the
-    /// quorum host only a write every child holds stays guaranteed.
-    pub recover_any: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -133,19 +47,6 @@ struct Op {
 /// ([`Oracle::latest_overwriter`]): it completed before that overwriter was invoked.
 fn overwritten(op: &Op, latest: Option<u64>) -> bool {
     matches!((op.cmp, latest), (Some(c), Some(inv2)) if c < inv2)
-}
-
-/// Counters of outcomes and recovery paths (for the sweep report and I15).
-#[derive(Debug, Clone, Default)]
-pub struct Tally {
-    /// Outcomes by "kind/result" (e.g. `read/ok`, `write/EIO`).
-    pub outcomes: BTreeMap<String, u64>,
-    /// Recovery paths reached (P1...).
-    pub paths: BTreeMap<&'static str, u64>,
-    /// Invariant checks performed, by rule.
-    pub checks: BTreeMap<&'static str, u64>,
-    /// Errors in the safety phase (counted, not judged: O7).
-    pub safety_errors: u64,
 }
 
 /// The reference model.
@@ -171,7 +72,6 @@ pub struct Oracle {
     /// child's copy): reads there are out of model until a guest write covers them.
     pub recovered_any: BTreeSet<u64>,
     /// The flush decision of the op being checked (D14), for [`Oracle::flush_model`].
-    flush_audit: Option<Audit>,
     /// Counters.
     pub tally: Tally,
 }
@@ -205,7 +105,6 @@ impl Oracle {
             next_op: 1,
             audits: BTreeMap::new(),
             recovered_any: BTreeSet::new(),
-            flush_audit: None,
             tally: Tally::default(),
         }
     }
@@ -502,7 +401,7 @@ impl Oracle {
         children: &[ChildOp],
         events: &[Event],
         judge_errors: bool,
-    ) -> Vec<Violation> {
+    ) -> Vec<Finding> {
         let b = self.tick();
         let mut v = Vec::new();
         let (kind, offset, len, fua, inv) = {
@@ -532,10 +431,23 @@ impl Oracle {
         if kind == OpKind::Read {
             self.inflight_reads.remove(&(inv, id));
         }
-        // I7/I8/I5: the vote model.
-        self.check_vote(
-            id, kind, offset, len, fua, &result, children, events, &mut v,
-        );
+        // I7/I8/I5: the op's verdict from its children's answers.
+        let audits = self.audits.remove(&id).unwrap_or_default();
+        let view = crate::verdict::OpView {
+            id,
+            kind,
+            offset,
+            len,
+            fua,
+            children,
+            events,
+            audit: audits
+                .iter()
+                .find(|a| !matches!(a, Audit::Flush { .. } | Audit::MetadataFailed)),
+            flush_audit: audits.iter().find(|a| matches!(a, Audit::Flush { .. })),
+            md_failed: audits.iter().any(|a| matches!(a, Audit::MetadataFailed)),
+        };
+        crate::verdict::judge(&self.cfg, &mut self.tally, &view, &result, &mut v);
         match (&result, kind) {
             (Ok(Some(data)), OpKind::Read) => {
                 self.check_read_data(id, offset, data, inv, b, &mut v)
@@ -569,8 +481,8 @@ impl Oracle {
         }
         if judge_errors {
             if let Err(k) = &result {
-                v.push(Violation {
-                    rule: "I14",
+                v.push(Finding {
+                    rule: Rule::I14,
                     op: id,
                     sector: None,
                     message: format!(
@@ -591,19 +503,19 @@ impl Oracle {
         data: &[u8],
         a: u64,
         b: u64,
-        v: &mut Vec<Violation>,
+        v: &mut Vec<Finding>,
     ) {
-        *self.tally.checks.entry("I1").or_default() += 1;
+        *self.tally.checks.entry(Rule::I1).or_default() += 1;
         for (k, chunk) in data.chunks(SECTOR).enumerate() {
             let s = offset / SECTOR_U64 + k as u64;
             if self.recovered_any.contains(&s) {
-                *self.tally.paths.entry("out-of-model").or_default() += 1;
+                *self.tally.paths.entry(Path::OutOfModel).or_default() += 1;
                 continue;
             }
             let got = match decode(chunk) {
                 Decoded::Value(Value::Data { id: w, sector }) if sector != s => {
-                    v.push(Violation {
-                        rule: "I1",
+                    v.push(Finding {
+                        rule: Rule::I1,
                         op: id,
                         sector: Some(s),
                         message: format!("misdirected data: got w{w} of sector {sector}"),
@@ -612,8 +524,8 @@ impl Oracle {
                 }
                 Decoded::Value(x) => x,
                 Decoded::Garbage => {
-                    v.push(Violation {
-                        rule: "I1",
+                    v.push(Finding {
+                        rule: Rule::I1,
                         op: id,
                         sector: Some(s),
                         message: "corrupt or torn bytes (decode to nothing)".to_string(),
@@ -630,28 +542,28 @@ impl Oracle {
                 let set: Vec<String> = allowed.iter().map(name).collect();
                 let rule = if all.contains(&got) {
                     if 2 * self.cfg.t > self.cfg.n {
-                        "I3"
+                        Rule::I3
                     } else {
-                        "I2"
+                        Rule::I2
                     }
                 } else {
-                    "I1"
+                    Rule::I1
                 };
-                if rule != "I1" && self.cfg.beyond && self.cfg.late_writes {
+                if rule != Rule::I1 && self.cfg.beyond && self.cfg.late_writes {
                     // B7, S7: over NBD, copies go stale without an injection (timeouts, late
                     // writes), and free silent faults can then agree with them; the vote (I7)
                     // has already checked the quorum against its children's answers. The read
                     // is out of model, not judged.
-                    *self.tally.paths.entry("out-of-model").or_default() += 1;
+                    *self.tally.paths.entry(Path::OutOfModel).or_default() += 1;
                     return;
                 }
-                v.push(Violation {
+                v.push(Finding {
                     rule,
                     op: id,
                     sector: Some(s),
                     message: format!(
                         "{} read: got={} allowed={{{}}}",
-                        if rule == "I1" { "foreign" } else { "stale" },
+                        if rule == Rule::I1 { "foreign" } else { "stale" },
                         name(&got),
                         set.join(",")
                     ),
@@ -671,584 +583,6 @@ impl Oracle {
                 }
             }
             self.prune(s);
-        }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn check_vote(
-        &mut self,
-        id: u64,
-        kind: OpKind,
-        offset: u64,
-        len: u64,
-        fua: bool,
-        result: &Result<Option<&[u8]>, ErrorKind>,
-        children: &[ChildOp],
-        events: &[Event],
-        v: &mut Vec<Violation>,
-    ) {
-        let (n, t) = (self.cfg.n, self.cfg.t);
-        let audits = self.audits.remove(&id).unwrap_or_default();
-        // HEALING.md H21: the metadata node failed this request (F29).
-        let md_failed = audits.iter().any(|a| matches!(a, Audit::MetadataFailed));
-        let audit = audits
-            .iter()
-            .find(|a| !matches!(a, Audit::Flush { .. } | Audit::MetadataFailed))
-            .cloned();
-        self.flush_audit = audits
-            .into_iter()
-            .find(|a| matches!(a, Audit::Flush { .. }));
-        let (sn, sc) = ballot::events::sectors(offset, len);
-        let mut want_events: Vec<String> = Vec::new();
-        let want: Result<Option<u64>, ErrorKind>;
-        let mut want_rewrites: Vec<(usize, u64)> = Vec::new();
-        let prefix = self.cfg.prefix;
-        let rb = |io: &str, child: usize, err: Option<ErrorKind>, sn: u64, sc: u64| {
-            format!(
-                "RB {io} {prefix}{child} {} {sn}/{sc}",
-                err.map(|k| k.errno_name()).unwrap_or("-")
-            )
-        };
-        let fail = |sn: u64, sc: u64| format!("FAILURE {sn}/{sc}");
-        let bad = |v: &mut Vec<Violation>, rule: &'static str, m: String| {
-            v.push(Violation {
-                rule,
-                op: id,
-                sector: None,
-                message: m,
-            })
-        };
-        match kind {
-            OpKind::Read => {
-                let reads: Vec<&ChildOp> = children
-                    .iter()
-                    .filter(|c| c.kind == ChildKind::Read)
-                    .collect();
-                if self.cfg.fifo {
-                    // Q29–Q32: children in order until one succeeds.
-                    let mut expect_err = ErrorKind::Io;
-                    let mut served = None;
-                    // HEALING.md H1: in-sync children first, in child order, then the
-                    // out-of-sync ones (README D9); the quorum's audit gives the order.
-                    let order: Vec<usize> = match &audit {
-                        Some(Audit::Read { readers, .. }) => readers.clone(),
-                        _ => (0..n).collect(),
-                    };
-                    for (k, c) in reads.iter().enumerate() {
-                        if order.get(k) != Some(&c.disk) {
-                            bad(
-                                v,
-                                "I7",
-                                format!(
-                                    "fifo read child {} out of order (expected {:?})",
-                                    c.disk,
-                                    order.get(k)
-                                ),
-                            );
-                            return;
-                        }
-                        match c.result {
-                            ChildResult::Ok(d) => {
-                                served = Some((k, d));
-                                break;
-                            }
-                            ChildResult::Err(e) => {
-                                want_events.push(rb("read", c.disk, Some(e), sn, sc));
-                                expect_err = e;
-                            }
-                        }
-                    }
-                    match served {
-                        Some((k, d)) => {
-                            if reads.len() != k + 1 {
-                                bad(v, "I7", format!("fifo read went on after c{k} succeeded"));
-                            }
-                            want = Ok(Some(d));
-                            if k > 0 {
-                                *self.tally.paths.entry("P5").or_default() += 1;
-                            }
-                            if self.cfg.rewrite {
-                                want_rewrites = reads[..k].iter().map(|c| (c.disk, d)).collect();
-                            }
-                        }
-                        None => {
-                            if reads.len() != order.len() {
-                                bad(
-                                    v,
-                                    "I7",
-                                    format!(
-                                        "fifo read tried {} of {n} children and failed",
-                                        reads.len()
-                                    ),
-                                );
-                            }
-                            want = Err(expect_err);
-                        }
-                    }
-                } else {
-                    let mut res: Vec<Option<ChildResult>> = vec![None; n];
-                    let mut twice = false;
-                    for c in &reads {
-                        if c.disk < n {
-                            twice |= res[c.disk].is_some();
-                            res[c.disk] = Some(c.result.clone());
-                        }
-                    }
-                    // Q16 with HEALING.md H1: every voter once; children out of sync on the
-                    // range do not vote while at least t others are in sync. The quorum's
-                    // audit names the voters it chose; without one, every child.
-                    let asked = res.iter().filter(|r| r.is_some()).count();
-                    let voters: Vec<usize> = match &audit {
-                        Some(Audit::Read { readers, .. }) => readers.clone(),
-                        _ => (0..n).collect(),
-                    };
-                    let exact = (0..n).all(|i| res[i].is_some() == voters.contains(&i));
-                    if twice || !exact || reads.len() != asked {
-                        bad(
-                            v,
-                            "I7",
-                            format!(
-                                "quorum read asked {} children, not each of {n} once (Q16)",
-                                reads.len()
-                            ),
-                        );
-                        return;
-                    }
-                    let ok: Vec<(usize, u64)> = res
-                        .iter()
-                        .enumerate()
-                        .filter_map(|(i, r)| match r {
-                            Some(ChildResult::Ok(d)) => Some((i, *d)),
-                            _ => None,
-                        })
-                        .collect();
-                    let errs: Vec<ErrorKind> = res
-                        .iter()
-                        .filter_map(|r| match r {
-                            Some(ChildResult::Err(e)) => Some(*e),
-                            _ => None,
-                        })
-                        .collect();
-                    for (i, r) in res.iter().enumerate() {
-                        if let Some(ChildResult::Err(e)) = r {
-                            want_events.push(rb("read", i, Some(*e), sn, sc));
-                        }
-                    }
-                    if ok.len() < t {
-                        want = Err(error_vote(&errs));
-                        want_events.push(fail(sn, sc));
-                        *self.tally.paths.entry("P4").or_default() += 1;
-                    } else if self.cfg.blkverify && ok.iter().any(|(_, d)| *d != ok[0].1) {
-                        // Q33, D6: a mismatch is fatal to the process (recorded here), the
-                        // read fails, nothing is emitted or repaired.
-                        want = Err(ErrorKind::Io);
-                    } else if ok.iter().all(|(_, d)| *d == ok[0].1) {
-                        want = Ok(Some(ok[0].1));
-                        if errs.is_empty() {
-                            *self.tally.paths.entry("P1").or_default() += 1;
-                        }
-                    } else {
-                        let mut versions: Vec<(u64, Vec<usize>)> = Vec::new();
-                        for &(i, d) in &ok {
-                            match versions.iter_mut().find(|(x, _)| *x == d) {
-                                Some((_, m)) => m.push(i),
-                                None => versions.push((d, vec![i])),
-                            }
-                        }
-                        let top = versions.iter().map(|(_, m)| m.len()).max().unwrap_or(0);
-                        let leaders: Vec<&(u64, Vec<usize>)> =
-                            versions.iter().filter(|(_, m)| m.len() == top).collect();
-                        if leaders.len() > 1 {
-                            // I5 (Q23, D1): EIO + FAILURE, no mismatch event, no rewrite.
-                            *self.tally.checks.entry("I5").or_default() += 1;
-                            want = Err(ErrorKind::Io);
-                            want_events.push(fail(sn, sc));
-                            *self.tally.paths.entry("P4").or_default() += 1;
-                        } else if top < t {
-                            want = Err(ErrorKind::Io);
-                            want_events.push(fail(sn, sc));
-                            *self.tally.paths.entry("P4").or_default() += 1;
-                        } else {
-                            let (wd, winners) = leaders[0];
-                            want = Ok(Some(*wd));
-                            let losers: Vec<usize> = ok
-                                .iter()
-                                .map(|(i, _)| *i)
-                                .filter(|i| !winners.contains(i))
-                                .collect();
-                            for &i in &losers {
-                                want_events.push(rb("read", i, None, sn, sc));
-                            }
-                            *self.tally.paths.entry("P2").or_default() += 1;
-                            if self.cfg.rewrite {
-                                want_rewrites = losers.iter().map(|&i| (i, *wd)).collect();
-                                *self.tally.paths.entry("P3").or_default() += 1;
-                            }
-                        }
-                    }
-                }
-                // The repair writes: exactly the expected children, the winner's data, the
-                // whole range (Q26, Q27, Q32); their failures change nothing (Q28).
-                let mut got_rw: Vec<(usize, u64)> = children
-                    .iter()
-                    .filter(|c| c.kind == ChildKind::Write)
-                    .map(|c| {
-                        if c.offset != offset || c.len != len {
-                            (usize::MAX, 0)
-                        } else {
-                            (c.disk, c.data)
-                        }
-                    })
-                    .collect();
-                got_rw.sort_unstable();
-                // The rewrite carries the winner's bytes; the model knows their read digest,
-                // which equals the write digest (same bytes, same digest function).
-                let mut want_rw = want_rewrites.clone();
-                want_rw.sort_unstable();
-                // D7, D8: the read holds its range through its repairs, so no guest write
-                // can make a repair stale and none is ever skipped.
-                if got_rw != want_rw {
-                    let rule = if want_rewrites.is_empty() && want.is_err() {
-                        "I5"
-                    } else {
-                        "I6"
-                    };
-                    bad(
-                        v,
-                        rule,
-                        format!(
-                            "repair writes {got_rw:?} (child, data digest), expected {want_rw:?}"
-                        ),
-                    );
-                }
-            }
-            OpKind::Write | OpKind::WriteZeroes | OpKind::Trim => {
-                let ck = match kind {
-                    OpKind::Write => ChildKind::Write,
-                    OpKind::WriteZeroes => ChildKind::Zero,
-                    _ => ChildKind::Discard,
-                };
-                let writes: Vec<&ChildOp> = children.iter().filter(|c| c.kind == ck).collect();
-                if kind == OpKind::Trim && !self.cfg.discard_forwarded {
-                    want = Ok(None);
-                    if !writes.is_empty() {
-                        bad(
-                            v,
-                            "I7",
-                            "discard reached the children without the zeroing guarantee (Q46)"
-                                .into(),
-                        );
-                    }
-                } else if md_failed && writes.is_empty() {
-                    // H21: the intent could not be made durable; no child saw the write.
-                    want = Err(ErrorKind::Io);
-                } else {
-                    // The children the quorum had when it wrote (F30: one may be swapped out).
-                    let n = match &audit {
-                        Some(Audit::Write { eligible, .. }) => eligible.len(),
-                        _ => n,
-                    };
-                    if writes.len() != n {
-                        bad(
-                            v,
-                            "I7",
-                            format!(
-                                "{} went to {} children, expected {n}",
-                                kind.as_str(),
-                                writes.len()
-                            ),
-                        );
-                        return;
-                    }
-                    let mut errs = Vec::new();
-                    for c in &writes {
-                        if let ChildResult::Err(e) = c.result {
-                            errs.push((c.disk, e));
-                        }
-                    }
-                    errs.sort_by_key(|(d, _)| *d);
-                    for (d, e) in &errs {
-                        want_events.push(rb("write", *d, Some(*e), sn, sc));
-                    }
-                    // H4: a success counts if the quorum's audit says the child was eligible
-                    // (in sync, covering, or a degraded range) and current (one epoch).
-                    let s = writes
-                        .iter()
-                        .filter(|c| matches!(c.result, ChildResult::Ok(_)))
-                        .filter(|c| match &audit {
-                            Some(Audit::Write { eligible, current }) => {
-                                eligible.get(c.disk).copied().unwrap_or(false)
-                                    && current.get(c.disk).copied().unwrap_or(false)
-                            }
-                            _ => true,
-                        })
-                        .count();
-                    if s >= t {
-                        if !errs.is_empty() {
-                            *self.tally.paths.entry("P6").or_default() += 1;
-                        }
-                        want = if fua && kind == OpKind::Write {
-                            // H21: marks that could not be made durable (the write's or the
-                            // FUA flush's) fail it; the flush's events stand.
-                            let m = self.flush_model(children, &mut want_events);
-                            if md_failed {
-                                Err(ErrorKind::Io)
-                            } else {
-                                m
-                            }
-                        } else if md_failed {
-                            Err(ErrorKind::Io)
-                        } else {
-                            Ok(None)
-                        };
-                    } else {
-                        let kinds: Vec<ErrorKind> = errs.iter().map(|(_, e)| *e).collect();
-                        want = Err(if kinds.is_empty() {
-                            ErrorKind::Io
-                        } else {
-                            error_vote(&kinds)
-                        });
-                        want_events.push(fail(sn, sc));
-                        *self.tally.paths.entry("P7").or_default() += 1;
-                    }
-                }
-            }
-            OpKind::Flush => {
-                want = self.flush_model(children, &mut want_events);
-            }
-
-            OpKind::BlockStatus => {
-                // Q43, Q44: children in order; the first failure answers DATA over the whole
-                // count with one error event; otherwise the merge of all answers. The answer
-                // travels as `zero << 63 | length` in the digest slot.
-                let sts: Vec<&ChildOp> = children
-                    .iter()
-                    .filter(|c| c.kind == ChildKind::Status)
-                    .collect();
-                let mut answer = None;
-                let (mut all_zero, mut zero_len, mut data_len) = (true, u64::MAX, 0u64);
-                for (k, c) in sts.iter().enumerate() {
-                    if c.disk != k {
-                        bad(
-                            v,
-                            "I7",
-                            format!(
-                                "block status asked {}{} out of order",
-                                self.cfg.prefix, c.disk
-                            ),
-                        );
-                        return;
-                    }
-                    match c.result {
-                        ChildResult::Err(e) => {
-                            want_events.push(rb("read", k, Some(e), sn, sc));
-                            answer = Some(len);
-                            if sts.len() != k + 1 {
-                                bad(
-                                    v,
-                                    "I7",
-                                    format!("block status went on after c{k} failed (Q43)"),
-                                );
-                            }
-                            break;
-                        }
-                        ChildResult::Ok(x) => {
-                            let (z, l) = (x >> 63 == 1, (x & !(1 << 63)).clamp(1, len));
-                            if z {
-                                zero_len = zero_len.min(l);
-                            } else {
-                                all_zero = false;
-                                data_len = data_len.max(l);
-                            }
-                        }
-                    }
-                }
-                want = Ok(Some(match answer {
-                    Some(l) => l,
-                    None if sts.len() != n => {
-                        bad(
-                            v,
-                            "I7",
-                            format!("block status asked {} of {n} children", sts.len()),
-                        );
-                        return;
-                    }
-                    None if all_zero => (1 << 63) | zero_len,
-                    None => data_len,
-                }));
-            }
-        }
-        *self.tally.checks.entry("I7").or_default() += 1;
-        *self.tally.checks.entry("I8").or_default() += 1;
-        // Result.
-        let mut want = want;
-        if md_failed
-            && want.is_ok()
-            && matches!(
-                kind,
-                OpKind::Write | OpKind::WriteZeroes | OpKind::Trim | OpKind::Flush
-            )
-        {
-            // H21: marks that could not be made durable fail a request the vote accepted.
-            want = Err(ErrorKind::Io);
-        }
-        let got: Result<Option<u64>, ErrorKind> = match result {
-            Ok(Some(d)) if kind == OpKind::BlockStatus => Ok(Some(u64::from_le_bytes(
-                d[..8].try_into().unwrap_or([0; 8]),
-            ))),
-            Ok(Some(d)) => Ok(Some(data_digest(d))),
-            Ok(None) => Ok(None),
-            Err(k) => Err(*k),
-        };
-        if let (Ok(Some(_)), OpKind::Read) | (Ok(None), _) = (&got, kind) {
-            // compared below
-        }
-        if got != want {
-            let rule = match (&got, &want) {
-                (Ok(_), Err(_)) if kind == OpKind::Read && !self.cfg.fifo => {
-                    // A read that should have failed returned data: tie or threshold.
-                    "I5"
-                }
-                _ => "I7",
-            };
-            let show = |r: &Result<Option<u64>, ErrorKind>| match r {
-                Ok(Some(d)) => format!("ok(data {d:016x})"),
-                Ok(None) => "ok".to_string(),
-                Err(k) => k.errno_name().to_string(),
-            };
-            bad(
-                v,
-                rule,
-                format!(
-                    "{} returned {}, the vote model says {}",
-                    kind.as_str(),
-                    show(&got),
-                    show(&want)
-                ),
-            );
-        }
-        // Events (I8): exactly the expected multiset; mismatch events in ascending order.
-        let mut got_ev: Vec<String> = events
-            .iter()
-            .map(|e| match e {
-                Event::QuorumReportBad {
-                    io,
-                    error,
-                    node_name,
-                    sector_num,
-                    sectors_count,
-                } => format!(
-                    "RB {} {} {} {}/{}",
-                    match io {
-                        IoType::Read => "read",
-                        IoType::Write => "write",
-                        IoType::Flush => "flush",
-                    },
-                    node_name,
-                    error.map(|k| k.errno_name()).unwrap_or("-"),
-                    sector_num,
-                    sectors_count
-                ),
-                Event::QuorumFailure {
-                    sector_num,
-                    sectors_count,
-                    ..
-                } => format!("FAILURE {sector_num}/{sectors_count}"),
-                Event::BlockJobCompleted {
-                    device,
-                    offset,
-                    len,
-                    error,
-                    ..
-                } => format!(
-                    "JOB {device} {offset}/{len} {}",
-                    error.map(|k| k.errno_name()).unwrap_or("-")
-                ),
-                Event::JobStatusChange { id, status } => format!("JOBSTATUS {id} {status}"),
-            })
-            .collect();
-        let mismatch_order: Vec<&String> = got_ev.iter().filter(|e| e.contains(" - ")).collect();
-        let mut sorted_mm = mismatch_order.clone();
-        sorted_mm.sort_by_key(|e| {
-            e.split(' ')
-                .nth(2)
-                .map(|c| c[1..].parse::<usize>().unwrap_or(0))
-        });
-        if mismatch_order != sorted_mm {
-            bad(
-                v,
-                "I8",
-                format!("mismatch events out of child order: {mismatch_order:?}"),
-            );
-        }
-        got_ev.sort();
-        want_events.sort();
-        if got_ev != want_events {
-            let rule = if kind == OpKind::Read
-                && want_events.iter().any(|e| e.starts_with("FAILURE"))
-                && got_ev.iter().any(|e| e.contains(" - "))
-            {
-                "I5"
-            } else {
-                "I8"
-            };
-            bad(
-                v,
-                rule,
-                format!("events {got_ev:?}, expected {want_events:?}"),
-            );
-        }
-    }
-
-    /// Q41: each child flushed once, in order; RB(flush) 0/0 per failure; ok iff s >= t.
-    fn flush_model(
-        &mut self,
-        children: &[ChildOp],
-        want_events: &mut Vec<String>,
-    ) -> Result<Option<u64>, ErrorKind> {
-        let flushes: Vec<&ChildOp> = children
-            .iter()
-            .filter(|c| c.kind == ChildKind::Flush)
-            .collect();
-        let mut errs = Vec::new();
-        for c in &flushes {
-            if let ChildResult::Err(e) = c.result {
-                want_events.push(format!(
-                    "RB flush {}{} {} 0/0",
-                    self.cfg.prefix,
-                    c.disk,
-                    e.errno_name()
-                ));
-                errs.push(e);
-            }
-        }
-        // The children the quorum had when it flushed (HEALING.md F30: one may be swapped out).
-        let n = match &self.flush_audit {
-            Some(Audit::Flush { eligible }) => eligible.len(),
-            _ => self.cfg.n,
-        };
-        if flushes.len() != n {
-            return Err(ErrorKind::NotSup); // forces a mismatch report: not every child flushed
-        }
-        // D14: a success counts if the quorum found the child in sync on what the flush had to
-        // make durable.
-        let counted = flushes
-            .iter()
-            .filter(|c| matches!(c.result, ChildResult::Ok(_)))
-            .filter(|c| match &self.flush_audit {
-                Some(Audit::Flush { eligible }) => eligible.get(c.disk).copied().unwrap_or(false),
-                _ => true,
-            })
-            .count();
-        if counted >= self.cfg.t {
-            Ok(None)
-        } else {
-            *self.tally.paths.entry("P8").or_default() += 1;
-            Err(if errs.is_empty() {
-                ErrorKind::Io
-            } else {
-                error_vote(&errs)
-            })
         }
     }
 
@@ -1308,29 +642,11 @@ impl Oracle {
     }
 }
 
-/// Q20, independently: the most common kind; among equals, the one whose first occurrence is
-/// latest.
-pub fn error_vote(errs: &[ErrorKind]) -> ErrorKind {
-    let mut tally: Vec<(ErrorKind, usize)> = Vec::new();
-    for e in errs {
-        match tally.iter_mut().find(|(k, _)| k == e) {
-            Some((_, c)) => *c += 1,
-            None => tally.push((*e, 1)),
-        }
-    }
-    let top = tally.iter().map(|(_, c)| *c).max().unwrap_or(0);
-    tally
-        .iter()
-        .rev()
-        .find(|(_, c)| *c == top)
-        .map(|(k, _)| *k)
-        .unwrap_or(ErrorKind::Io)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::oplog::{ChildKind, ChildOp, ChildResult};
+    use crate::sector::data_digest;
 
     fn cfg(n: usize, t: usize) -> ModelCfg {
         ModelCfg {
@@ -1375,7 +691,7 @@ mod tests {
             .collect();
         let v = o.complete(r, Ok(Some(&old[..])), &reads, &[], false);
         assert_eq!(v.len(), 1);
-        assert_eq!(v[0].rule, "I3");
+        assert_eq!(v[0].rule, Rule::I3);
         assert_eq!(v[0].sector, Some(0));
         assert_eq!(v[0].message, "stale read: got=w0 allowed={w1}");
     }
@@ -1393,18 +709,10 @@ mod tests {
             child(3, ChildKind::Read, 512, ChildResult::Ok(b)),
         ];
         let v = o.complete(r, Ok(Some(&data[..])), &reads, &[], false);
-        assert_eq!(v[0].rule, "I5");
+        assert_eq!(v[0].rule, Rule::I5);
         assert_eq!(
             v[0].message,
             format!("read returned ok(data {a:016x}), the vote model says EIO")
         );
-    }
-
-    #[test]
-    fn q20_error_vote_model_matches_qemu_rule() {
-        use ErrorKind::*;
-        assert_eq!(error_vote(&[Io, NoSpc]), NoSpc);
-        assert_eq!(error_vote(&[NoSpc, Io, Io, NoSpc]), Io);
-        assert_eq!(error_vote(&[]), Io);
     }
 }

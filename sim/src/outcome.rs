@@ -1,6 +1,7 @@
 //! What one run is asked for and what it produced: the plain values every topology returns
 //! and the sweep, the reports and the command line read. Depends on nothing in the simulator.
 
+use crate::ids::{Fault, Path, Rule, Violation};
 use std::collections::BTreeMap;
 
 /// Options of one run.
@@ -17,8 +18,8 @@ pub struct RunOpts {
 /// What one run produced.
 #[derive(Debug, Clone, Default)]
 pub struct RunResult {
-    /// The first violation: rule, message.
-    pub violation: Option<(String, String)>,
+    /// The first violation.
+    pub violation: Option<Violation>,
     /// Failure detail: history and trace tail.
     pub detail: String,
     /// Guest ops completed (all phases).
@@ -34,15 +35,15 @@ pub struct RunResult {
     /// Trace records.
     pub records: u64,
     /// Faults injected by family.
-    pub injected: BTreeMap<String, u64>,
+    pub injected: BTreeMap<Fault, u64>,
     /// Faults skipped by the budget.
-    pub skipped: BTreeMap<String, u64>,
+    pub skipped: BTreeMap<Fault, u64>,
     /// Outcomes by kind/result.
     pub outcomes: BTreeMap<String, u64>,
     /// Recovery paths reached.
-    pub paths: BTreeMap<String, u64>,
+    pub paths: BTreeMap<Path, u64>,
     /// Invariant checks by rule.
-    pub checks: BTreeMap<String, u64>,
+    pub checks: BTreeMap<Rule, u64>,
     /// Errors counted in the safety phase.
     pub safety_errors: u64,
     /// Crashes.
@@ -58,14 +59,8 @@ pub struct RunResult {
 }
 
 impl RunResult {
-    /// The exit code of SIMULATION.md §10 for this run.
+    /// The exit code of SIMULATION.md §10 for this run: 0, or its violation's rule's.
     pub fn exit_code(&self) -> i32 {
-        match self.violation.as_ref().map(|(r, _)| r.as_str()) {
-            None => 0,
-            Some("I14") => 2,
-            Some("I13") => 3,
-            Some("harness") => 70,
-            Some(_) => 1,
-        }
+        self.violation.as_ref().map_or(0, Violation::exit_code)
     }
 }

@@ -4,6 +4,7 @@
 //! file or `--set key=value` — leaves every other parameter of that seed unchanged (W3, S3).
 //! [`Params::to_toml`] prints the whole set as a scenario that reproduces the run (S4).
 
+use crate::ids::Fault;
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -87,25 +88,43 @@ impl Latency {
 }
 
 /// Fault families this simulator injects for the quorum topology with local children.
-pub const FAMILIES: [&str; 12] = [
-    "F1", "F2", "F3", "F4", "F5", "F6", "F7", "F8", "F9", "F10", "F11", "F16",
+pub const FAMILIES: [Fault; 12] = [
+    Fault::F1,
+    Fault::F2,
+    Fault::F3,
+    Fault::F4,
+    Fault::F5,
+    Fault::F6,
+    Fault::F7,
+    Fault::F8,
+    Fault::F9,
+    Fault::F10,
+    Fault::F11,
+    Fault::F16,
 ];
 
 /// Fault families the quorum-over-NBD topology adds (SIMULATION.md §4: network and replica
 /// processes).
-pub const NBD_FAMILIES: [&str; 6] = ["F12", "F13", "F14", "F15", "F17", "F18"];
+pub const NBD_FAMILIES: [Fault; 6] = [
+    Fault::F12,
+    Fault::F13,
+    Fault::F14,
+    Fault::F15,
+    Fault::F17,
+    Fault::F18,
+];
 
 /// Healing faults (HEALING.md H26): F26, F27 and F30 in both quorum topologies; F25
 /// (a resync target's partition, crash or reformat) with NBD children.
-pub const HEAL_FAMILIES: [&str; 4] = ["F25", "F26", "F27", "F30"];
+pub const HEAL_FAMILIES: [Fault; 4] = [Fault::F25, Fault::F26, Fault::F27, Fault::F30];
 
 /// Crash-safety faults (HEALING.md H26): F28 (a power cut of the quorum host with a metadata
 /// node) and F29 (the metadata disk's own faults), in both quorum topologies; either gives the
 /// quorum a metadata node.
-pub const CRASH_FAMILIES: [&str; 2] = ["F28", "F29"];
+pub const CRASH_FAMILIES: [Fault; 2] = [Fault::F28, Fault::F29];
 
 /// Every family the quorum topologies inject: the local ones, the NBD ones, the healing ones.
-pub fn all_families() -> Vec<&'static str> {
+pub fn all_families() -> Vec<Fault> {
     FAMILIES
         .iter()
         .chain(NBD_FAMILIES.iter())
@@ -176,7 +195,14 @@ pub struct NbdParams {
 }
 
 /// Fault families of the COLO topology (SIMULATION.md §4).
-pub const COLO_FAMILIES: [&str; 6] = ["F19", "F20", "F21", "F22", "F23", "F24"];
+pub const COLO_FAMILIES: [Fault; 6] = [
+    Fault::F19,
+    Fault::F20,
+    Fault::F21,
+    Fault::F22,
+    Fault::F23,
+    Fault::F24,
+];
 
 /// The COLO side of a run (`topology.kind = "colo"`): hosts colo-p, colo-s and ham.
 #[derive(Debug, Clone, PartialEq)]
@@ -194,7 +220,7 @@ pub struct ColoParams {
     /// Checkpoints ham runs before the run ends (when nothing fails over first).
     pub checkpoints: u64,
     /// The random COLO fault of a swarm seed: family and the checkpoint it aims at.
-    pub event: Option<(String, u64)>,
+    pub event: Option<(Fault, u64)>,
     /// Guest ops the survivor runs after a failover or a lost secondary.
     pub after_ops: u64,
     /// SVM requests issued before replication starts (each must fail with EIO, R9).
@@ -264,7 +290,7 @@ pub struct Params {
     /// Random faults on.
     pub random_faults: bool,
     /// Families the swarm enabled.
-    pub families: Vec<String>,
+    pub families: Vec<Fault>,
     /// Rates of the vdisk families.
     pub rates: FaultRates,
     /// F16: crashes per virtual second.
@@ -321,7 +347,7 @@ pub struct ChildImageParams {
 
 /// Fault families of the image topology: the same families, applied to the image file's own
 /// writes (F5), and its crashes (F16, resolved by F8 and F9 at sector granularity).
-pub const IMAGE_FAMILIES: [&str; 4] = ["F5", "F8", "F9", "F16"];
+pub const IMAGE_FAMILIES: [Fault; 4] = [Fault::F5, Fault::F8, Fault::F9, Fault::F16];
 
 /// The image side of a run (`topology.image = true`): one qcow2 node over a byte-exact disk
 /// with a volatile cache (`sim/src/image.rs`).
@@ -512,6 +538,91 @@ impl<'a> Pins<'a> {
     }
 }
 
+/// The fault families a run injects (S2): `faults.families` when pinned (each checked against
+/// what the topology injects), else each of the topology's families with probability 1/2, on
+/// streams of their own so that adding a group keeps the others' draws.
+fn draw_families(p: &Pins, colo_on: bool, nbd_on: bool) -> Result<Vec<Fault>, String> {
+    let known: Vec<Fault> = if colo_on {
+        COLO_FAMILIES.to_vec()
+    } else if nbd_on {
+        all_families()
+    } else {
+        FAMILIES
+            .iter()
+            .chain(HEAL_FAMILIES.iter().filter(|f| **f != Fault::F25))
+            .chain(CRASH_FAMILIES.iter())
+            .copied()
+            .collect()
+    };
+    let families: Vec<Fault> = match p.get("faults.families") {
+        Some(Tv::Array(a)) => {
+            let mut out = Vec::new();
+            for x in a {
+                match x {
+                    Tv::String(s) => {
+                        let f: Fault = s
+                            .parse()
+                            .map_err(|e| format!("key 'faults.families': {e}"))?;
+                        if !known.contains(&f) {
+                            let known: Vec<&str> = known.iter().map(|f| f.as_str()).collect();
+                            return Err(format!(
+                                "key 'faults.families': '{s}' is not a fault this topology injects ({})",
+                                known.join(", ")
+                            ));
+                        }
+                        out.push(f)
+                    }
+                    other => {
+                        return Err(format!(
+                            "key 'faults.families': expected strings, got {}",
+                            other.type_str()
+                        ))
+                    }
+                }
+            }
+            out
+        }
+        Some(other) => {
+            return Err(format!(
+                "key 'faults.families': expected an array, got {}",
+                other.type_str()
+            ))
+        }
+        None if colo_on => {
+            // S2 in the COLO topology: each of F19-F24 with probability 1/2.
+            let mut r = p.rng("faults.families.colo");
+            COLO_FAMILIES
+                .iter()
+                .filter(|_| r.chance(0.5))
+                .copied()
+                .collect()
+        }
+        None => {
+            // S2: each family with probability 1/2.
+            let mut r = p.rng("faults.families");
+            let mut out: Vec<Fault> = FAMILIES.iter().filter(|_| r.chance(0.5)).copied().collect();
+            if nbd_on {
+                let mut r = p.rng("faults.families.nbd");
+                out.extend(NBD_FAMILIES.iter().filter(|_| r.chance(0.5)).copied());
+            }
+            // H26, on a stream of their own (the families above keep their draws).
+            let mut r = p.rng("faults.families.heal");
+            out.extend(
+                HEAL_FAMILIES
+                    .iter()
+                    .filter(|_| r.chance(0.5))
+                    .filter(|f| nbd_on || **f != Fault::F25)
+                    .copied(),
+            );
+            // H26's crash-safety faults, on a stream of their own too.
+            let mut r = p.rng("faults.families.crash");
+            out.extend(CRASH_FAMILIES.iter().filter(|_| r.chance(0.5)).copied());
+            out
+        }
+    };
+    Ok(families)
+}
+
 impl Params {
     /// Derives every parameter from `seed`, taking pinned ones from `pins` (dotted keys).
     ///
@@ -663,117 +774,41 @@ impl Params {
         })?;
         let fua = p.float("workload.fua", 0.0, 1.0, |r| r.uniform(0.0, 0.2))?;
         let random_faults = p.boolean("faults.random", 1.0)?;
-        let known: Vec<&str> = if colo_on {
-            COLO_FAMILIES.to_vec()
-        } else if nbd_on {
-            all_families()
-        } else {
-            FAMILIES
-                .iter()
-                .chain(HEAL_FAMILIES.iter().filter(|f| **f != "F25"))
-                .chain(CRASH_FAMILIES.iter())
-                .copied()
-                .collect()
-        };
-        let families: Vec<String> = match p.get("faults.families") {
-            Some(Tv::Array(a)) => {
-                let mut out = Vec::new();
-                for x in a {
-                    match x {
-                        Tv::String(s) if known.contains(&s.as_str()) => out.push(s.clone()),
-                        Tv::String(s) => {
-                            return Err(format!(
-                                "key 'faults.families': '{s}' is not a fault this topology injects ({})",
-                                known.join(", ")
-                            ))
-                        }
-                        other => return Err(format!("key 'faults.families': expected strings, got {}", other.type_str())),
-                    }
-                }
-                out
-            }
-            Some(other) => {
-                return Err(format!(
-                    "key 'faults.families': expected an array, got {}",
-                    other.type_str()
-                ))
-            }
-            None if colo_on => {
-                // S2 in the COLO topology: each of F19-F24 with probability 1/2.
-                let mut r = p.rng("faults.families.colo");
-                COLO_FAMILIES
-                    .iter()
-                    .filter(|_| r.chance(0.5))
-                    .map(|s| s.to_string())
-                    .collect()
-            }
-            None => {
-                // S2: each family with probability 1/2.
-                let mut r = p.rng("faults.families");
-                let mut out: Vec<String> = FAMILIES
-                    .iter()
-                    .filter(|_| r.chance(0.5))
-                    .map(|s| s.to_string())
-                    .collect();
-                if nbd_on {
-                    let mut r = p.rng("faults.families.nbd");
-                    out.extend(
-                        NBD_FAMILIES
-                            .iter()
-                            .filter(|_| r.chance(0.5))
-                            .map(|s| s.to_string()),
-                    );
-                }
-                // H26, on a stream of their own (the families above keep their draws).
-                let mut r = p.rng("faults.families.heal");
-                out.extend(
-                    HEAL_FAMILIES
-                        .iter()
-                        .filter(|_| r.chance(0.5))
-                        .filter(|f| nbd_on || **f != "F25")
-                        .map(|s| s.to_string()),
-                );
-                // H26's crash-safety faults, on a stream of their own too.
-                let mut r = p.rng("faults.families.crash");
-                out.extend(
-                    CRASH_FAMILIES
-                        .iter()
-                        .filter(|_| r.chance(0.5))
-                        .map(|s| s.to_string()),
-                );
-                out
-            }
-        };
-        let on = |f: &str| random_faults && families.iter().any(|x| x == f);
-        let rate = |key: &str, hi: f64| -> Result<f64, String> {
+        let families = draw_families(&p, colo_on, nbd_on)?;
+        let on = |f: Fault| random_faults && families.contains(&f);
+        let rate = |key: Fault, hi: f64| -> Result<f64, String> {
             p.float(&format!("faults.rates.{key}"), 0.0, 1.0, |r| {
                 r.uniform(0.0, hi)
             })
         };
         // Rates are drawn whether or not the family is on, so enabling one keeps the others.
-        let r1 = rate("F1", 0.10)?;
-        let r2 = rate("F2", 0.05)?;
-        let r3 = rate("F3", 0.10)?;
-        let r4 = rate("F4", 0.05)?;
-        let r5 = rate("F5", 0.10)?;
-        let r6 = rate("F6", 0.01)?;
-        let r7 = rate("F7", 0.01)?;
+        let r1 = rate(Fault::F1, 0.10)?;
+        let r2 = rate(Fault::F2, 0.05)?;
+        let r3 = rate(Fault::F3, 0.10)?;
+        let r4 = rate(Fault::F4, 0.05)?;
+        let r5 = rate(Fault::F5, 0.10)?;
+        let r6 = rate(Fault::F6, 0.01)?;
+        let r7 = rate(Fault::F7, 0.01)?;
         let r8 = p.float("faults.rates.F8", 0.0, 1.0, |r| r.uniform(0.0, 0.5))?;
         let r9 = p.float("faults.rates.F9", 0.0, 1.0, |r| r.uniform(0.8, 1.0))?;
         let rates = FaultRates {
-            f1: on("F1").then_some(r1),
-            f2: on("F2").then_some(r2),
-            f3: on("F3").then_some(r3),
-            f4: on("F4").then_some(r4),
-            f5: on("F5").then_some(r5),
-            f6: on("F6").then_some(r6),
-            f7: on("F7").then_some(r7),
-            f8: families.iter().any(|x| x == "F8").then_some(r8),
-            f9: families.iter().any(|x| x == "F9").then_some(r9),
+            f1: on(Fault::F1).then_some(r1),
+            f2: on(Fault::F2).then_some(r2),
+            f3: on(Fault::F3).then_some(r3),
+            f4: on(Fault::F4).then_some(r4),
+            f5: on(Fault::F5).then_some(r5),
+            f6: on(Fault::F6).then_some(r6),
+            f7: on(Fault::F7).then_some(r7),
+            f8: families.contains(&Fault::F8).then_some(r8),
+            f9: families.contains(&Fault::F9).then_some(r9),
         };
         let crash = p.float("faults.crash_rate", 0.0, 10.0, |r| r.uniform(0.005, 0.05))?;
         // F28 is a power cut of the quorum host: it needs the crashes F16 makes.
-        let crash_rate = if on("F16") || on("F28") { crash } else { 0.0 };
+        let crash_rate = if on(Fault::F16) || on(Fault::F28) {
+            crash
+        } else {
+            0.0
+        };
         let restart_ns = p.pair("faults.restart", parse_time_ns, |r| {
             let hi = r.range(0, 10_000) * 1_000_000;
             (0, hi)
@@ -782,7 +817,7 @@ impl Params {
         let read_mean = p.time("disk.read_mean", |r| read_min + r.range(100, 2000) * 1000)?;
         let write_min = p.time("disk.write_min", |r| r.range(20, 500) * 1000)?;
         let write_mean = p.time("disk.write_mean", |r| write_min + r.range(200, 5000) * 1000)?;
-        let slow = on("F10");
+        let slow = on(Fault::F10);
         let stall_p = p.float("disk.stall", 0.0, 1.0, |r| r.uniform(0.0, 0.01))?;
         let stall_ns = p.pair("disk.stall_time", parse_time_ns, |_| {
             (1_000_000_000, 5_000_000_000)
@@ -823,7 +858,7 @@ impl Params {
         let nbd = if nbd_on {
             // N46: request-timeout from {0} and [0.5 s, 10 s]; F14 needs one (a request given
             // up by its client) and a reconnect-delay (the re-send).
-            let f14 = on("F14");
+            let f14 = on(Fault::F14);
             let request_timeout_ns = p.time("nbd_client.request_timeout", |r| {
                 if !f14 && r.chance(0.2) {
                     0
@@ -846,7 +881,7 @@ impl Params {
                 }
             })?;
             let latency_ns = p.pair("network.latency", parse_time_ns, |r| {
-                if on("F12") {
+                if on(Fault::F12) {
                     let min = r.range(0, 30_000) * 1000;
                     let mean = min + r.range(1_000, 100_000) * 1000;
                     (min, 2 * mean - min)
@@ -875,12 +910,16 @@ impl Params {
                 reconnect_delay_ns,
                 open_timeout_ns,
                 latency_ns,
-                partition: if on("F13") { partition } else { (0.0, 0.0) },
-                swizzle_rate: if on("F15") { swizzle_rate } else { 0.0 },
+                partition: if on(Fault::F13) {
+                    partition
+                } else {
+                    (0.0, 0.0)
+                },
+                swizzle_rate: if on(Fault::F15) { swizzle_rate } else { 0.0 },
                 swizzle_ns,
-                pause_rate: if on("F17") { pause_rate } else { 0.0 },
+                pause_rate: if on(Fault::F17) { pause_rate } else { 0.0 },
                 pause_ns,
-                reformat: if on("F18") { reformat } else { 0.0 },
+                reformat: if on(Fault::F18) { reformat } else { 0.0 },
             })
         } else {
             None
@@ -889,14 +928,14 @@ impl Params {
             let checkpoints = p.int("topology.checkpoints", 1, 100_000, |r| r.range(3, 10))?;
             let event = {
                 let mut r = p.rng("faults.colo_event");
-                let fams: Vec<&String> = families
+                let fams: Vec<Fault> = families
                     .iter()
-                    .filter(|f| COLO_FAMILIES.contains(&f.as_str()))
+                    .filter(|f| COLO_FAMILIES.contains(f))
+                    .copied()
                     .collect();
                 let pick = r.below(fams.len().max(1) as u64) as usize;
                 let at = r.range(1, checkpoints);
-                (random_faults && !fams.is_empty() && r.chance(0.85))
-                    .then(|| (fams[pick].clone(), at))
+                (random_faults && !fams.is_empty() && r.chance(0.85)).then(|| (fams[pick], at))
             };
             Some(ColoParams {
                 checkpoint_interval_ns: p.time("topology.checkpoint_interval", |r| {
@@ -955,10 +994,10 @@ impl Params {
             let operator = p.boolean("healing.operator", 0.75)?;
             // Listed families count even without random faults: a scripted power cut (F16
             // at an op) with F28 listed has a metadata node.
-            let listed = |f: &str| families.iter().any(|x| x == f);
+            let listed = |f: Fault| families.contains(&f);
             let metadata = p.boolean(
                 "healing.metadata",
-                if listed("F28") || listed("F29") {
+                if listed(Fault::F28) || listed(Fault::F29) {
                     1.0
                 } else {
                     0.0
@@ -969,13 +1008,13 @@ impl Params {
             let shutdown = p.float("healing.shutdown", 0.0, 1.0, |r| r.uniform(0.25, 1.0))?;
             HealParams {
                 metadata: metadata && !colo_on,
-                f29: if listed("F29") { f29 } else { 0.0 },
+                f29: if listed(Fault::F29) { f29 } else { 0.0 },
                 intent_cold_s,
-                shutdown: if listed("F28") { shutdown } else { 0.0 },
-                f25: if on("F25") { f25 } else { 0.0 },
-                f26: if on("F26") { f26 } else { 0.0 },
-                f27: if on("F27") { f27 } else { 0.0 },
-                f30_at: on("F30").then_some(f30_at),
+                shutdown: if listed(Fault::F28) { shutdown } else { 0.0 },
+                f25: if on(Fault::F25) { f25 } else { 0.0 },
+                f26: if on(Fault::F26) { f26 } else { 0.0 },
+                f27: if on(Fault::F27) { f27 } else { 0.0 },
+                f30_at: on(Fault::F30).then_some(f30_at),
                 operator: operator && !colo_on,
                 verify_every_ns,
                 pause,
@@ -1035,8 +1074,8 @@ impl Params {
     }
 
     /// Whether family `f` is enabled for random injection.
-    pub fn family_on(&self, f: &str) -> bool {
-        self.random_faults && self.families.iter().any(|x| x == f)
+    pub fn family_on(&self, f: Fault) -> bool {
+        self.random_faults && self.families.contains(&f)
     }
 
     /// The parameter block as TOML: a scenario that reproduces this run (S4).

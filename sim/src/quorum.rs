@@ -3,6 +3,7 @@
 //! the guest workload, the supervisor that crashes and restarts it, the safety and liveness
 //! phases and the scenario's expectations, and judges the run.
 
+use crate::ids::{Fault, Path, Rule, Violation};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -15,7 +16,7 @@ use bytes::Bytes;
 
 use crate::measure::{fault_outcomes, latency_histograms};
 use crate::netmodel::Replica;
-use crate::oracle::{ModelCfg, OpKind, Oracle, Violation};
+use crate::oracle::{Finding, ModelCfg, OpKind, Oracle};
 use crate::outcome::{RunOpts, RunResult};
 use crate::params::Params;
 use crate::rng::Rng;
@@ -33,7 +34,7 @@ pub(crate) async fn world_main(p: Params, sc: Scenario, opts: RunOpts) -> RunRes
     let mut sectors = vec![p.disk_size / SECTOR_U64; n];
     // F11 at open: a scripted size mismatch on a child from the start.
     for f in &sc.faults {
-        if f.id == "F11" && f.when == When::AtOp(0) {
+        if f.id == Fault::F11 && f.when == When::AtOp(0) {
             if let (Some(c), Some(toml::Value::Integer(d))) = (f.target, f.params.get("delta")) {
                 if c < n {
                     sectors[c] = (sectors[c] as i64 + d / 512).max(1) as u64;
@@ -79,7 +80,7 @@ pub(crate) async fn world_main(p: Params, sc: Scenario, opts: RunOpts) -> RunRes
     if let Some(ci) = &p.child_image {
         if let Err((rule, msg)) = disks.attach_images(ci, p.initial_pattern).await {
             return RunResult {
-                violation: Some((rule.to_string(), msg)),
+                violation: Some(Violation::new(rule, msg)),
                 ..RunResult::default()
             };
         }
@@ -99,7 +100,7 @@ pub(crate) async fn world_main(p: Params, sc: Scenario, opts: RunOpts) -> RunRes
         recover_any: p.heal.metadata,
     });
     let mut frng = Rng::stream(p.seed, "faults/F11");
-    let f11_at = (p.family_on("F11") && p.ops > 0).then(|| frng.below(p.ops));
+    let f11_at = (p.family_on(Fault::F11) && p.ops > 0).then(|| frng.below(p.ops));
     let world = Arc::new(World {
         extra_op,
         disks: disks.clone(),
@@ -189,9 +190,9 @@ pub(crate) async fn world_main(p: Params, sc: Scenario, opts: RunOpts) -> RunRes
     let node_id = node.id();
     crate::nodes::track_node(node_id);
     *world.qhost.lock().unwrap_or_else(|p| p.into_inner()) = Some(node_id);
-    if world.p.nbd.is_some() && world.p.family_on("F12") {
+    if world.p.nbd.is_some() && world.p.family_on(Fault::F12) {
         // F12 acts on every message of the run: its latency range was set at start.
-        world.disks.count_injected("F12");
+        world.disks.count_injected(Fault::F12);
     }
     if let Some(np) = world.p.nbd.clone() {
         if world.p.random_faults {
@@ -309,7 +310,7 @@ pub(crate) async fn world_main(p: Params, sc: Scenario, opts: RunOpts) -> RunRes
         let limit = Duration::from_nanos(world.p.deadline_ns);
         if !crate::net::quiesce(&world, limit).await {
             world.fail(
-                "I14",
+                Rule::I14,
                 format!(
                     "a replica still had a stale NBD connection {} after the network healed",
                     crate::units::fmt_time(world.p.deadline_ns)
@@ -345,8 +346,8 @@ pub(crate) async fn world_main(p: Params, sc: Scenario, opts: RunOpts) -> RunRes
         // Safety ops that never completed: a hang (I14), unless the run stopped early.
         let pending = world.lock().oracle.pending_ops();
         if world.p.liveness && !pending.is_empty() {
-            world.violate(Violation {
-                rule: "I14",
+            world.violate(Finding {
+                rule: Rule::I14,
                 op: pending[0],
                 sector: None,
                 message: format!(
@@ -464,7 +465,7 @@ fn check_qmp_stream(w: &Arc<World>) {
         let exp: Vec<&Event> = want.iter().map(|(_, e)| e).collect();
         if got != exp {
             drop(st);
-            w.fail("I8", format!(
+            w.fail(Rule::I8, format!(
                     "QMP stream for key {k} (host incarnation {inc}): {} event(s), the 1 s limiter model gives {} (internal stream had {})",
                     got.len(),
                     exp.len(),
@@ -485,7 +486,7 @@ const CRASHES_PER_RUN_MAX: u64 = 8;
 fn scripted_restart(w: &World) -> Option<(u64, u64)> {
     w.sc.faults
         .iter()
-        .find(|f| f.id == "F16")
+        .find(|f| f.id == Fault::F16)
         .and_then(|f| match f.params.get("restart") {
             Some(toml::Value::String(s)) => crate::units::parse_time_ns(s).ok().map(|n| (n, n)),
             _ => None,
@@ -512,8 +513,11 @@ fn crash_node(w: &Arc<World>, handle: &madsim::runtime::Handle, id: madsim::task
     // and not others; later reads of its sectors are charged to the crash until rewritten.
     for i in 0..w.p.children {
         for &(off, len) in &cut_writes {
-            w.disks
-                .damage(i, off / SECTOR_U64..(off + len).div_ceil(SECTOR_U64), "F16");
+            w.disks.damage(
+                i,
+                off / SECTOR_U64..(off + len).div_ceil(SECTOR_U64),
+                Fault::F16,
+            );
         }
     }
     w.harvest_clients();
@@ -707,7 +711,7 @@ async fn qhost_main(w: Arc<World>) {
         // H16: jobs are started, paused and watched over QMP, as an operator would.
         let mut g = ballot::graph::Graph::new(graph_host);
         if let Err(e) = g.insert_quorum("q0", q.clone()) {
-            return w.fail("harness", format!("qhost graph: {e}"));
+            return w.fail(Rule::Harness, format!("qhost graph: {e}"));
         }
         let m = Arc::new(ballot::qmp::Monitor {
             graph: Arc::new(tokio::sync::Mutex::new(g)),
@@ -755,7 +759,7 @@ async fn qhost_main(w: Arc<World>) {
                 Err(e) => {
                     w.lock().step_results.insert(step.id.clone(), format!("refused: {e}"));
                 }
-                Ok(_) => w.fail("harness", format!("hot remove of c{c} succeeded; the simulator models a fixed set of children")),
+                Ok(_) => w.fail(Rule::Harness, format!("hot remove of c{c} succeeded; the simulator models a fixed set of children")),
             }
             continue;
         }
@@ -814,7 +818,7 @@ fn fire_due(w: &Arc<World>) {
     let done = w.lock().completed;
     for (i, f) in w.sc.faults.iter().enumerate() {
         if let When::AtOp(k) = f.when {
-            if k <= done && !(f.id == "F11" && k == 0) {
+            if k <= done && !(f.id == Fault::F11 && k == 0) {
                 fire_once(w, i);
             }
         }
@@ -829,9 +833,9 @@ fn fire_due(w: &Arc<World>) {
 /// Ends scripted lasting fault `i` (F10's slowdown, F13's partition) when its `until` comes.
 fn end_lasting(w: &Arc<World>, i: usize, target: Option<usize>) {
     let Some(c) = target else { return };
-    match w.sc.faults[i].id.as_str() {
-        "F13" if c < w.p.children => crate::net::heal(w, c),
-        "F10" => w.disks.set_latency_factor(c, 1),
+    match w.sc.faults[i].id {
+        Fault::F13 if c < w.p.children => crate::net::heal(w, c),
+        Fault::F10 => w.disks.set_latency_factor(c, 1),
         _ => {}
     }
 }
@@ -850,22 +854,22 @@ fn fire_once(w: &Arc<World>, i: usize) {
         Some(toml::Value::String(s)) => crate::units::parse_time_ns(s).unwrap_or(d),
         _ => d,
     };
-    match (f.id.as_str(), f.target) {
-        ("F13", Some(i)) if w.p.nbd.is_some() && i < w.p.children => {
+    match (f.id, f.target) {
+        (Fault::F13, Some(i)) if w.p.nbd.is_some() && i < w.p.children => {
             let cut = match f.params.get("kind") {
                 Some(toml::Value::String(s)) => crate::net::Cut::parse(s),
                 _ => crate::net::Cut::Both,
             };
-            crate::net::partition(w, i, cut, "F13", false);
+            crate::net::partition(w, i, cut, Fault::F13, false);
         }
-        ("F17", Some(i)) if w.p.nbd.is_some() && i < w.p.children => {
+        (Fault::F17, Some(i)) if w.p.nbd.is_some() && i < w.p.children => {
             crate::net::pause(w, i, time_param("length", 5_000_000_000), false);
         }
-        (fam @ ("F16" | "F18"), Some(i))
+        (fam @ (Fault::F16 | Fault::F18), Some(i))
             if w.p.nbd.is_some() && i < w.p.children && crate::net::crash(w, i, false) =>
         {
             let after = time_param("restart", 1_000_000_000);
-            let reformat = fam == "F18";
+            let reformat = fam == Fault::F18;
             let w = w.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(Duration::from_nanos(after)).await;
@@ -873,35 +877,37 @@ fn fire_once(w: &Arc<World>, i: usize) {
             });
         }
         // A replica already down is not crashed again, and is never mistaken for qhost.
-        ("F16" | "F18", Some(_)) => {}
-        ("F15", None) => {
+        (Fault::F16 | Fault::F18, Some(_)) => {}
+        (Fault::F15, None) => {
             let window = time_param("window", 4_000_000_000);
             let all: Vec<usize> = (0..w.p.children).collect();
             tokio::spawn(crate::net::swizzle(w.clone(), all, window, w.p.seed, false));
         }
-        ("F16", _) => {
+        (Fault::F16, _) => {
             w.lock().crash_requested = true;
             w.crash_now.notify_one();
         }
-        ("F1", Some(c)) => w
-            .disks
-            .mark_sticky(c, sectors.unwrap_or(0..1), Sticky::Flip, "F1"),
-        ("F4", Some(c)) => w
-            .disks
-            .mark_sticky(c, sectors.unwrap_or(0..1), Sticky::Latent, "F4"),
-        ("F3", Some(c)) if sectors.is_some() => {
+        (Fault::F1, Some(c)) => {
             w.disks
-                .mark_sticky(c, sectors.unwrap_or(0..1), Sticky::Rot, "F3")
+                .mark_sticky(c, sectors.unwrap_or(0..1), Sticky::Flip, Fault::F1)
         }
-        ("F10", Some(c)) => {
+        (Fault::F4, Some(c)) => {
+            w.disks
+                .mark_sticky(c, sectors.unwrap_or(0..1), Sticky::Latent, Fault::F4)
+        }
+        (Fault::F3, Some(c)) if sectors.is_some() => {
+            w.disks
+                .mark_sticky(c, sectors.unwrap_or(0..1), Sticky::Rot, Fault::F3)
+        }
+        (Fault::F10, Some(c)) => {
             let factor = match f.params.get("factor") {
                 Some(toml::Value::Integer(n)) => *n as u64,
                 _ => 100,
             };
-            w.disks.count_injected("F10");
+            w.disks.count_injected(Fault::F10);
             w.disks.set_latency_factor(c, factor);
         }
-        ("F11", Some(_)) => {
+        (Fault::F11, Some(_)) => {
             let w = w.clone();
             let delta = match f.params.get("delta") {
                 Some(toml::Value::Integer(n)) => *n,
@@ -909,14 +915,8 @@ fn fire_once(w: &Arc<World>, i: usize) {
             };
             tokio::spawn(async move { hot_add_mismatch(&w, delta).await });
         }
-        (fam @ ("F2" | "F3" | "F5" | "F6" | "F7"), Some(c)) => {
-            let family: &'static str = match fam {
-                "F2" => "F2",
-                "F3" => "F3",
-                "F5" => "F5",
-                "F6" => "F6",
-                _ => "F7",
-            };
+        (fam @ (Fault::F2 | Fault::F3 | Fault::F5 | Fault::F6 | Fault::F7), Some(c)) => {
+            let family = fam;
             let applied = match f.params.get("applied") {
                 Some(toml::Value::String(s)) if s == "all" => "all",
                 Some(toml::Value::String(s)) if s == "some" => "some",
@@ -958,7 +958,7 @@ async fn hot_add_mismatch(w: &Arc<World>, delta: i64) {
         },
         Trace::new(false, (0, 0)),
     );
-    w.disks.count_injected("F11");
+    w.disks.count_injected(Fault::F11);
     let r = q.add_child("cx", extra.device(0) as Device).await;
     let want = format!(
         "Cannot add child 'cx' to quorum 'q0': its length {len} differs from the quorum's length {}",
@@ -970,11 +970,11 @@ async fn hot_add_mismatch(w: &Arc<World>, delta: i64) {
                 .trace_full("qhost", "hot-add", 0, 0, len, 22, 0, "F11 refused".into());
         }
         Err(e) => w.fail(
-            "I7",
+            Rule::I7,
             format!("hot add of a {len}-byte child refused with '{e}', expected '{want}' (Q54)"),
         ),
         Ok(name) => w.fail(
-            "I7",
+            Rule::I7,
             format!(
                 "hot add of a {len}-byte child to a {}-byte quorum succeeded as {name} (Q54)",
                 w.p.disk_size
@@ -1139,8 +1139,8 @@ async fn run_op(
             Ok(r) => r,
             Err(_) => {
                 w.span::<()>(id, start_ns, kind, &Err(ErrorKind::TimedOut));
-                w.violate(Violation {
-                    rule: "I14",
+                w.violate(Finding {
+                    rule: Rule::I14,
                     op: id,
                     sector: Some(offset / SECTOR_U64),
                     message: format!(
@@ -1176,10 +1176,10 @@ async fn run_op(
         // I16 (ballot's, README D8): with no fault injected so far and no crash, every guest
         // request succeeds; in particular a read racing a write never fails a vote.
         if let Err(k) = &r {
-            *st.oracle.tally.checks.entry("I16").or_default() += 1;
+            *st.oracle.tally.checks.entry(Rule::I16).or_default() += 1;
             if st.crashes == 0 && !faulted {
-                v.push(Violation {
-                    rule: "I16",
+                v.push(Finding {
+                    rule: Rule::I16,
                     op: id,
                     sector: None,
                     message: format!(
@@ -1289,7 +1289,7 @@ async fn liveness(w: &Arc<World>, _start: tokio::time::Instant) {
     }
     // Final full read (I4).
     scrub(w, &dev).await;
-    *w.lock().oracle.tally.checks.entry("I4").or_default() += 1;
+    *w.lock().oracle.tally.checks.entry(Rule::I4).or_default() += 1;
 }
 
 /// Reads the whole disk through the quorum in scrub-sized requests, each checked (I1).
@@ -1315,10 +1315,10 @@ async fn scrubs_repaired(w: &Arc<World>, dev: &Device) -> bool {
         .into_iter()
         .filter(|s| !over.contains(s) && !latent.contains(s))
         .collect();
-    *w.lock().oracle.tally.checks.entry("I6").or_default() += 1;
+    *w.lock().oracle.tally.checks.entry(Rule::I6).or_default() += 1;
     if let Some(s) = div.first() {
-        w.violate(Violation {
-            rule: "I6",
+        w.violate(Finding {
+            rule: Rule::I6,
             op: 0,
             sector: Some(*s),
             message: format!(
@@ -1355,7 +1355,7 @@ async fn scrubs_repaired(w: &Arc<World>, dev: &Device) -> bool {
         .collect();
     if let Some(m) = mismatch.first() {
         w.fail(
-            "I6",
+            Rule::I6,
             format!(
                 "a second scrub still reported {} mismatch(es), first {m}",
                 mismatch.len()
@@ -1377,7 +1377,7 @@ async fn check_converged(w: &Arc<World>, q: &Arc<Quorum>) {
     let size = w.p.disk_size;
     let excused = w.excused_set();
     let spg = ballot::drivers::quorum::OUT_OF_SYNC_GRANULARITY_BYTES / SECTOR_U64;
-    *w.lock().oracle.tally.checks.entry("I12").or_default() += 1;
+    *w.lock().oracle.tally.checks.entry(Rule::I12).or_default() += 1;
     let div: Vec<u64> = w
         .disks
         .divergent_sectors_in(0..size / SECTOR_U64, |_, _| false)
@@ -1386,7 +1386,7 @@ async fn check_converged(w: &Arc<World>, q: &Arc<Quorum>) {
         .collect();
     if let Some(s) = div.first() {
         w.fail(
-            "I12",
+            Rule::I12,
             format!(
                 "after the resync the children still differ on {} sector(s), first {s}:{}",
                 div.len(),
@@ -1407,7 +1407,7 @@ async fn check_converged(w: &Arc<World>, q: &Arc<Quorum>) {
             .collect();
         if let Some((o, l)) = left.first() {
             w.fail(
-                "I12",
+                Rule::I12,
                 format!(
                     "after the resync {} is still out of sync on {} range(s), first {o}+{l} ({} sectors per granule)",
                     r.node_name,
@@ -1450,7 +1450,7 @@ async fn checked_read(w: &Arc<World>, dev: &Device, off: u64, len: u64) {
 }
 
 async fn check_expectations(w: &Arc<World>) {
-    let fail = |m: String| w.fail("C5", m);
+    let fail = |m: String| w.fail(Rule::C5, m);
     for e in &w.sc.expects {
         if w.failed() {
             return;
@@ -1623,13 +1623,7 @@ async fn check_expectations(w: &Arc<World>) {
                 }
             }
             Expect::Injected { fault, min } => {
-                let n = w
-                    .disks
-                    .counters()
-                    .injected
-                    .get(fault.as_str())
-                    .copied()
-                    .unwrap_or(0);
+                let n = w.disks.counters().injected.get(fault).copied().unwrap_or(0);
                 if n < *min {
                     fail(format!(
                         "expect injected: {fault} injected {n} time(s), expected at least {min}"
@@ -1642,11 +1636,11 @@ async fn check_expectations(w: &Arc<World>) {
                     .oracle
                     .tally
                     .paths
-                    .get(path.as_str())
+                    .get(path)
                     .copied()
                     .unwrap_or(0)
                     // Child images count their leaks themselves (P21).
-                    + if path == "P21" {
+                    + if *path == Path::P21 {
                         w.disks.counters().image_leaks
                     } else {
                         0
@@ -1673,31 +1667,11 @@ fn finish(w: &Arc<World>, start: tokio::time::Instant) -> RunResult {
         virtual_s: start.elapsed().as_secs_f64(),
         trace_hash: w.disks.with_trace(|t| t.hash_hex()),
         records: w.disks.with_trace(|t| t.records()),
-        injected: counters
-            .injected
-            .iter()
-            .map(|(k, v)| (k.to_string(), *v))
-            .collect(),
-        skipped: counters
-            .skipped
-            .iter()
-            .map(|(k, v)| (k.to_string(), *v))
-            .collect(),
+        injected: counters.injected.clone(),
+        skipped: counters.skipped.clone(),
         outcomes: st.oracle.tally.outcomes.clone(),
-        paths: st
-            .oracle
-            .tally
-            .paths
-            .iter()
-            .map(|(k, v)| (k.to_string(), *v))
-            .collect(),
-        checks: st
-            .oracle
-            .tally
-            .checks
-            .iter()
-            .map(|(k, v)| (k.to_string(), *v))
-            .collect(),
+        paths: st.oracle.tally.paths.clone(),
+        checks: st.oracle.tally.checks.clone(),
         safety_errors: st.oracle.tally.safety_errors,
         crashes: st.crashes,
         excused: (over.len() + latent.len()) as u64,
@@ -1709,23 +1683,23 @@ fn finish(w: &Arc<World>, start: tokio::time::Instant) -> RunResult {
     // Child images: their checks and leaks; a rule one broke comes first (the model went
     // on from the image's state).
     for (k, v) in &counters.image_checks {
-        *r.checks.entry(k.to_string()).or_default() += v;
+        *r.checks.entry(*k).or_default() += v;
     }
     if counters.image_leaks > 0 {
-        *r.paths.entry("P21".into()).or_default() += counters.image_leaks;
+        *r.paths.entry(Path::P21).or_default() += counters.image_leaks;
     }
     if let Some((rule, msg)) = w.disks.image_failure() {
-        r.violation = Some((rule.to_string(), msg));
+        r.violation = Some(Violation::new(rule, msg));
         return r;
     }
     // P12: events the limiter held back or merged.
     let coalesced = st.all_events.len().saturating_sub(st.qmp_events.len()) as u64;
     if coalesced > 0 {
-        r.paths.insert("P12".into(), coalesced);
+        r.paths.insert(Path::P12, coalesced);
     }
     if let Some(v) = st.violations.first() {
-        r.violation = Some((
-            v.rule.to_string(),
+        r.violation = Some(Violation::new(
+            v.rule,
             format!(
                 "op={} {}{}",
                 v.op,

@@ -2,6 +2,7 @@
 //! main on a node of its own, every host node ended when it returns, and a panic turned into
 //! the run's violation. Sweeps, replays and shrinking all go through [`run`].
 
+use crate::ids::{Rule, Violation};
 use std::cell::RefCell;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
@@ -115,11 +116,11 @@ pub fn run(p: Params, sc: &Scenario, opts: &RunOpts) -> RunResult {
     if r.is_err() {
         let msg = take_panic().unwrap_or_else(|| "panic".into());
         let rule = if msg.contains("time limit exceeded") || msg.contains("deadlock") {
-            "I14"
+            Rule::I14
         } else {
-            "I16"
+            Rule::I16
         };
-        result.violation = Some((rule.to_string(), format!("panic: {msg}")));
+        result.violation = Some(Violation::new(rule, format!("panic: {msg}")));
     }
     result.wall_s = wall.elapsed().as_secs_f64();
     result

@@ -2,6 +2,7 @@
 //! happen. This is the one parser for them (STYLE.md habit 4): unknown keys and values are
 //! errors naming the key and the file (C2).
 
+use crate::ids::{Fault, Path as PathId};
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -44,7 +45,7 @@ pub enum When {
 #[derive(Debug, Clone, PartialEq)]
 pub struct FaultSpec {
     /// Family id.
-    pub id: String,
+    pub id: Fault,
     /// Child index (`cN`), or None for the host (`qhost`).
     pub target: Option<usize>,
     /// Byte range.
@@ -109,7 +110,7 @@ pub enum Expect {
     /// A fault family was injected at least `min` times.
     Injected {
         /// Family.
-        fault: String,
+        fault: Fault,
         /// Minimum count.
         min: u64,
     },
@@ -135,7 +136,7 @@ pub enum Expect {
     /// A recovery path was reached at least `min` times.
     Path {
         /// Path id (P1...).
-        path: String,
+        path: PathId,
         /// Minimum count.
         min: u64,
     },
@@ -280,7 +281,7 @@ fn parse_grid(v: &Tv) -> Result<Grid, String> {
 fn check_derived(sc: &Scenario, pins: &BTreeMap<String, Tv>) -> Result<(), String> {
     let derived = Params::derive(sc.seed.unwrap_or(0), pins)?;
     for f in &sc.faults {
-        let colo_fault = crate::params::COLO_FAMILIES.contains(&f.id.as_str());
+        let colo_fault = crate::params::COLO_FAMILIES.contains(&f.id);
         if colo_fault != derived.colo.is_some() {
             return Err(if colo_fault {
                 format!("key 'fault': {} needs topology.kind = \"colo\"", f.id)
@@ -291,8 +292,8 @@ fn check_derived(sc: &Scenario, pins: &BTreeMap<String, Tv>) -> Result<(), Strin
                 )
             });
         }
-        let net = matches!(f.id.as_str(), "F13" | "F15" | "F17" | "F18")
-            || (f.id == "F16" && f.target.is_some());
+        let net = matches!(f.id, Fault::F13 | Fault::F15 | Fault::F17 | Fault::F18)
+            || (f.id == Fault::F16 && f.target.is_some());
         if net && derived.nbd.is_none() {
             return Err(format!(
                 "key 'fault': {} on a replica needs topology.transport = \"nbd\"",
@@ -689,115 +690,147 @@ fn parse_faults(v: &Tv) -> Result<Vec<FaultSpec>, String> {
                 "params",
             ],
         )?;
-        let id = str_key(t, w, i, "id")?.ok_or(format!("key '{w}[{i}].id' is missing"))?;
-        if crate::params::COLO_FAMILIES.contains(&id) {
-            out.push(parse_colo_fault(t, id, i)?);
-            continue;
-        }
-        if t.contains_key("at_checkpoint") {
-            return Err(format!(
-                "key '{w}[{i}].at_checkpoint': only COLO faults (F19-F24) fire at a checkpoint"
-            ));
-        }
-        const SCRIPTED: [&str; 14] = [
-            "F1", "F2", "F3", "F4", "F5", "F6", "F7", "F10", "F11", "F13", "F15", "F16", "F17",
-            "F18",
-        ];
-        if !SCRIPTED.contains(&id) {
-            return Err(format!(
-                "key '{w}[{i}].id': '{id}' cannot be scripted ({}, and F19-F24 in the COLO topology; F8 and F9 act through F16)",
-                SCRIPTED.join(", ")
-            ));
-        }
-        let target = match str_key(t, w, i, "target")? {
-            Some(s) => parse_target(s, &format!("{w}[{i}].target"))?,
-            None if id == "F16" || id == "F15" => None,
-            None => return Err(format!("key '{w}[{i}].target' is missing")),
-        };
-        if id != "F16" && id != "F15" && target.is_none() {
-            return Err(format!("key '{w}[{i}].target': {id} needs a child (c0..)"));
-        }
-        let range = match str_key(t, w, i, "range")? {
-            Some(r) => Some(parse_range(r).map_err(|e| format!("key '{w}[{i}].range': {e}"))?),
-            None => None,
-        };
-        if matches!(id, "F1" | "F3" | "F4") && range.is_none() && id != "F3" {
-            return Err(format!(
-                "key '{w}[{i}].range' is missing ({id} marks sectors)"
-            ));
-        }
-        let when = match (str_key(t, w, i, "at")?, u64_key(t, w, i, "at_op")?) {
-            (Some(_), Some(_)) => {
-                return Err(format!("key '{w}[{i}]': give 'at' or 'at_op', not both"))
-            }
-            (Some(s), None) => {
-                When::At(parse_time_ns(s).map_err(|e| format!("key '{w}[{i}].at': {e}"))?)
-            }
-            (None, Some(n)) => When::AtOp(n),
-            (None, None) => When::AtOp(0),
-        };
-        let until = match (str_key(t, w, i, "until")?, u64_key(t, w, i, "until_op")?) {
-            (Some(_), Some(_)) => {
-                return Err(format!(
-                    "key '{w}[{i}]': give 'until' or 'until_op', not both"
-                ))
-            }
-            (Some(s), None) => Some(When::At(
-                parse_time_ns(s).map_err(|e| format!("key '{w}[{i}].until': {e}"))?,
-            )),
-            (None, Some(n)) => Some(When::AtOp(n)),
-            (None, None) => None,
-        };
-        let count = u64_key(t, w, i, "count")?.unwrap_or(1);
-        let mut params = BTreeMap::new();
-        if let Some(p) = t.get("params") {
-            let pt = p
-                .as_table()
-                .ok_or(format!("key '{w}[{i}].params': expected a table"))?;
-            for (k, v) in pt {
-                match (id, k.as_str(), v) {
-                    ("F5", "applied", Tv::String(s)) if ["none", "all", "some"].contains(&s.as_str()) => {}
-                    ("F5", "applied", other) => {
-                        return Err(format!("key '{w}[{i}].params.applied': {other} is not \"none\", \"all\" or \"some\""))
-                    }
-                    ("F10", "factor", Tv::Integer(n)) if *n >= 1 => {}
-                    ("F10", "factor", other) => {
-                        return Err(format!("key '{w}[{i}].params.factor': {other} is not an integer >= 1"))
-                    }
-                    ("F11", "delta", Tv::Integer(n)) if *n != 0 && n % 512 == 0 => {}
-                    ("F11", "delta", other) => {
-                        return Err(format!("key '{w}[{i}].params.delta': {other} is not a non-zero multiple of 512"))
-                    }
-                    ("F16" | "F18", "restart", Tv::String(s))
-                    | ("F17", "length", Tv::String(s))
-                    | ("F15", "window", Tv::String(s)) => {
-                        parse_time_ns(s).map_err(|e| format!("key '{w}[{i}].params.{k}': {e}"))?;
-                    }
-                    ("F13", "kind", Tv::String(s)) if ["both", "in", "out", "isolate"].contains(&s.as_str()) => {}
-                    ("F13", "kind", other) => {
-                        return Err(format!("key '{w}[{i}].params.kind': {other} is not \"both\", \"in\", \"out\" or \"isolate\""))
-                    }
-                    _ => return Err(format!("key '{w}[{i}].params.{k}': unknown for {id}")),
-                }
-                params.insert(k.clone(), v.clone());
-            }
-        }
-        out.push(FaultSpec {
-            id: id.to_string(),
-            target,
-            range,
-            when,
-            until,
-            count,
-            params,
+        // The family is parsed once, here; everything after matches on the enum.
+        let id: Fault = str_key(t, w, i, "id")?
+            .ok_or(format!("key '{w}[{i}].id' is missing"))?
+            .parse()
+            .map_err(|e| format!("key '{w}[{i}].id': {e}"))?;
+        out.push(if crate::params::COLO_FAMILIES.contains(&id) {
+            parse_colo_fault(t, id, i)?
+        } else {
+            parse_fault(t, id, i)?
         });
     }
     Ok(out)
 }
 
+/// The families a scenario can script in the quorum topologies (F8 and F9 act through
+/// F16's crash; F19-F24 are the COLO topology's).
+const SCRIPTED: [Fault; 14] = [
+    Fault::F1,
+    Fault::F2,
+    Fault::F3,
+    Fault::F4,
+    Fault::F5,
+    Fault::F6,
+    Fault::F7,
+    Fault::F10,
+    Fault::F11,
+    Fault::F13,
+    Fault::F15,
+    Fault::F16,
+    Fault::F17,
+    Fault::F18,
+];
+
+/// A scripted fault of the quorum topologies (C3): target, range, when and until, count and
+/// the family's params.
+fn parse_fault(t: &toml::Table, id: Fault, i: usize) -> Result<FaultSpec, String> {
+    let w = "fault";
+    if t.contains_key("at_checkpoint") {
+        return Err(format!(
+            "key '{w}[{i}].at_checkpoint': only COLO faults (F19-F24) fire at a checkpoint"
+        ));
+    }
+    if !SCRIPTED.contains(&id) {
+        return Err(format!(
+            "key '{w}[{i}].id': '{id}' cannot be scripted ({}, and F19-F24 in the COLO topology; F8 and F9 act through F16)",
+            SCRIPTED.map(Fault::as_str).join(", ")
+        ));
+    }
+    let target = match str_key(t, w, i, "target")? {
+        Some(s) => parse_target(s, &format!("{w}[{i}].target"))?,
+        None if id == Fault::F16 || id == Fault::F15 => None,
+        None => return Err(format!("key '{w}[{i}].target' is missing")),
+    };
+    if id != Fault::F16 && id != Fault::F15 && target.is_none() {
+        return Err(format!("key '{w}[{i}].target': {id} needs a child (c0..)"));
+    }
+    let range = match str_key(t, w, i, "range")? {
+        Some(r) => Some(parse_range(r).map_err(|e| format!("key '{w}[{i}].range': {e}"))?),
+        None => None,
+    };
+    if matches!(id, Fault::F1 | Fault::F3 | Fault::F4) && range.is_none() && id != Fault::F3 {
+        return Err(format!(
+            "key '{w}[{i}].range' is missing ({id} marks sectors)"
+        ));
+    }
+    let when = match (str_key(t, w, i, "at")?, u64_key(t, w, i, "at_op")?) {
+        (Some(_), Some(_)) => {
+            return Err(format!("key '{w}[{i}]': give 'at' or 'at_op', not both"))
+        }
+        (Some(s), None) => {
+            When::At(parse_time_ns(s).map_err(|e| format!("key '{w}[{i}].at': {e}"))?)
+        }
+        (None, Some(n)) => When::AtOp(n),
+        (None, None) => When::AtOp(0),
+    };
+    let until = match (str_key(t, w, i, "until")?, u64_key(t, w, i, "until_op")?) {
+        (Some(_), Some(_)) => {
+            return Err(format!(
+                "key '{w}[{i}]': give 'until' or 'until_op', not both"
+            ))
+        }
+        (Some(s), None) => Some(When::At(
+            parse_time_ns(s).map_err(|e| format!("key '{w}[{i}].until': {e}"))?,
+        )),
+        (None, Some(n)) => Some(When::AtOp(n)),
+        (None, None) => None,
+    };
+    let count = u64_key(t, w, i, "count")?.unwrap_or(1);
+    Ok(FaultSpec {
+        id,
+        target,
+        range,
+        when,
+        until,
+        count,
+        params: fault_params(t, id, i)?,
+    })
+}
+
+/// A scripted fault's `params`: only the keys its family reads, with values it accepts.
+fn fault_params(t: &toml::Table, id: Fault, i: usize) -> Result<BTreeMap<String, Tv>, String> {
+    let w = "fault";
+    let mut params = BTreeMap::new();
+    if let Some(p) = t.get("params") {
+        let pt = p
+            .as_table()
+            .ok_or(format!("key '{w}[{i}].params': expected a table"))?;
+        for (k, v) in pt {
+            match (id, k.as_str(), v) {
+                (Fault::F5, "applied", Tv::String(s)) if ["none", "all", "some"].contains(&s.as_str()) => {}
+                (Fault::F5, "applied", other) => {
+                    return Err(format!("key '{w}[{i}].params.applied': {other} is not \"none\", \"all\" or \"some\""))
+                }
+                (Fault::F10, "factor", Tv::Integer(n)) if *n >= 1 => {}
+                (Fault::F10, "factor", other) => {
+                    return Err(format!("key '{w}[{i}].params.factor': {other} is not an integer >= 1"))
+                }
+                (Fault::F11, "delta", Tv::Integer(n)) if *n != 0 && n % 512 == 0 => {}
+                (Fault::F11, "delta", other) => {
+                    return Err(format!("key '{w}[{i}].params.delta': {other} is not a non-zero multiple of 512"))
+                }
+                (Fault::F16 | Fault::F18, "restart", Tv::String(s))
+                | (Fault::F17, "length", Tv::String(s))
+                | (Fault::F15, "window", Tv::String(s)) => {
+                    parse_time_ns(s).map_err(|e| format!("key '{w}[{i}].params.{k}': {e}"))?;
+                }
+                (Fault::F13, "kind", Tv::String(s)) if ["both", "in", "out", "isolate"].contains(&s.as_str()) => {}
+                (Fault::F13, "kind", other) => {
+                    return Err(format!("key '{w}[{i}].params.kind': {other} is not \"both\", \"in\", \"out\" or \"isolate\""))
+                }
+                _ => return Err(format!("key '{w}[{i}].params.{k}': unknown for {id}")),
+            }
+            params.insert(k.clone(), v.clone());
+        }
+    }
+    Ok(params)
+}
+
 /// A COLO fault (F19-F24): `at_checkpoint`, `at` or `at_op`, `until` for lasting ones, and its
 /// `params.kind`.
-fn parse_colo_fault(t: &toml::Table, id: &str, i: usize) -> Result<FaultSpec, String> {
+fn parse_colo_fault(t: &toml::Table, id: Fault, i: usize) -> Result<FaultSpec, String> {
     let w = "fault";
     let when = match (
         u64_key(t, w, i, "at_checkpoint")?,
@@ -810,12 +843,12 @@ fn parse_colo_fault(t: &toml::Table, id: &str, i: usize) -> Result<FaultSpec, St
                 "key '{w}[{i}].at_checkpoint': checkpoints count from 1"
             ))
         }
-        (None, Some(s), None) if matches!(id, "F22" | "F23") => {
+        (None, Some(s), None) if matches!(id, Fault::F22 | Fault::F23) => {
             When::At(parse_time_ns(s).map_err(|e| format!("key '{w}[{i}].at': {e}"))?)
         }
-        (None, None, Some(n)) if matches!(id, "F22" | "F23") => When::AtOp(n),
+        (None, None, Some(n)) if matches!(id, Fault::F22 | Fault::F23) => When::AtOp(n),
         (None, None, None) => return Err(format!("key '{w}[{i}].at_checkpoint' is missing")),
-        _ if matches!(id, "F22" | "F23") => {
+        _ if matches!(id, Fault::F22 | Fault::F23) => {
             return Err(format!(
                 "key '{w}[{i}]': give one of at_checkpoint, at or at_op"
             ))
@@ -840,9 +873,9 @@ fn parse_colo_fault(t: &toml::Table, id: &str, i: usize) -> Result<FaultSpec, St
         None => None,
     };
     let kinds: &[&str] = match id {
-        "F21" => &["fail", "second", "crash"],
-        "F22" => &["error", "partition"],
-        "F23" => &["lose-primary", "lose-secondary"],
+        Fault::F21 => &["fail", "second", "crash"],
+        Fault::F22 => &["error", "partition"],
+        Fault::F23 => &["lose-primary", "lose-secondary"],
         _ => &[],
     };
     let mut params = BTreeMap::new();
@@ -868,7 +901,7 @@ fn parse_colo_fault(t: &toml::Table, id: &str, i: usize) -> Result<FaultSpec, St
         params.insert("kind".into(), Tv::String(kinds[0].into()));
     }
     Ok(FaultSpec {
-        id: id.to_string(),
+        id,
         target: None,
         range: None,
         when,
@@ -900,119 +933,10 @@ fn parse_expects(v: &Tv) -> Result<Vec<Expect>, String> {
                     message: str_key(t, w, i, "message")?.map(String::from),
                 });
             }
-            "event" => {
-                check_keys(t, w, i, &["kind", "event", "node", "type", "error", "count", "min", "max", "stream"])?;
-                let event = str_key(t, w, i, "event")?.ok_or(format!("key '{w}[{i}].event' is missing"))?;
-                const EVENTS: [&str; 4] = ["QUORUM_REPORT_BAD", "QUORUM_FAILURE", "BLOCK_JOB_COMPLETED", "JOB_STATUS_CHANGE"];
-                if !EVENTS.contains(&event) {
-                    return Err(format!("key '{w}[{i}].event': '{event}' is not one of {}", EVENTS.join(", ")));
-                }
-                let nodes = match t.get("node") {
-                    None => vec![],
-                    Some(Tv::String(s)) => vec![s.clone()],
-                    Some(Tv::Array(a)) => a
-                        .iter()
-                        .map(|x| x.as_str().map(String::from).ok_or(format!("key '{w}[{i}].node': expected strings")))
-                        .collect::<Result<_, _>>()?,
-                    Some(other) => return Err(format!("key '{w}[{i}].node': expected a string or a list, got {other}")),
-                };
-                for n in &nodes {
-                    parse_target(n, &format!("{w}[{i}].node"))?;
-                }
-                let io = str_key(t, w, i, "type")?.map(String::from);
-                if let Some(x) = &io {
-                    if !["read", "write", "flush"].contains(&x.as_str()) {
-                        return Err(format!("key '{w}[{i}].type': '{x}' is not read, write or flush"));
-                    }
-                }
-                let error = match t.get("error") {
-                    None => None,
-                    Some(Tv::Boolean(b)) => Some(*b),
-                    Some(other) => return Err(format!("key '{w}[{i}].error': expected true or false, got {other}")),
-                };
-                let qmp = match str_key(t, w, i, "stream")? {
-                    None | Some("internal") => false,
-                    Some("qmp") => true,
-                    Some(s) => return Err(format!("key '{w}[{i}].stream': '{s}' is not internal or qmp")),
-                };
-                let (count, min, max) = (u64_key(t, w, i, "count")?, u64_key(t, w, i, "min")?, u64_key(t, w, i, "max")?);
-                if count.is_none() && min.is_none() && max.is_none() {
-                    return Err(format!("key '{w}[{i}]': give count, or min and/or max"));
-                }
-                out.push(Expect::Event {
-                    event: event.into(),
-                    nodes,
-                    io,
-                    error,
-                    count,
-                    min,
-                    max,
-                    qmp,
-                });
-            }
-            "replication" => {
-                check_keys(t, w, i, &["kind", "node", "error", "stage"])?;
-                let node = str_key(t, w, i, "node")?.ok_or(format!("key '{w}[{i}].node' is missing"))?;
-                if node != "colo-p" && node != "colo-s" {
-                    return Err(format!("key '{w}[{i}].node': '{node}' is not colo-p or colo-s"));
-                }
-                let error = match t.get("error") {
-                    Some(Tv::Boolean(b)) => *b,
-                    None => false,
-                    Some(other) => return Err(format!("key '{w}[{i}].error': expected true or false, got {other}")),
-                };
-                let stage = str_key(t, w, i, "stage")?;
-                if let Some(st) = stage {
-                    if !["none", "running", "failover", "failover-failed", "done"].contains(&st) {
-                        return Err(format!("key '{w}[{i}].stage': '{st}' is not none, running, failover, failover-failed or done"));
-                    }
-                }
-                out.push(Expect::Replication {
-                    node: node.into(),
-                    error,
-                    stage: stage.map(String::from),
-                });
-            }
-            "contents" if matches!(str_key(t, w, i, "view")?, Some("colo-s" | "colo-p")) => {
-                check_keys(t, w, i, &["kind", "view", "range", "equals"])?;
-                let node = str_key(t, w, i, "view")?.unwrap_or_default();
-                let range = parse_range(str_key(t, w, i, "range")?.ok_or(format!("key '{w}[{i}].range' is missing"))?)
-                    .map_err(|e| format!("key '{w}[{i}].range': {e}"))?;
-                let equals = str_key(t, w, i, "equals")?.ok_or(format!("key '{w}[{i}].equals' is missing"))?;
-                let ok = equals == "primary"
-                    || equals
-                        .strip_prefix("checkpoint:")
-                        .and_then(|x| x.strip_suffix("+svm"))
-                        .is_some_and(|k| k == "last" || k.parse::<u64>().is_ok());
-                if !ok {
-                    return Err(format!("key '{w}[{i}].equals': '{equals}' is not \"checkpoint:K+svm\", \"checkpoint:last+svm\" or \"primary\""));
-                }
-                out.push(Expect::ColoContents {
-                    node: node.into(),
-                    range,
-                    equals: equals.into(),
-                });
-            }
-            "contents" => {
-                check_keys(t, w, i, &["kind", "child", "view", "range", "equals"])?;
-                let child = match (str_key(t, w, i, "child")?, str_key(t, w, i, "view")?) {
-                    (Some(c), None) => Some(
-                        parse_target(c, &format!("{w}[{i}].child"))?
-                            .ok_or(format!("key '{w}[{i}].child': expected a child"))?,
-                    ),
-                    (None, Some("guest")) => None,
-                    (None, Some(v)) => return Err(format!("key '{w}[{i}].view': '{v}' is not \"guest\"")),
-                    _ => return Err(format!("key '{w}[{i}]': give one of child or view")),
-                };
-                let range = parse_range(str_key(t, w, i, "range")?.ok_or(format!("key '{w}[{i}].range' is missing"))?)
-                    .map_err(|e| format!("key '{w}[{i}].range': {e}"))?;
-                let equals = str_key(t, w, i, "equals")?.ok_or(format!("key '{w}[{i}].equals' is missing"))?;
-                out.push(Expect::Contents {
-                    child,
-                    range,
-                    equals: equals.into(),
-                });
-            }
+            "event" => out.push(expect_event(t, i)?),
+            "replication" => out.push(expect_replication(t, i)?),
+            "contents" if matches!(str_key(t, w, i, "view")?, Some("colo-s" | "colo-p")) => out.push(expect_colo_contents(t, i)?),
+            "contents" => out.push(expect_contents(t, i)?),
             "warning" | "fatal" => {
                 check_keys(t, w, i, &["kind", "count"])?;
                 out.push(Expect::Log {
@@ -1023,16 +947,22 @@ fn parse_expects(v: &Tv) -> Result<Vec<Expect>, String> {
             "injected" => {
                 check_keys(t, w, i, &["kind", "fault", "min"])?;
                 let fault = str_key(t, w, i, "fault")?.ok_or(format!("key '{w}[{i}].fault' is missing"))?;
+                let fault = fault
+                    .parse()
+                    .map_err(|e| format!("key '{w}[{i}].fault': {e}"))?;
                 out.push(Expect::Injected {
-                    fault: fault.into(),
+                    fault,
                     min: u64_key(t, w, i, "min")?.unwrap_or(1),
                 });
             }
             "path" => {
                 check_keys(t, w, i, &["kind", "path", "min"])?;
                 let path = str_key(t, w, i, "path")?.ok_or(format!("key '{w}[{i}].path' is missing"))?;
+                let path = path
+                    .parse()
+                    .map_err(|e| format!("key '{w}[{i}].path': {e}"))?;
                 out.push(Expect::Path {
-                    path: path.into(),
+                    path,
                     min: u64_key(t, w, i, "min")?.unwrap_or(1),
                 });
             }
@@ -1046,13 +976,183 @@ fn parse_expects(v: &Tv) -> Result<Vec<Expect>, String> {
     Ok(out)
 }
 
+/// An `expect` of kind event (C5).
+fn expect_event(t: &toml::Table, i: usize) -> Result<Expect, String> {
+    let w = "expect";
+    check_keys(
+        t,
+        w,
+        i,
+        &[
+            "kind", "event", "node", "type", "error", "count", "min", "max", "stream",
+        ],
+    )?;
+    let event = str_key(t, w, i, "event")?.ok_or(format!("key '{w}[{i}].event' is missing"))?;
+    const EVENTS: [&str; 4] = [
+        "QUORUM_REPORT_BAD",
+        "QUORUM_FAILURE",
+        "BLOCK_JOB_COMPLETED",
+        "JOB_STATUS_CHANGE",
+    ];
+    if !EVENTS.contains(&event) {
+        return Err(format!(
+            "key '{w}[{i}].event': '{event}' is not one of {}",
+            EVENTS.join(", ")
+        ));
+    }
+    let nodes = match t.get("node") {
+        None => vec![],
+        Some(Tv::String(s)) => vec![s.clone()],
+        Some(Tv::Array(a)) => a
+            .iter()
+            .map(|x| {
+                x.as_str()
+                    .map(String::from)
+                    .ok_or(format!("key '{w}[{i}].node': expected strings"))
+            })
+            .collect::<Result<_, _>>()?,
+        Some(other) => {
+            return Err(format!(
+                "key '{w}[{i}].node': expected a string or a list, got {other}"
+            ))
+        }
+    };
+    for n in &nodes {
+        parse_target(n, &format!("{w}[{i}].node"))?;
+    }
+    let io = str_key(t, w, i, "type")?.map(String::from);
+    if let Some(x) = &io {
+        if !["read", "write", "flush"].contains(&x.as_str()) {
+            return Err(format!(
+                "key '{w}[{i}].type': '{x}' is not read, write or flush"
+            ));
+        }
+    }
+    let error = match t.get("error") {
+        None => None,
+        Some(Tv::Boolean(b)) => Some(*b),
+        Some(other) => {
+            return Err(format!(
+                "key '{w}[{i}].error': expected true or false, got {other}"
+            ))
+        }
+    };
+    let qmp = match str_key(t, w, i, "stream")? {
+        None | Some("internal") => false,
+        Some("qmp") => true,
+        Some(s) => {
+            return Err(format!(
+                "key '{w}[{i}].stream': '{s}' is not internal or qmp"
+            ))
+        }
+    };
+    let (count, min, max) = (
+        u64_key(t, w, i, "count")?,
+        u64_key(t, w, i, "min")?,
+        u64_key(t, w, i, "max")?,
+    );
+    if count.is_none() && min.is_none() && max.is_none() {
+        return Err(format!("key '{w}[{i}]': give count, or min and/or max"));
+    }
+    Ok(Expect::Event {
+        event: event.into(),
+        nodes,
+        io,
+        error,
+        count,
+        min,
+        max,
+        qmp,
+    })
+}
+
+/// An `expect` of kind replication (C5).
+fn expect_replication(t: &toml::Table, i: usize) -> Result<Expect, String> {
+    let w = "expect";
+    check_keys(t, w, i, &["kind", "node", "error", "stage"])?;
+    let node = str_key(t, w, i, "node")?.ok_or(format!("key '{w}[{i}].node' is missing"))?;
+    if node != "colo-p" && node != "colo-s" {
+        return Err(format!(
+            "key '{w}[{i}].node': '{node}' is not colo-p or colo-s"
+        ));
+    }
+    let error = match t.get("error") {
+        Some(Tv::Boolean(b)) => *b,
+        None => false,
+        Some(other) => {
+            return Err(format!(
+                "key '{w}[{i}].error': expected true or false, got {other}"
+            ))
+        }
+    };
+    let stage = str_key(t, w, i, "stage")?;
+    if let Some(st) = stage {
+        if !["none", "running", "failover", "failover-failed", "done"].contains(&st) {
+            return Err(format!("key '{w}[{i}].stage': '{st}' is not none, running, failover, failover-failed or done"));
+        }
+    }
+    Ok(Expect::Replication {
+        node: node.into(),
+        error,
+        stage: stage.map(String::from),
+    })
+}
+
+/// An `expect` of kind colo contents (C5).
+fn expect_colo_contents(t: &toml::Table, i: usize) -> Result<Expect, String> {
+    let w = "expect";
+    check_keys(t, w, i, &["kind", "view", "range", "equals"])?;
+    let node = str_key(t, w, i, "view")?.unwrap_or_default();
+    let range =
+        parse_range(str_key(t, w, i, "range")?.ok_or(format!("key '{w}[{i}].range' is missing"))?)
+            .map_err(|e| format!("key '{w}[{i}].range': {e}"))?;
+    let equals = str_key(t, w, i, "equals")?.ok_or(format!("key '{w}[{i}].equals' is missing"))?;
+    let ok = equals == "primary"
+        || equals
+            .strip_prefix("checkpoint:")
+            .and_then(|x| x.strip_suffix("+svm"))
+            .is_some_and(|k| k == "last" || k.parse::<u64>().is_ok());
+    if !ok {
+        return Err(format!("key '{w}[{i}].equals': '{equals}' is not \"checkpoint:K+svm\", \"checkpoint:last+svm\" or \"primary\""));
+    }
+    Ok(Expect::ColoContents {
+        node: node.into(),
+        range,
+        equals: equals.into(),
+    })
+}
+
+/// An `expect` of kind contents (C5).
+fn expect_contents(t: &toml::Table, i: usize) -> Result<Expect, String> {
+    let w = "expect";
+    check_keys(t, w, i, &["kind", "child", "view", "range", "equals"])?;
+    let child = match (str_key(t, w, i, "child")?, str_key(t, w, i, "view")?) {
+        (Some(c), None) => Some(
+            parse_target(c, &format!("{w}[{i}].child"))?
+                .ok_or(format!("key '{w}[{i}].child': expected a child"))?,
+        ),
+        (None, Some("guest")) => None,
+        (None, Some(v)) => return Err(format!("key '{w}[{i}].view': '{v}' is not \"guest\"")),
+        _ => return Err(format!("key '{w}[{i}]': give one of child or view")),
+    };
+    let range =
+        parse_range(str_key(t, w, i, "range")?.ok_or(format!("key '{w}[{i}].range' is missing"))?)
+            .map_err(|e| format!("key '{w}[{i}].range': {e}"))?;
+    let equals = str_key(t, w, i, "equals")?.ok_or(format!("key '{w}[{i}].equals' is missing"))?;
+    Ok(Expect::Contents {
+        child,
+        range,
+        equals: equals.into(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn c2_bad_scenarios_name_the_key() {
-        let cases: [(&str, &str); 11] = [
+        let cases: [(&str, &str); 14] = [
             ("name = \"x\"\nbogus = 1\n", "unknown key 'bogus'"),
             ("name = \"x\"\ntopology = { children = \"3\" }\n", "key 'topology.children': expected an integer, got string"),
             ("name = \"x\"\ntopology = { children = 9 }\n", "key 'topology.children': 9 is out of range 1..=7"),
@@ -1082,6 +1182,19 @@ mod tests {
             (
                 "name = \"x\"\ntopology = { children = 3 }\nexpect = [ { kind = \"contents\", child = \"c3\", range = \"0..4k\", equals = \"initial\" } ]\n",
                 "key 'expect[0].child': child 3 does not exist (the topology has 3 children)",
+            ),
+            // Ids are parsed once, here (issue 22): a typo is an error naming the key.
+            (
+                "name = \"x\"\nfault = [ { id = \"F1O\", target = \"c0\" } ]\n",
+                "key 'fault[0].id': unknown fault family 'F1O' (known: F1-F30)",
+            ),
+            (
+                "name = \"x\"\nexpect = [ { kind = \"injected\", fault = \"f4\" } ]\n",
+                "key 'expect[0].fault': unknown fault family 'f4' (known: F1-F30)",
+            ),
+            (
+                "name = \"x\"\nexpect = [ { kind = \"path\", path = \"P22\" } ]\n",
+                "key 'expect[0].path': unknown recovery path 'P22' (known: P1-P21, out-of-model, NBD-losses, NBD-reconnects, TLS-sessions)",
             ),
         ];
         for (text, want) in cases {

@@ -1,5 +1,6 @@
 //! Sweeps, determinism checks and shrinking (SIMULATION.md U2, U4, U8, M4, I13, I15).
 
+use crate::ids::{Fault, Path as PathId, Rule, Violation};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -84,7 +85,7 @@ fn run_jobs(
                 Ok(p) => p,
                 Err(e) => {
                     let r = RunResult {
-                        violation: Some(("harness".into(), e)),
+                        violation: Some(Violation::new(Rule::Harness, e)),
                         ..RunResult::default()
                     };
                     out.lock().unwrap_or_else(|p| p.into_inner()).push((
@@ -99,7 +100,7 @@ fn run_jobs(
             if !quiet {
                 let verdict = match &r.violation {
                     None => "ok".to_string(),
-                    Some((rule, m)) => format!("FAIL {rule} {m}"),
+                    Some(v) => format!("FAIL {} {}", v.rule, v.message),
                 };
                 // The progress line (a terminal only) is cleared, the run's line printed
                 // where it was, and the progress line drawn again below it.
@@ -320,11 +321,12 @@ fn topology_class(p: &Params) -> &'static str {
     }
 }
 
-/// Recovery paths the simulated topologies reach (I15), with healing's P16–P20.
-const PATHS: [&str; 21] = [
-    "P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8", "P9", "P10", "P11", "P12", "P13", "P14", "P15",
-    "P16", "P17", "P18", "P19", "P20", "P21",
-];
+/// Adds one run's counters to the sweep's.
+fn add<K: Ord + Clone>(m: &mut BTreeMap<K, u64>, src: &BTreeMap<K, u64>) {
+    for (k, v) in src {
+        *m.entry(k.clone()).or_default() += v;
+    }
+}
 
 fn summarize(
     results: &[(Job, Params, RunResult)],
@@ -332,24 +334,19 @@ fn summarize(
     wall_s: f64,
     jobs: usize,
 ) -> Json {
-    let mut injected: BTreeMap<String, u64> = BTreeMap::new();
-    let mut skipped: BTreeMap<String, u64> = BTreeMap::new();
+    let mut injected: BTreeMap<Fault, u64> = BTreeMap::new();
+    let mut skipped: BTreeMap<Fault, u64> = BTreeMap::new();
     let mut outcomes: BTreeMap<String, u64> = BTreeMap::new();
-    let mut paths: BTreeMap<String, u64> = BTreeMap::new();
-    let mut checks: BTreeMap<String, u64> = BTreeMap::new();
+    let mut paths: BTreeMap<PathId, u64> = BTreeMap::new();
+    let mut checks: BTreeMap<Rule, u64> = BTreeMap::new();
     let (mut ops, mut child_ops, mut viol, mut crashes, mut serr) = (0u64, 0u64, 0u64, 0u64, 0u64);
     let mut ratios: Vec<f64> = Vec::new();
     let mut runs = Vec::new();
-    let mut violations_by_rule: BTreeMap<String, u64> = BTreeMap::new();
+    let mut violations_by_rule: BTreeMap<Rule, u64> = BTreeMap::new();
     let mut by_scenario: BTreeMap<String, (u64, u64)> = BTreeMap::new();
     let mut fault_outcomes: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
     let mut latency: BTreeMap<&'static str, BTreeMap<String, BTreeMap<u32, u64>>> = BTreeMap::new();
     for (job, p, r) in results {
-        let add = |m: &mut BTreeMap<String, u64>, src: &BTreeMap<String, u64>| {
-            for (k, v) in src {
-                *m.entry(k.clone()).or_default() += v;
-            }
-        };
         add(&mut injected, &r.injected);
         add(&mut skipped, &r.skipped);
         add(&mut outcomes, &r.outcomes);
@@ -384,10 +381,10 @@ fn summarize(
             })
             .or_default();
         e.0 += 1;
-        if let Some((rule, _)) = &r.violation {
+        if let Some(v) = &r.violation {
             viol += 1;
             e.1 += 1;
-            *violations_by_rule.entry(rule.clone()).or_default() += 1;
+            *violations_by_rule.entry(v.rule).or_default() += 1;
         }
         runs.push(run_json(job, p, r));
     }
@@ -397,12 +394,12 @@ fn summarize(
     families.extend(crate::params::COLO_FAMILIES);
     let fam_gaps: Vec<String> = families
         .iter()
-        .filter(|f| injected.get(**f).copied().unwrap_or(0) == 0)
+        .filter(|f| injected.get(*f).copied().unwrap_or(0) == 0)
         .map(|f| f.to_string())
         .collect();
-    let path_gaps: Vec<String> = PATHS
+    let path_gaps: Vec<String> = PathId::RECOVERY
         .iter()
-        .filter(|p| paths.get(**p).copied().unwrap_or(0) == 0)
+        .filter(|p| paths.get(*p).copied().unwrap_or(0) == 0)
         .map(|p| p.to_string())
         .collect();
     let gaps: Vec<String> = fam_gaps.iter().chain(path_gaps.iter()).cloned().collect();
@@ -437,7 +434,7 @@ fn summarize(
         "latency_ns": latency,
         "by_scenario": by_scenario.iter().map(|(k, (n, f))| (k.clone(), json!({"runs": n, "failures": f}))).collect::<serde_json::Map<String, Json>>(),
         "coverage": {
-            "families": families, "paths": PATHS, "gaps": gaps,
+            "families": families, "paths": PathId::RECOVERY, "gaps": gaps,
         },
         "runs": runs,
     })
@@ -461,8 +458,8 @@ fn run_json(job: &Job, p: &Params, r: &RunResult) -> Json {
             "child_image": p.child_image.is_some(),
         },
         "outcome": if r.violation.is_some() { "fail" } else { "pass" },
-        "violated_rule": r.violation.as_ref().map(|(k, _)| k.clone()),
-        "message": r.violation.as_ref().map(|(_, m)| m.clone()),
+        "violated_rule": r.violation.as_ref().map(|v| v.rule),
+        "message": r.violation.as_ref().map(|v| v.message.clone()),
         "ops": r.ops, "child_ops": r.child_ops,
         "virtual_s": r.virtual_s, "wall_s": r.wall_s,
         "trace_hash": r.trace_hash,
@@ -580,7 +577,7 @@ pub fn cmd_shrink(args: &[String]) -> Result<i32, String> {
     let p0 = Params::derive(seed, &sc.pins)?;
     println!("{}", header(&p0, &sc));
     let r0 = run(p0.clone(), &sc, &RunOpts::default());
-    let Some((rule, _)) = r0.violation.clone() else {
+    let Some(Violation { rule, .. }) = r0.violation else {
         println!("seed {seed} passes; nothing to shrink");
         return Ok(0);
     };
@@ -620,7 +617,7 @@ pub fn cmd_shrink(args: &[String]) -> Result<i32, String> {
                 .families
                 .iter()
                 .filter(|x| *x != f)
-                .map(|x| toml::Value::String(x.clone()))
+                .map(|x| toml::Value::String(x.to_string()))
                 .collect();
             candidates.push(("faults.families".into(), toml::Value::Array(rest)));
         }
@@ -635,7 +632,7 @@ pub fn cmd_shrink(args: &[String]) -> Result<i32, String> {
             };
             runs += 1;
             let r = run(pc, &cand, &RunOpts::default());
-            if r.violation.as_ref().map(|(x, _)| x) == Some(&rule) {
+            if r.violation.as_ref().map(|v| v.rule) == Some(rule) {
                 println!("  {k} = {v}: still fails {rule} ({} ops)", r.ops);
                 best = cand;
                 improved = true;

@@ -8,6 +8,7 @@
 //! logged against the guest op that caused it (a task-local id), so the oracle can recompute
 //! the quorum's vote and events from what the children really answered.
 
+use crate::ids::{Fault, Rule};
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -63,7 +64,7 @@ pub enum Mark {
 #[derive(Debug, Clone)]
 pub struct Armed {
     /// Fault family (`F2`, `F3`, `F5`, `F6`, `F7`).
-    pub family: &'static str,
+    pub family: Fault,
     /// Sector range the fault is limited to (None: any request).
     pub sectors: Option<Range<u64>>,
     /// Requests it still hits.
@@ -90,7 +91,7 @@ struct DiskState {
     /// torn, misdirected, reformatted), with that fault's family; a later write to the sector
     /// clears it. Reads that meet one are charged to the family (the report's fault ×
     /// outcome, like the sticky faults). Harness bookkeeping: no decision reads it.
-    damage: BTreeMap<u64, &'static str>,
+    damage: BTreeMap<u64, Fault>,
     /// F6: the live misdirection (intended sectors, target sectors), at most one (F6).
     misdirect: Option<(Range<u64>, Range<u64>)>,
     armed: Vec<Armed>,
@@ -104,16 +105,16 @@ struct DiskState {
 #[derive(Debug, Clone, Default)]
 pub struct Counters {
     /// Faults injected, by family.
-    pub injected: BTreeMap<&'static str, u64>,
+    pub injected: BTreeMap<Fault, u64>,
     /// Faults skipped by the budget check (B3), by family.
-    pub skipped: BTreeMap<&'static str, u64>,
+    pub skipped: BTreeMap<Fault, u64>,
     /// Child requests served.
     pub child_ops: u64,
     /// Every fault as the report charges it to guest ops, in time order.
     pub marks: Vec<FaultMark>,
     /// Child images (`topology.child_image`): checks made (I21, I22) and crashes that
     /// leaked clusters (P21).
-    pub image_checks: BTreeMap<&'static str, u64>,
+    pub image_checks: BTreeMap<Rule, u64>,
     pub image_leaks: u64,
 }
 
@@ -132,7 +133,7 @@ pub struct FaultMark {
     /// The guest op, 0 for none.
     pub op: u64,
     /// Fault family (`F1` ...).
-    pub family: &'static str,
+    pub family: Fault,
     /// Virtual ns until which the fault lasts (a stall, a partition, a pause): an unowned
     /// mark is charged to every op in flight at any time in `t_ns..=until_ns`. Equal to
     /// `t_ns` for an instant.
@@ -350,8 +351,8 @@ impl DiskSet {
             img.final_check(|| self.lock().disks[i].current.clone())
                 .await?;
             let mut g = self.lock();
-            *g.counters.image_checks.entry("I21").or_default() += 1;
-            *g.counters.image_checks.entry("I22").or_default() += 1;
+            *g.counters.image_checks.entry(Rule::I21).or_default() += 1;
+            *g.counters.image_checks.entry(Rule::I22).or_default() += 1;
         }
         Ok(())
     }
@@ -414,7 +415,7 @@ impl DiskSet {
             .flat_map(|d| {
                 d.damage
                     .iter()
-                    .filter(|(_, f)| !matches!(**f, "F16" | "F8" | "F9"))
+                    .filter(|(_, f)| !matches!(**f, Fault::F16 | Fault::F8 | Fault::F9))
                     .map(|(s, _)| *s)
                     .chain(d.sticky.keys().copied())
             })
@@ -506,13 +507,13 @@ impl DiskSet {
     }
 
     /// Counts a fault injected by the harness itself (crash, hot-add refusal, ...).
-    pub fn count_injected(&self, family: &'static str) {
+    pub fn count_injected(&self, family: Fault) {
         self.count_lasting(family, 0);
     }
 
     /// [`DiskSet::count_injected`] for a fault that lasts `ns` (or until [`DiskSet::ended`]
     /// is called with the returned mark index).
-    pub fn count_lasting(&self, family: &'static str, ns: u64) -> usize {
+    pub fn count_lasting(&self, family: Fault, ns: u64) -> usize {
         let mut g = self.lock();
         *g.counters.injected.entry(family).or_default() += 1;
         g.mark_lasting(family, ns)
@@ -535,13 +536,7 @@ impl DiskSet {
 
     /// Scripted sticky fault (F1, F3 or F4) on `sectors` of disk `index`, bypassing the budget
     /// (a scenario's faults are deliberate).
-    pub fn mark_sticky(
-        &self,
-        index: usize,
-        sectors: Range<u64>,
-        kind: Sticky,
-        family: &'static str,
-    ) {
+    pub fn mark_sticky(&self, index: usize, sectors: Range<u64>, kind: Sticky, family: Fault) {
         let mut g = self.lock();
         let end = sectors.end.min(g.disks[index].sectors);
         let mark = if kind == Sticky::Latent {
@@ -563,7 +558,7 @@ impl DiskSet {
         index: usize,
         sectors: Range<u64>,
         kind: Sticky,
-        family: &'static str,
+        family: Fault,
     ) -> bool {
         let mut g = self.lock();
         let end = sectors.end.min(g.disks[index].sectors);
@@ -606,7 +601,7 @@ impl DiskSet {
     /// B3 for a node-level fault (F13, F15–F18) on disk `index`: checked against the worst
     /// sector with the disk's copy taken as `mark` everywhere. fifo (B4): never on the first
     /// child, and only while every child before it is reachable and clean. Counts a skip.
-    pub fn allow_node(&self, family: &'static str, index: usize, mark: Mark) -> bool {
+    pub fn allow_node(&self, family: Fault, index: usize, mark: Mark) -> bool {
         let mut g = self.lock();
         let (n, t) = (g.n, g.t);
         let others_down = (0..n).filter(|&j| j != index && g.down[j]).count();
@@ -647,13 +642,13 @@ impl DiskSet {
     }
 
     /// Charges fault `family` to the current guest op (the report's fault × outcome).
-    pub fn charge(&self, family: &'static str) {
+    pub fn charge(&self, family: Fault) {
         self.lock().mark(family);
     }
 
     /// Records that fault `family` left disk `index`'s copies of `sectors` stale: later reads
     /// of them are charged to it until they are rewritten (bookkeeping only).
-    pub fn damage(&self, index: usize, sectors: Range<u64>, family: &'static str) {
+    pub fn damage(&self, index: usize, sectors: Range<u64>, family: Fault) {
         let mut g = self.lock();
         let end = sectors.end.min(g.disks[index].sectors);
         for s in sectors.start..end {
@@ -665,15 +660,15 @@ impl DiskSet {
     /// (N43). The copies it wrote may be older than what the disk held: suspect (B1).
     pub fn late_landing(&self, index: usize, sectors: Range<u64>) {
         self.mark_missed(index, sectors.clone());
-        self.damage(index, sectors.clone(), "F14");
+        self.damage(index, sectors.clone(), Fault::F14);
         let mut g = self.lock();
         let end = sectors.end.min(g.disks[index].sectors);
-        g.injected(index, "F14", sectors.start..end);
+        g.injected(index, Fault::F14, sectors.start..end);
     }
 
     /// Counts a crash of `node` (F16) and traces what it did to the unflushed writes.
     pub fn record_crash(&self, node: &str, r: &CrashReport) {
-        self.count_injected("F16");
+        self.count_injected(Fault::F16);
         self.trace_full(
             node,
             "crash",
@@ -688,7 +683,7 @@ impl DiskSet {
 
     /// F18 (F30: `family`): disk `index` comes back empty (zeros, nothing pending, no sticky faults). Returns
     /// the sectors whose value changed; the ledger marks those wrong (B1).
-    pub fn reformat(&self, index: usize, family: &'static str) -> Vec<u64> {
+    pub fn reformat(&self, index: usize, family: Fault) -> Vec<u64> {
         if let Some(img) = self.image(index) {
             img.reformat();
         }
@@ -936,7 +931,7 @@ impl DiskSet {
                 if !survives {
                     report.lost += 1;
                     for k in 0..p.data.len() as u64 {
-                        damage.insert(p.first + k, "F8");
+                        damage.insert(p.first + k, Fault::F8);
                     }
                     continue;
                 }
@@ -961,7 +956,7 @@ impl DiskSet {
                         let s = p.first + kk as u64;
                         let new = &p.data[kk];
                         // Written whole below clears it; dropped or damaged keeps F9.
-                        damage.insert(s, "F9");
+                        damage.insert(s, Fault::F9);
                         match fate {
                             0 => {
                                 current[s as usize] = new.clone();
@@ -1061,12 +1056,12 @@ impl DiskSet {
             }
         }
         if report.lost > 0 {
-            *g.counters.injected.entry("F8").or_default() += report.lost;
-            g.mark("F8");
+            *g.counters.injected.entry(Fault::F8).or_default() += report.lost;
+            g.mark(Fault::F8);
         }
         if report.torn > 0 {
-            *g.counters.injected.entry("F9").or_default() += report.torn;
-            g.mark("F9");
+            *g.counters.injected.entry(Fault::F9).or_default() += report.torn;
+            g.mark(Fault::F9);
         }
         (report, touched.into_iter().collect())
     }
@@ -1176,21 +1171,18 @@ impl Inner {
     }
 
     /// B3: may disk `disk` take `mark` on every sector of `sectors`? Counts a skip if not.
-    fn allow(
-        &mut self,
-        family: &'static str,
-        disk: usize,
-        sectors: Range<u64>,
-        mark: Mark,
-    ) -> bool {
-        let silent = matches!(family, "F1" | "F2" | "F3" | "F6" | "F7");
+    fn allow(&mut self, family: Fault, disk: usize, sectors: Range<u64>, mark: Mark) -> bool {
+        let silent = matches!(
+            family,
+            Fault::F1 | Fault::F2 | Fault::F3 | Fault::F6 | Fault::F7
+        );
         self.allow_kind(family, silent, disk, sectors, mark)
     }
 
     /// [`Inner::allow`] for a family whose faults are `silent` (wrong data, no error) or not.
     fn allow_kind(
         &mut self,
-        family: &'static str,
+        family: Fault,
         silent: bool,
         disk: usize,
         sectors: Range<u64>,
@@ -1201,7 +1193,7 @@ impl Inner {
         let free = self.budget == Budget::Beyond && (!silent || (!self.fifo && self.t >= 2));
         let ok = if self.fifo && silent && !free {
             false
-        } else if free && family != "F5" {
+        } else if free && family != Fault::F5 {
             // B6: beyond budget, faults that fail or produce distinct wrong values are free;
             // stale copies (F5) stay within B2 (B7). fifo reads the first child that answers,
             // so a copy that starts failing must not leave a stale copy behind it to be served
@@ -1247,12 +1239,12 @@ impl Inner {
     }
 
     /// Notes fault `family` against the current guest op (0 outside one).
-    fn mark(&mut self, family: &'static str) {
+    fn mark(&mut self, family: Fault) {
         self.mark_lasting(family, 0);
     }
 
     /// [`Inner::mark`] for a fault that lasts `ns` from now; returns the mark's index.
-    fn mark_lasting(&mut self, family: &'static str, ns: u64) -> usize {
+    fn mark_lasting(&mut self, family: Fault, ns: u64) -> usize {
         let t_ns = self.start.elapsed().as_nanos() as u64;
         self.counters.marks.push(FaultMark {
             t_ns,
@@ -1263,7 +1255,7 @@ impl Inner {
         self.counters.marks.len() - 1
     }
 
-    fn injected(&mut self, disk: usize, family: &'static str, sectors: Range<u64>) {
+    fn injected(&mut self, disk: usize, family: Fault, sectors: Range<u64>) {
         *self.counters.injected.entry(family).or_default() += 1;
         self.mark(family);
         let node = self.disks[disk].name.clone();
@@ -1279,7 +1271,7 @@ impl Inner {
         );
     }
 
-    fn take_armed(&mut self, disk: usize, family: &str, sectors: &Range<u64>) -> Option<Armed> {
+    fn take_armed(&mut self, disk: usize, family: Fault, sectors: &Range<u64>) -> Option<Armed> {
         let d = &mut self.disks[disk];
         let pos = d.armed.iter().position(|a| {
             a.family == family
@@ -1390,9 +1382,9 @@ impl VDisk {
                 stalled = true;
             }
             if stalled || d.latency.factor > 1 {
-                *g.counters.injected.entry("F10").or_default() += 1;
+                *g.counters.injected.entry(Fault::F10).or_default() += 1;
                 // Requests queued behind this one wait for it too.
-                g.mark_lasting("F10", ns);
+                g.mark_lasting(Fault::F10, ns);
             }
             ns
         };
@@ -1458,7 +1450,7 @@ impl VDisk {
         let n = data.len() as u64;
         let range = first..first + n;
         // F5: the write fails; none, all or some of its sectors reached the media.
-        let armed5 = g.take_armed(i, "F5", &range);
+        let armed5 = g.take_armed(i, Fault::F5, &range);
         let rate5 = g.rates.f5;
         let fire5 = armed5.is_some() || g.draw(i, rate5);
         if fire5 {
@@ -1477,10 +1469,12 @@ impl VDisk {
                 .filter(|k| !mask[*k as usize])
                 .map(|k| first + k)
                 .collect();
-            let ok =
-                armed5.is_some() || stale.iter().all(|&s| g.allow_one("F5", i, s, Mark::Wrong));
+            let ok = armed5.is_some()
+                || stale
+                    .iter()
+                    .all(|&s| g.allow_one(Fault::F5, i, s, Mark::Wrong));
             if ok {
-                g.injected(i, "F5", range.clone());
+                g.injected(i, Fault::F5, range.clone());
                 let d = &mut g.disks[i];
                 for (k, v) in data.into_iter().enumerate() {
                     let s = first + k as u64;
@@ -1491,7 +1485,7 @@ impl VDisk {
                         d.damage.remove(&s);
                     } else {
                         d.marks.insert(s, Mark::Wrong);
-                        d.damage.insert(s, "F5");
+                        d.damage.insert(s, Fault::F5);
                     }
                 }
                 // The applied part is in the cache like any write.
@@ -1508,45 +1502,11 @@ impl VDisk {
                 g.landed = Some((i, p));
                 return Err(e);
             } else {
-                *g.counters.skipped.entry("F5").or_default() += 1;
+                *g.counters.skipped.entry(Fault::F5).or_default() += 1;
             }
         }
         // F6: the whole write lands elsewhere (at most one live misdirection per disk).
-        let armed6 = g.take_armed(i, "F6", &range);
-        let rate6 = g.rates.f6;
-        let fire6 = armed6.is_some() || g.draw(i, rate6);
-        let mut target = first;
-        if fire6 && g.disks[i].misdirect.is_none() {
-            let sectors = g.disks[i].sectors;
-            if sectors >= 2 * n + 8 {
-                let pages = (sectors - n) / 8;
-                let mut cand = g.disks[i].fault_rng.below(pages + 1) * 8;
-                if cand < first + n && first < cand + n {
-                    cand = if first + n + n <= sectors {
-                        (first + n).div_ceil(8) * 8
-                    } else {
-                        0
-                    };
-                }
-                let cand_range = cand..cand + n;
-                let disjoint = cand + n <= first || first + n <= cand;
-                if disjoint
-                    && cand + n <= sectors
-                    && (armed6.is_some()
-                        || (g.allow("F6", i, range.clone(), Mark::Wrong)
-                            && g.allow("F6", i, cand_range.clone(), Mark::Wrong)))
-                {
-                    g.injected(i, "F6", range.clone());
-                    target = cand;
-                    let d = &mut g.disks[i];
-                    d.misdirect = Some((range.clone(), cand_range.clone()));
-                    for s in range.clone() {
-                        d.marks.insert(s, Mark::Wrong);
-                        d.damage.insert(s, "F6");
-                    }
-                }
-            }
-        }
+        let target = g.draw_misdirect(i, &range);
         let d = &mut g.disks[i];
         if target == first {
             if let Some((a, b)) = &d.misdirect {
@@ -1568,7 +1528,7 @@ impl VDisk {
                 d.damage.remove(&s);
             } else {
                 d.marks.insert(s, Mark::Wrong);
-                d.damage.insert(s, "F6");
+                d.damage.insert(s, Fault::F6);
             }
         }
         let snapshot: Vec<Stored> = (target..target + n)
@@ -1581,12 +1541,12 @@ impl VDisk {
         d.pending.push(p.clone());
         g.landed = Some((i, p));
         // F3: one sector of the write is stored corrupted.
-        let armed3 = g.take_armed(i, "F3", &range);
+        let armed3 = g.take_armed(i, Fault::F3, &range);
         let rate3 = g.rates.f3;
         if armed3.is_some() || g.draw(i, rate3) {
             let s = g.pick_sector(i, &(target..target + n));
-            if armed3.is_some() || g.allow("F3", i, s..s + 1, Mark::Wrong) {
-                g.injected(i, "F3", s..s + 1);
+            if armed3.is_some() || g.allow(Fault::F3, i, s..s + 1, Mark::Wrong) {
+                g.injected(i, Fault::F3, s..s + 1);
                 g.disks[i].sticky.insert(s, Sticky::Rot);
                 g.disks[i].marks.insert(s, Mark::Wrong);
             }
@@ -1599,10 +1559,181 @@ impl VDisk {
 }
 
 impl Inner {
-    fn allow_one(&mut self, family: &'static str, disk: usize, s: u64, mark: Mark) -> bool {
-        let silent = matches!(family, "F1" | "F2" | "F3" | "F6" | "F7");
+    /// F6 on a write of `range`: where the whole write lands instead (its own first sector
+    /// when it does not), marking the range it left stale.
+    fn draw_misdirect(&mut self, i: usize, range: &Range<u64>) -> u64 {
+        let (first, n) = (range.start, range.end - range.start);
+        let armed6 = self.take_armed(i, Fault::F6, range);
+        let rate6 = self.rates.f6;
+        let fire6 = armed6.is_some() || self.draw(i, rate6);
+        let mut target = first;
+        if fire6 && self.disks[i].misdirect.is_none() {
+            let sectors = self.disks[i].sectors;
+            if sectors >= 2 * n + 8 {
+                let pages = (sectors - n) / 8;
+                let mut cand = self.disks[i].fault_rng.below(pages + 1) * 8;
+                if cand < first + n && first < cand + n {
+                    cand = if first + n + n <= sectors {
+                        (first + n).div_ceil(8) * 8
+                    } else {
+                        0
+                    };
+                }
+                let cand_range = cand..cand + n;
+                let disjoint = cand + n <= first || first + n <= cand;
+                if disjoint
+                    && cand + n <= sectors
+                    && (armed6.is_some()
+                        || (self.allow(Fault::F6, i, range.clone(), Mark::Wrong)
+                            && self.allow(Fault::F6, i, cand_range.clone(), Mark::Wrong)))
+                {
+                    self.injected(i, Fault::F6, range.clone());
+                    target = cand;
+                    let d = &mut self.disks[i];
+                    d.misdirect = Some((range.clone(), cand_range.clone()));
+                    for s in range.clone() {
+                        d.marks.insert(s, Mark::Wrong);
+                        d.damage.insert(s, Fault::F6);
+                    }
+                }
+            }
+        }
+        target
+    }
+
+    /// F4 and F1 on a read: a sector of the range becomes unreadable, or starts returning a
+    /// flipped bit, until rewritten.
+    fn draw_sticky_read_faults(&mut self, i: usize, range: &Range<u64>) {
+        // F4: a sector becomes unreadable until rewritten.
+        let rate4 = self.rates.f4;
+        if self.draw(i, rate4) {
+            let s = self.pick_sector(i, range);
+            if self.allow(Fault::F4, i, s..s + 1, Mark::Failing) {
+                self.injected(i, Fault::F4, s..s + 1);
+                self.disks[i].sticky.insert(s, Sticky::Latent);
+                self.disks[i].marks.insert(s, Mark::Failing);
+            }
+        }
+        // F1: a sector starts returning a flipped bit until rewritten.
+        let rate1 = self.rates.f1;
+        if self.draw(i, rate1) {
+            let s = self.pick_sector(i, range);
+            if !self.disks[i].sticky.contains_key(&s)
+                && self.allow(Fault::F1, i, s..s + 1, Mark::Wrong)
+            {
+                self.injected(i, Fault::F1, s..s + 1);
+                self.disks[i].sticky.insert(s, Sticky::Flip);
+                self.disks[i].marks.insert(s, Mark::Wrong);
+            }
+        }
+    }
+
+    /// F7 and F2 on a read: the sector it reads from instead (once), and the sector that
+    /// comes back with one transient flipped bit.
+    fn draw_read_faults(&mut self, i: usize, range: &Range<u64>) -> (u64, Option<u64>) {
+        // F7: the read returns another aligned offset's bytes, once.
+        let mut source = range.start;
+        let armed7 = self.take_armed(i, Fault::F7, range);
+        let rate7 = self.rates.f7;
+        let n = range.end - range.start;
+        if armed7.is_some() || self.draw(i, rate7) {
+            let sectors = self.disks[i].sectors;
+            if sectors >= n + 8 {
+                let cand = self.disks[i].fault_rng.below((sectors - n) / 8 + 1) * 8;
+                if cand != range.start
+                    && (armed7.is_some() || self.allow(Fault::F7, i, range.clone(), Mark::Wrong))
+                {
+                    self.injected(i, Fault::F7, range.clone());
+                    source = cand;
+                }
+            }
+        }
+        // F2: one transient flipped bit in this read.
+        let armed2 = self.take_armed(i, Fault::F2, range);
+        let rate2 = self.rates.f2;
+        let mut transient = None;
+        if armed2.is_some() || self.draw(i, rate2) {
+            let s = match &armed2 {
+                Some(Armed {
+                    sectors: Some(r), ..
+                }) => r.start.max(range.start),
+                _ => self.pick_sector(i, range),
+            };
+            if armed2.is_some() || self.allow(Fault::F2, i, s..s + 1, Mark::Wrong) {
+                self.injected(i, Fault::F2, s..s + 1);
+                transient = Some(s);
+            }
+        }
+        (source, transient)
+    }
+
+    /// The bytes a read of `range` returns from `source` on, with the transient flip, the
+    /// faults it met again and its sectors' fingerprints.
+    fn fill_read(
+        &self,
+        i: usize,
+        range: &Range<u64>,
+        source: u64,
+        transient: Option<u64>,
+        len: usize,
+    ) -> (BytesMut, BTreeSet<Fault>, Vec<u64>) {
+        let seed = self.seed;
+        let d = &self.disks[i];
+        let mut buf = BytesMut::zeroed(len);
+        // Faults met again by this read, charged to it (their injection was charged to an
+        // earlier op): sticky flips and rot, and copies a fault damaged (`damage`).
+        let mut met: BTreeSet<Fault> = BTreeSet::new();
+        // The read's digest from the sectors' fingerprints: a clean value's comes from the
+        // value, so only damaged sectors are hashed (sector::data_digest's contract).
+        let mut fps = Vec::with_capacity(buf.len() / SECTOR);
+        // Most reads meet no damage and no sticky fault: look those maps up per sector
+        // only when the read's range has an entry at all.
+        let src_range = source..source + (buf.len() / SECTOR) as u64;
+        let any_damage = d.damage.range(src_range.clone()).next().is_some();
+        let any_sticky = d.sticky.range(src_range).next().is_some();
+        for (k, chunk) in buf.chunks_mut(SECTOR).enumerate() {
+            let src = source + k as u64;
+            let s = range.start + k as u64;
+            if let Some(f) = any_damage.then(|| d.damage.get(&src)).flatten() {
+                met.insert(*f);
+            }
+            let pristine = match &d.current[src as usize] {
+                Stored::V(v) => {
+                    encode_into(*v, chunk);
+                    fingerprint(*v)
+                }
+                Stored::Raw(b) => {
+                    chunk.copy_from_slice(b);
+                    fingerprint_bytes(b)
+                }
+            };
+            let corrupt = match any_sticky.then(|| d.sticky.get(&src)).flatten() {
+                Some(Sticky::Flip) => Some(Fault::F1),
+                Some(Sticky::Rot) => Some(Fault::F3),
+                _ => None,
+            };
+            let mut fp = pristine;
+            if let Some(f) = corrupt {
+                met.insert(f);
+                flip_bit(seed, i, src, chunk, pristine, 1);
+                fp = fingerprint_bytes(chunk);
+            }
+            if transient == Some(s) {
+                flip_bit(seed, i, s, chunk, fp, 2);
+                fp = fingerprint_bytes(chunk);
+            }
+            fps.push(fp);
+        }
+        (buf, met, fps)
+    }
+
+    fn allow_one(&mut self, family: Fault, disk: usize, s: u64, mark: Mark) -> bool {
+        let silent = matches!(
+            family,
+            Fault::F1 | Fault::F2 | Fault::F3 | Fault::F6 | Fault::F7
+        );
         if self.budget == Budget::Beyond
-            && family != "F5"
+            && family != Fault::F5
             && (!silent || (!self.fifo && self.t >= 2))
         {
             return true;
@@ -1653,7 +1784,7 @@ fn image_crash(
         if !allowed {
             d.current = d.durable.clone();
             return Err((
-                "I21",
+                Rule::I21,
                 format!(
                     "after a crash {}'s image holds {got:?} at sector {s}: neither the flushed {:?} nor a write sent since",
                     d.name, d.durable[su]
@@ -1678,14 +1809,14 @@ fn image_crash(
             );
         }
         if *got != d.current[su] {
-            d.damage.insert(s, "F8");
+            d.damage.insert(s, Fault::F8);
             touched.insert(s);
         }
     }
     d.durable = c.sectors.clone();
     d.current = c.sectors;
-    *g.counters.image_checks.entry("I21").or_default() += 1;
-    *g.counters.image_checks.entry("I22").or_default() += 1;
+    *g.counters.image_checks.entry(Rule::I21).or_default() += 1;
+    *g.counters.image_checks.entry(Rule::I22).or_default() += 1;
     g.counters.image_leaks += u64::from(c.leaked);
     Ok(())
 }
@@ -1735,31 +1866,12 @@ impl BlockDevice for VDisk {
             let expect: Option<Vec<Stored>> = held
                 .as_ref()
                 .map(|_| g.disks[i].current[range.start as usize..range.end as usize].to_vec());
-            // F4: a sector becomes unreadable until rewritten.
-            let rate4 = g.rates.f4;
-            if g.draw(i, rate4) {
-                let s = g.pick_sector(i, &range);
-                if g.allow("F4", i, s..s + 1, Mark::Failing) {
-                    g.injected(i, "F4", s..s + 1);
-                    g.disks[i].sticky.insert(s, Sticky::Latent);
-                    g.disks[i].marks.insert(s, Mark::Failing);
-                }
-            }
-            // F1: a sector starts returning a flipped bit until rewritten.
-            let rate1 = g.rates.f1;
-            if g.draw(i, rate1) {
-                let s = g.pick_sector(i, &range);
-                if !g.disks[i].sticky.contains_key(&s) && g.allow("F1", i, s..s + 1, Mark::Wrong) {
-                    g.injected(i, "F1", s..s + 1);
-                    g.disks[i].sticky.insert(s, Sticky::Flip);
-                    g.disks[i].marks.insert(s, Mark::Wrong);
-                }
-            }
+            g.draw_sticky_read_faults(i, &range);
             let latent = range
                 .clone()
                 .find(|s| g.disks[i].sticky.get(s) == Some(&Sticky::Latent));
             if let Some(s) = latent {
-                g.mark("F4");
+                g.mark(Fault::F4);
                 let e = eio("latent sector error (F4)", &self.name, s);
                 g.log(
                     op,
@@ -1774,86 +1886,8 @@ impl BlockDevice for VDisk {
                 );
                 return Err(e);
             }
-            // F7: the read returns another aligned offset's bytes, once.
-            let mut source = range.start;
-            let armed7 = g.take_armed(i, "F7", &range);
-            let rate7 = g.rates.f7;
-            let n = range.end - range.start;
-            if armed7.is_some() || g.draw(i, rate7) {
-                let sectors = g.disks[i].sectors;
-                if sectors >= n + 8 {
-                    let cand = g.disks[i].fault_rng.below((sectors - n) / 8 + 1) * 8;
-                    if cand != range.start
-                        && (armed7.is_some() || g.allow("F7", i, range.clone(), Mark::Wrong))
-                    {
-                        g.injected(i, "F7", range.clone());
-                        source = cand;
-                    }
-                }
-            }
-            // F2: one transient flipped bit in this read.
-            let armed2 = g.take_armed(i, "F2", &range);
-            let rate2 = g.rates.f2;
-            let mut transient = None;
-            if armed2.is_some() || g.draw(i, rate2) {
-                let s = match &armed2 {
-                    Some(Armed {
-                        sectors: Some(r), ..
-                    }) => r.start.max(range.start),
-                    _ => g.pick_sector(i, &range),
-                };
-                if armed2.is_some() || g.allow("F2", i, s..s + 1, Mark::Wrong) {
-                    g.injected(i, "F2", s..s + 1);
-                    transient = Some(s);
-                }
-            }
-            let seed = g.seed;
-            let d = &g.disks[i];
-            let mut buf = BytesMut::zeroed(len);
-            // Faults met again by this read, charged to it (their injection was charged to an
-            // earlier op): sticky flips and rot, and copies a fault damaged (`damage`).
-            let mut met: BTreeSet<&'static str> = BTreeSet::new();
-            // The read's digest from the sectors' fingerprints: a clean value's comes from the
-            // value, so only damaged sectors are hashed (sector::data_digest's contract).
-            let mut fps = Vec::with_capacity(buf.len() / SECTOR);
-            // Most reads meet no damage and no sticky fault: look those maps up per sector
-            // only when the read's range has an entry at all.
-            let src_range = source..source + (buf.len() / SECTOR) as u64;
-            let any_damage = d.damage.range(src_range.clone()).next().is_some();
-            let any_sticky = d.sticky.range(src_range).next().is_some();
-            for (k, chunk) in buf.chunks_mut(SECTOR).enumerate() {
-                let src = source + k as u64;
-                let s = range.start + k as u64;
-                if let Some(f) = any_damage.then(|| d.damage.get(&src)).flatten() {
-                    met.insert(f);
-                }
-                let pristine = match &d.current[src as usize] {
-                    Stored::V(v) => {
-                        encode_into(*v, chunk);
-                        fingerprint(*v)
-                    }
-                    Stored::Raw(b) => {
-                        chunk.copy_from_slice(b);
-                        fingerprint_bytes(b)
-                    }
-                };
-                let corrupt = match any_sticky.then(|| d.sticky.get(&src)).flatten() {
-                    Some(Sticky::Flip) => Some("F1"),
-                    Some(Sticky::Rot) => Some("F3"),
-                    _ => None,
-                };
-                let mut fp = pristine;
-                if let Some(f) = corrupt {
-                    met.insert(f);
-                    flip_bit(seed, i, src, chunk, pristine, 1);
-                    fp = fingerprint_bytes(chunk);
-                }
-                if transient == Some(s) {
-                    flip_bit(seed, i, s, chunk, fp, 2);
-                    fp = fingerprint_bytes(chunk);
-                }
-                fps.push(fp);
-            }
+            let (source, transient) = g.draw_read_faults(i, &range);
+            let (buf, met, fps) = g.fill_read(i, &range, source, transient, len);
             for f in met {
                 g.mark(f);
             }
@@ -1880,7 +1914,7 @@ impl BlockDevice for VDisk {
                     Ok(got) => {
                         if let Some(k) = (0..got.len()).find(|&k| got[k] != expect[k]) {
                             self.set.image_failed((
-                                "I21",
+                                Rule::I21,
                                 format!(
                                     "{}'s image reads {:?} at sector {}, the disk holds {:?}",
                                     self.name,
@@ -1966,7 +2000,7 @@ impl BlockDevice for VDisk {
             // error paths.
             let rate5 = g.rates.f5;
             if g.draw(i, rate5) && g.disks[i].pending.is_empty() {
-                g.injected(i, "F5", 0..0);
+                g.injected(i, Fault::F5, 0..0);
                 let e = eio("flush failed (F5, idle cache)", &self.name, 0);
                 log(&mut g, ChildResult::Err(e.kind()));
                 return Err(e);
@@ -2150,7 +2184,7 @@ mod tests {
         set.arm(
             1,
             Armed {
-                family: "F5",
+                family: Fault::F5,
                 sectors: None,
                 count: 1,
                 applied: "none",
@@ -2170,12 +2204,12 @@ mod tests {
             .await
             .is_ok());
         assert!(GUEST_OP.scope(12, d.read(0, 2048)).await.is_ok());
-        let marks: Vec<(u64, &str)> = set
+        let marks: Vec<(u64, Fault)> = set
             .counters()
             .marks
             .iter()
             .map(|m| (m.op, m.family))
             .collect();
-        assert_eq!(marks, [(7, "F5"), (8, "F5"), (10, "F5")]);
+        assert_eq!(marks, [(7, Fault::F5), (8, Fault::F5), (10, Fault::F5)]);
     }
 }

@@ -3,6 +3,7 @@
 //! guest workload, the supervisor that crashes and restarts it, the safety phase, the
 //! liveness phase, and the scenario's expectations.
 
+use crate::ids::{Path, Rule};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -13,7 +14,7 @@ use ballot::ErrorKind;
 
 use crate::measure::OpSpan;
 use crate::netmodel::Replica;
-use crate::oracle::{OpKind, Oracle, Violation};
+use crate::oracle::{Finding, OpKind, Oracle};
 use crate::params::Params;
 use crate::rng::Rng;
 use crate::scenario::Scenario;
@@ -29,7 +30,7 @@ pub(crate) enum Phase {
 
 pub(crate) struct State {
     pub(crate) oracle: Oracle,
-    pub(crate) violations: Vec<Violation>,
+    pub(crate) violations: Vec<Finding>,
     pub(crate) phase: Phase,
     pub(crate) next_step: usize,
     pub(crate) step_results: BTreeMap<String, String>,
@@ -120,11 +121,11 @@ impl World {
         for c in list {
             let s = c.stats();
             let paths = &mut st.oracle.tally.paths;
-            *paths.entry("P9").or_default() += s.resent;
-            *paths.entry("P10").or_default() += s.failed_lost;
-            *paths.entry("P11").or_default() += u64::from(s.open_retries > 0);
-            *paths.entry("NBD-losses").or_default() += s.losses;
-            *paths.entry("NBD-reconnects").or_default() += s.reconnects;
+            *paths.entry(Path::P9).or_default() += s.resent;
+            *paths.entry(Path::P10).or_default() += s.failed_lost;
+            *paths.entry(Path::P11).or_default() += u64::from(s.open_retries > 0);
+            *paths.entry(Path::NbdLosses).or_default() += s.losses;
+            *paths.entry(Path::NbdReconnects).or_default() += s.reconnects;
         }
     }
 
@@ -147,7 +148,7 @@ impl World {
                 .oracle
                 .tally
                 .paths
-                .entry("TLS-sessions")
+                .entry(Path::TlsSessions)
                 .or_default() += n;
         }
     }
@@ -190,7 +191,7 @@ impl World {
         });
     }
 
-    pub(crate) fn violate(&self, v: Violation) {
+    pub(crate) fn violate(&self, v: Finding) {
         let mut st = self.lock();
         st.violations.push(v);
         st.phase = Phase::Done;
@@ -199,8 +200,8 @@ impl World {
     }
 
     /// A violation that belongs to no guest op or sector.
-    pub(crate) fn fail(&self, rule: &'static str, message: String) {
-        self.violate(Violation {
+    pub(crate) fn fail(&self, rule: Rule, message: String) {
+        self.violate(Finding {
             rule,
             op: 0,
             sector: None,
