@@ -27,6 +27,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
+
+use crate::topology::Topology;
 use ballot::device::{check_request, Access};
 use ballot::drivers::cow::Layer;
 use ballot::drivers::memory::MemoryDevice;
@@ -402,112 +404,131 @@ impl Colo {
     }
 }
 
-/// Runs one COLO seed (called from `world::run` inside the madsim runtime).
-pub(crate) async fn colo_main(p: Params, sc: Scenario, opts: RunOpts) -> RunResult {
-    let Some(cp) = p.colo.clone() else {
-        return RunResult::default();
-    };
-    let start = tokio::time::Instant::now();
-    let n = (p.disk_size / SECTOR) as usize;
-    let initial: Vec<u64> = (0..n as u64)
-        .map(|s| if p.initial_pattern { (1 << 40) | s } else { 0 })
-        .collect();
-    let mut bytes = vec![0u8; p.disk_size as usize];
-    for (i, t) in initial.iter().enumerate() {
-        sector_bytes(
-            *t,
-            &mut bytes[i * SECTOR as usize..(i + 1) * SECTOR as usize],
+/// A run of the COLO topology ([`Topology`]): hosts colo-p and colo-s, then ham drives the
+/// checkpoints and the failover.
+pub(crate) struct ColoRun {
+    w: Arc<Colo>,
+}
+
+#[async_trait]
+impl Topology for ColoRun {
+    /// Both disks identical (R1), the model, and the primary and secondary hosts.
+    async fn build(p: Params, sc: Scenario, opts: RunOpts) -> Result<ColoRun, RunResult> {
+        let Some(cp) = p.colo.clone() else {
+            return Err(RunResult::default());
+        };
+        let start = tokio::time::Instant::now();
+        let n = (p.disk_size / SECTOR) as usize;
+        let initial: Vec<u64> = (0..n as u64)
+            .map(|s| if p.initial_pattern { (1 << 40) | s } else { 0 })
+            .collect();
+        let mut bytes = vec![0u8; p.disk_size as usize];
+        for (i, t) in initial.iter().enumerate() {
+            sector_bytes(
+                *t,
+                &mut bytes[i * SECTOR as usize..(i + 1) * SECTOR as usize],
+            );
+        }
+        // R1: P and S identical before replication starts.
+        let lat = (
+            p.latency.write_min_ns / 4,
+            p.latency.write_min_ns.max(p.latency.read_mean_ns / 4),
         );
+        let pdisk = SimDisk::new("P", p.seed, bytes.clone(), lat);
+        let sdisk = SimDisk::new("S", p.seed, bytes, lat);
+        let mut trace = Trace::new(opts.verbose, opts.window);
+        if opts.capture {
+            trace.keep_all();
+        }
+        let w = Arc::new(Colo {
+            cp,
+            sc,
+            pdisk,
+            sdisk,
+            st: Mutex::new(St {
+                p_model: initial.clone(),
+                view: initial.clone(),
+                snapshots: vec![initial],
+                epoch: 0,
+                primary_alive: true,
+                primary_paused: false,
+                sec: Sec::Running,
+                pvm: Guest::default(),
+                svm: Guest::default(),
+                paused: true,
+                stop_at_ns: None,
+                injected: BTreeMap::new(),
+                paths: BTreeMap::new(),
+                checks: BTreeMap::new(),
+                outcomes: BTreeMap::new(),
+                spans: Vec::new(),
+                marks: Vec::new(),
+                violation: None,
+                jobs_completed: 0,
+                overlays: None,
+                nodes: BTreeMap::new(),
+                last_status: BTreeMap::new(),
+            }),
+            trace: Mutex::new(trace),
+            start,
+            changed: tokio::sync::Notify::new(),
+            p,
+        });
+        let handle = madsim::runtime::Handle::current();
+        for (name, ip) in [("colo-s", S_IP), ("colo-p", P_IP)] {
+            let w2 = w.clone();
+            let node = handle
+                .create_node()
+                .name(name)
+                .ip(ip.parse().expect("ip"))
+                .init(move || {
+                    let w = w2.clone();
+                    async move {
+                        if name == "colo-s" {
+                            secondary_main(w).await
+                        } else {
+                            primary_main(w).await
+                        }
+                    }
+                })
+                .build();
+            crate::nodes::track_node(node.id());
+            w.lock().nodes.insert(name, node.id());
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        Ok(ColoRun { w })
     }
-    // R1: P and S identical before replication starts.
-    let lat = (
-        p.latency.write_min_ns / 4,
-        p.latency.write_min_ns.max(p.latency.read_mean_ns / 4),
-    );
-    let pdisk = SimDisk::new("P", p.seed, bytes.clone(), lat);
-    let sdisk = SimDisk::new("S", p.seed, bytes, lat);
-    let mut trace = Trace::new(opts.verbose, opts.window);
-    if opts.capture {
-        trace.keep_all();
-    }
-    let w = Arc::new(Colo {
-        cp,
-        sc,
-        pdisk,
-        sdisk,
-        st: Mutex::new(St {
-            p_model: initial.clone(),
-            view: initial.clone(),
-            snapshots: vec![initial],
-            epoch: 0,
-            primary_alive: true,
-            primary_paused: false,
-            sec: Sec::Running,
-            pvm: Guest::default(),
-            svm: Guest::default(),
-            paused: true,
-            stop_at_ns: None,
-            injected: BTreeMap::new(),
-            paths: BTreeMap::new(),
-            checks: BTreeMap::new(),
-            outcomes: BTreeMap::new(),
-            spans: Vec::new(),
-            marks: Vec::new(),
-            violation: None,
-            jobs_completed: 0,
-            overlays: None,
-            nodes: BTreeMap::new(),
-            last_status: BTreeMap::new(),
-        }),
-        trace: Mutex::new(trace),
-        start,
-        changed: tokio::sync::Notify::new(),
-        p,
-    });
-    let handle = madsim::runtime::Handle::current();
-    for (name, ip) in [("colo-s", S_IP), ("colo-p", P_IP)] {
+
+    /// ham: checkpoints, faults and the failover, until it ends the run.
+    async fn drive(&self) {
+        let w = &self.w;
+        let handle = madsim::runtime::Handle::current();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let tx = Arc::new(Mutex::new(Some(tx)));
         let w2 = w.clone();
-        let node = handle
+        let ham = handle
             .create_node()
-            .name(name)
-            .ip(ip.parse().expect("ip"))
+            .name("ham")
+            .ip(HAM_IP.parse().expect("ip"))
             .init(move || {
                 let w = w2.clone();
+                let tx = tx.clone();
                 async move {
-                    if name == "colo-s" {
-                        secondary_main(w).await
-                    } else {
-                        primary_main(w).await
+                    ham_main(w).await;
+                    if let Some(t) = tx.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                        let _ = t.send(());
                     }
                 }
             })
             .build();
-        crate::nodes::track_node(node.id());
-        w.lock().nodes.insert(name, node.id());
-        tokio::time::sleep(Duration::from_millis(1)).await;
+        crate::nodes::track_node(ham.id());
+        w.lock().nodes.insert("ham", ham.id());
+        let _ = rx.await;
     }
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let tx = Arc::new(Mutex::new(Some(tx)));
-    let w2 = w.clone();
-    let ham = handle
-        .create_node()
-        .name("ham")
-        .ip(HAM_IP.parse().expect("ip"))
-        .init(move || {
-            let w = w2.clone();
-            let tx = tx.clone();
-            async move {
-                ham_main(w).await;
-                if let Some(t) = tx.lock().unwrap_or_else(|p| p.into_inner()).take() {
-                    let _ = t.send(());
-                }
-            }
-        })
-        .build();
-    crate::nodes::track_node(ham.id());
-    w.lock().nodes.insert("ham", ham.id());
-    let _ = rx.await;
-    finish(&w).await
+
+    async fn judge(&self) -> RunResult {
+        finish(&self.w).await
+    }
 }
 
 /// Bytes the secondary's active and hidden disks hold (0 before its graph is built; an

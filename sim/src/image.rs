@@ -17,6 +17,7 @@
 //! that touch the sector, the flushes and FUA writes that settle values, and the cuts.
 
 use crate::ids::{Fault, Path, Rule, Violation};
+use crate::topology::Topology;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -159,17 +160,45 @@ impl Model {
     }
 }
 
-/// Runs one image-topology run.
-pub async fn image_main(p: Params, _sc: Scenario, _opts: RunOpts) -> RunResult {
-    let ip = p.image.clone().expect("an image run has image parameters");
-    let mut r = RunResult::default();
-    let start = tokio::time::Instant::now();
-    match run(&p, &ip, &mut r).await {
-        Ok(()) => {}
-        Err((rule, msg)) => r.violation = Some(Violation::new(rule, msg)),
+/// A run of the image topology ([`Topology`]): one qcow2 image over a faulty file. Its
+/// batches build and check as they go, so `drive` is the whole run and `judge` hands on what
+/// it found.
+pub(crate) struct ImageRun {
+    p: Params,
+    ip: ImageParams,
+    result: std::sync::Mutex<RunResult>,
+}
+
+#[async_trait::async_trait]
+impl Topology for ImageRun {
+    async fn build(p: Params, _sc: Scenario, _opts: RunOpts) -> Result<ImageRun, RunResult> {
+        let Some(ip) = p.image.clone() else {
+            let why = "an image run without image parameters";
+            return Err(RunResult {
+                violation: Some(Violation::new(Rule::Harness, why)),
+                ..RunResult::default()
+            });
+        };
+        Ok(ImageRun {
+            p,
+            ip,
+            result: Default::default(),
+        })
     }
-    r.virtual_s = start.elapsed().as_secs_f64();
-    r
+
+    async fn drive(&self) {
+        let mut r = RunResult::default();
+        let start = tokio::time::Instant::now();
+        if let Err((rule, msg)) = run(&self.p, &self.ip, &mut r).await {
+            r.violation = Some(Violation::new(rule, msg));
+        }
+        r.virtual_s = start.elapsed().as_secs_f64();
+        *self.result.lock().unwrap_or_else(|p| p.into_inner()) = r;
+    }
+
+    async fn judge(&self) -> RunResult {
+        std::mem::take(&mut *self.result.lock().unwrap_or_else(|p| p.into_inner()))
+    }
 }
 
 type Fail = (Rule, String);

@@ -57,4 +57,6 @@ pub mod runner;
 #[cfg(madsim)]
 pub mod sweep;
 #[cfg(madsim)]
+pub mod topology;
+#[cfg(madsim)]
 pub mod world;

@@ -25,11 +25,19 @@ use crate::sector::{decode, Decoded, Value, SECTOR, SECTOR_U64};
 use crate::trace::Trace;
 use crate::vdisk::{Armed, Budget, DiskSet, DiskSetConfig, Sticky, Stored, GUEST_OP};
 
+use crate::topology::Topology;
 use crate::world::{Phase, State, World};
 
-/// A run of the quorum topologies: local children, or replicas over NBD.
-pub(crate) async fn world_main(p: Params, sc: Scenario, opts: RunOpts) -> RunResult {
-    let start = tokio::time::Instant::now();
+/// A run of the quorum topologies: local children, or replicas over NBD ([`Topology`]).
+pub(crate) struct QuorumRun {
+    world: Arc<World>,
+    start: tokio::time::Instant,
+    handle: madsim::runtime::Handle,
+    qhost: madsim::task::NodeId,
+}
+
+/// The children's virtual disks: sizes (F11 at open), latencies (the gray child), the trace.
+fn new_disks(p: &Params, sc: &Scenario, opts: &RunOpts) -> Arc<DiskSet> {
     let n = p.children;
     let mut sectors = vec![p.disk_size / SECTOR_U64; n];
     // F11 at open: a scripted size mismatch on a child from the start.
@@ -53,7 +61,8 @@ pub(crate) async fn world_main(p: Params, sc: Scenario, opts: RunOpts) -> RunRes
             l
         })
         .collect();
-    let disks = DiskSet::new(
+
+    DiskSet::new(
         DiskSetConfig {
             seed: p.seed,
             sectors,
@@ -75,17 +84,13 @@ pub(crate) async fn world_main(p: Params, sc: Scenario, opts: RunOpts) -> RunRes
             }
             t
         },
-    );
-    disks.set_start(start);
-    if let Some(ci) = &p.child_image {
-        if let Err((rule, msg)) = disks.attach_images(ci, p.initial_pattern).await {
-            return RunResult {
-                violation: Some(Violation::new(rule, msg)),
-                ..RunResult::default()
-            };
-        }
-    }
-    let oracle = Oracle::new(ModelCfg {
+    )
+}
+
+/// What the oracle needs to know of the configuration.
+fn model_cfg(p: &Params) -> ModelCfg {
+    let n = p.children;
+    ModelCfg {
         n,
         t: p.threshold,
         fifo: p.fifo,
@@ -98,10 +103,16 @@ pub(crate) async fn world_main(p: Params, sc: Scenario, opts: RunOpts) -> RunRes
         late_writes: p.nbd.is_some(),
         beyond: p.budget == Budget::Beyond,
         recover_any: p.heal.metadata,
-    });
+    }
+}
+
+/// The run's shared state, before any host starts.
+fn new_world(p: Params, sc: Scenario, disks: Arc<DiskSet>) -> Arc<World> {
+    let n = p.children;
+    let oracle = Oracle::new(model_cfg(&p));
     let mut frng = Rng::stream(p.seed, "faults/F11");
     let f11_at = (p.family_on(Fault::F11) && p.ops > 0).then(|| frng.below(p.ops));
-    let world = Arc::new(World {
+    Arc::new(World {
         extra_op,
         disks: disks.clone(),
         st: Mutex::new(State {
@@ -157,224 +168,276 @@ pub(crate) async fn world_main(p: Params, sc: Scenario, opts: RunOpts) -> RunRes
         sc,
         wake: tokio::sync::Notify::new(),
         crash_now: tokio::sync::Notify::new(),
-    });
-    let handle = madsim::runtime::Handle::current();
-    // Replica hosts first, so qhost finds them listening.
-    if world.p.nbd.is_some() {
-        for i in 0..n {
-            let w2 = world.clone();
-            let node = handle
-                .create_node()
-                .name(format!("r{i}"))
-                .ip(crate::net::replica_ip(i))
-                .init(move || {
-                    let w = w2.clone();
-                    async move { crate::net::replica_main(w, i).await }
-                })
-                .build();
-            crate::nodes::track_node(node.id());
-            world.net_lock()[i].node = Some(node.id());
+    })
+}
+
+#[async_trait::async_trait]
+impl Topology for QuorumRun {
+    async fn build(p: Params, sc: Scenario, opts: RunOpts) -> Result<QuorumRun, RunResult> {
+        let start = tokio::time::Instant::now();
+        let disks = new_disks(&p, &sc, &opts);
+        disks.set_start(start);
+        if let Some(ci) = &p.child_image {
+            if let Err((rule, msg)) = disks.attach_images(ci, p.initial_pattern).await {
+                return Err(RunResult {
+                    violation: Some(Violation::new(rule, msg)),
+                    ..RunResult::default()
+                });
+            }
         }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    let w2 = world.clone();
-    let node = handle
-        .create_node()
-        .name("qhost")
-        .ip("10.0.0.2".parse().expect("ip"))
-        .init(move || {
-            let w = w2.clone();
-            async move { qhost_main(w).await }
+        let n = p.children;
+        let world = new_world(p, sc, disks);
+        let handle = madsim::runtime::Handle::current();
+        // Replica hosts first, so qhost finds them listening.
+        if world.p.nbd.is_some() {
+            for i in 0..n {
+                let w2 = world.clone();
+                let node = handle
+                    .create_node()
+                    .name(format!("r{i}"))
+                    .ip(crate::net::replica_ip(i))
+                    .init(move || {
+                        let w = w2.clone();
+                        async move { crate::net::replica_main(w, i).await }
+                    })
+                    .build();
+                crate::nodes::track_node(node.id());
+                world.net_lock()[i].node = Some(node.id());
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let w2 = world.clone();
+        let node = handle
+            .create_node()
+            .name("qhost")
+            .ip("10.0.0.2".parse().expect("ip"))
+            .init(move || {
+                let w = w2.clone();
+                async move { qhost_main(w).await }
+            })
+            .build();
+        let node_id = node.id();
+        crate::nodes::track_node(node_id);
+        *world.qhost.lock().unwrap_or_else(|p| p.into_inner()) = Some(node_id);
+        if world.p.nbd.is_some() && world.p.family_on(Fault::F12) {
+            // F12 acts on every message of the run: its latency range was set at start.
+            world.disks.count_injected(Fault::F12);
+        }
+        if let Some(np) = world.p.nbd.clone() {
+            if world.p.random_faults {
+                tokio::spawn(crate::net::random_faults(world.clone(), np));
+            }
+        }
+        // Scripted faults at virtual times.
+        for (i, f) in world.sc.faults.iter().enumerate() {
+            if let When::At(ns) = f.when {
+                let w = world.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_nanos(ns)).await;
+                    fire_once(&w, i);
+                });
+            }
+            if let Some(When::At(ns)) = f.until {
+                let w = world.clone();
+                let target = f.target;
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_nanos(ns)).await;
+                    end_lasting(&w, i, target);
+                });
+            }
+        }
+        Ok(QuorumRun {
+            world,
+            start,
+            handle,
+            qhost: node_id,
         })
-        .build();
-    let node_id = node.id();
-    crate::nodes::track_node(node_id);
-    *world.qhost.lock().unwrap_or_else(|p| p.into_inner()) = Some(node_id);
-    if world.p.nbd.is_some() && world.p.family_on(Fault::F12) {
-        // F12 acts on every message of the run: its latency range was set at start.
-        world.disks.count_injected(Fault::F12);
     }
-    if let Some(np) = world.p.nbd.clone() {
-        if world.p.random_faults {
-            tokio::spawn(crate::net::random_faults(world.clone(), np));
+
+    async fn drive(&self) {
+        self.safety().await;
+        let (world, start) = (&self.world, self.start);
+        let (handle, node_id) = (&self.handle, self.qhost);
+        {
+            let mut st = world.lock();
+            if st.phase == Phase::Safety {
+                st.phase = Phase::Liveness;
+            }
+        }
+        if !world.lock().alive {
+            restart_node(world, handle, node_id);
+        }
+        if world.p.nbd.is_some() && world.p.liveness && !world.failed() {
+            // S6 for the network; a stale connection that never drains would let an old write
+            // land after the scrub.
+            let limit = Duration::from_nanos(world.p.deadline_ns);
+            if !crate::net::quiesce(world, limit).await {
+                world.fail(
+                    Rule::I14,
+                    format!(
+                        "a replica still had a stale NBD connection {} after the network healed",
+                        crate::units::fmt_time(world.p.deadline_ns)
+                    ),
+                );
+            }
+        }
+        // Wait for the (re)opened quorum.
+        let polls = if world.p.nbd.is_some() { 60_000 } else { 1000 };
+        for _ in 0..polls {
+            if world.lock().quorum.is_some() || world.failed() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Safety ops cut off by the time limit finish first (their disks now run at minimal
+        // latency), so the liveness phase starts from a quiet graph.
+        if world.p.liveness {
+            world.disks.set_injecting(false);
+            world.disks.set_latency_minimal();
+            let drain_until = start.elapsed() + Duration::from_nanos(world.p.deadline_ns);
+            while !world.failed()
+                && !world.lock().oracle.pending_ops().is_empty()
+                && start.elapsed() < drain_until
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        if !world.failed() && world.p.liveness {
+            liveness(world, start).await;
         }
     }
-    // Scripted faults at virtual times.
-    for (i, f) in world.sc.faults.iter().enumerate() {
-        if let When::At(ns) = f.when {
-            let w = world.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_nanos(ns)).await;
-                fire_once(&w, i);
-            });
+
+    async fn judge(&self) -> RunResult {
+        let (world, start) = (&self.world, self.start);
+        if !world.failed() {
+            // Safety ops that never completed: a hang (I14), unless the run stopped early.
+            let pending = world.lock().oracle.pending_ops();
+            if world.p.liveness && !pending.is_empty() {
+                world.violate(Finding {
+                    rule: Rule::I14,
+                    op: pending[0],
+                    sector: None,
+                    message: format!(
+                        "{} guest op(s) never completed (first: op {})",
+                        pending.len(),
+                        pending[0]
+                    ),
+                });
+            }
         }
-        if let Some(When::At(ns)) = f.until {
-            let w = world.clone();
-            let target = f.target;
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_nanos(ns)).await;
-                end_lasting(&w, i, target);
-            });
+        if !world.failed() {
+            check_qmp_stream(world);
         }
+        world.harvest_clients();
+        world.harvest_tls();
+        if !world.failed() {
+            check_expectations(world).await;
+        }
+        if !world.failed() && world.disks.failure_free() {
+            if let Err((rule, msg)) = world.disks.check_images().await {
+                world.fail(rule, msg);
+            }
+        }
+        world.lock().phase = Phase::Done;
+        let r = finish(world, start);
+        world.teardown();
+        r
     }
-    // Safety phase: crashes and restarts until the workload is done or time runs out.
-    let limit = Duration::from_nanos(world.p.time_limit_ns);
-    let mut crng = Rng::stream(world.p.seed, "faults/F16");
-    // F28's clean-shutdown cuts, on a stream of their own (F16's draws stay as they were).
-    let mut srng = Rng::stream(world.p.seed, "faults/F28");
-    loop {
-        let (done, alive) = {
-            let st = world.lock();
-            (st.phase != Phase::Safety, st.alive)
-        };
-        if done || start.elapsed() >= limit {
-            break;
-        }
-        let remaining = limit.saturating_sub(start.elapsed());
-        let next_crash =
-            if world.p.crash_rate > 0.0 && alive && world.lock().crashes < CRASHES_PER_RUN_MAX {
+}
+
+impl QuorumRun {
+    /// The safety phase: crashes (F16, F28) and restarts of qhost until the workload is done
+    /// or time runs out.
+    async fn safety(&self) {
+        let (world, start) = (&self.world, self.start);
+        let (handle, node_id) = (&self.handle, self.qhost);
+        // Safety phase: crashes and restarts until the workload is done or time runs out.
+        let limit = Duration::from_nanos(world.p.time_limit_ns);
+        let mut crng = Rng::stream(world.p.seed, "faults/F16");
+        // F28's clean-shutdown cuts, on a stream of their own (F16's draws stay as they were).
+        let mut srng = Rng::stream(world.p.seed, "faults/F28");
+        loop {
+            let (done, alive) = {
+                let st = world.lock();
+                (st.phase != Phase::Safety, st.alive)
+            };
+            if done || start.elapsed() >= limit {
+                break;
+            }
+            let remaining = limit.saturating_sub(start.elapsed());
+            let next_crash = if world.p.crash_rate > 0.0
+                && alive
+                && world.lock().crashes < CRASHES_PER_RUN_MAX
+            {
                 Duration::from_secs_f64(crng.exponential(1.0 / world.p.crash_rate)).min(remaining)
             } else {
                 remaining
             };
-        let crash = tokio::select! {
-            biased;
-            _ = world.crash_now.notified() => true,
-            _ = world.wake.notified() => false,
-            _ = tokio::time::sleep(next_crash) => {
-                world.p.crash_rate > 0.0
-                    && start.elapsed() < limit
-                    && world.lock().crashes < CRASHES_PER_RUN_MAX
-            }
-        };
-        if !crash {
-            continue;
-        }
-        let requested = std::mem::take(&mut world.lock().crash_requested);
-        if world.lock().phase != Phase::Safety || !world.lock().alive {
-            continue;
-        }
-        if world.meta.is_some() && srng.chance(world.p.heal.shutdown) {
-            // F28 during a clean shutdown (H23): the cut falls somewhere in it.
-            world.shutdown_now.notify_one();
-            // Up to a few disk round trips: the shutdown waits for the requests in flight,
-            // flushes every child, then writes the metadata twice.
-            let span = 8 * world.p.latency.write_mean_ns + 5_000_000;
-            let ns = srng.range(0, span);
-            if srng.chance(0.5) {
-                // The adversarial instant: just as the clean flag reaches the metadata disk
-                // (H23: after it, a cut must lose nothing the record does not know about).
-                let t0 = tokio::time::Instant::now();
-                let d = world
-                    .lock()
-                    .quorum
-                    .clone()
-                    .and_then(|q| q.durable().cloned());
-                while t0.elapsed() < Duration::from_nanos(span)
-                    && !d.as_ref().is_some_and(|d| d.clean_on_disk())
-                {
-                    tokio::time::sleep(Duration::from_micros(20)).await;
+            let crash = tokio::select! {
+                biased;
+                _ = world.crash_now.notified() => true,
+                _ = world.wake.notified() => false,
+                _ = tokio::time::sleep(next_crash) => {
+                    world.p.crash_rate > 0.0
+                        && start.elapsed() < limit
+                        && world.lock().crashes < CRASHES_PER_RUN_MAX
                 }
-                world
-                    .disks
-                    .trace("qhost", "shutdown", 0, t0.elapsed().as_nanos() as u64, 1, 0);
-            } else {
-                tokio::time::sleep(Duration::from_nanos(ns)).await;
-                world.disks.trace("qhost", "shutdown", 0, ns, 0, 0);
-            }
-        }
-        crash_node(&world, &handle, node_id);
-        let restart = {
-            let (a, b) = if requested {
-                scripted_restart(&world).unwrap_or(world.p.restart_ns)
-            } else {
-                world.p.restart_ns
             };
-            crng.range(a, b.max(a))
-        };
-        tokio::time::sleep(Duration::from_nanos(restart)).await;
-        restart_node(&world, &handle, node_id);
-    }
-    {
-        let mut st = world.lock();
-        if st.phase == Phase::Safety {
-            st.phase = Phase::Liveness;
+            if !crash {
+                continue;
+            }
+            let requested = std::mem::take(&mut world.lock().crash_requested);
+            if world.lock().phase != Phase::Safety || !world.lock().alive {
+                continue;
+            }
+            if world.meta.is_some() && srng.chance(world.p.heal.shutdown) {
+                shutdown_cut(world, &mut srng).await;
+            }
+            crash_node(world, handle, node_id);
+            let restart = {
+                let (a, b) = if requested {
+                    scripted_restart(world).unwrap_or(world.p.restart_ns)
+                } else {
+                    world.p.restart_ns
+                };
+                crng.range(a, b.max(a))
+            };
+            tokio::time::sleep(Duration::from_nanos(restart)).await;
+            restart_node(world, handle, node_id);
         }
     }
-    if !world.lock().alive {
-        restart_node(&world, &handle, node_id);
-    }
-    if world.p.nbd.is_some() && world.p.liveness && !world.failed() {
-        // S6 for the network; a stale connection that never drains would let an old write
-        // land after the scrub.
-        let limit = Duration::from_nanos(world.p.deadline_ns);
-        if !crate::net::quiesce(&world, limit).await {
-            world.fail(
-                Rule::I14,
-                format!(
-                    "a replica still had a stale NBD connection {} after the network healed",
-                    crate::units::fmt_time(world.p.deadline_ns)
-                ),
-            );
-        }
-    }
-    // Wait for the (re)opened quorum.
-    let polls = if world.p.nbd.is_some() { 60_000 } else { 1000 };
-    for _ in 0..polls {
-        if world.lock().quorum.is_some() || world.failed() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    // Safety ops cut off by the time limit finish first (their disks now run at minimal
-    // latency), so the liveness phase starts from a quiet graph.
-    if world.p.liveness {
-        world.disks.set_injecting(false);
-        world.disks.set_latency_minimal();
-        let drain_until = start.elapsed() + Duration::from_nanos(world.p.deadline_ns);
-        while !world.failed()
-            && !world.lock().oracle.pending_ops().is_empty()
-            && start.elapsed() < drain_until
+}
+
+/// F28 during a clean shutdown (H23): the shutdown starts and the power cut falls somewhere in
+/// it, or just as the clean flag reaches the metadata disk.
+async fn shutdown_cut(world: &World, srng: &mut Rng) {
+    // F28 during a clean shutdown (H23): the cut falls somewhere in it.
+    world.shutdown_now.notify_one();
+    // Up to a few disk round trips: the shutdown waits for the requests in flight,
+    // flushes every child, then writes the metadata twice.
+    let span = 8 * world.p.latency.write_mean_ns + 5_000_000;
+    let ns = srng.range(0, span);
+    if srng.chance(0.5) {
+        // The adversarial instant: just as the clean flag reaches the metadata disk
+        // (H23: after it, a cut must lose nothing the record does not know about).
+        let t0 = tokio::time::Instant::now();
+        let d = world
+            .lock()
+            .quorum
+            .clone()
+            .and_then(|q| q.durable().cloned());
+        while t0.elapsed() < Duration::from_nanos(span)
+            && !d.as_ref().is_some_and(|d| d.clean_on_disk())
         {
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            tokio::time::sleep(Duration::from_micros(20)).await;
         }
+        world
+            .disks
+            .trace("qhost", "shutdown", 0, t0.elapsed().as_nanos() as u64, 1, 0);
+    } else {
+        tokio::time::sleep(Duration::from_nanos(ns)).await;
+        world.disks.trace("qhost", "shutdown", 0, ns, 0, 0);
     }
-    if !world.failed() && world.p.liveness {
-        liveness(&world, start).await;
-    }
-    if !world.failed() {
-        // Safety ops that never completed: a hang (I14), unless the run stopped early.
-        let pending = world.lock().oracle.pending_ops();
-        if world.p.liveness && !pending.is_empty() {
-            world.violate(Finding {
-                rule: Rule::I14,
-                op: pending[0],
-                sector: None,
-                message: format!(
-                    "{} guest op(s) never completed (first: op {})",
-                    pending.len(),
-                    pending[0]
-                ),
-            });
-        }
-    }
-    if !world.failed() {
-        check_qmp_stream(&world);
-    }
-    world.harvest_clients();
-    world.harvest_tls();
-    if !world.failed() {
-        check_expectations(&world).await;
-    }
-    if !world.failed() && world.disks.failure_free() {
-        if let Err((rule, msg)) = world.disks.check_images().await {
-            world.fail(rule, msg);
-        }
-    }
-    world.lock().phase = Phase::Done;
-    let r = finish(&world, start);
-    world.teardown();
-    r
 }
 
 /// Scrub read size in the liveness phase.

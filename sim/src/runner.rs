@@ -94,12 +94,14 @@ pub fn run(p: Params, sc: &Scenario, opts: &RunOpts) -> RunResult {
             let node = h.create_node().name("world").build();
             crate::nodes::track_node(node.id());
             let topology = async move {
+                // The topology seam: build, drive, judge.
+                use crate::topology::run;
                 if p.colo.is_some() {
-                    crate::colo::colo_main(p, sc2, opts2).await
+                    run::<crate::colo::ColoRun>(p, sc2, opts2).await
                 } else if p.image.is_some() {
-                    crate::image::image_main(p, sc2, opts2).await
+                    run::<crate::image::ImageRun>(p, sc2, opts2).await
                 } else {
-                    crate::quorum::world_main(p, sc2, opts2).await
+                    run::<crate::quorum::QuorumRun>(p, sc2, opts2).await
                 }
             };
             if let Ok(r) = node.spawn(topology).await {

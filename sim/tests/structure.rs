@@ -301,7 +301,6 @@ const LONG: &[(&str, &str, usize)] = &[
     ("quorum", "check_expectations", 213),
     ("quorum", "qhost_main", 249),
     ("quorum", "run_op", 165),
-    ("quorum", "world_main", 348),
     ("vdisk", "crash_disks", 174),
 ];
 
