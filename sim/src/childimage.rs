@@ -34,7 +34,7 @@ use ballot::{BlockDevice, Device, WriteFlags, ZeroFlags};
 use bytes::{Bytes, BytesMut};
 use tokio::sync::OwnedMutexGuard;
 
-use crate::imagedisk::{open_named, ImageDisk};
+use crate::imagedisk::{check_after_cut, open_named, ImageDisk};
 use crate::params::ChildImageParams;
 use crate::sector::{decode, encode_into, Decoded, Stored, Value, SECTOR, SECTOR_U64};
 
@@ -306,27 +306,7 @@ impl ChildImage {
         let node = self.node.clone();
         let leaked = &self.leaked;
         let checked = async move {
-            let h = Qcow2::read_header(&file, &what).await.map_err(|e| {
-                (
-                    Rule::I21,
-                    format!("after a crash {what} does not open: {e}"),
-                )
-            })?;
-            let report = check(&file, &h).await.map_err(|e| {
-                (
-                    Rule::I22,
-                    format!("after a crash the check of {what} failed: {e}"),
-                )
-            })?;
-            if !report.is_consistent() {
-                return Err((
-                    Rule::I22,
-                    format!(
-                        "after a crash {what} has refcounts below references: {}",
-                        report.messages.join("; ")
-                    ),
-                ));
-            }
+            let leaks = check_after_cut(&file, &what, "after a crash").await?;
             let q = open_named(&file, &backing, &node, &what, true)
                 .await
                 .map_err(|e| {
@@ -344,14 +324,14 @@ impl ChildImage {
                         format!("after a crash {what} does not read: {e}"),
                     )
                 })?;
-            if report.leaks > 0 {
+            if leaks > 0 {
                 leaked.store(true, std::sync::atomic::Ordering::Relaxed);
             }
             Ok(Crashed {
                 sectors: all.chunks(SECTOR).map(stored).collect(),
                 lost,
                 torn,
-                leaked: report.leaks > 0,
+                leaked: leaks > 0,
             })
         };
         poll_now(checked).unwrap_or_else(|| {

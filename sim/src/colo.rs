@@ -1091,7 +1091,8 @@ fn clog(w: &Colo, a: &str, b: &str, on: bool) {
     }
 }
 
-/// ham (W6–W8).
+/// ham (W6–W8): starts replication, runs the checkpoints, then fails over or continues on
+/// the survivor and lets it run its ops.
 async fn ham_main(w: Arc<Colo>) {
     let hb = Duration::from_nanos(w.cp.heartbeat_timeout_ns);
     let mut p = Side {
@@ -1104,68 +1105,12 @@ async fn ham_main(w: Arc<Colo>) {
         q: None,
         timeout: hb,
     };
-    // Start (REPLICATION.md §2.4): the secondary first, then the primary's hot add. The
-    // secondary's monitor may not listen yet: retry the connection for a while.
-    for _ in 0..500 {
-        if s.q.is_some() {
-            break;
-        }
-        s.q = Qmp::connect(S_IP, hb).await;
-        if s.q.is_none() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-    let started = is_ok(&s.call("xen-set-replication", json!({"enable": true, "primary": false})).await)
-        && is_ok(&p.call("blockdev-add", json!({"driver": "replication", "node-name": "replication0", "mode": "primary",
-            "file": {"driver": "nbd", "export": "parent0", "request-timeout": (w.cp.request_timeout_ns / 1_000_000_000).max(1),
-                     "server": {"type": "inet", "host": S_IP, "port": NBD_PORT.to_string()}}})).await)
-        && is_ok(&p.call("x-blockdev-change", json!({"parent": "colo-disk0", "node": "replication0"})).await)
-        && is_ok(&p.call("xen-set-replication", json!({"enable": true, "primary": true})).await);
-    if !started {
+    if !start(&w, &mut p, &mut s, hb).await {
         return w.fail(Rule::Harness, "ham: the start sequence failed".into());
     }
     w.trace("ham", "start", 0, (0, 0), 0, String::new());
     resume(&w);
-    let interval = Duration::from_nanos(w.cp.checkpoint_interval_ns);
-    let mut k = 0u64;
-    let outcome = loop {
-        if w.failed() {
-            break End::Violation;
-        }
-        // Heartbeats through the interval.
-        let until = tokio::time::Instant::now() + interval;
-        let mut lost = None;
-        while tokio::time::Instant::now() < until {
-            tokio::time::sleep(interval.min(Duration::from_millis(100))).await;
-            if p.call("query-xen-replication-status", json!({}))
-                .await
-                .is_none()
-            {
-                lost = Some("colo-p");
-                break;
-            }
-            if s.call("query-xen-replication-status", json!({}))
-                .await
-                .is_none()
-            {
-                lost = Some("colo-s");
-                break;
-            }
-        }
-        match lost {
-            Some("colo-p") => break End::PrimaryLost,
-            Some(_) => break End::SecondaryLost,
-            None => {}
-        }
-        if k >= w.cp.checkpoints {
-            break End::Clean;
-        }
-        k += 1;
-        match checkpoint(&w, &mut p, &mut s, k).await {
-            Ok(()) => {}
-            Err(e) => break e,
-        }
-    };
+    let (outcome, k) = run_checkpoints(&w, &mut p, &mut s).await;
     w.trace("ham", "end", k, (0, 0), 0, format!("{outcome:?}"));
     match outcome {
         End::PrimaryLost => {
@@ -1183,6 +1128,88 @@ async fn ham_main(w: Arc<Colo>) {
     }
     // Let the survivor run its ops after failover or continuation.
     resume(&w);
+    run_survivors(&w).await;
+    quiesce(&w).await;
+    final_statuses(&w, &mut p, &mut s).await;
+    let jobs = s
+        .take_events()
+        .iter()
+        .filter(|e| e["event"] == "BLOCK_JOB_COMPLETED")
+        .count() as u64;
+    w.lock().jobs_completed += jobs;
+    let mut st = w.lock();
+    st.pvm.stop = true;
+    st.svm.stop = true;
+    drop(st);
+    w.changed.notify_waiters();
+}
+
+/// The start sequence (REPLICATION.md §2.4): the secondary first, then the primary's hot add.
+/// The secondary's monitor may not listen yet: the connection is retried for a while.
+async fn start(w: &Colo, p: &mut Side, s: &mut Side, hb: Duration) -> bool {
+    for _ in 0..500 {
+        if s.q.is_some() {
+            break;
+        }
+        s.q = Qmp::connect(S_IP, hb).await;
+        if s.q.is_none() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    is_ok(&s.call("xen-set-replication", json!({"enable": true, "primary": false})).await)
+        && is_ok(&p.call("blockdev-add", json!({"driver": "replication", "node-name": "replication0", "mode": "primary",
+            "file": {"driver": "nbd", "export": "parent0", "request-timeout": (w.cp.request_timeout_ns / 1_000_000_000).max(1),
+                     "server": {"type": "inet", "host": S_IP, "port": NBD_PORT.to_string()}}})).await)
+        && is_ok(&p.call("x-blockdev-change", json!({"parent": "colo-disk0", "node": "replication0"})).await)
+        && is_ok(&p.call("xen-set-replication", json!({"enable": true, "primary": true})).await)
+}
+
+/// Checkpoints every interval, with heartbeats between them, until the scenario's count is
+/// done, a side is lost or a checkpoint ends replication: how it ended and at which one.
+async fn run_checkpoints(w: &Arc<Colo>, p: &mut Side, s: &mut Side) -> (End, u64) {
+    let interval = Duration::from_nanos(w.cp.checkpoint_interval_ns);
+    let mut k = 0u64;
+    loop {
+        if w.failed() {
+            return (End::Violation, k);
+        }
+        if let Some(lost) = heartbeats(p, s, interval).await {
+            return (lost, k);
+        }
+        if k >= w.cp.checkpoints {
+            return (End::Clean, k);
+        }
+        k += 1;
+        if let Err(e) = checkpoint(w, p, s, k).await {
+            return (e, k);
+        }
+    }
+}
+
+/// Heartbeats through one checkpoint interval: the side that stopped answering, if any.
+async fn heartbeats(p: &mut Side, s: &mut Side, interval: Duration) -> Option<End> {
+    let until = tokio::time::Instant::now() + interval;
+    while tokio::time::Instant::now() < until {
+        tokio::time::sleep(interval.min(Duration::from_millis(100))).await;
+        if p.call("query-xen-replication-status", json!({}))
+            .await
+            .is_none()
+        {
+            return Some(End::PrimaryLost);
+        }
+        if s.call("query-xen-replication-status", json!({}))
+            .await
+            .is_none()
+        {
+            return Some(End::SecondaryLost);
+        }
+    }
+    None
+}
+
+/// Waits (at most 600 virtual seconds) until each VM still running has done the scenario's
+/// `after_ops` more ops.
+async fn run_survivors(w: &Colo) {
     let target = w.cp.after_ops;
     let base = {
         let st = w.lock();
@@ -1204,9 +1231,11 @@ async fn ham_main(w: Arc<Colo>) {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    quiesce(&w).await;
-    // Final statuses for the scenario's expectations.
-    for (name, side) in [("colo-p", &mut p), ("colo-s", &mut s)] {
+}
+
+/// The replication status of each side still alive, for the scenario's expectations.
+async fn final_statuses(w: &Colo, p: &mut Side, s: &mut Side) {
+    for (name, side) in [("colo-p", p), ("colo-s", s)] {
         let alive = {
             let st = w.lock();
             if name == "colo-p" {
@@ -1221,17 +1250,6 @@ async fn ham_main(w: Arc<Colo>) {
             }
         }
     }
-    let jobs = s
-        .take_events()
-        .iter()
-        .filter(|e| e["event"] == "BLOCK_JOB_COMPLETED")
-        .count() as u64;
-    w.lock().jobs_completed += jobs;
-    let mut st = w.lock();
-    st.pvm.stop = true;
-    st.svm.stop = true;
-    drop(st);
-    w.changed.notify_waiters();
 }
 
 #[derive(Debug)]
@@ -1252,7 +1270,6 @@ async fn checkpoint(
 ) -> std::result::Result<(), End> {
     let fault = fault_at(w, k);
     let f = |id: Fault| fault.as_ref().is_some_and(|(x, _)| *x == id);
-    let kind = fault.as_ref().map(|(_, k)| k.clone()).unwrap_or_default();
     quiesce(w).await;
     w.trace("ham", "pause", k, (0, 0), 0, String::new());
     if f(Fault::F19) {
@@ -1262,31 +1279,7 @@ async fn checkpoint(
         return Err(End::PrimaryLost);
     }
     let snapshot = w.lock().p_model.clone();
-    if !is_ok(&p.call("xen-colo-do-checkpoint", json!({})).await) {
-        return Err(End::PrimaryLost);
-    }
-    let ps = p.call("query-xen-replication-status", json!({})).await;
-    let ss = s.call("query-xen-replication-status", json!({})).await;
-    let Some(ps) = ps else {
-        return Err(End::PrimaryLost);
-    };
-    let Some(ss) = ss else {
-        return Err(End::SecondaryLost);
-    };
-    if ps["return"]["error"] != json!(false) || ss["return"]["error"] != json!(false) {
-        // W7: the checkpoint does not count; COLO stops; S is unusable until a resync.
-        w.trace(
-            "ham",
-            "colo-stop",
-            k,
-            (0, 0),
-            0,
-            format!("{} / {}", ps["return"], ss["return"]),
-        );
-        w.lock().sec = Sec::Unusable;
-        bump(&mut w.lock().outcomes, "colo/stopped-on-error".to_string());
-        return Err(End::Unusable);
-    }
+    primary_checkpoint(w, p, s, k).await?;
     if f(Fault::F20) {
         // The VM state arrived; the primary dies before the secondary's checkpoint runs.
         w.inject(Fault::F20, &format!("checkpoint {k}"));
@@ -1299,7 +1292,52 @@ async fn checkpoint(
     if nonempty {
         w.path(Path::P13);
     }
-    // Completed: R53 / I9.
+    check_checkpoint(w, k, snapshot).await;
+    w.trace("ham", "checkpoint", k, (0, 0), 0, String::new());
+    if f(Fault::F20) {
+        return Err(End::PrimaryLost);
+    }
+    after_checkpoint(w, k, fault).await
+}
+
+/// The primary's half of checkpoint `k`, then both sides' statuses: an error on either
+/// stops COLO (W7: the checkpoint does not count; S is unusable until a resync).
+async fn primary_checkpoint(
+    w: &Colo,
+    p: &mut Side,
+    s: &mut Side,
+    k: u64,
+) -> std::result::Result<(), End> {
+    if !is_ok(&p.call("xen-colo-do-checkpoint", json!({})).await) {
+        return Err(End::PrimaryLost);
+    }
+    let ps = p.call("query-xen-replication-status", json!({})).await;
+    let ss = s.call("query-xen-replication-status", json!({})).await;
+    let Some(ps) = ps else {
+        return Err(End::PrimaryLost);
+    };
+    let Some(ss) = ss else {
+        return Err(End::SecondaryLost);
+    };
+    if ps["return"]["error"] != json!(false) || ss["return"]["error"] != json!(false) {
+        w.trace(
+            "ham",
+            "colo-stop",
+            k,
+            (0, 0),
+            0,
+            format!("{} / {}", ps["return"], ss["return"]),
+        );
+        w.lock().sec = Sec::Unusable;
+        bump(&mut w.lock().outcomes, "colo/stopped-on-error".to_string());
+        return Err(End::Unusable);
+    }
+    Ok(())
+}
+
+/// R53 and I9 after a completed checkpoint: S (and P, if alive) equal the primary model at
+/// the pause point and the overlays are empty; the snapshot becomes the new epoch's view.
+async fn check_checkpoint(w: &Arc<Colo>, k: u64, snapshot: Vec<u64>) {
     let s_tags = w.sdisk.tags();
     let empty = layers_allocated(w).await == 0;
     let alive = w.lock().primary_alive;
@@ -1330,11 +1368,17 @@ async fn checkpoint(
         st.view = snapshot;
     }
     w.check(Rule::R53);
-    w.trace("ham", "checkpoint", k, (0, 0), 0, String::new());
-    if f(Fault::F20) {
-        return Err(End::PrimaryLost);
-    }
-    match fault.as_ref().map(|(x, _)| *x) {
+}
+
+/// The faults aimed just after checkpoint `k` (F21-F24), then the VMs resume.
+async fn after_checkpoint(
+    w: &Arc<Colo>,
+    k: u64,
+    fault: Option<(Fault, String)>,
+) -> std::result::Result<(), End> {
+    let (family, kind) = fault.unzip();
+    let kind = kind.unwrap_or_default();
+    match family {
         Some(Fault::F21) => {
             w.inject(Fault::F21, &kind);
             kill(w, "colo-p");

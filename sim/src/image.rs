@@ -24,13 +24,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ballot::drivers::memory::MemoryDevice;
-use ballot::drivers::qcow2::check::check;
 use ballot::drivers::qcow2::create::{create, CreateOptions};
 use ballot::drivers::qcow2::Qcow2;
 use ballot::{BlockDevice, Device, WriteFlags, ZeroFlags};
 use bytes::{Bytes, BytesMut};
 
-use crate::imagedisk::{open_named, ImageDisk};
+use crate::imagedisk::{check_after_cut, open_named, ImageDisk};
 use crate::outcome::{RunOpts, RunResult};
 use crate::params::{ImageParams, Params};
 use crate::rng::{hash_words, Rng};
@@ -256,40 +255,17 @@ fn check_reads(
 /// After a crash (F16): the image opens and its refcounts hold (I21, I22; a leak is P21), it
 /// reopens through F5's lane, and every sector reads the durable value or a later write (I21,
 /// I2); the model restarts from what it read.
-#[allow(clippy::too_many_arguments)]
 async fn recover(
-    file: &Device,
-    lane: &Device,
-    backing: &Option<Device>,
-    model: &Mutex<Model>,
-    size: u64,
+    rig: &Rig,
     crashes: u64,
     checks: &mut BTreeMap<Rule, u64>,
     paths: &mut BTreeMap<Path, u64>,
 ) -> std::result::Result<Qcow2, Fail> {
-    let h = Qcow2::read_header(file, "'sim.qcow2'").await.map_err(|e| {
-        (
-            Rule::I21,
-            format!("after crash {crashes}: the image does not open: {e}"),
-        )
-    })?;
-    let report = check(file, &h).await.map_err(|e| {
-        (
-            Rule::I22,
-            format!("after crash {crashes}: check failed: {e}"),
-        )
-    })?;
+    let (file, backing, model, size) = (&rig.file, &rig.backing, &*rig.model, rig.size);
+    let lane = &rig.disk.lane();
+    let leaks = check_after_cut(file, "'sim.qcow2'", &format!("after crash {crashes}")).await?;
     *checks.entry(Rule::I22).or_default() += 1;
-    if !report.is_consistent() {
-        return Err((
-            Rule::I22,
-            format!(
-                "after crash {crashes}: refcounts below references: {}",
-                report.messages.join("; ")
-            ),
-        ));
-    }
-    if report.leaks > 0 {
+    if leaks > 0 {
         *paths.entry(Path::P21).or_default() += 1;
     }
     // Reopening must not itself fail under F5: retry the open a few times.
@@ -307,10 +283,7 @@ async fn recover(
         )
     })?;
 
-    if let Some(d) = std::env::var("IMGDBG")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-    {
+    if let Some(d) = rig.dbg {
         let st = fresh.block_status(d * SECTOR_U64, SECTOR_U64).await;
         let v = fresh.read(d * SECTOR_U64, SECTOR).await.map(|b| decode(&b));
         eprintln!("reopen {crashes}: sector {d} status {st:?} value {v:?}");
@@ -351,69 +324,380 @@ async fn recover(
     Ok(fresh)
 }
 
-async fn run(p: &Params, ip: &ImageParams, r: &mut RunResult) -> std::result::Result<(), Fail> {
-    let mut rng = Rng::stream(p.seed, "image/ops");
-    let sectors = (p.disk_size / SECTOR_U64).clamp(64, 1 << 15);
-    let size = sectors * SECTOR_U64;
-    let refcount_order = if ip.version == 2 {
-        4
-    } else {
-        ip.refcount_order
-    };
-    let disk = Arc::new(ImageDisk::new(p.seed, "image", 0.0, (5, 200)));
-    let file: Device = disk.clone();
-    let backing_sectors = sectors * 3 / 4;
-    let backing: Option<Device> = ip.backing.then(|| {
-        let vals: Vec<Value> = (0..backing_sectors)
-            .map(|s| Value::Data { id: 0, sector: s })
-            .collect();
-        Arc::new(MemoryDevice::with_contents(encode(&vals).to_vec())) as Device
-    });
-    let base_value = |s: u64| {
-        if ip.backing && s < backing_sectors {
+/// What an image run works on: the image file (under F5 once created), its backing, the
+/// model of what each sector may hold and the clock that orders requests for it.
+struct Rig {
+    sectors: u64,
+    size: u64,
+    cluster_sectors: u64,
+    /// Sectors the backing file covers (0 without one).
+    backing_sectors: u64,
+    v3: bool,
+    disk: Arc<ImageDisk>,
+    file: Device,
+    backing: Option<Device>,
+    model: Arc<Mutex<Model>>,
+    clock: Arc<AtomicU64>,
+    /// `IMGDBG=SECTOR`: the sector whose requests are printed.
+    dbg: Option<u64>,
+}
+
+/// One guest request of a batch: its kind (a draw below 20: 0-8 write, 9-12 read, 13-14
+/// write-zeroes, 15 discard, else flush), first sector, length in sectors and id.
+#[derive(Clone, Copy)]
+struct Req {
+    kind: u64,
+    s: u64,
+    len: u64,
+    id: u64,
+}
+
+impl Rig {
+    /// Creates the image (cluster size, version, refcount width and backing from `ip`), then
+    /// puts F5 on the file's own writes.
+    async fn new(p: &Params, ip: &ImageParams) -> std::result::Result<Rig, Fail> {
+        let sectors = (p.disk_size / SECTOR_U64).clamp(64, 1 << 15);
+        let size = sectors * SECTOR_U64;
+        let backing_sectors = if ip.backing { sectors * 3 / 4 } else { 0 };
+        let backing: Option<Device> = ip.backing.then(|| {
+            let vals: Vec<Value> = (0..backing_sectors)
+                .map(|s| Value::Data { id: 0, sector: s })
+                .collect();
+            Arc::new(MemoryDevice::with_contents(encode(&vals).to_vec())) as Device
+        });
+        let disk = Arc::new(ImageDisk::new(p.seed, "image", 0.0, (5, 200)));
+        let file: Device = disk.clone();
+        let copts = CreateOptions {
+            size,
+            cluster_bits: ip.cluster_bits,
+            version: ip.version,
+            refcount_order: if ip.version == 2 {
+                4
+            } else {
+                ip.refcount_order
+            },
+            backing: ip.backing.then(|| ("base".into(), "raw".into())),
+        };
+        create(&file, &copts)
+            .await
+            .map_err(|e| (Rule::Harness, format!("create: {e}")))?;
+        // F5 from here on: the image exists.
+        let disk_f5 = Arc::new(ImageDisk {
+            st: Mutex::new(std::mem::replace(
+                &mut *disk.lock(),
+                ImageDisk::new(p.seed, "image/unused", 0.0, (0, 0))
+                    .st
+                    .into_inner()
+                    .unwrap_or_else(|p| p.into_inner()),
+            )),
+            f5: ip.f5,
+            lat_us: (5, 200),
+            flush_us: (0, 0),
+            life: AtomicU64::new(0),
+        });
+        let rig = Rig {
+            sectors,
+            size,
+            cluster_sectors: 1u64 << (ip.cluster_bits - 9),
+            backing_sectors,
+            v3: ip.version >= 3,
+            file: disk_f5.clone(),
+            disk: disk_f5,
+            backing,
+            model: Arc::new(Mutex::new(Model {
+                base: Vec::new(),
+                hist: vec![Vec::new(); sectors as usize],
+            })),
+            clock: Arc::new(AtomicU64::new(1)),
+            dbg: std::env::var("IMGDBG")
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok()),
+        };
+        rig.model.lock().unwrap_or_else(|p| p.into_inner()).base =
+            (0..sectors).map(|x| vec![rig.base_value(x)]).collect();
+        Ok(rig)
+    }
+
+    /// What sector `s` holds before any write: the backing's data, or zeros.
+    fn base_value(&self, s: u64) -> Value {
+        if s < self.backing_sectors {
             Value::Data { id: 0, sector: s }
         } else {
             Value::Zero
         }
-    };
-    let copts = CreateOptions {
-        size,
-        cluster_bits: ip.cluster_bits,
-        version: ip.version,
-        refcount_order,
-        backing: ip.backing.then(|| ("base".into(), "raw".into())),
-    };
-    create(&file, &copts)
-        .await
-        .map_err(|e| (Rule::Harness, format!("create: {e}")))?;
-    // F5 from here on: the image exists.
-    let disk_f5 = Arc::new(ImageDisk {
-        st: Mutex::new(std::mem::replace(
-            &mut *disk.lock(),
-            ImageDisk::new(p.seed, "image/unused", 0.0, (0, 0))
-                .st
-                .into_inner()
-                .unwrap_or_else(|p| p.into_inner()),
-        )),
-        f5: ip.f5,
-        lat_us: (5, 200),
-        flush_us: (0, 0),
-        life: AtomicU64::new(0),
-    });
-    let file: Device = disk_f5.clone();
-    let lane = |d: &Arc<ImageDisk>| -> Device { d.lane() };
+    }
 
+    /// The image opened through F5's lane.
+    async fn open(&self) -> std::result::Result<Qcow2, String> {
+        open(&self.disk.lane(), &self.backing).await
+    }
+
+    /// Draws a batch's request: kind, first sector and length (up to three clusters).
+    fn draw(&self, rng: &mut Rng, id: u64) -> Req {
+        let kind = rng.below(20);
+        let s = rng.below(self.sectors);
+        let max = (self.sectors - s).min(3 * self.cluster_sectors);
+        let len = 1 + rng.below(max);
+        Req { kind, s, len, id }
+    }
+
+    /// Starts request `r` on the image as a task of its own.
+    fn spawn(&self, q: &Arc<Qcow2>, r: Req) -> tokio::task::JoinHandle<Done> {
+        let dbg_on = self.dbg.is_some_and(|d| d >= r.s && d < r.s + r.len);
+        if dbg_on {
+            eprintln!("op id={} kind={} s={} len={}", r.id, r.kind, r.s, r.len);
+        }
+        let (model, clock) = (self.model.clone(), self.clock.clone());
+        let (v3, cl, sectors) = (self.v3, self.cluster_sectors, self.sectors);
+        let bv: Vec<Value> = (r.s..r.s + r.len).map(|x| self.base_value(x)).collect();
+        let q = q.clone();
+        tokio::spawn(async move {
+            let op = GuestOp {
+                r,
+                t0: clock.fetch_add(1, Ordering::SeqCst),
+                model,
+                clock,
+                dbg_on,
+            };
+            match r.kind {
+                0..=8 => op.write(&q).await,
+                9..=12 => op.read(&q).await,
+                13..=14 => op.write_zeroes(&q).await,
+                15 => op.discard(&q, v3, cl, sectors, &bv).await,
+                _ => op.flush(&q).await,
+            }
+        })
+    }
+}
+
+/// A guest request running on the image, recording its writes in the model: each with its
+/// start `t0` and, once it completes, its end and outcome.
+struct GuestOp {
+    r: Req,
+    t0: u64,
+    model: Arc<Mutex<Model>>,
+    clock: Arc<AtomicU64>,
+    dbg_on: bool,
+}
+
+impl GuestOp {
+    fn model(&self) -> std::sync::MutexGuard<'_, Model> {
+        self.model.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The next tick of the clock: the instant the request completed.
+    fn tick(&self) -> u64 {
+        self.clock.fetch_add(1, Ordering::SeqCst)
+    }
+
+    /// Records `vals` as written from the request's first sector, not yet complete.
+    fn record(&self, vals: &[Value]) {
+        let mut m = self.model();
+        for (i, v) in vals.iter().enumerate() {
+            m.hist[(self.r.s + i as u64) as usize].push(W {
+                value: *v,
+                start: self.t0,
+                end: None,
+                ok: true,
+                durable: false,
+            });
+        }
+    }
+
+    /// The request's writes on `sectors` completed at `end`, successfully or not.
+    fn set_end(&self, sectors: std::ops::Range<u64>, end: u64, ok: bool) {
+        let mut m = self.model();
+        for x in sectors {
+            if let Some(w) = m.hist[x as usize]
+                .iter_mut()
+                .rev()
+                .find(|w| w.start == self.t0)
+            {
+                w.end = Some(end);
+                w.ok = ok;
+            }
+        }
+    }
+
+    /// A write of values tagged with the request's id (FUA for one id in nine).
+    async fn write(&self, q: &Qcow2) -> Done {
+        let Req { s, len, id, .. } = self.r;
+        let vals: Vec<Value> = (s..s + len)
+            .map(|x| Value::Data { id, sector: x })
+            .collect();
+        self.record(&vals);
+        let fua = id % 9 == 0;
+        let res = q
+            .write(s * SECTOR_U64, encode(&vals), WriteFlags { fua })
+            .await;
+        let end = self.tick();
+        if self.dbg_on {
+            eprintln!(
+                "write id={id} t0={} end={end} fua={fua} ok={}",
+                self.t0,
+                res.is_ok()
+            );
+        }
+        self.set_end(s..s + len, end, res.is_ok());
+        if fua && res.is_ok() {
+            return Done::Fua(s as usize, vals, self.t0, end);
+        }
+        Done::Nothing
+    }
+
+    /// A read, checked with its batch.
+    async fn read(&self, q: &Qcow2) -> Done {
+        let Req { s, len, .. } = self.r;
+        let res = q.read(s * SECTOR_U64, (len * SECTOR_U64) as usize).await;
+        let t1 = self.tick();
+        match res {
+            Ok(d) => Done::Read(s, self.t0, t1, d),
+            Err(_) => Done::Nothing,
+        }
+    }
+
+    /// Write-zeroes, which may unmap for even ids.
+    async fn write_zeroes(&self, q: &Qcow2) -> Done {
+        let Req { s, len, id, .. } = self.r;
+        self.record(&vec![Value::Zero; len as usize]);
+        let res = q
+            .write_zeroes(
+                s * SECTOR_U64,
+                len * SECTOR_U64,
+                ZeroFlags {
+                    fua: false,
+                    may_unmap: id % 2 == 0,
+                },
+            )
+            .await;
+        self.set_end(s..s + len, self.tick(), res.is_ok());
+        Done::Nothing
+    }
+
+    /// A discard: only whole clusters change, to zeros (v3) or to the backing's data (v2);
+    /// the image's last cluster counts as whole.
+    async fn discard(&self, q: &Qcow2, v3: bool, cl: u64, sectors: u64, bv: &[Value]) -> Done {
+        let Req { s, len, .. } = self.r;
+        let a = s.div_ceil(cl) * cl;
+        let b = ((s + len) / cl * cl).max(a);
+        let b = if s + len == sectors { s + len } else { b };
+        if b > a {
+            let mut m = self.model();
+            for x in a..b {
+                m.hist[x as usize].push(W {
+                    value: if v3 {
+                        Value::Zero
+                    } else {
+                        bv[(x - s) as usize]
+                    },
+                    start: self.t0,
+                    end: None,
+                    ok: true,
+                    durable: false,
+                });
+            }
+        }
+        let ok = q.discard(s * SECTOR_U64, len * SECTOR_U64).await.is_ok();
+        let end = self.tick();
+        self.set_end(a..b, end, ok);
+        Done::Nothing
+    }
+
+    /// A flush; one that succeeds settles the writes completed before it started.
+    async fn flush(&self, q: &Qcow2) -> Done {
+        let ok = q.flush().await.is_ok();
+        self.tick();
+        if ok {
+            Done::Flushed(self.t0)
+        } else {
+            Done::Nothing
+        }
+    }
+}
+
+/// How a batch's requests ended: the settling flushes and FUA writes (oldest first), the
+/// reads to check, and whether a power cut came in the middle.
+struct Batch {
+    settle: Vec<Done>,
+    reads: Vec<(u64, u64, u64, Bytes)>,
+    cut: bool,
+}
+
+/// Waits for a batch's requests; with `cut_at`, F16 cuts power at that instant if requests
+/// are still in flight: earlier requests' I/O fails from then on, the cache is resolved (F8,
+/// F9), and the requests in flight never answer (their writes stay possible).
+async fn collect(
+    rig: &Rig,
+    ip: &ImageParams,
+    tasks: Vec<tokio::task::JoinHandle<Done>>,
+    cut_at: Option<Duration>,
+) -> std::result::Result<Batch, Fail> {
+    let mut b = Batch {
+        settle: Vec::new(),
+        reads: Vec::new(),
+        cut: false,
+    };
+    if let Some(at) = cut_at {
+        tokio::time::sleep(at).await;
+        if tasks.iter().any(|t| !t.is_finished()) {
+            b.cut = true;
+            rig.disk.cut(ip.f8, ip.f9);
+            for t in &tasks {
+                t.abort();
+            }
+        }
+    }
+    for t in tasks {
+        match t.await {
+            Ok(Done::Read(s, t0, t1, d)) => b.reads.push((s, t0, t1, d)),
+            Ok(Done::Nothing) => {}
+            Ok(other) => b.settle.push(other),
+            // Aborted by the cut: it never answered.
+            Err(_) if b.cut => {}
+            Err(e) => return Err((Rule::I16, format!("task: {e}"))),
+        }
+    }
+    b.settle.sort_by_key(|d| match d {
+        Done::Flushed(t) => *t,
+        Done::Fua(_, _, _, end) => *end,
+        _ => 0,
+    });
+    Ok(b)
+}
+
+/// Applies a batch's flushes and FUA writes to the model, in the order they completed.
+fn settle(rig: &Rig, settle: Vec<Done>) {
+    let mut m = rig.model.lock().unwrap_or_else(|p| p.into_inner());
+    for d in settle {
+        if rig.dbg.is_some() {
+            match &d {
+                Done::Flushed(fs) => eprintln!("settle flush fs={fs}"),
+                Done::Fua(s, v, t0, end) => {
+                    eprintln!("settle fua s={s} n={} t0={t0} end={end}", v.len())
+                }
+                _ => {}
+            }
+        }
+        match d {
+            Done::Flushed(fs) => m.flushed(fs),
+            Done::Fua(s, vals, t0, _) => m.fua_done(s, vals.len(), t0),
+            _ => {}
+        }
+    }
+}
+
+/// The run: batches of concurrent requests (reads checked against the batch's whole history
+/// first, then the flushes and FUA writes that settle values applied, as they drop history
+/// a read may need), with F16 power cuts inside or between batches, each followed by
+/// [`recover`]; at the end a flush.
+async fn run(p: &Params, ip: &ImageParams, r: &mut RunResult) -> std::result::Result<(), Fail> {
+    let mut rng = Rng::stream(p.seed, "image/ops");
+    let rig = Rig::new(p, ip).await?;
     let mut q = Arc::new(
-        open(&lane(&disk_f5), &backing)
+        rig.open()
             .await
             .map_err(|e| (Rule::Harness, format!("open: {e}")))?,
     );
-    let model = Arc::new(Mutex::new(Model {
-        base: (0..sectors).map(|x| vec![base_value(x)]).collect(),
-        hist: vec![Vec::new(); sectors as usize],
-    }));
-    let clock = Arc::new(AtomicU64::new(1));
-    let cluster_sectors = 1u64 << (ip.cluster_bits - 9);
     let mut next_id = 1u64;
     let ops_total = p.ops.min(4000);
     let mut done = 0u64;
@@ -422,7 +706,6 @@ async fn run(p: &Params, ip: &ImageParams, r: &mut RunResult) -> std::result::Re
     let mut paths: BTreeMap<Path, u64> = BTreeMap::new();
     let mut crashes = 0u64;
     while done < ops_total {
-        // A batch of concurrent requests.
         let n = ip.concurrency.min(ops_total - done);
         // F16 in the middle of the batch: a power cut at a random instant while requests (and
         // write-backs) are in flight.
@@ -431,246 +714,35 @@ async fn run(p: &Params, ip: &ImageParams, r: &mut RunResult) -> std::result::Re
             .then(|| Duration::from_micros(rng.range(0, 3000)));
         let mut tasks = Vec::new();
         for _ in 0..n {
-            let kind = rng.below(20);
-            let s = rng.below(sectors);
-            let max = (sectors - s).min(3 * cluster_sectors);
-            let len = 1 + rng.below(max);
-            let id = next_id;
+            let req = rig.draw(&mut rng, next_id);
             next_id += 1;
-            trace.extend([kind, s, len, id]);
-            let dbg = std::env::var("IMGDBG")
-                .ok()
-                .and_then(|v| v.parse::<u64>().ok());
-            let q = q.clone();
-            let dbg_on = dbg.is_some_and(|d| d >= s && d < s + len);
-            let model = model.clone();
-            let clock = clock.clone();
-            let v3 = ip.version >= 3;
-            let bv: Vec<Value> = (s..s + len).map(base_value).collect();
-            let cl = cluster_sectors;
-            let dbg = std::env::var("IMGDBG")
-                .ok()
-                .and_then(|v| v.parse::<u64>().ok());
-            if dbg.is_some_and(|d| d >= s && d < s + len) {
-                eprintln!("op id={id} kind={kind} s={s} len={len} batch_done={done}");
-            }
-            tasks.push(tokio::spawn(async move {
-                let t0 = clock.fetch_add(1, Ordering::SeqCst);
-                let record = |vals: &[Value], end: Option<u64>| {
-                    let mut m = model.lock().unwrap_or_else(|p| p.into_inner());
-                    for (i, v) in vals.iter().enumerate() {
-                        m.hist[(s + i as u64) as usize].push(W {
-                            value: *v,
-                            start: t0,
-                            end,
-                            ok: true,
-                            durable: false,
-                        });
-                    }
-                };
-                let set_end = |end: u64, ok: bool| {
-                    let mut m = model.lock().unwrap_or_else(|p| p.into_inner());
-                    for i in 0..len {
-                        if let Some(w) = m.hist[(s + i) as usize]
-                            .iter_mut()
-                            .rev()
-                            .find(|w| w.start == t0)
-                        {
-                            w.end = Some(end);
-                            w.ok = ok;
-                        }
-                    }
-                };
-                match kind {
-                    0..=8 => {
-                        let vals: Vec<Value> = (s..s + len)
-                            .map(|x| Value::Data { id, sector: x })
-                            .collect();
-                        record(&vals, None);
-                        let fua = id % 9 == 0;
-                        let res = q
-                            .write(s * SECTOR_U64, encode(&vals), WriteFlags { fua })
-                            .await;
-                        let end = clock.fetch_add(1, Ordering::SeqCst);
-                        if dbg_on {
-                            eprintln!(
-                                "write id={id} t0={t0} end={end} fua={fua} ok={}",
-                                res.is_ok()
-                            );
-                        }
-                        set_end(end, res.is_ok());
-                        if fua && res.is_ok() {
-                            return Done::Fua(s as usize, vals, t0, end);
-                        }
-                        Done::Nothing
-                    }
-                    9..=12 => {
-                        let res = q.read(s * SECTOR_U64, (len * SECTOR_U64) as usize).await;
-                        let t1 = clock.fetch_add(1, Ordering::SeqCst);
-                        match res {
-                            Ok(d) => Done::Read(s, t0, t1, d),
-                            Err(_) => Done::Nothing,
-                        }
-                    }
-                    13..=14 => {
-                        record(&vec![Value::Zero; len as usize], None);
-                        let res = q
-                            .write_zeroes(
-                                s * SECTOR_U64,
-                                len * SECTOR_U64,
-                                ZeroFlags {
-                                    fua: false,
-                                    may_unmap: id % 2 == 0,
-                                },
-                            )
-                            .await;
-                        set_end(clock.fetch_add(1, Ordering::SeqCst), res.is_ok());
-                        Done::Nothing
-                    }
-                    15 => {
-                        // Whole clusters become zero (v3) or show the backing (v2).
-                        let a = s.div_ceil(cl) * cl;
-                        let b = ((s + len) / cl * cl).max(a);
-                        let b = if s + len == sectors { s + len } else { b };
-                        let vals: Vec<Value> = (s..s + len)
-                            .map(|x| {
-                                if x >= a && x < b {
-                                    if v3 {
-                                        Value::Zero
-                                    } else {
-                                        bv[(x - s) as usize]
-                                    }
-                                } else {
-                                    Value::Zero
-                                }
-                            })
-                            .collect();
-                        // Only the whole clusters change; record those.
-                        if b > a {
-                            let mut m = model.lock().unwrap_or_else(|p| p.into_inner());
-                            for x in a..b {
-                                m.hist[x as usize].push(W {
-                                    value: vals[(x - s) as usize],
-                                    start: t0,
-                                    end: None,
-                                    ok: true,
-                                    durable: false,
-                                });
-                            }
-                        }
-                        let ok = q.discard(s * SECTOR_U64, len * SECTOR_U64).await.is_ok();
-                        let end = clock.fetch_add(1, Ordering::SeqCst);
-                        let mut m = model.lock().unwrap_or_else(|p| p.into_inner());
-                        for x in a..b {
-                            if let Some(w) =
-                                m.hist[x as usize].iter_mut().rev().find(|w| w.start == t0)
-                            {
-                                w.end = Some(end);
-                                w.ok = ok;
-                            }
-                        }
-                        Done::Nothing
-                    }
-                    _ => {
-                        let ok = q.flush().await.is_ok();
-                        clock.fetch_add(1, Ordering::SeqCst);
-                        if ok {
-                            Done::Flushed(t0)
-                        } else {
-                            Done::Nothing
-                        }
-                    }
-                }
-            }));
+            trace.extend([req.kind, req.s, req.len, req.id]);
+            tasks.push(rig.spawn(&q, req));
         }
-        // Reads are checked against the batch's whole history first; the flushes and FUA
-        // writes that settle values are applied after (they drop history a read may need).
-        let mut settle = Vec::new();
-        let mut reads = Vec::new();
-        let mut cut = false;
-        if let Some(at) = cut_at {
-            tokio::time::sleep(at).await;
-            if tasks.iter().any(|t| !t.is_finished()) {
-                // The cut: earlier requests' I/O fails from now on, the cache is resolved,
-                // and the requests in flight never answer (their writes stay possible).
-                cut = true;
-                disk_f5.life.fetch_add(1, Ordering::SeqCst);
-                disk_f5.crash(ip.f8, ip.f9);
-                for t in &tasks {
-                    t.abort();
-                }
-            }
-        }
-        for t in tasks {
-            match t.await {
-                Ok(Done::Read(s, t0, t1, d)) => reads.push((s, t0, t1, d)),
-                Ok(Done::Nothing) => {}
-                Ok(other) => settle.push(other),
-                // Aborted by the cut: it never answered.
-                Err(_) if cut => {}
-                Err(e) => return Err((Rule::I16, format!("task: {e}"))),
-            }
-        }
-        check_reads(&model, reads, &mut checks)?;
-        settle.sort_by_key(|d| match d {
-            Done::Flushed(t) => *t,
-            Done::Fua(_, _, _, end) => *end,
-            _ => 0,
-        });
-        {
-            let mut m = model.lock().unwrap_or_else(|p| p.into_inner());
-            for d in settle {
-                if std::env::var("IMGDBG").is_ok() {
-                    match &d {
-                        Done::Flushed(fs) => eprintln!("settle flush fs={fs}"),
-                        Done::Fua(s, v, t0, end) => {
-                            eprintln!("settle fua s={s} n={} t0={t0} end={end}", v.len())
-                        }
-                        _ => {}
-                    }
-                }
-                match d {
-                    Done::Flushed(fs) => m.flushed(fs),
-                    Done::Fua(s, vals, t0, _) => m.fua_done(s, vals.len(), t0),
-                    _ => {}
-                }
-            }
-        }
+        let batch = collect(&rig, ip, tasks, cut_at).await?;
+        check_reads(&rig.model, batch.reads, &mut checks)?;
+        settle(&rig, batch.settle);
         done += n;
         // F16: the cut in this batch, or one between batches.
-        if cut || rng.chance(ip.f16 / 2.0) {
-            if std::env::var("IMGDBG").is_ok() {
-                eprintln!("crash after {done} (in flight: {cut})");
+        if batch.cut || rng.chance(ip.f16 / 2.0) {
+            if rig.dbg.is_some() {
+                eprintln!("crash after {done} (in flight: {})", batch.cut);
             }
             crashes += 1;
-            *disk_f5.lock().injected.entry(Fault::F16).or_default() += 1;
+            *rig.disk.lock().injected.entry(Fault::F16).or_default() += 1;
             drop(q);
-            if !cut {
-                disk_f5.life.fetch_add(1, Ordering::SeqCst);
-                disk_f5.crash(ip.f8, ip.f9);
+            if !batch.cut {
+                rig.disk.cut(ip.f8, ip.f9);
             }
-            q = Arc::new(
-                recover(
-                    &file,
-                    &lane(&disk_f5),
-                    &backing,
-                    &model,
-                    size,
-                    crashes,
-                    &mut checks,
-                    &mut paths,
-                )
-                .await?,
-            );
+            q = Arc::new(recover(&rig, crashes, &mut checks, &mut paths).await?);
         }
     }
-    // The end: a flush, then the image checks clean (no leaks after a flush).
     let _ = q.flush().await;
     r.ops = done;
     r.crashes = crashes;
     r.checks = checks;
     r.paths = paths;
-    r.injected = disk_f5.lock().injected.clone();
+    r.injected = rig.disk.lock().injected.clone();
     r.child_ops = 0;
     r.trace_hash = format!("{:016x}", hash_words(&trace));
     r.records = trace.len() as u64 / 4;

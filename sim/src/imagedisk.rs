@@ -3,7 +3,7 @@
 //! and F9 (a surviving write torn between sectors, never inside one). Used by the image
 //! topology ([`crate::image`]) and by child images ([`crate::childimage`]).
 
-use crate::ids::Fault;
+use crate::ids::{Fault, Rule};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use ballot::device::{check_request, Access};
+use ballot::drivers::qcow2::check::check;
 use ballot::drivers::qcow2::{Qcow2, Qcow2Options};
 use ballot::{BlockDevice, Device, Error, ErrorKind, Result, WriteFlags};
 use bytes::Bytes;
@@ -360,4 +361,34 @@ pub(crate) async fn open_named(
     )
     .await
     .map_err(|e| e.to_string())
+}
+
+/// I21 and I22 on an image after a power cut: its header reads, and its refcounts, checked
+/// on `file`'s bytes by `ballot::drivers::qcow2::check`, are never below the references.
+/// Returns the leaked clusters (allowed: a cut may leak). `when` opens each failure's text
+/// ("after crash 3", "after a crash").
+pub(crate) async fn check_after_cut(
+    file: &Device,
+    what: &str,
+    when: &str,
+) -> std::result::Result<u64, (Rule, String)> {
+    let h = Qcow2::read_header(file, what)
+        .await
+        .map_err(|e| (Rule::I21, format!("{when}: {what} does not open: {e}")))?;
+    let report = check(file, &h).await.map_err(|e| {
+        (
+            Rule::I22,
+            format!("{when}: the check of {what} failed: {e}"),
+        )
+    })?;
+    if !report.is_consistent() {
+        return Err((
+            Rule::I22,
+            format!(
+                "{when}: {what} has refcounts below references: {}",
+                report.messages.join("; ")
+            ),
+        ));
+    }
+    Ok(report.leaks)
 }
