@@ -20,7 +20,7 @@
 //! Disks here are plain in-memory devices with seeded latency and a write-failure switch: the
 //! local disk faults F1–F11 are the quorum topology's subject; here faults are COLO races.
 
-use crate::ids::{Fault, Path, Rule, Violation};
+use crate::ids::{Fault, Path, Rule};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -47,8 +47,9 @@ use crate::measure::{fault_outcomes, latency_histograms, OpSpan};
 use crate::outcome::{RunOpts, RunResult};
 use crate::params::{ColoParams, Params};
 use crate::rng::Rng;
+use crate::runlog::RunLog;
 use crate::scenario::{Expect, Scenario, When};
-use crate::trace::{Record, Trace};
+use crate::trace::Record;
 use crate::vdisk::FaultMark;
 
 const SECTOR: u64 = 512;
@@ -272,14 +273,9 @@ struct St {
     svm: Guest,
     paused: bool,
     stop_at_ns: Option<u64>,
-    injected: BTreeMap<Fault, u64>,
-    paths: BTreeMap<Path, u64>,
-    checks: BTreeMap<Rule, u64>,
-    outcomes: BTreeMap<String, u64>,
     /// Completed PVM and SVM ops and fault marks, for the report (not traced).
     spans: Vec<OpSpan>,
     marks: Vec<FaultMark>,
-    violation: Option<Violation>,
     jobs_completed: u64,
     /// Set by the secondary host once built.
     overlays: Option<(Layer, Layer)>,
@@ -295,13 +291,10 @@ pub(crate) struct Colo {
     pdisk: Arc<SimDisk>,
     sdisk: Arc<SimDisk>,
     st: Mutex<St>,
-    trace: Mutex<Trace>,
+    /// The trace, the first violation and the counters.
+    log: RunLog,
     start: tokio::time::Instant,
     changed: tokio::sync::Notify,
-}
-
-fn bump<K: Ord>(m: &mut BTreeMap<K, u64>, k: K) {
-    *m.entry(k).or_default() += 1;
 }
 
 impl Colo {
@@ -333,7 +326,7 @@ impl Colo {
             digest: 0,
             note,
         };
-        self.trace.lock().unwrap_or_else(|p| p.into_inner()).push(r);
+        self.log.record(r);
     }
 
     fn fail(&self, rule: Rule, message: String) {
@@ -345,22 +338,18 @@ impl Colo {
             1,
             format!("{rule}: {message}"),
         );
-        let mut st = self.lock();
-        if st.violation.is_none() {
-            st.violation = Some(Violation::new(rule, message));
-        }
-        drop(st);
+        self.log.fail(rule, message);
         self.changed.notify_waiters();
     }
 
     fn failed(&self) -> bool {
-        self.lock().violation.is_some()
+        self.log.failed()
     }
 
     fn inject(&self, f: Fault, note: &str) {
         let t_ns = self.start.elapsed().as_nanos() as u64;
+        self.log.inject(f);
         let mut st = self.lock();
-        bump(&mut st.injected, f);
         // COLO faults act on a node or link: the report charges them to the ops in flight.
         st.marks.push(FaultMark {
             t_ns,
@@ -373,11 +362,11 @@ impl Colo {
     }
 
     fn path(&self, p: Path) {
-        bump(&mut self.lock().paths, p);
+        self.log.path(p);
     }
 
     fn check(&self, rule: Rule) {
-        bump(&mut self.lock().checks, rule);
+        self.log.check(rule);
     }
 
     /// Waits until `ready` returns a value, re-checking whenever the shared state changes.
@@ -436,10 +425,6 @@ impl Topology for ColoRun {
         );
         let pdisk = SimDisk::new("P", p.seed, bytes.clone(), lat);
         let sdisk = SimDisk::new("S", p.seed, bytes, lat);
-        let mut trace = Trace::new(opts.verbose, opts.window);
-        if opts.capture {
-            trace.keep_all();
-        }
         let w = Arc::new(Colo {
             cp,
             sc,
@@ -457,19 +442,14 @@ impl Topology for ColoRun {
                 svm: Guest::default(),
                 paused: true,
                 stop_at_ns: None,
-                injected: BTreeMap::new(),
-                paths: BTreeMap::new(),
-                checks: BTreeMap::new(),
-                outcomes: BTreeMap::new(),
                 spans: Vec::new(),
                 marks: Vec::new(),
-                violation: None,
                 jobs_completed: 0,
                 overlays: None,
                 nodes: BTreeMap::new(),
                 last_status: BTreeMap::new(),
             }),
-            trace: Mutex::new(trace),
+            log: RunLog::new(&opts),
             start,
             changed: tokio::sync::Notify::new(),
             p,
@@ -781,7 +761,7 @@ async fn guest_write(
             };
             m[first as usize..(first + n) as usize].copy_from_slice(&put);
             if split {
-                bump(&mut st.paths, Path::P15);
+                w.path(Path::P15);
             }
             Ok(())
         }
@@ -892,7 +872,7 @@ async fn guest(w: Arc<Colo>, primary: bool, dev: Device) {
             let end_ns = w.start.elapsed().as_nanos() as u64;
             let mut st = w.lock();
             let outcome = format!("{who}/{kind}/{}", if code == 0 { "ok" } else { "error" });
-            bump(&mut st.outcomes, outcome.clone());
+            w.log.outcome(outcome.clone());
             st.spans.push(OpSpan {
                 id: (side << 56) | op_id,
                 start_ns,
@@ -1329,7 +1309,7 @@ async fn primary_checkpoint(
             format!("{} / {}", ps["return"], ss["return"]),
         );
         w.lock().sec = Sec::Unusable;
-        bump(&mut w.lock().outcomes, "colo/stopped-on-error".to_string());
+        w.log.outcome("colo/stopped-on-error".to_string());
         return Err(End::Unusable);
     }
     Ok(())
@@ -1590,32 +1570,14 @@ async fn finish(w: &Arc<Colo>) -> RunResult {
     }
     check_expectations(w);
     let st = w.lock();
-    let mut r = RunResult {
-        violation: st.violation.clone(),
+    RunResult {
         ops: st.pvm.ops + st.svm.ops,
         child_ops: w.pdisk.ops.load(Ordering::Relaxed) + w.sdisk.ops.load(Ordering::Relaxed),
         virtual_s: w.start.elapsed().as_secs_f64(),
-        injected: st.injected.clone(),
-        outcomes: st.outcomes.clone(),
-        paths: st.paths.clone(),
-        checks: st.checks.clone(),
         latency: latency_histograms(&st.spans),
         fault_outcomes: fault_outcomes(&st.spans, &st.marks),
-        ..RunResult::default()
-    };
-    drop(st);
-    let mut t = w.trace.lock().unwrap_or_else(|p| p.into_inner());
-    r.trace_hash = t.hash_hex();
-    r.records = t.records();
-    if r.violation.is_some() {
-        r.detail = t
-            .tail()
-            .map(|x| x.to_string())
-            .collect::<Vec<_>>()
-            .join("\n");
+        ..w.log.result()
     }
-    r.trace_lines = t.take_all();
-    r
 }
 
 fn check_expectations(w: &Colo) {
@@ -1671,11 +1633,11 @@ fn check_expectations(w: &Colo) {
                     .map(|d| format!("{node} {equals}: {d}"))
             }
             Expect::Injected { fault, min } => {
-                let n = st.injected.get(fault).copied().unwrap_or(0);
+                let n = w.log.counts().injected.get(fault).copied().unwrap_or(0);
                 (n < *min).then(|| format!("{fault} injected {n} times, expected at least {min}"))
             }
             Expect::Path { path, min } => {
-                let n = st.paths.get(path).copied().unwrap_or(0);
+                let n = w.log.counts().paths.get(path).copied().unwrap_or(0);
                 (n < *min).then(|| format!("{path} reached {n} times, expected at least {min}"))
             }
             _ => None,

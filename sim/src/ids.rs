@@ -237,47 +237,48 @@ impl Rule {
 id_enum!(
     /// A recovery path (docs/simulator.md "Recovery paths").
     Path, "recovery path", {
-        /// P1.
+        /// P1: quorum fast path: all children returned identical data.
         P1 = "P1",
-        /// P2.
+        /// P2: A hash vote with at least one outvoted child.
         P2 = "P2",
-        /// P3.
+        /// P3: `rewrite-corrupted` rewrote an outvoted child.
         P3 = "P3",
-        /// P4.
+        /// P4: A read that missed the threshold: EIO and `QUORUM_FAILURE`.
         P4 = "P4",
-        /// P5.
+        /// P5: A fifo read that moved on to a later child.
         P5 = "P5",
-        /// P6.
+        /// P6: A write that succeeded although some children failed it.
         P6 = "P6",
-        /// P7.
+        /// P7: A write that failed for lack of t successes.
         P7 = "P7",
-        /// P8.
+        /// P8: A flush that failed for lack of t successes.
         P8 = "P8",
-        /// P9.
+        /// P9: an NBD request sent again on a new connection within `reconnect-delay`.
         P9 = "P9",
-        /// P10.
+        /// P10: an NBD request that failed at once because `reconnect-delay` had run out (or was
+        /// 0).
         P10 = "P10",
-        /// P11.
+        /// P11: an open that succeeded after `open-timeout` retries.
         P11 = "P11",
-        /// P12.
+        /// P12: events merged by the QMP rate limiter.
         P12 = "P12",
-        /// P13.
+        /// P13: A checkpoint that had overlay data to discard.
         P13 = "P13",
-        /// P14.
+        /// P14: A failover commit that completed.
         P14 = "P14",
-        /// P15.
+        /// P15: writes split between overlay and disk in FAILOVER_FAILED.
         P15 = "P15",
-        /// P16.
+        /// P16: A resync target interrupted by a fault and later in sync everywhere.
         P16 = "P16",
-        /// P17.
+        /// P17: A resync that found a granule already equal and skipped the write.
         P17 = "P17",
-        /// P18.
+        /// P18: A verify that repaired a mismatching granule.
         P18 = "P18",
-        /// P19.
+        /// P19: recovery after a crash driven by the write-intent bitmap.
         P19 = "P19",
-        /// P20.
+        /// P20: A granule reported as unrecoverable.
         P20 = "P20",
-        /// P21.
+        /// P21: A qcow2 image reopened after a crash with leaked clusters.
         P21 = "P21",
         /// Not a recovery path: a read the oracle leaves unjudged because a recovery copied
         /// data it cannot follow (README D19) or copies went stale beyond the budget (B7).

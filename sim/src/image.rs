@@ -18,7 +18,6 @@
 
 use crate::ids::{Fault, Path, Rule, Violation};
 use crate::topology::Topology;
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -32,9 +31,11 @@ use bytes::{Bytes, BytesMut};
 use crate::imagedisk::{check_after_cut, open_named, ImageDisk};
 use crate::outcome::{RunOpts, RunResult};
 use crate::params::{ImageParams, Params};
-use crate::rng::{hash_words, Rng};
+use crate::rng::Rng;
+use crate::runlog::RunLog;
 use crate::scenario::Scenario;
 use crate::sector::{decode, encode_into, Decoded, Value, SECTOR, SECTOR_U64};
+use crate::trace::Record;
 
 /// One guest write's record for the model.
 #[derive(Debug, Clone, Copy)]
@@ -165,12 +166,15 @@ impl Model {
 pub(crate) struct ImageRun {
     p: Params,
     ip: ImageParams,
+    /// The trace, the first violation and the counters.
+    log: RunLog,
+    /// The ops, crashes and virtual time `drive` measured.
     result: std::sync::Mutex<RunResult>,
 }
 
 #[async_trait::async_trait]
 impl Topology for ImageRun {
-    async fn build(p: Params, _sc: Scenario, _opts: RunOpts) -> Result<ImageRun, RunResult> {
+    async fn build(p: Params, _sc: Scenario, opts: RunOpts) -> Result<ImageRun, RunResult> {
         let Some(ip) = p.image.clone() else {
             let why = "an image run without image parameters";
             return Err(RunResult {
@@ -181,6 +185,7 @@ impl Topology for ImageRun {
         Ok(ImageRun {
             p,
             ip,
+            log: RunLog::new(&opts),
             result: Default::default(),
         })
     }
@@ -188,15 +193,21 @@ impl Topology for ImageRun {
     async fn drive(&self) {
         let mut r = RunResult::default();
         let start = tokio::time::Instant::now();
-        if let Err((rule, msg)) = run(&self.p, &self.ip, &mut r).await {
-            r.violation = Some(Violation::new(rule, msg));
+        if let Err((rule, msg)) = run(&self.p, &self.ip, &self.log, &mut r).await {
+            self.log.fail(rule, msg);
         }
         r.virtual_s = start.elapsed().as_secs_f64();
         *self.result.lock().unwrap_or_else(|p| p.into_inner()) = r;
     }
 
     async fn judge(&self) -> RunResult {
-        std::mem::take(&mut *self.result.lock().unwrap_or_else(|p| p.into_inner()))
+        let r = std::mem::take(&mut *self.result.lock().unwrap_or_else(|p| p.into_inner()));
+        RunResult {
+            ops: r.ops,
+            crashes: r.crashes,
+            virtual_s: r.virtual_s,
+            ..self.log.result()
+        }
     }
 }
 
@@ -227,7 +238,7 @@ async fn open(file: &Device, backing: &Option<Device>) -> std::result::Result<Qc
 fn check_reads(
     model: &Mutex<Model>,
     reads: Vec<(u64, u64, u64, Bytes)>,
-    checks: &mut BTreeMap<Rule, u64>,
+    log: &RunLog,
 ) -> std::result::Result<(), Fail> {
     for (s, t0, t1, data) in reads {
         let m = model.lock().unwrap_or_else(|p| p.into_inner());
@@ -239,7 +250,7 @@ fn check_reads(
                     return Err((Rule::I1, format!("sector {sec} reads garbage")));
                 }
             };
-            *checks.entry(Rule::I1).or_default() += 1;
+            log.check(Rule::I1);
             let allowed = m.live_allowed(sec, t0, t1);
             if !allowed.contains(&got) {
                 return Err((
@@ -255,18 +266,13 @@ fn check_reads(
 /// After a crash (F16): the image opens and its refcounts hold (I21, I22; a leak is P21), it
 /// reopens through F5's lane, and every sector reads the durable value or a later write (I21,
 /// I2); the model restarts from what it read.
-async fn recover(
-    rig: &Rig,
-    crashes: u64,
-    checks: &mut BTreeMap<Rule, u64>,
-    paths: &mut BTreeMap<Path, u64>,
-) -> std::result::Result<Qcow2, Fail> {
+async fn recover(rig: &Rig, crashes: u64, log: &RunLog) -> std::result::Result<Qcow2, Fail> {
     let (file, backing, model, size) = (&rig.file, &rig.backing, &*rig.model, rig.size);
     let lane = &rig.disk.lane();
     let leaks = check_after_cut(file, "'sim.qcow2'", &format!("after crash {crashes}")).await?;
-    *checks.entry(Rule::I22).or_default() += 1;
+    log.check(Rule::I22);
     if leaks > 0 {
-        *paths.entry(Path::P21).or_default() += 1;
+        log.path(Path::P21);
     }
     // Reopening must not itself fail under F5: retry the open a few times.
     let mut reopened = None;
@@ -320,7 +326,7 @@ async fn recover(
         m.base[i] = vec![got];
         m.hist[i].clear();
     }
-    *checks.entry(Rule::I21).or_default() += 1;
+    log.check(Rule::I21);
     Ok(fresh)
 }
 
@@ -340,6 +346,8 @@ struct Rig {
     clock: Arc<AtomicU64>,
     /// `IMGDBG=SECTOR`: the sector whose requests are printed.
     dbg: Option<u64>,
+    /// The run's start, for the trace's virtual time.
+    start: tokio::time::Instant,
 }
 
 /// One guest request of a batch: its kind (a draw below 20: 0-8 write, 9-12 read, 13-14
@@ -350,6 +358,19 @@ struct Req {
     s: u64,
     len: u64,
     id: u64,
+}
+
+impl Req {
+    /// The request's kind as the trace names it.
+    fn kind_name(&self) -> &'static str {
+        match self.kind {
+            0..=8 => "write",
+            9..=12 => "read",
+            13..=14 => "write-zeroes",
+            15 => "discard",
+            _ => "flush",
+        }
+    }
 }
 
 impl Rig {
@@ -412,10 +433,34 @@ impl Rig {
             dbg: std::env::var("IMGDBG")
                 .ok()
                 .and_then(|v| v.parse::<u64>().ok()),
+            start: tokio::time::Instant::now(),
         };
         rig.model.lock().unwrap_or_else(|p| p.into_inner()).base =
             (0..sectors).map(|x| vec![rig.base_value(x)]).collect();
         Ok(rig)
+    }
+
+    /// Appends a trace record at the current virtual time.
+    fn record(
+        &self,
+        log: &RunLog,
+        node: &str,
+        kind: &'static str,
+        op: u64,
+        (offset, len): (u64, u64),
+        digest: u64,
+    ) {
+        log.record(Record {
+            t_ns: self.start.elapsed().as_nanos() as u64,
+            node: node.into(),
+            kind,
+            op,
+            offset,
+            len,
+            result: 0,
+            digest,
+            note: String::new(),
+        });
     }
 
     /// What sector `s` holds before any write: the backing's data, or zeros.
@@ -690,7 +735,12 @@ fn settle(rig: &Rig, settle: Vec<Done>) {
 /// first, then the flushes and FUA writes that settle values applied, as they drop history
 /// a read may need), with F16 power cuts inside or between batches, each followed by
 /// [`recover`]; at the end a flush.
-async fn run(p: &Params, ip: &ImageParams, r: &mut RunResult) -> std::result::Result<(), Fail> {
+async fn run(
+    p: &Params,
+    ip: &ImageParams,
+    log: &RunLog,
+    r: &mut RunResult,
+) -> std::result::Result<(), Fail> {
     let mut rng = Rng::stream(p.seed, "image/ops");
     let rig = Rig::new(p, ip).await?;
     let mut q = Arc::new(
@@ -701,9 +751,6 @@ async fn run(p: &Params, ip: &ImageParams, r: &mut RunResult) -> std::result::Re
     let mut next_id = 1u64;
     let ops_total = p.ops.min(4000);
     let mut done = 0u64;
-    let mut trace: Vec<u64> = Vec::new();
-    let mut checks: BTreeMap<Rule, u64> = BTreeMap::new();
-    let mut paths: BTreeMap<Path, u64> = BTreeMap::new();
     let mut crashes = 0u64;
     while done < ops_total {
         let n = ip.concurrency.min(ops_total - done);
@@ -716,11 +763,18 @@ async fn run(p: &Params, ip: &ImageParams, r: &mut RunResult) -> std::result::Re
         for _ in 0..n {
             let req = rig.draw(&mut rng, next_id);
             next_id += 1;
-            trace.extend([req.kind, req.s, req.len, req.id]);
+            rig.record(
+                log,
+                "guest",
+                req.kind_name(),
+                req.id,
+                (req.s * SECTOR_U64, req.len * SECTOR_U64),
+                req.kind,
+            );
             tasks.push(rig.spawn(&q, req));
         }
         let batch = collect(&rig, ip, tasks, cut_at).await?;
-        check_reads(&rig.model, batch.reads, &mut checks)?;
+        check_reads(&rig.model, batch.reads, log)?;
         settle(&rig, batch.settle);
         done += n;
         // F16: the cut in this batch, or one between batches.
@@ -734,17 +788,13 @@ async fn run(p: &Params, ip: &ImageParams, r: &mut RunResult) -> std::result::Re
             if !batch.cut {
                 rig.disk.cut(ip.f8, ip.f9);
             }
-            q = Arc::new(recover(&rig, crashes, &mut checks, &mut paths).await?);
+            rig.record(log, "image", "crash", crashes, (0, 0), 0);
+            q = Arc::new(recover(&rig, crashes, log).await?);
         }
     }
     let _ = q.flush().await;
     r.ops = done;
     r.crashes = crashes;
-    r.checks = checks;
-    r.paths = paths;
-    r.injected = rig.disk.lock().injected.clone();
-    r.child_ops = 0;
-    r.trace_hash = format!("{:016x}", hash_words(&trace));
-    r.records = trace.len() as u64 / 4;
+    log.counts().injected = rig.disk.injected();
     Ok(())
 }

@@ -18,6 +18,7 @@ pub mod params;
 pub mod progress;
 pub mod report;
 pub mod rng;
+pub mod runlog;
 pub mod scenario;
 pub mod sector;
 pub mod trace;

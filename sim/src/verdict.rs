@@ -205,13 +205,8 @@ impl fmt::Display for Ev {
                 error,
                 sectors: (sn, sc),
             } => {
-                let io = match io {
-                    IoType::Read => "read",
-                    IoType::Write => "write",
-                    IoType::Flush => "flush",
-                };
                 let e = error.map(|k| k.errno_name()).unwrap_or("-");
-                write!(f, "RB {io} {node} {e} {sn}/{sc}")
+                write!(f, "RB {} {node} {e} {sn}/{sc}", io.as_str())
             }
             Ev::Failure { sectors: (sn, sc) } => write!(f, "FAILURE {sn}/{sc}"),
             Ev::Job(s) => f.write_str(s),
