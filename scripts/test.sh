@@ -24,6 +24,9 @@ fi
 echo "== the simulator (cargo sim: --cfg madsim, own target dir): clippy, determinism, sweep"
 cargo clippy -p ballot-sim --release --target-dir target-sim \
     --config "build.rustflags=['--cfg','madsim']" -- -D warnings
+# The unit tests of the madsim-only modules (the run loop's among them), with the others.
+cargo test -p ballot-sim --release --target-dir target-sim \
+    --config "build.rustflags=['--cfg','madsim']" --lib
 # SIMULATION.md M4: 20 seeds, each twice in this process and twice in separate processes.
 cargo sim check-determinism --seeds 20
 # M5: every scenario plus 200 random seeds; the report goes to a scratch directory.
