@@ -33,7 +33,7 @@ use crate::outcome::{RunOpts, RunResult};
 use crate::params::{ImageParams, Params};
 use crate::rng::Rng;
 use crate::runlog::RunLog;
-use crate::scenario::Scenario;
+use crate::scenario::{Expect, Scenario};
 use crate::sector::{decode, encode_into, Decoded, Value, SECTOR, SECTOR_U64};
 use crate::trace::Record;
 
@@ -166,6 +166,8 @@ impl Model {
 pub(crate) struct ImageRun {
     p: Params,
     ip: ImageParams,
+    /// The scenario, whose `injected` and `path` expectations the run checks at its end.
+    sc: Scenario,
     /// The trace, the first violation and the counters.
     log: RunLog,
     /// The ops, crashes and virtual time `drive` measured.
@@ -174,17 +176,23 @@ pub(crate) struct ImageRun {
 
 #[async_trait::async_trait]
 impl Topology for ImageRun {
-    async fn build(p: Params, _sc: Scenario, opts: RunOpts) -> Result<ImageRun, RunResult> {
-        let Some(ip) = p.image.clone() else {
-            let why = "an image run without image parameters";
-            return Err(RunResult {
-                violation: Some(Violation::new(Rule::Harness, why)),
-                ..RunResult::default()
-            });
+    async fn build(p: Params, sc: Scenario, opts: RunOpts) -> Result<ImageRun, RunResult> {
+        let refuse = |why: String| RunResult {
+            violation: Some(Violation::new(Rule::Harness, why)),
+            ..RunResult::default()
         };
+        let Some(ip) = p.image.clone() else {
+            return Err(refuse("an image run without image parameters".into()));
+        };
+        // The parser refuses these for the scenario's own seed; another seed may derive an
+        // image run where the scenario's did not.
+        if let Some(why) = crate::scenario::image_unsupported(&sc) {
+            return Err(refuse(format!("scenario {}: {why}", sc.name)));
+        }
         Ok(ImageRun {
             p,
             ip,
+            sc,
             log: RunLog::new(&opts),
             result: Default::default(),
         })
@@ -201,12 +209,43 @@ impl Topology for ImageRun {
     }
 
     async fn judge(&self) -> RunResult {
+        self.check_expectations();
         let r = std::mem::take(&mut *self.result.lock().unwrap_or_else(|p| p.into_inner()));
         RunResult {
             ops: r.ops,
             crashes: r.crashes,
             virtual_s: r.virtual_s,
             ..self.log.result()
+        }
+    }
+}
+
+impl ImageRun {
+    /// C5: the scenario's `injected` and `path` expectations (the only kinds an image run
+    /// takes, [`crate::scenario::image_unsupported`]).
+    fn check_expectations(&self) {
+        for e in &self.sc.expects {
+            let c = self.log.counts();
+            let (what, n, min) = match e {
+                Expect::Injected { fault, min } => (
+                    format!("{fault} injected"),
+                    c.injected.get(fault).copied().unwrap_or(0),
+                    *min,
+                ),
+                Expect::Path { path, min } => (
+                    format!("{path} reached"),
+                    c.paths.get(path).copied().unwrap_or(0),
+                    *min,
+                ),
+                _ => continue,
+            };
+            drop(c);
+            if n < min {
+                self.log.fail(
+                    Rule::C5,
+                    format!("expect: {what} {n} time(s), expected at least {min}"),
+                );
+            }
         }
     }
 }

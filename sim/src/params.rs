@@ -320,6 +320,32 @@ pub struct Params {
     pub child_image: Option<ChildImageParams>,
 }
 
+/// Whether pin `key` configures something only a quorum has (children, vote, read pattern,
+/// repairs, resync, discards, child images, healing, the child disks' faults and NBD).
+pub fn quorum_only(key: &str) -> bool {
+    const KEYS: &[&str] = &[
+        "topology.children",
+        "topology.vote_threshold",
+        "topology.read_pattern",
+        "topology.rewrite_corrupted",
+        "topology.resync",
+        "topology.blkverify",
+        "topology.discard_unmap",
+        "topology.discard_zeroes",
+        "topology.child_image",
+    ];
+    KEYS.contains(&key)
+        || [
+            "healing.",
+            "child_image.",
+            "disk.",
+            "nbd_client.",
+            "network.",
+        ]
+        .iter()
+        .any(|p| key.starts_with(p))
+}
+
 /// A qcow2 image's refcount width (log2): QEMU's 16 bits half the time, any other the rest.
 fn draw_refcount_order(r: &mut Rng) -> u64 {
     if r.chance(0.5) {
@@ -639,7 +665,13 @@ impl Params {
             p.choice("topology.transport", &["local", "nbd"], &[3, 1])?
         };
         let nbd_on = transport == "nbd";
-        let image_on = !colo_on && !nbd_on && p.boolean("topology.image", 0.15)?;
+        // A pin only a quorum has (its children, vote, healing...) rules the image topology out:
+        // a scenario or grid point that configures a quorum tests one. The draw stays, so
+        // every other run derives as before.
+        let image_on = !colo_on
+            && !nbd_on
+            && p.boolean("topology.image", 0.15)?
+            && !pins.keys().any(|k| quorum_only(k));
         let image = if image_on {
             Some(ImageParams {
                 cluster_bits: p.int("image.cluster_bits", 9, 21, draw_cluster_bits)? as u32,

@@ -20,9 +20,9 @@ use crate::oracle::{Finding, ModelCfg, OpKind, Oracle};
 use crate::outcome::{RunOpts, RunResult};
 use crate::params::Params;
 use crate::rng::Rng;
+use crate::runlog::RunLog;
 use crate::scenario::{Expect, FaultSpec, Scenario, When};
 use crate::sector::{decode, Decoded, Value, SECTOR, SECTOR_U64};
-use crate::trace::Trace;
 use crate::vdisk::{Armed, Budget, DiskSet, DiskSetConfig, Sticky, Stored, GUEST_OP};
 
 use crate::topology::Topology;
@@ -37,7 +37,7 @@ pub(crate) struct QuorumRun {
 }
 
 /// The children's virtual disks: sizes (F11 at open), latencies (the gray child), the trace.
-fn new_disks(p: &Params, sc: &Scenario, opts: &RunOpts) -> Arc<DiskSet> {
+fn new_disks(p: &Params, sc: &Scenario, log: Arc<RunLog>) -> Arc<DiskSet> {
     let n = p.children;
     let mut sectors = vec![p.disk_size / SECTOR_U64; n];
     // F11 at open: a scripted size mismatch on a child from the start.
@@ -77,13 +77,7 @@ fn new_disks(p: &Params, sc: &Scenario, opts: &RunOpts) -> Arc<DiskSet> {
             prefix: if p.nbd.is_some() { "r" } else { "c" },
             sector_atomic: p.heal.metadata,
         },
-        {
-            let mut t = Trace::new(opts.verbose, opts.window);
-            if opts.capture {
-                t.keep_all();
-            }
-            t
-        },
+        log,
     )
 }
 
@@ -107,17 +101,18 @@ fn model_cfg(p: &Params) -> ModelCfg {
 }
 
 /// The run's shared state, before any host starts.
-fn new_world(p: Params, sc: Scenario, disks: Arc<DiskSet>) -> Arc<World> {
+fn new_world(p: Params, sc: Scenario, disks: Arc<DiskSet>, log: Arc<RunLog>) -> Arc<World> {
     let n = p.children;
     let oracle = Oracle::new(model_cfg(&p));
     let mut frng = Rng::stream(p.seed, "faults/F11");
     let f11_at = (p.family_on(Fault::F11) && p.ops > 0).then(|| frng.below(p.ops));
     Arc::new(World {
         extra_op,
+        log,
         disks: disks.clone(),
         st: Mutex::new(State {
             oracle,
-            violations: Vec::new(),
+            first_finding: None,
             phase: Phase::Safety,
             next_step: 0,
             step_results: BTreeMap::new(),
@@ -175,7 +170,8 @@ fn new_world(p: Params, sc: Scenario, disks: Arc<DiskSet>) -> Arc<World> {
 impl Topology for QuorumRun {
     async fn build(p: Params, sc: Scenario, opts: RunOpts) -> Result<QuorumRun, RunResult> {
         let start = tokio::time::Instant::now();
-        let disks = new_disks(&p, &sc, &opts);
+        let log = Arc::new(RunLog::new(&opts));
+        let disks = new_disks(&p, &sc, log.clone());
         disks.set_start(start);
         if let Some(ci) = &p.child_image {
             if let Err((rule, msg)) = disks.attach_images(ci, p.initial_pattern).await {
@@ -186,7 +182,7 @@ impl Topology for QuorumRun {
             }
         }
         let n = p.children;
-        let world = new_world(p, sc, disks);
+        let world = new_world(p, sc, disks, log);
         let handle = madsim::runtime::Handle::current();
         // Replica hosts first, so qhost finds them listening.
         if world.p.nbd.is_some() {
@@ -1069,7 +1065,7 @@ async fn hot_add_mismatch(w: &Arc<World>, delta: i64) {
             prefix: "c",
             sector_atomic: false,
         },
-        Trace::new(false, (0, 0)),
+        Arc::new(RunLog::new(&RunOpts::default())),
     );
     w.disks.count_injected(Fault::F11);
     let r = q.add_child("cx", extra.device(0) as Device).await;
@@ -1100,7 +1096,7 @@ fn next_random_op(w: &Arc<World>) -> Option<(OpKind, u64, u64, bool)> {
     fire_due(w);
     let f11 = {
         let mut st = w.lock();
-        if st.phase != Phase::Safety || st.issued >= w.p.ops || !st.violations.is_empty() {
+        if st.phase != Phase::Safety || st.issued >= w.p.ops || w.log.failed() {
             return None;
         }
         let f11 = st.f11_at == Some(st.issued);
@@ -1849,69 +1845,55 @@ fn expect_log(w: &World, fatal: bool, count: u64) -> Result<(), String> {
 fn finish(w: &Arc<World>, start: tokio::time::Instant) -> RunResult {
     let counters = w.disks.counters();
     let (over, latent) = w.disks.excused_sectors();
+    let image_failure = w.disks.image_failure();
+    let image_failed = image_failure.is_some();
     let st = w.lock();
+    {
+        // The disks count the faults, the oracle its checks, paths and outcomes as it judges;
+        // both hand them to the log.
+        let mut c = w.log.counts();
+        c.injected = counters.injected.clone();
+        c.outcomes = st.oracle.tally.outcomes.clone();
+        c.paths = st.oracle.tally.paths.clone();
+        c.checks = st.oracle.tally.checks.clone();
+        // Child images: their checks and leaks; a rule one broke comes first (the model went
+        // on from the image's state).
+        for (k, v) in &counters.image_checks {
+            *c.checks.entry(*k).or_default() += v;
+        }
+        if counters.image_leaks > 0 {
+            *c.paths.entry(Path::P21).or_default() += counters.image_leaks;
+        }
+        match image_failure {
+            Some((rule, msg)) => c.violation = Some(Violation::new(rule, msg)),
+            None => {
+                // P12: events the limiter held back or merged.
+                let coalesced = st.all_events.len().saturating_sub(st.qmp_events.len()) as u64;
+                if coalesced > 0 {
+                    c.paths.insert(Path::P12, coalesced);
+                }
+            }
+        }
+    }
     let mut r = RunResult {
         ops: st.completed,
         child_ops: counters.child_ops,
         virtual_s: start.elapsed().as_secs_f64(),
-        trace_hash: w.disks.with_trace(|t| t.hash_hex()),
-        records: w.disks.with_trace(|t| t.records()),
-        injected: counters.injected.clone(),
         skipped: counters.skipped.clone(),
-        outcomes: st.oracle.tally.outcomes.clone(),
-        paths: st.oracle.tally.paths.clone(),
-        checks: st.oracle.tally.checks.clone(),
         safety_errors: st.oracle.tally.safety_errors,
         crashes: st.crashes,
         excused: (over.len() + latent.len()) as u64,
-        trace_lines: w.disks.with_trace(|t| t.take_all()),
         latency: latency_histograms(&st.spans),
         fault_outcomes: fault_outcomes(&st.spans, &counters.marks),
-        ..RunResult::default()
+        ..w.log.result()
     };
-    // Child images: their checks and leaks; a rule one broke comes first (the model went
-    // on from the image's state).
-    for (k, v) in &counters.image_checks {
-        *r.checks.entry(*k).or_default() += v;
-    }
-    if counters.image_leaks > 0 {
-        *r.paths.entry(Path::P21).or_default() += counters.image_leaks;
-    }
-    if let Some((rule, msg)) = w.disks.image_failure() {
-        r.violation = Some(Violation::new(rule, msg));
-        return r;
-    }
-    // P12: events the limiter held back or merged.
-    let coalesced = st.all_events.len().saturating_sub(st.qmp_events.len()) as u64;
-    if coalesced > 0 {
-        r.paths.insert(Path::P12, coalesced);
-    }
-    if let Some(v) = st.violations.first() {
-        r.violation = Some(Violation::new(
-            v.rule,
-            format!(
-                "op={} {}{}",
-                v.op,
-                v.sector.map(|s| format!("sector={s} ")).unwrap_or_default(),
-                v.message
-            ),
-        ));
-        let mut d = String::new();
-        d += "history (ops touching the sector, newest last):\n";
+    if let (Some(v), false) = (&st.first_finding, image_failed) {
+        let mut d = String::from("history (ops touching the sector, newest last):\n");
         for line in st.oracle.history(v.sector, 25) {
             d += &line;
             d += "\n";
         }
-        d += "trace tail:\n";
-        let tail: Vec<String> = w.disks.with_trace(|t| {
-            let all: Vec<String> = t.tail().map(|r| format!("  {r}")).collect();
-            all[all.len().saturating_sub(40)..].to_vec()
-        });
-        for line in tail {
-            d += &line;
-            d += "\n";
-        }
-        r.detail = d;
+        r.detail = d + &r.detail;
     }
     r
 }

@@ -301,10 +301,33 @@ fn check_derived(sc: &Scenario, pins: &BTreeMap<String, Tv>) -> Result<(), Strin
             ));
         }
     }
+    if derived.image.is_some() {
+        if let Some(why) = image_unsupported(sc) {
+            return Err(why);
+        }
+    }
     if derived.colo.is_none() {
         check_refs(sc, derived.children, derived.disk_size)?;
     }
     Ok(())
+}
+
+/// What the image topology (`topology.image = true`) cannot run of a scenario: it has no
+/// scripted steps or faults, and checks only `injected` and `path` expectations.
+pub fn image_unsupported(sc: &Scenario) -> Option<String> {
+    if !sc.steps.is_empty() {
+        return Some("key 'workload.step': the image topology runs no scripted steps".into());
+    }
+    if !sc.faults.is_empty() {
+        return Some("key 'fault': the image topology runs no scripted faults".into());
+    }
+    let i = sc
+        .expects
+        .iter()
+        .position(|e| !matches!(e, Expect::Injected { .. } | Expect::Path { .. }))?;
+    Some(format!(
+        "key 'expect[{i}]': the image topology checks only 'injected' and 'path' expectations"
+    ))
 }
 
 impl Scenario {
@@ -1152,7 +1175,7 @@ mod tests {
 
     #[test]
     fn c2_bad_scenarios_name_the_key() {
-        let cases: [(&str, &str); 14] = [
+        let cases: [(&str, &str); 17] = [
             ("name = \"x\"\nbogus = 1\n", "unknown key 'bogus'"),
             ("name = \"x\"\ntopology = { children = \"3\" }\n", "key 'topology.children': expected an integer, got string"),
             ("name = \"x\"\ntopology = { children = 9 }\n", "key 'topology.children': 9 is out of range 1..=7"),
@@ -1195,6 +1218,19 @@ mod tests {
             (
                 "name = \"x\"\nexpect = [ { kind = \"path\", path = \"P22\" } ]\n",
                 "key 'expect[0].path': unknown recovery path 'P22' (known: P1-P21, out-of-model, NBD-losses, NBD-reconnects, TLS-sessions)",
+            ),
+            // The image topology has no scripted steps or faults and checks only counts.
+            (
+                "name = \"x\"\ntopology = { image = true }\nworkload = { step = [ { id = \"w\", op = \"write\", range = \"0..4k\" } ] }\n",
+                "key 'workload.step': the image topology runs no scripted steps",
+            ),
+            (
+                "name = \"x\"\ntopology = { image = true }\nfault = [ { id = \"F5\", target = \"c0\" } ]\n",
+                "key 'fault': the image topology runs no scripted faults",
+            ),
+            (
+                "name = \"x\"\ntopology = { image = true }\nexpect = [ { kind = \"path\", path = \"P21\" }, { kind = \"warning\", count = 0 } ]\n",
+                "key 'expect[1]': the image topology checks only 'injected' and 'path' expectations",
             ),
         ];
         for (text, want) in cases {
@@ -1298,5 +1334,36 @@ mod tests {
             }
         }
         assert_eq!(n, 65, "scenario files");
+    }
+
+    /// A scenario or grid point that configures a quorum runs one: before, a seed could draw
+    /// the image topology (15%) under quorum pins, and the run then ignored the scenario's
+    /// steps, faults and expectations and passed (three committed scenarios did).
+    #[test]
+    fn quorum_pins_never_derive_the_image_topology() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios");
+        let mut quorum = 0;
+        for e in std::fs::read_dir(&dir).expect("scenarios/") {
+            let p = e.expect("entry").path();
+            if p.extension().is_none_or(|x| x != "toml") {
+                continue;
+            }
+            let sc = Scenario::load(&p).unwrap_or_else(|e| panic!("{e}"));
+            if !sc.pins.keys().any(|k| crate::params::quorum_only(k)) {
+                continue;
+            }
+            quorum += 1;
+            // The scenario's own seed and the next 50, as `sweep --only` would vary them.
+            let base = sc.seed.unwrap_or(0);
+            for seed in base..base + 51 {
+                let d = Params::derive(seed, &sc.pins).expect("derives");
+                assert!(
+                    d.image.is_none(),
+                    "{} seed {seed} derived an image run",
+                    sc.name
+                );
+            }
+        }
+        assert_eq!(quorum, 51, "scenarios with quorum pins");
     }
 }

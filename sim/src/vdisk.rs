@@ -23,6 +23,7 @@ use crate::childimage::{ChildImage, Fail, Held};
 pub use crate::oplog::{ChildKind, ChildOp, ChildResult};
 pub use crate::params::{Budget, FaultRates, Latency};
 use crate::rng::{hash_words, Rng};
+use crate::runlog::RunLog;
 pub use crate::sector::Stored;
 use crate::sector::{
     data_digest, decode, digest_fingerprints, encode_into, fingerprint, fingerprint_bytes, Decoded,
@@ -158,7 +159,8 @@ struct Inner {
     /// with a stale NBD connection that may still deliver old writes).
     down: Vec<bool>,
     counters: Counters,
-    trace: Trace,
+    /// The run's log, whose trace the disks write.
+    log: Arc<RunLog>,
     start: tokio::time::Instant,
     /// The write [`VDisk::apply_write`] last put in a disk's cache (disk, write): what a
     /// child image is sent next.
@@ -218,7 +220,7 @@ pub struct CrashReport {
 
 impl DiskSet {
     /// Creates the disks, all holding the initial image (V6).
-    pub fn new(cfg: DiskSetConfig, trace: Trace) -> Arc<DiskSet> {
+    pub fn new(cfg: DiskSetConfig, log: Arc<RunLog>) -> Arc<DiskSet> {
         let n = cfg.sectors.len();
         let fault_base = Rng::stream(cfg.seed, "faults");
         let lat_base = Rng::stream(cfg.seed, "latency");
@@ -267,7 +269,7 @@ impl DiskSet {
                 oplog: BTreeMap::new(),
                 down: vec![false; n],
                 counters: Counters::default(),
-                trace,
+                log,
                 start: tokio::time::Instant::now(),
                 landed: None,
             }),
@@ -503,7 +505,8 @@ impl DiskSet {
 
     /// Runs `f` on the trace.
     pub fn with_trace<R>(&self, f: impl FnOnce(&mut Trace) -> R) -> R {
-        f(&mut self.lock().trace)
+        let log = self.lock().log.clone();
+        log.with_trace(f)
     }
 
     /// Counts a fault injected by the harness itself (crash, hot-add refusal, ...).
@@ -1225,7 +1228,7 @@ impl Inner {
         note: String,
     ) {
         let t_ns = self.start.elapsed().as_nanos() as u64;
-        self.trace.push(Record {
+        self.log.record(Record {
             t_ns,
             node,
             kind,
@@ -2145,7 +2148,6 @@ impl BlockDevice for VDisk {
 mod tests {
     use super::*;
     use crate::oracle::Oracle;
-    use crate::trace::Trace;
 
     fn disks(n: usize) -> Arc<DiskSet> {
         let lat = Latency {
@@ -2172,7 +2174,7 @@ mod tests {
                 prefix: "c",
                 sector_atomic: false,
             },
-            Trace::new(false, (0, 0)),
+            Arc::new(RunLog::new(&Default::default())),
         )
     }
 

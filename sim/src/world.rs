@@ -17,6 +17,7 @@ use crate::netmodel::Replica;
 use crate::oracle::{Finding, OpKind, Oracle};
 use crate::params::Params;
 use crate::rng::Rng;
+use crate::runlog::RunLog;
 use crate::scenario::Scenario;
 use crate::vdisk::DiskSet;
 
@@ -30,7 +31,8 @@ pub(crate) enum Phase {
 
 pub(crate) struct State {
     pub(crate) oracle: Oracle,
-    pub(crate) violations: Vec<Finding>,
+    /// The run's first finding, whose op and sector the failure report shows the history of.
+    pub(crate) first_finding: Option<Finding>,
     pub(crate) phase: Phase,
     pub(crate) next_step: usize,
     pub(crate) step_results: BTreeMap<String, String>,
@@ -79,6 +81,8 @@ pub(crate) struct World {
     pub(crate) extra_op: fn(&Arc<World>, OpKind, u64, u64),
     pub(crate) p: Params,
     pub(crate) sc: Scenario,
+    /// The trace, the first violation and the counters.
+    pub(crate) log: Arc<RunLog>,
     pub(crate) disks: Arc<DiskSet>,
     pub(crate) st: Mutex<State>,
     pub(crate) wake: tokio::sync::Notify,
@@ -191,9 +195,18 @@ impl World {
         });
     }
 
+    /// Records a finding; the first is the run's violation, as "op=N sector=S message".
     pub(crate) fn violate(&self, v: Finding) {
         let mut st = self.lock();
-        st.violations.push(v);
+        let message = format!(
+            "op={} {}{}",
+            v.op,
+            v.sector.map(|s| format!("sector={s} ")).unwrap_or_default(),
+            v.message
+        );
+        if self.log.fail(v.rule, message) {
+            st.first_finding = Some(v);
+        }
         st.phase = Phase::Done;
         drop(st);
         self.wake.notify_one();
@@ -244,6 +257,6 @@ impl World {
     }
 
     pub(crate) fn failed(&self) -> bool {
-        !self.lock().violations.is_empty()
+        self.log.failed()
     }
 }
