@@ -320,6 +320,509 @@ pub struct Params {
     pub child_image: Option<ChildImageParams>,
 }
 
+/// Which topology a run is: COLO, quorum over NBD, the image topology, or a local quorum
+/// with or without child images.
+struct Kind {
+    colo_on: bool,
+    nbd_on: bool,
+    image: Option<ImageParams>,
+    child_image: Option<ChildImageParams>,
+}
+
+impl Kind {
+    /// Draws the kind (`topology.kind`, `transport`, `image`, `child_image`) and the image
+    /// parameters it needs.
+    fn draw(p: &Pins, pins: &BTreeMap<String, Tv>) -> Result<Kind, String> {
+        let kind = p.choice("topology.kind", &["quorum", "colo"], &[4, 1])?;
+        let colo_on = kind == "colo";
+        let transport = if colo_on {
+            "local"
+        } else {
+            p.choice("topology.transport", &["local", "nbd"], &[3, 1])?
+        };
+        let nbd_on = transport == "nbd";
+        // A pin only a quorum has (its children, vote, healing...) rules the image topology out:
+        // a scenario or grid point that configures a quorum tests one. The draw stays, so
+        // every other run derives as before.
+        let image_on = !colo_on
+            && !nbd_on
+            && p.boolean("topology.image", 0.15)?
+            && !pins.keys().any(|k| quorum_only(k));
+        let image = if image_on {
+            Some(image_params(p)?)
+        } else {
+            None
+        };
+        let child_image_on =
+            !colo_on && !nbd_on && !image_on && p.boolean("topology.child_image", 0.15)?;
+        let child_image = if child_image_on {
+            Some(child_image_params(p)?)
+        } else {
+            None
+        };
+        Ok(Kind {
+            colo_on,
+            nbd_on,
+            image,
+            child_image,
+        })
+    }
+}
+
+/// The quorum's shape: children, vote, read pattern, repairs, resync, discards and disk.
+struct Shape {
+    children: usize,
+    threshold: usize,
+    fifo: bool,
+    rewrite: bool,
+    resync_auto: bool,
+    blkverify: bool,
+    discard_unmap: bool,
+    discard_zeroes: bool,
+    disk_size: u64,
+    initial_pattern: bool,
+}
+
+impl Shape {
+    /// Draws the shape (`topology.*`), checking the vote threshold, blkverify's needs
+    /// (Q9-Q11) and the disk size.
+    fn draw(p: &Pins) -> Result<Shape, String> {
+        let children = p.int("topology.children", 1, 7, |r| {
+            1 + r.weighted(&[1, 2, 4, 2, 2, 1, 1]) as u64
+        })? as usize;
+        let threshold = p.int("topology.vote_threshold", 1, children as u64, |r| {
+            let n = children as u64;
+            if r.chance(0.65) {
+                r.range(n / 2 + 1, n)
+            } else {
+                r.range(1, n)
+            }
+        })? as usize;
+        if threshold > children {
+            return Err(format!(
+                "key 'topology.vote_threshold': {threshold} exceeds topology.children = {children}"
+            ));
+        }
+        let fifo = p.choice("topology.read_pattern", &["quorum", "fifo"], &[4, 1])? == "fifo";
+        let rewrite = p.boolean("topology.rewrite_corrupted", 0.5)?;
+        let resync_auto = p.choice("topology.resync", &["auto", "manual"], &[3, 1])? == "auto";
+        let blkverify = p.boolean("topology.blkverify", 0.0)?;
+        if blkverify && (children != 2 || threshold != 2 || fifo || rewrite) {
+            return Err("key 'topology.blkverify': needs children = 2, vote_threshold = 2, read_pattern = \"quorum\" and rewrite_corrupted = false (docs/quorum.md Q9-Q11)".into());
+        }
+        let discard_unmap = p.boolean("topology.discard_unmap", 0.5)?;
+        let discard_zeroes = p.boolean("topology.discard_zeroes", 0.7)?;
+        let disk_size = p.size("topology.disk_size", |r| {
+            [1u64, 2, 4, 8, 16, 32, 64][r.weighted(&[3, 3, 3, 2, 1, 1, 1])] << 20
+        })?;
+        if disk_size < 64 * 1024 || disk_size % 4096 != 0 || disk_size > 1 << 30 {
+            return Err(format!(
+                "key 'topology.disk_size': {disk_size} must be a multiple of 4k between 64k and 1G"
+            ));
+        }
+        let initial_pattern =
+            p.choice("topology.initial", &["pattern", "zero"], &[7, 3])? == "pattern";
+        Ok(Shape {
+            children,
+            threshold,
+            fifo,
+            rewrite,
+            resync_auto,
+            blkverify,
+            discard_unmap,
+            discard_zeroes,
+            disk_size,
+            initial_pattern,
+        })
+    }
+}
+
+/// The guest workload: how many ops, their mix, sizes, queue depth, region, hot share and FUA.
+struct Work {
+    ops: u64,
+    mix: Mix,
+    size: (u64, u64),
+    queue_depth: usize,
+    region: (u64, u64),
+    hot: f64,
+    fua: f64,
+}
+
+impl Work {
+    /// Draws the workload (`workload.*`) for a disk of `disk_size` bytes.
+    fn draw(p: &Pins, disk_size: u64) -> Result<Work, String> {
+        let ops = p.int("workload.ops", 0, 10_000_000, |r| r.range(2000, 3000))?;
+        let mix = Mix {
+            read: p.int("workload.mix.read", 0, 1000, |r| r.range(30, 60))?,
+            write: p.int("workload.mix.write", 0, 1000, |r| r.range(20, 50))?,
+            write_zeroes: p.int("workload.mix.write_zeroes", 0, 1000, |r| r.range(0, 10))?,
+            trim: p.int("workload.mix.trim", 0, 1000, |r| r.range(0, 10))?,
+            flush: p.int("workload.mix.flush", 0, 1000, |r| r.range(1, 10))?,
+        };
+        if mix.read + mix.write + mix.write_zeroes + mix.trim + mix.flush == 0 && ops > 0 {
+            return Err("key 'workload.mix': every weight is 0".into());
+        }
+        let size = p.pair("workload.size", parse_size, |r| {
+            (
+                512,
+                [4096u64, 16384, 65536, 262_144, 1 << 20][r.weighted(&[2, 3, 3, 2, 1])],
+            )
+        })?;
+        if size.0 == 0 || size.0 % 512 != 0 || size.1 % 512 != 0 || size.1 > disk_size {
+            return Err(format!(
+                "key 'workload.size': {}..{} must be whole sectors, at least 512 and at most the disk size",
+                size.0, size.1
+            ));
+        }
+        let queue_depth = p.int("workload.queue_depth", 1, 64, |r| {
+            [1u64, 2, 4, 8, 16, 32][r.weighted(&[2, 2, 3, 3, 2, 1])]
+        })? as usize;
+        let region = match p.get("workload.region") {
+            Some(Tv::String(s)) => {
+                parse_range(s).map_err(|e| format!("key 'workload.region': {e}"))?
+            }
+            Some(other) => {
+                return Err(format!(
+                    "key 'workload.region': expected a range string, got {}",
+                    other.type_str()
+                ))
+            }
+            None => (0, disk_size),
+        };
+        if region.1 > disk_size || region.1 - region.0 < size.1 {
+            return Err(format!(
+                "key 'workload.region': {}..{} must lie inside the disk and hold the largest op",
+                region.0, region.1
+            ));
+        }
+        let hot = p.float("workload.hot", 0.0, 1.0, |r| {
+            if r.chance(0.5) {
+                r.uniform(0.0, 0.9)
+            } else {
+                0.0
+            }
+        })?;
+        let fua = p.float("workload.fua", 0.0, 1.0, |r| r.uniform(0.0, 0.2))?;
+        Ok(Work {
+            ops,
+            mix,
+            size,
+            queue_depth,
+            region,
+            hot,
+            fua,
+        })
+    }
+}
+
+/// The image topology's parameters (`image.*`).
+fn image_params(p: &Pins) -> Result<ImageParams, String> {
+    Ok(ImageParams {
+        cluster_bits: p.int("image.cluster_bits", 9, 21, draw_cluster_bits)? as u32,
+        version: p.int(
+            "image.version",
+            2,
+            3,
+            |r| if r.chance(0.25) { 2 } else { 3 },
+        )? as u32,
+        refcount_order: p.int("image.refcount_order", 0, 6, draw_refcount_order)? as u32,
+        backing: p.boolean("image.backing", 0.5)?,
+        concurrency: p.int("image.concurrency", 1, 64, |r| r.range(1, 9))?,
+        f5: p.float("image.F5", 0.0, 1.0, |r| r.uniform(0.0, 0.05))?,
+        f16: p.float("image.F16", 0.0, 1.0, |r| r.uniform(0.05, 0.3))?,
+        f8: p.float("image.F8", 0.0, 1.0, |r| r.uniform(0.0, 0.5))?,
+        f9: p.float("image.F9", 0.0, 1.0, |r| r.uniform(0.0, 1.0))?,
+    })
+}
+
+/// The child images' parameters (`child_image.*`).
+fn child_image_params(p: &Pins) -> Result<ChildImageParams, String> {
+    Ok(ChildImageParams {
+        cluster_bits: p.int("child_image.cluster_bits", 9, 21, draw_cluster_bits)? as u32,
+        version: p.int("child_image.version", 2, 3, |r| {
+            if r.chance(0.25) {
+                2
+            } else {
+                3
+            }
+        })? as u32,
+        refcount_order: p.int("child_image.refcount_order", 0, 6, draw_refcount_order)? as u32,
+    })
+}
+
+/// The disks' fault rates (F1-F9: drawn whether or not the family is on, so enabling one
+/// keeps the others), the crash rate (F16, F28) and the restart delay range.
+fn fault_rates(
+    p: &Pins,
+    families: &[Fault],
+    on: &dyn Fn(Fault) -> bool,
+) -> Result<(FaultRates, f64, (u64, u64)), String> {
+    let rate = |key: Fault, hi: f64| -> Result<f64, String> {
+        p.float(&format!("faults.rates.{key}"), 0.0, 1.0, |r| {
+            r.uniform(0.0, hi)
+        })
+    };
+    // Rates are drawn whether or not the family is on, so enabling one keeps the others.
+    let r1 = rate(Fault::F1, 0.10)?;
+    let r2 = rate(Fault::F2, 0.05)?;
+    let r3 = rate(Fault::F3, 0.10)?;
+    let r4 = rate(Fault::F4, 0.05)?;
+    let r5 = rate(Fault::F5, 0.10)?;
+    let r6 = rate(Fault::F6, 0.01)?;
+    let r7 = rate(Fault::F7, 0.01)?;
+    let r8 = p.float("faults.rates.F8", 0.0, 1.0, |r| r.uniform(0.0, 0.5))?;
+    let r9 = p.float("faults.rates.F9", 0.0, 1.0, |r| r.uniform(0.8, 1.0))?;
+    let rates = FaultRates {
+        f1: on(Fault::F1).then_some(r1),
+        f2: on(Fault::F2).then_some(r2),
+        f3: on(Fault::F3).then_some(r3),
+        f4: on(Fault::F4).then_some(r4),
+        f5: on(Fault::F5).then_some(r5),
+        f6: on(Fault::F6).then_some(r6),
+        f7: on(Fault::F7).then_some(r7),
+        f8: families.contains(&Fault::F8).then_some(r8),
+        f9: families.contains(&Fault::F9).then_some(r9),
+    };
+    let crash = p.float("faults.crash_rate", 0.0, 10.0, |r| r.uniform(0.005, 0.05))?;
+    // F28 is a power cut of the quorum host: it needs the crashes F16 makes.
+    let crash_rate = if on(Fault::F16) || on(Fault::F28) {
+        crash
+    } else {
+        0.0
+    };
+    let restart_ns = p.pair("faults.restart", parse_time_ns, |r| {
+        let hi = r.range(0, 10_000) * 1_000_000;
+        (0, hi)
+    })?;
+    Ok((rates, crash_rate, restart_ns))
+}
+
+/// The disks' latencies (`disk.*`; F10 makes them slow and stalling) and the gray disk and
+/// its slowdown.
+fn disk_latency(
+    p: &Pins,
+    children: usize,
+    nbd_on: bool,
+    slow: bool,
+) -> Result<(Latency, usize, u64), String> {
+    let read_min = p.time("disk.read_min", |r| r.range(10, 200) * 1000)?;
+    let read_mean = p.time("disk.read_mean", |r| read_min + r.range(100, 2000) * 1000)?;
+    let write_min = p.time("disk.write_min", |r| r.range(20, 500) * 1000)?;
+    let write_mean = p.time("disk.write_mean", |r| write_min + r.range(200, 5000) * 1000)?;
+    let stall_p = p.float("disk.stall", 0.0, 1.0, |r| r.uniform(0.0, 0.01))?;
+    let stall_ns = p.pair("disk.stall_time", parse_time_ns, |_| {
+        (1_000_000_000, 5_000_000_000)
+    })?;
+    let gray_disk = p.int("disk.gray", 0, children as u64 - 1, |r| {
+        r.below(children as u64)
+    })? as usize;
+    // Over NBD a disk slower than request-timeout makes every request to it time out and
+    // be re-sent for ever (N42): a gray replica stays within a few times its peers.
+    let gray_factor = p.int("disk.gray_factor", 1, 1000, |r| {
+        if nbd_on {
+            r.range(2, 10)
+        } else {
+            r.range(10, 100)
+        }
+    })?;
+    let slow_read = p.time("disk.slow_read_mean", |r| r.range(1, 100) * 1_000_000)?;
+    let slow_write = p.time("disk.slow_write_mean", |r| {
+        r.range(1, if nbd_on { 200 } else { 1000 }) * 1_000_000
+    })?;
+    let latency = Latency {
+        read_min_ns: read_min,
+        read_mean_ns: if slow {
+            read_mean.max(slow_read)
+        } else {
+            read_mean.max(read_min)
+        },
+        write_min_ns: write_min,
+        write_mean_ns: if slow {
+            write_mean.max(slow_write)
+        } else {
+            write_mean.max(write_min)
+        },
+        stall_p: if slow { stall_p } else { 0.0 },
+        stall_ns,
+        factor: 1,
+    };
+    Ok((latency, gray_disk, gray_factor))
+}
+
+/// The NBD transport's parameters: the clients' timeouts (N46), the network's latency (F12)
+/// and TLS, and the network faults' rates (F13, F15, F17, F18).
+fn nbd_params(p: &Pins, on: &dyn Fn(Fault) -> bool) -> Result<NbdParams, String> {
+    // N46: request-timeout from {0} and [0.5 s, 10 s]; F14 needs one (a request given
+    // up by its client) and a reconnect-delay (the re-send).
+    let f14 = on(Fault::F14);
+    let request_timeout_ns = p.time("nbd_client.request_timeout", |r| {
+        if !f14 && r.chance(0.2) {
+            0
+        } else {
+            r.range(500, 10_000) * 1_000_000
+        }
+    })?;
+    let reconnect_delay_ns = p.time("nbd_client.reconnect_delay", |r| {
+        if !f14 && r.chance(0.4) {
+            0
+        } else {
+            r.range(500, 10_000) * 1_000_000
+        }
+    })?;
+    let open_timeout_ns = p.time("nbd_client.open_timeout", |r| {
+        if r.chance(0.3) {
+            0
+        } else {
+            r.range(1_000, 30_000) * 1_000_000
+        }
+    })?;
+    let latency_ns = p.pair("network.latency", parse_time_ns, |r| {
+        if on(Fault::F12) {
+            let min = r.range(0, 30_000) * 1000;
+            let mean = min + r.range(1_000, 100_000) * 1000;
+            (min, 2 * mean - min)
+        } else {
+            (50_000, 500_000)
+        }
+    })?;
+    let partition = (
+        p.float("faults.partition_start", 0.0, 1.0, |r| r.uniform(0.0, 0.03))?,
+        p.float("faults.partition_heal", 0.0, 1.0, |r| r.uniform(0.01, 0.1))?,
+    );
+    let swizzle_rate = p.float("faults.swizzle_rate", 0.0, 10.0, |r| r.uniform(0.01, 0.1))?;
+    let swizzle_ns = p.pair("faults.swizzle_window", parse_time_ns, |_| {
+        (1_000_000_000, 10_000_000_000)
+    })?;
+    let pause_rate = p.float("faults.pause_rate", 0.0, 10.0, |r| r.uniform(0.0, 0.05))?;
+    let pause_ns = p.pair("faults.pause", parse_time_ns, |_| {
+        (100_000_000, 30_000_000_000)
+    })?;
+    let reformat = p.float("faults.reformat", 0.0, 1.0, |_| 0.3)?;
+    let tls = p.boolean("network.tls", 0.5)?;
+    Ok(NbdParams {
+        tls,
+        request_timeout_ns,
+        reconnect_delay_ns,
+        open_timeout_ns,
+        latency_ns,
+        partition: if on(Fault::F13) {
+            partition
+        } else {
+            (0.0, 0.0)
+        },
+        swizzle_rate: if on(Fault::F15) { swizzle_rate } else { 0.0 },
+        swizzle_ns,
+        pause_rate: if on(Fault::F17) { pause_rate } else { 0.0 },
+        pause_ns,
+        reformat: if on(Fault::F18) { reformat } else { 0.0 },
+    })
+}
+
+/// COLO's parameters: checkpoints, heartbeats, the secondary's workload, the forwarding
+/// link and the random COLO fault (F19-F24) with the checkpoint it hits.
+fn colo_params(p: &Pins, families: &[Fault], random_faults: bool) -> Result<ColoParams, String> {
+    let checkpoints = p.int("topology.checkpoints", 1, 100_000, |r| r.range(3, 10))?;
+    let event = {
+        let mut r = p.rng("faults.colo_event");
+        let fams: Vec<Fault> = families
+            .iter()
+            .filter(|f| COLO_FAMILIES.contains(f))
+            .copied()
+            .collect();
+        let pick = r.below(fams.len().max(1) as u64) as usize;
+        let at = r.range(1, checkpoints);
+        (random_faults && !fams.is_empty() && r.chance(0.85)).then(|| (fams[pick], at))
+    };
+    Ok(ColoParams {
+        checkpoint_interval_ns: p.time("topology.checkpoint_interval", |r| {
+            r.range(50, 400) * 1_000_000
+        })?,
+        heartbeat_timeout_ns: p.time("topology.heartbeat_timeout", |r| {
+            r.range(300, 2000) * 1_000_000
+        })?,
+        svm_write_share: p.int("workload.svm.write_share", 0, 100, |r| r.range(10, 60))?,
+        request_timeout_ns: p.time("nbd_client.request_timeout", |r| {
+            r.range(500, 3000) * 1_000_000
+        })?,
+        latency_ns: p.pair("network.latency", parse_time_ns, |r| {
+            let min = r.range(10, 200) * 1000;
+            (min, min + r.range(10, 2000) * 1000)
+        })?,
+        checkpoints,
+        event,
+        after_ops: p.int("workload.after_ops", 0, 10_000_000, |r| r.range(50, 300))?,
+        svm_early: p.int("workload.svm.early", 0, 100, |r| {
+            if r.chance(0.33) {
+                r.range(1, 4)
+            } else {
+                0
+            }
+        })?,
+        layers: if p.choice("topology.layers", &["overlay", "qcow2"], &[1, 1])? == "qcow2" {
+            Some(ChildImageParams {
+                cluster_bits: p.int("layers.cluster_bits", 9, 21, |r| {
+                    [12, 16, 16][r.below(3) as usize]
+                })? as u32,
+                version: 3,
+                refcount_order: p.int("layers.refcount_order", 0, 6, draw_refcount_order)? as u32,
+            })
+        } else {
+            None
+        },
+    })
+}
+
+/// The healing harness's parameters (HEALING.md: F25-F30, the operator, verify, the
+/// metadata node).
+fn heal_params(
+    p: &Pins,
+    families: &[Fault],
+    on: &dyn Fn(Fault) -> bool,
+    ops: u64,
+    colo_on: bool,
+) -> Result<HealParams, String> {
+    let f25 = p.float("healing.F25", 0.0, 1.0, |r| r.uniform(0.3, 1.0))?;
+    let f26 = p.float("healing.F26", 0.0, 1.0, |r| r.uniform(0.0, 0.2))?;
+    let f27 = p.float("healing.F27", 0.0, 1.0, |r| r.uniform(0.0, 0.3))?;
+    let f30_at = p.int("healing.F30_at", 0, 10_000_000, |r| r.below(ops.max(1)))?;
+    let verify_every_ns = p.time("healing.verify_every", |r| {
+        if r.chance(0.5) {
+            0
+        } else {
+            r.range(200, 3000) * 1_000_000
+        }
+    })?;
+    let pause = p.float("healing.pause", 0.0, 1.0, |r| r.uniform(0.0, 0.3))?;
+    let operator = p.boolean("healing.operator", 0.75)?;
+    // Listed families count even without random faults: a scripted power cut (F16
+    // at an op) with F28 listed has a metadata node.
+    let listed = |f: Fault| families.contains(&f);
+    let metadata = p.boolean(
+        "healing.metadata",
+        if listed(Fault::F28) || listed(Fault::F29) {
+            1.0
+        } else {
+            0.0
+        },
+    )?;
+    let f29 = p.float("healing.F29", 0.0, 1.0, |r| r.uniform(0.0, 0.05))?;
+    let intent_cold_s = p.int("healing.intent_cold", 0, 3600, |r| r.below(3))?;
+    let shutdown = p.float("healing.shutdown", 0.0, 1.0, |r| r.uniform(0.25, 1.0))?;
+    Ok(HealParams {
+        metadata: metadata && !colo_on,
+        f29: if listed(Fault::F29) { f29 } else { 0.0 },
+        intent_cold_s,
+        shutdown: if listed(Fault::F28) { shutdown } else { 0.0 },
+        f25: if on(Fault::F25) { f25 } else { 0.0 },
+        f26: if on(Fault::F26) { f26 } else { 0.0 },
+        f27: if on(Fault::F27) { f27 } else { 0.0 },
+        f30_at: on(Fault::F30).then_some(f30_at),
+        operator: operator && !colo_on,
+        verify_every_ns,
+        pause,
+    })
+}
+
 /// Whether pin `key` configures something only a quorum has (children, vote, read pattern,
 /// repairs, resync, discards, child images, healing, the child disks' faults and NBD).
 pub fn quorum_only(key: &str) -> bool {
@@ -657,59 +1160,12 @@ impl Params {
     /// unknown key, or a topology this simulator does not model yet.
     pub fn derive(seed: u64, pins: &BTreeMap<String, Tv>) -> Result<Params, String> {
         let p = Pins::new(pins, seed);
-        let kind = p.choice("topology.kind", &["quorum", "colo"], &[4, 1])?;
-        let colo_on = kind == "colo";
-        let transport = if colo_on {
-            "local"
-        } else {
-            p.choice("topology.transport", &["local", "nbd"], &[3, 1])?
-        };
-        let nbd_on = transport == "nbd";
-        // A pin only a quorum has (its children, vote, healing...) rules the image topology out:
-        // a scenario or grid point that configures a quorum tests one. The draw stays, so
-        // every other run derives as before.
-        let image_on = !colo_on
-            && !nbd_on
-            && p.boolean("topology.image", 0.15)?
-            && !pins.keys().any(|k| quorum_only(k));
-        let image = if image_on {
-            Some(ImageParams {
-                cluster_bits: p.int("image.cluster_bits", 9, 21, draw_cluster_bits)? as u32,
-                version: p.int(
-                    "image.version",
-                    2,
-                    3,
-                    |r| if r.chance(0.25) { 2 } else { 3 },
-                )? as u32,
-                refcount_order: p.int("image.refcount_order", 0, 6, draw_refcount_order)? as u32,
-                backing: p.boolean("image.backing", 0.5)?,
-                concurrency: p.int("image.concurrency", 1, 64, |r| r.range(1, 9))?,
-                f5: p.float("image.F5", 0.0, 1.0, |r| r.uniform(0.0, 0.05))?,
-                f16: p.float("image.F16", 0.0, 1.0, |r| r.uniform(0.05, 0.3))?,
-                f8: p.float("image.F8", 0.0, 1.0, |r| r.uniform(0.0, 0.5))?,
-                f9: p.float("image.F9", 0.0, 1.0, |r| r.uniform(0.0, 1.0))?,
-            })
-        } else {
-            None
-        };
-        let child_image_on =
-            !colo_on && !nbd_on && !image_on && p.boolean("topology.child_image", 0.15)?;
-        let child_image = if child_image_on {
-            Some(ChildImageParams {
-                cluster_bits: p.int("child_image.cluster_bits", 9, 21, draw_cluster_bits)? as u32,
-                version: p.int("child_image.version", 2, 3, |r| {
-                    if r.chance(0.25) {
-                        2
-                    } else {
-                        3
-                    }
-                })? as u32,
-                refcount_order: p.int("child_image.refcount_order", 0, 6, draw_refcount_order)?
-                    as u32,
-            })
-        } else {
-            None
-        };
+        let Kind {
+            colo_on,
+            nbd_on,
+            image,
+            child_image,
+        } = Kind::draw(&p, pins)?;
         let path = p.choice("topology.guest_path", &["direct", "nbd"], &[1, 0])?;
         if path == "nbd" {
             return Err("key 'topology.guest_path': \"nbd\" is not simulated yet (the guest calls qhost's quorum directly; the NBD server runs on the replica hosts)".into());
@@ -718,340 +1174,25 @@ impl Params {
             "beyond" => Budget::Beyond,
             _ => Budget::Safety,
         };
-        let children = p.int("topology.children", 1, 7, |r| {
-            1 + r.weighted(&[1, 2, 4, 2, 2, 1, 1]) as u64
-        })? as usize;
-        let threshold = p.int("topology.vote_threshold", 1, children as u64, |r| {
-            let n = children as u64;
-            if r.chance(0.65) {
-                r.range(n / 2 + 1, n)
-            } else {
-                r.range(1, n)
-            }
-        })? as usize;
-        if threshold > children {
-            return Err(format!(
-                "key 'topology.vote_threshold': {threshold} exceeds topology.children = {children}"
-            ));
-        }
-        let fifo = p.choice("topology.read_pattern", &["quorum", "fifo"], &[4, 1])? == "fifo";
-        let rewrite = p.boolean("topology.rewrite_corrupted", 0.5)?;
-        let resync_auto = p.choice("topology.resync", &["auto", "manual"], &[3, 1])? == "auto";
-        let blkverify = p.boolean("topology.blkverify", 0.0)?;
-        if blkverify && (children != 2 || threshold != 2 || fifo || rewrite) {
-            return Err("key 'topology.blkverify': needs children = 2, vote_threshold = 2, read_pattern = \"quorum\" and rewrite_corrupted = false (docs/quorum.md Q9-Q11)".into());
-        }
-        let discard_unmap = p.boolean("topology.discard_unmap", 0.5)?;
-        let discard_zeroes = p.boolean("topology.discard_zeroes", 0.7)?;
-        let disk_size = p.size("topology.disk_size", |r| {
-            [1u64, 2, 4, 8, 16, 32, 64][r.weighted(&[3, 3, 3, 2, 1, 1, 1])] << 20
-        })?;
-        if disk_size < 64 * 1024 || disk_size % 4096 != 0 || disk_size > 1 << 30 {
-            return Err(format!(
-                "key 'topology.disk_size': {disk_size} must be a multiple of 4k between 64k and 1G"
-            ));
-        }
-        let initial_pattern =
-            p.choice("topology.initial", &["pattern", "zero"], &[7, 3])? == "pattern";
-        let ops = p.int("workload.ops", 0, 10_000_000, |r| r.range(2000, 3000))?;
-        let mix = Mix {
-            read: p.int("workload.mix.read", 0, 1000, |r| r.range(30, 60))?,
-            write: p.int("workload.mix.write", 0, 1000, |r| r.range(20, 50))?,
-            write_zeroes: p.int("workload.mix.write_zeroes", 0, 1000, |r| r.range(0, 10))?,
-            trim: p.int("workload.mix.trim", 0, 1000, |r| r.range(0, 10))?,
-            flush: p.int("workload.mix.flush", 0, 1000, |r| r.range(1, 10))?,
-        };
-        if mix.read + mix.write + mix.write_zeroes + mix.trim + mix.flush == 0 && ops > 0 {
-            return Err("key 'workload.mix': every weight is 0".into());
-        }
-        let size = p.pair("workload.size", parse_size, |r| {
-            (
-                512,
-                [4096u64, 16384, 65536, 262_144, 1 << 20][r.weighted(&[2, 3, 3, 2, 1])],
-            )
-        })?;
-        if size.0 == 0 || size.0 % 512 != 0 || size.1 % 512 != 0 || size.1 > disk_size {
-            return Err(format!(
-                "key 'workload.size': {}..{} must be whole sectors, at least 512 and at most the disk size",
-                size.0, size.1
-            ));
-        }
-        let queue_depth = p.int("workload.queue_depth", 1, 64, |r| {
-            [1u64, 2, 4, 8, 16, 32][r.weighted(&[2, 2, 3, 3, 2, 1])]
-        })? as usize;
-        let region = match p.get("workload.region") {
-            Some(Tv::String(s)) => {
-                parse_range(s).map_err(|e| format!("key 'workload.region': {e}"))?
-            }
-            Some(other) => {
-                return Err(format!(
-                    "key 'workload.region': expected a range string, got {}",
-                    other.type_str()
-                ))
-            }
-            None => (0, disk_size),
-        };
-        if region.1 > disk_size || region.1 - region.0 < size.1 {
-            return Err(format!(
-                "key 'workload.region': {}..{} must lie inside the disk and hold the largest op",
-                region.0, region.1
-            ));
-        }
-        let hot = p.float("workload.hot", 0.0, 1.0, |r| {
-            if r.chance(0.5) {
-                r.uniform(0.0, 0.9)
-            } else {
-                0.0
-            }
-        })?;
-        let fua = p.float("workload.fua", 0.0, 1.0, |r| r.uniform(0.0, 0.2))?;
+        let shape = Shape::draw(&p)?;
+        let work = Work::draw(&p, shape.disk_size)?;
         let random_faults = p.boolean("faults.random", 1.0)?;
         let families = draw_families(&p, colo_on, nbd_on)?;
         let on = |f: Fault| random_faults && families.contains(&f);
-        let rate = |key: Fault, hi: f64| -> Result<f64, String> {
-            p.float(&format!("faults.rates.{key}"), 0.0, 1.0, |r| {
-                r.uniform(0.0, hi)
-            })
-        };
-        // Rates are drawn whether or not the family is on, so enabling one keeps the others.
-        let r1 = rate(Fault::F1, 0.10)?;
-        let r2 = rate(Fault::F2, 0.05)?;
-        let r3 = rate(Fault::F3, 0.10)?;
-        let r4 = rate(Fault::F4, 0.05)?;
-        let r5 = rate(Fault::F5, 0.10)?;
-        let r6 = rate(Fault::F6, 0.01)?;
-        let r7 = rate(Fault::F7, 0.01)?;
-        let r8 = p.float("faults.rates.F8", 0.0, 1.0, |r| r.uniform(0.0, 0.5))?;
-        let r9 = p.float("faults.rates.F9", 0.0, 1.0, |r| r.uniform(0.8, 1.0))?;
-        let rates = FaultRates {
-            f1: on(Fault::F1).then_some(r1),
-            f2: on(Fault::F2).then_some(r2),
-            f3: on(Fault::F3).then_some(r3),
-            f4: on(Fault::F4).then_some(r4),
-            f5: on(Fault::F5).then_some(r5),
-            f6: on(Fault::F6).then_some(r6),
-            f7: on(Fault::F7).then_some(r7),
-            f8: families.contains(&Fault::F8).then_some(r8),
-            f9: families.contains(&Fault::F9).then_some(r9),
-        };
-        let crash = p.float("faults.crash_rate", 0.0, 10.0, |r| r.uniform(0.005, 0.05))?;
-        // F28 is a power cut of the quorum host: it needs the crashes F16 makes.
-        let crash_rate = if on(Fault::F16) || on(Fault::F28) {
-            crash
-        } else {
-            0.0
-        };
-        let restart_ns = p.pair("faults.restart", parse_time_ns, |r| {
-            let hi = r.range(0, 10_000) * 1_000_000;
-            (0, hi)
-        })?;
-        let read_min = p.time("disk.read_min", |r| r.range(10, 200) * 1000)?;
-        let read_mean = p.time("disk.read_mean", |r| read_min + r.range(100, 2000) * 1000)?;
-        let write_min = p.time("disk.write_min", |r| r.range(20, 500) * 1000)?;
-        let write_mean = p.time("disk.write_mean", |r| write_min + r.range(200, 5000) * 1000)?;
+        let (rates, crash_rate, restart_ns) = fault_rates(&p, &families, &on)?;
         let slow = on(Fault::F10);
-        let stall_p = p.float("disk.stall", 0.0, 1.0, |r| r.uniform(0.0, 0.01))?;
-        let stall_ns = p.pair("disk.stall_time", parse_time_ns, |_| {
-            (1_000_000_000, 5_000_000_000)
-        })?;
-        let gray_disk = p.int("disk.gray", 0, children as u64 - 1, |r| {
-            r.below(children as u64)
-        })? as usize;
-        // Over NBD a disk slower than request-timeout makes every request to it time out and
-        // be re-sent for ever (N42): a gray replica stays within a few times its peers.
-        let gray_factor = p.int("disk.gray_factor", 1, 1000, |r| {
-            if nbd_on {
-                r.range(2, 10)
-            } else {
-                r.range(10, 100)
-            }
-        })?;
-        let slow_read = p.time("disk.slow_read_mean", |r| r.range(1, 100) * 1_000_000)?;
-        let slow_write = p.time("disk.slow_write_mean", |r| {
-            r.range(1, if nbd_on { 200 } else { 1000 }) * 1_000_000
-        })?;
-        let latency = Latency {
-            read_min_ns: read_min,
-            read_mean_ns: if slow {
-                read_mean.max(slow_read)
-            } else {
-                read_mean.max(read_min)
-            },
-            write_min_ns: write_min,
-            write_mean_ns: if slow {
-                write_mean.max(slow_write)
-            } else {
-                write_mean.max(write_min)
-            },
-            stall_p: if slow { stall_p } else { 0.0 },
-            stall_ns,
-            factor: 1,
-        };
+        let (latency, gray_disk, gray_factor) = disk_latency(&p, shape.children, nbd_on, slow)?;
         let nbd = if nbd_on {
-            // N46: request-timeout from {0} and [0.5 s, 10 s]; F14 needs one (a request given
-            // up by its client) and a reconnect-delay (the re-send).
-            let f14 = on(Fault::F14);
-            let request_timeout_ns = p.time("nbd_client.request_timeout", |r| {
-                if !f14 && r.chance(0.2) {
-                    0
-                } else {
-                    r.range(500, 10_000) * 1_000_000
-                }
-            })?;
-            let reconnect_delay_ns = p.time("nbd_client.reconnect_delay", |r| {
-                if !f14 && r.chance(0.4) {
-                    0
-                } else {
-                    r.range(500, 10_000) * 1_000_000
-                }
-            })?;
-            let open_timeout_ns = p.time("nbd_client.open_timeout", |r| {
-                if r.chance(0.3) {
-                    0
-                } else {
-                    r.range(1_000, 30_000) * 1_000_000
-                }
-            })?;
-            let latency_ns = p.pair("network.latency", parse_time_ns, |r| {
-                if on(Fault::F12) {
-                    let min = r.range(0, 30_000) * 1000;
-                    let mean = min + r.range(1_000, 100_000) * 1000;
-                    (min, 2 * mean - min)
-                } else {
-                    (50_000, 500_000)
-                }
-            })?;
-            let partition = (
-                p.float("faults.partition_start", 0.0, 1.0, |r| r.uniform(0.0, 0.03))?,
-                p.float("faults.partition_heal", 0.0, 1.0, |r| r.uniform(0.01, 0.1))?,
-            );
-            let swizzle_rate =
-                p.float("faults.swizzle_rate", 0.0, 10.0, |r| r.uniform(0.01, 0.1))?;
-            let swizzle_ns = p.pair("faults.swizzle_window", parse_time_ns, |_| {
-                (1_000_000_000, 10_000_000_000)
-            })?;
-            let pause_rate = p.float("faults.pause_rate", 0.0, 10.0, |r| r.uniform(0.0, 0.05))?;
-            let pause_ns = p.pair("faults.pause", parse_time_ns, |_| {
-                (100_000_000, 30_000_000_000)
-            })?;
-            let reformat = p.float("faults.reformat", 0.0, 1.0, |_| 0.3)?;
-            let tls = p.boolean("network.tls", 0.5)?;
-            Some(NbdParams {
-                tls,
-                request_timeout_ns,
-                reconnect_delay_ns,
-                open_timeout_ns,
-                latency_ns,
-                partition: if on(Fault::F13) {
-                    partition
-                } else {
-                    (0.0, 0.0)
-                },
-                swizzle_rate: if on(Fault::F15) { swizzle_rate } else { 0.0 },
-                swizzle_ns,
-                pause_rate: if on(Fault::F17) { pause_rate } else { 0.0 },
-                pause_ns,
-                reformat: if on(Fault::F18) { reformat } else { 0.0 },
-            })
+            Some(nbd_params(&p, &on)?)
         } else {
             None
         };
         let colo = if colo_on {
-            let checkpoints = p.int("topology.checkpoints", 1, 100_000, |r| r.range(3, 10))?;
-            let event = {
-                let mut r = p.rng("faults.colo_event");
-                let fams: Vec<Fault> = families
-                    .iter()
-                    .filter(|f| COLO_FAMILIES.contains(f))
-                    .copied()
-                    .collect();
-                let pick = r.below(fams.len().max(1) as u64) as usize;
-                let at = r.range(1, checkpoints);
-                (random_faults && !fams.is_empty() && r.chance(0.85)).then(|| (fams[pick], at))
-            };
-            Some(ColoParams {
-                checkpoint_interval_ns: p.time("topology.checkpoint_interval", |r| {
-                    r.range(50, 400) * 1_000_000
-                })?,
-                heartbeat_timeout_ns: p.time("topology.heartbeat_timeout", |r| {
-                    r.range(300, 2000) * 1_000_000
-                })?,
-                svm_write_share: p.int("workload.svm.write_share", 0, 100, |r| r.range(10, 60))?,
-                request_timeout_ns: p.time("nbd_client.request_timeout", |r| {
-                    r.range(500, 3000) * 1_000_000
-                })?,
-                latency_ns: p.pair("network.latency", parse_time_ns, |r| {
-                    let min = r.range(10, 200) * 1000;
-                    (min, min + r.range(10, 2000) * 1000)
-                })?,
-                checkpoints,
-                event,
-                after_ops: p.int("workload.after_ops", 0, 10_000_000, |r| r.range(50, 300))?,
-                svm_early: p.int("workload.svm.early", 0, 100, |r| {
-                    if r.chance(0.33) {
-                        r.range(1, 4)
-                    } else {
-                        0
-                    }
-                })?,
-                layers: if p.choice("topology.layers", &["overlay", "qcow2"], &[1, 1])? == "qcow2" {
-                    Some(ChildImageParams {
-                        cluster_bits: p.int("layers.cluster_bits", 9, 21, |r| {
-                            [12, 16, 16][r.below(3) as usize]
-                        })? as u32,
-                        version: 3,
-                        refcount_order: p.int("layers.refcount_order", 0, 6, draw_refcount_order)?
-                            as u32,
-                    })
-                } else {
-                    None
-                },
-            })
+            Some(colo_params(&p, &families, random_faults)?)
         } else {
             None
         };
-        let heal = {
-            let f25 = p.float("healing.F25", 0.0, 1.0, |r| r.uniform(0.3, 1.0))?;
-            let f26 = p.float("healing.F26", 0.0, 1.0, |r| r.uniform(0.0, 0.2))?;
-            let f27 = p.float("healing.F27", 0.0, 1.0, |r| r.uniform(0.0, 0.3))?;
-            let f30_at = p.int("healing.F30_at", 0, 10_000_000, |r| r.below(ops.max(1)))?;
-            let verify_every_ns = p.time("healing.verify_every", |r| {
-                if r.chance(0.5) {
-                    0
-                } else {
-                    r.range(200, 3000) * 1_000_000
-                }
-            })?;
-            let pause = p.float("healing.pause", 0.0, 1.0, |r| r.uniform(0.0, 0.3))?;
-            let operator = p.boolean("healing.operator", 0.75)?;
-            // Listed families count even without random faults: a scripted power cut (F16
-            // at an op) with F28 listed has a metadata node.
-            let listed = |f: Fault| families.contains(&f);
-            let metadata = p.boolean(
-                "healing.metadata",
-                if listed(Fault::F28) || listed(Fault::F29) {
-                    1.0
-                } else {
-                    0.0
-                },
-            )?;
-            let f29 = p.float("healing.F29", 0.0, 1.0, |r| r.uniform(0.0, 0.05))?;
-            let intent_cold_s = p.int("healing.intent_cold", 0, 3600, |r| r.below(3))?;
-            let shutdown = p.float("healing.shutdown", 0.0, 1.0, |r| r.uniform(0.25, 1.0))?;
-            HealParams {
-                metadata: metadata && !colo_on,
-                f29: if listed(Fault::F29) { f29 } else { 0.0 },
-                intent_cold_s,
-                shutdown: if listed(Fault::F28) { shutdown } else { 0.0 },
-                f25: if on(Fault::F25) { f25 } else { 0.0 },
-                f26: if on(Fault::F26) { f26 } else { 0.0 },
-                f27: if on(Fault::F27) { f27 } else { 0.0 },
-                f30_at: on(Fault::F30).then_some(f30_at),
-                operator: operator && !colo_on,
-                verify_every_ns,
-                pause,
-            }
-        };
+        let heal = heal_params(&p, &families, &on, work.ops, colo_on)?;
         let liveness = p.boolean(
             "phases.liveness",
             if budget == Budget::Beyond { 0.0 } else { 1.0 },
@@ -1062,6 +1203,27 @@ impl Params {
         if let Some(k) = unknown.first() {
             return Err(format!("unknown key '{k}'"));
         }
+        let Shape {
+            children,
+            threshold,
+            fifo,
+            rewrite,
+            resync_auto,
+            blkverify,
+            discard_unmap,
+            discard_zeroes,
+            disk_size,
+            initial_pattern,
+        } = shape;
+        let Work {
+            ops,
+            mix,
+            size,
+            queue_depth,
+            region,
+            hot,
+            fua,
+        } = work;
         Ok(Params {
             seed,
             budget,
@@ -1112,73 +1274,92 @@ impl Params {
 
     /// The parameter block as TOML: a scenario that reproduces this run (S4).
     pub fn to_toml(&self, name: &str) -> String {
-        let r = |x: Option<f64>| x.map(|v| format!("{v:?}")).unwrap_or_else(|| "0.0".into());
-        let rate_or = |x: Option<f64>, d: f64| format!("{:?}", x.unwrap_or(d));
-        let fams: Vec<String> = self.families.iter().map(|f| format!("\"{f}\"")).collect();
-        let mut s = String::new();
-        s += &format!(
+        let mut s = format!(
             "name = \"{name}\"\nseed = {}\nbudget = \"{}\"\n",
             self.seed,
             self.budget.as_str()
         );
         if let Some(c) = &self.colo {
-            s += &format!(
-                "topology = {{ kind = \"colo\", disk_size = \"{}\", initial = \"{}\", checkpoint_interval = \"{}\", heartbeat_timeout = \"{}\", checkpoints = {}, layers = \"{}\" }}\n",
-                fmt_size(self.disk_size),
-                if self.initial_pattern { "pattern" } else { "zero" },
-                fmt_time(c.checkpoint_interval_ns),
-                fmt_time(c.heartbeat_timeout_ns),
-                c.checkpoints,
-                if c.layers.is_some() { "qcow2" } else { "overlay" }
-            );
-            if let Some(l) = &c.layers {
-                s += &format!(
-                    "layers = {{ cluster_bits = {}, refcount_order = {} }}\n",
-                    l.cluster_bits, l.refcount_order
-                );
-            }
-            s += &format!(
-                "nbd_client = {{ request_timeout = \"{}\" }}\nnetwork = {{ latency = \"{}..{}\" }}\n",
-                fmt_time(c.request_timeout_ns),
-                fmt_time(c.latency_ns.0),
-                fmt_time(c.latency_ns.1)
-            );
-            s += &format!(
-                "workload = {{ mix = {{ read = {}, write = {}, write_zeroes = {}, trim = {}, flush = {} }}, size = \"{}..{}\", svm = {{ write_share = {}, early = {} }}, after_ops = {} }}\n",
-                self.mix.read,
-                self.mix.write,
-                self.mix.write_zeroes,
-                self.mix.trim,
-                self.mix.flush,
-                fmt_size(self.size.0),
-                fmt_size(self.size.1),
-                c.svm_write_share,
-                c.svm_early,
-                c.after_ops
-            );
-            let fams: Vec<String> = self.families.iter().map(|f| format!("\"{f}\"")).collect();
-            s += &format!(
-                "faults = {{ random = {}, families = [{}] }}\n",
-                self.random_faults,
-                fams.join(", ")
-            );
-            if let Some((f, k)) = &c.event {
-                s += &format!("# random COLO fault: {f} at checkpoint {k}\n");
-            }
-            return s;
+            s += &self.colo_toml(c);
+        } else if let Some(i) = &self.image {
+            s += &self.image_toml(i);
+        } else {
+            s += &self.quorum_topology_toml();
+            s += &self.workload_toml();
+            s += &self.faults_toml();
+            s += &self.tail_toml();
         }
-        if let Some(i) = &self.image {
+        s
+    }
+
+    /// A COLO run's tables: topology, layers, client, network, workload, faults, and its
+    /// random COLO fault as a comment.
+    fn colo_toml(&self, c: &ColoParams) -> String {
+        let mut s = String::new();
+        s += &format!(
+            "topology = {{ kind = \"colo\", disk_size = \"{}\", initial = \"{}\", checkpoint_interval = \"{}\", heartbeat_timeout = \"{}\", checkpoints = {}, layers = \"{}\" }}\n",
+            fmt_size(self.disk_size),
+            if self.initial_pattern { "pattern" } else { "zero" },
+            fmt_time(c.checkpoint_interval_ns),
+            fmt_time(c.heartbeat_timeout_ns),
+            c.checkpoints,
+            if c.layers.is_some() { "qcow2" } else { "overlay" }
+        );
+        if let Some(l) = &c.layers {
             s += &format!(
-                "topology = {{ kind = \"quorum\", transport = \"local\", image = true, disk_size = \"{}\" }}\n",
-                fmt_size(self.disk_size)
+                "layers = {{ cluster_bits = {}, refcount_order = {} }}\n",
+                l.cluster_bits, l.refcount_order
             );
-            s += &format!(
-                "image = {{ cluster_bits = {}, version = {}, refcount_order = {}, backing = {}, concurrency = {}, F5 = {:?}, F16 = {:?}, F8 = {:?}, F9 = {:?} }}\n",
-                i.cluster_bits, i.version, i.refcount_order, i.backing, i.concurrency, i.f5, i.f16, i.f8, i.f9
-            );
-            s += &format!("workload = {{ ops = {} }}\n", self.ops);
-            return s;
         }
+        s += &format!(
+            "nbd_client = {{ request_timeout = \"{}\" }}\nnetwork = {{ latency = \"{}..{}\" }}\n",
+            fmt_time(c.request_timeout_ns),
+            fmt_time(c.latency_ns.0),
+            fmt_time(c.latency_ns.1)
+        );
+        s += &format!(
+            "workload = {{ mix = {{ read = {}, write = {}, write_zeroes = {}, trim = {}, flush = {} }}, size = \"{}..{}\", svm = {{ write_share = {}, early = {} }}, after_ops = {} }}\n",
+            self.mix.read,
+            self.mix.write,
+            self.mix.write_zeroes,
+            self.mix.trim,
+            self.mix.flush,
+            fmt_size(self.size.0),
+            fmt_size(self.size.1),
+            c.svm_write_share,
+            c.svm_early,
+            c.after_ops
+        );
+        let fams: Vec<String> = self.families.iter().map(|f| format!("\"{f}\"")).collect();
+        s += &format!(
+            "faults = {{ random = {}, families = [{}] }}\n",
+            self.random_faults,
+            fams.join(", ")
+        );
+        if let Some((f, k)) = &c.event {
+            s += &format!("# random COLO fault: {f} at checkpoint {k}\n");
+        }
+        s
+    }
+
+    /// An image run's tables.
+    fn image_toml(&self, i: &ImageParams) -> String {
+        let mut s = String::new();
+        s += &format!(
+            "topology = {{ kind = \"quorum\", transport = \"local\", image = true, disk_size = \"{}\" }}\n",
+            fmt_size(self.disk_size)
+        );
+        s += &format!(
+            "image = {{ cluster_bits = {}, version = {}, refcount_order = {}, backing = {}, concurrency = {}, F5 = {:?}, F16 = {:?}, F8 = {:?}, F9 = {:?} }}\n",
+            i.cluster_bits, i.version, i.refcount_order, i.backing, i.concurrency, i.f5, i.f16, i.f8, i.f9
+        );
+        s += &format!("workload = {{ ops = {} }}\n", self.ops);
+        s
+    }
+
+    /// A quorum run's topology, child image, NBD client and network tables.
+    fn quorum_topology_toml(&self) -> String {
+        let mut s = String::new();
         s += &format!(
             "topology = {{ kind = \"quorum\", transport = \"{}\", guest_path = \"direct\", children = {}, vote_threshold = {}, read_pattern = \"{}\", rewrite_corrupted = {}, resync = \"{}\", blkverify = {}, discard_unmap = {}, discard_zeroes = {}, disk_size = \"{}\", initial = \"{}\"{} }}\n",
             if self.nbd.is_some() { "nbd" } else { "local" },
@@ -1214,7 +1395,12 @@ impl Params {
                 n.tls
             );
         }
-        s += &format!(
+        s
+    }
+
+    /// A quorum run's workload table.
+    fn workload_toml(&self) -> String {
+        format!(
             "workload = {{ ops = {}, mix = {{ read = {}, write = {}, write_zeroes = {}, trim = {}, flush = {} }}, size = \"{}..{}\", queue_depth = {}, region = \"{}..{}\", hot = {:?}, fua = {:?} }}\n",
             self.ops,
             self.mix.read,
@@ -1229,7 +1415,15 @@ impl Params {
             self.region.1,
             self.hot,
             self.fua
-        );
+        )
+    }
+
+    /// A quorum run's faults table, with the NBD families' knobs when it has NBD.
+    fn faults_toml(&self) -> String {
+        let r = |x: Option<f64>| x.map(|v| format!("{v:?}")).unwrap_or_else(|| "0.0".into());
+        let rate_or = |x: Option<f64>, d: f64| format!("{:?}", x.unwrap_or(d));
+        let fams: Vec<String> = self.families.iter().map(|f| format!("\"{f}\"")).collect();
+        let mut s = String::new();
         s += &format!(
             "faults = {{ random = {}, families = [{}], crash_rate = {:?}, restart = \"{}..{}\", rates = {{ F1 = {}, F2 = {}, F3 = {}, F4 = {}, F5 = {}, F6 = {}, F7 = {}, F8 = {}, F9 = {} }} }}\n",
             self.random_faults,
@@ -1263,6 +1457,12 @@ impl Params {
                 n.reformat
             );
         }
+        s
+    }
+
+    /// A quorum run's healing, disk and phases tables.
+    fn tail_toml(&self) -> String {
+        let mut s = String::new();
         s += &format!(
             "healing = {{ F25 = {:?}, F26 = {:?}, F27 = {:?}{}, operator = {}, verify_every = \"{}\", pause = {:?}, metadata = {}, F29 = {:?}, intent_cold = {}, shutdown = {:?} }}\n",
             self.heal.f25,
@@ -1323,6 +1523,162 @@ pub fn flatten(prefix: &str, t: &toml::Table, out: &mut BTreeMap<String, Tv>) {
             other => {
                 out.insert(key, other.clone());
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Derivation (SIMULATION.md §4): deterministic per seed, within the documented ranges,
+    //! pins honoured and bad pins named.
+    use super::*;
+
+    fn pins(kv: &[(&str, Tv)]) -> BTreeMap<String, Tv> {
+        kv.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()
+    }
+
+    fn derive(seed: u64) -> Params {
+        Params::derive(seed, &BTreeMap::new()).expect("derives")
+    }
+
+    #[test]
+    fn a_seed_derives_the_same_parameters_every_time_and_another_seed_others() {
+        for seed in [0, 1, 99, 1 << 40] {
+            assert_eq!(derive(seed).to_toml("x"), derive(seed).to_toml("x"));
+        }
+        let distinct: BTreeSet<String> = (0..50).map(|s| derive(s).to_toml("x")).collect();
+        // The seed is printed, so every text differs; the draws must too.
+        let bodies: BTreeSet<String> = distinct
+            .iter()
+            .map(|t| t.lines().skip(3).collect::<Vec<_>>().join("\n"))
+            .collect();
+        assert_eq!(bodies.len(), 50);
+    }
+
+    #[test]
+    fn derived_values_stay_inside_their_ranges() {
+        let (mut colo, mut nbd, mut image, mut child_image) = (0, 0, 0, 0);
+        for seed in 0..400 {
+            let p = derive(seed);
+            assert!((1..=7).contains(&p.children), "seed {seed}");
+            assert!((1..=p.children).contains(&p.threshold), "seed {seed}");
+            assert!(p.disk_size % 4096 == 0 && (1 << 20..=64 << 20).contains(&p.disk_size));
+            assert!(p.size.0 == 512 && p.size.1 <= p.disk_size, "seed {seed}");
+            assert!(p.region.1 <= p.disk_size && p.region.1 - p.region.0 >= p.size.1);
+            assert!([1, 2, 4, 8, 16, 32].contains(&p.queue_depth), "seed {seed}");
+            assert!((2000..=3000).contains(&p.ops), "seed {seed}");
+            // One topology at a time.
+            let kinds = [
+                p.colo.is_some(),
+                p.nbd.is_some(),
+                p.image.is_some(),
+                p.child_image.is_some(),
+            ];
+            assert!(kinds.iter().filter(|&&k| k).count() <= 1, "seed {seed}");
+            colo += usize::from(kinds[0]);
+            nbd += usize::from(kinds[1]);
+            image += usize::from(kinds[2]);
+            child_image += usize::from(kinds[3]);
+            // A family that is off injects nothing: its rate is absent, crashes need F16/F28.
+            assert_eq!(p.rates.f1.is_some(), p.family_on(Fault::F1), "seed {seed}");
+            assert_eq!(p.rates.f5.is_some(), p.family_on(Fault::F5), "seed {seed}");
+            if !p.family_on(Fault::F16) && !p.family_on(Fault::F28) {
+                assert_eq!(p.crash_rate, 0.0, "seed {seed}");
+            }
+            assert_eq!(p.gray.is_some(), p.family_on(Fault::F10), "seed {seed}");
+        }
+        // Every topology is drawn (weights 4:1 quorum:colo, 3:1 local:nbd, 15% image...).
+        assert!(colo > 0 && nbd > 0 && image > 0 && child_image > 0);
+    }
+
+    #[test]
+    fn a_pin_sets_its_value_and_printed_parameters_derive_the_same_run() {
+        let p = Params::derive(
+            3,
+            &pins(&[
+                ("topology.children", Tv::Integer(5)),
+                ("topology.vote_threshold", Tv::Integer(3)),
+                ("workload.ops", Tv::Integer(10)),
+            ]),
+        )
+        .expect("derives");
+        assert_eq!((p.children, p.threshold, p.ops), (5, 3, 10));
+        // S4: the printed parameters, pinned, give the same parameters.
+        let text = p.to_toml("x");
+        let table: toml::Table = text.parse().expect("printed parameters parse");
+        let mut flat = BTreeMap::new();
+        for (section, v) in &table {
+            if let Tv::Table(t) = v {
+                flatten(section, t, &mut flat);
+            }
+        }
+        let again = Params::derive(3, &flat).expect("printed parameters derive");
+        assert_eq!(again.to_toml("x"), text);
+    }
+
+    /// `section.key` pins of a printed table (nested tables as `section.key.sub`).
+    fn flatten(prefix: &str, t: &toml::Table, out: &mut BTreeMap<String, Tv>) {
+        for (k, v) in t {
+            let key = format!("{prefix}.{k}");
+            match v {
+                Tv::Table(sub) => flatten(&key, sub, out),
+                v => {
+                    out.insert(key, v.clone());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bad_pins_are_refused_naming_the_key() {
+        let cases: [(&[(&str, Tv)], &str); 5] = [
+            (
+                &[
+                    ("topology.children", Tv::Integer(2)),
+                    ("topology.vote_threshold", Tv::Integer(3)),
+                ],
+                "key 'topology.vote_threshold': 3 is out of range 1..=2",
+            ),
+            (
+                &[("topology.guest_path", Tv::String("nbd".into()))],
+                "key 'topology.guest_path': \"nbd\" is not simulated yet (the guest calls qhost's quorum directly; the NBD server runs on the replica hosts)",
+            ),
+            (&[("workload.opps", Tv::Integer(1))], "unknown key 'workload.opps'"),
+            (
+                &[
+                    ("topology.blkverify", Tv::Boolean(true)),
+                    ("topology.children", Tv::Integer(3)),
+                ],
+                "key 'topology.blkverify': needs children = 2, vote_threshold = 2, read_pattern = \"quorum\" and rewrite_corrupted = false (docs/quorum.md Q9-Q11)",
+            ),
+            (
+                &[("topology.disk_size", Tv::String("66k".into()))],
+                "key 'topology.disk_size': 67584 must be a multiple of 4k between 64k and 1G",
+            ),
+        ];
+        for (kv, want) in cases {
+            assert_eq!(Params::derive(1, &pins(kv)).unwrap_err(), want);
+        }
+    }
+
+    #[test]
+    fn quorum_only_pins_are_recognised() {
+        for k in [
+            "topology.children",
+            "topology.vote_threshold",
+            "healing.F25",
+            "disk.read_min",
+            "nbd_client.request_timeout",
+        ] {
+            assert!(quorum_only(k), "{k}");
+        }
+        for k in [
+            "topology.disk_size",
+            "image.F5",
+            "workload.ops",
+            "topology.image",
+        ] {
+            assert!(!quorum_only(k), "{k}");
         }
     }
 }
