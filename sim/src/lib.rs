@@ -7,9 +7,12 @@
 //! them with `cargo sim ...` (`--cfg madsim`, own target directory, W1).
 
 pub mod childimage;
+pub mod crash;
+pub mod diskstate;
 pub mod ids;
 pub mod imagedisk;
 pub mod junit;
+pub mod ledger;
 pub mod measure;
 pub mod oplog;
 pub mod oracle;
@@ -25,6 +28,7 @@ pub mod trace;
 pub mod units;
 pub mod vdisk;
 pub mod verdict;
+pub mod vfaults;
 pub mod votemodel;
 
 #[cfg(madsim)]

@@ -1,12 +1,15 @@
 //! `vdisk`: the simulator's virtual disk with local-disk faults (SIMULATION.md §3.4, §4, §5).
 //!
-//! Every child disk of a run lives in one [`DiskSet`]: the layers of each disk (durable
-//! sectors, the current view, pending writes in write order), its per-sector fault map and its
-//! budget ledger. Faults never touch the stored values: corruption is applied when a sector is
-//! read (V1, V5), and any write of a sector clears its faults. Injection checks the fault
-//! budget across all disks first (B2–B4) and counts what it skipped. Every child operation is
-//! logged against the guest op that caused it (a task-local id), so the oracle can recompute
-//! the quorum's vote and events from what the children really answered.
+//! Every child disk of a run lives in one [`DiskSet`], the facade the topologies call; each
+//! disk is a [`VDisk`] block device. What the disks store and share is `diskstate` (the layers
+//! of each disk: durable sectors, the current view, pending writes in write order; its
+//! per-sector fault map and budget marks); fault injection is `vfaults`, crashes `crash`, and
+//! the budget ledger's questions `ledger`. Faults never touch the stored values: corruption is
+//! applied when a sector is read (V1, V5), and any write of a sector clears its faults.
+//! Injection checks the fault budget across all disks first (B2-B4) and counts what it
+//! skipped. Every child operation is logged against the guest op that caused it (a task-local
+//! id, the op log of `oplog`), so the oracle can recompute the quorum's vote and events from
+//! what the children really answered.
 
 use crate::ids::{Fault, Rule};
 use std::collections::{BTreeMap, BTreeSet};
@@ -17,155 +20,21 @@ use std::time::Duration;
 use async_trait::async_trait;
 use ballot::device::{check_request, Access};
 use ballot::{BlockDevice, Error, ErrorKind, Result, WriteFlags, ZeroFlags};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 
 use crate::childimage::{ChildImage, Fail, Held};
+use crate::crash::image_crash;
+pub use crate::diskstate::{
+    current_op, Armed, Counters, CrashReport, FaultMark, Mark, Sticky, GUEST_OP,
+};
+use crate::diskstate::{flush_disk, DiskState, Inner, Pending, INFLIGHT_PER_DISK_MAX};
 pub use crate::oplog::{ChildKind, ChildOp, ChildResult};
 pub use crate::params::{Budget, FaultRates, Latency};
-use crate::rng::{hash_words, Rng};
+use crate::rng::Rng;
 use crate::runlog::RunLog;
 pub use crate::sector::Stored;
-use crate::sector::{
-    data_digest, decode, digest_fingerprints, encode_into, fingerprint, fingerprint_bytes, Decoded,
-    Value, SECTOR, SECTOR_U64,
-};
-use crate::trace::{Record, Trace};
-
-tokio::task_local! {
-    /// The guest op a child request belongs to (0 outside guest ops).
-    pub static GUEST_OP: u64;
-}
-
-/// The current guest op id, 0 outside one.
-pub fn current_op() -> u64 {
-    GUEST_OP.try_with(|id| *id).unwrap_or(0)
-}
-
-/// A sector fault that persists until the sector is rewritten.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Sticky {
-    /// F1: every read flips one content-seeded bit.
-    Flip,
-    /// F3: the write stored the sector corrupted.
-    Rot,
-    /// F4: reads fail with EIO.
-    Latent,
-}
-
-/// The budget ledger's state of one copy (B1).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mark {
-    /// Reads of the copy fail.
-    Failing,
-    /// The copy can answer with a value that is not the newest.
-    Wrong,
-}
-
-/// A scripted fault armed on one disk (scenario `fault` entries, C3).
-#[derive(Debug, Clone)]
-pub struct Armed {
-    /// Fault family (`F2`, `F3`, `F5`, `F6`, `F7`).
-    pub family: Fault,
-    /// Sector range the fault is limited to (None: any request).
-    pub sectors: Option<Range<u64>>,
-    /// Requests it still hits.
-    pub count: u64,
-    /// F5 `applied`: "none", "all" or "some".
-    pub applied: &'static str,
-}
-
-#[derive(Debug, Clone)]
-struct Pending {
-    first: u64,
-    data: Vec<Stored>,
-}
-
-struct DiskState {
-    name: String,
-    sectors: u64,
-    durable: Vec<Stored>,
-    current: Vec<Stored>,
-    pending: Vec<Pending>,
-    sticky: BTreeMap<u64, Sticky>,
-    marks: BTreeMap<u64, Mark>,
-    /// Sectors whose copy a fault left not holding the last write sent to it (stale, lost,
-    /// torn, misdirected, reformatted), with that fault's family; a later write to the sector
-    /// clears it. Reads that meet one are charged to the family (the report's fault ×
-    /// outcome, like the sticky faults). Harness bookkeeping: no decision reads it.
-    damage: BTreeMap<u64, Fault>,
-    /// F6: the live misdirection (intended sectors, target sectors), at most one (F6).
-    misdirect: Option<(Range<u64>, Range<u64>)>,
-    armed: Vec<Armed>,
-    latency: Latency,
-    lat_rng: Rng,
-    fault_rng: Rng,
-    discard_zeroes: bool,
-}
-
-/// Counters the sweep report aggregates.
-#[derive(Debug, Clone, Default)]
-pub struct Counters {
-    /// Faults injected, by family.
-    pub injected: BTreeMap<Fault, u64>,
-    /// Faults skipped by the budget check (B3), by family.
-    pub skipped: BTreeMap<Fault, u64>,
-    /// Child requests served.
-    pub child_ops: u64,
-    /// Every fault as the report charges it to guest ops, in time order.
-    pub marks: Vec<FaultMark>,
-    /// Child images (`topology.child_image`): checks made (I21, I22) and crashes that
-    /// leaked clusters (P21).
-    pub image_checks: BTreeMap<Rule, u64>,
-    pub image_leaks: u64,
-}
-
-/// A fault as the sweep report charges it to guest ops: injected into a child request of guest
-/// op `op`, or met again by a later read of that op (sticky sector faults F1, F3, F4, and
-/// copies a fault left stale, lost, torn, misdirected or emptied: F5, F6, F8, F9, F14, F18, or
-/// written by a write a crash cut off, F16), or a replica down when that op's request was
-/// answered (F13 to F17). `op` 0
-/// is a fault outside any guest op's request (a crash, a torn or lost write, a replica's disk
-/// behind NBD, a harness-injected fault): the report charges it to every guest op in flight at
-/// `t_ns`. Harness bookkeeping only: marks never enter the trace or its hash.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FaultMark {
-    /// Virtual nanoseconds since the run started.
-    pub t_ns: u64,
-    /// The guest op, 0 for none.
-    pub op: u64,
-    /// Fault family (`F1` ...).
-    pub family: Fault,
-    /// Virtual ns until which the fault lasts (a stall, a partition, a pause): an unowned
-    /// mark is charged to every op in flight at any time in `t_ns..=until_ns`. Equal to
-    /// `t_ns` for an instant.
-    pub until_ns: u64,
-}
-
-struct Inner {
-    disks: Vec<DiskState>,
-    n: usize,
-    t: usize,
-    fifo: bool,
-    budget: Budget,
-    rates: FaultRates,
-    injecting: bool,
-    /// Sectors one request can span (B4's reach for fifo).
-    window_sectors: u64,
-    /// Tears fall between sectors only (runs with a metadata node, HEALING.md H22).
-    sector_atomic: bool,
-    seed: u64,
-    oplog: BTreeMap<u64, Vec<ChildOp>>,
-    /// Disks that count as failing on every sector (B1: unreachable, paused, crashed, or
-    /// with a stale NBD connection that may still deliver old writes).
-    down: Vec<bool>,
-    counters: Counters,
-    /// The run's log, whose trace the disks write.
-    log: Arc<RunLog>,
-    start: tokio::time::Instant,
-    /// The write [`VDisk::apply_write`] last put in a disk's cache (disk, write): what a
-    /// child image is sent next.
-    landed: Option<(usize, Pending)>,
-}
+use crate::sector::{data_digest, decode, digest_fingerprints, Decoded, Value, SECTOR, SECTOR_U64};
+use crate::trace::Trace;
 
 /// All child disks of one run, with their shared fault state, ledger, op log and trace.
 pub struct DiskSet {
@@ -205,17 +74,6 @@ pub struct DiskSetConfig {
     pub sector_atomic: bool,
     /// Node-name prefix of the children: `c` for local vdisks, `r` for NBD replicas.
     pub prefix: &'static str,
-}
-
-/// Result of a crash's resolution of pending writes (F8, F9), for the trace and counters.
-#[derive(Debug, Clone, Default)]
-pub struct CrashReport {
-    /// Pending writes that survived intact.
-    pub intact: u64,
-    /// Pending writes lost.
-    pub lost: u64,
-    /// Pending writes torn.
-    pub torn: u64,
 }
 
 impl DiskSet {
@@ -411,33 +269,12 @@ impl DiskSet {
     /// Sectors some disk holds damage on from a fault other than a crash (F16, F8, F9): the
     /// silent faults only a verify finds (HEALING.md I19 leaves them to I12).
     pub fn silently_damaged(&self) -> BTreeSet<u64> {
-        let g = self.lock();
-        g.disks
-            .iter()
-            .flat_map(|d| {
-                d.damage
-                    .iter()
-                    .filter(|(_, f)| !matches!(**f, Fault::F16 | Fault::F8 | Fault::F9))
-                    .map(|(s, _)| *s)
-                    .chain(d.sticky.keys().copied())
-            })
-            .collect()
+        self.lock().silently_damaged()
     }
 
     /// The sectors of `sectors` on which the readable disks differ now.
     pub fn divergent_among(&self, sectors: &BTreeSet<u64>) -> Vec<u64> {
-        let mut out = Vec::new();
-        // Runs of consecutive sectors, each checked as a range.
-        let mut it = sectors.iter().copied().peekable();
-        while let Some(a) = it.next() {
-            let mut z = a + 1;
-            while it.peek() == Some(&z) {
-                it.next();
-                z += 1;
-            }
-            out.extend(self.divergent_sectors_in(a..z, |_, _| false));
-        }
-        out
+        self.lock().divergent_among(sectors)
     }
 
     /// Sets every disk's latency (S6).
@@ -735,119 +572,33 @@ impl DiskSet {
 
     /// How many disks hold exactly `v` at sector `s`, readable and uncorrupted (O5).
     pub fn holders(&self, s: u64, v: Value) -> usize {
-        let g = self.lock();
-        g.disks
-            .iter()
-            .filter(|d| {
-                s < d.sectors && d.current[s as usize] == Stored::V(v) && !d.sticky.contains_key(&s)
-            })
-            .count()
+        self.lock().holders(s, v)
     }
 
     /// Whether disk `index` holds `v` at sector `s`, readable and uncorrupted.
     pub fn holds(&self, index: usize, s: u64, v: Value) -> bool {
-        let g = self.lock();
-        let d = &g.disks[index];
-        s < d.sectors && d.current[s as usize] == Stored::V(v) && !d.sticky.contains_key(&s)
+        self.lock().holds(index, s, v)
     }
 
     /// Sectors whose copies currently break B2 (errors there are permitted, O7; I6 excludes
     /// them), and sectors with a sticky latent error (I6 excludes them and lists them).
     pub fn excused_sectors(&self) -> (Vec<u64>, Vec<u64>) {
-        let g = self.lock();
-        let mut touched: BTreeSet<u64> = BTreeSet::new();
-        for d in &g.disks {
-            touched.extend(d.marks.keys().copied());
-        }
-        let over = touched
-            .iter()
-            .copied()
-            .filter(|&s| !g.within_budget(s, None))
-            .collect();
-        let mut latent: Vec<u64> = g
-            .disks
-            .iter()
-            .flat_map(|d| {
-                d.sticky
-                    .iter()
-                    .filter(|(_, k)| **k == Sticky::Latent)
-                    .map(|(s, _)| *s)
-            })
-            .collect();
-        latent.sort_unstable();
-        latent.dedup();
-        (over, latent)
+        self.lock().excused_sectors()
     }
 
     /// The excused sectors ([`DiskSet::excused_set`]) within `range`, looking there only.
     pub fn excused_in(&self, range: Range<u64>) -> BTreeSet<u64> {
-        let g = self.lock();
-        let mut out = BTreeSet::new();
-        for d in &g.disks {
-            out.extend(
-                d.marks
-                    .range(range.clone())
-                    .filter(|(&s, _)| !g.within_budget(s, None))
-                    .map(|(&s, _)| s),
-            );
-            out.extend(
-                d.sticky
-                    .range(range.clone())
-                    .filter(|(_, k)| **k == Sticky::Latent)
-                    .map(|(&s, _)| s),
-            );
-        }
-        out
-    }
-
-    /// [`DiskSet::excused_sectors`] as one set: the sectors whose copies break B2 or hide
-    /// behind a latent error.
-    pub fn excused_set(&self) -> BTreeSet<u64> {
-        let (over, latent) = self.excused_sectors();
-        over.into_iter().chain(latent).collect()
+        self.lock().excused_in(range)
     }
 
     /// One line per disk describing sector `s` (failure reports).
     pub fn describe_sector(&self, s: u64) -> String {
-        let g = self.lock();
-        let mut out = String::new();
-        for d in &g.disks {
-            let v = match d.current.get(s as usize) {
-                Some(Stored::V(Value::Zero)) => "zero".to_string(),
-                Some(Stored::V(Value::Data { id, sector })) if *sector == s => format!("w{id}"),
-                Some(Stored::V(Value::Data { id, sector })) => format!("w{id}@{sector}"),
-                Some(Stored::Raw(_)) => "garbage".to_string(),
-                None => "-".to_string(),
-            };
-            out += &format!(
-                " {}={}{}{}",
-                d.name,
-                v,
-                d.sticky
-                    .get(&s)
-                    .map(|k| format!("[{k:?}]"))
-                    .unwrap_or_default(),
-                d.marks
-                    .get(&s)
-                    .map(|k| format!("[{k:?}]"))
-                    .unwrap_or_default()
-            );
-        }
-        out
+        self.lock().describe_sector(s)
     }
 
     /// I6: sectors on which the readable disks differ (latent sectors skipped).
     pub fn divergent_sectors(&self, limit: usize) -> Vec<u64> {
-        let sectors = self
-            .lock()
-            .disks
-            .iter()
-            .map(|d| d.sectors)
-            .min()
-            .unwrap_or(0);
-        let mut v = self.divergent_sectors_in(0..sectors, |_, _| false);
-        v.truncate(limit);
-        v
+        self.lock().divergent_sectors(limit)
     }
 
     /// Sectors of `range` on which the readable disks differ, ignoring copies `skip` names.
@@ -856,29 +607,14 @@ impl DiskSet {
         range: Range<u64>,
         skip: impl Fn(usize, u64) -> bool,
     ) -> Vec<u64> {
-        let g = self.lock();
-        let sectors = g.disks.iter().map(|d| d.sectors).min().unwrap_or(0);
-        let mut out = Vec::new();
-        for s in range.start..range.end.min(sectors) {
-            let mut first: Option<(&Stored, bool)> = None;
-            for (di, d) in g.disks.iter().enumerate() {
-                let sticky = d.sticky.get(&s).copied();
-                if sticky == Some(Sticky::Latent) || skip(di, s) {
-                    continue;
-                }
-                let this = (&d.current[s as usize], sticky.is_some());
-                match first {
-                    None => first = Some(this),
-                    Some(f) => {
-                        if f != this || this.1 {
-                            out.push(s);
-                            break;
-                        }
-                    }
-                }
-            }
-        }
-        out
+        self.lock().divergent_sectors_in(range, skip)
+    }
+
+    /// [`DiskSet::excused_sectors`] as one set: the sectors whose copies break B2 or hide
+    /// behind a latent error.
+    pub fn excused_set(&self) -> BTreeSet<u64> {
+        let (over, latent) = self.excused_sectors();
+        over.into_iter().chain(latent).collect()
     }
 
     /// Resolves every disk's pending writes as a crash does (F8, F9; V3), then updates the
@@ -898,12 +634,6 @@ impl DiskSet {
         let images = self.images();
         let mut g = self.lock();
         let mut report = CrashReport::default();
-        let rates = g.rates.clone();
-        let budget = g.budget;
-        let t = g.t;
-        let fifo = g.fifo;
-        let seed = g.seed;
-        let sector_atomic = g.sector_atomic;
         let mut touched: BTreeSet<u64> = BTreeSet::new();
         for &(off, len) in cut_off {
             touched.extend(off / SECTOR_U64..(off + len).div_ceil(SECTOR_U64));
@@ -912,160 +642,21 @@ impl DiskSet {
         // damage on one sector, so no torn version can gather t votes.
         let mut damaged: BTreeMap<u64, usize> = BTreeMap::new();
         for &di in which {
-            if let Some(img) = &images[di] {
-                let keep = rates.f8.unwrap_or(1.0);
-                let tear = rates.f9.unwrap_or(0.0);
-                if let Err(f) = image_crash(&mut g, di, img, keep, tear, &mut report, &mut touched)
-                {
-                    self.image_failed(f);
-                }
-                continue;
-            }
-            let pending = std::mem::take(&mut g.disks[di].pending);
-            let mut current = g.disks[di].durable.clone();
-            let mut damage = std::mem::take(&mut g.disks[di].damage);
-            for (wi, p) in pending.iter().enumerate() {
-                let mut rng = g.disks[di].fault_rng.fork("crash", wi as u64);
-                touched.extend(p.first..p.first + p.data.len() as u64);
-                let survives = match rates.f8 {
-                    Some(keep) => rng.chance(keep),
-                    None => true,
-                };
-                if !survives {
-                    report.lost += 1;
-                    for k in 0..p.data.len() as u64 {
-                        damage.insert(p.first + k, Fault::F8);
+            match &images[di] {
+                Some(img) => {
+                    let keep = g.rates.f8.unwrap_or(1.0);
+                    let tear = g.rates.f9.unwrap_or(0.0);
+                    if let Err(f) =
+                        image_crash(&mut g, di, img, keep, tear, &mut report, &mut touched)
+                    {
+                        self.image_failed(f);
                     }
-                    continue;
                 }
-                let tears = rates.f9.is_some_and(|p| rng.chance(p));
-                if !tears {
-                    report.intact += 1;
-                    for (k, v) in p.data.iter().enumerate() {
-                        current[(p.first + k as u64) as usize] = v.clone();
-                        damage.remove(&(p.first + k as u64));
-                    }
-                    continue;
-                }
-                report.torn += 1;
-                // Per 4 KiB page: intact, dropped or damaged (F9).
-                let mut k = 0usize;
-                while k < p.data.len() {
-                    let s0 = p.first + k as u64;
-                    let page_end = ((s0 / 8 + 1) * 8 - p.first) as usize;
-                    let page_end = page_end.min(p.data.len());
-                    let fate = rng.below(3);
-                    for kk in k..page_end {
-                        let s = p.first + kk as u64;
-                        let new = &p.data[kk];
-                        // Written whole below clears it; dropped or damaged keeps F9.
-                        damage.insert(s, Fault::F9);
-                        match fate {
-                            0 => {
-                                current[s as usize] = new.clone();
-                                damage.remove(&s);
-                            }
-                            1 => {}
-                            _ => {
-                                let roll = rng.below(4);
-                                if roll == 0 {
-                                    current[s as usize] = new.clone();
-                                    damage.remove(&s);
-                                } else if roll == 3 {
-                                    // dropped
-                                } else if sector_atomic {
-                                    // Whole sectors only: written or dropped.
-                                    if rng.chance(0.5) {
-                                        current[s as usize] = new.clone();
-                                        damage.remove(&s);
-                                    }
-                                } else {
-                                    let n_dmg = damaged.get(&s).copied().unwrap_or(0);
-                                    // Damage is a silent fault: within B2 (at most t - 1 damaged
-                                    // copies, none for fifo), and past it only where a vote can
-                                    // outnumber distinct garbage (B6).
-                                    let free = budget == Budget::Beyond && !fifo && t >= 2;
-                                    if !free && (fifo || n_dmg + 1 > t.saturating_sub(1)) {
-                                        continue; // the sector is dropped instead
-                                    }
-                                    *damaged.entry(s).or_default() += 1;
-                                    let old = materialize(&current[s as usize]);
-                                    let newb = materialize(new);
-                                    let mut out = [0u8; SECTOR];
-                                    let split = 8 * rng.range(1, 63) as usize;
-                                    let side = rng.below(3);
-                                    let garbage = free || rng.chance(0.5);
-                                    for (b, o) in out.iter_mut().enumerate() {
-                                        let take_new = match side {
-                                            0 => b < split,
-                                            1 => b >= split,
-                                            _ => true,
-                                        };
-                                        *o = if take_new { newb[b] } else { old[b] };
-                                    }
-                                    if garbage || side == 2 {
-                                        // Garbage unique to this disk and sector.
-                                        let g0 = hash_words(&[seed, di as u64, s, 0x7042]);
-                                        for (i, w) in out.chunks_mut(8).enumerate() {
-                                            if i % 3 == 0 {
-                                                let x = hash_words(&[g0, i as u64]);
-                                                w.copy_from_slice(&x.to_le_bytes());
-                                            }
-                                        }
-                                    }
-                                    // A tear between equal old and new bytes is no tear.
-                                    current[s as usize] = match decode(&out) {
-                                        Decoded::Value(v) => Stored::V(v),
-                                        Decoded::Garbage => Stored::Raw(Arc::from(&out[..])),
-                                    };
-                                }
-                            }
-                        }
-                    }
-                    k = page_end;
-                }
-            }
-            g.disks[di].durable = current.clone();
-            g.disks[di].current = current;
-            g.disks[di].damage = damage;
-        }
-        // Ledger: copies differing from the most common value become wrong.
-        for &s in &touched {
-            let mut tally: Vec<(Stored, usize)> = Vec::new();
-            for d in &g.disks {
-                if s >= d.sectors {
-                    continue;
-                }
-                let v = &d.current[s as usize];
-                match tally.iter_mut().find(|(x, _)| x == v) {
-                    Some((_, c)) => *c += 1,
-                    None => tally.push((v.clone(), 1)),
-                }
-            }
-            let top = tally.iter().map(|(_, c)| *c).max().unwrap_or(0);
-            let reference = tally
-                .iter()
-                .find(|(_, c)| *c == top)
-                .map(|(v, _)| v.clone());
-            for d in &mut g.disks {
-                if s >= d.sectors {
-                    continue;
-                }
-                if Some(&d.current[s as usize]) != reference.as_ref() {
-                    d.marks.insert(s, Mark::Wrong);
-                } else if !d.sticky.contains_key(&s) {
-                    d.marks.remove(&s);
-                }
+                None => g.crash_disk(di, &mut damaged, &mut report, &mut touched),
             }
         }
-        if report.lost > 0 {
-            *g.counters.injected.entry(Fault::F8).or_default() += report.lost;
-            g.mark(Fault::F8);
-        }
-        if report.torn > 0 {
-            *g.counters.injected.entry(Fault::F9).or_default() += report.torn;
-            g.mark(Fault::F9);
-        }
+        g.remark_after_crash(&touched);
+        g.count_crash(&report);
         (report, touched.into_iter().collect())
     }
 
@@ -1073,264 +664,6 @@ impl DiskSet {
     /// comparisons.
     pub fn stored(&self, index: usize, s: u64) -> Stored {
         self.lock().disks[index].current[s as usize].clone()
-    }
-}
-
-/// In-flight requests per disk (V4).
-const INFLIGHT_PER_DISK_MAX: usize = 16;
-
-/// The bytes of a stored sector.
-fn materialize(v: &Stored) -> [u8; SECTOR] {
-    let mut out = [0u8; SECTOR];
-    match v {
-        Stored::V(v) => encode_into(*v, &mut out),
-        Stored::Raw(b) => out.copy_from_slice(b),
-    }
-    out
-}
-
-impl Inner {
-    /// B2 (or B4 for fifo) for sector `s`, with disk `over.0`'s copy taken as `over.1`
-    /// (`None`: as it is).
-    fn within_budget(&self, s: u64, over: Option<(usize, Option<Mark>)>) -> bool {
-        let mark_of = |i: usize| -> Option<Mark> {
-            match over {
-                Some((j, m)) if j == i => m,
-                _ if self.down[i] => Some(Mark::Failing),
-                _ => self.disks[i].marks.get(&s).copied(),
-            }
-        };
-        let (mut failing, mut wrong) = (0usize, 0usize);
-        for i in 0..self.n {
-            match mark_of(i) {
-                Some(Mark::Failing) => failing += 1,
-                Some(Mark::Wrong) => wrong += 1,
-                None => {}
-            }
-        }
-        if failing + wrong > self.n - self.t {
-            return false;
-        }
-        if self.fifo {
-            // B4: the first child that can read the sector must hold the right value.
-            return match (0..self.n).find(|&i| mark_of(i) != Some(Mark::Failing)) {
-                Some(i) => mark_of(i).is_none(),
-                None => true,
-            };
-        }
-        wrong < self.t
-    }
-
-    /// B4 at request granularity: a fifo read fails on a child when any sector of the request
-    /// is unreadable there, so for every stale copy near `range` (within one request of it),
-    /// the children before it must hold the right value up to the first child with no
-    /// unreadable sector within a request's reach.
-    fn fifo_window_ok(&self, range: Range<u64>) -> bool {
-        let w = self.window_sectors;
-        let lo = range.start.saturating_sub(w);
-        let hi = range.end.saturating_add(w);
-        let mut stale: Vec<u64> = Vec::new();
-        for d in &self.disks {
-            stale.extend(
-                d.marks
-                    .range(lo..hi)
-                    .filter(|(_, m)| **m == Mark::Wrong)
-                    .map(|(s, _)| *s),
-            );
-        }
-        stale.sort_unstable();
-        stale.dedup();
-        stale.iter().all(|&s| {
-            for d in &self.disks {
-                if d.marks.get(&s) == Some(&Mark::Wrong) {
-                    return false;
-                }
-                let reach = s.saturating_sub(w)..s.saturating_add(w + 1);
-                if !d.marks.range(reach).any(|(_, m)| *m == Mark::Failing) {
-                    return true;
-                }
-            }
-            true
-        })
-    }
-
-    /// Inserts `mark` on `sectors` of `disk` if fifo's request-level B4 still holds after it;
-    /// otherwise leaves the marks as they were. Returns whether it did.
-    fn fifo_try_mark(&mut self, disk: usize, sectors: Range<u64>, mark: Mark) -> bool {
-        let saved: Vec<(u64, Option<Mark>)> = sectors
-            .clone()
-            .map(|s| (s, self.disks[disk].marks.insert(s, mark)))
-            .collect();
-        let ok = self.fifo_window_ok(sectors);
-        if !ok {
-            for (s, m) in saved {
-                match m {
-                    Some(m) => self.disks[disk].marks.insert(s, m),
-                    None => self.disks[disk].marks.remove(&s),
-                };
-            }
-        }
-        ok
-    }
-
-    /// B3: may disk `disk` take `mark` on every sector of `sectors`? Counts a skip if not.
-    fn allow(&mut self, family: Fault, disk: usize, sectors: Range<u64>, mark: Mark) -> bool {
-        let silent = matches!(
-            family,
-            Fault::F1 | Fault::F2 | Fault::F3 | Fault::F6 | Fault::F7
-        );
-        self.allow_kind(family, silent, disk, sectors, mark)
-    }
-
-    /// [`Inner::allow`] for a family whose faults are `silent` (wrong data, no error) or not.
-    fn allow_kind(
-        &mut self,
-        family: Fault,
-        silent: bool,
-        disk: usize,
-        sectors: Range<u64>,
-        mark: Mark,
-    ) -> bool {
-        // B6 lets silent faults past B2 only where a vote can outnumber distinct wrong values:
-        // the quorum pattern with t >= 2. With t = 1 or fifo a lone wrong copy is served.
-        let free = self.budget == Budget::Beyond && (!silent || (!self.fifo && self.t >= 2));
-        let ok = if self.fifo && silent && !free {
-            false
-        } else if free && family != Fault::F5 {
-            // B6: beyond budget, faults that fail or produce distinct wrong values are free;
-            // stale copies (F5) stay within B2 (B7). fifo reads the first child that answers,
-            // so a copy that starts failing must not leave a stale copy behind it to be served
-            // (B4 still holds; the B2 count does not): B7's exposure, for a read with no vote.
-            !self.fifo || self.fifo_try_mark(disk, sectors.clone(), mark)
-        } else {
-            sectors
-                .clone()
-                .all(|s| self.within_budget(s, Some((disk, Some(mark)))))
-                && (!self.fifo || self.fifo_try_mark(disk, sectors.clone(), mark))
-        };
-        if !ok {
-            *self.counters.skipped.entry(family).or_default() += 1;
-        }
-        ok
-    }
-
-    /// Appends a trace record stamped with the current virtual time.
-    #[allow(clippy::too_many_arguments)]
-    fn record(
-        &mut self,
-        node: String,
-        kind: &'static str,
-        op: u64,
-        offset: u64,
-        len: u64,
-        result: i64,
-        digest: u64,
-        note: String,
-    ) {
-        let t_ns = self.start.elapsed().as_nanos() as u64;
-        self.log.record(Record {
-            t_ns,
-            node,
-            kind,
-            op,
-            offset,
-            len,
-            result,
-            digest,
-            note,
-        });
-    }
-
-    /// Notes fault `family` against the current guest op (0 outside one).
-    fn mark(&mut self, family: Fault) {
-        self.mark_lasting(family, 0);
-    }
-
-    /// [`Inner::mark`] for a fault that lasts `ns` from now; returns the mark's index.
-    fn mark_lasting(&mut self, family: Fault, ns: u64) -> usize {
-        let t_ns = self.start.elapsed().as_nanos() as u64;
-        self.counters.marks.push(FaultMark {
-            t_ns,
-            op: current_op(),
-            family,
-            until_ns: t_ns.saturating_add(ns),
-        });
-        self.counters.marks.len() - 1
-    }
-
-    fn injected(&mut self, disk: usize, family: Fault, sectors: Range<u64>) {
-        *self.counters.injected.entry(family).or_default() += 1;
-        self.mark(family);
-        let node = self.disks[disk].name.clone();
-        self.record(
-            node,
-            "fault",
-            current_op(),
-            sectors.start * SECTOR_U64,
-            (sectors.end - sectors.start) * SECTOR_U64,
-            0,
-            0,
-            family.to_string(),
-        );
-    }
-
-    fn take_armed(&mut self, disk: usize, family: Fault, sectors: &Range<u64>) -> Option<Armed> {
-        let d = &mut self.disks[disk];
-        let pos = d.armed.iter().position(|a| {
-            a.family == family
-                && a.count > 0
-                && a.sectors
-                    .as_ref()
-                    .is_none_or(|r| r.start < sectors.end && sectors.start < r.end)
-        })?;
-        d.armed[pos].count -= 1;
-        let a = d.armed[pos].clone();
-        if d.armed[pos].count == 0 {
-            d.armed.remove(pos);
-        }
-        Some(a)
-    }
-
-    /// Draws whether random family `family` fires now on disk `disk`.
-    fn draw(&mut self, disk: usize, rate: Option<f64>) -> bool {
-        if !self.injecting {
-            return false;
-        }
-        match rate {
-            Some(p) => self.disks[disk].fault_rng.chance(p),
-            None => false,
-        }
-    }
-
-    fn pick_sector(&mut self, disk: usize, r: &Range<u64>) -> u64 {
-        r.start + self.disks[disk].fault_rng.below(r.end - r.start)
-    }
-
-    fn log(&mut self, op: u64, c: ChildOp) {
-        self.counters.child_ops += 1;
-        let (kind, res, dg) = (
-            match c.kind {
-                ChildKind::Read => "c-read",
-                ChildKind::Write => "c-write",
-                ChildKind::Zero => "c-zero",
-                ChildKind::Discard => "c-discard",
-                ChildKind::Flush => "c-flush",
-                ChildKind::Status => "c-status",
-            },
-            match &c.result {
-                ChildResult::Ok(_) => 0,
-                ChildResult::Err(k) => *k as i64 + 1,
-            },
-            match &c.result {
-                ChildResult::Ok(d) => *d ^ c.data,
-                ChildResult::Err(_) => c.data,
-            },
-        );
-        let node = self.disks[c.disk].name.clone();
-        self.record(node, kind, op, c.offset, c.len, res, dg, String::new());
-        if op != 0 {
-            self.oplog.entry(op).or_default().push(c);
-        }
     }
 }
 
@@ -1559,284 +892,6 @@ impl VDisk {
         }
         Ok(())
     }
-}
-
-impl Inner {
-    /// F6 on a write of `range`: where the whole write lands instead (its own first sector
-    /// when it does not), marking the range it left stale.
-    fn draw_misdirect(&mut self, i: usize, range: &Range<u64>) -> u64 {
-        let (first, n) = (range.start, range.end - range.start);
-        let armed6 = self.take_armed(i, Fault::F6, range);
-        let rate6 = self.rates.f6;
-        let fire6 = armed6.is_some() || self.draw(i, rate6);
-        let mut target = first;
-        if fire6 && self.disks[i].misdirect.is_none() {
-            let sectors = self.disks[i].sectors;
-            if sectors >= 2 * n + 8 {
-                let pages = (sectors - n) / 8;
-                let mut cand = self.disks[i].fault_rng.below(pages + 1) * 8;
-                if cand < first + n && first < cand + n {
-                    cand = if first + n + n <= sectors {
-                        (first + n).div_ceil(8) * 8
-                    } else {
-                        0
-                    };
-                }
-                let cand_range = cand..cand + n;
-                let disjoint = cand + n <= first || first + n <= cand;
-                if disjoint
-                    && cand + n <= sectors
-                    && (armed6.is_some()
-                        || (self.allow(Fault::F6, i, range.clone(), Mark::Wrong)
-                            && self.allow(Fault::F6, i, cand_range.clone(), Mark::Wrong)))
-                {
-                    self.injected(i, Fault::F6, range.clone());
-                    target = cand;
-                    let d = &mut self.disks[i];
-                    d.misdirect = Some((range.clone(), cand_range.clone()));
-                    for s in range.clone() {
-                        d.marks.insert(s, Mark::Wrong);
-                        d.damage.insert(s, Fault::F6);
-                    }
-                }
-            }
-        }
-        target
-    }
-
-    /// F4 and F1 on a read: a sector of the range becomes unreadable, or starts returning a
-    /// flipped bit, until rewritten.
-    fn draw_sticky_read_faults(&mut self, i: usize, range: &Range<u64>) {
-        // F4: a sector becomes unreadable until rewritten.
-        let rate4 = self.rates.f4;
-        if self.draw(i, rate4) {
-            let s = self.pick_sector(i, range);
-            if self.allow(Fault::F4, i, s..s + 1, Mark::Failing) {
-                self.injected(i, Fault::F4, s..s + 1);
-                self.disks[i].sticky.insert(s, Sticky::Latent);
-                self.disks[i].marks.insert(s, Mark::Failing);
-            }
-        }
-        // F1: a sector starts returning a flipped bit until rewritten.
-        let rate1 = self.rates.f1;
-        if self.draw(i, rate1) {
-            let s = self.pick_sector(i, range);
-            if !self.disks[i].sticky.contains_key(&s)
-                && self.allow(Fault::F1, i, s..s + 1, Mark::Wrong)
-            {
-                self.injected(i, Fault::F1, s..s + 1);
-                self.disks[i].sticky.insert(s, Sticky::Flip);
-                self.disks[i].marks.insert(s, Mark::Wrong);
-            }
-        }
-    }
-
-    /// F7 and F2 on a read: the sector it reads from instead (once), and the sector that
-    /// comes back with one transient flipped bit.
-    fn draw_read_faults(&mut self, i: usize, range: &Range<u64>) -> (u64, Option<u64>) {
-        // F7: the read returns another aligned offset's bytes, once.
-        let mut source = range.start;
-        let armed7 = self.take_armed(i, Fault::F7, range);
-        let rate7 = self.rates.f7;
-        let n = range.end - range.start;
-        if armed7.is_some() || self.draw(i, rate7) {
-            let sectors = self.disks[i].sectors;
-            if sectors >= n + 8 {
-                let cand = self.disks[i].fault_rng.below((sectors - n) / 8 + 1) * 8;
-                if cand != range.start
-                    && (armed7.is_some() || self.allow(Fault::F7, i, range.clone(), Mark::Wrong))
-                {
-                    self.injected(i, Fault::F7, range.clone());
-                    source = cand;
-                }
-            }
-        }
-        // F2: one transient flipped bit in this read.
-        let armed2 = self.take_armed(i, Fault::F2, range);
-        let rate2 = self.rates.f2;
-        let mut transient = None;
-        if armed2.is_some() || self.draw(i, rate2) {
-            let s = match &armed2 {
-                Some(Armed {
-                    sectors: Some(r), ..
-                }) => r.start.max(range.start),
-                _ => self.pick_sector(i, range),
-            };
-            if armed2.is_some() || self.allow(Fault::F2, i, s..s + 1, Mark::Wrong) {
-                self.injected(i, Fault::F2, s..s + 1);
-                transient = Some(s);
-            }
-        }
-        (source, transient)
-    }
-
-    /// The bytes a read of `range` returns from `source` on, with the transient flip, the
-    /// faults it met again and its sectors' fingerprints.
-    fn fill_read(
-        &self,
-        i: usize,
-        range: &Range<u64>,
-        source: u64,
-        transient: Option<u64>,
-        len: usize,
-    ) -> (BytesMut, BTreeSet<Fault>, Vec<u64>) {
-        let seed = self.seed;
-        let d = &self.disks[i];
-        let mut buf = BytesMut::zeroed(len);
-        // Faults met again by this read, charged to it (their injection was charged to an
-        // earlier op): sticky flips and rot, and copies a fault damaged (`damage`).
-        let mut met: BTreeSet<Fault> = BTreeSet::new();
-        // The read's digest from the sectors' fingerprints: a clean value's comes from the
-        // value, so only damaged sectors are hashed (sector::data_digest's contract).
-        let mut fps = Vec::with_capacity(buf.len() / SECTOR);
-        // Most reads meet no damage and no sticky fault: look those maps up per sector
-        // only when the read's range has an entry at all.
-        let src_range = source..source + (buf.len() / SECTOR) as u64;
-        let any_damage = d.damage.range(src_range.clone()).next().is_some();
-        let any_sticky = d.sticky.range(src_range).next().is_some();
-        for (k, chunk) in buf.chunks_mut(SECTOR).enumerate() {
-            let src = source + k as u64;
-            let s = range.start + k as u64;
-            if let Some(f) = any_damage.then(|| d.damage.get(&src)).flatten() {
-                met.insert(*f);
-            }
-            let pristine = match &d.current[src as usize] {
-                Stored::V(v) => {
-                    encode_into(*v, chunk);
-                    fingerprint(*v)
-                }
-                Stored::Raw(b) => {
-                    chunk.copy_from_slice(b);
-                    fingerprint_bytes(b)
-                }
-            };
-            let corrupt = match any_sticky.then(|| d.sticky.get(&src)).flatten() {
-                Some(Sticky::Flip) => Some(Fault::F1),
-                Some(Sticky::Rot) => Some(Fault::F3),
-                _ => None,
-            };
-            let mut fp = pristine;
-            if let Some(f) = corrupt {
-                met.insert(f);
-                flip_bit(seed, i, src, chunk, pristine, 1);
-                fp = fingerprint_bytes(chunk);
-            }
-            if transient == Some(s) {
-                flip_bit(seed, i, s, chunk, fp, 2);
-                fp = fingerprint_bytes(chunk);
-            }
-            fps.push(fp);
-        }
-        (buf, met, fps)
-    }
-
-    fn allow_one(&mut self, family: Fault, disk: usize, s: u64, mark: Mark) -> bool {
-        let silent = matches!(
-            family,
-            Fault::F1 | Fault::F2 | Fault::F3 | Fault::F6 | Fault::F7
-        );
-        if self.budget == Budget::Beyond
-            && family != Fault::F5
-            && (!silent || (!self.fifo && self.t >= 2))
-        {
-            return true;
-        }
-        self.within_budget(s, Some((disk, Some(mark))))
-            && (!self.fifo || self.fifo_try_mark(disk, s..s + 1, mark))
-    }
-}
-
-/// A crash of disk `di`, which is over child image `img`: the image resolves its cache
-/// (F8 with `keep`, F9 with `tear`) and the disk takes what the reopened image holds, which
-/// must be, per sector, the flushed value or a write sent since (I21). Sectors that changed
-/// are `touched` (the ledger) and damaged (F8, for the report); the image's lost and torn
-/// writes join `report`.
-fn image_crash(
-    g: &mut Inner,
-    di: usize,
-    img: &ChildImage,
-    keep: f64,
-    tear: f64,
-    report: &mut CrashReport,
-    touched: &mut BTreeSet<u64>,
-) -> std::result::Result<(), Fail> {
-    let pending = std::mem::take(&mut g.disks[di].pending);
-    for p in &pending {
-        touched.extend(p.first..p.first + p.data.len() as u64);
-    }
-    let d = &mut g.disks[di];
-    let c = match img.crash(keep, tear) {
-        Ok(c) => c,
-        Err(f) => {
-            // The image is unusable: keep the model's flushed state so the run can end.
-            d.current = d.durable.clone();
-            return Err(f);
-        }
-    };
-    report.lost += c.lost;
-    report.torn += c.torn;
-    for s in 0..d.sectors {
-        let got = &c.sectors[s as usize];
-        let su = s as usize;
-        let allowed = *got == d.durable[su]
-            || pending.iter().any(|p| {
-                s >= p.first
-                    && s < p.first + p.data.len() as u64
-                    && p.data[(s - p.first) as usize] == *got
-            });
-        if !allowed {
-            d.current = d.durable.clone();
-            return Err((
-                Rule::I21,
-                format!(
-                    "after a crash {}'s image holds {got:?} at sector {s}: neither the flushed {:?} nor a write sent since",
-                    d.name, d.durable[su]
-                ),
-            ));
-        }
-        if std::env::var("CHILDDBG")
-            .ok()
-            .and_then(|v| v.parse::<u64>().ok())
-            == Some(s)
-        {
-            eprintln!(
-                "crash {}: sector {s} got {got:?} current {:?} durable {:?} pending {:?}",
-                d.name,
-                d.current[su],
-                d.durable[su],
-                pending
-                    .iter()
-                    .filter(|p| s >= p.first && s < p.first + p.data.len() as u64)
-                    .map(|p| p.data[(s - p.first) as usize].clone())
-                    .collect::<Vec<_>>()
-            );
-        }
-        if *got != d.current[su] {
-            d.damage.insert(s, Fault::F8);
-            touched.insert(s);
-        }
-    }
-    d.durable = c.sectors.clone();
-    d.current = c.sectors;
-    *g.counters.image_checks.entry(Rule::I21).or_default() += 1;
-    *g.counters.image_checks.entry(Rule::I22).or_default() += 1;
-    g.counters.image_leaks += u64::from(c.leaked);
-    Ok(())
-}
-
-fn flush_disk(d: &mut DiskState) {
-    for p in std::mem::take(&mut d.pending) {
-        for (k, v) in p.data.into_iter().enumerate() {
-            d.durable[(p.first + k as u64) as usize] = v;
-        }
-    }
-}
-
-/// V5: flips one bit of sector `s`'s bytes `buf`, at a position that is a hash of seed, disk,
-/// sector, the pristine bytes (`pristine`, their fingerprint) and `salt`.
-fn flip_bit(seed: u64, disk: usize, s: u64, buf: &mut [u8], pristine: u64, salt: u64) {
-    let bit = hash_words(&[seed, disk as u64, s, pristine, salt]) % (SECTOR as u64 * 8);
-    buf[(bit / 8) as usize] ^= 1 << (bit % 8);
 }
 
 #[async_trait]
