@@ -647,6 +647,8 @@ mod tests {
     use super::*;
     use crate::oplog::{ChildKind, ChildOp, ChildResult};
     use crate::sector::data_digest;
+    use ballot::events::IoType;
+    use bytes::Bytes;
 
     fn cfg(n: usize, t: usize) -> ModelCfg {
         ModelCfg {
@@ -713,6 +715,392 @@ mod tests {
         assert_eq!(
             v[0].message,
             format!("read returned ok(data {a:016x}), the vote model says EIO")
+        );
+    }
+
+    /// A QUORUM_REPORT_BAD of `child` for a one-sector request at sector 0.
+    fn rb(io: IoType, child: usize, error: Option<ErrorKind>) -> Event {
+        Event::QuorumReportBad {
+            io,
+            error,
+            node_name: format!("c{child}"),
+            sector_num: 0,
+            sectors_count: 1,
+        }
+    }
+
+    /// The findings of one op of `kind` on sector 0 whose children answered `answers`
+    /// (children 0, 1, 2...), completed with `result` and `events`, after nothing else, in
+    /// the safety phase (errors are allowed there, O7; wrong ones are not).
+    fn judge(
+        t: usize,
+        kind: OpKind,
+        answers: &[ChildResult],
+        result: Result<Option<&[u8]>, ErrorKind>,
+        events: &[Event],
+    ) -> Vec<(Rule, String)> {
+        let mut o = Oracle::new(cfg(answers.len(), t));
+        let len = if kind == OpKind::Flush { 0 } else { 512 };
+        let id = o.invoke(kind, 0, len, false);
+        let ck = match kind {
+            OpKind::Read => ChildKind::Read,
+            OpKind::Flush => ChildKind::Flush,
+            _ => ChildKind::Write,
+        };
+        let children: Vec<ChildOp> = answers
+            .iter()
+            .enumerate()
+            .map(|(d, r)| child(d, ck, len, r.clone()))
+            .collect();
+        o.complete(id, result, &children, events, false)
+            .into_iter()
+            .map(|f| (f.rule, f.message))
+            .collect()
+    }
+
+    fn initial() -> Bytes {
+        Oracle::write_data(0, 0, 512)
+    }
+
+    #[test]
+    fn i8_an_outvoted_child_is_reported_once_without_an_error() {
+        let a = ChildResult::Ok(data_digest(&initial()));
+        let answers = [a.clone(), a, ChildResult::Ok(7)];
+        let data = initial();
+        let ok = judge(
+            2,
+            OpKind::Read,
+            &answers,
+            Ok(Some(&data[..])),
+            &[rb(IoType::Read, 2, None)],
+        );
+        assert_eq!(ok, []);
+        let missing = judge(2, OpKind::Read, &answers, Ok(Some(&data[..])), &[]);
+        assert_eq!(
+            missing,
+            [(
+                Rule::I8,
+                "events [], expected [\"RB read c2 - 0/1\"]".to_string()
+            )]
+        );
+        let twice = [rb(IoType::Read, 2, None), rb(IoType::Read, 2, None)];
+        let extra = judge(2, OpKind::Read, &answers, Ok(Some(&data[..])), &twice);
+        assert_eq!(
+            extra,
+            [(Rule::I8, "events [\"RB read c2 - 0/1\", \"RB read c2 - 0/1\"], expected [\"RB read c2 - 0/1\"]".to_string())]
+        );
+    }
+
+    #[test]
+    fn i8_a_report_where_every_child_agreed_is_one_too_many() {
+        let a = ChildResult::Ok(data_digest(&initial()));
+        let data = initial();
+        let got = judge(
+            2,
+            OpKind::Read,
+            &[a.clone(), a.clone(), a],
+            Ok(Some(&data[..])),
+            &[rb(IoType::Read, 1, None)],
+        );
+        assert_eq!(
+            got,
+            [(
+                Rule::I8,
+                "events [\"RB read c1 - 0/1\"], expected []".to_string()
+            )]
+        );
+    }
+
+    #[test]
+    fn i5_a_read_no_version_of_which_has_t_votes_must_not_return_data() {
+        let data = initial();
+        let answers = [
+            ChildResult::Ok(data_digest(&data)),
+            ChildResult::Ok(7),
+            ChildResult::Ok(9),
+        ];
+        let failure = [Event::QuorumFailure {
+            reference: "q0".into(),
+            sector_num: 0,
+            sectors_count: 1,
+        }];
+        assert_eq!(
+            judge(2, OpKind::Read, &answers, Err(ErrorKind::Io), &failure),
+            []
+        );
+        let got = judge(2, OpKind::Read, &answers, Ok(Some(&data[..])), &[]);
+        let digest = data_digest(&data);
+        assert_eq!(
+            got,
+            [
+                (
+                    Rule::I5,
+                    format!("read returned ok(data {digest:016x}), the vote model says EIO")
+                ),
+                (
+                    Rule::I8,
+                    "events [], expected [\"FAILURE 0/1\"]".to_string()
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn i7_a_write_is_acked_exactly_when_t_children_wrote_it() {
+        let (ok, eio) = (ChildResult::Ok(0), ChildResult::Err(ErrorKind::Io));
+        let failed_c2 = [rb(IoType::Write, 2, Some(ErrorKind::Io))];
+        // Two of three wrote it: acked, with the failed child reported.
+        assert_eq!(
+            judge(
+                2,
+                OpKind::Write,
+                &[ok.clone(), ok.clone(), eio.clone()],
+                Ok(None),
+                &failed_c2
+            ),
+            []
+        );
+        // ... and failing it anyway is I7.
+        let got = judge(
+            2,
+            OpKind::Write,
+            &[ok.clone(), ok.clone(), eio.clone()],
+            Err(ErrorKind::Io),
+            &failed_c2,
+        );
+        assert_eq!(
+            got,
+            [(
+                Rule::I7,
+                "write returned EIO, the vote model says ok".to_string()
+            )]
+        );
+        // One of three: acking it is I7.
+        let failed = [
+            rb(IoType::Write, 1, Some(ErrorKind::Io)),
+            rb(IoType::Write, 2, Some(ErrorKind::Io)),
+        ];
+        let got = judge(
+            2,
+            OpKind::Write,
+            &[ok.clone(), eio.clone(), eio.clone()],
+            Ok(None),
+            &failed,
+        );
+        // I7 also asks a failed write for QUORUM_FAILURE, so its absence is I8 too.
+        assert_eq!(
+            got,
+            [
+                (Rule::I7, "write returned ok, the vote model says EIO".to_string()),
+                (
+                    Rule::I8,
+                    "events [\"RB write c1 EIO 0/1\", \"RB write c2 EIO 0/1\"], expected [\"RB write c1 EIO 0/1\", \"RB write c2 EIO 0/1\", \"FAILURE 0/1\"]".to_string()
+                ),
+            ]
+        );
+        // Failed, with both reports and QUORUM_FAILURE: right.
+        let mut all = failed.to_vec();
+        all.push(Event::QuorumFailure {
+            reference: "q0".into(),
+            sector_num: 0,
+            sectors_count: 1,
+        });
+        assert_eq!(
+            judge(
+                2,
+                OpKind::Write,
+                &[ok, eio.clone(), eio],
+                Err(ErrorKind::Io),
+                &all
+            ),
+            []
+        );
+    }
+
+    #[test]
+    fn i8_a_child_that_failed_a_write_is_reported_with_its_error() {
+        let (ok, eio) = (ChildResult::Ok(0), ChildResult::Err(ErrorKind::Io));
+        let got = judge(2, OpKind::Write, &[ok.clone(), ok, eio], Ok(None), &[]);
+        assert_eq!(
+            got,
+            [(
+                Rule::I8,
+                "events [], expected [\"RB write c2 EIO 0/1\"]".to_string()
+            )]
+        );
+    }
+
+    #[test]
+    fn i7_a_flush_succeeds_exactly_when_t_children_flushed() {
+        let (ok, eio) = (ChildResult::Ok(0), ChildResult::Err(ErrorKind::Io));
+        let failed = [
+            Event::QuorumReportBad {
+                io: IoType::Flush,
+                error: Some(ErrorKind::Io),
+                node_name: "c1".into(),
+                sector_num: 0,
+                sectors_count: 0,
+            },
+            Event::QuorumReportBad {
+                io: IoType::Flush,
+                error: Some(ErrorKind::Io),
+                node_name: "c2".into(),
+                sector_num: 0,
+                sectors_count: 0,
+            },
+        ];
+        let got = judge(
+            2,
+            OpKind::Flush,
+            &[ok.clone(), eio.clone(), eio.clone()],
+            Ok(None),
+            &failed,
+        );
+        assert_eq!(
+            got,
+            [(
+                Rule::I7,
+                "flush returned ok, the vote model says EIO".to_string()
+            )]
+        );
+        // A failed flush emits no QUORUM_FAILURE (I7): its reports alone are right.
+        assert_eq!(
+            judge(
+                2,
+                OpKind::Flush,
+                &[ok, eio.clone(), eio],
+                Err(ErrorKind::Io),
+                &failed
+            ),
+            []
+        );
+    }
+
+    #[test]
+    fn i1_a_read_of_another_sectors_bytes_is_caught() {
+        let mut o = Oracle::new(cfg(3, 2));
+        let foreign = Oracle::write_data(0, 512, 512);
+        let d = data_digest(&foreign);
+        let r = o.invoke(OpKind::Read, 0, 512, false);
+        let reads: Vec<ChildOp> = (0..3)
+            .map(|k| child(k, ChildKind::Read, 512, ChildResult::Ok(d)))
+            .collect();
+        let v = o.complete(r, Ok(Some(&foreign[..])), &reads, &[], false);
+        let got: Vec<(Rule, String)> = v.into_iter().map(|f| (f.rule, f.message)).collect();
+        assert_eq!(
+            got,
+            [(Rule::I1, "misdirected data: got w0 of sector 1".to_string())]
+        );
+    }
+
+    #[test]
+    fn a_fifo_read_moves_on_from_a_failed_child_and_never_fails_the_quorum() {
+        let data = initial();
+        let mut c = cfg(3, 1);
+        c.fifo = true;
+        let run = |answers: &[ChildResult],
+                   result: Result<Option<&[u8]>, ErrorKind>,
+                   events: &[Event]| {
+            let mut o = Oracle::new(c.clone());
+            let id = o.invoke(OpKind::Read, 0, 512, false);
+            let children: Vec<ChildOp> = answers
+                .iter()
+                .enumerate()
+                .map(|(d, r)| child(d, ChildKind::Read, 512, r.clone()))
+                .collect();
+            o.complete(id, result, &children, events, false)
+                .into_iter()
+                .map(|f| (f.rule, f.message))
+                .collect::<Vec<_>>()
+        };
+        let eio = ChildResult::Err(ErrorKind::Io);
+        let a = ChildResult::Ok(data_digest(&data));
+        let c0 = [rb(IoType::Read, 0, Some(ErrorKind::Io))];
+        // c0 failed, c1 answered: the read returns c1's data and reports c0 (P5).
+        assert_eq!(run(&[eio.clone(), a.clone()], Ok(Some(&data[..])), &c0), []);
+        let digest = data_digest(&data);
+        assert_eq!(
+            run(&[eio.clone(), a.clone()], Err(ErrorKind::Io), &c0),
+            [(
+                Rule::I7,
+                format!("read returned EIO, the vote model says ok(data {digest:016x})")
+            )]
+        );
+        let both = [
+            rb(IoType::Read, 0, Some(ErrorKind::Io)),
+            rb(IoType::Read, 1, Some(ErrorKind::Io)),
+            rb(IoType::Read, 2, Some(ErrorKind::Io)),
+        ];
+        let mut with_failure = both.to_vec();
+        with_failure.push(Event::QuorumFailure {
+            reference: "q0".into(),
+            sector_num: 0,
+            sectors_count: 1,
+        });
+        // Every child failed: EIO with three reports, and no QUORUM_FAILURE (I7).
+        assert_eq!(
+            run(
+                &[eio.clone(), eio.clone(), eio.clone()],
+                Err(ErrorKind::Io),
+                &both
+            ),
+            []
+        );
+        assert_eq!(
+            run(&[eio.clone(), eio.clone(), eio], Err(ErrorKind::Io), &with_failure),
+            [(
+                Rule::I8,
+                "events [\"RB read c0 EIO 0/1\", \"RB read c1 EIO 0/1\", \"RB read c2 EIO 0/1\", \"FAILURE 0/1\"], expected [\"RB read c0 EIO 0/1\", \"RB read c1 EIO 0/1\", \"RB read c2 EIO 0/1\"]".to_string()
+            )]
+        );
+    }
+
+    #[test]
+    fn rewrite_corrupted_rewrites_the_outvoted_child() {
+        let data = initial();
+        let mut c = cfg(3, 2);
+        c.rewrite = true;
+        let a = ChildResult::Ok(data_digest(&data));
+        let run = |extra: &[ChildOp]| {
+            let mut o = Oracle::new(c.clone());
+            let id = o.invoke(OpKind::Read, 0, 512, false);
+            let mut children: Vec<ChildOp> = [a.clone(), a.clone(), ChildResult::Ok(7)]
+                .iter()
+                .enumerate()
+                .map(|(d, r)| child(d, ChildKind::Read, 512, r.clone()))
+                .collect();
+            children.extend_from_slice(extra);
+            o.complete(
+                id,
+                Ok(Some(&data[..])),
+                &children,
+                &[rb(IoType::Read, 2, None)],
+                false,
+            )
+            .into_iter()
+            .map(|f| (f.rule, f.message))
+            .collect::<Vec<_>>()
+        };
+        let mut w = child(2, ChildKind::Write, 512, ChildResult::Ok(0));
+        w.data = data_digest(&data);
+        let d = data_digest(&data);
+        // Q26/P3: the winner's data written back to c2, and only there.
+        assert_eq!(run(&[w]), []);
+        assert_eq!(
+            run(&[]),
+            [(
+                Rule::I6,
+                format!("repair writes [] (child, data digest), expected [(2, {d})]")
+            )]
+        );
+        let mut wrong = child(1, ChildKind::Write, 512, ChildResult::Ok(0));
+        wrong.data = d;
+        assert_eq!(
+            run(&[wrong]),
+            [(
+                Rule::I6,
+                format!("repair writes [(1, {d})] (child, data digest), expected [(2, {d})]")
+            )]
         );
     }
 }
