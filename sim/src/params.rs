@@ -1586,9 +1586,122 @@ mod tests {
                 assert_eq!(p.crash_rate, 0.0, "seed {seed}");
             }
             assert_eq!(p.gray.is_some(), p.family_on(Fault::F10), "seed {seed}");
+            rates_inside_their_ranges(&p);
         }
         // Every topology is drawn (weights 4:1 quorum:colo, 3:1 local:nbd, 15% image...).
         assert!(colo > 0 && nbd > 0 && image > 0 && child_image > 0);
+    }
+
+    /// The bounds `fault_rates` draws from: F1-F7 in [0, hi), F8 in [0, 0.5), F9 in
+    /// [0.8, 1), crashes (F16, F28) 0 or in [0.005, 0.05), restarts within 0..10 s in ms.
+    fn rates_inside_their_ranges(p: &Params) {
+        let seed = p.seed;
+        let r = &p.rates;
+        let his = [0.10, 0.05, 0.10, 0.05, 0.10, 0.01, 0.01, 0.5];
+        for (i, (x, hi)) in [r.f1, r.f2, r.f3, r.f4, r.f5, r.f6, r.f7, r.f8]
+            .into_iter()
+            .zip(his)
+            .enumerate()
+        {
+            if let Some(x) = x {
+                assert!((0.0..hi).contains(&x), "seed {seed} F{}: {x}", i + 1);
+            }
+        }
+        if let Some(x) = r.f9 {
+            assert!((0.8..1.0).contains(&x), "seed {seed} F9: {x}");
+        }
+        assert!(
+            p.crash_rate == 0.0 || (0.005..0.05).contains(&p.crash_rate),
+            "seed {seed}: {}",
+            p.crash_rate
+        );
+        let (lo, hi) = p.restart_ns;
+        assert!(
+            lo == 0 && hi % 1_000_000 == 0 && hi <= 10_000_000_000,
+            "seed {seed}"
+        );
+    }
+
+    /// Pins for a quorum over NBD (every quorum family is known there) with `families`.
+    fn nbd_with(families: &[Fault], random: bool) -> BTreeMap<String, Tv> {
+        let list = families.iter().map(|f| Tv::String(f.as_str().into()));
+        pins(&[
+            ("topology.kind", Tv::String("quorum".into())),
+            ("topology.transport", Tv::String("nbd".into())),
+            ("faults.families", Tv::Array(list.collect())),
+            ("faults.random", Tv::Boolean(random)),
+        ])
+    }
+
+    #[test]
+    fn a_family_that_is_off_injects_nothing_and_keeps_the_others_draws() {
+        for seed in 0..30 {
+            let all = Params::derive(seed, &nbd_with(&all_families(), true)).expect("all");
+            let one = Params::derive(seed, &nbd_with(&[Fault::F1], true)).expect("F1");
+            let (ra, r1) = (&all.rates, &one.rates);
+            // Every family on: every rate, crash, gray disk and NBD fault is drawn.
+            assert!(
+                [ra.f1, ra.f2, ra.f3, ra.f4, ra.f5, ra.f6, ra.f7, ra.f8, ra.f9]
+                    .iter()
+                    .all(Option::is_some),
+                "seed {seed}"
+            );
+            assert!(all.crash_rate > 0.0 && all.gray.is_some(), "seed {seed}");
+            let nbd = all.nbd.as_ref().expect("nbd");
+            assert_eq!(nbd.reformat, 0.3);
+            assert!(all.heal.f25 >= 0.3 && all.heal.f30_at.is_some() && all.heal.metadata);
+            // Only F1: its rate is the same draw, every other family has none.
+            assert_eq!(one.families, vec![Fault::F1]);
+            assert_eq!(r1.f1, ra.f1, "seed {seed}");
+            assert_eq!(
+                [r1.f2, r1.f3, r1.f4, r1.f5, r1.f6, r1.f7, r1.f8, r1.f9],
+                [None; 8]
+            );
+            assert_eq!(
+                (one.crash_rate, one.gray, one.latency.stall_p),
+                (0.0, None, 0.0)
+            );
+            let nbd = one.nbd.as_ref().expect("nbd");
+            assert_eq!(
+                (
+                    nbd.partition,
+                    nbd.swizzle_rate,
+                    nbd.pause_rate,
+                    nbd.reformat
+                ),
+                ((0.0, 0.0), 0.0, 0.0, 0.0)
+            );
+            let h = &one.heal;
+            assert_eq!((h.f25, h.f26, h.f27, h.f30_at), (0.0, 0.0, 0.0, None));
+            assert_eq!((h.metadata, h.f29, h.shutdown), (false, 0.0, 0.0));
+            // Keys no family decides keep their draws.
+            assert_eq!(one.latency.read_min_ns, all.latency.read_min_ns);
+            assert_eq!(
+                (one.children, one.ops, one.mix.clone()),
+                (all.children, all.ops, all.mix.clone())
+            );
+        }
+    }
+
+    #[test]
+    fn without_random_faults_only_the_listed_crash_outcomes_and_metadata_node_stay() {
+        for seed in 0..30 {
+            let all = Params::derive(seed, &nbd_with(&all_families(), true)).expect("all");
+            let off = Params::derive(seed, &nbd_with(&all_families(), false)).expect("off");
+            let (ra, ro) = (&all.rates, &off.rates);
+            // faults.random = false: no random rate, crash, gray disk or healing fault...
+            assert_eq!([ro.f1, ro.f2, ro.f3, ro.f4, ro.f5, ro.f6, ro.f7], [None; 7]);
+            assert_eq!((off.crash_rate, off.gray), (0.0, None), "seed {seed}");
+            assert_eq!((off.heal.f25, off.heal.f30_at), (0.0, None), "seed {seed}");
+            // ...but what a listed family decides without random injection stays: the
+            // crash outcomes (F8, F9) and the metadata node with its faults (F28, F29).
+            assert_eq!((ro.f8, ro.f9), (ra.f8, ra.f9), "seed {seed}");
+            assert!(ro.f8.is_some() && ro.f9.is_some(), "seed {seed}");
+            assert_eq!(
+                (off.heal.metadata, off.heal.f29, off.heal.shutdown),
+                (true, all.heal.f29, all.heal.shutdown)
+            );
+        }
     }
 
     #[test]
@@ -1658,6 +1771,57 @@ mod tests {
         ];
         for (kv, want) in cases {
             assert_eq!(Params::derive(1, &pins(kv)).unwrap_err(), want);
+        }
+    }
+
+    #[test]
+    fn pins_of_the_wrong_type_or_family_are_refused_naming_the_key() {
+        let s = |x: &str| Tv::String(x.into());
+        let local = [
+            ("topology.kind", s("quorum")),
+            ("topology.transport", s("local")),
+        ];
+        let cases: [(Vec<(&str, Tv)>, &str); 9] = [
+            (
+                vec![("topology.children", s("3"))],
+                "key 'topology.children': expected an integer, got string",
+            ),
+            (
+                vec![("topology.kind", s("raid"))],
+                "key 'topology.kind': 'raid' is not one of quorum, colo",
+            ),
+            (
+                vec![("faults.random", Tv::Integer(1))],
+                "key 'faults.random': expected true or false, got integer",
+            ),
+            (
+                vec![("faults.rates.F1", Tv::Float(1.5))],
+                "key 'faults.rates.F1': 1.5 is out of range 0..=1",
+            ),
+            (
+                vec![("disk.stall_time", s("5s..1s"))],
+                "key 'disk.stall_time': range '5s..1s' is reversed",
+            ),
+            (
+                vec![("faults.families", s("F1"))],
+                "key 'faults.families': expected an array, got string",
+            ),
+            (
+                vec![("faults.families", Tv::Array(vec![Tv::Integer(1)]))],
+                "key 'faults.families': expected strings, got integer",
+            ),
+            (
+                vec![("faults.families", Tv::Array(vec![s("F31")]))],
+                "key 'faults.families': unknown fault family 'F31' (known: F1-F30)",
+            ),
+            (
+                // A local quorum injects neither COLO's faults nor F25 or the NBD ones.
+                [local.to_vec(), vec![("faults.families", Tv::Array(vec![s("F19")]))]].concat(),
+                "key 'faults.families': 'F19' is not a fault this topology injects (F1, F2, F3, F4, F5, F6, F7, F8, F9, F10, F11, F16, F26, F27, F30, F28, F29)",
+            ),
+        ];
+        for (kv, want) in cases {
+            assert_eq!(Params::derive(1, &pins(&kv)).unwrap_err(), want);
         }
     }
 
