@@ -1103,4 +1103,278 @@ mod tests {
             )]
         );
     }
+
+    /// Children 0..n that all answered `data` to a read (of the op's length).
+    fn agreeing(n: usize, data: &[u8]) -> Vec<ChildOp> {
+        (0..n)
+            .map(|d| {
+                child(
+                    d,
+                    ChildKind::Read,
+                    data.len() as u64,
+                    ChildResult::Ok(data_digest(data)),
+                )
+            })
+            .collect()
+    }
+
+    /// Completes read `id` (at sector 0) with `data`, on which every child agreed; its
+    /// findings as (rule, sector, message), each naming the read.
+    fn finish_read(o: &mut Oracle, id: u64, data: &[u8]) -> Vec<(Rule, Option<u64>, String)> {
+        let n = o.cfg.n;
+        let v = o.complete(id, Ok(Some(data)), &agreeing(n, data), &[], false);
+        assert!(v.iter().all(|f| f.op == id), "{v:?}");
+        v.into_iter()
+            .map(|f| (f.rule, f.sector, f.message))
+            .collect()
+    }
+
+    /// A read of sector 0 invoked and completed now, returning `data`.
+    fn read_now(o: &mut Oracle, data: &[u8]) -> Vec<(Rule, Option<u64>, String)> {
+        let id = o.invoke(OpKind::Read, 0, data.len() as u64, false);
+        finish_read(o, id, data)
+    }
+
+    /// A guest op of `kind` at `offset` that every child carried out; returns its id.
+    fn acked(o: &mut Oracle, kind: OpKind, offset: u64, len: u64, fua: bool) -> u64 {
+        let id = o.invoke(kind, offset, len, fua);
+        let ck = match kind {
+            OpKind::Flush => ChildKind::Flush,
+            OpKind::Trim => ChildKind::Discard,
+            _ => ChildKind::Write,
+        };
+        let children: Vec<ChildOp> = (0..o.cfg.n)
+            .map(|d| ChildOp {
+                offset,
+                ..child(d, ck, len, ChildResult::Ok(0))
+            })
+            .collect();
+        let children = if kind == OpKind::Trim && !o.cfg.discard_forwarded {
+            Vec::new()
+        } else {
+            children
+        };
+        assert!(o.complete(id, Ok(None), &children, &[], false).is_empty());
+        id
+    }
+
+    #[test]
+    fn a_read_of_bytes_that_decode_to_nothing_is_i1_at_the_sector_they_fill() {
+        let mut o = Oracle::new(cfg(3, 2));
+        let good = Oracle::write_data(0, 0, 1024);
+        assert_eq!(read_now(&mut o, &good), []);
+        // V7: one flipped bit in the second sector fails its checksum (F1 served as is).
+        let mut torn = good.to_vec();
+        torn[600] ^= 1;
+        assert_eq!(
+            read_now(&mut o, &torn),
+            [(
+                Rule::I1,
+                Some(1),
+                "corrupt or torn bytes (decode to nothing)".to_string()
+            )]
+        );
+    }
+
+    #[test]
+    fn a_read_of_a_value_no_write_left_in_that_sector_is_i1() {
+        let mut o = Oracle::new(cfg(3, 2));
+        // Write 1 went to sector 1 only; its data made for sector 0 never existed anywhere.
+        let w = acked(&mut o, OpKind::Write, 512, 512, false);
+        assert_eq!(w, 1);
+        let never = Oracle::write_data(w, 0, 512);
+        assert_eq!(
+            read_now(&mut o, &never),
+            [(
+                Rule::I1,
+                Some(0),
+                "foreign read: got=w1 allowed={w0}".to_string()
+            )]
+        );
+        // Zeros on a disk that started as write 0's pattern: no write left them either.
+        assert_eq!(
+            read_now(&mut o, &[0u8; 512]),
+            [(
+                Rule::I1,
+                Some(0),
+                "foreign read: got=zero allowed={w0}".to_string()
+            )]
+        );
+        assert_eq!(read_now(&mut o, &initial()), []);
+    }
+
+    #[test]
+    fn reads_that_overlap_a_write_may_return_either_value_and_later_ones_only_the_new() {
+        let mut o = Oracle::new(cfg(3, 2));
+        let w = o.invoke(OpKind::Write, 0, 512, false);
+        let (r1, r2) = (
+            o.invoke(OpKind::Read, 0, 512, false),
+            o.invoke(OpKind::Read, 0, 512, false),
+        );
+        let writes: Vec<ChildOp> = (0..3)
+            .map(|d| child(d, ChildKind::Write, 512, ChildResult::Ok(0)))
+            .collect();
+        assert!(o.complete(w, Ok(None), &writes, &[], false).is_empty());
+        let new = Oracle::write_data(w, 0, 512);
+        // O3: both reads began before the write ended, so each may see either value, and
+        // r1 seeing the new one does not bind r2, which began before r1 ended (O4).
+        assert_eq!(finish_read(&mut o, r1, &new), []);
+        assert_eq!(finish_read(&mut o, r2, &initial()), []);
+        // I3: a read that begins after the write was acked may not.
+        assert_eq!(
+            read_now(&mut o, &initial()),
+            [(
+                Rule::I3,
+                Some(0),
+                "stale read: got=w0 allowed={w1}".to_string()
+            )]
+        );
+    }
+
+    #[test]
+    fn a_value_a_read_has_returned_may_not_flicker_back() {
+        let mut o = Oracle::new(cfg(3, 2));
+        // A write that failed (one success of three) may have landed or not (O2).
+        let w = o.invoke(OpKind::Write, 0, 512, false);
+        let writes = [
+            child(0, ChildKind::Write, 512, ChildResult::Ok(0)),
+            child(1, ChildKind::Write, 512, ChildResult::Err(ErrorKind::Io)),
+            child(2, ChildKind::Write, 512, ChildResult::Err(ErrorKind::Io)),
+        ];
+        let events = [
+            rb(IoType::Write, 1, Some(ErrorKind::Io)),
+            rb(IoType::Write, 2, Some(ErrorKind::Io)),
+            Event::QuorumFailure {
+                reference: "q0".into(),
+                sector_num: 0,
+                sectors_count: 1,
+            },
+        ];
+        assert!(o
+            .complete(w, Err(ErrorKind::Io), &writes, &events, false)
+            .is_empty());
+        let new = Oracle::write_data(w, 0, 512);
+        assert_eq!(read_now(&mut o, &initial()), []);
+        assert_eq!(read_now(&mut o, &new), []);
+        // O4: once a read returned w1, later reads treat w1 as acked when that read ended.
+        assert_eq!(
+            read_now(&mut o, &initial()),
+            [(
+                Rule::I3,
+                Some(0),
+                "stale read: got=w0 allowed={w1}".to_string()
+            )]
+        );
+    }
+
+    #[test]
+    fn without_a_majority_only_a_flushed_write_replaces_the_old_value() {
+        // 2t <= N: I3 is not checked; I2's durable floor is.
+        let mut o = Oracle::new(cfg(2, 1));
+        let w = acked(&mut o, OpKind::Write, 0, 512, false);
+        assert_eq!(read_now(&mut o, &initial()), []);
+        acked(&mut o, OpKind::Flush, 0, 0, false);
+        assert_eq!(
+            read_now(&mut o, &initial()),
+            [(
+                Rule::I2,
+                Some(0),
+                "stale read: got=w0 allowed={w1}".to_string()
+            )]
+        );
+        assert_eq!(read_now(&mut o, &Oracle::write_data(w, 0, 512)), []);
+    }
+
+    #[test]
+    fn a_crash_that_leaves_an_unflushed_write_on_too_few_children_allows_the_old_value() {
+        // O5: after the crash w1 (acked, not flushed) is on `holders` of the 3 children.
+        let after_crash = |holders: usize| {
+            let mut o = Oracle::new(cfg(3, 2));
+            let w = acked(&mut o, OpKind::Write, 0, 512, false);
+            o.crash(|_, _| holders);
+            (read_now(&mut o, &initial()), o.guaranteed(0, w))
+        };
+        // One holder: two copies without w1 can outvote it, so w0 may be read again.
+        assert_eq!(after_crash(1), (vec![], false));
+        // Two holders: only one copy lacks it; w1 stays guaranteed and w0 is stale.
+        assert_eq!(
+            after_crash(2),
+            (
+                vec![(
+                    Rule::I3,
+                    Some(0),
+                    "stale read: got=w0 allowed={w1}".to_string()
+                )],
+                true
+            )
+        );
+    }
+
+    #[test]
+    fn an_error_is_counted_in_the_safety_phase_and_is_i14_in_the_liveness_phase() {
+        let eio = ChildResult::Err(ErrorKind::Io);
+        let reads: Vec<ChildOp> = (0..3)
+            .map(|d| child(d, ChildKind::Read, 512, eio.clone()))
+            .collect();
+        let mut events: Vec<Event> = (0..3)
+            .map(|d| rb(IoType::Read, d, Some(ErrorKind::Io)))
+            .collect();
+        events.push(Event::QuorumFailure {
+            reference: "q0".into(),
+            sector_num: 0,
+            sectors_count: 1,
+        });
+        // Every child failed: EIO is the right answer (I7) in both phases.
+        let run = |liveness: bool| {
+            let mut o = Oracle::new(cfg(3, 2));
+            let id = o.invoke(OpKind::Read, 0, 512, false);
+            let v = o.complete(id, Err(ErrorKind::Io), &reads, &events, liveness);
+            let got: Vec<(Rule, u64, String)> =
+                v.into_iter().map(|f| (f.rule, f.op, f.message)).collect();
+            (got, o.tally.safety_errors)
+        };
+        assert_eq!(run(false), (vec![], 1));
+        assert_eq!(
+            run(true),
+            (
+                vec![(
+                    Rule::I14,
+                    1,
+                    "read at offset 0 length 512 failed with EIO in the liveness phase".to_string()
+                )],
+                0
+            )
+        );
+    }
+
+    #[test]
+    fn a_forwarded_discard_replaces_the_old_value_with_zeros_and_a_local_one_does_not() {
+        let zeros = [0u8; 512];
+        // Q46: discard=unmap and every child reads discarded ranges as zeros.
+        let mut c = cfg(3, 2);
+        c.discard_forwarded = true;
+        let mut o = Oracle::new(c);
+        acked(&mut o, OpKind::Trim, 0, 512, false);
+        assert_eq!(read_now(&mut o, &zeros), []);
+        assert_eq!(
+            read_now(&mut o, &initial()),
+            [(
+                Rule::I3,
+                Some(0),
+                "stale read: got=w0 allowed={zero}".to_string()
+            )]
+        );
+        // D3: otherwise the discard touches no child, and the data stays what it was.
+        let mut o = Oracle::new(cfg(3, 2));
+        acked(&mut o, OpKind::Trim, 0, 512, false);
+        assert_eq!(read_now(&mut o, &initial()), []);
+        assert_eq!(
+            read_now(&mut o, &zeros),
+            [(
+                Rule::I1,
+                Some(0),
+                "foreign read: got=zero allowed={w0}".to_string()
+            )]
+        );
+    }
 }
