@@ -650,22 +650,6 @@ mod tests {
     use ballot::events::IoType;
     use bytes::Bytes;
 
-    fn cfg(n: usize, t: usize) -> ModelCfg {
-        ModelCfg {
-            n,
-            t,
-            fifo: false,
-            rewrite: false,
-            discard_forwarded: false,
-            initial_pattern: true,
-            blkverify: false,
-            prefix: "c",
-            late_writes: false,
-            beyond: false,
-            recover_any: false,
-        }
-    }
-
     fn child(disk: usize, kind: ChildKind, len: u64, result: ChildResult) -> ChildOp {
         ChildOp {
             disk,
@@ -679,7 +663,7 @@ mod tests {
 
     #[test]
     fn o3_a_read_after_an_acked_write_that_returns_the_old_value_is_i3() {
-        let mut o = Oracle::new(cfg(3, 2));
+        let mut o = Oracle::new(ModelCfg::plain(3, 2));
         let w = o.invoke(OpKind::Write, 0, 512, false);
         let writes: Vec<ChildOp> = (0..3)
             .map(|d| child(d, ChildKind::Write, 512, ChildResult::Ok(0)))
@@ -700,7 +684,7 @@ mod tests {
 
     #[test]
     fn i5_a_tie_that_returns_data_is_flagged_with_the_model_verdict() {
-        let mut o = Oracle::new(cfg(4, 2));
+        let mut o = Oracle::new(ModelCfg::plain(4, 2));
         let data = Oracle::write_data(0, 0, 512);
         let (a, b) = (data_digest(&data), 7u64);
         let r = o.invoke(OpKind::Read, 0, 512, false);
@@ -739,7 +723,24 @@ mod tests {
         result: Result<Option<&[u8]>, ErrorKind>,
         events: &[Event],
     ) -> Vec<(Rule, String)> {
-        let mut o = Oracle::new(cfg(answers.len(), t));
+        judge_with(
+            ModelCfg::plain(answers.len(), t),
+            kind,
+            answers,
+            result,
+            events,
+        )
+    }
+
+    /// [`judge`] under configuration `c`.
+    fn judge_with(
+        c: ModelCfg,
+        kind: OpKind,
+        answers: &[ChildResult],
+        result: Result<Option<&[u8]>, ErrorKind>,
+        events: &[Event],
+    ) -> Vec<(Rule, String)> {
+        let mut o = Oracle::new(c);
         let len = if kind == OpKind::Flush { 0 } else { 512 };
         let id = o.invoke(kind, 0, len, false);
         let ck = match kind {
@@ -978,7 +979,7 @@ mod tests {
 
     #[test]
     fn i1_a_read_of_another_sectors_bytes_is_caught() {
-        let mut o = Oracle::new(cfg(3, 2));
+        let mut o = Oracle::new(ModelCfg::plain(3, 2));
         let foreign = Oracle::write_data(0, 512, 512);
         let d = data_digest(&foreign);
         let r = o.invoke(OpKind::Read, 0, 512, false);
@@ -996,22 +997,12 @@ mod tests {
     #[test]
     fn a_fifo_read_moves_on_from_a_failed_child_and_never_fails_the_quorum() {
         let data = initial();
-        let mut c = cfg(3, 1);
+        let mut c = ModelCfg::plain(3, 1);
         c.fifo = true;
         let run = |answers: &[ChildResult],
                    result: Result<Option<&[u8]>, ErrorKind>,
                    events: &[Event]| {
-            let mut o = Oracle::new(c.clone());
-            let id = o.invoke(OpKind::Read, 0, 512, false);
-            let children: Vec<ChildOp> = answers
-                .iter()
-                .enumerate()
-                .map(|(d, r)| child(d, ChildKind::Read, 512, r.clone()))
-                .collect();
-            o.complete(id, result, &children, events, false)
-                .into_iter()
-                .map(|f| (f.rule, f.message))
-                .collect::<Vec<_>>()
+            judge_with(c.clone(), OpKind::Read, answers, result, events)
         };
         let eio = ChildResult::Err(ErrorKind::Io);
         let a = ChildResult::Ok(data_digest(&data));
@@ -1058,7 +1049,7 @@ mod tests {
     #[test]
     fn rewrite_corrupted_rewrites_the_outvoted_child() {
         let data = initial();
-        let mut c = cfg(3, 2);
+        let mut c = ModelCfg::plain(3, 2);
         c.rewrite = true;
         let a = ChildResult::Ok(data_digest(&data));
         let run = |extra: &[ChildOp]| {
@@ -1160,7 +1151,7 @@ mod tests {
 
     #[test]
     fn a_read_of_bytes_that_decode_to_nothing_is_i1_at_the_sector_they_fill() {
-        let mut o = Oracle::new(cfg(3, 2));
+        let mut o = Oracle::new(ModelCfg::plain(3, 2));
         let good = Oracle::write_data(0, 0, 1024);
         assert_eq!(read_now(&mut o, &good), []);
         // V7: one flipped bit in the second sector fails its checksum (F1 served as is).
@@ -1178,7 +1169,7 @@ mod tests {
 
     #[test]
     fn a_read_of_a_value_no_write_left_in_that_sector_is_i1() {
-        let mut o = Oracle::new(cfg(3, 2));
+        let mut o = Oracle::new(ModelCfg::plain(3, 2));
         // Write 1 went to sector 1 only; its data made for sector 0 never existed anywhere.
         let w = acked(&mut o, OpKind::Write, 512, 512, false);
         assert_eq!(w, 1);
@@ -1205,7 +1196,7 @@ mod tests {
 
     #[test]
     fn reads_that_overlap_a_write_may_return_either_value_and_later_ones_only_the_new() {
-        let mut o = Oracle::new(cfg(3, 2));
+        let mut o = Oracle::new(ModelCfg::plain(3, 2));
         let w = o.invoke(OpKind::Write, 0, 512, false);
         let (r1, r2) = (
             o.invoke(OpKind::Read, 0, 512, false),
@@ -1233,7 +1224,7 @@ mod tests {
 
     #[test]
     fn a_value_a_read_has_returned_may_not_flicker_back() {
-        let mut o = Oracle::new(cfg(3, 2));
+        let mut o = Oracle::new(ModelCfg::plain(3, 2));
         // A write that failed (one success of three) may have landed or not (O2).
         let w = o.invoke(OpKind::Write, 0, 512, false);
         let writes = [
@@ -1270,7 +1261,7 @@ mod tests {
     #[test]
     fn without_a_majority_only_a_flushed_write_replaces_the_old_value() {
         // 2t <= N: I3 is not checked; I2's durable floor is.
-        let mut o = Oracle::new(cfg(2, 1));
+        let mut o = Oracle::new(ModelCfg::plain(2, 1));
         let w = acked(&mut o, OpKind::Write, 0, 512, false);
         assert_eq!(read_now(&mut o, &initial()), []);
         acked(&mut o, OpKind::Flush, 0, 0, false);
@@ -1289,7 +1280,7 @@ mod tests {
     fn a_crash_that_leaves_an_unflushed_write_on_too_few_children_allows_the_old_value() {
         // O5: after the crash w1 (acked, not flushed) is on `holders` of the 3 children.
         let after_crash = |holders: usize| {
-            let mut o = Oracle::new(cfg(3, 2));
+            let mut o = Oracle::new(ModelCfg::plain(3, 2));
             let w = acked(&mut o, OpKind::Write, 0, 512, false);
             o.crash(|_, _| holders);
             (read_now(&mut o, &initial()), o.guaranteed(0, w))
@@ -1326,7 +1317,7 @@ mod tests {
         });
         // Every child failed: EIO is the right answer (I7) in both phases.
         let run = |liveness: bool| {
-            let mut o = Oracle::new(cfg(3, 2));
+            let mut o = Oracle::new(ModelCfg::plain(3, 2));
             let id = o.invoke(OpKind::Read, 0, 512, false);
             let v = o.complete(id, Err(ErrorKind::Io), &reads, &events, liveness);
             let got: Vec<(Rule, u64, String)> =
@@ -1351,7 +1342,7 @@ mod tests {
     fn a_forwarded_discard_replaces_the_old_value_with_zeros_and_a_local_one_does_not() {
         let zeros = [0u8; 512];
         // Q46: discard=unmap and every child reads discarded ranges as zeros.
-        let mut c = cfg(3, 2);
+        let mut c = ModelCfg::plain(3, 2);
         c.discard_forwarded = true;
         let mut o = Oracle::new(c);
         acked(&mut o, OpKind::Trim, 0, 512, false);
@@ -1365,7 +1356,7 @@ mod tests {
             )]
         );
         // D3: otherwise the discard touches no child, and the data stays what it was.
-        let mut o = Oracle::new(cfg(3, 2));
+        let mut o = Oracle::new(ModelCfg::plain(3, 2));
         acked(&mut o, OpKind::Trim, 0, 512, false);
         assert_eq!(read_now(&mut o, &initial()), []);
         assert_eq!(

@@ -107,6 +107,27 @@ pub struct ModelCfg {
     pub recover_any: bool,
 }
 
+#[cfg(test)]
+impl ModelCfg {
+    /// The oracle's tests' configuration: `n` local children with threshold `t`, quorum
+    /// reads, initial pattern, nothing else on.
+    pub(crate) fn plain(n: usize, t: usize) -> ModelCfg {
+        ModelCfg {
+            n,
+            t,
+            fifo: false,
+            rewrite: false,
+            discard_forwarded: false,
+            initial_pattern: true,
+            blkverify: false,
+            prefix: "c",
+            late_writes: false,
+            beyond: false,
+            recover_any: false,
+        }
+    }
+}
+
 /// Counters of outcomes and recovery paths (for the sweep report and I15).
 #[derive(Debug, Clone, Default)]
 pub struct Tally {
@@ -782,22 +803,6 @@ mod tests {
     /// The op every test judges.
     const OP: u64 = 7;
 
-    fn cfg(n: usize, t: usize) -> ModelCfg {
-        ModelCfg {
-            n,
-            t,
-            fifo: false,
-            rewrite: false,
-            discard_forwarded: false,
-            initial_pattern: true,
-            blkverify: false,
-            prefix: "c",
-            late_writes: false,
-            beyond: false,
-            recover_any: false,
-        }
-    }
-
     /// A child request over the op's range (sector 0, one sector).
     fn ch(disk: usize, kind: ChildKind, result: ChildResult) -> ChildOp {
         let len = if kind == ChildKind::Flush { 0 } else { 512 };
@@ -903,9 +908,9 @@ mod tests {
         let events = [rb(IoType::Read, 2, None)];
         let view = op(OpKind::Read, &children, &events);
         // Q25: the version of c0 and c1 wins; c2 is reported as outvoted.
-        assert_eq!(verdict(&cfg(3, 2), &view, Ok(Some(&a))), []);
+        assert_eq!(verdict(&ModelCfg::plain(3, 2), &view, Ok(Some(&a))), []);
         assert_eq!(
-            verdict(&cfg(3, 2), &view, Err(Io)),
+            verdict(&ModelCfg::plain(3, 2), &view, Err(Io)),
             [(
                 Rule::I7,
                 format!("read returned EIO, the vote model says ok(data {da:016x})")
@@ -920,11 +925,11 @@ mod tests {
         let right = [rb(IoType::Read, 1, Some(Io))];
         let view = op(OpKind::Read, &children, &right);
         // Q17, Q19: c1's failure is reported with its error; c0 and c2 agree.
-        assert_eq!(verdict(&cfg(3, 2), &view, Ok(Some(&a))), []);
+        assert_eq!(verdict(&ModelCfg::plain(3, 2), &view, Ok(Some(&a))), []);
         let as_mismatch = [rb(IoType::Read, 1, None)];
         let view = op(OpKind::Read, &children, &as_mismatch);
         assert_eq!(
-            verdict(&cfg(3, 2), &view, Ok(Some(&a))),
+            verdict(&ModelCfg::plain(3, 2), &view, Ok(Some(&a))),
             [(
                 Rule::I8,
                 s("events [\"RB read c1 - 0/1\"], expected [\"RB read c1 EIO 0/1\"]")
@@ -943,14 +948,14 @@ mod tests {
         ];
         let view = op(OpKind::Read, &children, &events);
         // Q18, Q20: one answer for t = 2; both failures say ENOSPC.
-        assert_eq!(verdict(&cfg(3, 2), &view, Err(NoSpc)), []);
+        assert_eq!(verdict(&ModelCfg::plain(3, 2), &view, Err(NoSpc)), []);
         assert_eq!(
-            verdict(&cfg(3, 2), &view, Err(Io)),
+            verdict(&ModelCfg::plain(3, 2), &view, Err(Io)),
             [(Rule::I7, s("read returned EIO, the vote model says ENOSPC"))]
         );
         // Serving the one answer anyway is I5: the threshold says the read must fail.
         assert_eq!(
-            verdict(&cfg(3, 2), &view, Ok(Some(&a))),
+            verdict(&ModelCfg::plain(3, 2), &view, Ok(Some(&a))),
             [(
                 Rule::I5,
                 format!("read returned ok(data {da:016x}), the vote model says ENOSPC")
@@ -961,7 +966,7 @@ mod tests {
     #[test]
     fn a_tie_that_reports_a_mismatch_or_repairs_a_child_is_i5() {
         let ((_, da), (_, db)) = (version(1), version(2));
-        let mut c = cfg(4, 2);
+        let mut c = ModelCfg::plain(4, 2);
         c.rewrite = true;
         let children = reads(&[ok(da), ok(da), ok(db), ok(db)]);
         let right = [failure()];
@@ -1006,11 +1011,11 @@ mod tests {
         let ascending = [rb(IoType::Read, 3, None), rb(IoType::Read, 4, None)];
         let view = op(OpKind::Read, &children, &ascending);
         // Q25: the outvoted children are reported in ascending child order.
-        assert_eq!(verdict(&cfg(5, 3), &view, Ok(Some(&a))), []);
+        assert_eq!(verdict(&ModelCfg::plain(5, 3), &view, Ok(Some(&a))), []);
         let descending = [rb(IoType::Read, 4, None), rb(IoType::Read, 3, None)];
         let view = op(OpKind::Read, &children, &descending);
         assert_eq!(
-            verdict(&cfg(5, 3), &view, Ok(Some(&a))),
+            verdict(&ModelCfg::plain(5, 3), &view, Ok(Some(&a))),
             [(
                 Rule::I8,
                 s("mismatch events out of child order: [\"RB read c4 - 0/1\", \"RB read c3 - 0/1\"]")
@@ -1024,7 +1029,11 @@ mod tests {
         let two = reads(&[ok(da), ok(da)]);
         // Q16: without an audit every child votes, so two answers of three are I7.
         assert_eq!(
-            verdict(&cfg(3, 2), &op(OpKind::Read, &two, &[]), Ok(Some(&a))),
+            verdict(
+                &ModelCfg::plain(3, 2),
+                &op(OpKind::Read, &two, &[]),
+                Ok(Some(&a))
+            ),
             [(
                 Rule::I7,
                 s("quorum read asked 2 children, not each of 3 once (Q16)")
@@ -1039,7 +1048,7 @@ mod tests {
             audit: Some(&audit),
             ..op(OpKind::Read, &two, &[])
         };
-        assert_eq!(verdict(&cfg(3, 2), &view, Ok(Some(&a))), []);
+        assert_eq!(verdict(&ModelCfg::plain(3, 2), &view, Ok(Some(&a))), []);
         let mut twice = two.clone();
         twice.push(ch(1, ChildKind::Read, ok(da)));
         let view = OpView {
@@ -1047,7 +1056,7 @@ mod tests {
             ..op(OpKind::Read, &twice, &[])
         };
         assert_eq!(
-            verdict(&cfg(3, 2), &view, Ok(Some(&a))),
+            verdict(&ModelCfg::plain(3, 2), &view, Ok(Some(&a))),
             [(
                 Rule::I7,
                 s("quorum read asked 3 children, not each of 3 once (Q16)")
@@ -1058,7 +1067,7 @@ mod tests {
     #[test]
     fn a_repair_covers_the_whole_read_range_and_its_failure_changes_nothing() {
         let ((a, da), (_, db)) = (version(1), version(2));
-        let mut c = cfg(3, 2);
+        let mut c = ModelCfg::plain(3, 2);
         c.rewrite = true;
         let events = [rb(IoType::Read, 2, None)];
         let mut children = reads(&[ok(da), ok(da), ok(db)]);
@@ -1093,7 +1102,7 @@ mod tests {
     #[test]
     fn a_fifo_read_follows_the_audited_order_and_rewrites_the_children_before_the_answer() {
         let (a, da) = version(1);
-        let mut c = cfg(3, 1);
+        let mut c = ModelCfg::plain(3, 1);
         c.fifo = true;
         c.rewrite = true;
         // D9: c0 is out of sync, so it is tried last.
@@ -1137,7 +1146,7 @@ mod tests {
     #[test]
     fn blkverify_fails_a_disagreement_without_a_report_and_does_not_serve_either_copy() {
         let ((a, da), (_, db)) = (version(1), version(2));
-        let mut c = cfg(2, 2);
+        let mut c = ModelCfg::plain(2, 2);
         c.blkverify = true;
         let children = reads(&[ok(da), ok(db)]);
         let view = op(OpKind::Read, &children, &[]);
@@ -1157,7 +1166,11 @@ mod tests {
         let children = writes(ChildKind::Write, &[ok(0), ok(0)]);
         // Q36: a write goes to every child.
         assert_eq!(
-            verdict(&cfg(3, 2), &op(OpKind::Write, &children, &[]), Ok(None)),
+            verdict(
+                &ModelCfg::plain(3, 2),
+                &op(OpKind::Write, &children, &[]),
+                Ok(None)
+            ),
             [(Rule::I7, s("write went to 2 children, expected 3"))]
         );
         // F30: the quorum had two children when it wrote.
@@ -1169,7 +1182,7 @@ mod tests {
             audit: Some(&audit),
             ..op(OpKind::Write, &children, &[])
         };
-        assert_eq!(verdict(&cfg(3, 2), &view, Ok(None)), []);
+        assert_eq!(verdict(&ModelCfg::plain(3, 2), &view, Ok(None)), []);
     }
 
     #[test]
@@ -1187,9 +1200,9 @@ mod tests {
         ];
         let view = op(OpKind::Write, &children, &events);
         // Q20's example: two each; ENOSPC first appears later in child order, so it wins.
-        assert_eq!(verdict(&cfg(4, 2), &view, Err(NoSpc)), []);
+        assert_eq!(verdict(&ModelCfg::plain(4, 2), &view, Err(NoSpc)), []);
         assert_eq!(
-            verdict(&cfg(4, 2), &view, Err(Io)),
+            verdict(&ModelCfg::plain(4, 2), &view, Err(Io)),
             [(
                 Rule::I7,
                 s("write returned EIO, the vote model says ENOSPC")
@@ -1198,7 +1211,7 @@ mod tests {
         // Q37, Q39: every failed child is reported, then one QUORUM_FAILURE.
         let view = op(OpKind::Write, &children, &events[1..]);
         assert_eq!(
-            verdict(&cfg(4, 2), &view, Err(NoSpc)),
+            verdict(&ModelCfg::plain(4, 2), &view, Err(NoSpc)),
             [(
                 Rule::I8,
                 s(
@@ -1224,9 +1237,9 @@ mod tests {
             audit: Some(&audit),
             ..op(OpKind::Write, &children, events)
         };
-        assert_eq!(verdict(&cfg(3, 2), &view(&events), Err(Io)), []);
+        assert_eq!(verdict(&ModelCfg::plain(3, 2), &view(&events), Err(Io)), []);
         assert_eq!(
-            verdict(&cfg(3, 2), &view(&[]), Ok(None)),
+            verdict(&ModelCfg::plain(3, 2), &view(&[]), Ok(None)),
             [
                 (Rule::I7, s("write returned ok, the vote model says EIO")),
                 (Rule::I8, s("events [], expected [\"FAILURE 0/1\"]")),
@@ -1247,15 +1260,15 @@ mod tests {
             ..op(OpKind::Write, &children, events)
         };
         // Q40, Q41: all three wrote, one flushed: the write fails, without QUORUM_FAILURE.
-        assert_eq!(verdict(&cfg(3, 2), &view(&events), Err(Io)), []);
+        assert_eq!(verdict(&ModelCfg::plain(3, 2), &view(&events), Err(Io)), []);
         assert_eq!(
-            verdict(&cfg(3, 2), &view(&events), Ok(None)),
+            verdict(&ModelCfg::plain(3, 2), &view(&events), Ok(None)),
             [(Rule::I7, s("write returned ok, the vote model says EIO"))]
         );
         let mut with_failure = events.to_vec();
         with_failure.push(failure());
         assert_eq!(
-            verdict(&cfg(3, 2), &view(&with_failure), Err(Io)),
+            verdict(&ModelCfg::plain(3, 2), &view(&with_failure), Err(Io)),
             [(
                 Rule::I8,
                 s(
@@ -1274,15 +1287,18 @@ mod tests {
             ..op(OpKind::Write, children, &[])
         };
         // H21: the out-of-sync marks could not be made durable.
-        assert_eq!(verdict(&cfg(3, 2), &view(&children), Err(Io)), []);
         assert_eq!(
-            verdict(&cfg(3, 2), &view(&children), Ok(None)),
+            verdict(&ModelCfg::plain(3, 2), &view(&children), Err(Io)),
+            []
+        );
+        assert_eq!(
+            verdict(&ModelCfg::plain(3, 2), &view(&children), Ok(None)),
             [(Rule::I7, s("write returned ok, the vote model says EIO"))]
         );
         // ... and when the intent failed first, no child saw the write at all.
-        assert_eq!(verdict(&cfg(3, 2), &view(&[]), Err(Io)), []);
+        assert_eq!(verdict(&ModelCfg::plain(3, 2), &view(&[]), Err(Io)), []);
         assert_eq!(
-            verdict(&cfg(3, 2), &view(&[]), Ok(None)),
+            verdict(&ModelCfg::plain(3, 2), &view(&[]), Ok(None)),
             [(Rule::I7, s("write returned ok, the vote model says EIO"))]
         );
     }
@@ -1291,7 +1307,7 @@ mod tests {
     fn a_discard_reaches_the_children_only_with_the_zeroing_guarantee() {
         let discards = writes(ChildKind::Discard, &[ok(0), err(Io), err(Io)]);
         // D3: without the guarantee a discard succeeds at once and touches no child.
-        let c = cfg(3, 2);
+        let c = ModelCfg::plain(3, 2);
         assert_eq!(verdict(&c, &op(OpKind::Trim, &[], &[]), Ok(None)), []);
         assert_eq!(
             verdict(&c, &op(OpKind::Trim, &discards, &[]), Ok(None)),
@@ -1301,7 +1317,7 @@ mod tests {
             )]
         );
         // Q46: with it, a discard is judged like a write: one success of three fails it.
-        let mut c = cfg(3, 2);
+        let mut c = ModelCfg::plain(3, 2);
         c.discard_forwarded = true;
         let events = [
             rb(IoType::Write, 1, Some(Io)),
@@ -1322,12 +1338,20 @@ mod tests {
     fn a_flush_that_skipped_a_child_or_sent_quorum_failure_is_caught() {
         let all = writes(ChildKind::Flush, &[ok(0), ok(0), ok(0)]);
         assert_eq!(
-            verdict(&cfg(3, 2), &op(OpKind::Flush, &all, &[]), Ok(None)),
+            verdict(
+                &ModelCfg::plain(3, 2),
+                &op(OpKind::Flush, &all, &[]),
+                Ok(None)
+            ),
             []
         );
         // Q41: every child is flushed; the verdict forces a mismatch when one was not.
         assert_eq!(
-            verdict(&cfg(3, 2), &op(OpKind::Flush, &all[..2], &[]), Ok(None)),
+            verdict(
+                &ModelCfg::plain(3, 2),
+                &op(OpKind::Flush, &all[..2], &[]),
+                Ok(None)
+            ),
             [(
                 Rule::I7,
                 s("flush returned ok, the vote model says ENOTSUP")
@@ -1342,12 +1366,16 @@ mod tests {
         let mut with_failure = reports.to_vec();
         with_failure.push(failure());
         assert_eq!(
-            verdict(&cfg(3, 2), &op(OpKind::Flush, &failed, &reports), Err(Io)),
+            verdict(
+                &ModelCfg::plain(3, 2),
+                &op(OpKind::Flush, &failed, &reports),
+                Err(Io)
+            ),
             []
         );
         assert_eq!(
             verdict(
-                &cfg(3, 2),
+                &ModelCfg::plain(3, 2),
                 &op(OpKind::Flush, &failed, &with_failure),
                 Err(Io)
             ),
@@ -1372,13 +1400,13 @@ mod tests {
         let two = Audit::Flush {
             eligible: vec![true, false, true],
         };
-        assert_eq!(verdict(&cfg(3, 2), &view(&two), Ok(None)), []);
+        assert_eq!(verdict(&ModelCfg::plain(3, 2), &view(&two), Ok(None)), []);
         let one = Audit::Flush {
             eligible: vec![true, false, false],
         };
-        assert_eq!(verdict(&cfg(3, 2), &view(&one), Err(Io)), []);
+        assert_eq!(verdict(&ModelCfg::plain(3, 2), &view(&one), Err(Io)), []);
         assert_eq!(
-            verdict(&cfg(3, 2), &view(&one), Ok(None)),
+            verdict(&ModelCfg::plain(3, 2), &view(&one), Ok(None)),
             [(Rule::I7, s("flush returned ok, the vote model says EIO"))]
         );
     }
@@ -1390,7 +1418,11 @@ mod tests {
             len: 4096,
             ..op(OpKind::BlockStatus, &children, events)
         };
-        verdict(&cfg(answers.len(), 2), &view, Ok(Some(&got.to_le_bytes())))
+        verdict(
+            &ModelCfg::plain(answers.len(), 2),
+            &view,
+            Ok(Some(&got.to_le_bytes())),
+        )
     }
 
     const ZERO: u64 = 1 << 63;
@@ -1447,7 +1479,11 @@ mod tests {
             ..op(OpKind::BlockStatus, &children, &[])
         };
         assert_eq!(
-            verdict(&cfg(2, 2), &view, Ok(Some(&4096u64.to_le_bytes()))),
+            verdict(
+                &ModelCfg::plain(2, 2),
+                &view,
+                Ok(Some(&4096u64.to_le_bytes()))
+            ),
             [(Rule::I7, s("block status asked c1 out of order"))]
         );
     }
@@ -1466,7 +1502,11 @@ mod tests {
         ];
         let events = [rb(IoType::Write, 1, Some(Io))];
         // Only c0 holds the data, yet two successes reach t = 2 and the ack passes.
-        let got = verdict(&cfg(3, 2), &op(OpKind::Write, &children, &events), Ok(None));
+        let got = verdict(
+            &ModelCfg::plain(3, 2),
+            &op(OpKind::Write, &children, &events),
+            Ok(None),
+        );
         assert!(got.iter().any(|(r, _)| *r == Rule::I7), "{got:?}");
     }
 
@@ -1481,7 +1521,11 @@ mod tests {
         ];
         let events = [rb(IoType::Flush, 1, Some(Io))];
         // c2's cache was never flushed and c0's counts twice toward t = 2.
-        let got = verdict(&cfg(3, 2), &op(OpKind::Flush, &children, &events), Ok(None));
+        let got = verdict(
+            &ModelCfg::plain(3, 2),
+            &op(OpKind::Flush, &children, &events),
+            Ok(None),
+        );
         assert!(got.iter().any(|(r, _)| *r == Rule::I7), "{got:?}");
     }
 
@@ -1490,7 +1534,7 @@ mod tests {
                 child that answered (c2), when the audit reorders a fifo read (D9)"]
     fn a_fifo_read_that_goes_on_after_an_answer_names_the_child_that_answered() {
         let (a, da) = version(1);
-        let mut c = cfg(3, 1);
+        let mut c = ModelCfg::plain(3, 1);
         c.fifo = true;
         let audit = Audit::Read {
             readers: vec![1, 2, 0],
