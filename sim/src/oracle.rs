@@ -661,13 +661,36 @@ mod tests {
         }
     }
 
+    /// Child `disk`'s request for guest write `id` of one sector at sector 0, carrying the
+    /// guest's bytes (Q36).
+    fn wrote(id: u64, disk: usize, result: ChildResult) -> ChildOp {
+        ChildOp {
+            data: crate::sector::write_digest(id, 0, 512),
+            ..child(disk, ChildKind::Write, 512, result)
+        }
+    }
+
+    #[test]
+    fn the_write_digest_from_values_is_the_digest_of_the_bytes_a_write_carries() {
+        for (id, offset, len) in [(1, 0, 512), (7, 4096, 65536), (u64::MAX >> 8, 512, 1536)] {
+            let bytes = Oracle::write_data(id, offset, len);
+            assert_eq!(
+                crate::sector::write_digest(id, offset, len),
+                data_digest(&bytes),
+                "write {id} at {offset}+{len}"
+            );
+        }
+        assert_ne!(
+            crate::sector::write_digest(1, 0, 512),
+            crate::sector::write_digest(2, 0, 512)
+        );
+    }
+
     #[test]
     fn o3_a_read_after_an_acked_write_that_returns_the_old_value_is_i3() {
         let mut o = Oracle::new(ModelCfg::plain(3, 2));
         let w = o.invoke(OpKind::Write, 0, 512, false);
-        let writes: Vec<ChildOp> = (0..3)
-            .map(|d| child(d, ChildKind::Write, 512, ChildResult::Ok(0)))
-            .collect();
+        let writes: Vec<ChildOp> = (0..3).map(|d| wrote(w, d, ChildResult::Ok(0))).collect();
         assert!(o.complete(w, Ok(None), &writes, &[], false).is_empty());
         let old = Oracle::write_data(0, 0, 512);
         let r = o.invoke(OpKind::Read, 0, 512, false);
@@ -746,12 +769,17 @@ mod tests {
         let ck = match kind {
             OpKind::Read => ChildKind::Read,
             OpKind::Flush => ChildKind::Flush,
+            OpKind::WriteZeroes => ChildKind::Zero,
+            OpKind::Trim => ChildKind::Discard,
             _ => ChildKind::Write,
         };
         let children: Vec<ChildOp> = answers
             .iter()
             .enumerate()
-            .map(|(d, r)| child(d, ck, len, r.clone()))
+            .map(|(d, r)| match ck {
+                ChildKind::Write => wrote(id, d, r.clone()),
+                _ => child(d, ck, len, r.clone()),
+            })
             .collect();
         o.complete(id, result, &children, events, false)
             .into_iter()
@@ -1132,11 +1160,17 @@ mod tests {
         let ck = match kind {
             OpKind::Flush => ChildKind::Flush,
             OpKind::Trim => ChildKind::Discard,
+            OpKind::WriteZeroes => ChildKind::Zero,
             _ => ChildKind::Write,
+        };
+        let data = match ck {
+            ChildKind::Write => crate::sector::write_digest(id, offset, len),
+            _ => 0,
         };
         let children: Vec<ChildOp> = (0..o.cfg.n)
             .map(|d| ChildOp {
                 offset,
+                data,
                 ..child(d, ck, len, ChildResult::Ok(0))
             })
             .collect();
@@ -1202,9 +1236,7 @@ mod tests {
             o.invoke(OpKind::Read, 0, 512, false),
             o.invoke(OpKind::Read, 0, 512, false),
         );
-        let writes: Vec<ChildOp> = (0..3)
-            .map(|d| child(d, ChildKind::Write, 512, ChildResult::Ok(0)))
-            .collect();
+        let writes: Vec<ChildOp> = (0..3).map(|d| wrote(w, d, ChildResult::Ok(0))).collect();
         assert!(o.complete(w, Ok(None), &writes, &[], false).is_empty());
         let new = Oracle::write_data(w, 0, 512);
         // O3: both reads began before the write ended, so each may see either value, and
@@ -1228,9 +1260,9 @@ mod tests {
         // A write that failed (one success of three) may have landed or not (O2).
         let w = o.invoke(OpKind::Write, 0, 512, false);
         let writes = [
-            child(0, ChildKind::Write, 512, ChildResult::Ok(0)),
-            child(1, ChildKind::Write, 512, ChildResult::Err(ErrorKind::Io)),
-            child(2, ChildKind::Write, 512, ChildResult::Err(ErrorKind::Io)),
+            wrote(w, 0, ChildResult::Ok(0)),
+            wrote(w, 1, ChildResult::Err(ErrorKind::Io)),
+            wrote(w, 2, ChildResult::Err(ErrorKind::Io)),
         ];
         let events = [
             rb(IoType::Write, 1, Some(ErrorKind::Io)),

@@ -156,6 +156,16 @@ pub fn data_digest(bytes: &[u8]) -> u64 {
     }
 }
 
+/// The digest [`data_digest`] gives the bytes guest op `id` writes at `offset` (whole
+/// sectors, each encoding `Value::Data { id, sector }`: the oracle's `write_data`), computed
+/// from the values without building the bytes.
+pub fn write_digest(id: u64, offset: u64, len: u64) -> u64 {
+    let first = offset / SECTOR_U64;
+    digest_fingerprints(
+        (first..first + len / SECTOR_U64).map(|sector| fingerprint(Value::Data { id, sector })),
+    )
+}
+
 /// A 64-bit digest of a buffer, for traces and vote models (not cryptographic): four
 /// independent multiply-rotate lanes over the 8-byte words, so the work pipelines.
 pub fn digest(bytes: &[u8]) -> u64 {

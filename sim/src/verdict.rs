@@ -14,7 +14,7 @@ use ballot::events::{Event, IoType};
 use ballot::ErrorKind;
 
 use crate::oplog::{ChildKind, ChildOp, ChildResult};
-use crate::sector::data_digest;
+use crate::sector::{data_digest, write_digest};
 use crate::votemodel::{self, How, VoteRules};
 
 /// A guest operation kind.
@@ -300,7 +300,7 @@ pub fn judge(
     let expected = match op.kind {
         OpKind::Read => j.read(tally, v),
         OpKind::Write | OpKind::WriteZeroes | OpKind::Trim => j.write(tally, v),
-        OpKind::Flush => Some(j.flush(tally, op.flush_audit)),
+        OpKind::Flush => j.flush(tally, op.flush_audit, v),
         OpKind::BlockStatus => j.block_status(v),
     };
     let Some(Expected {
@@ -395,7 +395,8 @@ impl Judge<'_> {
             match verdict.how {
                 How::Served(k) => {
                     if reads.len() != k + 1 {
-                        let m = format!("fifo read went on after c{k} succeeded");
+                        let (p, c) = (self.cfg.prefix, answers[k].0);
+                        let m = format!("fifo read went on after {p}{c} succeeded");
                         bad(v, id, Rule::I7, m);
                     }
                     if k > 0 {
@@ -512,6 +513,27 @@ impl Judge<'_> {
         }
     }
 
+    /// Why `reqs` are not one request to each of children 0..n (a write's or a flush's), or
+    /// none: naming the children asked, in the order they answered.
+    fn each_once(&self, reqs: &[&ChildOp], n: usize) -> Option<String> {
+        let mut seen = vec![false; n];
+        let once = reqs.len() == n
+            && reqs
+                .iter()
+                .all(|c| c.disk < n && !std::mem::replace(&mut seen[c.disk], true));
+        if once {
+            return None;
+        }
+        let asked: Vec<String> = reqs
+            .iter()
+            .map(|c| format!("{}{}", self.cfg.prefix, c.disk))
+            .collect();
+        Some(format!(
+            "[{}], not each of {n} children once",
+            asked.join(", ")
+        ))
+    }
+
     /// A write, write-zeroes or discard (Q34–Q40, Q46; HEALING.md H4, H21).
     fn write(&self, tally: &mut Tally, v: &mut Vec<Finding>) -> Option<Expected> {
         let (kind, id, t) = (self.op.kind, self.op.id, self.cfg.t);
@@ -544,11 +566,29 @@ impl Judge<'_> {
             Some(Audit::Write { eligible, .. }) => eligible.len(),
             _ => self.cfg.n,
         };
-        if writes.len() != n {
+        if let Some(m) = self.each_once(&writes, n) {
+            bad(v, id, Rule::I7, format!("{} went to {m}", kind.as_str()));
+            return None;
+        }
+        // Q36: each child gets the guest's request: its range and (a write) its bytes.
+        let data = match kind {
+            OpKind::Write => write_digest(id, self.op.offset, self.op.len),
+            _ => 0,
+        };
+        if let Some(c) = writes
+            .iter()
+            .find(|c| (c.offset, c.len, c.data) != (self.op.offset, self.op.len, data))
+        {
             let m = format!(
-                "{} went to {} children, expected {n}",
+                "{} sent {}{} {}+{} data {:016x}, not the guest's {}+{} data {data:016x} (Q36)",
                 kind.as_str(),
-                writes.len()
+                self.cfg.prefix,
+                c.disk,
+                c.offset,
+                c.len,
+                c.data,
+                self.op.offset,
+                self.op.len
             );
             bad(v, id, Rule::I7, m);
             return None;
@@ -582,7 +622,7 @@ impl Judge<'_> {
             if self.op.fua && kind == OpKind::Write {
                 // H21: marks that could not be made durable (the write's or the FUA flush's)
                 // fail it; the flush's events stand.
-                let f = self.flush(tally, self.op.flush_audit);
+                let f = self.flush(tally, self.op.flush_audit, v)?;
                 events.extend(f.events);
                 if self.op.md_failed {
                     Err(ErrorKind::Io)
@@ -603,16 +643,37 @@ impl Judge<'_> {
         Some(Expected { result, events })
     }
 
-    /// Q41: each child flushed once, in order; `RB flush` 0/0 per failure; ok iff at least t
-    /// children the quorum counts (D14: in sync on what the flush had to make durable)
-    /// succeeded, else the voted error (Q20).
-    fn flush(&self, tally: &mut Tally, audit: Option<&Audit>) -> Expected {
+    /// Q41: each child flushed once; `RB flush` 0/0 per failure; ok iff at least t children
+    /// the quorum counts (D14: in sync on what the flush had to make durable) succeeded, else
+    /// the voted error (Q20). A flush that skipped a child or flushed one twice is I7.
+    fn flush(
+        &self,
+        tally: &mut Tally,
+        audit: Option<&Audit>,
+        v: &mut Vec<Finding>,
+    ) -> Option<Expected> {
         let flushes: Vec<&ChildOp> = self
             .op
             .children
             .iter()
             .filter(|c| c.kind == ChildKind::Flush)
             .collect();
+        if self.op.md_failed && flushes.is_empty() {
+            // H21: the metadata node failed the request before any child was flushed.
+            return Some(Expected {
+                result: Err(ErrorKind::Io),
+                events: Vec::new(),
+            });
+        }
+        // The children the quorum had when it flushed (HEALING.md F30: one may be swapped out).
+        let n = match audit {
+            Some(Audit::Flush { eligible }) => eligible.len(),
+            _ => self.cfg.n,
+        };
+        if let Some(m) = self.each_once(&flushes, n) {
+            bad(v, self.op.id, Rule::I7, format!("flush went to {m} (Q41)"));
+            return None;
+        }
         let mut errs = Vec::new();
         let mut events = Vec::new();
         for c in &flushes {
@@ -621,32 +682,21 @@ impl Judge<'_> {
                 errs.push(e);
             }
         }
-        // The children the quorum had when it flushed (HEALING.md F30: one may be swapped out).
-        let n = match audit {
-            Some(Audit::Flush { eligible }) => eligible.len(),
-            _ => self.cfg.n,
-        };
-        let result = if flushes.len() != n {
-            Err(ErrorKind::NotSup) // forces a mismatch report: not every child flushed
+        let counted = flushes
+            .iter()
+            .filter(|c| matches!(c.result, ChildResult::Ok(_)))
+            .filter(|c| match audit {
+                Some(Audit::Flush { eligible }) => eligible.get(c.disk).copied().unwrap_or(false),
+                _ => true,
+            })
+            .count();
+        let result = if counted >= self.cfg.t {
+            Ok(None)
         } else {
-            let counted = flushes
-                .iter()
-                .filter(|c| matches!(c.result, ChildResult::Ok(_)))
-                .filter(|c| match audit {
-                    Some(Audit::Flush { eligible }) => {
-                        eligible.get(c.disk).copied().unwrap_or(false)
-                    }
-                    _ => true,
-                })
-                .count();
-            if counted >= self.cfg.t {
-                Ok(None)
-            } else {
-                count(&mut tally.paths, Path::P8);
-                Err(votemodel::error_vote(&errs))
-            }
+            count(&mut tally.paths, Path::P8);
+            Err(votemodel::error_vote(&errs))
         };
-        Expected { result, events }
+        Some(Expected { result, events })
     }
 
     /// Block status (Q43, Q44): children in order; the first failure answers DATA over the
@@ -677,7 +727,10 @@ impl Judge<'_> {
                     events.push(self.rb(IoType::Read, k, Some(e), self.sectors()));
                     answer = Some(len);
                     if sts.len() != k + 1 {
-                        let m = format!("block status went on after c{k} failed (Q43)");
+                        let m = format!(
+                            "block status went on after {}{k} failed (Q43)",
+                            self.cfg.prefix
+                        );
                         bad(v, id, Rule::I7, m);
                     }
                     break;
@@ -811,7 +864,11 @@ mod tests {
             kind,
             offset: 0,
             len,
-            data: 0,
+            data: if kind == ChildKind::Write {
+                write_digest(OP, 0, 512)
+            } else {
+                0
+            },
             result,
         }
     }
@@ -1171,7 +1228,10 @@ mod tests {
                 &op(OpKind::Write, &children, &[]),
                 Ok(None)
             ),
-            [(Rule::I7, s("write went to 2 children, expected 3"))]
+            [(
+                Rule::I7,
+                s("write went to [c0, c1], not each of 3 children once")
+            )]
         );
         // F30: the quorum had two children when it wrote.
         let audit = Audit::Write {
@@ -1183,6 +1243,47 @@ mod tests {
             ..op(OpKind::Write, &children, &[])
         };
         assert_eq!(verdict(&ModelCfg::plain(3, 2), &view, Ok(None)), []);
+    }
+
+    #[test]
+    fn a_write_that_sent_a_child_another_range_or_other_bytes_is_i7() {
+        let right = writes(ChildKind::Write, &[ok(0), ok(0), ok(0)]);
+        let cfg = ModelCfg::plain(3, 2);
+        assert_eq!(verdict(&cfg, &op(OpKind::Write, &right, &[]), Ok(None)), []);
+        let guest = write_digest(OP, 0, 512);
+        // Q36: c1 got op 8's bytes (another write's data) and c2 the next sector; the
+        // first child that differs is named, with what it got and what the guest wrote.
+        let mut wrong = right.clone();
+        wrong[1].data = write_digest(OP + 1, 0, 512);
+        wrong[2].offset = 512;
+        assert_eq!(
+            verdict(&cfg, &op(OpKind::Write, &wrong, &[]), Ok(None)),
+            [(
+                Rule::I7,
+                format!(
+                    "write sent c1 0+512 data {:016x}, not the guest's 0+512 data {guest:016x} \
+                     (Q36)",
+                    write_digest(OP + 1, 0, 512)
+                )
+            )]
+        );
+        // Write-zeroes carries no bytes; its range must still be the guest's.
+        let mut zeroes = writes(ChildKind::Zero, &[ok(0), ok(0), ok(0)]);
+        assert_eq!(
+            verdict(&cfg, &op(OpKind::WriteZeroes, &zeroes, &[]), Ok(None)),
+            []
+        );
+        zeroes[0].len = 1024;
+        assert_eq!(
+            verdict(&cfg, &op(OpKind::WriteZeroes, &zeroes, &[]), Ok(None)),
+            [(
+                Rule::I7,
+                s(
+                    "write_zeroes sent c0 0+1024 data 0000000000000000, not the guest's 0+512 \
+                   data 0000000000000000 (Q36)"
+                )
+            )]
+        );
     }
 
     #[test]
@@ -1301,6 +1402,34 @@ mod tests {
             verdict(&ModelCfg::plain(3, 2), &view(&[]), Ok(None)),
             [(Rule::I7, s("write returned ok, the vote model says EIO"))]
         );
+        // A FUA write whose marks failed after the children wrote fails before its flush;
+        // a plain flush whose marks failed flushes no child. Either fails with EIO.
+        let fua = OpView {
+            fua: true,
+            ..view(&children)
+        };
+        assert_eq!(verdict(&ModelCfg::plain(3, 2), &fua, Err(Io)), []);
+        let flush = OpView {
+            md_failed: true,
+            ..op(OpKind::Flush, &[], &[])
+        };
+        assert_eq!(verdict(&ModelCfg::plain(3, 2), &flush, Err(Io)), []);
+        assert_eq!(
+            verdict(&ModelCfg::plain(3, 2), &flush, Ok(None)),
+            [(Rule::I7, s("flush returned ok, the vote model says EIO"))]
+        );
+        // Without a metadata failure, a flush that reached no child is I7.
+        assert_eq!(
+            verdict(
+                &ModelCfg::plain(3, 2),
+                &op(OpKind::Flush, &[], &[]),
+                Err(Io)
+            ),
+            [(
+                Rule::I7,
+                s("flush went to [], not each of 3 children once (Q41)")
+            )]
+        );
     }
 
     #[test]
@@ -1345,7 +1474,7 @@ mod tests {
             ),
             []
         );
-        // Q41: every child is flushed; the verdict forces a mismatch when one was not.
+        // Q41: every child is flushed.
         assert_eq!(
             verdict(
                 &ModelCfg::plain(3, 2),
@@ -1354,7 +1483,7 @@ mod tests {
             ),
             [(
                 Rule::I7,
-                s("flush returned ok, the vote model says ENOTSUP")
+                s("flush went to [c0, c1], not each of 3 children once (Q41)")
             )]
         );
         // Q41: a flush never sends QUORUM_FAILURE, even when it fails.
@@ -1488,12 +1617,10 @@ mod tests {
         );
     }
 
-    // Oracle defects found while writing these tests: each test states what the rule
-    // requires and fails today.
+    // Oracle defects these tests found (now fixed): a write or flush counted requests, not
+    // children, and a fifo finding named a position in the read order, not a child.
 
     #[test]
-    #[ignore = "oracle bug: write() counts child requests, not children: c0 answering twice \
-                stands in for c2, which was never asked (Q36, I7)"]
     fn a_write_sent_twice_to_one_child_and_never_to_another_is_i7() {
         let children = [
             ch(0, ChildKind::Write, ok(0)),
@@ -1501,18 +1628,21 @@ mod tests {
             ch(1, ChildKind::Write, err(Io)),
         ];
         let events = [rb(IoType::Write, 1, Some(Io))];
-        // Only c0 holds the data, yet two successes reach t = 2 and the ack passes.
-        let got = verdict(
-            &ModelCfg::plain(3, 2),
-            &op(OpKind::Write, &children, &events),
-            Ok(None),
+        // Only c0 holds the data: two successes from it must not reach t = 2 (Q36).
+        assert_eq!(
+            verdict(
+                &ModelCfg::plain(3, 2),
+                &op(OpKind::Write, &children, &events),
+                Ok(None),
+            ),
+            [(
+                Rule::I7,
+                s("write went to [c0, c0, c1], not each of 3 children once")
+            )]
         );
-        assert!(got.iter().any(|(r, _)| *r == Rule::I7), "{got:?}");
     }
 
     #[test]
-    #[ignore = "oracle bug: flush() checks the number of child flushes, not that each child \
-                was flushed once in child order, as its doc comment says (Q41)"]
     fn a_flush_sent_twice_to_one_child_and_never_to_another_is_i7() {
         let children = [
             ch(0, ChildKind::Flush, ok(0)),
@@ -1520,18 +1650,21 @@ mod tests {
             ch(1, ChildKind::Flush, err(Io)),
         ];
         let events = [rb(IoType::Flush, 1, Some(Io))];
-        // c2's cache was never flushed and c0's counts twice toward t = 2.
-        let got = verdict(
-            &ModelCfg::plain(3, 2),
-            &op(OpKind::Flush, &children, &events),
-            Ok(None),
+        // c2's cache was never flushed and c0's must not count twice toward t = 2.
+        assert_eq!(
+            verdict(
+                &ModelCfg::plain(3, 2),
+                &op(OpKind::Flush, &children, &events),
+                Ok(None),
+            ),
+            [(
+                Rule::I7,
+                s("flush went to [c0, c0, c1], not each of 3 children once (Q41)")
+            )]
         );
-        assert!(got.iter().any(|(r, _)| *r == Rule::I7), "{got:?}");
     }
 
     #[test]
-    #[ignore = "oracle bug: the finding names the position in the read order (c1), not the \
-                child that answered (c2), when the audit reorders a fifo read (D9)"]
     fn a_fifo_read_that_goes_on_after_an_answer_names_the_child_that_answered() {
         let (a, da) = version(1);
         let mut c = ModelCfg::plain(3, 1);
