@@ -625,6 +625,21 @@ fn disk_latency(
             r.range(10, 100)
         }
     })?;
+    // F10's own keys mean nothing while F10 is off: a pin would be silently ignored.
+    if !slow {
+        let f10 = [
+            "disk.gray",
+            "disk.gray_factor",
+            "disk.slow_read_mean",
+            "disk.slow_write_mean",
+        ];
+        if let Some(k) = f10.iter().find(|k| p.pinned(k)) {
+            return Err(format!(
+                "key '{k}': the gray and slow disks are F10's, which this run does not inject \
+                 (list F10 in faults.families with faults.random = true, or script an F10 fault)"
+            ));
+        }
+    }
     let slow_read = p.time("disk.slow_read_mean", |r| r.range(1, 100) * 1_000_000)?;
     let slow_write = p.time("disk.slow_write_mean", |r| {
         r.range(1, if nbd_on { 200 } else { 1000 }) * 1_000_000
@@ -925,6 +940,11 @@ impl<'a> Pins<'a> {
             self.used.borrow_mut().insert(key.to_string());
         }
         v
+    }
+
+    /// Whether the file pins `key` (without marking it used).
+    fn pinned(&self, key: &str) -> bool {
+        self.map.contains_key(key)
     }
 
     fn rng(&self, key: &str) -> Rng {
@@ -1781,7 +1801,7 @@ mod tests {
             ("topology.kind", s("quorum")),
             ("topology.transport", s("local")),
         ];
-        let cases: [(Vec<(&str, Tv)>, &str); 9] = [
+        let cases: [(Vec<(&str, Tv)>, &str); 10] = [
             (
                 vec![("topology.children", s("3"))],
                 "key 'topology.children': expected an integer, got string",
@@ -1818,6 +1838,17 @@ mod tests {
                 // A local quorum injects neither COLO's faults nor F25 or the NBD ones.
                 [local.to_vec(), vec![("faults.families", Tv::Array(vec![s("F19")]))]].concat(),
                 "key 'faults.families': 'F19' is not a fault this topology injects (F1, F2, F3, F4, F5, F6, F7, F8, F9, F10, F11, F16, F26, F27, F30, F28, F29)",
+            ),
+            (
+                // F10's gray disk, pinned while random faults are off.
+                [
+                    local.to_vec(),
+                    vec![("faults.random", Tv::Boolean(false)), ("disk.gray", Tv::Integer(2))],
+                ]
+                .concat(),
+                "key 'disk.gray': the gray and slow disks are F10's, which this run does not \
+                 inject (list F10 in faults.families with faults.random = true, or script an \
+                 F10 fault)",
             ),
         ];
         for (kv, want) in cases {
