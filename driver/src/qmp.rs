@@ -42,6 +42,19 @@ fn generic(desc: impl Into<String>) -> Value {
 }
 
 impl Monitor {
+    /// A monitor over `graph` serving `nbd`'s exports, with its own `quit`, no exports noted
+    /// yet and the NBD socket not started.
+    pub fn new(graph: Graph, nbd: Arc<Server>, bus: EventBus) -> Monitor {
+        Monitor {
+            graph: Arc::new(Mutex::new(graph)),
+            nbd,
+            bus,
+            quit: Arc::new(Notify::new()),
+            exports: Mutex::new(Vec::new()),
+            listener: Default::default(),
+        }
+    }
+
     /// Registers an export created on the command line, for `block-export-del`.
     pub async fn note_export(&self, id: &str, name: &str, node: &str) {
         self.exports
@@ -813,18 +826,10 @@ fn create_plan(args: &Value) -> Result<(String, CreatePlan), String> {
                 }
             }
             if let Some(cs) = uint("cluster-size")? {
-                if !cs.is_power_of_two() {
-                    return Err("Cluster size must be a power of two between 512 and 2048k".into());
-                }
-                opts.cluster_bits = cs.trailing_zeros();
+                opts.cluster_bits = crate::drivers::qcow2::create::cluster_bits(cs)?;
             }
             if let Some(rb) = uint("refcount-bits")? {
-                if !rb.is_power_of_two() || rb > 64 {
-                    return Err(
-                        "Refcount width must be a power of two and may not exceed 64 bits".into(),
-                    );
-                }
-                opts.refcount_order = rb.trailing_zeros();
+                opts.refcount_order = crate::drivers::qcow2::create::refcount_order(rb)?;
             }
             let backing = string("backing-file")?;
             let fmt = string("backing-fmt")?;

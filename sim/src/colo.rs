@@ -607,14 +607,9 @@ async fn secondary_main(w: Arc<Colo>) {
     }) {
         return w.fail(Rule::Harness, format!("colo-s export: {e}"));
     }
-    let m = Arc::new(Monitor {
-        graph: Arc::new(tokio::sync::Mutex::new(g)),
-        nbd: nbd.clone(),
-        bus,
-        quit: Arc::new(tokio::sync::Notify::new()),
-        exports: tokio::sync::Mutex::new(vec![("fwd".into(), "parent0".into(), "parent0".into())]),
-        listener: Default::default(),
-    });
+    let m = Monitor::new(g, nbd.clone(), bus);
+    m.note_export("fwd", "parent0", "parent0").await;
+    let m = Arc::new(m);
     if let Some(view) = &view {
         svm_before_start(&w, view).await;
     }
@@ -680,14 +675,7 @@ async fn primary_main(w: Arc<Colo>) {
         return w.fail(Rule::Harness, format!("colo-p graph: {e}"));
     }
     let view = g.get("colo-disk0").map(|n| n.dev.clone());
-    let m = Arc::new(Monitor {
-        graph: Arc::new(tokio::sync::Mutex::new(g)),
-        nbd: Server::new(),
-        bus,
-        quit: Arc::new(tokio::sync::Notify::new()),
-        exports: tokio::sync::Mutex::new(Vec::new()),
-        listener: Default::default(),
-    });
+    let m = Arc::new(Monitor::new(g, Server::new(), bus));
     if let Some(view) = view {
         tokio::spawn(guest(w.clone(), true, view));
     }

@@ -19,12 +19,12 @@ pub(crate) fn view(w: &World) -> Option<Vec<SyncView>> {
 }
 
 pub(crate) fn bump(w: &World, rule: Rule) {
-    *w.lock().oracle.tally.checks.entry(rule).or_default() += 1;
+    w.log.check(rule);
 }
 
 pub(crate) fn path(w: &World, p: Path, n: u64) {
     if n > 0 {
-        *w.lock().oracle.tally.paths.entry(p).or_default() += n;
+        w.log.paths(p, n);
     }
 }
 

@@ -780,8 +780,23 @@ async fn run(
     log: &RunLog,
     r: &mut RunResult,
 ) -> std::result::Result<(), Fail> {
-    let mut rng = Rng::stream(p.seed, "image/ops");
     let rig = Rig::new(p, ip).await?;
+    let res = drive(p, ip, &rig, log, r).await;
+    // The faults the disk injected count whether or not the run passed: a failed run's
+    // report says what it was under.
+    log.counts().injected = rig.disk.injected();
+    res
+}
+
+/// The batches of [`run`] on `rig`.
+async fn drive(
+    p: &Params,
+    ip: &ImageParams,
+    rig: &Rig,
+    log: &RunLog,
+    r: &mut RunResult,
+) -> std::result::Result<(), Fail> {
+    let mut rng = Rng::stream(p.seed, "image/ops");
     let mut q = Arc::new(
         rig.open()
             .await
@@ -812,28 +827,27 @@ async fn run(
             );
             tasks.push(rig.spawn(&q, req));
         }
-        let batch = collect(&rig, ip, tasks, cut_at).await?;
+        let batch = collect(rig, ip, tasks, cut_at).await?;
         check_reads(&rig.model, batch.reads, log)?;
-        settle(&rig, batch.settle);
+        settle(rig, batch.settle);
         done += n;
+        r.ops = done;
         // F16: the cut in this batch, or one between batches.
         if batch.cut || rng.chance(ip.f16 / 2.0) {
             if rig.dbg.is_some() {
                 eprintln!("crash after {done} (in flight: {})", batch.cut);
             }
             crashes += 1;
+            r.crashes = crashes;
             *rig.disk.lock().injected.entry(Fault::F16).or_default() += 1;
             drop(q);
             if !batch.cut {
                 rig.disk.cut(ip.f8, ip.f9);
             }
             rig.record(log, "image", "crash", crashes, (0, 0), 0);
-            q = Arc::new(recover(&rig, crashes, log).await?);
+            q = Arc::new(recover(rig, crashes, log).await?);
         }
     }
     let _ = q.flush().await;
-    r.ops = done;
-    r.crashes = crashes;
-    log.counts().injected = rig.disk.injected();
     Ok(())
 }

@@ -60,7 +60,7 @@ pub(crate) async fn attach(w: &Arc<World>, q: &Arc<Quorum>) {
     );
     if let OpenState::Recovered { extents } = state {
         if extents > 0 {
-            *w.lock().oracle.tally.paths.entry(Path::P19).or_default() += 1;
+            w.log.path(Path::P19);
         }
     }
     check_recovered(w, q);
@@ -77,7 +77,7 @@ fn check_recovered(w: &Arc<World>, q: &Arc<Quorum>) {
     let Some(view) = q.sync_view() else {
         return w.fail(Rule::Harness, "I19: the child list was busy at open".into());
     };
-    *w.lock().oracle.tally.checks.entry(Rule::I19).or_default() += 1;
+    w.log.check(Rule::I19);
     let excused = w.disks.excused_set();
     let silent = w.disks.silently_damaged();
     for s in w.disks.divergent_among(&candidates) {

@@ -840,14 +840,11 @@ fn start_monitor(
     let mut g = ballot::graph::Graph::new(graph_host);
     g.insert_quorum("q0", q.clone())
         .map_err(|e| e.to_string())?;
-    let m = Arc::new(ballot::qmp::Monitor {
-        graph: Arc::new(tokio::sync::Mutex::new(g)),
-        nbd: ballot::nbd::server::Server::new(),
+    let m = Arc::new(ballot::qmp::Monitor::new(
+        g,
+        ballot::nbd::server::Server::new(),
         bus,
-        quit: Arc::new(tokio::sync::Notify::new()),
-        exports: tokio::sync::Mutex::new(Vec::new()),
-        listener: Default::default(),
-    });
+    ));
     w.lock().monitor = Some(m);
     tokio::spawn(crate::heal::operator(w.clone()));
     Ok(())
@@ -1374,7 +1371,7 @@ fn complete(
     // I16 (ballot's, README D8): with no fault injected so far and no crash, every guest
     // request succeeds; in particular a read racing a write never fails a vote.
     if let Err(k) = r {
-        *st.oracle.tally.checks.entry(Rule::I16).or_default() += 1;
+        w.log.check(Rule::I16);
         if st.crashes == 0 && !faulted {
             v.push(Finding {
                 rule: Rule::I16,
@@ -1463,7 +1460,7 @@ async fn liveness(w: &Arc<World>, _start: tokio::time::Instant) {
     }
     // Final full read (I4).
     scrub(w, &dev).await;
-    *w.lock().oracle.tally.checks.entry(Rule::I4).or_default() += 1;
+    w.log.check(Rule::I4);
 }
 
 /// Reads the whole disk through the quorum in scrub-sized requests, each checked (I1).
@@ -1489,7 +1486,7 @@ async fn scrubs_repaired(w: &Arc<World>, dev: &Device) -> bool {
         .into_iter()
         .filter(|s| !over.contains(s) && !latent.contains(s))
         .collect();
-    *w.lock().oracle.tally.checks.entry(Rule::I6).or_default() += 1;
+    w.log.check(Rule::I6);
     if let Some(s) = div.first() {
         w.violate(Finding {
             rule: Rule::I6,
@@ -1551,7 +1548,7 @@ async fn check_converged(w: &Arc<World>, q: &Arc<Quorum>) {
     let size = w.p.disk_size;
     let excused = w.excused_set();
     let spg = ballot::drivers::quorum::OUT_OF_SYNC_GRANULARITY_BYTES / SECTOR_U64;
-    *w.lock().oracle.tally.checks.entry(Rule::I12).or_default() += 1;
+    w.log.check(Rule::I12);
     let div: Vec<u64> = w
         .disks
         .divergent_sectors_in(0..size / SECTOR_U64, |_, _| false)
@@ -1648,8 +1645,10 @@ async fn check_expectations(w: &Arc<World>) {
                 at_least(n, *min, || format!("expect injected: {fault} injected"))
             }
             Expect::Path { path, min } => {
+                // The vote's paths are the oracle's; the others are in the run log; child
+                // images count their leaks themselves (P21).
                 let n = w.lock().oracle.tally.paths.get(path).copied().unwrap_or(0)
-                    // Child images count their leaks themselves (P21).
+                    + w.log.path_count(*path)
                     + if *path == Path::P21 {
                         w.disks.counters().image_leaks
                     } else {
@@ -1873,13 +1872,17 @@ fn finish(w: &Arc<World>, start: tokio::time::Instant) -> RunResult {
     let image_failed = image_failure.is_some();
     let st = w.lock();
     {
-        // The disks count the faults, the oracle its checks, paths and outcomes as it judges;
-        // both hand them to the log.
+        // The disks count the faults and the oracle the checks, paths and outcomes of its
+        // verdicts; both add them to what the run logged itself.
         let mut c = w.log.counts();
         c.injected = counters.injected.clone();
         c.outcomes = st.oracle.tally.outcomes.clone();
-        c.paths = st.oracle.tally.paths.clone();
-        c.checks = st.oracle.tally.checks.clone();
+        for (k, v) in &st.oracle.tally.paths {
+            *c.paths.entry(*k).or_default() += v;
+        }
+        for (k, v) in &st.oracle.tally.checks {
+            *c.checks.entry(*k).or_default() += v;
+        }
         // Child images: their checks and leaks; a rule one broke comes first (the model went
         // on from the image's state).
         for (k, v) in &counters.image_checks {

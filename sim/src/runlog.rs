@@ -92,7 +92,18 @@ impl RunLog {
 
     /// Counts a recovery path taken.
     pub fn path(&self, p: Path) {
-        *self.counts().paths.entry(p).or_default() += 1;
+        self.paths(p, 1);
+    }
+
+    /// Counts `n` takings of a recovery path (or a counter beside them); the path is listed
+    /// even when `n` is 0.
+    pub fn paths(&self, p: Path, n: u64) {
+        *self.counts().paths.entry(p).or_default() += n;
+    }
+
+    /// How often path `p` was counted so far.
+    pub fn path_count(&self, p: Path) -> u64 {
+        self.counts().paths.get(&p).copied().unwrap_or(0)
     }
 
     /// Counts an op outcome.

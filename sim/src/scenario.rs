@@ -1333,7 +1333,7 @@ mod tests {
                 n += 1;
             }
         }
-        assert_eq!(n, 65, "scenario files");
+        assert_eq!(n, 66, "scenario files");
     }
 
     /// A scenario or grid point that configures a quorum runs one: before, a seed could draw
@@ -1364,6 +1364,6 @@ mod tests {
                 );
             }
         }
-        assert_eq!(quorum, 51, "scenarios with quorum pins");
+        assert_eq!(quorum, 52, "scenarios with quorum pins");
     }
 }

@@ -671,7 +671,13 @@ impl Judge<'_> {
             _ => self.cfg.n,
         };
         if let Some(m) = self.each_once(&flushes, n) {
-            bad(v, self.op.id, Rule::I7, format!("flush went to {m} (Q41)"));
+            let what = if self.op.kind == OpKind::Flush {
+                "flush went to"
+            } else {
+                // Q40: a FUA write the vote accepted is made durable by a quorum flush.
+                "the FUA write's flush went to"
+            };
+            bad(v, self.op.id, Rule::I7, format!("{what} {m} (Q41)"));
             return None;
         }
         let mut errs = Vec::new();
@@ -1376,6 +1382,19 @@ mod tests {
                     "events [\"RB flush c1 EIO 0/0\", \"RB flush c2 EIO 0/0\", \"FAILURE 0/1\"], \
                    expected [\"RB flush c1 EIO 0/0\", \"RB flush c2 EIO 0/0\"]"
                 )
+            )]
+        );
+        // A FUA write the vote accepted that flushed no child (Q40).
+        let unflushed = writes(ChildKind::Write, &[ok(0), ok(0), ok(0)]);
+        let view = OpView {
+            fua: true,
+            ..op(OpKind::Write, &unflushed, &[])
+        };
+        assert_eq!(
+            verdict(&ModelCfg::plain(3, 2), &view, Err(Io)),
+            [(
+                Rule::I7,
+                s("the FUA write's flush went to [], not each of 3 children once (Q41)")
             )]
         );
     }

@@ -121,15 +121,13 @@ impl World {
     /// them (a crashed qhost's clients go with it).
     pub(crate) fn harvest_clients(&self) {
         let list = std::mem::take(&mut *self.clients.lock().unwrap_or_else(|p| p.into_inner()));
-        let mut st = self.lock();
         for c in list {
             let s = c.stats();
-            let paths = &mut st.oracle.tally.paths;
-            *paths.entry(Path::P9).or_default() += s.resent;
-            *paths.entry(Path::P10).or_default() += s.failed_lost;
-            *paths.entry(Path::P11).or_default() += u64::from(s.open_retries > 0);
-            *paths.entry(Path::NbdLosses).or_default() += s.losses;
-            *paths.entry(Path::NbdReconnects).or_default() += s.reconnects;
+            self.log.paths(Path::P9, s.resent);
+            self.log.paths(Path::P10, s.failed_lost);
+            self.log.paths(Path::P11, u64::from(s.open_retries > 0));
+            self.log.paths(Path::NbdLosses, s.losses);
+            self.log.paths(Path::NbdReconnects, s.reconnects);
         }
     }
 

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use ballot::device::Device;
 use ballot::drivers::file::{FileDevice, FileOptions};
-use ballot::drivers::qcow2::create::{create, CreateOptions};
+use ballot::drivers::qcow2::create::{cluster_bits, create, refcount_order, CreateOptions};
 use ballot::drivers::qcow2::Qcow2;
 
 const USAGE: &str =
@@ -80,15 +80,7 @@ fn run(args: &[String]) -> CliResult {
         match k {
             "cluster_size" => {
                 let b = super::metadata::parse_size(v).map_err(usage)?;
-                if !b.is_power_of_two() {
-                    return Err((
-                        1,
-                        format!(
-                            "Cluster size must be a power of two between 512 and 2048k (got {v})"
-                        ),
-                    ));
-                }
-                o.cluster_bits = b.trailing_zeros();
+                o.cluster_bits = cluster_bits(b).map_err(|m| (1, format!("{m} (got {v})")))?;
             }
             "compat" => {
                 o.version = match v {
@@ -106,13 +98,7 @@ fn run(args: &[String]) -> CliResult {
                 let b: u64 = v
                     .parse()
                     .map_err(|_| (1, format!("Invalid refcount_bits '{v}'")))?;
-                if !b.is_power_of_two() || b > 64 {
-                    return Err((
-                        1,
-                        "Refcount width must be a power of two and may not exceed 64 bits".into(),
-                    ));
-                }
-                o.refcount_order = b.trailing_zeros();
+                o.refcount_order = refcount_order(b).map_err(|m| (1, m))?;
             }
             _ => {
                 return Err((

@@ -199,15 +199,12 @@ async fn run(
             return fail(m);
         }
     }
-    let quit = Arc::new(tokio::sync::Notify::new());
-    let monitor = Arc::new(Monitor {
-        graph: Arc::new(tokio::sync::Mutex::new(graph)),
-        nbd: nbd.clone(),
-        bus,
-        quit: quit.clone(),
+    let monitor = Monitor {
         exports: tokio::sync::Mutex::new(noted),
-        listener: Default::default(),
-    });
+        ..Monitor::new(graph, nbd.clone(), bus)
+    };
+    let quit = monitor.quit.clone();
+    let monitor = Arc::new(monitor);
     for l in &qmp {
         let m = monitor.clone();
         if let Err(e) = serve_each(l, move |s| m.clone().serve(s)).await {

@@ -301,12 +301,5 @@ impl Drop for Scratch {
 
 /// A QMP monitor over `graph` with no NBD exports, for driving commands in-process.
 pub fn monitor(graph: ballot::graph::Graph, bus: ballot::events::EventBus) -> ballot::qmp::Monitor {
-    ballot::qmp::Monitor {
-        graph: Arc::new(tokio::sync::Mutex::new(graph)),
-        nbd: ballot::nbd::server::Server::new(),
-        bus,
-        quit: Arc::new(tokio::sync::Notify::new()),
-        exports: tokio::sync::Mutex::new(Vec::new()),
-        listener: Default::default(),
-    }
+    ballot::qmp::Monitor::new(graph, ballot::nbd::server::Server::new(), bus)
 }

@@ -44,6 +44,23 @@ fn inval(m: impl Into<String>) -> Error {
 /// The pieces of a new image: `(offset, bytes)`.
 pub type Pieces = Vec<(u64, Vec<u8>)>;
 
+/// `cluster_bits` for a cluster size given in bytes (`qemu-img create -o cluster_size`,
+/// `blockdev-create`'s `cluster-size`): it must be a power of two; [`layout`] checks the range.
+pub fn cluster_bits(bytes: u64) -> std::result::Result<u32, String> {
+    if !bytes.is_power_of_two() {
+        return Err("Cluster size must be a power of two between 512 and 2048k".into());
+    }
+    Ok(bytes.trailing_zeros())
+}
+
+/// `refcount_order` for a refcount width in bits (`refcount_bits`, `refcount-bits`).
+pub fn refcount_order(bits: u64) -> std::result::Result<u32, String> {
+    if !bits.is_power_of_two() || bits > 64 {
+        return Err("Refcount width must be a power of two and may not exceed 64 bits".into());
+    }
+    Ok(bits.trailing_zeros())
+}
+
 /// The bytes of a new image's metadata: `(offset, bytes)` pieces, the image's length.
 ///
 /// # Errors
