@@ -2,6 +2,7 @@
 # Testing the tester (SIMULATION.md T1): applies each planted bug in sim/planted/ to a scratch
 # worktree, builds the simulator there, runs the patch's scenario, then random seeds until the
 # first failure (at most SEEDS, default 1000), and records which seed and invariant caught it.
+# Both must fail with one of the invariants the patch lists.
 # Writes reports/planted.md, or reports/planted-GLOB.md for a subset.
 # Usage: scripts/planted.sh [SEEDS] [GLOB]   (e.g. scripts/planted.sh 1000 'colo-*')
 set -euo pipefail
@@ -39,9 +40,14 @@ for patch in sim/planted/$glob.patch; do
   ran=$(printf '%s\n' "$log" | grep -cE '^\[ *[0-9]+\]' || true)
   echo "| $name | $want | ${sv:-?} | ${seed:-none} | ${rule:--} | $ran |" >> "$out"
   echo "$name: scenario: ${sv:-?}; random: seed ${seed:-none} rule ${rule:--} after $ran run(s)"
-  # The random sweep must fail within the seed limit, with one of the listed invariants.
+  # The scenario must fail, and the random sweep within the seed limit, each with one of the
+  # listed invariants.
+  srule=$(printf '%s\n' "$sv" | sed -n 's/^FAIL \([ICR][0-9]*\).*/\1/p')
+  if [ -z "$srule" ] || ! printf ' %s ' "$want" | grep -q " ${srule} "; then
+    echo "  NOT CAUGHT by its scenario as required (want one of: $want)"; status=1
+  fi
   if [ -z "$seed" ] || ! printf ' %s ' "$want" | grep -q " ${rule} "; then
-    echo "  NOT CAUGHT as required (want one of: $want)"; status=1
+    echo "  NOT CAUGHT by the random sweep as required (want one of: $want)"; status=1
   fi
 done
 git -C "$wt" checkout -q -- .
