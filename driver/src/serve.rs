@@ -3,7 +3,7 @@
 
 use serde_json::Value;
 
-use crate::config::keyval;
+use crate::config::{keyval, text};
 
 /// Where the NBD server listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,22 +55,6 @@ fn obj(v: &Value, what: &str) -> Result<serde_json::Map<String, Value>, String> 
     v.as_object()
         .cloned()
         .ok_or_else(|| format!("{what}: expected key=value pairs"))
-}
-
-/// A string parameter (numbers and booleans taken as their text), or `None` if absent.
-pub(crate) fn text(
-    m: &serde_json::Map<String, Value>,
-    key: &str,
-) -> Result<Option<String>, String> {
-    match m.get(key) {
-        None => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(Value::Number(n)) => Ok(Some(n.to_string())),
-        Some(Value::Bool(b)) => Ok(Some(b.to_string())),
-        Some(_) => Err(format!(
-            "Invalid parameter type for '{key}', expected: string"
-        )),
-    }
 }
 
 fn onoff(m: &serde_json::Map<String, Value>, key: &str, default: bool) -> Result<bool, String> {

@@ -18,7 +18,7 @@ use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 use serde_json::Value;
 
-use crate::serve::text;
+use crate::config::text;
 
 /// Which side of a connection a credentials object serves (K1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -23,3 +23,19 @@ pub fn parse_blockdev_arg(arg: &str) -> Result<(Value, bool), ConfigError> {
         Ok((keyval::parse(arg)?, true))
     }
 }
+
+/// A string parameter (numbers and booleans taken as their text), or `None` if absent.
+pub(crate) fn text(
+    m: &serde_json::Map<String, Value>,
+    key: &str,
+) -> Result<Option<String>, String> {
+    match m.get(key) {
+        None => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(Value::Number(n)) => Ok(Some(n.to_string())),
+        Some(Value::Bool(b)) => Ok(Some(b.to_string())),
+        Some(_) => Err(format!(
+            "Invalid parameter type for '{key}', expected: string"
+        )),
+    }
+}
